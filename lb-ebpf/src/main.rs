@@ -1,0 +1,25 @@
+//! The kernel side of the load balancer. Every decision is a lookup in the maps whose layout
+//! lives in `lb-common`; the agent fills them.
+//!
+//! - `sock.rs`: cgroup socket-address hooks (connect4, sendmsg4, recvmsg4, getpeername4) that
+//!   translate a ClusterIP:port to a backend when the socket connects or sends, so east-west
+//!   traffic pays no per-packet NAT.
+//! - `lookup.rs`: service and backend selection (random, or by session affinity).
+//! - `maps.rs`: the map definitions.
+#![no_std]
+#![no_main]
+
+mod lookup;
+mod maps;
+mod sock;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible, as the socket-cookie and retval helpers require.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,117 @@
+//! cgroup socket-address hooks: translation at connect/send time, reverse translation of
+//! the addresses a socket reports (recvmsg source, getpeername).
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use lb_common::{
+    ECONNREFUSED, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, Service4Key,
+};
+
+use crate::{
+    lookup::{Verdict, select},
+    maps::LB4_REVNAT,
+};
+
+/// Return value that lets the syscall go on.
+const PROCEED: i32 = 1;
+/// Return value that fails the syscall (with the errno set by `bpf_set_retval`).
+const REJECT: i32 = 0;
+
+/// TCP `connect()` and connected UDP.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// Unconnected UDP (`sendto`/`sendmsg` with an address), translated per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+/// UDP replies: the source the application sees is the service it sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    PROCEED
+}
+
+/// A connected socket reports the service address it asked for, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+    // SAFETY: the kernel hands every sock_addr program a valid context for this call.
+    unsafe { &mut *ctx.sock_addr }
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    let sa = sock_addr(ctx);
+    let proto = sa.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    let key = Service4Key {
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        proto,
+        pad: 0,
+    };
+    // SAFETY: the context pointer is valid for this call, as the helper requires.
+    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    match select(&key, client) {
+        Verdict::NotAService => PROCEED,
+        Verdict::NoBackend => {
+            // SAFETY: a helper taking a plain integer; makes the syscall fail with it.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+        Verdict::Backend(backend) => {
+            // SAFETY: the context pointer is valid for this call, as the helper requires.
+            let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let rev_key = RevNat4Key {
+                socket_cookie,
+                backend_addr: backend.addr,
+                backend_port: backend.port,
+                pad: 0,
+            };
+            let rev = RevNat4Value {
+                service_addr: key.addr,
+                service_port: key.port,
+                pad: 0,
+            };
+            // LRU map: when full the oldest socket's entry goes; only its reported peer suffers.
+            let _ = LB4_REVNAT.insert(&rev_key, &rev, 0);
+            sa.user_ip4 = backend.addr;
+            sa.user_port = backend.port as u32;
+            PROCEED
+        }
+    }
+}
+
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext) {
+    let sa = sock_addr(ctx);
+    // SAFETY: the context pointer is valid for this call, as the helper requires.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNat4Key {
+        socket_cookie,
+        backend_addr: sa.user_ip4,
+        backend_port: sa.user_port as u16,
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(rev) = unsafe { LB4_REVNAT.get(&key) }.copied() {
+        sa.user_ip4 = rev.service_addr;
+        sa.user_port = rev.service_port as u32;
+    }
+}

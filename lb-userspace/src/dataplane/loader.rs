@@ -1,0 +1,106 @@
+//! Loads the embedded eBPF object with its maps pinned under the agent's bpffs directory
+//! (adopting maps an earlier agent pinned) and attaches the socket programs to a cgroup.
+use std::{fs::File, path::Path};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use lb_common::{limits, map_names};
+
+use super::{bpffs::PinDir, maps::BpfServiceMaps};
+
+/// The compiled programs, built by `build.rs` from the `lb-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The socket programs, by their attach point.
+pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// Map capacities; the defaults are the eBPF object's, a flag raises them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_affinity: u32,
+    pub max_revnat: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: limits::MAX_SERVICES,
+            max_backends: limits::MAX_BACKENDS,
+            max_affinity: limits::MAX_AFFINITY,
+            max_revnat: limits::MAX_REVNAT,
+        }
+    }
+}
+
+/// The loaded programs and their maps. Dropping it detaches every program it attached; the
+/// pinned maps stay until [`PinDir::remove_all`].
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+impl Dataplane {
+    /// Loads the object; maps already pinned under `pins` are reused with their contents.
+    pub fn load(pins: PinDir, limits: Limits) -> anyhow::Result<Self> {
+        let map_dir = pins.maps();
+        std::fs::create_dir_all(&map_dir)
+            .with_context(|| format!("creating {}", map_dir.display()))?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .map_max_entries(map_names::SERVICES_V4, limits.max_services)
+            .map_max_entries(map_names::SLOTS_V4, limits.max_backends.saturating_mul(2))
+            .map_max_entries(map_names::BACKENDS_V4, limits.max_backends)
+            .map_max_entries(map_names::AFFINITY_V4, limits.max_affinity)
+            .map_max_entries(map_names::REVNAT_V4, limits.max_revnat)
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with maps pinned under {} (a map pinned by an \
+                     incompatible version can be removed with `lb-agent cleanup`)",
+                    map_dir.display()
+                )
+            })?;
+        Ok(Self { ebpf, pins })
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// Loads and attaches the socket programs to the cgroup v2 directory `cgroup`.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let cgroup_dir =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} (the verifier's log follows)"))?;
+            program
+                // With bpf links (kernel 5.7+) several programs coexist on one cgroup anyway.
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "attaching {name} to {} (is it a cgroup v2 directory?)",
+                        cgroup.display()
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The service maps, for the reconciler.
+    pub fn service_maps(&mut self) -> anyhow::Result<BpfServiceMaps> {
+        BpfServiceMaps::take(&mut self.ebpf)
+    }
+}

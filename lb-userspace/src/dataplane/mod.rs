@@ -1,0 +1,9 @@
+//! Loading, attaching and pinning the eBPF programs, and reading and writing their maps
+//! through the `lb-common` types. Nothing here knows Kubernetes.
+pub mod bpffs;
+pub mod loader;
+pub mod maps;
+pub mod privileges;
+
+pub use loader::{Dataplane, Limits};
+pub use maps::BpfServiceMaps;

@@ -1,0 +1,139 @@
+//! The `lb-agent` command line.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_agent::{
+    agent::{self, RunConfig},
+    dataplane::Limits,
+    list,
+    model::ProxyIdentity,
+};
+
+/// An eBPF replacement for kube-proxy: Service load balancing at the socket.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// More output: -v debug, -vv trace.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the programs, attach them and keep the maps equal to the source.
+    Run(RunArgs),
+    /// Print the programmed services from the pinned maps.
+    #[command(alias = "services")]
+    List {
+        /// bpffs directory the agent pins under.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Kubernetes YAML (Services, EndpointSlices, Endpoints, Nodes) to serve.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// cgroup v2 directory whose processes get Service load balancing (a node's root cgroup
+    /// in production, e.g. /sys/fs/cgroup).
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// bpffs directory for pinned maps; bpffs is mounted there when it is not one.
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    /// This node's name, as in Node objects and endpoints' nodeName.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Serve only services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Least time between two syncs, in milliseconds; changes in between are coalesced.
+    #[arg(long, default_value_t = 50)]
+    min_sync_interval_ms: u64,
+    /// Capacity of the services map (frontends).
+    #[arg(long, default_value_t = Limits::default().max_services)]
+    max_services: u32,
+    /// Capacity of the backends map (backends over all services).
+    #[arg(long, default_value_t = Limits::default().max_backends)]
+    max_backends: u32,
+    /// Capacity of the session-affinity map.
+    #[arg(long, default_value_t = Limits::default().max_affinity)]
+    max_affinity: u32,
+    /// Capacity of the reverse-translation map (open UDP/TCP sockets to services).
+    #[arg(long, default_value_t = Limits::default().max_revnat)]
+    max_revnat: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::List { bpffs, output } => {
+            let rows = list::rows(&bpffs)?;
+            match output {
+                Format::Table => println!("{}", list::table(&rows)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => hostname().context("no --node-name, NODE_NAME or hostname")?,
+    };
+    let config = RunConfig {
+        manifests: args.manifests,
+        cgroup: args.cgroup,
+        bpffs: args.bpffs,
+        identity: ProxyIdentity {
+            node_name,
+            service_proxy_name: args.service_proxy_name,
+        },
+        limits: Limits {
+            max_services: args.max_services,
+            max_backends: args.max_backends,
+            max_affinity: args.max_affinity,
+            max_revnat: args.max_revnat,
+        },
+        min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent::run(config))
+}
+
+fn hostname() -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_owned())
+}

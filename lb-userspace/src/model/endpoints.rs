@@ -1,0 +1,241 @@
+//! Which endpoints of a service port a connection may use, following kube-proxy's
+//! `CategorizeEndpoints`: merge every EndpointSlice of the service, deduplicate, keep the ready
+//! ones (falling back to serving-and-terminating ones when none is ready), and apply topology
+//! hints and traffic policies.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{
+    Diagnostic, Severity,
+    desired::{Backend, Protocol},
+    objects::{ObjectKey, ObjectRef},
+};
+
+/// The label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One endpoint of one service port, merged over all slices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// Where this proxy runs: decides what is local and which hints apply.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub node_name: String,
+    /// `topology.kubernetes.io/zone` of this node, when known.
+    pub zone: Option<String>,
+}
+
+/// The endpoints of one service port, by backend address.
+pub type PortEndpoints = BTreeMap<Backend, Endpoint>;
+
+/// Collects the endpoints of the port named `port_name` (protocol `protocol`) of the service
+/// `service`, from every slice labelled with its name. `all_ready` treats every endpoint as
+/// ready (`publishNotReadyAddresses`).
+pub fn collect(
+    service: &ObjectKey,
+    port_name: &str,
+    protocol: Protocol,
+    all_ready: bool,
+    slices: &BTreeMap<ObjectKey, EndpointSlice>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> PortEndpoints {
+    let mut merged = PortEndpoints::new();
+    for (key, slice) in slices_of(service, slices) {
+        if slice.address_type != "IPv4" {
+            // IPv6 slices are a later family; FQDN slices are ignored, as kube-proxy does.
+            continue;
+        }
+        let Some(port) = matching_port(key, slice, port_name, protocol, diagnostics) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // kube-proxy uses the first address of an endpoint; the others are the same pod.
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let Ok(ip) = address.parse::<Ipv4Addr>() else {
+                diagnostics.push(Diagnostic {
+                    severity: Severity::Warning,
+                    object: ObjectRef {
+                        kind: "EndpointSlice",
+                        key: key.clone(),
+                    },
+                    message: format!(
+                        "endpoint address {address:?} is not an IPv4 address; skipped"
+                    ),
+                });
+                continue;
+            };
+            let conditions = endpoint.conditions.as_ref();
+            let ready = all_ready || conditions.and_then(|c| c.ready).unwrap_or(true);
+            let found = Endpoint {
+                ready,
+                serving: all_ready || conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+                zone_hints: hint_names(endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref())),
+                node_hints: hint_names(endpoint.hints.as_ref().and_then(|h| h.for_nodes.as_ref())),
+            };
+            let entry = merged
+                .entry(Backend { ip, port })
+                .or_insert_with(|| found.clone());
+            // The same address in two slices (e.g. during a slice split): the better state wins.
+            if found.ready && !entry.ready {
+                *entry = found;
+            }
+        }
+    }
+    merged
+}
+
+fn hint_names<T: HasName>(hints: Option<&Vec<T>>) -> BTreeSet<String> {
+    hints
+        .map(|hints| hints.iter().map(|h| h.name().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+trait HasName {
+    fn name(&self) -> &str;
+}
+
+impl HasName for k8s_openapi::api::discovery::v1::ForZone {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl HasName for k8s_openapi::api::discovery::v1::ForNode {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn slices_of<'a>(
+    service: &'a ObjectKey,
+    slices: &'a BTreeMap<ObjectKey, EndpointSlice>,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a EndpointSlice)> {
+    slices.iter().filter(move |(key, slice)| {
+        key.namespace == service.namespace
+            && slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+                .is_some_and(|name| *name == service.name)
+    })
+}
+
+/// The port number of the slice's port matching the service port by name and protocol.
+fn matching_port(
+    key: &ObjectKey,
+    slice: &EndpointSlice,
+    port_name: &str,
+    protocol: Protocol,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<u16> {
+    let port = slice.ports.as_ref()?.iter().find(|port| {
+        port.name.as_deref().unwrap_or_default() == port_name
+            && port.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+    })?;
+    match port.port.map(u16::try_from) {
+        Some(Ok(number)) if number != 0 => Some(number),
+        other => {
+            diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                object: ObjectRef {
+                    kind: "EndpointSlice",
+                    key: key.clone(),
+                },
+                message: format!(
+                    "port {port_name:?} has no valid number ({:?}); its endpoints are skipped",
+                    other.map(|_| port.port.unwrap_or_default())
+                ),
+            });
+            None
+        }
+    }
+}
+
+/// The endpoints kube-proxy would use for traffic of one policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Categorized {
+    /// For `Cluster` traffic policy: any node, topology hints applied.
+    pub cluster: BTreeSet<Backend>,
+    /// For `Local` traffic policy: this node only.
+    pub local: BTreeSet<Backend>,
+}
+
+/// kube-proxy's `CategorizeEndpoints`: ready endpoints (topology-filtered for the cluster
+/// set); when none is ready, serving-and-terminating ones, separately for each set.
+pub fn categorize(endpoints: &PortEndpoints, node: &NodeView) -> Categorized {
+    let topology = usable_topology(endpoints, node);
+    let cluster = with_fallback(endpoints, |_, ep| match &topology {
+        Topology::None => true,
+        Topology::Node => ep.node_hints.contains(&node.node_name),
+        Topology::Zone(zone) => ep.zone_hints.contains(zone),
+    });
+    let local = with_fallback(endpoints, |_, ep| {
+        ep.node_name.as_deref() == Some(node.node_name.as_str())
+    });
+    Categorized { cluster, local }
+}
+
+fn with_fallback(
+    endpoints: &PortEndpoints,
+    wanted: impl Fn(&Backend, &Endpoint) -> bool,
+) -> BTreeSet<Backend> {
+    let ready: BTreeSet<Backend> = endpoints
+        .iter()
+        .filter(|(b, ep)| ep.ready && wanted(b, ep))
+        .map(|(b, _)| *b)
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints
+        .iter()
+        .filter(|(b, ep)| ep.serving && ep.terminating && wanted(b, ep))
+        .map(|(b, _)| *b)
+        .collect()
+}
+
+enum Topology {
+    None,
+    Node,
+    Zone(String),
+}
+
+/// Node hints when every ready endpoint has one and one names this node; else zone hints when
+/// every ready endpoint has one and one names this node's zone; else none.
+fn usable_topology(endpoints: &PortEndpoints, node: &NodeView) -> Topology {
+    let ready: Vec<&Endpoint> = endpoints.values().filter(|ep| ep.ready).collect();
+    if ready.is_empty() {
+        return Topology::None;
+    }
+    if ready.iter().all(|ep| !ep.node_hints.is_empty())
+        && ready
+            .iter()
+            .any(|ep| ep.node_hints.contains(&node.node_name))
+    {
+        return Topology::Node;
+    }
+    if let Some(zone) = &node.zone
+        && ready.iter().all(|ep| !ep.zone_hints.is_empty())
+        && ready.iter().any(|ep| ep.zone_hints.contains(zone))
+    {
+        return Topology::Zone(zone.clone());
+    }
+    Topology::None
+}

@@ -1,0 +1,361 @@
+//! A directory of ordinary Kubernetes YAML (or JSON) as the source of objects: files as
+//! `kubectl apply -f` takes them or `kubectl get -o yaml` prints them, one or many documents
+//! per file, `kind: List` included. The directory is watched (inotify, with a slow poll as a
+//! backstop) and every change produces a fresh snapshot.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use notify::Watcher as _;
+use serde::Deserialize as _;
+use tokio::sync::{mpsc, watch};
+
+use super::Snapshot;
+use crate::model::{ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL};
+
+/// Files with these extensions are read; others (READMEs, editor backups) are ignored.
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+/// Changes arriving this close together are read as one.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// A re-read even without inotify events (network filesystems, missed events).
+const POLL: Duration = Duration::from_secs(2);
+/// The mirroring controller's opt-out label on v1 Endpoints.
+const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+
+/// Reads every manifest under `dir` into one snapshot; problems are collected, never fatal.
+pub fn read_dir(dir: &Path) -> Snapshot {
+    let mut reader = Reader::default();
+    match manifest_files(dir) {
+        Ok(files) => {
+            for file in files {
+                reader.read_file(&file);
+            }
+        }
+        Err(error) => reader.problems.push(format!(
+            "{}: cannot list the directory: {error}",
+            dir.display()
+        )),
+    }
+    reader.finish()
+}
+
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current)? {
+            let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|ext| EXTENSIONS.iter().any(|e| ext == *e))
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[derive(Default)]
+struct Reader {
+    objects: Objects,
+    endpoints: BTreeMap<ObjectKey, Endpoints>,
+    origins: BTreeMap<ObjectRef, PathBuf>,
+    problems: Vec<String>,
+}
+
+impl Reader {
+    fn read_file(&mut self, file: &Path) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(error) => {
+                self.problems
+                    .push(format!("{}: cannot read: {error}", file.display()));
+                return;
+            }
+        };
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            match serde_yaml::Value::deserialize(document) {
+                Ok(serde_yaml::Value::Null) => {}
+                Ok(value) => self.add_value(file, value),
+                Err(error) => {
+                    self.problems.push(format!(
+                        "{}: document {} does not parse: {error}; the rest of the file is skipped",
+                        file.display(),
+                        index + 1
+                    ));
+                    // After a syntax error the YAML stream cannot be resynchronised.
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_value(&mut self, file: &Path, value: serde_yaml::Value) {
+        let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+        let (api_version, kind) = (text("apiVersion"), text("kind"));
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("(no name)")
+            .to_owned();
+        let json = match serde_json::to_value(&value) {
+            Ok(json) => json,
+            Err(error) => {
+                self.problems
+                    .push(format!("{}: {kind:?} {name}: {error}", file.display()));
+                return;
+            }
+        };
+        match (api_version.as_deref(), kind.as_deref()) {
+            (_, Some(list)) if list == "List" || list.ends_with("List") => {
+                if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
+                    for item in items {
+                        self.add_value(file, item);
+                    }
+                }
+            }
+            (Some("v1"), Some("Service")) => {
+                self.add(file, "Service", &name, json, |r, key, s: Service| {
+                    r.objects.services.insert(key, s).is_some()
+                })
+            }
+            (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => self.add(
+                file,
+                "EndpointSlice",
+                &name,
+                json,
+                |r, key, s: EndpointSlice| r.objects.endpoint_slices.insert(key, s).is_some(),
+            ),
+            (Some("v1"), Some("Endpoints")) => {
+                self.add(file, "Endpoints", &name, json, |r, key, e: Endpoints| {
+                    r.endpoints.insert(key, e).is_some()
+                })
+            }
+            (Some("v1"), Some("Node")) => self.add(file, "Node", &name, json, |r, key, n: Node| {
+                r.objects.nodes.insert(key.name, n).is_some()
+            }),
+            (None, _) | (_, None) => self.problems.push(format!(
+                "{}: object {name} has no apiVersion or kind; skipped",
+                file.display()
+            )),
+            // Deployments, ConfigMaps and the like often share a file with a Service.
+            _ => {}
+        }
+    }
+
+    /// Deserializes one object and stores it with `insert`, which says whether it replaced one.
+    fn add<T: serde::de::DeserializeOwned + HasMeta>(
+        &mut self,
+        file: &Path,
+        kind: &'static str,
+        name: &str,
+        json: serde_json::Value,
+        insert: impl FnOnce(&mut Self, ObjectKey, T) -> bool,
+    ) {
+        let object: T = match serde_json::from_value(json) {
+            Ok(object) => object,
+            Err(error) => {
+                self.problems.push(format!(
+                    "{}: {kind} {name} is malformed: {error}; skipped",
+                    file.display()
+                ));
+                return;
+            }
+        };
+        if object.meta().name.as_deref().unwrap_or_default().is_empty() {
+            self.problems.push(format!(
+                "{}: a {kind} has no metadata.name; skipped",
+                file.display()
+            ));
+            return;
+        }
+        let key = ObjectKey::of(object.meta());
+        let reference = ObjectRef {
+            kind,
+            key: key.clone(),
+        };
+        if insert(self, key, object)
+            && let Some(earlier) = self.origins.get(&reference)
+        {
+            self.problems.push(format!(
+                "{}: {reference} is also defined in {}; the later file wins",
+                file.display(),
+                earlier.display()
+            ));
+        }
+        self.origins.insert(reference, file.to_owned());
+    }
+
+    fn finish(mut self) -> Snapshot {
+        let endpoints = std::mem::take(&mut self.endpoints);
+        for (key, endpoints) in &endpoints {
+            let selectorless = self
+                .objects
+                .services
+                .get(key)
+                .is_none_or(|s| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
+            let skip = endpoints
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"));
+            if selectorless && !skip {
+                for (slice_key, slice) in mirror(key, endpoints) {
+                    self.objects.endpoint_slices.insert(slice_key, slice);
+                }
+            }
+        }
+        Snapshot {
+            objects: self.objects,
+            origins: self.origins,
+            problems: self.problems,
+            changed_at: Instant::now(),
+        }
+    }
+}
+
+trait HasMeta {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+macro_rules! has_meta {
+    ($($t:ty),*) => {$(
+        impl HasMeta for $t {
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+        }
+    )*};
+}
+has_meta!(Service, EndpointSlice, Endpoints, Node);
+
+/// What Kubernetes' EndpointSlice mirroring controller makes of a v1 Endpoints object of a
+/// selector-less service: one IPv4 slice per subset.
+fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSlice)> {
+    let mut slices = Vec::new();
+    for (index, subset) in endpoints.subsets.iter().flatten().enumerate() {
+        let ports = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: Some(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        let with_state = |ready: bool| {
+            move |address: &k8s_openapi::api::core::v1::EndpointAddress| Endpoint {
+                addresses: vec![address.ip.clone()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    serving: Some(ready),
+                    terminating: Some(false),
+                }),
+                node_name: address.node_name.clone(),
+                hostname: address.hostname.clone(),
+                ..Default::default()
+            }
+        };
+        let members = subset
+            .addresses
+            .iter()
+            .flatten()
+            .map(with_state(true))
+            .chain(
+                subset
+                    .not_ready_addresses
+                    .iter()
+                    .flatten()
+                    .map(with_state(false)),
+            )
+            .filter(|e| e.addresses[0].parse::<std::net::Ipv4Addr>().is_ok())
+            .collect();
+        let name = format!("{}-mirror-{index}", key.name);
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(key.namespace.clone()),
+                labels: Some(
+                    [(SERVICE_NAME_LABEL.to_owned(), key.name.clone())]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: members,
+            ports: Some(ports),
+        };
+        slices.push((ObjectKey::new(key.namespace.clone(), name), slice));
+    }
+    slices
+}
+
+/// Watches `dir` and publishes a snapshot whenever what it holds changes, until the receiver
+/// is gone. A snapshot's `changed_at` is when the change was noticed.
+pub async fn watch(
+    dir: PathBuf,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+) -> anyhow::Result<()> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Any event (or error) just means "read again".
+        let _ = events_tx.send(event.is_ok());
+    })?;
+    if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::Recursive) {
+        tracing::warn!(dir = %dir.display(), %error, "cannot watch the manifest directory; polling every {POLL:?}");
+    }
+    let mut published = None;
+    let mut noticed_at = Instant::now();
+    loop {
+        let current = fingerprint(&dir);
+        if published != Some(current) {
+            let mut snapshot = read_dir(&dir);
+            snapshot.changed_at = noticed_at;
+            if snapshots.send(Some(Arc::new(snapshot))).is_err() {
+                return Ok(());
+            }
+            published = Some(current);
+        }
+        tokio::select! {
+            _ = events.recv() => {
+                noticed_at = Instant::now();
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(POLL) => noticed_at = Instant::now(),
+        }
+    }
+}
+
+/// A hash of every manifest's path and bytes: equal fingerprints, equal snapshots.
+fn fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for file in manifest_files(dir).unwrap_or_default() {
+        file.hash(&mut hasher);
+        std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
+}
