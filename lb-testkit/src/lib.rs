@@ -1,0 +1,29 @@
+//! Throwaway test topologies for the integration tests, the sandbox and the
+//! benchmarks: network namespaces, cgroups, a bridge "node" with veth "pods",
+//! and spawning processes inside them. Everything is removed on drop, also when
+//! a test panics, and names are unique so tests can run in parallel. Needs root.
+
+mod cgroup;
+mod command;
+mod names;
+mod netns;
+mod topology;
+
+pub use cgroup::{Cgroup, cgroup2_mount};
+pub use command::{command_in, run_checked, spawn_in};
+pub use names::{MAX_NAME_LEN, unique_name};
+pub use netns::Netns;
+pub use topology::{BRIDGE, BRIDGE_IP, FIRST_POD_HOST, Node, POD_PREFIX_LEN, Pod};
+
+/// Fails with a clear message unless running as root (namespaces, veths and
+/// cgroups need it).
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        anyhow::bail!(
+            "this needs root (euid is {euid}): it creates network namespaces, veth pairs and cgroups"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! lb-probe: a traffic probe and a name-answering server for the tests, the
+//! sandbox and the benchmarks.
+//!
+//! `lb-probe serve --name NAME --tcp PORT --udp PORT` answers every TCP
+//! request with a minimal HTTP response whose body is `NAME\n` (so
+//! `curl http://ClusterIP/` works, like Kubernetes' serve_hostname image) and
+//! every UDP datagram with `NAME\n`. A request starting with `WHOAMI` gets the
+//! client's address as the server sees it (`IP:PORT\n`) instead. It prints
+//! `ready` once all sockets are bound and runs until killed.
+//!
+//! `lb-probe tcp|udp ADDR:PORT ...` makes a series of requests and prints one
+//! JSON object: how many attempts, which names answered, which errors
+//! happened and which peer addresses the sockets saw. It exits 0 even when
+//! requests failed; the caller asserts on the JSON.
+
+use std::collections::BTreeMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Longest request the server reads.
+const MAX_REQUEST: usize = 4096;
+/// How long the server waits for a request (and for the client to close).
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the TCP client sends unless asked for WHOAMI.
+const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
+const WHOAMI: &[u8] = b"WHOAMI";
+
+#[derive(Parser)]
+#[command(name = "lb-probe", about = "Traffic probe and name-answering server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer TCP (HTTP) and UDP requests with NAME until killed.
+    Serve(ServeArgs),
+    /// Make sequential TCP connections and report the answers as JSON.
+    Tcp(TcpArgs),
+    /// Send UDP requests and report the answers as JSON.
+    Udp(UdpArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("listeners").required(true).multiple(true).args(["tcp", "udp"])))]
+struct ServeArgs {
+    /// The name to answer with.
+    #[arg(long)]
+    name: String,
+    /// A TCP port to listen on (repeatable).
+    #[arg(long = "tcp", value_name = "PORT")]
+    tcp: Vec<u16>,
+    /// A UDP port to listen on (repeatable).
+    #[arg(long = "udp", value_name = "PORT")]
+    udp: Vec<u16>,
+    /// The address to bind.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    bind: IpAddr,
+}
+
+#[derive(Args)]
+struct LoopArgs {
+    /// Stop after N requests (default 1 unless --duration-ms is given).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after D milliseconds.
+    #[arg(long, value_name = "D")]
+    duration_ms: Option<u64>,
+    /// Sleep I milliseconds between requests.
+    #[arg(long, value_name = "I", default_value_t = 0)]
+    interval_ms: u64,
+    /// Per-request connect/send/receive timeout in milliseconds.
+    #[arg(long, value_name = "T", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+    /// Send `WHOAMI` so that replies are the source address the server saw.
+    #[arg(long)]
+    whoami: bool,
+}
+
+#[derive(Args)]
+struct TcpArgs {
+    /// Where to connect.
+    #[arg(value_name = "ADDR:PORT")]
+    target: SocketAddr,
+    #[command(flatten)]
+    run: LoopArgs,
+}
+
+#[derive(Args)]
+struct UdpArgs {
+    /// Where to send.
+    #[arg(value_name = "ADDR:PORT")]
+    target: SocketAddr,
+    /// Use connect + send + recv (records peer_addr) instead of send_to + recv_from
+    /// (records the reply's source address).
+    #[arg(long)]
+    connected: bool,
+    /// Open a fresh socket for every request.
+    #[arg(long)]
+    new_socket_each: bool,
+    #[command(flatten)]
+    run: LoopArgs,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => match serve(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-probe serve: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Tcp(args) => report(probe_tcp(&args)),
+        Command::Udp(args) => report(probe_udp(&args)),
+    }
+}
+
+// ---------------------------------------------------------------- server
+
+/// Binds every listener, prints `ready`, then serves until killed.
+fn serve(args: &ServeArgs) -> io::Result<()> {
+    let tcp = bind_all(
+        &args.tcp,
+        |port| TcpListener::bind((args.bind, port)),
+        "tcp",
+    )?;
+    let udp = bind_all(&args.udp, |port| UdpSocket::bind((args.bind, port)), "udp")?;
+    let mut workers = Vec::new();
+    for listener in tcp {
+        let name = args.name.clone();
+        workers.push(thread::spawn(move || serve_tcp(&listener, &name)));
+    }
+    for socket in udp {
+        let name = args.name.clone();
+        workers.push(thread::spawn(move || serve_udp(&socket, &name)));
+    }
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "ready")?;
+    stdout.flush()?;
+    for worker in workers {
+        let _ = worker.join();
+    }
+    Ok(())
+}
+
+fn bind_all<S>(
+    ports: &[u16],
+    bind: impl Fn(u16) -> io::Result<S>,
+    proto: &str,
+) -> io::Result<Vec<S>> {
+    ports
+        .iter()
+        .map(|&port| {
+            bind(port)
+                .map_err(|e| io::Error::new(e.kind(), format!("bind {proto} port {port}: {e}")))
+        })
+        .collect()
+}
+
+fn serve_tcp(listener: &TcpListener, name: &str) {
+    loop {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                let name = name.to_string();
+                thread::spawn(move || handle_tcp(conn, peer, &name));
+            }
+            // Out of descriptors or an aborted handshake: back off a little.
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Reads the request, answers with an HTTP response, and closes gracefully.
+fn handle_tcp(mut conn: TcpStream, peer: SocketAddr, name: &str) {
+    let _ = conn.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(SERVER_IO_TIMEOUT));
+    let request = read_request(&mut conn);
+    let body = reply_body(&request, peer, name);
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if conn.write_all(response.as_bytes()).is_ok() {
+        // Half-close, then drain until the client closes, so unread request
+        // bytes never turn our close into a reset.
+        let _ = conn.shutdown(Shutdown::Write);
+        let mut sink = [0u8; 1024];
+        while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Reads until the end of the HTTP headers, a full WHOAMI line, EOF, 4 KiB or the timeout.
+fn read_request(conn: &mut TcpStream) -> Vec<u8> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while request.len() < MAX_REQUEST && !request_complete(&request) {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n.min(MAX_REQUEST - request.len())]),
+        }
+    }
+    request
+}
+
+fn request_complete(request: &[u8]) -> bool {
+    find(request, b"\r\n\r\n").is_some()
+        || (request.starts_with(WHOAMI) && request.contains(&b'\n'))
+}
+
+/// `NAME\n`, or the client's `IP:PORT\n` for a WHOAMI request.
+fn reply_body(request: &[u8], peer: SocketAddr, name: &str) -> String {
+    if request.starts_with(WHOAMI) {
+        format!("{peer}\n")
+    } else {
+        format!("{name}\n")
+    }
+}
+
+fn serve_udp(socket: &UdpSocket, name: &str) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let _ = socket.send_to(reply_body(&buf[..n], peer, name).as_bytes(), peer);
+            }
+            Err(_) => thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+/// What a series of requests saw; printed as one JSON object.
+#[derive(Default)]
+struct Tally {
+    attempts: u64,
+    replies: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    peers: BTreeMap<String, u64>,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn reply(&mut self, name: String) {
+        *self.replies.entry(name).or_default() += 1;
+    }
+
+    fn peer(&mut self, peer: SocketAddr) {
+        *self.peers.entry(peer.to_string()).or_default() += 1;
+    }
+
+    fn error(&mut self, what: &str, e: &io::Error) {
+        let kind = error_kind(e);
+        if self.first_error.is_none() {
+            // A receive timeout surfaces as EAGAIN; say what it means.
+            let detail = match e.kind() {
+                ErrorKind::WouldBlock => "timed out waiting for data".to_string(),
+                _ => e.to_string(),
+            };
+            self.first_error = Some(format!("attempt {}: {what}: {detail}", self.attempts + 1));
+        }
+        *self.errors.entry(kind).or_default() += 1;
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "attempts": self.attempts,
+            "replies": self.replies,
+            "errors": self.errors,
+            "peers": self.peers,
+            "first_error": self.first_error,
+        })
+    }
+}
+
+/// A short, stable name for an I/O error.
+fn error_kind(e: &io::Error) -> String {
+    let kind = match e.kind() {
+        ErrorKind::ConnectionRefused => "refused",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => "unreachable",
+        ErrorKind::PermissionDenied => "permission",
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            "reset"
+        }
+        _ => {
+            return match e.raw_os_error() {
+                Some(errno) => format!("other:errno {errno}"),
+                None => format!("other:{e}"),
+            };
+        }
+    };
+    kind.to_string()
+}
+
+fn report(tally: Tally) -> ExitCode {
+    println!("{}", tally.to_json());
+    ExitCode::SUCCESS
+}
+
+/// Calls `attempt` until the count or the duration is used up, sleeping the
+/// interval in between. Without either limit, makes one attempt.
+fn run_loop(args: &LoopArgs, tally: &mut Tally, mut attempt: impl FnMut(&mut Tally)) {
+    let deadline = args
+        .duration_ms
+        .map(|d| Instant::now() + Duration::from_millis(d));
+    let count = match (args.count, deadline) {
+        (None, None) => Some(1),
+        (count, _) => count,
+    };
+    let interval = Duration::from_millis(args.interval_ms);
+    loop {
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if out_of_time || count.is_some_and(|c| tally.attempts >= c) {
+            return;
+        }
+        attempt(tally);
+        tally.attempts += 1;
+        if !interval.is_zero() && count.is_none_or(|c| tally.attempts < c) {
+            let left = deadline.map_or(interval, |d| d.saturating_duration_since(Instant::now()));
+            thread::sleep(interval.min(left));
+        }
+    }
+}
+
+fn request_payload(args: &LoopArgs, http: bool) -> &'static [u8] {
+    match (args.whoami, http) {
+        (true, _) => b"WHOAMI\r\n\r\n",
+        (false, true) => HTTP_REQUEST,
+        (false, false) => b"HELLO\n",
+    }
+}
+
+fn probe_tcp(args: &TcpArgs) -> Tally {
+    let timeout = Duration::from_millis(args.run.timeout_ms);
+    let payload = request_payload(&args.run, true);
+    let mut tally = Tally::default();
+    run_loop(&args.run, &mut tally, |tally| {
+        tcp_once(args.target, timeout, payload, tally)
+    });
+    tally
+}
+
+/// One connection: connect, send the request, read to EOF, record the body.
+fn tcp_once(target: SocketAddr, timeout: Duration, payload: &[u8], tally: &mut Tally) {
+    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(conn) => conn,
+        Err(e) => return tally.error(&format!("connect {target}"), &e),
+    };
+    if let Ok(peer) = conn.peer_addr() {
+        tally.peer(peer);
+    }
+    let exchange = (|| {
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        conn.write_all(payload)?;
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response)?;
+        Ok::<_, io::Error>(response)
+    })();
+    match exchange {
+        Ok(response) if response.is_empty() => tally.error("exchange", &empty_reply()),
+        Ok(response) => tally.reply(http_body(&response)),
+        Err(e) => tally.error("exchange", &e),
+    }
+}
+
+fn empty_reply() -> io::Error {
+    io::Error::new(ErrorKind::UnexpectedEof, "empty reply")
+}
+
+/// The body after the headers (the whole response if there are none), trimmed.
+fn http_body(response: &[u8]) -> String {
+    let body = find(response, b"\r\n\r\n").map_or(response, |i| &response[i + 4..]);
+    String::from_utf8_lossy(body).trim().to_string()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn probe_udp(args: &UdpArgs) -> Tally {
+    let timeout = Duration::from_millis(args.run.timeout_ms);
+    let payload = request_payload(&args.run, false);
+    let mut tally = Tally::default();
+    let mut shared: Option<UdpSocket> = None;
+    run_loop(&args.run, &mut tally, |tally| {
+        if args.new_socket_each {
+            shared = None;
+        }
+        if shared.is_none() {
+            match udp_socket(args, timeout) {
+                Ok(socket) => shared = Some(socket),
+                Err(e) => return tally.error(&format!("udp socket for {}", args.target), &e),
+            }
+        }
+        if let Some(socket) = &shared {
+            udp_once(socket, args, payload, tally);
+        }
+    });
+    tally
+}
+
+/// A socket on the wildcard address of the target's family, connected to the
+/// target in `--connected` mode.
+fn udp_socket(args: &UdpArgs, timeout: Duration) -> io::Result<UdpSocket> {
+    let any: IpAddr = match args.target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((any, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    if args.connected {
+        socket.connect(args.target)?;
+    }
+    Ok(socket)
+}
+
+/// One request/reply. Unconnected mode records the reply's source address
+/// (what the recvmsg hook rewrites); connected mode records `peer_addr()`.
+fn udp_once(socket: &UdpSocket, args: &UdpArgs, payload: &[u8], tally: &mut Tally) {
+    drain_stale_replies(socket);
+    let mut buf = [0u8; 2048];
+    let result = if args.connected {
+        socket
+            .send(payload)
+            .and_then(|_| socket.recv(&mut buf))
+            .and_then(|n| Ok((n, socket.peer_addr()?)))
+    } else {
+        socket
+            .send_to(payload, args.target)
+            .and_then(|_| socket.recv_from(&mut buf))
+    };
+    match result {
+        Ok((n, peer)) => {
+            tally.peer(peer);
+            tally.reply(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+        }
+        Err(e) => tally.error(&format!("udp {}", args.target), &e),
+    }
+}
+
+/// Discards late replies to earlier, timed-out requests so they are not
+/// counted as the answer to the next one.
+fn drain_stale_replies(socket: &UdpSocket) {
+    if socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 2048];
+    while socket.recv_from(&mut buf).is_ok() {}
+    let _ = socket.set_nonblocking(false);
+}

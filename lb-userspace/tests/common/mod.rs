@@ -1,0 +1,391 @@
+//! A test cluster: a node namespace with pods on a bridge, each pod running `lb-probe serve`
+//! (answering with its name), a client pod whose processes run in a test cgroup, a manifest
+//! directory, and the real `lb-agent` binary programming the real kernel. Everything is
+//! removed on drop, also when the test fails.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_testkit::{Cgroup, Node, Pod, spawn_in, unique_name};
+use serde::Deserialize;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+pub const PROBE: &str = env!("CARGO_BIN_EXE_lb-probe");
+/// The port every backend pod answers on, TCP and UDP.
+pub const POD_PORT: u16 = 8080;
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `lb-probe tcp|udp` printed.
+#[derive(Debug, Default, Deserialize)]
+pub struct ProbeResult {
+    pub attempts: u64,
+    #[serde(default)]
+    pub replies: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub peers: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub first_error: Option<String>,
+}
+
+impl ProbeResult {
+    pub fn failures(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// A running agent; stopped with SIGTERM on drop.
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// The agent's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`, or fails after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent never logged {needle:?}; its log:\n{}", self.log());
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a pid we own and a valid signal number.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "agent did not exit within 10s of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("waiting for the agent")
+            .is_none()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.terminate();
+        }
+    }
+}
+
+/// The test cluster. Fields drop in declaration order: agent first, then processes, then
+/// namespaces and the cgroup, then directories.
+pub struct Cluster {
+    pub agent: Option<Agent>,
+    servers: Vec<Child>,
+    pub pods: Vec<Pod>,
+    pub client: Pod,
+    pub cgroup: Cgroup,
+    pub node: Node,
+    pub manifests: TempDir,
+    pub bpffs: BpffsDir,
+}
+
+impl Cluster {
+    /// A node with `backends` pods answering with their names on `POD_PORT` (TCP and UDP),
+    /// and a client pod.
+    pub fn new(backends: &[&str]) -> Cluster {
+        lb_testkit::require_root().expect("the kernel tests need root");
+        let mut node = Node::new().expect("creating the node namespace");
+        let client = node.add_pod("cli").expect("creating the client pod");
+        let cgroup = Cgroup::new("lbt").expect("creating the test cgroup");
+        let mut cluster = Cluster {
+            agent: None,
+            servers: Vec::new(),
+            pods: Vec::new(),
+            client,
+            cgroup,
+            node,
+            manifests: TempDir::new("lbt-manifests"),
+            bpffs: BpffsDir::new(),
+        };
+        for name in backends {
+            cluster.add_backend(name);
+        }
+        cluster
+    }
+
+    /// Adds a pod answering with `name`.
+    pub fn add_backend(&mut self, name: &str) -> Ipv4Addr {
+        let pod = self.node.add_pod(name).expect("creating a backend pod");
+        let port = POD_PORT.to_string();
+        let mut server = spawn_in(
+            Some(&pod.netns),
+            None,
+            PROBE,
+            &["serve", "--name", name, "--tcp", &port, "--udp", &port],
+        )
+        .expect("starting a backend server");
+        let stdout = server.stdout.take().expect("piped stdout");
+        let mut first = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("reading the server's ready line");
+        assert_eq!(first.trim(), "ready", "backend {name} did not start");
+        let ip = pod.ip;
+        self.servers.push(server);
+        self.pods.push(pod);
+        ip
+    }
+
+    pub fn pod_ip(&self, name: &str) -> Ipv4Addr {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+            .ip
+    }
+
+    /// Starts the agent and waits until its programs are attached.
+    pub fn start_agent(&mut self) -> &mut Agent {
+        self.start_agent_with(&[])
+    }
+
+    pub fn start_agent_with(&mut self, extra: &[&str]) -> &mut Agent {
+        let mut args = vec![
+            "run".to_owned(),
+            "--manifests".into(),
+            self.manifests.path().display().to_string(),
+            "--cgroup".into(),
+            self.cgroup.path().display().to_string(),
+            "--bpffs".into(),
+            self.bpffs.path().display().to_string(),
+            "--node-name".into(),
+            "node-a".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = std::process::Command::new(AGENT)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting lb-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let agent = Agent { child, log };
+        agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
+        self.agent = Some(agent);
+        self.agent.as_mut().unwrap()
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    /// Writes a manifest file atomically (as editors and `kubectl get > file` via rename do).
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("writing a manifest");
+        std::fs::rename(&tmp, self.manifests.path().join(file)).expect("renaming a manifest");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests.path().join(file)).expect("removing a manifest");
+    }
+
+    /// Runs `lb-probe ARGS` in the client pod, inside the test cgroup.
+    pub fn probe(&self, args: &[&str]) -> ProbeResult {
+        let child = spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+            .expect("starting lb-probe");
+        let output = child.wait_with_output().expect("waiting for lb-probe");
+        assert!(
+            output.status.success(),
+            "lb-probe {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lb-probe printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// Starts `lb-probe ARGS` in the background (steady traffic during changes).
+    pub fn probe_in_background(&self, args: &[&str]) -> Child {
+        spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+            .expect("starting lb-probe")
+    }
+
+    /// Repeats single TCP probes until `done` holds for the answer, or fails after `timeout`.
+    /// Returns how long it took.
+    pub fn tcp_until(
+        &self,
+        target: &str,
+        timeout: Duration,
+        done: impl Fn(&ProbeResult) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let result = self.probe(&["tcp", target, "--count", "1", "--timeout-ms", "500"]);
+            if done(&result) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "condition not reached within {timeout:?}; last probe: {result:?}; agent log:\n{}",
+                self.agent.as_ref().map(Agent::log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+pub fn finish_probe(child: Child) -> ProbeResult {
+    let output = child.wait_with_output().expect("waiting for lb-probe");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lb-probe printed no JSON ({e}): {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&path).expect("creating a temporary directory");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's `--bpffs` directory: a fresh path the agent mounts bpffs on. On drop, whatever
+/// is still mounted there (an agent killed before its teardown) is unmounted and removed.
+pub struct BpffsDir(PathBuf);
+
+impl BpffsDir {
+    pub fn new() -> BpffsDir {
+        BpffsDir(Path::new("/run/lb-test").join(unique_name("bpf")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*self.0.to_string_lossy()))
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        while self.is_mounted() {
+            let path = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A ClusterIP Service manifest. `ports`: (name, protocol, port, targetPort).
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, &str, u16, u16)],
+    extra_spec: &str,
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
+    );
+    for (port_name, protocol, port, target) in ports {
+        yaml.push_str(&format!(
+            "  - name: {port_name}\n    protocol: {protocol}\n    port: {port}\n    targetPort: {target}\n"
+        ));
+    }
+    for line in extra_spec.lines().filter(|l| !l.trim().is_empty()) {
+        yaml.push_str(&format!("  {line}\n"));
+    }
+    yaml
+}
+
+/// An EndpointSlice of `service`: endpoints (ip, ready), one port (name, protocol, port).
+pub fn slice_yaml(
+    service: &str,
+    slice: &str,
+    endpoints: &[(Ipv4Addr, bool)],
+    ports: &[(&str, &str, u16)],
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
+    );
+    for (name, protocol, port) in ports {
+        yaml.push_str(&format!(
+            "- name: {name}\n  protocol: {protocol}\n  port: {port}\n"
+        ));
+    }
+    yaml.push_str("endpoints:\n");
+    if endpoints.is_empty() {
+        yaml.truncate(yaml.len() - "endpoints:\n".len());
+        yaml.push_str("endpoints: []\n");
+    }
+    for (ip, ready) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses:\n  - \"{ip}\"\n  nodeName: node-a\n  conditions:\n    ready: {ready}\n"
+        ));
+    }
+    yaml
+}

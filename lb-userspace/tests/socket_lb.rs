@@ -1,0 +1,382 @@
+//! The socket load balancer end to end: the real lb-agent reading a manifest directory, the real
+//! eBPF programs in a test cgroup, real TCP and UDP between network namespaces, real servers
+//! answering with their pod name.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, POD_PORT, finish_probe, service_yaml, slice_yaml};
+
+const VIP: &str = "10.96.0.10";
+const TCP_VIP: &str = "10.96.0.10:80";
+
+fn web(cluster: &Cluster, backends: &[&str], extra_spec: &str) {
+    cluster.write_manifest(
+        "web.yaml",
+        &service_yaml("web", VIP, &[("http", "TCP", 80, POD_PORT)], extra_spec),
+    );
+    let endpoints: Vec<_> = backends.iter().map(|b| (cluster.pod_ip(b), true)).collect();
+    cluster.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", "web-1", &endpoints, &[("http", "TCP", POD_PORT)]),
+    );
+}
+
+#[test]
+fn tcp_connections_spread_over_every_backend_and_getpeername_reports_the_cluster_ip() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
+    web(&cluster, &["pod-a", "pod-b", "pod-c"], "");
+    cluster.start_agent();
+
+    let result = cluster.probe(&["tcp", TCP_VIP, "--count", "300"]);
+
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(result.replies.values().sum::<u64>(), 300, "{result:?}");
+    assert_eq!(result.replies.len(), 3, "every backend answers: {result:?}");
+    for (pod, count) in &result.replies {
+        // Uniform choice: 100 expected each, standard deviation about 8.
+        assert!(
+            (50..=150).contains(count),
+            "{pod} got {count} of 300: {result:?}"
+        );
+    }
+    eprintln!(
+        "spread over 3 backends, 300 connections: {:?}",
+        result.replies
+    );
+    assert_eq!(result.peers.len(), 1, "{result:?}");
+    assert_eq!(
+        result.peers.get(TCP_VIP),
+        Some(&300),
+        "getpeername: {result:?}"
+    );
+}
+
+#[test]
+fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip() {
+    let mut cluster = Cluster::new(&["dns-a", "dns-b"]);
+    cluster.write_manifest(
+        "dns.yaml",
+        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
+    );
+    let endpoints = [
+        (cluster.pod_ip("dns-a"), true),
+        (cluster.pod_ip("dns-b"), true),
+    ];
+    cluster.write_manifest(
+        "dns-slice.yaml",
+        &slice_yaml("dns", "dns-1", &endpoints, &[("dns", "UDP", POD_PORT)]),
+    );
+    cluster.start_agent();
+
+    let result = cluster.probe(&["udp", "10.96.0.53:53", "--count", "100"]);
+
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(result.replies.len(), 2, "both backends answer: {result:?}");
+    assert_eq!(
+        result.peers.get("10.96.0.53:53"),
+        Some(&100),
+        "recvmsg reports the ClusterIP as the source of every reply: {result:?}"
+    );
+}
+
+#[test]
+fn connected_udp_goes_to_one_backend_and_reports_the_cluster_ip_as_peer() {
+    let mut cluster = Cluster::new(&["dns-a", "dns-b"]);
+    cluster.write_manifest(
+        "dns.yaml",
+        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
+    );
+    let endpoints = [
+        (cluster.pod_ip("dns-a"), true),
+        (cluster.pod_ip("dns-b"), true),
+    ];
+    cluster.write_manifest(
+        "dns-slice.yaml",
+        &slice_yaml("dns", "dns-1", &endpoints, &[("dns", "UDP", POD_PORT)]),
+    );
+    cluster.start_agent();
+
+    let result = cluster.probe(&["udp", "10.96.0.53:53", "--connected", "--count", "20"]);
+
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(
+        result.replies.len(),
+        1,
+        "one connected socket, one backend: {result:?}"
+    );
+    assert_eq!(result.peers.get("10.96.0.53:53"), Some(&20), "{result:?}");
+}
+
+#[test]
+fn a_service_without_ready_endpoints_refuses_at_once() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    cluster.write_manifest(
+        "web.yaml",
+        &service_yaml("web", VIP, &[("http", "TCP", 80, POD_PORT)], ""),
+    );
+    cluster.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web",
+            "web-1",
+            &[(cluster.pod_ip("pod-a"), false)],
+            &[("http", "TCP", POD_PORT)],
+        ),
+    );
+    cluster.write_manifest(
+        "dns.yaml",
+        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
+    );
+    cluster.start_agent();
+
+    let started = Instant::now();
+    let tcp = cluster.probe(&["tcp", TCP_VIP, "--count", "5", "--timeout-ms", "3000"]);
+    let udp = cluster.probe(&[
+        "udp",
+        "10.96.0.53:53",
+        "--count",
+        "5",
+        "--timeout-ms",
+        "3000",
+    ]);
+    let elapsed = started.elapsed();
+
+    assert_eq!(tcp.errors.get("refused"), Some(&5), "TCP: {tcp:?}");
+    assert_eq!(udp.errors.get("refused"), Some(&5), "UDP: {udp:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "refusals must not wait for a timeout: {elapsed:?}"
+    );
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_goes_away() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
+    web(
+        &cluster,
+        &["pod-a", "pod-b", "pod-c"],
+        "sessionAffinity: ClientIP",
+    );
+    cluster.start_agent();
+
+    let first = cluster.probe(&["tcp", TCP_VIP, "--count", "30"]);
+    assert_eq!(first.failures(), 0, "{first:?}");
+    assert_eq!(
+        first.replies.len(),
+        1,
+        "30 connections, one backend: {first:?}"
+    );
+    let chosen = first.replies.keys().next().unwrap().clone();
+
+    // Remove the chosen backend: affinity moves to another one and stays there.
+    let rest: Vec<&str> = ["pod-a", "pod-b", "pod-c"]
+        .into_iter()
+        .filter(|p| *p != chosen)
+        .collect();
+    web(&cluster, &rest, "sessionAffinity: ClientIP");
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(5), |r| {
+        r.replies.keys().any(|name| *name != chosen)
+    });
+    let after = cluster.probe(&["tcp", TCP_VIP, "--count", "30"]);
+    assert_eq!(after.failures(), 0, "{after:?}");
+    assert_eq!(after.replies.len(), 1, "{after:?}");
+    assert!(!after.replies.contains_key(&chosen), "{after:?}");
+}
+
+#[test]
+fn client_ip_affinity_expires_after_its_timeout() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
+    web(
+        &cluster,
+        &["pod-a", "pod-b", "pod-c"],
+        "sessionAffinity: ClientIP\nsessionAffinityConfig:\n  clientIP:\n    timeoutSeconds: 1",
+    );
+    cluster.start_agent();
+
+    // Within the timeout: one backend.
+    let burst = cluster.probe(&["tcp", TCP_VIP, "--count", "20"]);
+    assert_eq!(burst.replies.len(), 1, "{burst:?}");
+    // Each connection after a pause longer than the timeout is a fresh random choice: eight
+    // pauses all landing on the same backend would happen with probability 3^-7.
+    let spaced = cluster.probe(&["tcp", TCP_VIP, "--count", "8", "--interval-ms", "1200"]);
+    assert_eq!(spaced.failures(), 0, "{spaced:?}");
+    assert!(
+        spaced.replies.len() > 1,
+        "affinity never expired: {spaced:?}"
+    );
+}
+
+#[test]
+fn endpoint_changes_reach_the_maps_quickly_and_without_failed_connections() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+    let steady = cluster.probe_in_background(&[
+        "tcp",
+        TCP_VIP,
+        "--duration-ms",
+        "6000",
+        "--interval-ms",
+        "2",
+    ]);
+
+    let mut latencies = Vec::new();
+    for (backends, expect) in [
+        (&["pod-a", "pod-b"][..], "pod-b"),
+        (&["pod-c"][..], "pod-c"),
+        (&["pod-a", "pod-c"][..], "pod-a"),
+        (&["pod-b"][..], "pod-b"),
+    ] {
+        let started = Instant::now();
+        web(&cluster, backends, "");
+        cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+            r.replies.contains_key(expect)
+        });
+        latencies.push(started.elapsed());
+        // Once the change is in, removed backends get nothing.
+        let check = cluster.probe(&["tcp", TCP_VIP, "--count", "20"]);
+        assert!(
+            check
+                .replies
+                .keys()
+                .all(|name| backends.contains(&name.as_str())),
+            "after switching to {backends:?}: {check:?}"
+        );
+    }
+    let steady = finish_probe(steady);
+    eprintln!("endpoint change to first connection on the new backend: {latencies:?}");
+    assert!(steady.attempts > 100, "{steady:?}");
+    assert_eq!(
+        steady.failures(),
+        0,
+        "connections failed during updates: {steady:?}"
+    );
+    for latency in latencies {
+        assert!(latency < Duration::from_secs(1), "{latency:?}");
+    }
+}
+
+#[test]
+fn services_appear_and_disappear_with_their_files_and_other_addresses_pass_untouched() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    cluster.start_agent();
+    let direct = format!("{}:{POD_PORT}", cluster.pod_ip("pod-a"));
+
+    // Not a service: connections go where they were addressed.
+    let plain = cluster.probe(&["tcp", &direct, "--count", "3"]);
+    assert_eq!(plain.replies.get("pod-a"), Some(&3), "{plain:?}");
+    assert_eq!(plain.peers.get(&direct), Some(&3), "{plain:?}");
+    // A ClusterIP that is not (yet) a service is not routed anywhere.
+    let before = cluster.probe(&["tcp", TCP_VIP, "--count", "1", "--timeout-ms", "500"]);
+    assert_eq!(before.failures(), 1, "{before:?}");
+
+    web(&cluster, &["pod-a"], "");
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-a")
+    });
+
+    cluster.remove_manifest("web.yaml");
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| r.failures() == 1);
+    let after = cluster.probe(&["tcp", TCP_VIP, "--count", "1", "--timeout-ms", "500"]);
+    assert!(
+        !after.errors.contains_key("refused"),
+        "a removed service is not refused: {after:?}"
+    );
+}
+
+#[test]
+fn multi_port_services_match_named_ports_and_keep_tcp_and_udp_apart() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    cluster.write_manifest(
+        "dns.yaml",
+        &service_yaml(
+            "dns",
+            "10.96.0.53",
+            &[
+                ("dns-tcp", "TCP", 53, POD_PORT),
+                ("dns-udp", "UDP", 53, POD_PORT),
+            ],
+            "",
+        ),
+    );
+    // Two slices: TCP only on pod-a, UDP only on pod-b (as named ports would resolve).
+    cluster.write_manifest(
+        "dns-tcp.yaml",
+        &slice_yaml(
+            "dns",
+            "dns-t",
+            &[(cluster.pod_ip("pod-a"), true)],
+            &[("dns-tcp", "TCP", POD_PORT)],
+        ),
+    );
+    cluster.write_manifest(
+        "dns-udp.yaml",
+        &slice_yaml(
+            "dns",
+            "dns-u",
+            &[(cluster.pod_ip("pod-b"), true)],
+            &[("dns-udp", "UDP", POD_PORT)],
+        ),
+    );
+    cluster.start_agent();
+
+    let tcp = cluster.probe(&["tcp", "10.96.0.53:53", "--count", "10"]);
+    let udp = cluster.probe(&["udp", "10.96.0.53:53", "--count", "10"]);
+    assert_eq!(tcp.replies.get("pod-a"), Some(&10), "{tcp:?}");
+    assert_eq!(udp.replies.get("pod-b"), Some(&10), "{udp:?}");
+}
+
+#[test]
+fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-a")
+    });
+
+    cluster.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n",
+    );
+    cluster.write_manifest(
+        "badport.yaml",
+        &service_yaml("badport", "10.96.0.20", &[("http", "TCP", 0, 8080)], ""),
+    );
+    cluster.write_manifest(
+        "badip.yaml",
+        &service_yaml("badip", "10.96.0.300", &[("http", "TCP", 80, 80)], ""),
+    );
+    let agent = cluster.agent();
+    agent.wait_for_log("broken.yaml", Duration::from_secs(3));
+    agent.wait_for_log("Service default/badport", Duration::from_secs(3));
+    agent.wait_for_log("Service default/badip", Duration::from_secs(3));
+    assert!(agent.is_running(), "bad input must not stop the agent");
+
+    let still = cluster.probe(&["tcp", TCP_VIP, "--count", "10"]);
+    assert_eq!(still.replies.get("pod-a"), Some(&10), "{still:?}");
+}
+
+#[test]
+fn sigterm_detaches_the_programs_and_removes_the_pins() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-a")
+    });
+
+    let status = cluster.agent().terminate();
+    assert!(status.success(), "clean exit: {status:?}");
+
+    let after = cluster.probe(&["tcp", TCP_VIP, "--count", "1", "--timeout-ms", "500"]);
+    assert!(
+        after.replies.is_empty(),
+        "programs still attached: {after:?}"
+    );
+    assert!(
+        !cluster.bpffs.is_mounted(),
+        "the bpffs the agent mounted is still there"
+    );
+}
