@@ -29,6 +29,9 @@ pub struct RunConfig {
     pub limits: Limits,
     /// Least time between two syncs; changes arriving meanwhile are coalesced.
     pub min_sync_interval: Duration,
+    /// On SIGTERM, detach the programs and remove the pins. Off by default: a DaemonSet
+    /// rollout stops the old agent while traffic must keep flowing.
+    pub cleanup_on_exit: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -65,7 +68,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
-                    dataplane.attach_cgroup(&config.cgroup)?;
+                    for (program, outcome) in dataplane.attach_cgroup(&config.cgroup)? {
+                        tracing::info!(program, ?outcome, "program in place");
+                    }
                     attached = true;
                     tracing::info!(cgroup = %config.cgroup.display(), "socket programs attached");
                 }
@@ -75,11 +80,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
     }
-    tracing::info!("shutting down: detaching programs and removing pins");
     source.abort();
     drop(maps);
     drop(dataplane);
-    pins.remove_all()?;
+    if config.cleanup_on_exit {
+        tracing::info!("shutting down: detaching programs and removing pins");
+        pins.remove_all()?;
+    } else {
+        tracing::info!(
+            bpffs = %pins.root().display(),
+            "shutting down; programs stay attached and maps pinned, serving the last state"
+        );
+    }
     match source.await {
         Err(e) if !e.is_cancelled() => tracing::warn!(error = %e, "source task failed"),
         Ok(Err(e)) => tracing::warn!(error = %e, "source failed"),

@@ -34,6 +34,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Detach every program and remove every pin the agent made (run on a node after the
+    /// agent is stopped, to remove it for good).
+    Cleanup {
+        /// bpffs directory the agent pins under.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +82,10 @@ struct RunArgs {
     /// Capacity of the reverse-translation map (open UDP/TCP sockets to services).
     #[arg(long, default_value_t = Limits::default().max_revnat)]
     max_revnat: u32,
+    /// On SIGTERM, detach the programs and remove the pins (by default they stay, so traffic
+    /// keeps flowing through an agent restart or upgrade).
+    #[arg(long)]
+    cleanup_on_exit: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +113,14 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cleanup { bpffs } => {
+            lb_agent::dataplane::bpffs::PinDir::at(&bpffs).remove_all()?;
+            eprintln!(
+                "removed every link and map pinned under {}",
+                bpffs.display()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -125,6 +144,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             max_revnat: args.max_revnat,
         },
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+        cleanup_on_exit: args.cleanup_on_exit,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -359,10 +359,10 @@ fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
 }
 
 #[test]
-fn sigterm_detaches_the_programs_and_removes_the_pins() {
+fn sigterm_with_cleanup_on_exit_detaches_the_programs_and_removes_the_pins() {
     let mut cluster = Cluster::new(&["pod-a"]);
     web(&cluster, &["pod-a"], "");
-    cluster.start_agent();
+    cluster.start_agent_with(&["--cleanup-on-exit"]);
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
     });
@@ -378,5 +378,113 @@ fn sigterm_detaches_the_programs_and_removes_the_pins() {
     assert!(
         !cluster.bpffs.is_mounted(),
         "the bpffs the agent mounted is still there"
+    );
+}
+
+#[test]
+fn a_stopped_agent_leaves_traffic_flowing_until_cleanup() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-a")
+    });
+
+    let status = cluster.agent().terminate();
+    assert!(status.success(), "clean exit: {status:?}");
+    let during = cluster.probe(&["tcp", TCP_VIP, "--count", "10"]);
+    assert_eq!(
+        during.replies.get("pod-a"),
+        Some(&10),
+        "no agent, same service: {during:?}"
+    );
+
+    let bpffs = cluster.bpffs.path().display().to_string();
+    cluster.agent_command(&["cleanup", "--bpffs", &bpffs]);
+    let after = cluster.probe(&["tcp", TCP_VIP, "--count", "1", "--timeout-ms", "500"]);
+    assert!(
+        after.replies.is_empty(),
+        "cleanup left programs attached: {after:?}"
+    );
+    assert!(!cluster.bpffs.is_mounted(), "cleanup left the bpffs mount");
+}
+
+#[test]
+fn sigkill_under_traffic_fails_no_connection_and_a_restart_applies_what_changed_meanwhile() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+    let steady = cluster.probe_in_background(&[
+        "tcp",
+        TCP_VIP,
+        "--duration-ms",
+        "4000",
+        "--interval-ms",
+        "2",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.agent().kill();
+
+    // While no agent runs, the service changes.
+    web(&cluster, &["pod-b"], "");
+    std::thread::sleep(Duration::from_millis(1000));
+    let unchanged = cluster.probe(&["tcp", TCP_VIP, "--count", "10"]);
+    assert_eq!(
+        unchanged.replies.get("pod-a"),
+        Some(&10),
+        "last programmed state: {unchanged:?}"
+    );
+
+    cluster.start_agent();
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(3), |r| {
+        r.replies.contains_key("pod-b")
+    });
+    let steady = finish_probe(steady);
+    assert!(steady.attempts > 200, "{steady:?}");
+    assert_eq!(
+        steady.failures(),
+        0,
+        "connections failed across the kill and restart: {steady:?}"
+    );
+    assert!(
+        steady.replies.contains_key("pod-a") && steady.replies.contains_key("pod-b"),
+        "{steady:?}"
+    );
+}
+
+#[test]
+fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"], "");
+    cluster.start_agent();
+    let first = cluster.attached_program_ids();
+    assert_eq!(first.len(), 4, "four socket programs linked: {first:?}");
+    let steady = cluster.probe_in_background(&[
+        "tcp",
+        TCP_VIP,
+        "--duration-ms",
+        "3000",
+        "--interval-ms",
+        "1",
+    ]);
+
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.agent().terminate();
+        cluster.start_agent();
+    }
+    let last = cluster.attached_program_ids();
+    let steady = finish_probe(steady);
+
+    assert!(
+        first.iter().all(|id| !last.contains(id)),
+        "the programs were not replaced: {first:?} then {last:?}"
+    );
+    assert_eq!(last.len(), 4, "{last:?}");
+    assert!(steady.attempts > 300, "{steady:?}");
+    assert_eq!(
+        steady.failures(),
+        0,
+        "connections failed during the upgrades: {steady:?}"
     );
 }

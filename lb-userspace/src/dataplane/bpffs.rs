@@ -10,33 +10,27 @@ use anyhow::{Context as _, bail};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The agent's directory on bpffs.
+/// The agent's directory on bpffs: `maps/` holds the pinned maps, `links/` the pinned program
+/// links.
 #[derive(Debug, Clone)]
 pub struct PinDir {
     root: PathBuf,
-    /// Whether this agent mounted bpffs at `root` (and so unmounts it on teardown).
-    mounted_here: bool,
 }
 
 impl PinDir {
     /// Makes sure `root` is a directory on bpffs: uses it if it is, creates it if its parent
     /// is on bpffs, and otherwise mounts a bpffs instance at `root`.
     pub fn prepare(root: &Path) -> anyhow::Result<Self> {
+        let dir = Self::at(root);
         if is_bpffs(root) {
-            return Ok(Self {
-                root: root.to_owned(),
-                mounted_here: false,
-            });
+            return Ok(dir);
         }
         if let Some(parent) = root.parent()
             && is_bpffs(parent)
         {
             std::fs::create_dir_all(root)
                 .with_context(|| format!("creating {} on bpffs", root.display()))?;
-            return Ok(Self {
-                root: root.to_owned(),
-                mounted_here: false,
-            });
+            return Ok(dir);
         }
         std::fs::create_dir_all(root).with_context(|| {
             format!(
@@ -47,10 +41,14 @@ impl PinDir {
         })?;
         mount_bpffs(root)?;
         tracing::info!(path = %root.display(), "mounted bpffs");
-        Ok(Self {
+        Ok(dir)
+    }
+
+    /// The directory at `root`, as it is (for reading pins, or removing them).
+    pub fn at(root: &Path) -> Self {
+        Self {
             root: root.to_owned(),
-            mounted_here: true,
-        })
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -62,20 +60,55 @@ impl PinDir {
         self.root.join("maps")
     }
 
-    /// Removes everything pinned under the directory (maps stay alive while a program or
-    /// process still holds them), and unmounts bpffs if this agent mounted it.
+    /// Where program links are pinned.
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Removes pinned maps whose names are not in `current` (maps of an earlier version with
+    /// another layout, once the programs no longer use them).
+    pub fn remove_maps_except(&self, current: &[&str]) -> anyhow::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.maps()) else {
+            return Ok(removed);
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !current.contains(&name.as_str()) {
+                std::fs::remove_file(entry.path()).with_context(|| {
+                    format!("removing stale map pin {}", entry.path().display())
+                })?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes everything pinned here: links first (detaching the programs), then maps; and
+    /// unmounts bpffs if the directory is a bpffs mount of its own (one the agent made).
     pub fn remove_all(&self) -> anyhow::Result<()> {
-        let maps = self.maps();
-        if maps.exists() {
-            std::fs::remove_dir_all(&maps)
-                .with_context(|| format!("removing pins under {}", maps.display()))?;
+        for dir in [self.links(), self.maps()] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing pins under {}", dir.display()))?;
+            }
         }
-        if self.mounted_here {
+        if is_mount_point(&self.root) && is_bpffs(&self.root) {
             unmount(&self.root)?;
-            let _ = std::fs::remove_dir(&self.root);
         }
+        let _ = std::fs::remove_dir(&self.root);
         Ok(())
     }
+}
+
+/// Whether `path` is itself a mount point.
+fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split_whitespace().nth(4) == Some(&*wanted))
 }
 
 /// Whether `path` is on a bpffs mount.

@@ -3,13 +3,14 @@
 use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, anyhow};
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr},
-};
+use aya::{Ebpf, EbpfLoader, programs::CgroupSockAddr};
 use lb_common::{limits, map_names};
 
-use super::{bpffs::PinDir, maps::BpfServiceMaps};
+use super::{
+    bpffs::PinDir,
+    links::{self, Attached},
+    maps::BpfServiceMaps,
+};
 
 /// The compiled programs, built by `build.rs` from the `lb-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -37,11 +38,13 @@ impl Default for Limits {
     }
 }
 
-/// The loaded programs and their maps. Dropping it detaches every program it attached; the
-/// pinned maps stay until [`PinDir::remove_all`].
+/// The loaded programs and their maps. Programs stay attached through their pinned links and
+/// maps stay pinned after it is dropped, until [`PinDir::remove_all`].
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Every map of the object, named when loaded (maps taken out later still count).
+    object_maps: Vec<String>,
 }
 
 impl Dataplane {
@@ -65,17 +68,34 @@ impl Dataplane {
                     map_dir.display()
                 )
             })?;
-        Ok(Self { ebpf, pins })
+        let object_maps = ebpf.maps().map(|(name, _)| name.to_owned()).collect();
+        Ok(Self {
+            ebpf,
+            pins,
+            object_maps,
+        })
     }
 
     pub fn pins(&self) -> &PinDir {
         &self.pins
     }
 
-    /// Loads and attaches the socket programs to the cgroup v2 directory `cgroup`.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        let cgroup_dir =
-            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup` through
+    /// pinned links: a link an earlier agent pinned gets the new program swapped in atomically.
+    /// Links pinned for another cgroup are removed, as are pinned maps this version does not
+    /// use (an earlier layout), once the new programs are in place.
+    pub fn attach_cgroup(
+        &mut self,
+        cgroup: &Path,
+    ) -> anyhow::Result<Vec<(&'static str, Attached)>> {
+        let cgroup_dir = File::open(cgroup).with_context(|| {
+            format!(
+                "opening cgroup {} (is it a cgroup v2 directory?)",
+                cgroup.display()
+            )
+        })?;
+        let link_dir = links::dir_for(&self.pins.links(), cgroup)?;
+        let mut attached = Vec::new();
         for name in SOCKET_PROGRAMS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
@@ -86,17 +106,18 @@ impl Dataplane {
             program
                 .load()
                 .with_context(|| format!("loading {name} (the verifier's log follows)"))?;
-            program
-                // With bpf links (kernel 5.7+) several programs coexist on one cgroup anyway.
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .with_context(|| {
-                    format!(
-                        "attaching {name} to {} (is it a cgroup v2 directory?)",
-                        cgroup.display()
-                    )
-                })?;
+            let outcome = links::attach_or_replace(program, name, &cgroup_dir, &link_dir)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            attached.push((name, outcome));
         }
-        Ok(())
+        for stale in links::remove_others(&self.pins.links(), &link_dir)? {
+            tracing::info!(links = %stale.display(), "detached programs of a cgroup no longer served");
+        }
+        let current: Vec<&str> = self.object_maps.iter().map(String::as_str).collect();
+        for stale in self.pins.remove_maps_except(&current)? {
+            tracing::info!(map = %stale, "removed a map pinned by an earlier version");
+        }
+        Ok(attached)
     }
 
     /// The service maps, for the reconciler.

@@ -1,6 +1,7 @@
 //! Loading, attaching and pinning the eBPF programs, and reading and writing their maps
 //! through the `lb-common` types. Nothing here knows Kubernetes.
 pub mod bpffs;
+pub mod links;
 pub mod loader;
 pub mod maps;
 pub mod privileges;

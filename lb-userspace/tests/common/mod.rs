@@ -87,6 +87,12 @@ impl Agent {
         }
     }
 
+    /// SIGKILL: the agent gets no chance to clean up anything.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("killing the agent");
+        self.child.wait().expect("waiting for the agent");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .try_wait()
@@ -210,6 +216,37 @@ impl Cluster {
         agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
+    }
+
+    /// Runs `lb-agent ARGS` to completion (list, status, cleanup) and returns its stdout.
+    pub fn agent_command(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new(AGENT)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running lb-agent");
+        assert!(
+            output.status.success(),
+            "lb-agent {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The program id behind each pinned link of the socket programs.
+    pub fn attached_program_ids(&self) -> Vec<u32> {
+        let links = self.bpffs.path().join("links");
+        let mut ids = Vec::new();
+        for dir in std::fs::read_dir(&links).expect("reading the links directory") {
+            for pin in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                ids.push(
+                    lb_agent::dataplane::links::program_id_of(&pin.unwrap().path())
+                        .expect("reading a pinned link"),
+                );
+            }
+        }
+        ids.sort();
+        ids
     }
 
     pub fn agent(&mut self) -> &mut Agent {
