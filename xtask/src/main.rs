@@ -1,0 +1,45 @@
+//! Project tasks, run as `cargo xtask <command>` (the alias is in `.cargo/config.toml`).
+//!
+//! One module per command; `cmd` and `host` are the helpers they share.
+//! `run` and `bench` are still to come, each as its own module and subcommand.
+
+mod cmd;
+mod host;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Tasks of the eBPF service load balancer", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check for, and install when missing, what building and testing need: Debian packages
+    /// (LLVM 22, iproute2, bpftool, ...), the nightly toolchain with rust-src, and bpf-linker.
+    Setup(setup::Args),
+    /// Run setup, build the workspace and run its tests (as root: the tests load BPF programs
+    /// and create network namespaces).
+    Test(test::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup(args) => setup::run(&args),
+        Command::Test(args) => test::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of contexts, without the backtrace that RUST_BACKTRACE would add.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
