@@ -1,5 +1,6 @@
 //! Where objects come from: the manifest directory (and, later, the API server). Each source
 //! publishes whole snapshots of [`Objects`]; the model never knows which source it was.
+pub mod kube;
 pub mod manifests;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Instant};

@@ -1,0 +1,627 @@
+//! The API server as the source of objects, the way kube-proxy reads it.
+//!
+//! Three kube-rs watchers run side by side, each feeding a reflector store:
+//!
+//! * Services and EndpointSlices with kube-proxy's label selector
+//!   (`!service.kubernetes.io/headless` and `!service.kubernetes.io/service-proxy-name`, or
+//!   `service.kubernetes.io/service-proxy-name=NAME` with `--service-proxy-name NAME`), so
+//!   objects that are not ours never reach this process;
+//! * this node's Node only (`metadata.name=NODE`), for its topology labels.
+//!
+//! Once all three have listed (their first `InitDone`), the stores are copied into one
+//! [`Snapshot`] and published on the same channel the manifest source uses; from then on
+//! every change publishes again. Events that are ready together (a page of a list, a burst of
+//! updates) make one snapshot; the agent coalesces further with its `min_sync_interval`.
+//!
+//! Resilience is the watcher's: it re-lists on `410 Gone`, resumes a watch that ended from
+//! the last resource version (bookmarks keep that fresh), and retries failures with
+//! [`WatchStreamExt::default_backoff`]. Errors never end the streams and never publish: while
+//! the API server is unreachable the last snapshot stays published (fail static) and
+//! [`SourceHealth`] says the state is stale. A re-list replaces a store only when it is
+//! complete, so a snapshot never holds half a list.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    client::ClientBuilder,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::watch;
+
+use super::Snapshot;
+use crate::model::{HEADLESS_LABEL, ObjectKey, Objects, ProxyIdentity, SERVICE_PROXY_NAME_LABEL};
+
+/// At most this many ready events are folded into one snapshot.
+const MAX_BATCH: usize = 1024;
+
+/// The kinds this source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Watched {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl Watched {
+    pub const ALL: [Watched; 3] = [Self::Services, Self::EndpointSlices, Self::Nodes];
+
+    /// The kind as Kubernetes spells it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::Nodes => "Node",
+        }
+    }
+
+    /// The resource as it appears in request paths.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Nodes => "nodes",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    /// The kind a list or watch request is for, from its path (`/api/v1/services`).
+    pub fn of_path(path: &str) -> Option<Self> {
+        let resource = path.trim_end_matches('/').rsplit('/').next()?;
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.resource() == resource)
+    }
+}
+
+impl fmt::Display for Watched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+/// Whether what the API server source published is current.
+///
+/// A kind is failing from a watcher error until the API server next answers a request for
+/// it or delivers an event for it; the source is stale while any kind is failing. Stale
+/// means the published snapshot is the last known state, not that it is wrong. Cheap to
+/// clone; all clones share one state.
+#[derive(Clone, Debug)]
+pub struct SourceHealth {
+    inner: Arc<HealthInner>,
+}
+
+#[derive(Debug)]
+struct HealthInner {
+    /// When the API server last answered, in milliseconds since the Unix epoch; 0 = never.
+    last_success_ms: AtomicU64,
+    /// One bit per [`Watched`] kind whose latest attempt failed.
+    failing: AtomicU8,
+    /// Whether any kind is failing, for those that wait for transitions.
+    stale: watch::Sender<bool>,
+}
+
+impl Default for SourceHealth {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SourceHealth {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(HealthInner {
+                last_success_ms: AtomicU64::new(0),
+                failing: AtomicU8::new(0),
+                stale: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    /// True while some watcher's latest attempt failed.
+    pub fn is_stale(&self) -> bool {
+        self.inner.failing.load(Ordering::Acquire) != 0
+    }
+
+    /// When the API server last answered a request or delivered an event; `None` before it
+    /// ever did. An idle watch does not refresh this: use [`Self::is_stale`] for health.
+    pub fn last_success(&self) -> Option<SystemTime> {
+        match self.inner.last_success_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    /// The stale flag as a channel: `changed()` wakes on transitions.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.inner.stale.subscribe()
+    }
+
+    /// A tower layer for the API client that counts successful answers as contact. Without
+    /// it a watch that reconnects with nothing new to say would leave the source stale.
+    pub fn layer(&self) -> HealthLayer {
+        HealthLayer {
+            health: self.clone(),
+        }
+    }
+
+    /// Logs each transition until every `SourceHealth` clone is gone.
+    pub async fn log_transitions(mut changes: watch::Receiver<bool>) {
+        let mut logged = *changes.borrow_and_update();
+        while changes.changed().await.is_ok() {
+            let stale = *changes.borrow_and_update();
+            if stale == logged {
+                continue;
+            }
+            if stale {
+                tracing::warn!("API server unreachable; serving the last known state");
+            } else {
+                tracing::info!("reconnected to the API server");
+            }
+            logged = stale;
+        }
+    }
+
+    fn record_success(&self, kind: Watched) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64);
+        self.inner.last_success_ms.fetch_max(now, Ordering::AcqRel);
+        if self.inner.failing.fetch_and(!kind.bit(), Ordering::AcqRel) & kind.bit() != 0 {
+            self.publish_stale();
+        }
+    }
+
+    fn record_failure(&self, kind: Watched) {
+        if self.inner.failing.fetch_or(kind.bit(), Ordering::AcqRel) & kind.bit() == 0 {
+            self.publish_stale();
+        }
+    }
+
+    /// Brings the channel in line with the bits; reading them under the channel's lock keeps
+    /// concurrent updates from publishing out of order.
+    fn publish_stale(&self) {
+        self.inner.stale.send_if_modified(|stale| {
+            let now = self.is_stale();
+            std::mem::replace(stale, now) != now
+        });
+    }
+}
+
+/// See [`SourceHealth::layer`].
+#[derive(Clone, Debug)]
+pub struct HealthLayer {
+    health: SourceHealth,
+}
+
+impl<S> tower::Layer<S> for HealthLayer {
+    type Service = HealthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HealthService {
+            inner,
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// The service [`HealthLayer`] wraps around the API client's.
+#[derive(Clone, Debug)]
+pub struct HealthService<S> {
+    inner: S,
+    health: SourceHealth,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for HealthService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResBody: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let kind = Watched::of_path(request.uri().path());
+        let health = self.health.clone();
+        self.inner
+            .call(request)
+            .inspect(move |result| {
+                if let (Some(kind), Ok(response)) = (kind, result)
+                    && response.status().is_success()
+                {
+                    health.record_success(kind);
+                }
+            })
+            .boxed()
+    }
+}
+
+/// The API client: `kubeconfig` when given, else the in-cluster service account, else
+/// `KUBECONFIG` or `~/.kube/config`. Its answers feed `health`.
+///
+/// In a cluster, `KUBERNETES_SERVICE_HOST` must name the API server itself (as kubeadm's
+/// kube-proxy kubeconfig does), not the `kubernetes` ClusterIP: that address is served by this
+/// agent and does not work before it has synced once.
+pub async fn client(kubeconfig: Option<&Path>, health: &SourceHealth) -> anyhow::Result<Client> {
+    let config = config(kubeconfig).await?;
+    tracing::info!(server = %config.cluster_url, "reading objects from the API server");
+    let builder = ClientBuilder::try_from(config).context("building the API client")?;
+    Ok(builder.with_layer(&health.layer()).build())
+}
+
+async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<Config> {
+    if let Some(path) = kubeconfig {
+        let file = Kubeconfig::read_from(path)
+            .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+        return Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("using the kubeconfig {}", path.display()));
+    }
+    match Config::incluster() {
+        Ok(config) => Ok(config),
+        Err(in_cluster) => {
+            tracing::debug!(error = %in_cluster, "no in-cluster configuration; trying KUBECONFIG");
+            Config::infer().await.context(
+                "no API server: not in a cluster, no KUBECONFIG or ~/.kube/config \
+                 (use --kubeconfig, or --manifests to serve a directory)",
+            )
+        }
+    }
+}
+
+/// kube-proxy's label selector for Services and EndpointSlices.
+pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+    match service_proxy_name {
+        Some(name) => format!("!{HEADLESS_LABEL},{SERVICE_PROXY_NAME_LABEL}={name}"),
+        None => format!("!{HEADLESS_LABEL},!{SERVICE_PROXY_NAME_LABEL}"),
+    }
+}
+
+/// The field selector for this node's Node.
+pub fn node_field_selector(node_name: &str) -> String {
+    format!("metadata.name={node_name}")
+}
+
+/// Watches the API server and publishes a snapshot once every kind has listed, then on every
+/// change, until the receiver is gone. A snapshot's `changed_at` is when the first event it
+/// includes arrived.
+pub async fn watch(
+    client: Client,
+    identity: ProxyIdentity,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    health: SourceHealth,
+) -> anyhow::Result<()> {
+    let labels = label_selector(identity.service_proxy_name.as_deref());
+    let by_labels = watcher::Config::default().any_semantic().labels(&labels);
+    let this_node = watcher::Config::default()
+        .any_semantic()
+        .fields(&node_field_selector(&identity.node_name));
+    let (services, services_events) = watch_kind(
+        Api::all(client.clone()),
+        by_labels.clone(),
+        Watched::Services,
+    );
+    let (slices, slices_events) =
+        watch_kind(Api::all(client.clone()), by_labels, Watched::EndpointSlices);
+    let (nodes, nodes_events) = watch_kind(Api::all(client), this_node, Watched::Nodes);
+    let stores = Stores {
+        services,
+        slices,
+        nodes,
+    };
+    let mut updates = futures::stream::select_all([services_events, slices_events, nodes_events]);
+    let mut listed = 0u8;
+    loop {
+        let first = tokio::select! {
+            update = updates.next() => update,
+            () = snapshots.closed() => return Ok(()),
+        };
+        let Some(first) = first else {
+            anyhow::bail!("the API server watches ended");
+        };
+        let changed_at = Instant::now();
+        let mut changed = handle(first, &health, &mut listed);
+        // Fold in whatever else is ready: one snapshot for a burst.
+        for _ in 1..MAX_BATCH {
+            match updates.next().now_or_never() {
+                Some(Some(update)) => changed |= handle(update, &health, &mut listed),
+                _ => break,
+            }
+        }
+        let all_listed = Watched::ALL.iter().all(|kind| listed & kind.bit() != 0);
+        if changed && all_listed && !publish(&stores, changed_at, &snapshots) {
+            return Ok(());
+        }
+    }
+}
+
+/// One watcher event, reduced to what the loop needs: whose it is and what it did.
+struct Update {
+    kind: Watched,
+    result: Result<Change, watcher::Error>,
+}
+
+#[derive(Debug)]
+enum Change {
+    Applied(String),
+    Deleted(String),
+    /// A (re-)list started; the store keeps its contents until it is done.
+    Relisting,
+    /// An object of a list in progress.
+    Listed,
+    /// A list is complete and the store holds exactly what it returned.
+    Relisted,
+}
+
+impl Change {
+    fn of<K: Resource>(event: &watcher::Event<K>) -> Self {
+        match event {
+            watcher::Event::Apply(object) => Self::Applied(display_name(object)),
+            watcher::Event::Delete(object) => Self::Deleted(display_name(object)),
+            watcher::Event::Init => Self::Relisting,
+            watcher::Event::InitApply(_) => Self::Listed,
+            watcher::Event::InitDone => Self::Relisted,
+        }
+    }
+}
+
+/// `namespace/name`, or `name` for cluster-scoped objects.
+fn display_name<K: Resource>(object: &K) -> String {
+    let name = object.meta().name.as_deref().unwrap_or("(no name)");
+    match object.meta().namespace.as_deref() {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// A watcher with backoff feeding a reflector store, as a stream of [`Update`]s.
+fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Watched,
+) -> (Store<K>, BoxStream<'static, Update>)
+where
+    K: Resource<DynamicType = ()> + Clone + fmt::Debug + serde::de::DeserializeOwned,
+    K: Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let updates = watcher(api, config)
+        .default_backoff()
+        // Managed fields are most of an object's bytes and nothing the model reads.
+        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .map(move |result| Update {
+            kind,
+            result: result.map(|event| Change::of(&event)),
+        })
+        .boxed();
+    (store, updates)
+}
+
+/// Logs an update and records it in `health` and `listed`; true when the stores changed.
+fn handle(update: Update, health: &SourceHealth, listed: &mut u8) -> bool {
+    let kind = update.kind;
+    let change = match update.result {
+        Ok(change) => change,
+        Err(error) => {
+            record_error(kind, &error, health);
+            return false;
+        }
+    };
+    health.record_success(kind);
+    match change {
+        Change::Applied(name) => tracing::debug!(%kind, object = %name, "applied"),
+        Change::Deleted(name) => tracing::debug!(%kind, object = %name, "deleted"),
+        Change::Relisting => {
+            tracing::debug!(%kind, "listing");
+            return false;
+        }
+        Change::Listed => return false,
+        Change::Relisted => {
+            tracing::debug!(%kind, "listed");
+            *listed |= kind.bit();
+        }
+    }
+    true
+}
+
+fn record_error(kind: Watched, error: &watcher::Error, health: &SourceHealth) {
+    if is_expired(error) {
+        // The watcher re-lists; that is routine, not an outage.
+        tracing::info!(%kind, %error, "resource version expired; re-listing");
+        return;
+    }
+    health.record_failure(kind);
+    tracing::warn!(%kind, %error, "watch failed; retrying with backoff, the last state stays");
+}
+
+/// `410 Gone`: the resource version or list continuation is too old to resume from.
+fn is_expired(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+impl Stores {
+    fn objects(&self) -> Objects {
+        Objects {
+            services: by_key(&self.services),
+            endpoint_slices: by_key(&self.slices),
+            nodes: self
+                .nodes
+                .state()
+                .iter()
+                .map(|node| (node.name_any(), Node::clone(node)))
+                .collect(),
+        }
+    }
+}
+
+fn by_key<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> BTreeMap<ObjectKey, K> {
+    store
+        .state()
+        .iter()
+        .map(|object| (ObjectKey::of(object.meta()), K::clone(object)))
+        .collect()
+}
+
+/// Sends a snapshot of the stores; false when nobody is listening any more.
+fn publish(
+    stores: &Stores,
+    changed_at: Instant,
+    snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
+) -> bool {
+    let objects = stores.objects();
+    tracing::debug!(
+        services = objects.services.len(),
+        endpoint_slices = objects.endpoint_slices.len(),
+        nodes = objects.nodes.len(),
+        "publishing a snapshot"
+    );
+    let snapshot = Snapshot {
+        objects,
+        origins: BTreeMap::new(),
+        problems: Vec::new(),
+        changed_at,
+    };
+    snapshots.send(Some(Arc::new(snapshot))).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_follow_kube_proxy() {
+        assert_eq!(
+            label_selector(None),
+            "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+        );
+        assert_eq!(
+            label_selector(Some("lb")),
+            "!service.kubernetes.io/headless,service.kubernetes.io/service-proxy-name=lb"
+        );
+        assert_eq!(node_field_selector("node-1"), "metadata.name=node-1");
+    }
+
+    #[test]
+    fn request_paths_name_their_kind() {
+        assert_eq!(
+            Watched::of_path("/api/v1/services"),
+            Some(Watched::Services)
+        );
+        assert_eq!(
+            Watched::of_path("/apis/discovery.k8s.io/v1/endpointslices"),
+            Some(Watched::EndpointSlices)
+        );
+        assert_eq!(Watched::of_path("/api/v1/nodes"), Some(Watched::Nodes));
+        assert_eq!(Watched::of_path("/api/v1/pods"), None);
+        assert_eq!(Watched::of_path(""), None);
+    }
+
+    #[test]
+    fn stale_while_any_kind_fails() {
+        let health = SourceHealth::new();
+        let changes = health.subscribe();
+        assert!(!health.is_stale());
+        assert_eq!(health.last_success(), None);
+        health.record_failure(Watched::Services);
+        health.record_failure(Watched::Nodes);
+        assert!(health.is_stale() && *changes.borrow());
+        health.record_success(Watched::Services);
+        assert!(health.is_stale(), "nodes still fail");
+        health.record_success(Watched::Nodes);
+        assert!(!health.is_stale() && !*changes.borrow());
+        assert!(health.last_success().is_some());
+    }
+
+    #[tokio::test]
+    async fn client_from_an_explicit_kubeconfig() {
+        let path = std::env::temp_dir().join(format!("lb-agent-kubeconfig-{}", std::process::id()));
+        let kubeconfig = r#"
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: "https://127.0.0.1:6443", insecure-skip-tls-verify: true}
+users:
+- name: test
+  user: {token: secret}
+contexts:
+- name: test
+  context: {cluster: test, user: test, namespace: lb}
+current-context: test
+"#;
+        std::fs::write(&path, kubeconfig).expect("writing a temporary file");
+        let built = client(Some(&path), &SourceHealth::new()).await;
+        let _ = std::fs::remove_file(&path);
+        // Building the client also proves TLS has a crypto provider.
+        assert_eq!(built.expect("a client").default_namespace(), "lb");
+
+        let missing = Path::new("/nonexistent/kubeconfig");
+        let error = client(Some(missing), &SourceHealth::new()).await;
+        let Err(error) = error else {
+            panic!("a client from a missing kubeconfig")
+        };
+        let message = format!("{error:#}");
+        assert!(message.contains("/nonexistent/kubeconfig"), "{message}");
+    }
+
+    #[test]
+    fn gone_is_routine() {
+        let status = |code| kube::core::Status {
+            code,
+            ..Default::default()
+        };
+        assert!(is_expired(&watcher::Error::WatchError(Box::new(status(
+            410
+        )))));
+        assert!(is_expired(&watcher::Error::InitialListFailed(
+            kube::Error::Api(Box::new(status(410)))
+        )));
+        assert!(!is_expired(&watcher::Error::WatchError(Box::new(status(
+            500
+        )))));
+        assert!(!is_expired(&watcher::Error::NoResourceVersion));
+    }
+}
