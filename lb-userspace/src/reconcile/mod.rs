@@ -6,7 +6,11 @@
 //! switches to them in one map update, then the old slots and removed backends.
 //! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the
 //! same code drives the BPF maps and the in-memory maps of the model tests.
+pub mod external;
+pub mod maglev;
 pub mod memory;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -159,6 +163,20 @@ impl Reconciler {
         Ok(reconciler)
     }
 
+    /// Keeps ids up to these from being handed out again: session-affinity entries outlive
+    /// the services and backends they name, and must never come to name another one.
+    pub fn reserve_ids(&mut self, highest_service_id: u32, highest_backend_id: u32) {
+        self.next_service_id = self.next_service_id.max(highest_service_id.saturating_add(1));
+        self.next_backend_id = self.next_backend_id.max(highest_backend_id.saturating_add(1));
+    }
+
+    /// The service id of every programmed frontend.
+    pub fn service_ids(&self) -> impl Iterator<Item = (Frontend, u32)> + '_ {
+        self.programmed
+            .iter()
+            .filter_map(|(key, p)| Some((frontend_of(key)?, p.value.service_id)))
+    }
+
     /// Number of frontends programmed.
     pub fn len(&self) -> usize {
         self.programmed.len()
@@ -246,6 +264,7 @@ impl Reconciler {
                 // Undo the partial write; the frontend stays unprogrammed.
                 let _ = remove_generation(&programmed, 0, backends.len(), maps, writes);
                 for id in programmed.ids.values() {
+                    *writes += 1;
                     let _ = maps.remove_backend(*id);
                 }
                 Err(error)
@@ -302,6 +321,7 @@ impl Reconciler {
             let _ = remove_generation(&next, generation, backends.len(), maps, writes);
             for (backend, id) in &next.ids {
                 if !current.ids.contains_key(backend) {
+                    *writes += 1;
                     let _ = maps.remove_backend(*id);
                 }
             }

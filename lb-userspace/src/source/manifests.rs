@@ -359,3 +359,7 @@ fn fingerprint(dir: &Path) -> u64 {
     }
     hasher.finish()
 }
+
+#[cfg(test)]
+#[path = "manifests_tests.rs"]
+mod tests;
