@@ -29,6 +29,7 @@ pub mod map_names {
     pub const BACKENDS_V4: &str = "LB4_BACKENDS";
     pub const AFFINITY_V4: &str = "LB4_AFFINITY";
     pub const REVNAT_V4: &str = "LB4_REVNAT";
+    pub const SERVICE_STATS_V4: &str = "LB4_SVC_STATS";
 }
 
 /// Default capacities. The agent can raise each of them at load time (`--max-services` ...);
@@ -158,6 +159,17 @@ pub struct RevNat4Value {
     pub pad: u16,
 }
 
+/// Value of the per-CPU service statistics map (key: service id, `u32`). The agent creates
+/// the entry with the service and removes it with the service; the programs only count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceStats {
+    /// Connections (and unconnected UDP datagrams) sent to a backend.
+    pub forwarded: u64,
+    /// Connections refused because the service had no backend.
+    pub refused: u64,
+}
+
 const _: () = {
     assert!(core::mem::size_of::<Service4Key>() == 8);
     assert!(core::mem::size_of::<Service4Value>() == 16);
@@ -168,6 +180,7 @@ const _: () = {
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<RevNat4Key>() == 16);
     assert!(core::mem::size_of::<RevNat4Value>() == 8);
+    assert!(core::mem::size_of::<ServiceStats>() == 16);
     assert!(limits::MAX_BACKENDS_PER_SERVICE <= u16::MAX as u32);
 };
 
@@ -184,7 +197,263 @@ mod pod {
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for RevNat4Key {}
     unsafe impl aya::Pod for RevNat4Value {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
+
+// ---- north-south (XDP) ----
+//
+// Traffic from outside the cluster (NodePort, externalIPs, LoadBalancer ingress IPs) is
+// translated per packet by the XDP program on the node's interfaces (`lb-ebpf/src/xdp.rs`)
+// and its replies by the tc egress program (`lb-ebpf/src/tc.rs`). These maps are separate from
+// the socket load balancer's: external frontends have their own service ids, backend ids (a
+// backend carries its locality) and Maglev tables.
+
+/// Maglev lookup table size (a prime): every external service has one table of this many
+/// backend ids; a flow picks entry `flow_hash % MAGLEV_SIZE`.
+pub const MAGLEV_SIZE: u32 = 16_381;
+
+/// Map names of the north-south data path (at most 15 bytes each).
+pub mod ns_map_names {
+    /// External frontends: `External4Key` → `External4Value`.
+    pub const FRONTENDS: &str = "LB4_NS_FRONT";
+    /// Backends of external services: id → `NsBackend4`.
+    pub const BACKENDS: &str = "LB4_NS_BACKEND";
+    /// Maglev tables: external service id → `Maglev4Table`.
+    pub const MAGLEV: &str = "LB4_NS_MAGLEV";
+    /// Connection tracking, keyed by the client's tuple: `Ct4Key` → `Ct4Value` (LRU).
+    pub const CT: &str = "LB4_NS_CT";
+    /// Reverse translation, keyed by the reply's tuple: `Ct4Key` → `Rev4Value` (LRU).
+    pub const REV: &str = "LB4_NS_REV";
+    /// This node's addresses NodePorts answer on: address → 1.
+    pub const NODE_ADDRS: &str = "LB4_NS_NODEIP";
+    /// Source address for SNAT per ingress interface: ifindex → address.
+    pub const IFACE_ADDRS: &str = "LB4_NS_IFADDR";
+    /// Session affinity of external clients: `NsAffinity4Key` → `Affinity4Value` (LRU).
+    pub const AFFINITY: &str = "LB4_NS_AFFIN";
+}
+
+/// Default capacities of the north-south maps.
+pub mod ns_limits {
+    /// External frontends (NodePort wildcard, externalIP and LB IP entries).
+    pub const MAX_FRONTENDS: u32 = 16_384;
+    /// Backends over all external services.
+    pub const MAX_BACKENDS: u32 = 131_072;
+    /// Maglev tables (one per external frontend, 64 KiB each, allocated on use).
+    pub const MAX_TABLES: u32 = 4_096;
+    /// Tracked flows (LRU: the least recently used flow is forgotten first).
+    pub const MAX_FLOWS: u32 = 262_144;
+    pub const MAX_NODE_ADDRS: u32 = 256;
+    pub const MAX_IFACES: u32 = 64;
+    pub const MAX_AFFINITY: u32 = 65_536;
+}
+
+/// `External4Value::flags`.
+pub mod ns_flags {
+    /// `externalTrafficPolicy: Local`: only local backends, client address kept, and a
+    /// service without local backend drops the packet.
+    pub const LOCAL_ONLY: u8 = 1 << 0;
+    /// `sessionAffinity: ClientIP`.
+    pub const AFFINITY: u8 = 1 << 1;
+    /// The frontend is a NodePort (informational: the key's address is 0).
+    pub const NODEPORT: u8 = 1 << 2;
+}
+
+/// `NsBackend4::flags`.
+pub mod ns_backend_flags {
+    /// The backend runs on this node: reached without SNAT.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// `Ct4Value::flags` and `Rev4Value::flags`.
+pub mod ct_flags {
+    /// A reply was seen (TCP: the connection is established; UDP: a stream).
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    /// A FIN or RST was seen in either direction.
+    pub const CLOSING: u8 = 1 << 1;
+    /// The flow's source was translated to the node's address (`nat_addr`, `nat_port`).
+    pub const SNAT: u8 = 1 << 2;
+}
+
+/// Connection-tracking lifetimes in seconds, after the kernel's nf_conntrack defaults: an idle
+/// flow is forgotten (and its next packet chooses a backend afresh) after this long.
+pub mod ct_timeouts {
+    /// TCP before any reply (kernel: syn_sent 120 s, syn_recv 60 s).
+    pub const TCP_SYN: u64 = 60;
+    /// TCP after a reply (kernel: established, 5 days).
+    pub const TCP_ESTABLISHED: u64 = 432_000;
+    /// TCP after a FIN or RST (kernel: close 10 s).
+    pub const TCP_CLOSING: u64 = 10;
+    /// UDP without reply (kernel: udp_timeout 30 s).
+    pub const UDP: u64 = 30;
+    /// UDP with replies (kernel: udp_timeout_stream 120 s).
+    pub const UDP_REPLIED: u64 = 120;
+}
+
+/// Source ports the node uses for SNAT of external flows to remote backends: above the
+/// kernel's default ephemeral range (32768-60999), so they do not collide with the node's own
+/// connections.
+pub mod snat_ports {
+    pub const FIRST: u16 = 61_000;
+    pub const COUNT: u16 = 4_536;
+    /// Ports tried per new flow before it is dropped (port exhaustion).
+    pub const TRIES: u32 = 8;
+}
+
+/// Key of the external-frontends map. Same layout as `Service4Key`; `addr` 0 is a NodePort,
+/// answering on every address in `LB4_NS_NODEIP`.
+pub type External4Key = Service4Key;
+
+/// Value of the external-frontends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct External4Value {
+    /// Key of the Maglev table, never reused while the maps live.
+    pub service_id: u32,
+    /// Number of backends; 0 means none (eTP Local: drop; Cluster: left to the stack, which
+    /// refuses it).
+    pub count: u16,
+    /// `ns_flags::*`.
+    pub flags: u8,
+    pub pad: u8,
+    pub affinity_timeout_secs: u32,
+    pub pad2: u32,
+}
+
+/// Value of the north-south backends map (key: backend id, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NsBackend4 {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// `ns_backend_flags::*`.
+    pub flags: u8,
+    pub pad: u8,
+}
+
+/// A Maglev table: `backend_ids[i]` names the backend of entry `i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Maglev4Table {
+    pub backend_ids: [u32; MAGLEV_SIZE as usize],
+    pub pad: u32,
+}
+
+impl Default for Maglev4Table {
+    fn default() -> Self {
+        Self {
+            backend_ids: [0; MAGLEV_SIZE as usize],
+            pad: 0,
+        }
+    }
+}
+
+/// A flow's tuple as seen on the wire (addresses and ports in network byte order). In
+/// `LB4_NS_CT` it is the client's packet (client → frontend); in `LB4_NS_REV` the reply
+/// (backend → client, or backend → node address and SNAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of the connection-tracking map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Value {
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    /// SNAT source port (with `ct_flags::SNAT`).
+    pub nat_port: u16,
+    /// SNAT source address (with `ct_flags::SNAT`).
+    pub nat_addr: u32,
+    /// The backend id it was chosen as; a flow whose backend is gone chooses again.
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `ct_flags::*`.
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of the reverse-translation map: what the reply must look like to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rev4Value {
+    pub client_addr: u32,
+    pub frontend_addr: u32,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    /// `ct_flags::SNAT` when the reply comes back to the node's address and must also have
+    /// its destination restored.
+    pub flags: u8,
+    pub proto: u8,
+    pub pad: u16,
+}
+
+/// Key of the north-south session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NsAffinity4Key {
+    pub client_addr: u32,
+    pub service_id: u32,
+}
+
+/// The flow hash that indexes Maglev tables, the same on every node and in the agent's
+/// tests. Inputs as on the wire (network byte order). With session affinity only the client
+/// address is hashed (`sport`, `daddr`, `dport` passed as 0).
+pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    h = mix(h, saddr);
+    h = mix(h, daddr);
+    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h = mix(h, proto as u32);
+    // murmur3 finaliser
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<External4Value>() == 16);
+    assert!(core::mem::size_of::<NsBackend4>() == 8);
+    assert!(core::mem::size_of::<Maglev4Table>() == 4 * MAGLEV_SIZE as usize + 4);
+    assert!(core::mem::size_of::<Ct4Key>() == 16);
+    assert!(core::mem::size_of::<Ct4Value>() == 32);
+    assert!(core::mem::size_of::<Rev4Value>() == 16);
+    assert!(core::mem::size_of::<NsAffinity4Key>() == 8);
+    assert!((snat_ports::FIRST as u32 + snat_ports::COUNT as u32) <= 65_536);
+};
+
+#[cfg(feature = "user")]
+mod ns_pod {
+    use super::*;
+    // SAFETY (all): #[repr(C)], only integer fields, no implicit padding (size asserts above).
+    unsafe impl aya::Pod for External4Value {}
+    unsafe impl aya::Pod for NsBackend4 {}
+    unsafe impl aya::Pod for Maglev4Table {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for Rev4Value {}
+    unsafe impl aya::Pod for NsAffinity4Key {}
+}
+
+// ---- end of north-south (XDP) ----
 
 /// An IPv4 address in host order (`u32::from(Ipv4Addr)`) to the map's network order.
 pub const fn addr_to_map(host_order: u32) -> u32 {

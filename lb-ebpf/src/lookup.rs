@@ -4,7 +4,7 @@ use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, Slot4Key, service_flags,
 };
 
-use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES, LB4_SLOTS};
+use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES, LB4_SLOTS, LB4_SVC_STATS};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
@@ -28,7 +28,7 @@ fn service(key: &Service4Key) -> Option<Service4Value> {
 #[inline(always)]
 fn backend(backend_id: u32) -> Option<Backend4> {
     // SAFETY: copied out at once, as above.
-    unsafe { LB4_BACKENDS.get(&backend_id) }.copied()
+    unsafe { LB4_BACKENDS.get(backend_id) }.copied()
 }
 
 /// A backend of the live generation, chosen uniformly at random.
@@ -43,7 +43,7 @@ fn random_backend(svc: &Service4Value) -> Option<(u32, Backend4)> {
         pad: 0,
     };
     // SAFETY: copied out at once, as above.
-    let backend_id = unsafe { LB4_SLOTS.get(&slot) }?.backend_id;
+    let backend_id = unsafe { LB4_SLOTS.get(slot) }?.backend_id;
     Some((backend_id, backend(backend_id)?))
 }
 
@@ -52,9 +52,31 @@ fn random_backend(svc: &Service4Value) -> Option<(u32, Backend4)> {
 /// generations) is read once more; if it still does not resolve, the service has no backend.
 #[inline(always)]
 pub fn select(key: &Service4Key, client_cookie: u64) -> Verdict {
-    let Some(mut svc) = service(key) else {
+    let Some(svc) = service(key) else {
         return Verdict::NotAService;
     };
+    let verdict = choose(key, svc, client_cookie);
+    count(svc.service_id, &verdict);
+    verdict
+}
+
+/// Per-CPU counters: no atomics, no sharing between CPUs; the agent sums them.
+#[inline(always)]
+fn count(service_id: u32, verdict: &Verdict) {
+    if let Some(stats) = LB4_SVC_STATS.get_ptr_mut(service_id) {
+        // SAFETY: a per-CPU value, written only by programs running on this CPU.
+        unsafe {
+            match verdict {
+                Verdict::Backend(_) => (*stats).forwarded += 1,
+                Verdict::NoBackend => (*stats).refused += 1,
+                Verdict::NotAService => {}
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn choose(key: &Service4Key, mut svc: Service4Value, client_cookie: u64) -> Verdict {
     for _attempt in 0..2 {
         if svc.count == 0 {
             return Verdict::NoBackend;
@@ -88,7 +110,7 @@ fn with_affinity(svc: &Service4Value, client_cookie: u64) -> Option<Backend4> {
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout = svc.affinity_timeout_secs as u64 * NANOS_PER_SEC;
     // SAFETY: copied out at once, as above.
-    let remembered = unsafe { LB4_AFFINITY.get(&key) }.copied();
+    let remembered = unsafe { LB4_AFFINITY.get(key) }.copied();
     let (backend_id, chosen) = match remembered
         .filter(|entry| now.wrapping_sub(entry.last_used_ns) <= timeout)
         .and_then(|entry| backend(entry.backend_id).map(|b| (entry.backend_id, b)))
@@ -102,6 +124,6 @@ fn with_affinity(svc: &Service4Value, client_cookie: u64) -> Option<Backend4> {
         pad: 0,
     };
     // A full LRU map evicts the oldest client; failure only costs affinity, not the connection.
-    let _ = LB4_AFFINITY.insert(&key, &entry, 0);
+    let _ = LB4_AFFINITY.insert(key, entry, 0);
     Some(chosen)
 }

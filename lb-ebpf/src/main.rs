@@ -6,12 +6,22 @@
 //!   traffic pays no per-packet NAT.
 //! - `lookup.rs`: service and backend selection (random, or by session affinity).
 //! - `maps.rs`: the map definitions.
+//! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
+//!   translated per packet in XDP with replies restored at tc egress; helped by `parse.rs`,
+//!   `csum.rs`, `conntrack.rs` and `nat.rs`.
 #![no_std]
 #![no_main]
 
 mod lookup;
 mod maps;
 mod sock;
+
+mod conntrack;
+mod csum;
+mod nat;
+mod parse;
+mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -4,11 +4,11 @@
 //! data path survives agent restarts.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, RevNat4Key, RevNat4Value, Service4Key, Service4Value,
-    Slot4Key, Slot4Value, limits,
+    ServiceStats, Slot4Key, Slot4Value, limits,
 };
 
 #[map]
@@ -28,3 +28,45 @@ pub static LB4_AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
 #[map]
 pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value> =
     LruHashMap::pinned(limits::MAX_REVNAT, 0);
+
+#[map]
+pub static LB4_SVC_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(limits::MAX_SERVICES, 0);
+
+// ---- north-south (XDP) ----
+// External traffic (NodePort, externalIPs, LoadBalancer IPs): see `xdp.rs` and `tc.rs`.
+
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use lb_common::{
+    Ct4Key, Ct4Value, External4Key, External4Value, Maglev4Table, NsAffinity4Key,
+    NsBackend4, Rev4Value, ns_limits,
+};
+
+#[map]
+pub static LB4_NS_FRONT: HashMap<External4Key, External4Value> =
+    HashMap::pinned(ns_limits::MAX_FRONTENDS, 0);
+
+#[map]
+pub static LB4_NS_BACKEND: HashMap<u32, NsBackend4> = HashMap::pinned(ns_limits::MAX_BACKENDS, 0);
+
+/// 64 KiB per table: allocated on insert, not up front. An update replaces a table whole, so
+/// a packet reads either the old or the new one.
+#[map]
+pub static LB4_NS_MAGLEV: HashMap<u32, Maglev4Table> =
+    HashMap::pinned(ns_limits::MAX_TABLES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static LB4_NS_CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(ns_limits::MAX_FLOWS, 0);
+
+#[map]
+pub static LB4_NS_REV: LruHashMap<Ct4Key, Rev4Value> = LruHashMap::pinned(ns_limits::MAX_FLOWS, 0);
+
+#[map]
+pub static LB4_NS_NODEIP: HashMap<u32, u32> = HashMap::pinned(ns_limits::MAX_NODE_ADDRS, 0);
+
+#[map]
+pub static LB4_NS_IFADDR: HashMap<u32, u32> = HashMap::pinned(ns_limits::MAX_IFACES, 0);
+
+#[map]
+pub static LB4_NS_AFFIN: LruHashMap<NsAffinity4Key, Affinity4Value> =
+    LruHashMap::pinned(ns_limits::MAX_AFFINITY, 0);

@@ -7,9 +7,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use lb_common::{
-    ECONNREFUSED, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, Service4Key,
-};
+use lb_common::{ECONNREFUSED, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, Service4Key};
 
 use crate::{
     lookup::{Verdict, select},
@@ -23,38 +21,40 @@ const REJECT: i32 = 0;
 
 /// TCP `connect()` and connected UDP.
 #[cgroup_sock_addr(connect4)]
-pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+pub fn connect4(mut ctx: SockAddrContext) -> i32 {
+    translate(&mut ctx)
 }
 
 /// Unconnected UDP (`sendto`/`sendmsg` with an address), translated per datagram.
 #[cgroup_sock_addr(sendmsg4)]
-pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+pub fn sendmsg4(mut ctx: SockAddrContext) -> i32 {
+    translate(&mut ctx)
 }
 
 /// UDP replies: the source the application sees is the service it sent to.
 #[cgroup_sock_addr(recvmsg4)]
-pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+pub fn recvmsg4(mut ctx: SockAddrContext) -> i32 {
+    reverse(&mut ctx);
     PROCEED
 }
 
 /// A connected socket reports the service address it asked for, not the backend.
 #[cgroup_sock_addr(getpeername4)]
-pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+pub fn getpeername4(mut ctx: SockAddrContext) -> i32 {
+    reverse(&mut ctx);
     PROCEED
 }
 
+/// The context the kernel passed; the programs read it and write the address fields.
 #[inline(always)]
-fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+fn sock_addr(ctx: &mut SockAddrContext) -> &mut bpf_sock_addr {
     // SAFETY: the kernel hands every sock_addr program a valid context for this call.
     unsafe { &mut *ctx.sock_addr }
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext) -> i32 {
+fn translate(ctx: &mut SockAddrContext) -> i32 {
+    let raw = ctx.as_ptr();
     let sa = sock_addr(ctx);
     let proto = sa.protocol as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
@@ -67,7 +67,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         pad: 0,
     };
     // SAFETY: the context pointer is valid for this call, as the helper requires.
-    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let client = unsafe { bpf_get_netns_cookie(raw) };
     match select(&key, client) {
         Verdict::NotAService => PROCEED,
         Verdict::NoBackend => {
@@ -77,7 +77,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         }
         Verdict::Backend(backend) => {
             // SAFETY: the context pointer is valid for this call, as the helper requires.
-            let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
             let rev_key = RevNat4Key {
                 socket_cookie,
                 backend_addr: backend.addr,
@@ -90,7 +90,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
                 pad: 0,
             };
             // LRU map: when full the oldest socket's entry goes; only its reported peer suffers.
-            let _ = LB4_REVNAT.insert(&rev_key, &rev, 0);
+            let _ = LB4_REVNAT.insert(rev_key, rev, 0);
             sa.user_ip4 = backend.addr;
             sa.user_port = backend.port as u32;
             PROCEED
@@ -99,10 +99,11 @@ fn translate(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) {
+fn reverse(ctx: &mut SockAddrContext) {
+    let raw = ctx.as_ptr();
     let sa = sock_addr(ctx);
     // SAFETY: the context pointer is valid for this call, as the helper requires.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
     let key = RevNat4Key {
         socket_cookie,
         backend_addr: sa.user_ip4,
@@ -110,7 +111,7 @@ fn reverse(ctx: &SockAddrContext) {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(rev) = unsafe { LB4_REVNAT.get(&key) }.copied() {
+    if let Some(rev) = unsafe { LB4_REVNAT.get(key) }.copied() {
         sa.user_ip4 = rev.service_addr;
         sa.user_port = rev.service_port as u32;
     }

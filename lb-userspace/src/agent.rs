@@ -1,28 +1,38 @@
 //! `lb-agent run`: source → desired state → diff → maps, until SIGTERM.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
 
 use crate::{
-    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges},
-    model::{self, Diagnostic, ProxyIdentity, Severity},
-    reconcile::Reconciler,
-    source::{Snapshot, manifests},
+    api::{self, AgentState, metrics::ServiceLabels},
+    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges, stats::ServiceStatsMap},
+    model::{self, DesiredState, Diagnostic, ProxyIdentity, Severity},
+    reconcile::{Reconciler, SyncReport},
+    source::{Snapshot, kube, manifests},
 };
+
+/// How often the per-service counters are read from the kernel into the metrics.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// The EndpointSlice annotation kube-proxy measures network programming latency from.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    /// Serve this manifest directory; `None` reads the API server.
+    pub manifests: Option<PathBuf>,
+    /// The API server's kubeconfig; `None` is in-cluster, then `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub identity: ProxyIdentity,
@@ -32,56 +42,91 @@ pub struct RunConfig {
     /// On SIGTERM, detach the programs and remove the pins. Off by default: a DaemonSet
     /// rollout stops the old agent while traffic must keep flowing.
     pub cleanup_on_exit: bool,
+    /// Prometheus metrics and `/proxyMode`; `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz` and `/livez`; `None` serves none.
+    pub healthz_addr: Option<SocketAddr>,
+    /// North-south traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
+    pub nodeport: crate::nodeport::NodeportConfig,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     privileges::check()?;
     privileges::raise_memlock_limit();
+    let state = AgentState::new(source_description(&config));
+    if let (Some(metrics), Some(healthz)) = (config.metrics_addr, config.healthz_addr) {
+        api::serve(state.clone(), metrics, healthz).await?;
+    }
     let pins = PinDir::prepare(&config.bpffs)?;
     let mut dataplane = Dataplane::load(pins.clone(), config.limits)?;
     let mut maps = dataplane.service_maps()?;
+    let mut stats = dataplane.service_stats()?;
+    let mut nodeport = crate::nodeport::Nodeport::start(&mut dataplane, config.nodeport.clone())?;
     let mut reconciler = Reconciler::adopt(&mut maps).context("adopting the pinned maps")?;
+    let (service_ids, backend_ids) = dataplane.affinity_high_water()?;
+    reconciler.reserve_ids(service_ids, backend_ids);
     if !reconciler.is_empty() {
         tracing::info!(
             services = reconciler.len(),
             "adopted maps pinned by an earlier agent"
         );
     }
+    record_capacities(&state, &config.limits);
 
     let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
-    let source = tokio::spawn(manifests::watch(config.manifests.clone(), snapshots_tx));
+    let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut attached = false;
-    let mut reported = BTreeSet::new();
+    let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+    let mut loop_state = LoopState::default();
+    let mut next_sync = tokio::time::Instant::now();
 
-    loop {
+    let outcome = loop {
         tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
-                    break;
+                    break Ok(());
                 }
+                state.health.lock().expect("health lock").pending_since.get_or_insert(SystemTime::now());
+                // Coalesce: wait out the minimum interval, then take the latest snapshot.
+                tokio::time::sleep_until(next_sync).await;
                 let Some(snapshot) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                sync(&snapshot, &config, &mut reconciler, &mut maps, &mut reported);
-                if !attached {
+                sync(&snapshot, &config, &mut reconciler, &mut maps, &state, &mut loop_state);
+                if let Some(nodeport) = &mut nodeport {
+                    nodeport.sync(&snapshot.objects, &config.identity, &mut dataplane)?;
+                }
+                if let Err(error) = stats.track(&reconciler.service_ids().map(|(_, id)| id).collect()) {
+                    tracing::warn!(%error, "could not update the per-service counters map");
+                }
+                if !loop_state.attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
                     for (program, outcome) in dataplane.attach_cgroup(&config.cgroup)? {
                         tracing::info!(program, ?outcome, "program in place");
                     }
-                    attached = true;
+                    loop_state.attached = true;
                     tracing::info!(cgroup = %config.cgroup.display(), "socket programs attached");
                 }
-                tokio::time::sleep(config.min_sync_interval).await;
+                next_sync = tokio::time::Instant::now() + config.min_sync_interval;
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = stats_tick.tick() => publish_counters(&stats, &state, &loop_state),
+            finished = &mut source => {
+                break match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.context("the source failed")),
+                    Err(error) => Err(anyhow::anyhow!("the source task failed: {error}")),
+                };
+            }
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
         }
-    }
+    };
     source.abort();
+    drop(nodeport);
     drop(maps);
+    drop(stats);
     drop(dataplane);
     if config.cleanup_on_exit {
         tracing::info!("shutting down: detaching programs and removing pins");
@@ -92,29 +137,95 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "shutting down; programs stay attached and maps pinned, serving the last state"
         );
     }
-    match source.await {
-        Err(e) if !e.is_cancelled() => tracing::warn!(error = %e, "source task failed"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "source failed"),
-        _ => {}
-    }
-    Ok(())
+    outcome
 }
 
-/// One pass: snapshot → desired state → map writes, logging what changed.
+fn source_description(config: &RunConfig) -> String {
+    match (&config.manifests, &config.kubeconfig) {
+        (Some(dir), _) => format!("manifests:{}", dir.display()),
+        (None, Some(file)) => format!("kubernetes:{}", file.display()),
+        (None, None) => "kubernetes".into(),
+    }
+}
+
+/// Starts the manifest source when there is a directory, else the API server's.
+async fn start_source(
+    config: &RunConfig,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    state: Arc<AgentState>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if let Some(dir) = &config.manifests {
+        if !dir.is_dir() {
+            bail!("--manifests {} is not a directory", dir.display());
+        }
+        return Ok(tokio::spawn(manifests::watch(dir.clone(), snapshots)));
+    }
+    let health = kube::SourceHealth::new();
+    let client = kube::client(config.kubeconfig.as_deref(), &health).await?;
+    tokio::spawn(kube::SourceHealth::log_transitions(health.subscribe()));
+    tokio::spawn(track_staleness(health.subscribe(), state));
+    let source = kube::watch(client, config.identity.clone(), snapshots, health);
+    Ok(tokio::spawn(source))
+}
+
+/// Mirrors the source's staleness into `/healthz` and `lb_source_stale`.
+async fn track_staleness(mut stale: watch::Receiver<bool>, state: Arc<AgentState>) {
+    loop {
+        let now_stale = *stale.borrow_and_update();
+        state.health.lock().expect("health lock").stale = now_stale;
+        state.metrics.source_stale.set(i64::from(now_stale));
+        if stale.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What the loop remembers between syncs.
+#[derive(Default)]
+struct LoopState {
+    attached: bool,
+    /// Problems already logged (a bad file is not re-reported on every sync).
+    reported: BTreeSet<String>,
+    /// The trigger time of each EndpointSlice already measured.
+    triggers: BTreeMap<String, String>,
+    /// Metric labels of each programmed service id.
+    labels: BTreeMap<u32, ServiceLabels>,
+}
+
+/// One pass: snapshot → desired state → map writes, logging and recording what changed.
 fn sync(
     snapshot: &Snapshot,
     config: &RunConfig,
     reconciler: &mut Reconciler,
     maps: &mut crate::dataplane::BpfServiceMaps,
-    reported: &mut BTreeSet<String>,
+    state: &AgentState,
+    loop_state: &mut LoopState,
 ) {
     let started = Instant::now();
     let (desired, diagnostics) = model::build(&snapshot.objects, &config.identity);
-    report_new_problems(snapshot, &diagnostics, reported);
+    report_new_problems(snapshot, &diagnostics, &mut loop_state.reported, state);
     let report = reconciler.sync(&desired, maps);
+    let took = started.elapsed();
     for (frontend, error) in &report.failed {
         tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
     }
+    record_sync(state, &desired, &report, took);
+    record_programming_latency(snapshot, state, loop_state);
+    loop_state.labels = reconciler
+        .service_ids()
+        .filter_map(|(frontend, id)| {
+            let service = desired.services.get(&frontend)?;
+            Some((
+                id,
+                ServiceLabels {
+                    namespace: service.name.namespace.clone(),
+                    name: service.name.name.clone(),
+                    port: service.name.port.clone(),
+                    frontend: frontend.to_string(),
+                },
+            ))
+        })
+        .collect();
     if report.added + report.updated + report.removed > 0 || !report.failed.is_empty() {
         tracing::info!(
             services = desired.services.len(),
@@ -122,7 +233,7 @@ fn sync(
             updated = report.updated,
             removed = report.removed,
             map_writes = report.map_writes,
-            sync_us = started.elapsed().as_micros() as u64,
+            sync_us = took.as_micros() as u64,
             latency_us = snapshot.changed_at.elapsed().as_micros() as u64,
             "sync complete"
         );
@@ -134,16 +245,114 @@ fn sync(
     }
 }
 
-/// Logs each problem once while it lasts (a bad file is not re-reported on every sync).
+fn record_sync(state: &AgentState, desired: &DesiredState, report: &SyncReport, took: Duration) {
+    let metrics = &state.metrics;
+    metrics.sync_duration.observe(took.as_secs_f64());
+    let now = SystemTime::now();
+    let unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics.last_sync_timestamp.set(unix.as_secs_f64());
+    let backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
+    metrics.services.set(desired.services.len() as i64);
+    metrics.backends.set(backends as i64);
+    if !report.failed.is_empty() {
+        metrics
+            .errors
+            .get_or_create(&api::metrics::ErrorLabels {
+                kind: "map_write".into(),
+            })
+            .inc_by(report.failed.len() as u64);
+    }
+    for (map, entries) in [
+        (lb_common::map_names::SERVICES_V4, desired.services.len()),
+        (lb_common::map_names::BACKENDS_V4, backends),
+    ] {
+        metrics
+            .map_entries
+            .get_or_create(&api::metrics::MapLabels { map: map.into() })
+            .set(entries as i64);
+    }
+    let mut health = state.health.lock().expect("health lock");
+    health.last_updated = Some(now);
+    health.pending_since = None;
+}
+
+fn record_capacities(state: &AgentState, limits: &Limits) {
+    for (map, capacity) in [
+        (lb_common::map_names::SERVICES_V4, limits.max_services),
+        (lb_common::map_names::BACKENDS_V4, limits.max_backends),
+        (lb_common::map_names::AFFINITY_V4, limits.max_affinity),
+        (lb_common::map_names::REVNAT_V4, limits.max_revnat),
+    ] {
+        state
+            .metrics
+            .map_capacity
+            .get_or_create(&api::metrics::MapLabels { map: map.into() })
+            .set(i64::from(capacity));
+    }
+}
+
+/// kube-proxy's network programming latency: from each EndpointSlice change (its
+/// `last-change-trigger-time` annotation) to now, when the maps serve it; slices without the
+/// annotation (hand-written ones) count from when the change was noticed.
+fn record_programming_latency(snapshot: &Snapshot, state: &AgentState, loop_state: &mut LoopState) {
+    let now = jiff::Timestamp::now();
+    let mut seen = BTreeMap::new();
+    for (key, slice) in &snapshot.objects.endpoint_slices {
+        let trigger = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .cloned()
+            .or_else(|| slice.metadata.resource_version.clone())
+            .unwrap_or_default();
+        let name = key.to_string();
+        let changed = loop_state.triggers.get(&name) != Some(&trigger);
+        if changed && !loop_state.triggers.is_empty() {
+            let latency = trigger
+                .parse::<jiff::Timestamp>()
+                .ok()
+                .and_then(|at| now.duration_since(at).try_into().ok())
+                .unwrap_or_else(|| snapshot.changed_at.elapsed());
+            state.metrics.network_programming.observe(latency.as_secs_f64());
+        }
+        seen.insert(name, trigger);
+    }
+    loop_state.triggers = seen;
+}
+
+/// Reads the per-CPU counters and publishes them per service.
+fn publish_counters(stats: &ServiceStatsMap, state: &AgentState, loop_state: &LoopState) {
+    for (id, counters) in stats.read() {
+        let Some(labels) = loop_state.labels.get(&id) else {
+            continue;
+        };
+        api::Metrics::set_counter(&state.metrics.forwarded, labels, counters.forwarded);
+        api::Metrics::set_counter(&state.metrics.refused, labels, counters.refused);
+    }
+}
+
+/// Logs each problem once while it lasts.
 fn report_new_problems(
     snapshot: &Snapshot,
     diagnostics: &[Diagnostic],
     reported: &mut BTreeSet<String>,
+    state: &AgentState,
 ) {
     let mut current = BTreeSet::new();
+    let count = |kind: &str| {
+        state
+            .metrics
+            .errors
+            .get_or_create(&api::metrics::ErrorLabels { kind: kind.into() })
+            .inc();
+    };
     for problem in &snapshot.problems {
         if !reported.contains(problem) {
             tracing::warn!("{problem}");
+            count("source");
         }
         current.insert(problem.clone());
     }
@@ -156,7 +365,10 @@ fn report_new_problems(
         let line = format!("{origin}{diagnostic}");
         if !reported.contains(&line) {
             match diagnostic.severity {
-                Severity::Warning => tracing::warn!("{line}"),
+                Severity::Warning => {
+                    tracing::warn!("{line}");
+                    count("invalid_object");
+                }
                 Severity::Info => tracing::info!("{line}"),
             }
         }

@@ -3,8 +3,11 @@
 //! The data path reads top to bottom: [`source`] (objects) → [`model`] (desired state) →
 //! [`reconcile`] (diff and write order) → [`dataplane`] (maps and programs in the kernel).
 pub mod agent;
+pub mod api;
 pub mod dataplane;
 pub mod list;
 pub mod model;
+pub mod nodeport;
 pub mod reconcile;
 pub mod source;
+pub mod status;

@@ -24,13 +24,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, attach them and keep the maps equal to the source.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the programmed services from the pinned maps.
     #[command(alias = "services")]
     List {
         /// bpffs directory the agent pins under.
         #[arg(long, default_value = "/sys/fs/bpf/lb")]
         bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// What is attached where, how full the maps are, the agent's source and last sync.
+    Status {
+        /// bpffs directory the agent pins under.
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+        /// Where the running agent serves /healthz.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_addr: std::net::SocketAddr,
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -47,13 +58,19 @@ enum Command {
 enum Format {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML (Services, EndpointSlices, Endpoints, Nodes) to serve.
+    /// Directory of Kubernetes YAML (Services, EndpointSlices, Endpoints, Nodes) to serve
+    /// instead of the API server's objects.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server. Without it: the in-cluster service account, then
+    /// KUBECONFIG or ~/.kube/config.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory whose processes get Service load balancing (a node's root cgroup
     /// in production, e.g. /sys/fs/cgroup).
     #[arg(long)]
@@ -82,10 +99,24 @@ struct RunArgs {
     /// Capacity of the reverse-translation map (open UDP/TCP sockets to services).
     #[arg(long, default_value_t = Limits::default().max_revnat)]
     max_revnat: u32,
+    /// Where to serve Prometheus metrics and /proxyMode (kube-proxy's port); `off` for none.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: String,
+    /// Where to serve /healthz and /livez (kube-proxy's port); `off` for none.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: String,
     /// On SIGTERM, detach the programs and remove the pins (by default they stay, so traffic
     /// keeps flowing through an agent restart or upgrade).
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// Serve NodePorts, externalIPs and LoadBalancer IPs to traffic arriving on IFACE (XDP
+    /// ingress, tc egress for replies); repeatable. Without it, no north-south data path.
+    #[arg(long = "nodeport-iface", value_name = "IFACE")]
+    nodeport_ifaces: Vec<String>,
+    /// Answer NodePorts only on the interfaces' addresses inside CIDR (kube-proxy's
+    /// --nodeport-addresses); repeatable. Default: every address of the interfaces.
+    #[arg(long = "nodeport-addresses", value_name = "CIDR", value_delimiter = ',')]
+    nodeport_addresses: Vec<lb_agent::nodeport::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,12 +135,26 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::List { bpffs, output } => {
             let rows = list::rows(&bpffs)?;
             match output {
                 Format::Table => println!("{}", list::table(&rows)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&rows)?),
+            }
+            Ok(())
+        }
+        Command::Status {
+            bpffs,
+            healthz_addr,
+            output,
+        } => {
+            let status = lb_agent::status::collect(&bpffs, healthz_addr);
+            match output {
+                Format::Table => print!("{}", lb_agent::status::text(&status)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&status)?),
             }
             Ok(())
         }
@@ -131,6 +176,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = RunConfig {
         manifests: args.manifests,
+        kubeconfig: args.kubeconfig,
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         identity: ProxyIdentity {
@@ -145,12 +191,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
         cleanup_on_exit: args.cleanup_on_exit,
+        metrics_addr: listen_address("--metrics-addr", &args.metrics_addr)?,
+        healthz_addr: listen_address("--healthz-addr", &args.healthz_addr)?,
+        nodeport: lb_agent::nodeport::NodeportConfig {
+            interfaces: args.nodeport_ifaces,
+            addresses: args.nodeport_addresses,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+/// `off` or an `IP:PORT` to listen on.
+fn listen_address(flag: &str, value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if value == "off" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{flag} {value:?} is not IP:PORT or off"))
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cluster, POD_PORT, finish_probe, service_yaml, slice_yaml};
+use common::{Cluster, POD_PORT, finish_probe, http_get, service_yaml, slice_yaml};
 
 const VIP: &str = "10.96.0.10";
 const TCP_VIP: &str = "10.96.0.10:80";
@@ -487,4 +487,72 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
         0,
         "connections failed during the upgrades: {steady:?}"
     );
+}
+
+#[test]
+fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.write_manifest(
+        "empty.yaml",
+        &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
+    );
+    cluster.start_agent();
+    let metrics = cluster.agent().logged_address("metrics_addr");
+    let healthz = cluster.agent().logged_address("healthz_addr");
+
+    let (status, body) = http_get(&healthz, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(health["lastUpdated"].as_str().is_some_and(|t| t.contains('T')), "{body}");
+    assert!(health["currentTime"].as_str().is_some(), "{body}");
+    assert_eq!(http_get(&healthz, "/livez").0, 200);
+    assert_eq!(http_get(&metrics, "/proxyMode").1, "ebpf");
+
+    let sent = cluster.probe(&["tcp", TCP_VIP, "--count", "7"]);
+    assert_eq!(sent.replies.get("pod-a"), Some(&7), "{sent:?}");
+    let refused = cluster.probe(&["tcp", "10.96.0.11:80", "--count", "3"]);
+    assert_eq!(refused.errors.get("refused"), Some(&3), "{refused:?}");
+    // The counters are read from the per-CPU map every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, text) = http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "lb_services 2",
+        "lb_map_capacity{map=\"LB4_SERVICES\"} 65536",
+    ] {
+        assert!(text.contains(name), "no {name} in:\n{text}");
+    }
+    let counter = |metric: &str, service: &str| {
+        text.lines()
+            .find(|l| l.starts_with(metric) && l.contains(&format!("name=\"{service}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(counter("lb_service_forwarded_total", "web"), Some(7), "{text}");
+    assert_eq!(counter("lb_service_refused_total", "empty"), Some(3), "{text}");
+    eprintln!("{text}");
+
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let status: serde_json::Value = serde_json::from_str(&cluster.agent_command(&[
+        "status", "--bpffs", &bpffs, "--healthz-addr", &healthz, "-o", "json",
+    ]))
+    .unwrap();
+    assert_eq!(status["links"].as_array().map(Vec::len), Some(4), "{status}");
+    let services = status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "LB4_SERVICES")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(services["entries"], 2, "{status}");
+    assert_eq!(services["capacity"], 65536, "{status}");
+    assert_eq!(status["agent"]["running"], true, "{status}");
+    assert!(status["agent"]["source"].as_str().unwrap().starts_with("manifests:"), "{status}");
+    eprintln!("{}", cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz]));
+    eprintln!("{}", cluster.agent_command(&["list", "--bpffs", &bpffs]));
 }

@@ -60,6 +60,7 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS_V4, limits.max_backends)
             .map_max_entries(map_names::AFFINITY_V4, limits.max_affinity)
             .map_max_entries(map_names::REVNAT_V4, limits.max_revnat)
+            .map_max_entries(map_names::SERVICE_STATS_V4, limits.max_services)
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -78,6 +79,11 @@ impl Dataplane {
 
     pub fn pins(&self) -> &PinDir {
         &self.pins
+    }
+
+    /// The loaded object, for the north-south programs and maps (`dataplane::nodeport`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup` through
@@ -118,6 +124,27 @@ impl Dataplane {
             tracing::info!(map = %stale, "removed a map pinned by an earlier version");
         }
         Ok(attached)
+    }
+
+    /// The highest service id and backend id that session-affinity entries name.
+    pub fn affinity_high_water(&self) -> anyhow::Result<(u32, u32)> {
+        let map = self
+            .ebpf
+            .map(map_names::AFFINITY_V4)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::AFFINITY_V4))?;
+        let affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
+            aya::maps::HashMap::try_from(map)?;
+        Ok(affinity
+            .iter()
+            .filter_map(Result::ok)
+            .fold((0, 0), |(service, backend), (key, value)| {
+                (service.max(key.service_id), backend.max(value.backend_id))
+            }))
+    }
+
+    /// The per-service counters.
+    pub fn service_stats(&mut self) -> anyhow::Result<super::stats::ServiceStatsMap> {
+        super::stats::ServiceStatsMap::take(&mut self.ebpf)
     }
 
     /// The service maps, for the reconciler.

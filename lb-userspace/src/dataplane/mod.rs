@@ -1,10 +1,13 @@
 //! Loading, attaching and pinning the eBPF programs, and reading and writing their maps
 //! through the `lb-common` types. Nothing here knows Kubernetes.
 pub mod bpffs;
+pub mod inspect;
 pub mod links;
 pub mod loader;
 pub mod maps;
+pub mod nodeport;
 pub mod privileges;
+pub mod stats;
 
 pub use loader::{Dataplane, Limits};
 pub use maps::BpfServiceMaps;

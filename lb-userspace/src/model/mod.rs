@@ -3,7 +3,10 @@
 //! here; nothing here knows where objects came from or what a BPF map is.
 pub mod desired;
 pub mod endpoints;
+pub mod external;
 pub mod objects;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::net::IpAddr;
 
@@ -111,6 +114,15 @@ fn add_service(
     let cluster_ips = cluster_ips(spec);
     if cluster_ips.iter().any(|ip| ip.eq_ignore_ascii_case("None")) {
         return; // headless
+    }
+    if cluster_ips.is_empty() {
+        // The API server always allocates one; a hand-written manifest may lack it.
+        warn(
+            Severity::Warning,
+            "has no clusterIP (the API server allocates one; a manifest must give it); skipped"
+                .into(),
+        );
+        return;
     }
     let mut ipv4 = Vec::new();
     for text in &cluster_ips {

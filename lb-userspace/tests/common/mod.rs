@@ -50,6 +50,28 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Spawns a prepared `lb-agent` command (e.g. inside a node's network namespace) with
+    /// its stderr captured as the log.
+    pub fn spawn(mut cmd: std::process::Command) -> Agent {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting lb-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Agent { child, log }
+    }
+
     /// The agent's log so far, for assertion messages.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
@@ -91,6 +113,18 @@ impl Agent {
     pub fn kill(&mut self) {
         self.child.kill().expect("killing the agent");
         self.child.wait().expect("waiting for the agent");
+    }
+
+    /// The address logged for `field` (`metrics_addr` or `healthz_addr`).
+    pub fn logged_address(&self, field: &str) -> String {
+        self.wait_for_log("serving metrics and health", Duration::from_secs(5));
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving metrics and health"))
+            .unwrap();
+        let start = line.find(&format!("{field}=")).expect("address in the log") + field.len() + 1;
+        line[start..].split_whitespace().next().unwrap().to_owned()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -193,6 +227,11 @@ impl Cluster {
             self.bpffs.path().display().to_string(),
             "--node-name".into(),
             "node-a".into(),
+            // Tests run side by side: any free loopback port (the agent logs which).
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--healthz-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = std::process::Command::new(AGENT)
@@ -425,4 +464,26 @@ pub fn slice_yaml(
         ));
     }
     yaml
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status code, body).
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connecting to the agent");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,63 @@
+//! Per-service counters the programs keep in a per-CPU map (no atomics on the connect path);
+//! the agent creates and removes the entries with the services and sums the CPUs on read.
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    util::nr_cpus,
+};
+use lb_common::{ServiceStats, map_names};
+
+pub struct ServiceStatsMap {
+    map: PerCpuHashMap<MapData, u32, ServiceStats>,
+    cpus: usize,
+}
+
+impl ServiceStatsMap {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let map = ebpf.take_map(map_names::SERVICE_STATS_V4).ok_or_else(|| {
+            anyhow!(
+                "map {} missing from the eBPF object",
+                map_names::SERVICE_STATS_V4
+            )
+        })?;
+        Ok(Self {
+            map: PerCpuHashMap::try_from(map)?,
+            cpus: nr_cpus()
+                .map_err(|(_, e)| e)
+                .context("counting possible CPUs")?,
+        })
+    }
+
+    /// Makes the map hold exactly one entry per id in `services` (new ones start at zero).
+    pub fn track(&mut self, services: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let present: BTreeSet<u32> = self.map.keys().filter_map(Result::ok).collect();
+        for gone in present.difference(services) {
+            self.map.remove(gone)?;
+        }
+        for new in services.difference(&present) {
+            let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])?;
+            self.map.insert(*new, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The counters of every service, summed over CPUs.
+    pub fn read(&self) -> BTreeMap<u32, ServiceStats> {
+        self.map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let total = per_cpu
+                    .iter()
+                    .fold(ServiceStats::default(), |sum, cpu| ServiceStats {
+                        forwarded: sum.forwarded + cpu.forwarded,
+                        refused: sum.refused + cpu.refused,
+                    });
+                (id, total)
+            })
+            .collect()
+    }
+}

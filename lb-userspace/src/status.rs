@@ -1,0 +1,99 @@
+//! `lb-agent status`: what is attached where, how full each map is (both read from the pins,
+//! so it works while no agent runs), and the running agent's source and last sync (from its
+//! `/healthz`).
+use std::{io::Read as _, io::Write as _, net::SocketAddr, path::Path, time::Duration};
+
+use serde::Serialize;
+
+use crate::dataplane::{
+    bpffs::{PinDir, is_bpffs},
+    inspect::{self, MapStatus},
+    links::{self, PinnedLinkStatus},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub bpffs: String,
+    pub bpffs_mounted: bool,
+    pub links: Vec<PinnedLinkStatus>,
+    pub maps: Vec<MapStatus>,
+    /// The running agent's `/healthz` answer, or why there is none.
+    pub agent: serde_json::Value,
+}
+
+pub fn collect(bpffs: &Path, healthz: SocketAddr) -> Status {
+    let pins = PinDir::at(bpffs);
+    Status {
+        bpffs: bpffs.display().to_string(),
+        bpffs_mounted: is_bpffs(bpffs),
+        links: links::list(&pins.links()),
+        maps: inspect::pinned_maps(&pins.maps()),
+        agent: fetch_healthz(healthz).unwrap_or_else(|error| {
+            serde_json::json!({ "running": false, "error": error })
+        }),
+    }
+}
+
+/// GET /healthz over plain HTTP/1.0 on the local agent: one request, no client library needed.
+fn fetch_healthz(address: SocketAddr) -> Result<serde_json::Value, String> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+        .map_err(|e| format!("no agent answering on {address}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(stream, "GET /healthz HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("malformed answer")?;
+    let mut value: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    value["running"] = true.into();
+    value["healthy"] = (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).into();
+    Ok(value)
+}
+
+/// The human-readable form.
+pub fn text(status: &Status) -> String {
+    let mut out = format!(
+        "bpffs: {} ({})\n",
+        status.bpffs,
+        if status.bpffs_mounted { "bpffs" } else { "not bpffs: nothing pinned" }
+    );
+    out.push_str("\nATTACHED\n");
+    if status.links.is_empty() {
+        out.push_str("  (no pinned links: no programs attached by lb-agent)\n");
+    }
+    for link in &status.links {
+        let where_ = link
+            .pin
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let id = link.program_id.map(|id| id.to_string()).unwrap_or("?".into());
+        out.push_str(&format!("  {:<14} {:<22} program id {}\n", link.program, where_, id));
+    }
+    out.push_str("\nMAPS\n");
+    for map in &status.maps {
+        let percent = 100.0 * map.entries as f64 / f64::from(map.capacity.max(1));
+        out.push_str(&format!(
+            "  {:<16} {:<18} {:>8} / {:<8} ({percent:.1}%)\n",
+            map.name, map.kind, map.entries, map.capacity
+        ));
+    }
+    out.push_str("\nAGENT\n");
+    let agent = &status.agent;
+    if agent["running"] == true {
+        out.push_str(&format!(
+            "  source {}, last sync {}, {}{}\n",
+            agent["source"].as_str().unwrap_or("?"),
+            agent["lastUpdated"].as_str().unwrap_or("never"),
+            if agent["healthy"] == true { "healthy" } else { "unhealthy" },
+            if agent["stale"] == true { " (source unreachable: serving the last known state)" } else { "" },
+        ));
+    } else {
+        out.push_str(&format!(
+            "  not reachable: {}\n",
+            agent["error"].as_str().unwrap_or("?")
+        ));
+    }
+    out
+}
