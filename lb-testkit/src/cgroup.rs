@@ -72,8 +72,14 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(prefix: &str) -> Result<Cgroup> {
+        Cgroup::named(&unique_name(prefix))
+    }
+
+    /// A child cgroup of the cgroup2 root with exactly this name (the sandbox's fixed
+    /// name); fails if it exists.
+    pub fn named(name: &str) -> Result<Cgroup> {
         let root = cgroup2_mount()?;
-        let path = root.join(unique_name(prefix));
+        let path = root.join(name);
         if path.parent() != Some(root.as_path()) || path == root {
             bail!("refusing to use {} as a test cgroup", path.display());
         }

@@ -27,7 +27,13 @@ pub struct Netns {
 impl Netns {
     /// Creates the namespace (`ip netns add`).
     pub fn new(prefix: &str) -> Result<Netns> {
-        let name = unique_name(prefix);
+        Netns::named(&unique_name(prefix))
+    }
+
+    /// Creates the namespace with exactly this name (the sandbox's fixed names); fails if
+    /// one by that name exists.
+    pub fn named(name: &str) -> Result<Netns> {
+        let name = name.to_owned();
         {
             let _guard = IP_NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             run_checked(Command::new("ip").args(["netns", "add", &name]))?;

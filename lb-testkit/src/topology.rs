@@ -43,7 +43,11 @@ pub struct Pod {
 
 impl Node {
     pub fn new() -> Result<Node> {
-        let netns = Netns::new("node")?;
+        Node::with_netns(Netns::new("node")?)
+    }
+
+    /// Makes `netns` (fresh, e.g. from [`Netns::named`]) the node namespace.
+    pub fn with_netns(netns: Netns) -> Result<Node> {
         let bridge_cidr = format!("{BRIDGE_IP}/{POD_PREFIX_LEN}");
         for args in [
             &["ip", "link", "set", "lo", "up"][..],
@@ -70,11 +74,15 @@ impl Node {
 
     /// Creates a pod namespace joined to the bridge with the next free address.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        self.add_pod_in(name, Netns::new(name)?)
+    }
+
+    /// Like [`Node::add_pod`], with the pod in `netns` (fresh, e.g. from [`Netns::named`]).
+    pub fn add_pod_in(&mut self, name: &str, netns: Netns) -> Result<Pod> {
         if self.next_host == u8::MAX {
             bail!("no pod addresses left on node {}", self.netns.name());
         }
         let ip = Ipv4Addr::new(10, 244, 0, self.next_host);
-        let netns = Netns::new(name)?;
         let host_veth = unique_name("veth");
         self.plug(&netns, &host_veth, ip)
             .with_context(|| format!("adding pod {name} ({ip})"))?;

@@ -46,3 +46,34 @@ pub fn path_with(dir: &Path) -> std::ffi::OsString {
     paths.extend(std::env::split_paths(&current));
     std::env::join_paths(paths).unwrap_or(current)
 }
+
+/// cargo run from the workspace root for the workspace's own builds: without the package
+/// variables `cargo run` gave xtask (build scripts that watch them, like ring's watching
+/// CARGO_MANIFEST_DIR, would rebuild after every plain `cargo build` and back), and with
+/// bpf-linker on PATH (lb-userspace's build script looks for it there) when `cargo install`
+/// put it in a folder that is not.
+pub fn workspace_cargo() -> std::process::Command {
+    let mut cargo = std::process::Command::new(cargo());
+    cargo.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        if is_package_variable(&key.to_string_lossy()) {
+            cargo.env_remove(&key);
+        }
+    }
+    if find_on_path("bpf-linker").is_none()
+        && let Some(bin) = cargo_bin_dir().filter(|d| d.join("bpf-linker").is_file())
+    {
+        cargo.env("PATH", path_with(&bin));
+    }
+    cargo
+}
+
+/// The variables cargo sets for the package it runs (not the user's own `CARGO_*` settings).
+fn is_package_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+        )
+}

@@ -1,10 +1,11 @@
 //! Project tasks, run as `cargo xtask <command>` (the alias is in `.cargo/config.toml`).
 //!
 //! One module per command; `cmd` and `host` are the helpers they share.
-//! `run` and `bench` are still to come, each as its own module and subcommand.
+//! `bench` is still to come, as its own module and subcommand.
 
 mod cmd;
 mod host;
+mod run;
 mod setup;
 mod test;
 
@@ -27,12 +28,17 @@ enum Command {
     /// Run setup, build the workspace and run its tests (as root: the tests load BPF programs
     /// and create network namespaces).
     Test(test::Args),
+    /// Run setup, build the agent and start a local sandbox: a node with three `hostnames`
+    /// pods and a client pod in network namespaces, the example manifests, the agent; then
+    /// send traffic and show how to try it by hand. `--down` removes it. As root.
+    Run(run::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Run(args) => run::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,17 +62,8 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// cargo from the workspace root, with bpf-linker on PATH (lb-userspace's build script looks
-/// for it there) when `cargo install` put it in a folder that is not.
 fn cargo() -> Command {
-    let mut cargo = Command::new(host::cargo());
-    cargo.current_dir(host::workspace_root());
-    if host::find_on_path("bpf-linker").is_none()
-        && let Some(bin) = host::cargo_bin_dir().filter(|d| d.join("bpf-linker").is_file())
-    {
-        cargo.env("PATH", host::path_with(&bin));
-    }
-    cargo
+    host::workspace_cargo()
 }
 
 /// Whether the arguments before a `--` pick packages themselves (`-p`, `--package`), which

@@ -1,0 +1,236 @@
+//! `cargo xtask run [--down]`: a local sandbox to see the agent work, as root.
+//!
+//! 1. Runs `setup`, then builds `lb-agent` and `lb-probe` (debug).
+//! 2. Removes a sandbox that is already up, then builds one with lb-testkit: a node network
+//!    namespace with a bridge, three pods `hostnames-1..3` each running
+//!    `lb-probe serve --name hostnames-N` on port 9376 (like Kubernetes' serve_hostname), a
+//!    client pod, and a cgroup for the client pod's processes.
+//! 3. Copies `manifests/examples/*.yaml` to `/run/lb-sandbox/manifests` and adds, per Service,
+//!    the EndpointSlice that Kubernetes' EndpointSlice controller would write for those pods.
+//! 4. Starts `lb-agent run --manifests ...` (in the node's namespace, attached to the sandbox
+//!    cgroup only) and waits until its programs are attached.
+//! 5. Sends traffic from the client pod, prints how it spread over the pods and what
+//!    `lb-agent list` shows, and how to try it by hand.
+//!
+//! Everything stays up after `run` exits, recorded in `/run/lb-sandbox/state.json`;
+//! `cargo xtask run --down` removes it (and `run` does, before building a new one, or when
+//! building fails). Nothing touches the host's own interfaces or its root cgroup, and the
+//! sandbox has no routes out.
+
+mod sandbox;
+mod slices;
+mod traffic;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, host, setup};
+use sandbox::{Binaries, CLIENT_NETNS, PODS, STATE_DIR, Sandbox};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Remove the sandbox instead: stop the agent and detach its programs, kill the pods'
+    /// servers and every process in the sandbox cgroup (shells opened in the client pod too),
+    /// delete the namespaces, the cgroup and /run/lb-sandbox.
+    #[arg(long)]
+    pub down: bool,
+}
+
+/// The example Services the traffic goes to, and how many connections each gets.
+const TRAFFIC: [(&str, u64); 2] = [("hostnames", 300), ("hostnames-sticky", 30)];
+
+pub fn run(args: &Args) -> Result<()> {
+    if !host::is_root() {
+        bail!(
+            "`cargo xtask run` must run as root: it creates network namespaces and a cgroup and \
+             loads BPF programs (try `sudo -E env \"PATH=$PATH\" cargo xtask run`)"
+        );
+    }
+    refuse_inside_sandbox()?;
+    if args.down {
+        return sandbox::down();
+    }
+
+    setup::run(&setup::Args { check: false })?;
+    let bins = build()?;
+    if sandbox::exists() {
+        println!("run: a sandbox is up: removing it first (as `cargo xtask run --down` does)");
+        sandbox::down()?;
+    }
+    let examples = host::workspace_root().join("manifests/examples");
+    let sandbox = sandbox::up(&bins, &examples)?;
+
+    let all_answered = show_traffic(&sandbox, &bins.probe)?;
+    show_list(&sandbox, &bins.agent);
+    print_how_to_try(&sandbox, &bins.agent);
+    if !all_answered {
+        bail!(
+            "some connections failed (see above); the sandbox stays up to look into it \
+             (`cargo xtask run --down` removes it)"
+        );
+    }
+    Ok(())
+}
+
+/// Building or removing the sandbox from inside it would kill this very process (and the
+/// shell it runs in) halfway.
+fn refuse_inside_sandbox() -> Result<()> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let in_cgroup = cgroup
+        .lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|p| p == "/lb-sandbox" || p.starts_with("/lb-sandbox/"));
+    let own_netns = std::fs::metadata("/proc/self/ns/net").ok();
+    let in_netns = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lbs-"))
+        .any(|e| {
+            use std::os::unix::fs::MetadataExt as _;
+            let (Some(own), Ok(ns)) = (&own_netns, e.metadata()) else {
+                return false;
+            };
+            own.dev() == ns.dev() && own.ino() == ns.ino()
+        });
+    if in_cgroup || in_netns {
+        bail!(
+            "this shell is inside the sandbox (its cgroup or one of its namespaces), which `run` \
+             and `run --down` remove: exit it and run the command from a shell on the host"
+        );
+    }
+    Ok(())
+}
+
+/// `cargo build -p lb-userspace --bins`: the agent (whose build script compiles the eBPF
+/// programs) and the probe.
+fn build() -> Result<Binaries> {
+    println!(
+        "run: building lb-agent and lb-probe (debug; the build compiles the eBPF programs too, \
+         which takes a few minutes the first time)"
+    );
+    let mut build = host::workspace_cargo();
+    build.args(["build", "-p", "lb-userspace", "--bins"]);
+    cmd::run(&mut build)?;
+    let debug = target_dir().join("debug");
+    let bins = Binaries {
+        agent: debug.join("lb-agent"),
+        probe: debug.join("lb-probe"),
+    };
+    for bin in [&bins.agent, &bins.probe] {
+        if !bin.is_file() {
+            bail!("the build finished but {} is missing", bin.display());
+        }
+    }
+    Ok(bins)
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target` in the workspace.
+fn target_dir() -> PathBuf {
+    let root = host::workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
+/// Runs the connections of [`TRAFFIC`] and prints their spread; false if any failed.
+fn show_traffic(sandbox: &Sandbox, probe: &Path) -> Result<bool> {
+    let mut all_answered = true;
+    for (name, count) in TRAFFIC {
+        let service = sandbox.services.iter().find(|s| s.metadata.name == name);
+        let Some((service, target)) = service.and_then(|s| Some((s, s.first_frontend()?))) else {
+            println!("\nrun: no Service {name} with a clusterIP in the examples: no traffic to it");
+            continue;
+        };
+        let sticky = service.client_ip_affinity();
+        println!(
+            "\n{count} connections from the client pod to {name} ({target}{}):",
+            if sticky {
+                ", sessionAffinity: ClientIP"
+            } else {
+                ""
+            }
+        );
+        let result = traffic::probe(sandbox, probe, &target, count)
+            .with_context(|| format!("sending traffic to {name}"))?;
+        println!("{}", traffic::table(&result, &PODS));
+        if result.failures() > 0 || result.attempts != count {
+            all_answered = false;
+        } else if sticky && result.replies.len() == 1 {
+            println!("  (all to one pod: the client's affinity holds)");
+        }
+    }
+    Ok(all_answered)
+}
+
+/// `lb-agent list`: what the agent programmed.
+fn show_list(sandbox: &Sandbox, agent: &Path) {
+    let mut list = Command::new(agent);
+    list.arg("list").arg("--bpffs").arg(&sandbox.state.bpffs);
+    println!("\n$ {}", cmd::display(&list));
+    match cmd::output(&mut list) {
+        Ok(out) => print!("{out}"),
+        Err(e) => println!("run: {e:#}"),
+    }
+}
+
+fn print_how_to_try(sandbox: &Sandbox, agent: &Path) {
+    let state = &sandbox.state;
+    let cgroup = state
+        .cgroup
+        .as_deref()
+        .map_or_else(|| "?".into(), |p| p.display().to_string());
+    let curl = |name: &str| {
+        let frontend = sandbox
+            .services
+            .iter()
+            .find(|s| s.metadata.name == name)
+            .and_then(|s| s.first_frontend())?;
+        Some(match frontend.strip_suffix(":80") {
+            Some(ip) => format!("curl http://{ip}/"),
+            None => format!("curl http://{frontend}/"),
+        })
+    };
+    let list = format!("{} list --bpffs {}", agent.display(), state.bpffs.display());
+    println!(
+        "\nThe sandbox is up. To try it by hand, open a shell in the client pod, inside the \
+         sandbox cgroup (the agent's programs apply to the processes there):\n"
+    );
+    println!(
+        "  nsenter --net=/run/netns/{CLIENT_NETNS} bash -c 'echo $$ > {cgroup}/cgroup.procs && exec bash'\n"
+    );
+    println!("and in it:");
+    if let Some(curl) = curl("hostnames") {
+        println!("  {curl:<32} # hostnames: a pod at random each time");
+    }
+    if let Some(curl) = curl("hostnames-sticky") {
+        println!("  {curl:<32} # hostnames-sticky: the same pod every time");
+    }
+    println!();
+    println!(
+        "Agent log:   {}",
+        state.state_dir.join("agent.log").display()
+    );
+    println!(
+        "Manifests:   {} (the agent watches it: edit endpointslice-*.yaml to remove or add \
+         endpoints, or add Services, then see the result with `{list}`)",
+        state.manifests.display()
+    );
+    let pods = state
+        .pods
+        .iter()
+        .map(|p| {
+            let ip = p.ip.map(|ip| ip.to_string()).unwrap_or_default();
+            format!("{} {ip} (netns {})", p.name, p.netns)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("Pods:        {pods}; logs and state in {STATE_DIR}/");
+    println!(
+        "Remove it:   cargo xtask run --down   (also kills shells opened with the line above: \
+         they live in the sandbox cgroup)"
+    );
+}

@@ -1,0 +1,470 @@
+//! The Services of the example manifests, and the EndpointSlices that Kubernetes' EndpointSlice
+//! controller would write for them if the sandbox pods were the `hostnames` Deployment's pods.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// What `kubectl apply` does without a namespace.
+const DEFAULT_NAMESPACE: &str = "default";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+const MANAGED_BY_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
+/// A sandbox pod as the controller sees it.
+#[derive(Clone, Debug)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Ipv4Addr,
+    /// The ports its server listens on (TCP and UDP).
+    pub ports: Vec<u16>,
+}
+
+/// The parts of a Service the controller and the sandbox use.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Service {
+    pub metadata: Metadata,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Metadata {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub session_affinity: Option<String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub protocol: Option<String>,
+    pub port: u16,
+    pub target_port: Option<serde_yaml::Value>,
+    pub app_protocol: Option<String>,
+}
+
+impl Service {
+    pub fn namespace(&self) -> &str {
+        self.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE)
+    }
+
+    /// `sessionAffinity: ClientIP`.
+    pub fn client_ip_affinity(&self) -> bool {
+        self.spec.session_affinity.as_deref() == Some("ClientIP")
+    }
+
+    /// `ClusterIP:port` of the first port, when the Service has a ClusterIP.
+    pub fn first_frontend(&self) -> Option<String> {
+        let ip: Ipv4Addr = self.spec.cluster_ip.as_deref()?.parse().ok()?;
+        let port = self.spec.ports.first()?.port;
+        Some(format!("{ip}:{port}"))
+    }
+}
+
+/// The `*.yaml` and `*.yml` files directly in `dir`, sorted.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        if yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every `v1` Service in the YAML text (many documents per file, `kind: List` too).
+pub fn services_in(text: &str) -> Result<Vec<Service>> {
+    let mut services = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        collect_services(value, &mut services)?;
+    }
+    Ok(services)
+}
+
+fn collect_services(value: serde_yaml::Value, services: &mut Vec<Service>) -> Result<()> {
+    let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str);
+    match (field("apiVersion"), field("kind")) {
+        (Some("v1"), Some("Service")) => {
+            let service: Service = serde_yaml::from_value(value)?;
+            services.push(service);
+        }
+        (_, Some("List")) => {
+            if let Some(items) = value.get("items").and_then(serde_yaml::Value::as_sequence) {
+                for item in items.clone() {
+                    collect_services(item, services)?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An EndpointSlice as the controller writes it (the fields it sets, in `kubectl get -o
+/// yaml`'s order).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: SliceMetadata,
+    address_type: &'static str,
+    endpoints: Vec<Endpoint>,
+    ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceMetadata {
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnerReference {
+    api_version: &'static str,
+    kind: &'static str,
+    name: String,
+    controller: bool,
+    block_owner_deletion: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Endpoint {
+    addresses: Vec<String>,
+    conditions: Conditions,
+    node_name: String,
+    target_ref: TargetRef,
+}
+
+#[derive(Debug, Serialize)]
+struct Conditions {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct TargetRef {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointPort {
+    /// The service port's name; `""` for its one unnamed port, as the controller writes it.
+    name: String,
+    protocol: String,
+    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_protocol: Option<String>,
+}
+
+/// The controller's slice for `service`, with every pod it selects as a ready endpoint on
+/// `node_name`, and notes on what would make it not work in the sandbox. `None` for Services
+/// the controller leaves alone (no selector, ExternalName).
+pub fn endpoint_slice(
+    service: &Service,
+    pods: &[PodInfo],
+    node_name: &str,
+) -> Option<(EndpointSlice, Vec<String>)> {
+    let selector = service.spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    if service.spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let name = &service.metadata.name;
+    let namespace = service.namespace();
+    let mut notes = Vec::new();
+    let selected: Vec<&PodInfo> = pods
+        .iter()
+        .filter(|pod| {
+            pod.namespace == namespace
+                && selector
+                    .iter()
+                    .all(|(k, v)| pod.labels.get(k).is_some_and(|l| l == v))
+        })
+        .collect();
+    if selected.is_empty() {
+        notes.push(format!(
+            "Service {namespace}/{name} selects none of the sandbox pods: its slice has no endpoints"
+        ));
+    }
+    let mut ports = Vec::new();
+    for port in &service.spec.ports {
+        let port_name = port.name.clone().unwrap_or_default();
+        let target = match &port.target_port {
+            None => Some(port.port),
+            Some(serde_yaml::Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Some(serde_yaml::Value::String(s)) => s.parse().ok(),
+            Some(_) => None,
+        };
+        let Some(target) = target else {
+            notes.push(format!(
+                "Service {namespace}/{name} port {port_name:?}: targetPort {:?} is not a number \
+                 (the sandbox pods have no named ports); left out of the slice",
+                port.target_port
+            ));
+            continue;
+        };
+        if !selected.is_empty() && !selected.iter().all(|p| p.ports.contains(&target)) {
+            notes.push(format!(
+                "Service {namespace}/{name} port {port_name:?}: no sandbox pod listens on \
+                 {target}, connections will fail"
+            ));
+        }
+        ports.push(EndpointPort {
+            name: port_name,
+            protocol: port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            port: target,
+            app_protocol: port.app_protocol.clone(),
+        });
+    }
+    // The controller copies the Service's labels and adds its own.
+    let mut labels = service.metadata.labels.clone();
+    labels.insert(SERVICE_NAME_LABEL.to_owned(), name.clone());
+    labels.insert(
+        MANAGED_BY_LABEL.to_owned(),
+        MANAGED_BY_CONTROLLER.to_owned(),
+    );
+    let endpoints = selected
+        .iter()
+        .map(|pod| Endpoint {
+            addresses: vec![pod.ip.to_string()],
+            conditions: Conditions {
+                ready: true,
+                serving: true,
+                terminating: false,
+            },
+            node_name: node_name.to_owned(),
+            target_ref: TargetRef {
+                kind: "Pod",
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+            },
+        })
+        .collect();
+    let slice = EndpointSlice {
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        metadata: SliceMetadata {
+            // The controller's names are `<service>-<5 random characters>`; a fixed suffix
+            // keeps the sandbox's files easy to find and edit.
+            name: format!("{name}-sandbox"),
+            namespace: namespace.to_owned(),
+            labels,
+            owner_references: vec![OwnerReference {
+                api_version: "v1",
+                kind: "Service",
+                name: name.clone(),
+                controller: true,
+                block_owner_deletion: true,
+            }],
+        },
+        address_type: "IPv4",
+        endpoints,
+        ports,
+    };
+    Some((slice, notes))
+}
+
+impl EndpointSlice {
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// The slice as a manifest file, with a comment saying where it comes from.
+    pub fn to_yaml(&self) -> Result<String> {
+        let body = serde_yaml::to_string(self)?;
+        Ok(format!(
+            "# Written by `cargo xtask run`: the EndpointSlice that Kubernetes' EndpointSlice\n\
+             # controller would write for the sandbox pods. The agent watches this directory:\n\
+             # delete an endpoint (or set ready: false) and watch `lb-agent list` change.\n\
+             {body}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: hostnames
+spec:
+  replicas: 3
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: hostnames
+  labels:
+    app: hostnames
+spec:
+  clusterIP: 10.96.0.100
+  selector:
+    app: hostnames
+  ports:
+    - name: default
+      protocol: TCP
+      port: 80
+      targetPort: 9376
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: Service
+    metadata:
+      name: unnamed
+      namespace: other
+    spec:
+      selector:
+        app: hostnames
+      ports:
+        - port: 53
+          protocol: UDP
+  - apiVersion: v1
+    kind: Service
+    metadata:
+      name: no-selector
+    spec:
+      ports:
+        - port: 80
+";
+
+    fn pods() -> Vec<PodInfo> {
+        (1..=3)
+            .map(|i| PodInfo {
+                name: format!("hostnames-{i}"),
+                namespace: "default".into(),
+                labels: [("app".to_owned(), "hostnames".to_owned())].into(),
+                ip: Ipv4Addr::new(10, 244, 0, 9 + i),
+                ports: vec![9376],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_services_in_documents_and_lists() {
+        let services = services_in(EXAMPLE).unwrap();
+        let names: Vec<_> = services.iter().map(|s| s.metadata.name.as_str()).collect();
+        assert_eq!(names, ["hostnames", "unnamed", "no-selector"]);
+        assert_eq!(
+            services[0].first_frontend().as_deref(),
+            Some("10.96.0.100:80")
+        );
+        assert_eq!(services[1].namespace(), "other");
+        assert_eq!(services[1].first_frontend(), None);
+    }
+
+    #[test]
+    fn slice_like_the_controller_writes() {
+        let services = services_in(EXAMPLE).unwrap();
+        let (slice, notes) = endpoint_slice(&services[0], &pods(), "lbs-node").unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&slice.to_yaml().unwrap()).unwrap();
+        let expected: serde_yaml::Value = serde_yaml::from_str(
+            "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hostnames-sandbox
+  namespace: default
+  labels:
+    app: hostnames
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: hostnames
+  ownerReferences:
+  - apiVersion: v1
+    kind: Service
+    name: hostnames
+    controller: true
+    blockOwnerDeletion: true
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.10]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: lbs-node
+  targetRef: {kind: Pod, namespace: default, name: hostnames-1}
+- addresses: [10.244.0.11]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: lbs-node
+  targetRef: {kind: Pod, namespace: default, name: hostnames-2}
+- addresses: [10.244.0.12]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: lbs-node
+  targetRef: {kind: Pod, namespace: default, name: hostnames-3}
+ports:
+- name: default
+  protocol: TCP
+  port: 9376
+",
+        )
+        .unwrap();
+        assert_eq!(yaml, expected);
+    }
+
+    #[test]
+    fn unnamed_port_other_namespace_and_no_selector() {
+        let services = services_in(EXAMPLE).unwrap();
+        let (slice, notes) = endpoint_slice(&services[1], &pods(), "n").unwrap();
+        assert!(slice.endpoints.is_empty());
+        assert_eq!(slice.ports.len(), 1);
+        assert_eq!(slice.ports[0].name, "");
+        assert_eq!(slice.ports[0].protocol, "UDP");
+        // No targetPort: the port itself, which no sandbox pod serves (but none is selected).
+        assert_eq!(slice.ports[0].port, 53);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(endpoint_slice(&services[2], &pods(), "n").is_none());
+    }
+
+    #[test]
+    fn named_or_unserved_target_ports_are_noted() {
+        let mut service = services_in(EXAMPLE).unwrap().remove(0);
+        service.spec.ports[0].target_port = Some("http".into());
+        let (slice, notes) = endpoint_slice(&service, &pods(), "n").unwrap();
+        assert!(slice.ports.is_empty());
+        assert_eq!(notes.len(), 1);
+        service.spec.ports[0].target_port = Some(8080.into());
+        let (slice, notes) = endpoint_slice(&service, &pods(), "n").unwrap();
+        assert_eq!(slice.ports[0].port, 8080);
+        assert!(notes[0].contains("no sandbox pod listens"), "{notes:?}");
+    }
+}
