@@ -241,7 +241,11 @@ pub mod ns_limits {
     /// Maglev tables (one per external frontend, 64 KiB each, allocated on use).
     pub const MAX_TABLES: u32 = 4_096;
     /// Tracked flows (LRU: the least recently used flow is forgotten first).
-    pub const MAX_FLOWS: u32 = 262_144;
+    pub const MAX_FLOWS: u32 = 131_072;
+    /// Reverse entries: one per flow to a local backend, three per SNAT flow (the reply to
+    /// the node, the forwarded packet, the reply to the client), so the reverse map does not
+    /// evict the entries of flows the conntrack map still holds.
+    pub const MAX_REVERSE: u32 = 3 * MAX_FLOWS;
     pub const MAX_NODE_ADDRS: u32 = 256;
     pub const MAX_IFACES: u32 = 64;
     pub const MAX_AFFINITY: u32 = 65_536;
@@ -270,8 +274,13 @@ pub mod ct_flags {
     pub const SEEN_REPLY: u8 = 1 << 0;
     /// A FIN or RST was seen in either direction.
     pub const CLOSING: u8 = 1 << 1;
-    /// The flow's source was translated to the node's address (`nat_addr`, `nat_port`).
+    /// The flow's source was translated to the node's address (`nat_addr`, `nat_port`). On a
+    /// reverse entry: the entry of the remote backend's reply to the node's address, whose
+    /// destination XDP restores to the client.
     pub const SNAT: u8 = 1 << 2;
+    /// On a reverse entry: the entry of the client's packet on its way to the remote backend,
+    /// whose source tc egress sets to the node's address and SNAT port.
+    pub const SNAT_OUT: u8 = 1 << 3;
 }
 
 /// Connection-tracking lifetimes in seconds, after the kernel's nf_conntrack defaults: an idle
@@ -383,7 +392,11 @@ pub struct Ct4Value {
     pub pad: [u8; 3],
 }
 
-/// Value of the reverse-translation map: what the reply must look like to the client.
+/// Value of the reverse-translation map. tc egress sets a packet's source to
+/// (`frontend_addr`, `frontend_port`): a reply leaves from the frontend the client used, and
+/// (with `ct_flags::SNAT_OUT`) a packet to a remote backend leaves from the node's address and
+/// SNAT port. XDP sets the destination of a remote backend's reply (`ct_flags::SNAT`) back to
+/// (`client_addr`, `client_port`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Rev4Value {
@@ -425,8 +438,14 @@ pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8
 }
 
 const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 const _: () = {

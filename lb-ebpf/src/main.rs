@@ -18,6 +18,7 @@ mod sock;
 
 mod conntrack;
 mod csum;
+mod icmp;
 mod nat;
 mod parse;
 mod tc;

@@ -38,8 +38,8 @@ pub static LB4_SVC_STATS: PerCpuHashMap<u32, ServiceStats> =
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use lb_common::{
-    Ct4Key, Ct4Value, External4Key, External4Value, Maglev4Table, NsAffinity4Key,
-    NsBackend4, Rev4Value, ns_limits,
+    Ct4Key, Ct4Value, External4Key, External4Value, Maglev4Table, NsAffinity4Key, NsBackend4,
+    Rev4Value, ns_limits,
 };
 
 #[map]
@@ -59,7 +59,8 @@ pub static LB4_NS_MAGLEV: HashMap<u32, Maglev4Table> =
 pub static LB4_NS_CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(ns_limits::MAX_FLOWS, 0);
 
 #[map]
-pub static LB4_NS_REV: LruHashMap<Ct4Key, Rev4Value> = LruHashMap::pinned(ns_limits::MAX_FLOWS, 0);
+pub static LB4_NS_REV: LruHashMap<Ct4Key, Rev4Value> =
+    LruHashMap::pinned(ns_limits::MAX_REVERSE, 0);
 
 #[map]
 pub static LB4_NS_NODEIP: HashMap<u32, u32> = HashMap::pinned(ns_limits::MAX_NODE_ADDRS, 0);

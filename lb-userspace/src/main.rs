@@ -115,7 +115,11 @@ struct RunArgs {
     nodeport_ifaces: Vec<String>,
     /// Answer NodePorts only on the interfaces' addresses inside CIDR (kube-proxy's
     /// --nodeport-addresses); repeatable. Default: every address of the interfaces.
-    #[arg(long = "nodeport-addresses", value_name = "CIDR", value_delimiter = ',')]
+    #[arg(
+        long = "nodeport-addresses",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
     nodeport_addresses: Vec<lb_agent::nodeport::Cidr>,
 }
 

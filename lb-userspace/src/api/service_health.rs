@@ -54,7 +54,9 @@ impl ServiceHealthServers {
                     );
                     self.servers.insert(*port, server);
                 }
-                Err(error) => tracing::warn!(port, error = %format!("{error:#}"), "cannot serve a health-check node port"),
+                Err(error) => {
+                    tracing::warn!(port, error = %format!("{error:#}"), "cannot serve a health-check node port")
+                }
             }
         }
     }
@@ -66,8 +68,7 @@ impl ServiceHealthServers {
 
 fn serve(port: u16, check: HealthCheck) -> anyhow::Result<Server> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener =
-        std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let check = Arc::new(Mutex::new(check));

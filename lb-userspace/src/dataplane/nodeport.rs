@@ -1,0 +1,305 @@
+//! The north-south programs (XDP ingress `nodeport_xdp`, tc egress `nodeport_tc`) on the
+//! NodePort interfaces, and their service maps behind [`ExternalMaps`].
+//!
+//! XDP is attached in native (driver) mode where the driver supports it and in generic (skb)
+//! mode otherwise; the log says which. The tc program goes on the egress side through tcx
+//! (kernel 6.6+) or a clsact qdisc. Neither link is pinned yet: they detach when the agent
+//! exits, while the maps (and so the tracked flows) stay pinned for the next agent.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CStr,
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use lb_common::{External4Key, External4Value, Maglev4Table, NsBackend4, ns_map_names};
+
+use crate::reconcile::{MapError, external::ExternalMaps};
+
+pub const XDP_PROGRAM: &str = "nodeport_xdp";
+pub const TC_PROGRAM: &str = "nodeport_tc";
+
+/// How the XDP program runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver, before any skb exists.
+    Native,
+    /// In the stack's generic hook, for drivers without XDP support.
+    Generic,
+}
+
+impl std::fmt::Display for XdpAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        })
+    }
+}
+
+/// Loads both programs into the kernel (the verifier runs here), without attaching them.
+pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let xdp = xdp_mut(ebpf)?;
+    if xdp.fd().is_err() {
+        xdp.load()
+            .with_context(|| format!("loading {XDP_PROGRAM} (the verifier's log follows)"))?;
+    }
+    let tc = tc_mut(ebpf)?;
+    if tc.fd().is_err() {
+        tc.load()
+            .with_context(|| format!("loading {TC_PROGRAM} (the verifier's log follows)"))?;
+    }
+    Ok(())
+}
+
+/// Attaches XDP (native, else generic) and tc egress to `iface`.
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<XdpAttach> {
+    load_programs(ebpf)?;
+    let xdp = xdp_mut(ebpf)?;
+    let mode = match xdp.attach(iface, XdpMode::Driver) {
+        Ok(_) => XdpAttach::Native,
+        Err(native) => {
+            xdp.attach(iface, XdpMode::Skb).with_context(|| {
+                format!("attaching XDP to {iface} (native mode failed too: {native})")
+            })?;
+            tracing::debug!(%iface, error = %native, "native XDP not available");
+            XdpAttach::Generic
+        }
+    };
+    // tcx (6.6+) needs no qdisc; older kernels need clsact, which may already be there.
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or tcx is used)");
+    }
+    tc_mut(ebpf)?
+        .attach(iface, TcAttachType::Egress)
+        .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress"))?;
+    Ok(mode)
+}
+
+pub fn xdp_program(ebpf: &Ebpf) -> anyhow::Result<&Xdp> {
+    ebpf.program(XDP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .map_err(Into::into)
+}
+
+pub fn tc_program(ebpf: &Ebpf) -> anyhow::Result<&SchedClassifier> {
+    ebpf.program(TC_PROGRAM)
+        .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .map_err(Into::into)
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .map_err(Into::into)
+}
+
+fn tc_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
+    ebpf.program_mut(TC_PROGRAM)
+        .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the eBPF object"))?
+        .try_into()
+        .map_err(Into::into)
+}
+
+/// The north-south service maps and the node's address maps.
+pub struct BpfExternalMaps {
+    frontends: HashMap<MapData, External4Key, External4Value>,
+    backends: HashMap<MapData, u32, NsBackend4>,
+    tables: HashMap<MapData, u32, Maglev4Table>,
+    node_addrs: HashMap<MapData, u32, u32>,
+    iface_addrs: HashMap<MapData, u32, u32>,
+}
+
+impl BpfExternalMaps {
+    /// Takes the maps out of a loaded object (before its programs are loaded, as for the
+    /// socket maps: the programs keep referring to them).
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Self {
+            frontends: HashMap::try_from(take(ns_map_names::FRONTENDS)?)?,
+            backends: HashMap::try_from(take(ns_map_names::BACKENDS)?)?,
+            tables: HashMap::try_from(take(ns_map_names::MAGLEV)?)?,
+            node_addrs: HashMap::try_from(take(ns_map_names::NODE_ADDRS)?)?,
+            iface_addrs: HashMap::try_from(take(ns_map_names::IFACE_ADDRS)?)?,
+        })
+    }
+
+    /// Opens the pinned maps (for inspection without a running agent).
+    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Ok(Map::HashMap(data))
+        };
+        Ok(Self {
+            frontends: HashMap::try_from(open(ns_map_names::FRONTENDS)?)?,
+            backends: HashMap::try_from(open(ns_map_names::BACKENDS)?)?,
+            tables: HashMap::try_from(open(ns_map_names::MAGLEV)?)?,
+            node_addrs: HashMap::try_from(open(ns_map_names::NODE_ADDRS)?)?,
+            iface_addrs: HashMap::try_from(open(ns_map_names::IFACE_ADDRS)?)?,
+        })
+    }
+
+    /// Makes `LB4_NS_NODEIP` hold exactly `wanted` (the addresses NodePorts answer on).
+    pub fn set_node_addrs(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), MapError> {
+        let wanted: BTreeSet<u32> = wanted
+            .iter()
+            .map(|ip| lb_common::addr_to_map(u32::from(*ip)))
+            .collect();
+        sync_u32_map(
+            &mut self.node_addrs,
+            ns_map_names::NODE_ADDRS,
+            &wanted.iter().map(|a| (*a, 1)).collect(),
+        )
+    }
+
+    /// Makes `LB4_NS_IFADDR` hold exactly `wanted`: the SNAT source address per ifindex.
+    pub fn set_iface_addrs(&mut self, wanted: &BTreeMap<u32, Ipv4Addr>) -> Result<(), MapError> {
+        let wanted = wanted
+            .iter()
+            .map(|(index, ip)| (*index, lb_common::addr_to_map(u32::from(*ip))))
+            .collect();
+        sync_u32_map(&mut self.iface_addrs, ns_map_names::IFACE_ADDRS, &wanted)
+    }
+}
+
+fn sync_u32_map(
+    map: &mut HashMap<MapData, u32, u32>,
+    name: &'static str,
+    wanted: &BTreeMap<u32, u32>,
+) -> Result<(), MapError> {
+    let current: BTreeMap<u32, u32> = map
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(name, "read", e))?;
+    for (key, value) in wanted {
+        if current.get(key) != Some(value) {
+            map.insert(key, value, 0)
+                .map_err(|e| error(name, "insert", e))?;
+        }
+    }
+    for key in current.keys().filter(|k| !wanted.contains_key(k)) {
+        map.remove(key).map_err(|e| error(name, "delete", e))?;
+    }
+    Ok(())
+}
+
+fn error(map: &'static str, operation: &'static str, cause: aya::maps::MapError) -> MapError {
+    MapError {
+        map,
+        operation,
+        cause: cause.to_string(),
+    }
+}
+
+impl ExternalMaps for BpfExternalMaps {
+    fn put_frontend(&mut self, key: External4Key, value: External4Value) -> Result<(), MapError> {
+        self.frontends
+            .insert(key, value, 0)
+            .map_err(|e| error(ns_map_names::FRONTENDS, "insert", e))
+    }
+
+    fn remove_frontend(&mut self, key: &External4Key) -> Result<(), MapError> {
+        self.frontends
+            .remove(key)
+            .map_err(|e| error(ns_map_names::FRONTENDS, "delete", e))
+    }
+
+    fn put_backend(&mut self, id: u32, backend: NsBackend4) -> Result<(), MapError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|e| error(ns_map_names::BACKENDS, "insert", e))
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.backends
+            .remove(&id)
+            .map_err(|e| error(ns_map_names::BACKENDS, "delete", e))
+    }
+
+    fn put_table(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+        self.tables
+            .insert(service_id, table, 0)
+            .map_err(|e| error(ns_map_names::MAGLEV, "insert", e))
+    }
+
+    fn remove_table(&mut self, service_id: u32) -> Result<(), MapError> {
+        match self.tables.remove(&service_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(error(ns_map_names::MAGLEV, "delete", e)),
+        }
+    }
+
+    fn dump(&self) -> Result<(BTreeMap<External4Key, External4Value>, BTreeSet<u32>), MapError> {
+        let frontends = self
+            .frontends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| error(ns_map_names::FRONTENDS, "read", e))?;
+        let backends = self
+            .backends
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| error(ns_map_names::BACKENDS, "read", e))?;
+        Ok((frontends, backends))
+    }
+}
+
+/// An interface's index and IPv4 addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// The IPv4 addresses of every interface of this network namespace, by name.
+pub fn interfaces() -> anyhow::Result<BTreeMap<String, Interface>> {
+    let mut found: BTreeMap<String, Interface> = BTreeMap::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; freed only after the loop.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let iface = found.entry(name.clone()).or_default();
+        if iface.index == 0 {
+            // SAFETY: a NUL-terminated name.
+            iface.index = unsafe { libc::if_nametoindex(entry.ifa_name) };
+        }
+        if entry.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+        if unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: AF_INET means a sockaddr_in.
+            let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+            iface
+                .addrs
+                .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
+}

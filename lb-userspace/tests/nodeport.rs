@@ -1,0 +1,753 @@
+//! North-south traffic end to end: an outside client, nodes with their own `lb-agent`
+//! (`--nodeport-iface lan0`: XDP ingress, tc egress) and pods, real TCP and UDP, and backends
+//! that answer with the client address they saw (`lb-probe --whoami`).
+//!
+//! ```text
+//!   client ns  lan0 192.168.60.100 ─┐
+//!                                    ├─ lan ns: bridge ── node-a ns  lan0 192.168.60.1
+//!                                    │                      br0 10.244.0.1 ── pod-a 10.244.0.10
+//!                                    └─────────────────── node-b ns  lan0 192.168.60.2
+//!                                                           veth 10.244.1.1 ── pod-r 10.244.1.10
+//! ```
+//! node-a routes 10.244.1.0/24 via node-b; pods route the LAN via their node. There are no
+//! default routes: every route stays inside the test's namespaces. The externalIP
+//! 198.51.100.10 is on no interface; the client routes it via node-a.
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use common::{AGENT, Agent, BpffsDir, POD_PORT, PROBE, ProbeResult, TempDir};
+use lb_testkit::{Cgroup, Netns, Node, Pod, command_in, spawn_in, unique_name};
+
+const CLIENT_IP: &str = "192.168.60.100";
+const NODE_A_IP: &str = "192.168.60.1";
+const NODE_B_IP: &str = "192.168.60.2";
+const REMOTE_POD_IP: &str = "10.244.1.10";
+const EXTERNAL_IP: &str = "198.51.100.10";
+const LAN_IFACE: &str = "lan0";
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The whole topology; fields drop in order: agents, servers, namespaces, then directories.
+struct Site {
+    agents: Vec<Agent>,
+    servers: Vec<Child>,
+    remote_pods: Vec<Netns>,
+    pods: Vec<Pod>,
+    client: Netns,
+    node_b: Option<Netns>,
+    node_a: Node,
+    lan: Netns,
+    cgroups: Vec<Cgroup>,
+    manifests: TempDir,
+    bpffs: Vec<BpffsDir>,
+}
+
+impl Site {
+    /// The client, node-a with the local pods `local` (answering with their names), and when
+    /// `remote` is set node-b with one pod, `pod-r`.
+    fn new(local: &[&str], remote: bool) -> Site {
+        lb_testkit::require_root().expect("the kernel tests need root");
+        let lan = Netns::new("lan").expect("lan namespace");
+        lan.run(&["ip", "link", "add", "lanbr", "type", "bridge"])
+            .unwrap();
+        lan.run(&["ip", "link", "set", "lanbr", "up"]).unwrap();
+        let client = Netns::new("cli").expect("client namespace");
+        let node_a = Node::new().expect("node-a");
+        let mut site = Site {
+            agents: Vec::new(),
+            servers: Vec::new(),
+            remote_pods: Vec::new(),
+            pods: Vec::new(),
+            client,
+            node_b: None,
+            node_a,
+            lan,
+            cgroups: Vec::new(),
+            manifests: TempDir::new("lbnp-manifests"),
+            bpffs: Vec::new(),
+        };
+        site.plug_lan(&site.client, CLIENT_IP);
+        site.plug_lan(site.node_a.netns(), NODE_A_IP);
+        run(&site.client, &["ip", "link", "set", "lo", "up"]);
+        run(
+            &site.client,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{EXTERNAL_IP}/32"),
+                "via",
+                NODE_A_IP,
+            ],
+        );
+        router(site.node_a.netns());
+        for name in local {
+            let pod = site.node_a.add_pod(name).expect("adding a pod");
+            run(
+                &pod.netns,
+                &["ip", "route", "add", "192.168.60.0/24", "via", "10.244.0.1"],
+            );
+            site.servers.push(serve(&pod.netns, name));
+            site.pods.push(pod);
+        }
+        if remote {
+            let node_b = Netns::new("nodeb").expect("node-b");
+            site.plug_lan(&node_b, NODE_B_IP);
+            router(&node_b);
+            run(&node_b, &["ip", "link", "set", "lo", "up"]);
+            let pod = Netns::new("podr").expect("pod-r");
+            let veth = unique_name("vethr");
+            run(
+                &node_b,
+                &[
+                    "ip",
+                    "link",
+                    "add",
+                    &veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    pod.name(),
+                ],
+            );
+            run(
+                &node_b,
+                &["ip", "addr", "add", "10.244.1.1/24", "dev", &veth],
+            );
+            run(&node_b, &["ip", "link", "set", &veth, "up"]);
+            run(
+                &pod,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{REMOTE_POD_IP}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run(&pod, &["ip", "link", "set", "eth0", "up"]);
+            run(&pod, &["ip", "link", "set", "lo", "up"]);
+            run(
+                &pod,
+                &["ip", "route", "add", "192.168.60.0/24", "via", "10.244.1.1"],
+            );
+            run(
+                site.node_a.netns(),
+                &["ip", "route", "add", "10.244.1.0/24", "via", NODE_B_IP],
+            );
+            run(
+                &node_b,
+                &["ip", "route", "add", "10.244.0.0/24", "via", NODE_A_IP],
+            );
+            site.servers.push(serve(&pod, "pod-r"));
+            site.remote_pods.push(pod);
+            site.node_b = Some(node_b);
+        }
+        site
+    }
+
+    /// Joins `netns` to the LAN bridge as `lan0` with `ip`/24.
+    fn plug_lan(&self, netns: &Netns, ip: &str) {
+        let outer = unique_name("lan");
+        run(
+            &self.lan,
+            &[
+                "ip",
+                "link",
+                "add",
+                &outer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                LAN_IFACE,
+                "netns",
+                netns.name(),
+            ],
+        );
+        run(
+            &self.lan,
+            &["ip", "link", "set", &outer, "master", "lanbr", "up"],
+        );
+        run(
+            netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", LAN_IFACE],
+        );
+        run(netns, &["ip", "link", "set", LAN_IFACE, "up"]);
+    }
+
+    /// Starts an agent in node-a (and node-b when there is one), each serving NodePorts on
+    /// its `lan0`, and waits until their north-south programs are attached.
+    fn start_agents(&mut self) {
+        self.start_agents_with(&[]);
+    }
+
+    fn start_agents_with(&mut self, extra: &[&str]) {
+        let mut nodes = vec![(self.node_a.netns(), "node-a")];
+        if let Some(node_b) = &self.node_b {
+            nodes.push((node_b, "node-b"));
+        }
+        let mut started = Vec::new();
+        for (netns, node_name) in nodes {
+            let cgroup = Cgroup::new("lbnp").expect("test cgroup");
+            let bpffs = BpffsDir::new();
+            let mut cmd = command_in(Some(netns), None, AGENT).expect("agent command");
+            cmd.args([
+                "run",
+                "--manifests",
+                &self.manifests.path().display().to_string(),
+                "--cgroup",
+                &cgroup.path().display().to_string(),
+                "--bpffs",
+                &bpffs.path().display().to_string(),
+                "--node-name",
+                node_name,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--healthz-addr",
+                "127.0.0.1:0",
+                "--cleanup-on-exit",
+                "--nodeport-iface",
+                LAN_IFACE,
+            ]);
+            cmd.args(extra);
+            started.push(Agent::spawn(cmd));
+            self.cgroups.push(cgroup);
+            self.bpffs.push(bpffs);
+        }
+        for agent in &started {
+            agent.wait_for_log("north-south programs attached", AGENT_START_TIMEOUT);
+        }
+        self.agents = started;
+    }
+
+    /// The agents' logs and each namespace's nonzero kernel counters (checksum errors,
+    /// drops), for failure messages.
+    fn logs(&self) -> String {
+        let mut text: Vec<String> = self
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("--- agent {i}:\n{}", a.log()))
+            .collect();
+        let mut namespaces = vec![("client", &self.client), ("node-a", self.node_a.netns())];
+        namespaces.extend(self.node_b.iter().map(|n| ("node-b", n)));
+        namespaces.extend(self.pods.iter().map(|p| (p.name.as_str(), &p.netns)));
+        namespaces.extend(self.remote_pods.iter().map(|n| ("pod-r", n)));
+        for (name, netns) in namespaces {
+            let counters = netns.run(&["nstat", "-a", "-s"]).unwrap_or_default();
+            let interesting: Vec<&str> = counters
+                .lines()
+                .filter(|l| {
+                    [
+                        "Csum", "Err", "Drop", "Discard", "Fail", "Rst", "InSegs", "OutSegs",
+                        "Forw",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            text.push(format!(
+                "--- counters of {name}:\n{}",
+                interesting.join("\n")
+            ));
+        }
+        text.join("\n")
+    }
+
+    fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("writing a manifest");
+        std::fs::rename(&tmp, self.manifests.path().join(file)).expect("renaming a manifest");
+    }
+
+    fn pod_ip(&self, name: &str) -> String {
+        if name == "pod-r" {
+            return REMOTE_POD_IP.into();
+        }
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod")
+            .ip
+            .to_string()
+    }
+
+    /// `lb-probe ARGS` from the outside client.
+    fn probe(&self, args: &[&str]) -> ProbeResult {
+        let child = spawn_in(Some(&self.client), None, PROBE, args).expect("starting lb-probe");
+        let output = child.wait_with_output().expect("waiting for lb-probe");
+        assert!(
+            output.status.success(),
+            "lb-probe {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
+    }
+
+    /// Repeats `probe(args)` until `done` holds, or fails after `timeout` with the agents' logs.
+    fn probe_until(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+        done: impl Fn(&ProbeResult) -> bool,
+    ) -> ProbeResult {
+        let started = Instant::now();
+        loop {
+            let result = self.probe(args);
+            if done(&result) {
+                return result;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "not reached within {timeout:?}: {args:?} -> {result:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An HTTP GET from the client: (status, body), or the connection error.
+    fn http_get(&self, target: &str) -> Result<(u16, String), String> {
+        let target: SocketAddr = target.parse().unwrap();
+        let client = self.client.path().to_owned();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&client).map_err(|e| e.to_string())?;
+            // SAFETY: a valid namespace fd; this thread only.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }
+                != 0
+            {
+                return Err("setns".to_string());
+            }
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                .map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            conn.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)
+                .map_err(|e| e.to_string())?;
+            let status = response
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            Ok((status, body))
+        })
+        .join()
+        .expect("http thread")
+    }
+}
+
+fn run(netns: &Netns, args: &[&str]) {
+    netns
+        .run(args)
+        .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+}
+
+/// A node forwards, sends no redirects (replies leave by the interface they came in on) and
+/// does no reverse-path filtering of translated packets.
+fn router(netns: &Netns) {
+    for setting in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ] {
+        run(netns, &["sysctl", "-qw", setting]);
+    }
+}
+
+fn serve(netns: &Netns, name: &str) -> Child {
+    let port = POD_PORT.to_string();
+    let mut server = spawn_in(
+        Some(netns),
+        None,
+        PROBE,
+        &["serve", "--name", name, "--tcp", &port, "--udp", &port],
+    )
+    .expect("starting a backend server");
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("server ready line");
+    assert_eq!(first.trim(), "ready");
+    server
+}
+
+/// A NodePort Service `name` with ports http (TCP 80, nodePort `base`) and dns (UDP 53,
+/// nodePort `base + 1`), both to POD_PORT.
+fn service_yaml(name: &str, cluster_ip: &str, base: u16, extra_spec: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: {POD_PORT}\n    nodePort: {base}\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: {POD_PORT}\n    nodePort: {}\n",
+        base + 1
+    );
+    for line in extra_spec.lines().filter(|l| !l.trim().is_empty()) {
+        yaml.push_str(&format!("  {line}\n"));
+    }
+    yaml
+}
+
+/// The EndpointSlice of `service`: (address, node name) endpoints, ready, ports http and dns.
+fn slice_yaml(service: &str, endpoints: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: {POD_PORT}\n- name: dns\n  protocol: UDP\n  port: {POD_PORT}\nendpoints:\n"
+    );
+    if endpoints.is_empty() {
+        yaml.push_str("[]\n");
+    }
+    for (ip, node) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses:\n  - \"{ip}\"\n  nodeName: {node}\n  conditions:\n    ready: true\n"
+        ));
+    }
+    yaml
+}
+
+/// Every reply (a `--whoami` answer `IP:PORT`) comes from `ip`.
+fn all_from(result: &ProbeResult, ip: &str) -> bool {
+    !result.replies.is_empty()
+        && result.failures() == 0
+        && result
+            .replies
+            .keys()
+            .all(|seen| seen.starts_with(&format!("{ip}:")))
+}
+
+#[test]
+fn nodeport_and_external_ip_reach_a_local_pod_with_the_client_address_kept() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.write_manifest(
+        "web.yaml",
+        &service_yaml(
+            "web",
+            "10.96.0.10",
+            30080,
+            &format!("externalIPs:\n- {EXTERNAL_IP}"),
+        ),
+    );
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+    );
+    site.start_agents();
+    let timeout = Duration::from_secs(10);
+    let nodeport = format!("{NODE_A_IP}:30080");
+
+    // TCP: the pod answers, and sees the client's own address.
+    let names = site.probe_until(&["tcp", &nodeport, "--count", "10"], timeout, |r| {
+        r.replies.get("pod-a") == Some(&10)
+    });
+    eprintln!("TCP NodePort: {names:?}");
+    let whoami = site.probe(&["tcp", &nodeport, "--count", "10", "--whoami"]);
+    assert!(all_from(&whoami, CLIENT_IP), "{whoami:?}\n{}", site.logs());
+
+    // UDP: replies come from the NodePort the client sent to.
+    let udp_nodeport = format!("{NODE_A_IP}:30081");
+    let udp = site.probe(&["udp", &udp_nodeport, "--count", "10", "--whoami"]);
+    assert!(all_from(&udp, CLIENT_IP), "{udp:?}\n{}", site.logs());
+    assert_eq!(
+        udp.peers.get(&udp_nodeport),
+        Some(&10),
+        "reply source: {udp:?}"
+    );
+
+    // externalIP at the service port, TCP and UDP.
+    let external = format!("{EXTERNAL_IP}:80");
+    let tcp = site.probe(&["tcp", &external, "--count", "10", "--whoami"]);
+    assert!(all_from(&tcp, CLIENT_IP), "{tcp:?}\n{}", site.logs());
+    let external_udp = format!("{EXTERNAL_IP}:53");
+    let udp = site.probe(&["udp", &external_udp, "--count", "10"]);
+    assert_eq!(
+        udp.replies.get("pod-a"),
+        Some(&10),
+        "{udp:?}\n{}",
+        site.logs()
+    );
+    assert_eq!(
+        udp.peers.get(&external_udp),
+        Some(&10),
+        "reply source: {udp:?}"
+    );
+
+    // A pod's port unreachable comes back as an error about the NodePort: a connected UDP
+    // socket of the client sees the refusal (ICMP translated at tc egress).
+    let closed_yaml = service_yaml("closed", "10.96.0.11", 30090, "");
+    site.write_manifest("closed.yaml", &closed_yaml);
+    let closed_slice = slice_yaml("closed", &[(&site.pod_ip("pod-a"), "node-a")]).replace(
+        &format!("port: {POD_PORT}\nendpoints"),
+        "port: 9999\nendpoints",
+    );
+    site.write_manifest("closed-slice.yaml", &closed_slice);
+    let refused = site.probe_until(
+        &[
+            "udp",
+            &format!("{NODE_A_IP}:30091"),
+            "--connected",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "1000",
+        ],
+        timeout,
+        |r| {
+            r.first_error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused"))
+        },
+    );
+    eprintln!("UDP to a closed pod port: {refused:?}");
+
+    // A port no service uses is the node's own: refused by its stack, at once.
+    let closed = site.probe(&[
+        "tcp",
+        &format!("{NODE_A_IP}:30099"),
+        "--count",
+        "1",
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert_eq!(closed.failures(), 1, "{closed:?}");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_and_reports_health()
+{
+    let mut site = Site::new(&["pod-a"], false);
+    let local = "externalTrafficPolicy: Local\nhealthCheckNodePort: 32100";
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, local));
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+    );
+    site.start_agents();
+    let timeout = Duration::from_secs(10);
+    let nodeport = format!("{NODE_A_IP}:30080");
+    let health = format!("{NODE_A_IP}:32100");
+
+    let whoami = site.probe_until(
+        &["tcp", &nodeport, "--count", "10", "--whoami"],
+        timeout,
+        |r| all_from(r, CLIENT_IP),
+    );
+    eprintln!("eTP Local, local endpoint: {whoami:?}");
+    let (status, body) = site
+        .http_get(&health)
+        .expect("health-check node port answers");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(
+        json,
+        serde_json::json!({"service": {"namespace": "default", "name": "web"}, "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+
+    // The only endpoint moves to another node: this node drops (no refusal), health is 503.
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(REMOTE_POD_IP, "node-b")]),
+    );
+    let started = Instant::now();
+    loop {
+        let answer = site.http_get(&health);
+        if matches!(&answer, Ok((503, _))) {
+            let json: serde_json::Value = serde_json::from_str(&answer.unwrap().1).unwrap();
+            assert_eq!(json["localEndpoints"], 0);
+            break;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "health never turned 503: {answer:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dropped = site.probe(&["tcp", &nodeport, "--count", "2", "--timeout-ms", "500"]);
+    assert!(
+        dropped.replies.is_empty() && dropped.failures() == 2,
+        "{dropped:?}"
+    );
+    let first = dropped.first_error.clone().unwrap_or_default();
+    assert!(
+        !first.contains("refused"),
+        "dropped, not refused: {dropped:?}"
+    );
+
+    // Back to Cluster: the health-check port stops answering.
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    let started = Instant::now();
+    while site.http_get(&health).is_ok() {
+        assert!(
+            started.elapsed() < timeout,
+            "health port still answers\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn external_traffic_policy_cluster_reaches_a_pod_on_another_node_through_snat() {
+    let mut site = Site::new(&["pod-a"], true);
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(REMOTE_POD_IP, "node-b")]),
+    );
+    site.start_agents();
+    let timeout = Duration::from_secs(10);
+    let nodeport = format!("{NODE_A_IP}:30080");
+
+    // Through node-a to node-b's pod: the pod sees node-a's address, on an SNAT port.
+    let whoami = site.probe_until(
+        &["tcp", &nodeport, "--count", "20", "--whoami"],
+        timeout,
+        |r| all_from(r, NODE_A_IP),
+    );
+    for seen in whoami.replies.keys() {
+        let port: u16 = seen.rsplit(':').next().unwrap().parse().unwrap();
+        assert!(port >= 61_000, "SNAT port {port} outside the SNAT range");
+    }
+    eprintln!("eTP Cluster, remote endpoint, via node-a: {whoami:?}");
+    let udp_nodeport = format!("{NODE_A_IP}:30081");
+    let udp = site.probe(&["udp", &udp_nodeport, "--count", "10", "--whoami"]);
+    assert!(all_from(&udp, NODE_A_IP), "{udp:?}\n{}", site.logs());
+    assert_eq!(
+        udp.peers.get(&udp_nodeport),
+        Some(&10),
+        "reply source: {udp:?}"
+    );
+
+    // The same service through node-b, where the pod is local: no SNAT.
+    let via_b = site.probe(&[
+        "tcp",
+        &format!("{NODE_B_IP}:30080"),
+        "--count",
+        "10",
+        "--whoami",
+    ]);
+    assert!(all_from(&via_b, CLIENT_IP), "{via_b:?}\n{}", site.logs());
+
+    // Local and remote endpoints: flows spread over both; the local one is reached without
+    // SNAT (it sees the client), the remote one with it (it sees node-a).
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web",
+            &[(&site.pod_ip("pod-a"), "node-a"), (REMOTE_POD_IP, "node-b")],
+        ),
+    );
+    let spread = site.probe_until(&["tcp", &nodeport, "--count", "40"], timeout, |r| {
+        r.replies.len() == 2
+    });
+    assert_eq!(spread.failures(), 0, "{spread:?}");
+    eprintln!(
+        "eTP Cluster, one local and one remote endpoint: {:?}",
+        spread.replies
+    );
+    let whoami = site.probe(&["tcp", &nodeport, "--count", "40", "--whoami"]);
+    assert_eq!(whoami.failures(), 0, "{whoami:?}");
+    let from_client = whoami
+        .replies
+        .keys()
+        .filter(|k| k.starts_with(&format!("{CLIENT_IP}:")))
+        .count();
+    let from_node = whoami
+        .replies
+        .keys()
+        .filter(|k| k.starts_with(&format!("{NODE_A_IP}:")))
+        .count();
+    assert!(
+        from_client > 0 && from_node > 0 && from_client + from_node == whoami.replies.len(),
+        "{whoami:?}"
+    );
+}
+
+#[test]
+fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
+    let mut site = Site::new(&["pod-a"], false);
+    run(
+        site.node_a.netns(),
+        &["ip", "addr", "add", "192.168.60.3/24", "dev", LAN_IFACE],
+    );
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+    );
+    // A second interface whose driver has no native XDP (a bridge): generic mode, said in the
+    // log.
+    run(
+        site.node_a.netns(),
+        &["ip", "link", "add", "dum0", "type", "bridge"],
+    );
+    run(site.node_a.netns(), &["ip", "link", "set", "dum0", "up"]);
+    site.start_agents_with(&[
+        "--nodeport-addresses",
+        &format!("{NODE_A_IP}/32"),
+        "--nodeport-iface",
+        "dum0",
+    ]);
+    site.agents[0].wait_for_log("iface=dum0", AGENT_START_TIMEOUT);
+    site.agents[0].wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
+    let log = site.agents[0].log();
+    let mode_of = |iface: &str| {
+        log.lines()
+            .find(|l| {
+                l.contains("north-south programs attached") && l.contains(&format!("iface={iface}"))
+            })
+            .map(|l| {
+                if l.contains("xdp_mode=native") {
+                    "native"
+                } else if l.contains("xdp_mode=generic") {
+                    "generic"
+                } else {
+                    "?"
+                }
+            })
+    };
+    assert_eq!(mode_of(LAN_IFACE), Some("native"), "{log}");
+    assert_eq!(mode_of("dum0"), Some("generic"), "{log}");
+
+    let served = site.probe_until(
+        &["tcp", &format!("{NODE_A_IP}:30080"), "--count", "5"],
+        Duration::from_secs(10),
+        |r| r.replies.get("pod-a") == Some(&5),
+    );
+    assert_eq!(served.failures(), 0);
+    // The other address of the same interface is not a NodePort address: the node's own
+    // stack refuses the connection.
+    let other = site.probe(&[
+        "tcp",
+        "192.168.60.3:30080",
+        "--count",
+        "3",
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert!(
+        other.replies.is_empty() && other.failures() == 3,
+        "{other:?}"
+    );
+    assert!(
+        other
+            .first_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("refused"),
+        "refused by the node, not translated: {other:?}"
+    );
+}
