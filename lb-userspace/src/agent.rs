@@ -16,7 +16,7 @@ use tokio::{
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels},
     dataplane::{Dataplane, Limits, bpffs::PinDir, privileges, stats::ServiceStatsMap},
-    model::{self, DesiredState, Diagnostic, ProxyIdentity, Severity},
+    model::{DesiredState, Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, Severity},
     reconcile::{Reconciler, SyncReport},
     source::{Snapshot, kube, manifests},
 };
@@ -78,7 +78,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
-    let mut loop_state = LoopState::default();
+    let mut loop_state = LoopState::new(&config.identity);
     let mut next_sync = tokio::time::Instant::now();
 
     let outcome = loop {
@@ -93,11 +93,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 let Some(snapshot) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                sync(&snapshot, &config, &mut reconciler, &mut maps, &state, &mut loop_state);
+                let ids = sync(&snapshot, &mut reconciler, &mut maps, &state, &mut loop_state);
                 if let Some(nodeport) = &mut nodeport {
                     nodeport.sync(&snapshot.objects, &config.identity, &mut dataplane)?;
                 }
-                if let Err(error) = stats.track(&reconciler.service_ids().map(|(_, id)| id).collect()) {
+                if let Err(error) = stats.track(&ids.added, &ids.removed) {
                     tracing::warn!(%error, "could not update the per-service counters map");
                 }
                 if !loop_state.attached {
@@ -181,51 +181,79 @@ async fn track_staleness(mut stale: watch::Receiver<bool>, state: Arc<AgentState
 }
 
 /// What the loop remembers between syncs.
-#[derive(Default)]
 struct LoopState {
     attached: bool,
+    /// The desired state, kept by difference.
+    model: Model,
+    /// Whether a full sync ran (the first one compares every frontend, after adopting maps
+    /// an earlier agent left; later ones only the frontends the model reports changed).
+    synced: bool,
     /// Problems already logged (a bad file is not re-reported on every sync).
     reported: BTreeSet<String>,
-    /// The trigger time of each EndpointSlice already measured.
-    triggers: BTreeMap<String, String>,
-    /// Metric labels of each programmed service id.
+    /// Service id of each programmed frontend, and the metric labels of each id.
+    ids: BTreeMap<Frontend, u32>,
     labels: BTreeMap<u32, ServiceLabels>,
+}
+
+impl LoopState {
+    fn new(identity: &ProxyIdentity) -> Self {
+        Self {
+            attached: false,
+            model: Model::new(identity.clone()),
+            synced: false,
+            reported: BTreeSet::new(),
+            ids: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Service ids that came and went in one sync (for the per-service counters).
+#[derive(Default)]
+struct IdChanges {
+    added: Vec<u32>,
+    removed: Vec<u32>,
 }
 
 /// One pass: snapshot → desired state → map writes, logging and recording what changed.
 fn sync(
     snapshot: &Snapshot,
-    config: &RunConfig,
     reconciler: &mut Reconciler,
     maps: &mut crate::dataplane::BpfServiceMaps,
     state: &AgentState,
     loop_state: &mut LoopState,
-) {
+) -> IdChanges {
     let started = Instant::now();
-    let (desired, diagnostics) = model::build(&snapshot.objects, &config.identity);
-    report_new_problems(snapshot, &diagnostics, &mut loop_state.reported, state);
-    let report = reconciler.sync(&desired, maps);
+    let changes = loop_state.model.update(&snapshot.objects);
+    let desired = loop_state.model.desired();
+    let report = if loop_state.synced {
+        reconciler.sync_frontends(desired, &changes.frontends, maps)
+    } else {
+        reconciler.sync(desired, maps)
+    };
     let took = started.elapsed();
+    report_new_problems(
+        snapshot,
+        &loop_state.model.diagnostics(),
+        &mut loop_state.reported,
+        state,
+    );
     for (frontend, error) in &report.failed {
         tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
     }
-    record_sync(state, &desired, &report, took);
-    record_programming_latency(snapshot, state, loop_state);
-    loop_state.labels = reconciler
-        .service_ids()
-        .filter_map(|(frontend, id)| {
-            let service = desired.services.get(&frontend)?;
-            Some((
-                id,
-                ServiceLabels {
-                    namespace: service.name.namespace.clone(),
-                    name: service.name.name.clone(),
-                    port: service.name.port.clone(),
-                    frontend: frontend.to_string(),
-                },
-            ))
-        })
-        .collect();
+    record_sync(state, desired, &report, took);
+    record_programming_latency(snapshot, &changes.slices, state);
+    let touched: Vec<Frontend> = if loop_state.synced {
+        changes.frontends.iter().copied().collect()
+    } else {
+        reconciler
+            .service_ids()
+            .map(|(frontend, _)| frontend)
+            .collect()
+    };
+    let ids = track_ids(&touched, reconciler, state, loop_state);
+    loop_state.synced = true;
+    let desired = loop_state.model.desired();
     if report.added + report.updated + report.removed > 0 || !report.failed.is_empty() {
         tracing::info!(
             services = desired.services.len(),
@@ -243,6 +271,49 @@ fn sync(
             "sync complete, nothing changed"
         );
     }
+    ids
+}
+
+/// Follows the service id of each touched frontend, keeping the metric labels of each id.
+fn track_ids(
+    touched: &[Frontend],
+    reconciler: &Reconciler,
+    state: &AgentState,
+    loop_state: &mut LoopState,
+) -> IdChanges {
+    let mut ids = IdChanges::default();
+    for frontend in touched {
+        let before = loop_state.ids.get(frontend).copied();
+        let now = reconciler.service_id(frontend);
+        if before != now
+            && let Some(old) = before
+        {
+            loop_state.ids.remove(frontend);
+            if let Some(labels) = loop_state.labels.remove(&old) {
+                state.metrics.forwarded.remove(&labels);
+                state.metrics.refused.remove(&labels);
+            }
+            ids.removed.push(old);
+        }
+        let (Some(id), Some(service)) = (now, loop_state.model.desired().services.get(frontend))
+        else {
+            continue;
+        };
+        if before != now {
+            ids.added.push(id);
+        }
+        loop_state.ids.insert(*frontend, id);
+        loop_state.labels.insert(
+            id,
+            ServiceLabels {
+                namespace: service.name.namespace.clone(),
+                name: service.name.name.clone(),
+                port: service.name.port.clone(),
+                frontend: frontend.to_string(),
+            },
+        );
+    }
+    ids
 }
 
 fn record_sync(state: &AgentState, desired: &DesiredState, report: &SyncReport, took: Duration) {
@@ -293,34 +364,27 @@ fn record_capacities(state: &AgentState, limits: &Limits) {
     }
 }
 
-/// kube-proxy's network programming latency: from each EndpointSlice change (its
-/// `last-change-trigger-time` annotation) to now, when the maps serve it; slices without the
+/// kube-proxy's network programming latency: from each changed EndpointSlice's
+/// `last-change-trigger-time` annotation to now, when the maps serve it; slices without the
 /// annotation (hand-written ones) count from when the change was noticed.
-fn record_programming_latency(snapshot: &Snapshot, state: &AgentState, loop_state: &mut LoopState) {
+fn record_programming_latency(snapshot: &Snapshot, changed: &[ObjectKey], state: &AgentState) {
     let now = jiff::Timestamp::now();
-    let mut seen = BTreeMap::new();
-    for (key, slice) in &snapshot.objects.endpoint_slices {
-        let trigger = slice
-            .metadata
-            .annotations
-            .as_ref()
+    for key in changed {
+        let trigger = snapshot
+            .objects
+            .endpoint_slices
+            .get(key)
+            .and_then(|slice| slice.metadata.annotations.as_ref())
             .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            .cloned()
-            .or_else(|| slice.metadata.resource_version.clone())
-            .unwrap_or_default();
-        let name = key.to_string();
-        let changed = loop_state.triggers.get(&name) != Some(&trigger);
-        if changed && !loop_state.triggers.is_empty() {
-            let latency = trigger
-                .parse::<jiff::Timestamp>()
-                .ok()
-                .and_then(|at| now.duration_since(at).try_into().ok())
-                .unwrap_or_else(|| snapshot.changed_at.elapsed());
-            state.metrics.network_programming.observe(latency.as_secs_f64());
-        }
-        seen.insert(name, trigger);
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        let latency = trigger
+            .and_then(|at| now.duration_since(at).try_into().ok())
+            .unwrap_or_else(|| snapshot.changed_at.elapsed());
+        state
+            .metrics
+            .network_programming
+            .observe(latency.as_secs_f64());
     }
-    loop_state.triggers = seen;
 }
 
 /// Reads the per-CPU counters and publishes them per service.

@@ -28,9 +28,8 @@ pub fn collect(bpffs: &Path, healthz: SocketAddr) -> Status {
         bpffs_mounted: is_bpffs(bpffs),
         links: links::list(&pins.links()),
         maps: inspect::pinned_maps(&pins.maps()),
-        agent: fetch_healthz(healthz).unwrap_or_else(|error| {
-            serde_json::json!({ "running": false, "error": error })
-        }),
+        agent: fetch_healthz(healthz)
+            .unwrap_or_else(|error| serde_json::json!({ "running": false, "error": error })),
     }
 }
 
@@ -39,14 +38,20 @@ fn fetch_healthz(address: SocketAddr) -> Result<serde_json::Value, String> {
     let timeout = Duration::from_secs(2);
     let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
         .map_err(|e| format!("no agent answering on {address}: {e}"))?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(stream, "GET /healthz HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET /healthz HTTP/1.0\r\nHost: {address}\r\n\r\n")
+        .map_err(|e| e.to_string())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
     let (head, body) = response.split_once("\r\n\r\n").ok_or("malformed answer")?;
     let mut value: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
     value["running"] = true.into();
-    value["healthy"] = (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).into();
+    value["healthy"] =
+        (head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")).into();
     Ok(value)
 }
 
@@ -55,7 +60,11 @@ pub fn text(status: &Status) -> String {
     let mut out = format!(
         "bpffs: {} ({})\n",
         status.bpffs,
-        if status.bpffs_mounted { "bpffs" } else { "not bpffs: nothing pinned" }
+        if status.bpffs_mounted {
+            "bpffs"
+        } else {
+            "not bpffs: nothing pinned"
+        }
     );
     out.push_str("\nATTACHED\n");
     if status.links.is_empty() {
@@ -68,8 +77,14 @@ pub fn text(status: &Status) -> String {
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let id = link.program_id.map(|id| id.to_string()).unwrap_or("?".into());
-        out.push_str(&format!("  {:<14} {:<22} program id {}\n", link.program, where_, id));
+        let id = link
+            .program_id
+            .map(|id| id.to_string())
+            .unwrap_or("?".into());
+        out.push_str(&format!(
+            "  {:<14} {:<22} program id {}\n",
+            link.program, where_, id
+        ));
     }
     out.push_str("\nMAPS\n");
     for map in &status.maps {
@@ -86,8 +101,16 @@ pub fn text(status: &Status) -> String {
             "  source {}, last sync {}, {}{}\n",
             agent["source"].as_str().unwrap_or("?"),
             agent["lastUpdated"].as_str().unwrap_or("never"),
-            if agent["healthy"] == true { "healthy" } else { "unhealthy" },
-            if agent["stale"] == true { " (source unreachable: serving the last known state)" } else { "" },
+            if agent["healthy"] == true {
+                "healthy"
+            } else {
+                "unhealthy"
+            },
+            if agent["stale"] == true {
+                " (source unreachable: serving the last known state)"
+            } else {
+                ""
+            },
         ));
     } else {
         out.push_str(&format!(

@@ -504,7 +504,12 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     let (status, body) = http_get(&healthz, "/healthz");
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(health["lastUpdated"].as_str().is_some_and(|t| t.contains('T')), "{body}");
+    assert!(
+        health["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| t.contains('T')),
+        "{body}"
+    );
     assert!(health["currentTime"].as_str().is_some(), "{body}");
     assert_eq!(http_get(&healthz, "/livez").0, 200);
     assert_eq!(http_get(&metrics, "/proxyMode").1, "ebpf");
@@ -532,16 +537,34 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<u64>().ok())
     };
-    assert_eq!(counter("lb_service_forwarded_total", "web"), Some(7), "{text}");
-    assert_eq!(counter("lb_service_refused_total", "empty"), Some(3), "{text}");
+    assert_eq!(
+        counter("lb_service_forwarded_total", "web"),
+        Some(7),
+        "{text}"
+    );
+    assert_eq!(
+        counter("lb_service_refused_total", "empty"),
+        Some(3),
+        "{text}"
+    );
     eprintln!("{text}");
 
     let bpffs = cluster.bpffs.path().display().to_string();
     let status: serde_json::Value = serde_json::from_str(&cluster.agent_command(&[
-        "status", "--bpffs", &bpffs, "--healthz-addr", &healthz, "-o", "json",
+        "status",
+        "--bpffs",
+        &bpffs,
+        "--healthz-addr",
+        &healthz,
+        "-o",
+        "json",
     ]))
     .unwrap();
-    assert_eq!(status["links"].as_array().map(Vec::len), Some(4), "{status}");
+    assert_eq!(
+        status["links"].as_array().map(Vec::len),
+        Some(4),
+        "{status}"
+    );
     let services = status["maps"]
         .as_array()
         .unwrap()
@@ -552,7 +575,16 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     assert_eq!(services["entries"], 2, "{status}");
     assert_eq!(services["capacity"], 65536, "{status}");
     assert_eq!(status["agent"]["running"], true, "{status}");
-    assert!(status["agent"]["source"].as_str().unwrap().starts_with("manifests:"), "{status}");
-    eprintln!("{}", cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz]));
+    assert!(
+        status["agent"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("manifests:"),
+        "{status}"
+    );
+    eprintln!(
+        "{}",
+        cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz])
+    );
     eprintln!("{}", cluster.agent_command(&["list", "--bpffs", &bpffs]));
 }

@@ -128,18 +128,20 @@ impl Dataplane {
 
     /// The highest service id and backend id that session-affinity entries name.
     pub fn affinity_high_water(&self) -> anyhow::Result<(u32, u32)> {
-        let map = self
-            .ebpf
-            .map(map_names::AFFINITY_V4)
-            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::AFFINITY_V4))?;
+        let map = self.ebpf.map(map_names::AFFINITY_V4).ok_or_else(|| {
+            anyhow!(
+                "map {} missing from the eBPF object",
+                map_names::AFFINITY_V4
+            )
+        })?;
         let affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
             aya::maps::HashMap::try_from(map)?;
-        Ok(affinity
-            .iter()
-            .filter_map(Result::ok)
-            .fold((0, 0), |(service, backend), (key, value)| {
+        Ok(affinity.iter().filter_map(Result::ok).fold(
+            (0, 0),
+            |(service, backend), (key, value)| {
                 (service.max(key.service_id), backend.max(value.backend_id))
-            }))
+            },
+        ))
     }
 
     /// The per-service counters.

@@ -1,6 +1,6 @@
 //! Per-service counters the programs keep in a per-CPU map (no atomics on the connect path);
 //! the agent creates and removes the entries with the services and sums the CPUs on read.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -31,13 +31,17 @@ impl ServiceStatsMap {
         })
     }
 
-    /// Makes the map hold exactly one entry per id in `services` (new ones start at zero).
-    pub fn track(&mut self, services: &BTreeSet<u32>) -> anyhow::Result<()> {
-        let present: BTreeSet<u32> = self.map.keys().filter_map(Result::ok).collect();
-        for gone in present.difference(services) {
-            self.map.remove(gone)?;
+    /// Adds a zeroed entry for each new service id and removes the entries of removed ones
+    /// (an id already present, left by an earlier agent, keeps its counts).
+    pub fn track(&mut self, added: &[u32], removed: &[u32]) -> anyhow::Result<()> {
+        for gone in removed {
+            // Already gone is fine: nothing to count for it.
+            let _ = self.map.remove(gone);
         }
-        for new in services.difference(&present) {
+        for new in added {
+            if self.map.get(new, 0).is_ok() {
+                continue;
+            }
             let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.cpus])?;
             self.map.insert(*new, zero, 0)?;
         }

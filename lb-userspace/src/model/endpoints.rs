@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -40,6 +41,51 @@ pub struct NodeView {
 /// The endpoints of one service port, by backend address.
 pub type PortEndpoints = BTreeMap<Backend, Endpoint>;
 
+/// The EndpointSlices of each service (namespace and `kubernetes.io/service-name` label),
+/// grouped once per snapshot so each service looks at its own slices only: a build stays
+/// linear in the number of objects.
+pub struct SliceIndex<'a> {
+    by_service: BTreeMap<ObjectKey, Vec<(&'a ObjectKey, &'a Arc<EndpointSlice>)>>,
+}
+
+impl<'a> SliceIndex<'a> {
+    pub fn new(slices: &'a BTreeMap<ObjectKey, Arc<EndpointSlice>>) -> Self {
+        let mut by_service: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for (key, slice) in slices {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
+            if let Some(service) = service {
+                by_service
+                    .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
+                    .or_default()
+                    .push((key, slice));
+            }
+        }
+        Self { by_service }
+    }
+
+    /// An index holding only the slices of one service.
+    pub fn of_service(
+        service: &ObjectKey,
+        slices: Vec<(&'a ObjectKey, &'a Arc<EndpointSlice>)>,
+    ) -> Self {
+        Self {
+            by_service: BTreeMap::from([(service.clone(), slices)]),
+        }
+    }
+
+    /// The slices of `service`, in key order.
+    pub fn of(&self, service: &ObjectKey) -> &[(&'a ObjectKey, &'a Arc<EndpointSlice>)] {
+        self.by_service
+            .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
 /// Collects the endpoints of the port named `port_name` (protocol `protocol`) of the service
 /// `service`, from every slice labelled with its name. `all_ready` treats every endpoint as
 /// ready (`publishNotReadyAddresses`).
@@ -48,11 +94,11 @@ pub fn collect(
     port_name: &str,
     protocol: Protocol,
     all_ready: bool,
-    slices: &BTreeMap<ObjectKey, EndpointSlice>,
+    slices: &SliceIndex<'_>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> PortEndpoints {
     let mut merged = PortEndpoints::new();
-    for (key, slice) in slices_of(service, slices) {
+    for &(key, slice) in slices.of(service) {
         if slice.address_type != "IPv4" {
             // IPv6 slices are a later family; FQDN slices are ignored, as kube-proxy does.
             continue;
@@ -120,21 +166,6 @@ impl HasName for k8s_openapi::api::discovery::v1::ForNode {
     fn name(&self) -> &str {
         &self.name
     }
-}
-
-fn slices_of<'a>(
-    service: &'a ObjectKey,
-    slices: &'a BTreeMap<ObjectKey, EndpointSlice>,
-) -> impl Iterator<Item = (&'a ObjectKey, &'a EndpointSlice)> {
-    slices.iter().filter(move |(key, slice)| {
-        key.namespace == service.namespace
-            && slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-                .is_some_and(|name| *name == service.name)
-    })
 }
 
 /// The port number of the slice's port matching the service port by name and protocol.

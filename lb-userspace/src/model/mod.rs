@@ -4,6 +4,7 @@
 pub mod desired;
 pub mod endpoints;
 pub mod external;
+pub mod incremental;
 pub mod objects;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -17,6 +18,7 @@ pub use desired::{
     Severity,
 };
 pub use endpoints::NodeView;
+pub use incremental::{Changes, Model};
 pub use objects::{ObjectKey, ObjectRef, Objects};
 
 /// A service carrying this label belongs to the proxy of that name.
@@ -40,18 +42,12 @@ pub struct ProxyIdentity {
 }
 
 /// Computes the desired state from a snapshot of objects. Problems with single objects end up
-/// in the returned diagnostics; they never stop the rest from being computed.
+/// in the returned diagnostics; they never stop the rest from being computed. The agent keeps
+/// a [`Model`] instead, which gives the same result by difference.
 pub fn build(objects: &Objects, identity: &ProxyIdentity) -> (DesiredState, Vec<Diagnostic>) {
-    let mut state = DesiredState::default();
-    let mut diagnostics = Vec::new();
-    let node = node_view(objects, identity);
-    for (key, service) in &objects.services {
-        if !is_ours(service, identity) {
-            continue;
-        }
-        add_service(key, service, objects, &node, &mut state, &mut diagnostics);
-    }
-    (state, diagnostics)
+    let mut model = Model::new(identity.clone());
+    model.update(objects);
+    (model.desired().clone(), model.diagnostics())
 }
 
 fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
@@ -88,7 +84,7 @@ pub fn is_ours(service: &Service, identity: &ProxyIdentity) -> bool {
 fn add_service(
     key: &ObjectKey,
     service: &Service,
-    objects: &Objects,
+    slices: &endpoints::SliceIndex<'_>,
     node: &NodeView,
     state: &mut DesiredState,
     diagnostics: &mut Vec<Diagnostic>,
@@ -162,7 +158,7 @@ fn add_service(
             &port_name,
             protocol,
             all_ready,
-            &objects.endpoint_slices,
+            slices,
             &mut endpoint_diagnostics,
         );
         let categorized = endpoints::categorize(&endpoints, node);

@@ -1,7 +1,7 @@
 //! The Kubernetes objects the model is computed from, as one snapshot. Both sources (the API
 //! server and the manifest directory) fill this same structure, so one code path turns
 //! objects into state.
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -52,11 +52,13 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Everything the model needs, keyed by namespace/name.
+/// Everything the model needs, keyed by namespace/name. Objects sit behind `Arc`s that a
+/// source keeps while the object does not change: the model recomputes a service only when
+/// one of its `Arc`s is new (see `model::incremental`).
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     /// Nodes by name; the model only looks at this node's.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
 }

@@ -3,7 +3,7 @@
 //! that must end in exactly the state a fresh build computes.
 //!
 //! The builders are `pub(crate)` so the reconciler's model-based tests can use them too.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -232,12 +232,14 @@ pub(crate) fn node(name: &str, zone: Option<&str>) -> Node {
 pub(crate) fn objects(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Objects {
     let mut objects = Objects::default();
     for s in services {
-        objects.services.insert(ObjectKey::of(&s.metadata), s);
+        objects
+            .services
+            .insert(ObjectKey::of(&s.metadata), Arc::new(s));
     }
     for s in slices {
         objects
             .endpoint_slices
-            .insert(ObjectKey::of(&s.metadata), s);
+            .insert(ObjectKey::of(&s.metadata), Arc::new(s));
     }
     objects
 }
@@ -914,7 +916,10 @@ fn service_without_a_cluster_ip_is_warned() {
     assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
     assert_eq!(diagnostics[0].severity, Severity::Warning);
     assert_eq!(diagnostics[0].object, service_ref("default", "web"));
-    assert!(diagnostics[0].message.contains("no clusterIP"), "{diagnostics:?}");
+    assert!(
+        diagnostics[0].message.contains("no clusterIP"),
+        "{diagnostics:?}"
+    );
 }
 
 #[test]
@@ -1033,10 +1038,12 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
 }
 
 fn with_node_zone(mut objects: Objects, zone: Option<&str>) -> Objects {
-    objects.nodes.insert(NODE.into(), node(NODE, zone));
     objects
         .nodes
-        .insert("node-b".into(), node("node-b", Some("zone-b")));
+        .insert(NODE.into(), Arc::new(node(NODE, zone)));
+    objects
+        .nodes
+        .insert("node-b".into(), Arc::new(node("node-b", Some("zone-b"))));
     objects
 }
 
@@ -1269,7 +1276,7 @@ fn slices_before_their_service_then_the_service() {
     assert_eq!(diagnostics, vec![]);
     objects_now
         .services
-        .insert(ObjectKey::new("default", "web"), web());
+        .insert(ObjectKey::new("default", "web"), Arc::new(web()));
     let (state, _) = build_default(&objects_now);
     assert_eq!(
         backends_of(&state, tcp("10.96.0.10", 80)),
@@ -1300,7 +1307,7 @@ fn service_type_external_name_to_cluster_ip_and_back() {
     assert_eq!(state, DesiredState::default());
 
     // The API server allocates a ClusterIP when the type changes.
-    let mut updated = current.services[&key].clone();
+    let mut updated = Service::clone(&current.services[&key]);
     {
         let spec = spec(&mut updated);
         spec.type_ = Some("ClusterIP".into());
@@ -1308,7 +1315,7 @@ fn service_type_external_name_to_cluster_ip_and_back() {
         spec.cluster_ip = Some("10.96.0.10".into());
         spec.cluster_ips = Some(vec!["10.96.0.10".into()]);
     }
-    current.services.insert(key.clone(), updated);
+    current.services.insert(key.clone(), Arc::new(updated));
     steps.push((current.clone(), objects(vec![web()], slices.clone())));
     let (state, _) = build_default(&current);
     assert_eq!(
@@ -1316,7 +1323,7 @@ fn service_type_external_name_to_cluster_ip_and_back() {
         backends(&[("10.244.1.1", 8080)])
     );
 
-    current.services.insert(key, external());
+    current.services.insert(key, Arc::new(external()));
     steps.push((current.clone(), objects(vec![external()], slices.clone())));
     let (state, _) = build_default(&current);
     assert_eq!(state, DesiredState::default());
@@ -1331,7 +1338,7 @@ fn cluster_ip_change_moves_the_frontend() {
     let first = current.clone();
     current
         .services
-        .insert(ObjectKey::new("default", "web"), moved());
+        .insert(ObjectKey::new("default", "web"), Arc::new(moved()));
     let (state, _) = build_default(&current);
     assert_eq!(
         state.services.keys().copied().collect::<Vec<_>>(),
@@ -1369,7 +1376,7 @@ fn ports_added_and_removed() {
     let mut current = objects(vec![web()], slices_one());
     let mut steps = vec![(current.clone(), objects(vec![web()], slices_one()))];
     // Port added to the service before the controller updates the slice: no endpoints yet.
-    current.services.insert(key.clone(), two_ports());
+    current.services.insert(key.clone(), Arc::new(two_ports()));
     steps.push((current.clone(), objects(vec![two_ports()], slices_one())));
     let (state, _) = build_default(&current);
     assert_eq!(backends_of(&state, tcp("10.96.0.10", 443)), BTreeSet::new());
@@ -1382,7 +1389,7 @@ fn ports_added_and_removed() {
         backends(&[("10.244.1.1", 8443)])
     );
     // Port 80 removed.
-    current.services.insert(key.clone(), https_only());
+    current.services.insert(key.clone(), Arc::new(https_only()));
     steps.push((current.clone(), objects(vec![https_only()], slices_two())));
     let (state, _) = build_default(&current);
     assert_eq!(

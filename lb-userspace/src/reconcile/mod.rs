@@ -166,8 +166,12 @@ impl Reconciler {
     /// Keeps ids up to these from being handed out again: session-affinity entries outlive
     /// the services and backends they name, and must never come to name another one.
     pub fn reserve_ids(&mut self, highest_service_id: u32, highest_backend_id: u32) {
-        self.next_service_id = self.next_service_id.max(highest_service_id.saturating_add(1));
-        self.next_backend_id = self.next_backend_id.max(highest_backend_id.saturating_add(1));
+        self.next_service_id = self
+            .next_service_id
+            .max(highest_service_id.saturating_add(1));
+        self.next_backend_id = self
+            .next_backend_id
+            .max(highest_backend_id.saturating_add(1));
     }
 
     /// The service id of every programmed frontend.
@@ -188,35 +192,43 @@ impl Reconciler {
 
     /// Makes the maps serve `desired`, writing only what differs.
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl ServiceMaps) -> SyncReport {
+        let mut frontends: BTreeSet<Frontend> = desired.services.keys().copied().collect();
+        frontends.extend(self.programmed.keys().filter_map(frontend_of));
+        self.sync_frontends(desired, &frontends, maps)
+    }
+
+    /// Like [`Reconciler::sync`], looking only at `frontends` (the ones the model says
+    /// changed): the cost of a change does not grow with the number of services.
+    pub fn sync_frontends(
+        &mut self,
+        desired: &DesiredState,
+        frontends: &BTreeSet<Frontend>,
+        maps: &mut impl ServiceMaps,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
-        let wanted: BTreeMap<Service4Key, (&Frontend, &DesiredService)> = desired
-            .services
+        // Removals first, so a frontend that moves frees map room before others take it.
+        for frontend in frontends
             .iter()
-            .map(|(frontend, service)| (service_key(frontend), (frontend, service)))
-            .collect();
-        let gone: Vec<Service4Key> = self
-            .programmed
-            .keys()
-            .filter(|key| !wanted.contains_key(key))
-            .copied()
-            .collect();
-        for key in gone {
-            let programmed = self.programmed.remove(&key).expect("listed above");
+            .filter(|f| !desired.services.contains_key(f))
+        {
+            let key = service_key(frontend);
+            let Some(programmed) = self.programmed.remove(&key) else {
+                continue;
+            };
             match remove_service(&key, &programmed, maps, &mut report.map_writes) {
                 Ok(()) => report.removed += 1,
-                Err(error) => {
-                    let frontend = frontend_of(&key).expect("programmed keys are valid");
-                    report.failed.push((frontend, error.to_string()));
-                }
+                Err(error) => report.failed.push((*frontend, error.to_string())),
             }
         }
-        for (key, (frontend, service)) in wanted {
+        for frontend in frontends {
+            let Some(service) = desired.services.get(frontend) else {
+                continue;
+            };
+            let key = service_key(frontend);
             let result = match self.programmed.get(&key) {
                 None => self
                     .add(key, service, maps, &mut report.map_writes)
-                    .map(|()| {
-                        report.added += 1;
-                    }),
+                    .map(|()| report.added += 1),
                 Some(_) => self
                     .update(key, service, maps, &mut report.map_writes)
                     .map(|changed| {
@@ -232,6 +244,13 @@ impl Reconciler {
             }
         }
         report
+    }
+
+    /// The service id programmed for `frontend`.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.programmed
+            .get(&service_key(frontend))
+            .map(|p| p.value.service_id)
     }
 
     fn add(

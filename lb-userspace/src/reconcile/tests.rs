@@ -2,7 +2,10 @@
 //! order of writes (checked at every single write: no connect may ever see a half-written
 //! backend set), failures that leave the previous state serving, adoption of maps left by an
 //! earlier agent, and a model-based randomized test from Kubernetes objects to map contents.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use lb_common::{Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, service_flags};
 use proptest::prelude::*;
@@ -756,12 +759,19 @@ fn reserved_ids_are_never_handed_out_again() {
     let mut maps = MemoryMaps::default();
     let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
     reconciler.reserve_ids(10, 20);
-    let desired = state(vec![(web(), desired_service("web", &[backend(1, 80)], None))]);
+    let desired = state(vec![(
+        web(),
+        desired_service("web", &[backend(1, 80)], None),
+    )]);
     let report = reconciler.sync(&desired, &mut maps);
     assert!(report.failed.is_empty(), "{report:?}");
     let service = maps.contents.services.values().next().unwrap();
     assert!(service.service_id > 10, "{service:?}");
-    assert!(maps.contents.backends.keys().all(|id| *id > 20), "{:?}", maps.contents);
+    assert!(
+        maps.contents.backends.keys().all(|id| *id > 20),
+        "{:?}",
+        maps.contents
+    );
 }
 
 #[test]
@@ -984,7 +994,9 @@ fn apply(objects: &mut Objects, event: &Event) {
                 spec.internal_traffic_policy = Some("Local".into());
             }
             spec.publish_not_ready_addresses = Some(*publish_not_ready);
-            objects.services.insert(ObjectKey::of(&svc.metadata), svc);
+            objects
+                .services
+                .insert(ObjectKey::of(&svc.metadata), Arc::new(svc));
         }
         Event::DeleteService(which) => {
             objects
@@ -1037,7 +1049,7 @@ fn apply(objects: &mut Objects, event: &Event) {
             );
             objects
                 .endpoint_slices
-                .insert(ObjectKey::of(&new.metadata), new);
+                .insert(ObjectKey::of(&new.metadata), Arc::new(new));
         }
         Event::DeleteSlice(which) => {
             objects
@@ -1048,7 +1060,7 @@ fn apply(objects: &mut Objects, event: &Event) {
             let this = crate::model::tests::NODE;
             objects
                 .nodes
-                .insert(this.into(), node(this, zone.map(|z| ZONES[z])));
+                .insert(this.into(), Arc::new(node(this, zone.map(|z| ZONES[z]))));
         }
         Event::DeleteNode => {
             objects.nodes.remove(crate::model::tests::NODE);
@@ -1062,8 +1074,21 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
     let mut objects = Objects::default();
     let mut maps = CheckedMaps::default();
     let mut reconciler = Reconciler::adopt(&mut maps).expect("adopt empty maps");
+    // The agent's path: a model kept by difference, syncing only the frontends it reports.
+    let mut model = model::Model::new(identity.clone());
+    let mut incremental_maps = CheckedMaps::default();
+    let mut incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt empty maps");
+    let mut first = true;
     for (step, event) in events.iter().enumerate() {
         apply(&mut objects, event);
+        let changes = model.update(&objects);
+        if first || matches!(event, Event::Restart) {
+            incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt");
+            incremental.sync(model.desired(), &mut incremental_maps);
+            first = false;
+        } else {
+            incremental.sync_frontends(model.desired(), &changes.frontends, &mut incremental_maps);
+        }
         if let Event::Restart = event {
             maps.ops.clear();
             reconciler = Reconciler::adopt(&mut maps).expect("adopt");
@@ -1083,6 +1108,23 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
         let view = maps.contents().view();
         prop_assert_eq!(&view, &fresh.contents().view(), "step {}", step);
         prop_assert_eq!(&view, &view_of(&desired), "step {}", step);
+        prop_assert_eq!(
+            model.desired(),
+            &desired,
+            "step {}: the incremental model",
+            step
+        );
+        prop_assert_eq!(
+            &incremental_maps.contents().view(),
+            &view,
+            "step {}: maps synced by difference",
+            step
+        );
+        if let Err(problem) = exact(incremental_maps.contents(), &desired) {
+            return Err(TestCaseError::fail(format!(
+                "step {step}: incremental: {problem}"
+            )));
+        }
         if let Err(problem) = exact(maps.contents(), &desired) {
             return Err(TestCaseError::fail(format!("step {step}: {problem}")));
         }

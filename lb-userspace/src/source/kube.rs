@@ -491,17 +491,19 @@ impl Stores {
                 .nodes
                 .state()
                 .iter()
-                .map(|node| (node.name_any(), Node::clone(node)))
+                .map(|node| (node.name_any(), Arc::clone(node)))
                 .collect(),
         }
     }
 }
 
-fn by_key<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> BTreeMap<ObjectKey, K> {
+/// The store's objects by key. The `Arc`s are the store's own: an object the watch did not
+/// change keeps its `Arc`, which is how the model knows it need not recompute it.
+fn by_key<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> BTreeMap<ObjectKey, Arc<K>> {
     store
         .state()
-        .iter()
-        .map(|object| (ObjectKey::of(object.meta()), K::clone(object)))
+        .into_iter()
+        .map(|object| (ObjectKey::of(object.meta()), object))
         .collect()
 }
 

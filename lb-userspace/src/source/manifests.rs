@@ -32,19 +32,186 @@ const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
 /// Reads every manifest under `dir` into one snapshot; problems are collected, never fatal.
 pub fn read_dir(dir: &Path) -> Snapshot {
-    let mut reader = Reader::default();
-    match manifest_files(dir) {
-        Ok(files) => {
-            for file in files {
-                reader.read_file(&file);
-            }
+    ManifestCache::default()
+        .read(dir)
+        .unwrap_or_else(|| unreachable!("a first read always yields a snapshot"))
+}
+
+/// What identifies a file's version without reading it: size, modification time, inode (an
+/// editor's or `kubectl get > f`'s atomic replace makes a new inode).
+type FileStamp = (u64, i128, u64);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((
+        meta.len(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        meta.ino(),
+    ))
+}
+
+/// The parsed contents of every file, kept between reads: a file whose stamp did not change
+/// is not read again and keeps its objects' `Arc`s, so the model recomputes only the services
+/// whose files changed.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: BTreeMap<PathBuf, (FileStamp, Arc<Reader>)>,
+    mirrors: BTreeMap<ObjectKey, Mirrored>,
+    listed: bool,
+}
+
+/// The slices mirrored from one v1 Endpoints object.
+struct Mirrored {
+    endpoints: Arc<Endpoints>,
+    slices: Vec<(ObjectKey, Arc<EndpointSlice>)>,
+}
+
+impl ManifestCache {
+    /// A snapshot of `dir`, or `None` when no file changed since the last call.
+    pub fn read(&mut self, dir: &Path) -> Option<Snapshot> {
+        let mut problems = Vec::new();
+        let files = manifest_files(dir).unwrap_or_else(|error| {
+            problems.push(format!(
+                "{}: cannot list the directory: {error}",
+                dir.display()
+            ));
+            Vec::new()
+        });
+        let mut changed = !self.listed || files.len() != self.files.len();
+        let mut next = BTreeMap::new();
+        for file in files {
+            let Some(stamp) = stamp(&file) else { continue };
+            let parsed = match self.files.remove(&file) {
+                Some((old, parsed)) if old == stamp => parsed,
+                _ => {
+                    changed = true;
+                    let mut reader = Reader::default();
+                    reader.read_file(&file);
+                    Arc::new(reader)
+                }
+            };
+            next.insert(file, (stamp, parsed));
         }
-        Err(error) => reader.problems.push(format!(
-            "{}: cannot list the directory: {error}",
-            dir.display()
-        )),
+        changed |= !self.files.is_empty();
+        self.files = next;
+        self.listed = true;
+        changed.then(|| self.merge(problems))
     }
-    reader.finish()
+
+    /// All files' objects in one snapshot; later files win over earlier ones.
+    fn merge(&mut self, mut problems: Vec<String>) -> Snapshot {
+        let mut objects = Objects::default();
+        let mut endpoints = BTreeMap::new();
+        let mut origins = BTreeMap::new();
+        for (file, (_, parsed)) in &self.files {
+            problems.extend(parsed.problems.iter().cloned());
+            let mut merge = Merge {
+                file,
+                origins: &mut origins,
+                problems: &mut problems,
+            };
+            merge.kind(
+                "Service",
+                &mut objects.services,
+                &parsed.objects.services,
+                Clone::clone,
+            );
+            merge.kind(
+                "EndpointSlice",
+                &mut objects.endpoint_slices,
+                &parsed.objects.endpoint_slices,
+                Clone::clone,
+            );
+            merge.kind("Endpoints", &mut endpoints, &parsed.endpoints, Clone::clone);
+            merge.kind("Node", &mut objects.nodes, &parsed.objects.nodes, |name| {
+                ObjectKey::new("default", name.clone())
+            });
+        }
+        self.mirror_endpoints(&endpoints, &mut objects);
+        Snapshot {
+            objects,
+            origins,
+            problems,
+            changed_at: Instant::now(),
+        }
+    }
+
+    /// Mirrors the v1 Endpoints of selector-less services into slices, as Kubernetes'
+    /// mirroring controller does, reusing the slices of Endpoints that did not change.
+    fn mirror_endpoints(
+        &mut self,
+        endpoints: &BTreeMap<ObjectKey, Arc<Endpoints>>,
+        objects: &mut Objects,
+    ) {
+        let mut next = BTreeMap::new();
+        for (key, endpoints) in endpoints {
+            let selectorless = objects
+                .services
+                .get(key)
+                .is_none_or(|s| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
+            let skip = endpoints
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"));
+            if !selectorless || skip {
+                continue;
+            }
+            let mirrored = match self.mirrors.remove(key) {
+                Some(old) if Arc::ptr_eq(&old.endpoints, endpoints) => old,
+                _ => Mirrored {
+                    endpoints: Arc::clone(endpoints),
+                    slices: mirror(key, endpoints)
+                        .into_iter()
+                        .map(|(k, s)| (k, Arc::new(s)))
+                        .collect(),
+                },
+            };
+            for (slice_key, slice) in &mirrored.slices {
+                objects
+                    .endpoint_slices
+                    .insert(slice_key.clone(), Arc::clone(slice));
+            }
+            next.insert(key.clone(), mirrored);
+        }
+        self.mirrors = next;
+    }
+}
+
+/// Merging one file's objects of one kind into the snapshot.
+struct Merge<'a> {
+    file: &'a Path,
+    origins: &'a mut BTreeMap<ObjectRef, PathBuf>,
+    problems: &'a mut Vec<String>,
+}
+
+impl Merge<'_> {
+    fn kind<K: Ord + Clone, V: Clone>(
+        &mut self,
+        kind: &'static str,
+        into: &mut BTreeMap<K, V>,
+        from: &BTreeMap<K, V>,
+        object_key: impl Fn(&K) -> ObjectKey,
+    ) {
+        for (key, value) in from {
+            let reference = ObjectRef {
+                kind,
+                key: object_key(key),
+            };
+            if into.insert(key.clone(), value.clone()).is_some()
+                && let Some(earlier) = self.origins.get(&reference)
+                && earlier != self.file
+            {
+                self.problems.push(format!(
+                    "{}: {reference} is also defined in {}; the later file wins",
+                    self.file.display(),
+                    earlier.display()
+                ));
+            }
+            self.origins.insert(reference, self.file.to_owned());
+        }
+    }
 }
 
 fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -73,10 +240,11 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// One file's objects and problems.
 #[derive(Default)]
 struct Reader {
     objects: Objects,
-    endpoints: BTreeMap<ObjectKey, Endpoints>,
+    endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
     origins: BTreeMap<ObjectRef, PathBuf>,
     problems: Vec<String>,
 }
@@ -135,7 +303,7 @@ impl Reader {
             }
             (Some("v1"), Some("Service")) => {
                 self.add(file, "Service", &name, json, |r, key, s: Service| {
-                    r.objects.services.insert(key, s).is_some()
+                    r.objects.services.insert(key, Arc::new(s)).is_some()
                 })
             }
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => self.add(
@@ -143,15 +311,17 @@ impl Reader {
                 "EndpointSlice",
                 &name,
                 json,
-                |r, key, s: EndpointSlice| r.objects.endpoint_slices.insert(key, s).is_some(),
+                |r, key, s: EndpointSlice| {
+                    r.objects.endpoint_slices.insert(key, Arc::new(s)).is_some()
+                },
             ),
             (Some("v1"), Some("Endpoints")) => {
                 self.add(file, "Endpoints", &name, json, |r, key, e: Endpoints| {
-                    r.endpoints.insert(key, e).is_some()
+                    r.endpoints.insert(key, Arc::new(e)).is_some()
                 })
             }
             (Some("v1"), Some("Node")) => self.add(file, "Node", &name, json, |r, key, n: Node| {
-                r.objects.nodes.insert(key.name, n).is_some()
+                r.objects.nodes.insert(key.name, Arc::new(n)).is_some()
             }),
             (None, _) | (_, None) => self.problems.push(format!(
                 "{}: object {name} has no apiVersion or kind; skipped",
@@ -203,33 +373,6 @@ impl Reader {
             ));
         }
         self.origins.insert(reference, file.to_owned());
-    }
-
-    fn finish(mut self) -> Snapshot {
-        let endpoints = std::mem::take(&mut self.endpoints);
-        for (key, endpoints) in &endpoints {
-            let selectorless = self
-                .objects
-                .services
-                .get(key)
-                .is_none_or(|s| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
-            let skip = endpoints
-                .metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"));
-            if selectorless && !skip {
-                for (slice_key, slice) in mirror(key, endpoints) {
-                    self.objects.endpoint_slices.insert(slice_key, slice);
-                }
-            }
-        }
-        Snapshot {
-            objects: self.objects,
-            origins: self.origins,
-            problems: self.problems,
-            changed_at: Instant::now(),
-        }
     }
 }
 
@@ -326,17 +469,14 @@ pub async fn watch(
     if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::Recursive) {
         tracing::warn!(dir = %dir.display(), %error, "cannot watch the manifest directory; polling every {POLL:?}");
     }
-    let mut published = None;
+    let mut cache = ManifestCache::default();
     let mut noticed_at = Instant::now();
     loop {
-        let current = fingerprint(&dir);
-        if published != Some(current) {
-            let mut snapshot = read_dir(&dir);
+        if let Some(mut snapshot) = cache.read(&dir) {
             snapshot.changed_at = noticed_at;
             if snapshots.send(Some(Arc::new(snapshot))).is_err() {
                 return Ok(());
             }
-            published = Some(current);
         }
         tokio::select! {
             _ = events.recv() => {
@@ -347,17 +487,6 @@ pub async fn watch(
             _ = tokio::time::sleep(POLL) => noticed_at = Instant::now(),
         }
     }
-}
-
-/// A hash of every manifest's path and bytes: equal fingerprints, equal snapshots.
-fn fingerprint(dir: &Path) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for file in manifest_files(dir).unwrap_or_default() {
-        file.hash(&mut hasher);
-        std::fs::read(&file).unwrap_or_default().hash(&mut hasher);
-    }
-    hasher.finish()
 }
 
 #[cfg(test)]

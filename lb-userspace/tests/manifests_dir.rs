@@ -1,0 +1,139 @@
+//! The shipped manifests, read the way `lb-agent run --manifests DIR` reads them: the examples
+//! in `manifests/examples/` (which the local sandbox serves) must come out as the three
+//! services they describe, and the deployment manifests must read without problems (and
+//! describe no service). Nothing here needs root or the kernel.
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use lb_agent::{
+    model::{self, Frontend, ObjectKey, Protocol, ProxyIdentity, external::ExternalFrontend},
+    source::manifests,
+};
+
+fn manifests_dir(sub: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests")
+        .join(sub)
+}
+
+fn identity() -> ProxyIdentity {
+    ProxyIdentity {
+        node_name: "node-a".into(),
+        service_proxy_name: None,
+    }
+}
+
+#[test]
+fn examples_read_as_three_services_with_fixed_cluster_ips() {
+    let snapshot = manifests::read_dir(&manifests_dir("examples"));
+    assert!(
+        snapshot.problems.is_empty(),
+        "problems reading manifests/examples: {:#?}",
+        snapshot.problems
+    );
+    let names: Vec<String> = snapshot
+        .objects
+        .services
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "default/hostnames",
+            "default/hostnames-nodeport",
+            "default/hostnames-sticky"
+        ]
+    );
+    // The examples carry no EndpointSlices: the sandbox (or the cluster) provides them.
+    assert!(snapshot.objects.endpoint_slices.is_empty());
+
+    let (state, diagnostics) = model::build(&snapshot.objects, &identity());
+    assert!(diagnostics.is_empty(), "diagnostics: {diagnostics:#?}");
+    let expected = [
+        (Ipv4Addr::new(10, 96, 0, 100), "hostnames", None),
+        (Ipv4Addr::new(10, 96, 0, 101), "hostnames-nodeport", None),
+        (Ipv4Addr::new(10, 96, 0, 102), "hostnames-sticky", Some(60)),
+    ];
+    assert_eq!(state.services.len(), expected.len(), "{state:#?}");
+    for (ip, name, affinity) in expected {
+        let frontend = Frontend {
+            ip,
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let service = state
+            .services
+            .get(&frontend)
+            .unwrap_or_else(|| panic!("no service at {frontend}: {state:#?}"));
+        assert_eq!(service.name.namespace, "default");
+        assert_eq!(service.name.name, name);
+        assert_eq!(service.name.port, "default", "{name}: port name");
+        assert!(service.backends.is_empty(), "{name}: no endpoints yet");
+        assert_eq!(service.affinity_timeout_secs, affinity, "{name}: affinity");
+    }
+}
+
+#[test]
+fn examples_node_port_is_the_only_external_frontend() {
+    let snapshot = manifests::read_dir(&manifests_dir("examples"));
+    let (state, diagnostics) = model::external::build(&snapshot.objects, &identity());
+    assert!(diagnostics.is_empty(), "diagnostics: {diagnostics:#?}");
+    let frontends: Vec<_> = state.frontends.keys().copied().collect();
+    assert_eq!(
+        frontends,
+        [ExternalFrontend {
+            ip: None,
+            port: 30080,
+            protocol: Protocol::Tcp,
+        }],
+        "{state:#?}"
+    );
+    let desired = &state.frontends[&frontends[0]];
+    assert_eq!(desired.name.name, "hostnames-nodeport");
+    assert!(
+        !desired.local_only,
+        "externalTrafficPolicy defaults to Cluster"
+    );
+    assert!(desired.backends.is_empty(), "no endpoints yet");
+    assert!(
+        state.health_checks.is_empty(),
+        "no Local policy, no health check"
+    );
+}
+
+#[test]
+fn examples_target_port_and_node_port() {
+    let snapshot = manifests::read_dir(&manifests_dir("examples"));
+    for (name, node_port) in [
+        ("hostnames", None),
+        ("hostnames-nodeport", Some(30080)),
+        ("hostnames-sticky", None),
+    ] {
+        let service = &snapshot.objects.services[&ObjectKey::new("default", name)];
+        let spec = service.spec.as_ref().expect("spec");
+        let ports = spec.ports.as_ref().expect("ports");
+        assert_eq!(ports.len(), 1, "{name}");
+        let target = ports[0].target_port.as_ref().expect("targetPort");
+        assert_eq!(
+            *target,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9376),
+            "{name}: serve_hostname listens on 9376"
+        );
+        assert_eq!(ports[0].node_port, node_port, "{name}: nodePort");
+        let selector = spec.selector.as_ref().expect("selector");
+        assert_eq!(selector.get("app").map(String::as_str), Some("hostnames"));
+    }
+}
+
+#[test]
+fn deploy_manifests_read_without_problems_and_describe_no_service() {
+    for sub in ["deploy", "cleanup"] {
+        let snapshot = manifests::read_dir(&manifests_dir(sub));
+        assert!(
+            snapshot.problems.is_empty(),
+            "problems reading manifests/{sub}: {:#?}",
+            snapshot.problems
+        );
+        assert!(snapshot.objects.services.is_empty(), "manifests/{sub}");
+    }
+}
