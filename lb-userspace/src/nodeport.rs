@@ -136,14 +136,24 @@ impl Nodeport {
         }
         self.health.update(&state.health_checks);
         if !self.attached {
+            let links_root = dataplane.pins().links();
+            let mut kept = Vec::new();
             for iface in &self.config.interfaces {
-                let mode = nodeport::attach(dataplane.ebpf_mut(), iface)
+                let dir = crate::dataplane::links::dir_for_interface(&links_root, iface);
+                let (mode, xdp, tc) = nodeport::attach(dataplane.ebpf_mut(), iface, &dir)
                     .with_context(|| format!("attaching the north-south programs to {iface}"))?;
+                let mode = mode.map_or("unchanged".to_owned(), |m| m.to_string());
                 tracing::info!(
                     iface = %iface,
                     xdp_mode = %mode,
+                    ?xdp,
+                    ?tc,
                     "north-south programs attached (XDP {mode} mode ingress, tc egress)"
                 );
+                kept.push(dir);
+            }
+            for stale in crate::dataplane::links::remove_other_interfaces(&links_root, &kept)? {
+                tracing::info!(links = %stale.display(), "detached north-south programs of an interface no longer served");
             }
             self.attached = true;
         }

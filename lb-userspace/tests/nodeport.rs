@@ -196,10 +196,15 @@ impl Site {
         if let Some(node_b) = &self.node_b {
             nodes.push((node_b, "node-b"));
         }
+        // A second start (a restart) reuses each node's cgroup and pins.
+        let fresh = self.bpffs.is_empty();
         let mut started = Vec::new();
-        for (netns, node_name) in nodes {
-            let cgroup = Cgroup::new("lbnp").expect("test cgroup");
-            let bpffs = BpffsDir::new();
+        for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
+            if fresh {
+                self.cgroups.push(Cgroup::new("lbnp").expect("test cgroup"));
+                self.bpffs.push(BpffsDir::new());
+            }
+            let (cgroup, bpffs) = (&self.cgroups[index], &self.bpffs[index]);
             let mut cmd = command_in(Some(netns), None, AGENT).expect("agent command");
             cmd.args([
                 "run",
@@ -221,8 +226,6 @@ impl Site {
             ]);
             cmd.args(extra);
             started.push(Agent::spawn(cmd));
-            self.cgroups.push(cgroup);
-            self.bpffs.push(bpffs);
         }
         for agent in &started {
             agent.wait_for_log("north-south programs attached", AGENT_START_TIMEOUT);
@@ -749,5 +752,44 @@ fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
             .unwrap_or_default()
             .contains("refused"),
         "refused by the node, not translated: {other:?}"
+    );
+}
+
+#[test]
+fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the_links() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+    );
+    site.start_agents();
+    let nodeport = format!("{NODE_A_IP}:30080");
+    site.probe_until(
+        &["tcp", &nodeport, "--count", "5"],
+        Duration::from_secs(10),
+        |r| r.replies.get("pod-a") == Some(&5),
+    );
+
+    // kill -9: nothing is cleaned up, the pinned links keep XDP and tc attached.
+    for agent in &mut site.agents {
+        agent.kill();
+    }
+    let during = site.probe(&["tcp", &nodeport, "--count", "20", "--whoami"]);
+    assert_eq!(during.failures(), 0, "no agent: {during:?}");
+    assert!(all_from(&during, CLIENT_IP), "{during:?}");
+
+    site.start_agents();
+    let log = site.logs();
+    assert!(
+        log.contains("Replaced"),
+        "the new agent did not reuse the pinned links:\n{log}"
+    );
+    let after = site.probe(&["tcp", &nodeport, "--count", "20"]);
+    assert_eq!(
+        after.replies.get("pod-a"),
+        Some(&20),
+        "{after:?}\n{}",
+        site.logs()
     );
 }

@@ -31,6 +31,8 @@ pub enum Attached {
         old_program_id: u32,
         program_id: u32,
     },
+    /// Attached without a bpf link (an older kernel): not pinned, detached with the agent.
+    Unpinned { program_id: u32 },
 }
 
 /// The directory holding the links of the programs attached to `cgroup`.
@@ -38,8 +40,16 @@ pub fn dir_for(links_root: &Path, cgroup: &Path) -> anyhow::Result<PathBuf> {
     let inode = std::fs::metadata(cgroup)
         .with_context(|| format!("reading cgroup {}", cgroup.display()))?
         .ino();
-    Ok(links_root.join(format!("cgroup-{inode}")))
+    Ok(links_root.join(format!("{CGROUP_PREFIX}{inode}")))
 }
+
+/// The directory holding the links of the programs attached to network interface `iface`.
+pub fn dir_for_interface(links_root: &Path, iface: &str) -> PathBuf {
+    links_root.join(format!("{IFACE_PREFIX}{iface}"))
+}
+
+const CGROUP_PREFIX: &str = "cgroup-";
+const IFACE_PREFIX: &str = "iface-";
 
 /// Attaches `program` (already loaded) to `cgroup` through the link pinned at `dir/name`,
 /// creating and pinning the link when there is none.
@@ -49,25 +59,46 @@ pub fn attach_or_replace(
     cgroup: &File,
     dir: &Path,
 ) -> anyhow::Result<Attached> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let pin = dir.join(name);
     let program_id = program.info()?.id();
+    let program_fd = program.fd()?.try_clone()?;
+    pinned(&dir.join(name), program_fd.as_fd(), program_id, || {
+        // With bpf links (kernel 5.7+) several programs coexist on one cgroup anyway.
+        let id = program.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(Some(program.take_link(id)?.try_into()?))
+    })
+}
+
+/// Makes the link pinned at `pin` run `program`: swaps it in atomically when the pin exists,
+/// else attaches with `attach` and pins the new link. `attach` may return `None` for an
+/// attachment that is not a bpf link (netlink XDP or tc on older kernels): that one works but
+/// is not pinned, so it ends with the agent.
+pub fn pinned(
+    pin: &Path,
+    program: BorrowedFd<'_>,
+    program_id: u32,
+    attach: impl FnOnce() -> anyhow::Result<Option<FdLink>>,
+) -> anyhow::Result<Attached> {
+    if let Some(dir) = pin.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     if pin.exists() {
-        let old_program_id = program_id_of(&pin)?;
-        let link = obj_get(&pin)?;
-        link_update(link.as_fd(), program.fd()?.as_fd())
+        let old_program_id = program_id_of(pin)?;
+        let link = obj_get(pin)?;
+        link_update(link.as_fd(), program)
             .with_context(|| format!("replacing the program of link {}", pin.display()))?;
         return Ok(Attached::Replaced {
             old_program_id,
             program_id,
         });
     }
-    // With bpf links (kernel 5.7+) several programs coexist on one cgroup anyway.
-    let id = program.attach(cgroup, CgroupAttachMode::Single)?;
-    let link: FdLink = program.take_link(id)?.try_into()?;
-    link.pin(&pin)
-        .with_context(|| format!("pinning link {}", pin.display()))?;
-    Ok(Attached::Created { program_id })
+    match attach()? {
+        Some(link) => {
+            link.pin(pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+            Ok(Attached::Created { program_id })
+        }
+        None => Ok(Attached::Unpinned { program_id }),
+    }
 }
 
 /// The program a pinned link runs.
@@ -104,12 +135,28 @@ pub fn list(links_root: &Path) -> Vec<PinnedLinkStatus> {
     found
 }
 
-/// Removes the link directories under `links_root` other than `keep` (a cgroup this agent no
-/// longer serves): unpinning a link detaches its program.
+/// Removes the cgroup link directories under `links_root` other than `keep` (a cgroup this
+/// agent no longer serves): unpinning a link detaches its program.
 pub fn remove_others(links_root: &Path, keep: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    remove_stale(links_root, CGROUP_PREFIX, &[keep.to_owned()])
+}
+
+/// Removes the interface link directories under `links_root` other than `keep` (interfaces
+/// no longer given with `--nodeport-iface`).
+pub fn remove_other_interfaces(
+    links_root: &Path,
+    keep: &[PathBuf],
+) -> anyhow::Result<Vec<PathBuf>> {
+    remove_stale(links_root, IFACE_PREFIX, keep)
+}
+
+fn remove_stale(links_root: &Path, prefix: &str, keep: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for dir in read_dir_sorted(links_root) {
-        if dir != keep {
+        let ours = dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix));
+        if ours && !keep.contains(&dir) {
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("removing stale links {}", dir.display()))?;
             removed.push(dir);

@@ -3,12 +3,14 @@
 //!
 //! XDP is attached in native (driver) mode where the driver supports it and in generic (skb)
 //! mode otherwise; the log says which. The tc program goes on the egress side through tcx
-//! (kernel 6.6+) or a clsact qdisc. Neither link is pinned yet: they detach when the agent
-//! exits, while the maps (and so the tracked flows) stay pinned for the next agent.
+//! (kernel 6.6+) or a clsact qdisc. Both links are pinned under `<bpffs>/links/iface-<name>/`
+//! (where the kernel makes them bpf links: XDP 5.9+, tcx 6.6+), so north-south traffic keeps
+//! flowing while no agent runs; a new agent swaps its programs in atomically.
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::Path,
 };
 
@@ -16,10 +18,11 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
     maps::{HashMap, Map, MapData},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
 };
 use lb_common::{External4Key, External4Value, Maglev4Table, NsBackend4, ns_map_names};
 
+use super::links::{self, Attached};
 use crate::reconcile::{MapError, external::ExternalMaps};
 
 pub const XDP_PROGRAM: &str = "nodeport_xdp";
@@ -58,28 +61,47 @@ pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches XDP (native, else generic) and tc egress to `iface`.
-pub fn attach(ebpf: &mut Ebpf, iface: &str) -> anyhow::Result<XdpAttach> {
+/// Attaches XDP (native, else generic) and tc egress to `iface` through links pinned in
+/// `link_dir`, or swaps the programs into the links a previous agent pinned there. Returns the
+/// XDP mode when a new link was made (`None`: an existing link was reused).
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    link_dir: &Path,
+) -> anyhow::Result<(Option<XdpAttach>, Attached, Attached)> {
     load_programs(ebpf)?;
+    let mut mode = None;
     let xdp = xdp_mut(ebpf)?;
-    let mode = match xdp.attach(iface, XdpMode::Driver) {
-        Ok(_) => XdpAttach::Native,
-        Err(native) => {
-            xdp.attach(iface, XdpMode::Skb).with_context(|| {
-                format!("attaching XDP to {iface} (native mode failed too: {native})")
-            })?;
-            tracing::debug!(%iface, error = %native, "native XDP not available");
-            XdpAttach::Generic
+    let (xdp_id, xdp_fd) = (xdp.info()?.id(), xdp.fd()?.try_clone()?);
+    let xdp_link = links::pinned(&link_dir.join("xdp"), xdp_fd.as_fd(), xdp_id, || {
+        let id = match xdp.attach(iface, XdpMode::Driver) {
+            Ok(id) => {
+                mode = Some(XdpAttach::Native);
+                id
+            }
+            Err(native) => {
+                tracing::debug!(%iface, error = %native, "native XDP not available");
+                mode = Some(XdpAttach::Generic);
+                xdp.attach(iface, XdpMode::Skb).with_context(|| {
+                    format!("attaching XDP to {iface} (native mode failed too: {native})")
+                })?
+            }
+        };
+        Ok(FdLink::try_from(xdp.take_link(id)?).ok())
+    })?;
+    let tc = tc_mut(ebpf)?;
+    let (tc_id, tc_fd) = (tc.info()?.id(), tc.fd()?.try_clone()?);
+    let tc_link = links::pinned(&link_dir.join("tc"), tc_fd.as_fd(), tc_id, || {
+        // tcx (6.6+) needs no qdisc; older kernels need clsact, which may already be there.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or tcx is used)");
         }
-    };
-    // tcx (6.6+) needs no qdisc; older kernels need clsact, which may already be there.
-    if let Err(e) = tc::qdisc_add_clsact(iface) {
-        tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or tcx is used)");
-    }
-    tc_mut(ebpf)?
-        .attach(iface, TcAttachType::Egress)
-        .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress"))?;
-    Ok(mode)
+        let id = tc
+            .attach(iface, TcAttachType::Egress)
+            .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress"))?;
+        Ok(FdLink::try_from(tc.take_link(id)?).ok())
+    })?;
+    Ok((mode, xdp_link, tc_link))
 }
 
 pub fn xdp_program(ebpf: &Ebpf) -> anyhow::Result<&Xdp> {
