@@ -30,6 +30,7 @@ pub mod map_names {
     pub const AFFINITY_V4: &str = "LB4_AFFINITY";
     pub const REVNAT_V4: &str = "LB4_REVNAT";
     pub const SERVICE_STATS_V4: &str = "LB4_SVC_STATS";
+    pub const SERVICE_NAMES_V4: &str = "LB4_SVC_NAMES";
 }
 
 /// Default capacities. The agent can raise each of them at load time (`--max-services` ...);
@@ -159,6 +160,57 @@ pub struct RevNat4Value {
     pub pad: u16,
 }
 
+/// What kind of frontend a [`NameKey`] names.
+pub mod frontend_kinds {
+    /// A ClusterIP, in the services map.
+    pub const CLUSTER_IP: u8 = 1;
+    /// A NodePort (address 0: every NodePort address of the node), in the external map.
+    pub const NODE_PORT: u8 = 2;
+    /// An externalIP or LoadBalancer ingress IP, in the external map.
+    pub const EXTERNAL_IP: u8 = 3;
+}
+
+/// Key of the names map: a frontend as programmed and its kind. The programs never read
+/// this map; it lets `lb-agent list` name what it shows without a running agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameKey {
+    pub frontend: Service4Key,
+    /// `frontend_kinds::*`.
+    pub kind: u8,
+    pub pad: [u8; 3],
+}
+
+/// Value of the names map: `namespace/name:port` (UTF-8, cut at 124 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub len: u8,
+    pub pad: [u8; 3],
+    pub text: [u8; 124],
+}
+
+impl ServiceName {
+    pub fn new(text: &str) -> Self {
+        let mut end = text.len().min(124);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; 124];
+        bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            pad: [0; 3],
+            text: bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(self.text.len());
+        core::str::from_utf8(&self.text[..len]).unwrap_or("?")
+    }
+}
+
 /// Value of the per-CPU service statistics map (key: service id, `u32`). The agent creates
 /// the entry with the service and removes it with the service; the programs only count.
 #[repr(C)]
@@ -181,6 +233,8 @@ const _: () = {
     assert!(core::mem::size_of::<RevNat4Key>() == 16);
     assert!(core::mem::size_of::<RevNat4Value>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 16);
+    assert!(core::mem::size_of::<NameKey>() == 12);
+    assert!(core::mem::size_of::<ServiceName>() == 128);
     assert!(limits::MAX_BACKENDS_PER_SERVICE <= u16::MAX as u32);
 };
 
@@ -198,6 +252,8 @@ mod pod {
     unsafe impl aya::Pod for RevNat4Key {}
     unsafe impl aya::Pod for RevNat4Value {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for NameKey {}
+    unsafe impl aya::Pod for ServiceName {}
 }
 
 // ---- north-south (XDP) ----

@@ -71,3 +71,8 @@ pub static LB4_NS_IFADDR: HashMap<u32, u32> = HashMap::pinned(ns_limits::MAX_IFA
 #[map]
 pub static LB4_NS_AFFIN: LruHashMap<NsAffinity4Key, Affinity4Value> =
     LruHashMap::pinned(ns_limits::MAX_AFFINITY, 0);
+
+/// Written by the agent for `lb-agent list`; no program reads it.
+#[map]
+pub static LB4_SVC_NAMES: HashMap<lb_common::NameKey, lb_common::ServiceName> =
+    HashMap::pinned(2 * limits::MAX_SERVICES, 0);

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use lb_common::{NameKey, frontend_kinds};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -15,9 +16,11 @@ use tokio::{
 
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels},
-    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges, stats::ServiceStatsMap},
+    dataplane::{
+        Dataplane, Limits, bpffs::PinDir, names::NamesMap, privileges, stats::ServiceStatsMap,
+    },
     model::{DesiredState, Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, Severity},
-    reconcile::{Reconciler, SyncReport},
+    reconcile::{Reconciler, SyncReport, service_key},
     source::{Snapshot, kube, manifests},
 };
 
@@ -61,6 +64,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut dataplane = Dataplane::load(pins.clone(), config.limits)?;
     let mut maps = dataplane.service_maps()?;
     let mut stats = dataplane.service_stats()?;
+    let mut names = dataplane.names()?;
     let mut nodeport = crate::nodeport::Nodeport::start(&mut dataplane, config.nodeport.clone())?;
     let mut reconciler = Reconciler::adopt(&mut maps).context("adopting the pinned maps")?;
     let (service_ids, backend_ids) = dataplane.affinity_high_water()?;
@@ -94,6 +98,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     continue;
                 };
                 let ids = sync(&snapshot, &mut reconciler, &mut maps, &state, &mut loop_state);
+                if let Err(error) = record_names(&mut names, &ids.touched, &loop_state) {
+                    tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
+                }
                 if let Some(nodeport) = &mut nodeport {
                     nodeport.sync(&snapshot.objects, &config.identity, &mut dataplane)?;
                 }
@@ -127,6 +134,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     drop(nodeport);
     drop(maps);
     drop(stats);
+    drop(names);
     drop(dataplane);
     if config.cleanup_on_exit {
         tracing::info!("shutting down: detaching programs and removing pins");
@@ -208,11 +216,13 @@ impl LoopState {
     }
 }
 
-/// Service ids that came and went in one sync (for the per-service counters).
+/// Service ids that came and went in one sync (for the per-service counters), and the
+/// frontends it looked at (`None`: all of them, on the first sync).
 #[derive(Default)]
 struct IdChanges {
     added: Vec<u32>,
     removed: Vec<u32>,
+    touched: Option<Vec<Frontend>>,
 }
 
 /// One pass: snapshot → desired state → map writes, logging and recording what changed.
@@ -251,7 +261,8 @@ fn sync(
             .map(|(frontend, _)| frontend)
             .collect()
     };
-    let ids = track_ids(&touched, reconciler, state, loop_state);
+    let mut ids = track_ids(&touched, reconciler, state, loop_state);
+    ids.touched = loop_state.synced.then_some(touched);
     loop_state.synced = true;
     let desired = loop_state.model.desired();
     if report.added + report.updated + report.removed > 0 || !report.failed.is_empty() {
@@ -272,6 +283,39 @@ fn sync(
         );
     }
     ids
+}
+
+/// Names the touched frontends in the names map (all of them, and only them, on the first
+/// sync), for `lb-agent list`.
+fn record_names(
+    names: &mut NamesMap,
+    touched: &Option<Vec<Frontend>>,
+    loop_state: &LoopState,
+) -> anyhow::Result<()> {
+    let desired = &loop_state.model.desired().services;
+    let key = |frontend: &Frontend| NameKey {
+        frontend: service_key(frontend),
+        kind: frontend_kinds::CLUSTER_IP,
+        pad: [0; 3],
+    };
+    match touched {
+        None => {
+            let wanted = desired
+                .iter()
+                .map(|(frontend, service)| (key(frontend), service.name.to_string()))
+                .collect();
+            names.sync_kind(frontend_kinds::CLUSTER_IP, None, &wanted)
+        }
+        Some(touched) => {
+            for frontend in touched {
+                match desired.get(frontend) {
+                    Some(service) => names.put(key(frontend), &service.name.to_string())?,
+                    None => names.remove(&key(frontend)),
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Follows the service id of each touched frontend, keeping the metric labels of each id.

@@ -79,6 +79,9 @@ pub struct Nodeport {
     health: ServiceHealthServers,
     attached: bool,
     node_addrs: BTreeSet<Ipv4Addr>,
+    names: crate::dataplane::names::NamesMap,
+    /// The names written last (`None` until the first sync, which reads the map).
+    names_written: Option<BTreeMap<lb_common::NameKey, String>>,
 }
 
 impl Nodeport {
@@ -99,6 +102,7 @@ impl Nodeport {
                 "adopted north-south maps pinned by an earlier agent"
             );
         }
+        let names = crate::dataplane::names::NamesMap::open_pinned(&dataplane.pins().maps())?;
         Ok(Some(Self {
             config,
             maps,
@@ -106,6 +110,8 @@ impl Nodeport {
             health: ServiceHealthServers::default(),
             attached: false,
             node_addrs: BTreeSet::new(),
+            names,
+            names_written: None,
         }))
     }
 
@@ -135,6 +141,9 @@ impl Nodeport {
             );
         }
         self.health.update(&state.health_checks);
+        if let Err(error) = self.record_names(&state) {
+            tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
+        }
         if !self.attached {
             let links_root = dataplane.pins().links();
             let mut kept = Vec::new();
@@ -157,6 +166,45 @@ impl Nodeport {
             }
             self.attached = true;
         }
+        Ok(())
+    }
+
+    /// Names the external frontends in the names map, writing only what changed.
+    fn record_names(
+        &mut self,
+        state: &crate::model::external::ExternalState,
+    ) -> anyhow::Result<()> {
+        use lb_common::frontend_kinds::{EXTERNAL_IP, NODE_PORT};
+        let wanted: BTreeMap<lb_common::NameKey, String> = state
+            .frontends
+            .iter()
+            .map(|(frontend, desired)| {
+                let kind = if frontend.ip.is_some() {
+                    EXTERNAL_IP
+                } else {
+                    NODE_PORT
+                };
+                let key = lb_common::NameKey {
+                    frontend: crate::reconcile::external::external_key(frontend),
+                    kind,
+                    pad: [0; 3],
+                };
+                (key, desired.name.to_string())
+            })
+            .collect();
+        for kind in [NODE_PORT, EXTERNAL_IP] {
+            let of_kind = |names: &BTreeMap<lb_common::NameKey, String>| -> BTreeMap<_, _> {
+                names
+                    .iter()
+                    .filter(|(k, _)| k.kind == kind)
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect()
+            };
+            let had = self.names_written.as_ref().map(&of_kind);
+            self.names
+                .sync_kind(kind, had.as_ref(), &of_kind(&wanted))?;
+        }
+        self.names_written = Some(wanted);
         Ok(())
     }
 

@@ -785,6 +785,22 @@ fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the
         log.contains("Replaced"),
         "the new agent did not reuse the pinned links:\n{log}"
     );
+    let list = std::process::Command::new(AGENT)
+        .args([
+            "list",
+            "--bpffs",
+            &site.bpffs[0].path().display().to_string(),
+        ])
+        .output()
+        .expect("lb-agent list");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.lines().any(|l| l.contains("default/web")
+            && l.contains("NodePort/Cluster")
+            && l.contains("<node>:30080")),
+        "{list}"
+    );
+    eprintln!("{list}");
     let after = site.probe(&["tcp", &nodeport, "--count", "20"]);
     assert_eq!(
         after.replies.get("pod-a"),

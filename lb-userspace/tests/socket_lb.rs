@@ -586,5 +586,22 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
         "{}",
         cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz])
     );
+    let list: serde_json::Value =
+        serde_json::from_str(&cluster.agent_command(&["list", "--bpffs", &bpffs, "-o", "json"]))
+            .unwrap();
+    let web = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["frontend"] == "10.96.0.10:80")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(web["service"], "default/web:http", "{list}");
+    assert_eq!(web["type"], "ClusterIP", "{list}");
+    assert_eq!(
+        web["backends"][0],
+        format!("{}:{POD_PORT}", cluster.pod_ip("pod-a")),
+        "{list}"
+    );
     eprintln!("{}", cluster.agent_command(&["list", "--bpffs", &bpffs]));
 }

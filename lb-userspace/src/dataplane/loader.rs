@@ -61,6 +61,10 @@ impl Dataplane {
             .map_max_entries(map_names::AFFINITY_V4, limits.max_affinity)
             .map_max_entries(map_names::REVNAT_V4, limits.max_revnat)
             .map_max_entries(map_names::SERVICE_STATS_V4, limits.max_services)
+            .map_max_entries(
+                map_names::SERVICE_NAMES_V4,
+                limits.max_services.saturating_mul(2),
+            )
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -142,6 +146,11 @@ impl Dataplane {
                 (service.max(key.service_id), backend.max(value.backend_id))
             },
         ))
+    }
+
+    /// The names of the programmed frontends (for `lb-agent list`).
+    pub fn names(&mut self) -> anyhow::Result<super::names::NamesMap> {
+        super::names::NamesMap::take(&mut self.ebpf)
     }
 
     /// The per-service counters.

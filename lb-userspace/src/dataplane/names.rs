@@ -1,0 +1,86 @@
+//! The names map: which Service port each programmed frontend belongs to, so `lb-agent list`
+//! can say it without a running agent. Written by difference, like the service maps.
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData},
+};
+use lb_common::{NameKey, ServiceName, map_names};
+
+pub struct NamesMap {
+    map: HashMap<MapData, NameKey, ServiceName>,
+}
+
+impl NamesMap {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let map = ebpf.take_map(map_names::SERVICE_NAMES_V4).ok_or_else(|| {
+            anyhow!(
+                "map {} missing from the eBPF object",
+                map_names::SERVICE_NAMES_V4
+            )
+        })?;
+        Ok(Self {
+            map: HashMap::try_from(map)?,
+        })
+    }
+
+    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(map_names::SERVICE_NAMES_V4);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        Ok(Self {
+            map: HashMap::try_from(Map::HashMap(data))?,
+        })
+    }
+
+    pub fn put(&mut self, key: NameKey, name: &str) -> anyhow::Result<()> {
+        self.map.insert(key, ServiceName::new(name), 0)?;
+        Ok(())
+    }
+
+    /// Removes a name; one that is not there is fine.
+    pub fn remove(&mut self, key: &NameKey) {
+        let _ = self.map.remove(key);
+    }
+
+    /// Every name, by frontend.
+    pub fn all(&self) -> BTreeMap<NameKey, String> {
+        self.map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, name)| (key, name.as_str().to_owned()))
+            .collect()
+    }
+
+    /// Makes the names of `kind` exactly `wanted`, writing only the differences with `had`
+    /// (what this agent wrote last; `None`: read the map, after a restart).
+    pub fn sync_kind(
+        &mut self,
+        kind: u8,
+        had: Option<&BTreeMap<NameKey, String>>,
+        wanted: &BTreeMap<NameKey, String>,
+    ) -> anyhow::Result<()> {
+        let read;
+        let had = match had {
+            Some(had) => had,
+            None => {
+                read = self.all();
+                &read
+            }
+        };
+        for key in had
+            .keys()
+            .filter(|k| k.kind == kind && !wanted.contains_key(k))
+        {
+            self.remove(key);
+        }
+        for (key, name) in wanted {
+            if had.get(key) != Some(name) {
+                self.put(*key, name)?;
+            }
+        }
+        Ok(())
+    }
+}
