@@ -7,6 +7,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{ECONNREFUSED, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, Service4Key};
 
 use crate::{
@@ -71,6 +72,13 @@ fn translate(ctx: &mut SockAddrContext) -> i32 {
     match select(&key, client) {
         Verdict::NotAService => PROCEED,
         Verdict::NoBackend => {
+            // Costs a global load and a branch unless the agent runs with --bpf-log.
+            debug!(
+                ctx,
+                "refused {:i}:{}: no backend",
+                u32::from_be(key.addr),
+                u16::from_be(key.port)
+            );
             // SAFETY: a helper taking a plain integer; makes the syscall fail with it.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             REJECT
@@ -93,6 +101,14 @@ fn translate(ctx: &mut SockAddrContext) -> i32 {
             let _ = LB4_REVNAT.insert(rev_key, rev, 0);
             sa.user_ip4 = backend.addr;
             sa.user_port = backend.port as u32;
+            debug!(
+                ctx,
+                "{:i}:{} -> {:i}:{}",
+                u32::from_be(key.addr),
+                u16::from_be(key.port),
+                u32::from_be(backend.addr),
+                u16::from_be(backend.port)
+            );
             PROCEED
         }
     }

@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// `/healthz` and `/livez`; `None` serves none.
     pub healthz_addr: Option<SocketAddr>,
+    /// The programs' own debug output (every translation and refusal) in the agent's log.
+    pub kernel_log: bool,
     /// North-south traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
     pub nodeport: crate::nodeport::NodeportConfig,
 }
@@ -61,7 +63,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         api::serve(state.clone(), metrics, healthz).await?;
     }
     let pins = PinDir::prepare(&config.bpffs)?;
-    let mut dataplane = Dataplane::load(pins.clone(), config.limits)?;
+    let mut dataplane = Dataplane::load_with_log(pins.clone(), config.limits, config.kernel_log)?;
+    if config.kernel_log {
+        dataplane.start_kernel_log()?;
+    }
     let mut maps = dataplane.service_maps()?;
     let mut stats = dataplane.service_stats()?;
     let mut names = dataplane.names()?;

@@ -105,6 +105,10 @@ struct RunArgs {
     /// Where to serve /healthz and /livez (kube-proxy's port); `off` for none.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: String,
+    /// Log every translation and refusal the socket programs make (aya-log, target lb_ebpf).
+    /// For debugging: it costs a ring-buffer write per connection.
+    #[arg(long)]
+    bpf_log: bool,
     /// On SIGTERM, detach the programs and remove the pins (by default they stay, so traffic
     /// keeps flowing through an agent restart or upgrade).
     #[arg(long)]
@@ -130,11 +134,13 @@ fn main() -> anyhow::Result<()> {
         1 => "debug",
         _ => "trace",
     };
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    if matches!(&cli.command, Command::Run(args) if args.bpf_log) {
+        filter = filter.add_directive("lb_ebpf=debug".parse()?);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -195,6 +201,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
         cleanup_on_exit: args.cleanup_on_exit,
+        kernel_log: args.bpf_log,
         metrics_addr: listen_address("--metrics-addr", &args.metrics_addr)?,
         healthz_addr: listen_address("--healthz-addr", &args.healthz_addr)?,
         nodeport: lb_agent::nodeport::NodeportConfig {

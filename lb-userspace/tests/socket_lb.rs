@@ -605,3 +605,24 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     );
     eprintln!("{}", cluster.agent_command(&["list", "--bpffs", &bpffs]));
 }
+
+#[test]
+fn bpf_log_shows_each_translation_and_refusal_in_the_agents_log() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.write_manifest(
+        "empty.yaml",
+        &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
+    );
+    cluster.start_agent_with(&["--bpf-log"]);
+
+    let sent = cluster.probe(&["tcp", TCP_VIP, "--count", "1"]);
+    assert_eq!(sent.replies.get("pod-a"), Some(&1), "{sent:?}");
+    let refused = cluster.probe(&["tcp", "10.96.0.11:80", "--count", "1"]);
+    assert_eq!(refused.errors.get("refused"), Some(&1), "{refused:?}");
+
+    let pod = format!("{}:{POD_PORT}", cluster.pod_ip("pod-a"));
+    let agent = cluster.agent();
+    agent.wait_for_log(&format!("10.96.0.10:80 -> {pod}"), Duration::from_secs(3));
+    agent.wait_for_log("refused 10.96.0.11:80: no backend", Duration::from_secs(3));
+}

@@ -50,10 +50,22 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object; maps already pinned under `pins` are reused with their contents.
     pub fn load(pins: PinDir, limits: Limits) -> anyhow::Result<Self> {
+        Self::load_with_log(pins, limits, false)
+    }
+
+    /// Like [`Dataplane::load`]; `kernel_log` turns on the programs' aya-log debug output
+    /// (otherwise each log statement costs a global load and a branch).
+    pub fn load_with_log(pins: PinDir, limits: Limits, kernel_log: bool) -> anyhow::Result<Self> {
+        let log_level: u8 = if kernel_log {
+            4 /* Debug */
+        } else {
+            0 /* off */
+        };
         let map_dir = pins.maps();
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
         let ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
             .default_map_pin_directory(&map_dir)
             .map_max_entries(map_names::SERVICES_V4, limits.max_services)
             .map_max_entries(map_names::SLOTS_V4, limits.max_backends.saturating_mul(2))
@@ -146,6 +158,29 @@ impl Dataplane {
                 (service.max(key.service_id), backend.max(value.backend_id))
             },
         ))
+    }
+
+    /// Forwards the programs' aya-log records to the agent's log (target `lb_ebpf`), until the
+    /// runtime stops.
+    pub fn start_kernel_log(&mut self) -> anyhow::Result<()> {
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .context("starting the kernel-side log (aya-log)")?;
+        // SAFETY: the logger owns its ring buffer's descriptor and keeps it open, unchanged,
+        // for as long as the AsyncFd owns the logger.
+        let mut readable = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow!("watching the kernel-side log: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = readable.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
     }
 
     /// The names of the programmed frontends (for `lb-agent list`).
