@@ -626,3 +626,14 @@ fn bpf_log_shows_each_translation_and_refusal_in_the_agents_log() {
     agent.wait_for_log(&format!("10.96.0.10:80 -> {pod}"), Duration::from_secs(3));
     agent.wait_for_log("refused 10.96.0.11:80: no backend", Duration::from_secs(3));
 }
+
+#[test]
+fn pods_reach_a_services_external_ip_at_the_socket() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "externalIPs:\n- 198.51.100.10");
+    cluster.start_agent();
+
+    let result = cluster.probe(&["tcp", "198.51.100.10:80", "--count", "5"]);
+    assert_eq!(result.replies.get("pod-a"), Some(&5), "{result:?}");
+    assert_eq!(result.peers.get("198.51.100.10:80"), Some(&5), "{result:?}");
+}

@@ -9,7 +9,10 @@ pub mod objects;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 
@@ -143,6 +146,7 @@ fn add_service(
     }
     let all_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_ips = in_cluster_external_ips(service);
     let mut endpoint_diagnostics = Vec::new();
     for port in spec.ports.iter().flatten() {
         let (protocol, number) = match port_of(port) {
@@ -162,6 +166,12 @@ fn add_service(
             &mut endpoint_diagnostics,
         );
         let categorized = endpoints::categorize(&endpoints, node);
+        // Pods reaching an externalIP or LoadBalancer IP are served at the socket too, by the
+        // cluster-wide set (kube-proxy sends in-cluster traffic to them through KUBE-SVC).
+        let in_cluster_external: Vec<(Ipv4Addr, BTreeSet<Backend>)> = external_ips
+            .iter()
+            .map(|ip| (*ip, categorized.cluster.clone()))
+            .collect();
         let backends = if local_only {
             categorized.local
         } else {
@@ -172,9 +182,13 @@ fn add_service(
             name: key.name.clone(),
             port: port_name,
         };
-        for ip in &ipv4 {
+        let frontends = ipv4
+            .iter()
+            .map(|ip| (*ip, backends.clone()))
+            .chain(in_cluster_external);
+        for (ip, backends) in frontends {
             let frontend = Frontend {
-                ip: *ip,
+                ip,
                 port: number,
                 protocol,
             };
@@ -192,7 +206,7 @@ fn add_service(
                 frontend,
                 DesiredService {
                     name: name.clone(),
-                    backends: backends.clone(),
+                    backends,
                     affinity_timeout_secs: affinity,
                 },
             );
@@ -201,6 +215,34 @@ fn add_service(
     endpoint_diagnostics.sort();
     endpoint_diagnostics.dedup();
     diagnostics.extend(endpoint_diagnostics);
+}
+
+/// `spec.externalIPs` and the load balancer's ingress IPs, except those with `ipMode: Proxy`
+/// (traffic to them must go out to the load balancer). IPv4 only; the north-south model
+/// reports the others.
+fn in_cluster_external_ips(service: &Service) -> Vec<Ipv4Addr> {
+    let spec_ips = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.external_ips.as_ref())
+        .into_iter()
+        .flatten();
+    let ingress_ips = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ingress| ingress.ip.as_ref());
+    let mut ips: Vec<Ipv4Addr> = spec_ips
+        .chain(ingress_ips)
+        .filter_map(|text| text.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` for objects written before dual-stack.

@@ -345,6 +345,44 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
 }
 
 #[test]
+fn pods_reach_external_ips_and_load_balancer_ips_at_the_socket_with_every_endpoint() {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    let mut svc = web();
+    spec(&mut svc).external_ips = Some(vec!["198.51.100.10".into()]);
+    spec(&mut svc).external_traffic_policy = Some("Local".into());
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.7".into()),
+                    ..Default::default()
+                },
+                LoadBalancerIngress {
+                    ip: Some("203.0.113.8".into()),
+                    ip_mode: Some("Proxy".into()),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    });
+    let mut remote = ep("10.244.2.7");
+    remote.node_name = Some("node-b".into());
+    let objects = objects(vec![svc], vec![web_slice(vec![ep("10.244.1.5"), remote])]);
+    let (state, diagnostics) = build_default(&objects);
+    let all = backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]);
+    // eTP Local is for traffic from outside; pods get every endpoint, as through KUBE-SVC.
+    assert_eq!(backends_of(&state, tcp("198.51.100.10", 80)), all);
+    assert_eq!(backends_of(&state, tcp("203.0.113.7", 80)), all);
+    // ipMode Proxy: in-cluster traffic must go out to the load balancer.
+    assert!(
+        !state.services.contains_key(&tcp("203.0.113.8", 80)),
+        "{state:?}"
+    );
+    assert_eq!(diagnostics, vec![]);
+}
+
+#[test]
 fn unnamed_single_port_matches_the_unnamed_slice_port() {
     // A single-port service may leave the port unnamed; the slice's port then has name "".
     let svc = service("default", "web", "10.96.0.10", &[("", 80, "TCP")]);
