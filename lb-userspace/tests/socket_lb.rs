@@ -637,3 +637,21 @@ fn pods_reach_a_services_external_ip_at_the_socket() {
     assert_eq!(result.replies.get("pod-a"), Some(&5), "{result:?}");
     assert_eq!(result.peers.get("198.51.100.10:80"), Some(&5), "{result:?}");
 }
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.start_agent();
+
+    // Hairpin: the backend pod itself, in the cgroup, connects to its own service.
+    let child = lb_testkit::spawn_in(
+        Some(&cluster.pods[0].netns),
+        Some(&cluster.cgroup),
+        common::PROBE,
+        &["tcp", TCP_VIP, "--count", "3"],
+    )
+    .expect("starting lb-probe in the backend pod");
+    let result = finish_probe(child);
+    assert_eq!(result.replies.get("pod-a"), Some(&3), "{result:?}");
+}
