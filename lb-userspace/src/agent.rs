@@ -266,6 +266,9 @@ fn sync(
             .map(|(frontend, _)| frontend)
             .collect()
     };
+    if loop_state.synced {
+        log_changed_services(&changes.frontends, loop_state);
+    }
     let mut ids = track_ids(&touched, reconciler, state, loop_state);
     ids.touched = loop_state.synced.then_some(touched);
     loop_state.synced = true;
@@ -288,6 +291,30 @@ fn sync(
         );
     }
     ids
+}
+
+/// One line per changed frontend, naming its service (not on the first sync, which would print
+/// every service of the cluster).
+fn log_changed_services(frontends: &BTreeSet<Frontend>, loop_state: &LoopState) {
+    for frontend in frontends {
+        match loop_state.model.desired().services.get(frontend) {
+            Some(service) => tracing::info!(
+                service = %service.name,
+                %frontend,
+                backends = service.backends.len(),
+                "service programmed"
+            ),
+            None => {
+                let was = loop_state
+                    .ids
+                    .get(frontend)
+                    .and_then(|id| loop_state.labels.get(id))
+                    .map(|l| format!("{}/{}:{}", l.namespace, l.name, l.port))
+                    .unwrap_or_default();
+                tracing::info!(service = %was, %frontend, "service removed");
+            }
+        }
+    }
 }
 
 /// Names the touched frontends in the names map (all of them, and only them, on the first
