@@ -115,7 +115,15 @@ pub struct Backend4 {
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// `backend_flags::*`: for operators (`lb-agent list`); the programs do not look.
+    pub flags: u8,
+}
+
+/// `Backend4::flags`.
+pub mod backend_flags {
+    /// Serving but terminating: used only because the service has no ready endpoint
+    /// (kube-proxy's fallback for graceful termination).
+    pub const TERMINATING: u8 = 1 << 0;
 }
 
 /// Key of the session-affinity map: one client (its network namespace, i.e. its pod) and one

@@ -51,8 +51,9 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
 
 fn cluster_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::Result<Vec<Row>> {
     let maps = BpfServiceMaps::open_pinned(maps_dir)?;
-    Ok(maps
-        .dump()?
+    let contents = maps.dump()?;
+    let terminating = contents.terminating();
+    Ok(contents
         .view()
         .into_iter()
         .map(|(frontend, (backends, affinity_timeout_secs))| Row {
@@ -66,7 +67,17 @@ fn cluster_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::R
             kind: "ClusterIP",
             frontend: format!("{}:{}", frontend.ip, frontend.port),
             protocol: frontend.protocol.to_string(),
-            backends: backends.iter().map(ToString::to_string).collect(),
+            backends: backends
+                .iter()
+                .map(|b| {
+                    let state = terminating
+                        .get(&frontend)
+                        .is_some_and(|t| t.contains(b))
+                        .then_some(" (terminating)")
+                        .unwrap_or_default();
+                    format!("{b}{state}")
+                })
+                .collect(),
             affinity_timeout_secs,
             traffic_policy: None,
         })

@@ -655,3 +655,32 @@ fn a_pod_reaches_itself_through_its_own_service() {
     let result = finish_probe(child);
     assert_eq!(result.replies.get("pod-a"), Some(&3), "{result:?}");
 }
+
+#[test]
+fn terminating_endpoints_serve_when_none_is_ready_and_list_says_so() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    let terminating = slice_yaml(
+        "web",
+        "web-1",
+        &[(cluster.pod_ip("pod-a"), false)],
+        &[("http", "TCP", POD_PORT)],
+    )
+    .replace(
+        "    ready: false\n",
+        "    ready: false\n    serving: true\n    terminating: true\n",
+    );
+    cluster.write_manifest("web-slice.yaml", &terminating);
+    cluster.start_agent();
+
+    // kube-proxy's graceful termination: no ready endpoint, so serving-terminating ones serve.
+    let result = cluster.probe(&["tcp", TCP_VIP, "--count", "5"]);
+    assert_eq!(result.replies.get("pod-a"), Some(&5), "{result:?}");
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let list = cluster.agent_command(&["list", "--bpffs", &bpffs]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains("default/web:http") && l.contains("(terminating)")),
+        "{list}"
+    );
+}

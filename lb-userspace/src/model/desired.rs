@@ -98,6 +98,9 @@ pub struct DesiredService {
     pub backends: BTreeSet<Backend>,
     /// `Some(seconds)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
+    /// The backends that are serving but terminating, used because no endpoint is ready.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub terminating: BTreeSet<Backend>,
 }
 
 /// The whole desired state of the data path.

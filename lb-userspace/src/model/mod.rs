@@ -177,6 +177,12 @@ fn add_service(
         } else {
             categorized.cluster
         };
+        // The fallback picks serving-and-terminating endpoints only when none is ready.
+        let terminating: BTreeSet<Backend> = backends
+            .iter()
+            .filter(|b| endpoints.get(b).is_some_and(|ep| !ep.ready))
+            .copied()
+            .collect();
         let name = ServicePortName {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -206,6 +212,11 @@ fn add_service(
                 frontend,
                 DesiredService {
                     name: name.clone(),
+                    terminating: terminating
+                        .iter()
+                        .filter(|b| backends.contains(b))
+                        .copied()
+                        .collect(),
                     backends,
                     affinity_timeout_secs: affinity,
                 },

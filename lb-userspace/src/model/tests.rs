@@ -336,6 +336,7 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
                 name: port_name("default", "web", "http"),
                 backends: backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]),
                 affinity_timeout_secs: None,
+                terminating: BTreeSet::new(),
             },
         )]
         .into(),
@@ -567,6 +568,19 @@ fn without_ready_endpoints_serving_terminating_ones_are_used() {
     with_ready.push(ep("10.244.1.9"));
     let with_ready = objects(vec![web()], vec![web_slice(with_ready)]);
     assert_eq!(web_backends(&with_ready), backends(&[("10.244.1.9", 8080)]));
+
+    // The fallback backends are marked terminating (for `lb-agent list`); ready ones are not.
+    let (state, _) = build_default(&only_terminating);
+    assert_eq!(
+        state.services[&tcp("10.96.0.10", 80)].terminating,
+        backends(&[("10.244.1.1", 8080)])
+    );
+    let (state, _) = build_default(&with_ready);
+    assert!(
+        state.services[&tcp("10.96.0.10", 80)]
+            .terminating
+            .is_empty()
+    );
 }
 
 #[test]

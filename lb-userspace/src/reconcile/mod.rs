@@ -14,7 +14,9 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, service_flags};
+use lb_common::{
+    Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, backend_flags, service_flags,
+};
 
 use crate::model::{Backend, DesiredService, DesiredState, Frontend, Protocol};
 
@@ -76,6 +78,35 @@ impl MapContents {
     }
 }
 
+impl MapContents {
+    /// The backends flagged terminating, by frontend (for `lb-agent list`).
+    pub fn terminating(&self) -> BTreeMap<Frontend, BTreeSet<Backend>> {
+        let mut found = BTreeMap::new();
+        for (key, value) in &self.services {
+            let Some(frontend) = frontend_of(key) else {
+                continue;
+            };
+            let flagged: BTreeSet<Backend> = (0..value.count)
+                .filter_map(|index| {
+                    let slot = Slot4Key {
+                        service_id: value.service_id,
+                        index,
+                        generation: value.generation,
+                        pad: 0,
+                    };
+                    self.backends.get(&self.slots.get(&slot)?.backend_id)
+                })
+                .filter(|b| b.flags & backend_flags::TERMINATING != 0)
+                .map(backend_of)
+                .collect();
+            if !flagged.is_empty() {
+                found.insert(frontend, flagged);
+            }
+        }
+        found
+    }
+}
+
 /// What the reconciler wrote for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
@@ -84,6 +115,8 @@ struct Programmed {
     slots: Vec<u32>,
     /// Backend id of each backend.
     ids: BTreeMap<Backend, u32>,
+    /// The backends flagged terminating (kube-proxy's serving-terminating fallback).
+    terminating: BTreeSet<Backend>,
 }
 
 /// What one sync did.
@@ -136,6 +169,12 @@ impl Reconciler {
                 .iter()
                 .filter_map(|id| contents.backends.get(id).map(|b| (backend_of(b), *id)))
                 .collect();
+            let terminating = slots
+                .iter()
+                .filter_map(|id| contents.backends.get(id))
+                .filter(|b| b.flags & backend_flags::TERMINATING != 0)
+                .map(backend_of)
+                .collect();
             reconciler.next_service_id = reconciler.next_service_id.max(value.service_id + 1);
             reconciler.programmed.insert(
                 *key,
@@ -143,6 +182,7 @@ impl Reconciler {
                     value: *value,
                     slots,
                     ids,
+                    terminating,
                 },
             );
         }
@@ -265,6 +305,7 @@ impl Reconciler {
             value: service_value(service_id, 0, service),
             slots: Vec::new(),
             ids: BTreeMap::new(),
+            terminating: service.terminating.clone(),
         };
         let backends = limited(service);
         let result = self
@@ -311,16 +352,25 @@ impl Reconciler {
         if current_backends == backends.iter().copied().collect()
             && current.slots.len() == backends.len()
         {
-            if wanted_value == current.value {
-                return Ok(false);
+            let mut changed = false;
+            if current.terminating != service.terminating {
+                // Same backends, another state: flags are for operators, rewritten in place.
+                restate(&current, &service.terminating, maps, writes)?;
+                self.programmed.get_mut(&key).expect("present").terminating =
+                    service.terminating.clone();
+                changed = true;
             }
-            *writes += 1;
-            maps.put_service(key, wanted_value)?;
-            self.programmed.get_mut(&key).expect("present").value = wanted_value;
-            return Ok(true);
+            if wanted_value != current.value {
+                *writes += 1;
+                maps.put_service(key, wanted_value)?;
+                self.programmed.get_mut(&key).expect("present").value = wanted_value;
+                changed = true;
+            }
+            return Ok(changed);
         }
         // New backend set: write the idle generation, switch, then clean up.
         let generation = 1 - current.value.generation;
+        restate(&current, &service.terminating, maps, writes)?;
         let mut next = Programmed {
             value: service_value(current.value.service_id, generation, service),
             slots: Vec::new(),
@@ -330,6 +380,7 @@ impl Reconciler {
                 .filter(|(backend, _)| backends.contains(backend))
                 .map(|(b, id)| (*b, *id))
                 .collect(),
+            terminating: service.terminating.clone(),
         };
         let written = self.write_generation(&mut next, &backends, generation, maps, writes);
         let switched = written.and_then(|()| {
@@ -379,7 +430,8 @@ impl Reconciler {
                 None => {
                     let id = self.next_backend_id;
                     *writes += 1;
-                    maps.put_backend(id, backend_value(backend))?;
+                    let terminating = programmed.terminating.contains(backend);
+                    maps.put_backend(id, backend_value(backend, terminating))?;
                     self.next_backend_id += 1;
                     programmed.ids.insert(*backend, id);
                     id
@@ -490,13 +542,34 @@ pub fn frontend_of(key: &Service4Key) -> Option<Frontend> {
     })
 }
 
-fn backend_value(backend: &Backend) -> Backend4 {
+fn backend_value(backend: &Backend, terminating: bool) -> Backend4 {
     Backend4 {
         addr: lb_common::addr_to_map(u32::from(backend.ip)),
         port: lb_common::port_to_map(backend.port),
         proto: 0,
-        pad: 0,
+        flags: if terminating {
+            backend_flags::TERMINATING
+        } else {
+            0
+        },
     }
+}
+
+/// Rewrites the flags of the programmed backends whose terminating state differs in `wanted`.
+fn restate(
+    current: &Programmed,
+    wanted: &BTreeSet<Backend>,
+    maps: &mut impl ServiceMaps,
+    writes: &mut usize,
+) -> Result<(), MapError> {
+    for (backend, id) in &current.ids {
+        let now = wanted.contains(backend);
+        if current.terminating.contains(backend) != now {
+            *writes += 1;
+            maps.put_backend(*id, backend_value(backend, now))?;
+        }
+    }
+    Ok(())
 }
 
 /// The backend a map value names.

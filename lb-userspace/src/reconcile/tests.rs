@@ -192,7 +192,19 @@ fn exact(contents: &MapContents, desired: &DesiredState) -> Result<(), String> {
                 .backends
                 .get(&id)
                 .ok_or(format!("{frontend}: backend {id} missing"))?;
-            backends.insert(super::backend_of(backend));
+            let named = super::backend_of(backend);
+            let flags = if service.terminating.contains(&named) {
+                lb_common::backend_flags::TERMINATING
+            } else {
+                0
+            };
+            if backend.flags != flags {
+                return Err(format!(
+                    "{frontend}: backend {named} has flags {}",
+                    backend.flags
+                ));
+            }
+            backends.insert(named);
         }
         if backends != service.backends {
             return Err(format!("{frontend}: backends {backends:?}"));
@@ -248,6 +260,7 @@ fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> D
         },
         backends: backends.iter().copied().collect(),
         affinity_timeout_secs: affinity,
+        terminating: BTreeSet::new(),
     }
 }
 
@@ -667,7 +680,7 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
                 addr: lb_common::addr_to_map(u32::from_be_bytes([10, 244, 0, last])),
                 port: lb_common::port_to_map(8080),
                 proto: 0,
-                pad: 0,
+                flags: 0,
             },
         );
     }
