@@ -4,18 +4,22 @@
 //! 2. Removes a sandbox that is already up, then builds one with lb-testkit: a node network
 //!    namespace with a bridge, three pods `hostnames-1..3` each running
 //!    `lb-probe serve --name hostnames-N` on port 9376 (like Kubernetes' serve_hostname), a
-//!    client pod, and a cgroup for the client pod's processes.
+//!    client pod, a cgroup for the client pod's processes, and a client outside the cluster
+//!    (`lbs-outside`, 192.168.77.100) on a LAN with the node's `ext0` (192.168.77.1).
 //! 3. Copies `manifests/examples/*.yaml` to `/run/lb-sandbox/manifests` and adds, per Service,
 //!    the EndpointSlice that Kubernetes' EndpointSlice controller would write for those pods.
-//! 4. Starts `lb-agent run --manifests ...` (in the node's namespace, attached to the sandbox
-//!    cgroup only) and waits until its programs are attached.
-//! 5. Sends traffic from the client pod, prints how it spread over the pods and what
-//!    `lb-agent list` shows, and how to try it by hand.
+//! 4. Starts `lb-agent run --manifests ... --nodeport-iface ext0` (in the node's namespace,
+//!    its socket programs attached to the sandbox cgroup only, XDP and tc to `ext0`) and waits
+//!    until its programs are attached.
+//! 5. Sends traffic from the client pod to the ClusterIPs, and from the outside client to the
+//!    NodePort on 192.168.77.1, prints how it spread over the pods and what `lb-agent list`
+//!    shows, and how to try it by hand.
 //!
 //! Everything stays up after `run` exits, recorded in `/run/lb-sandbox/state.json`;
 //! `cargo xtask run --down` removes it (and `run` does, before building a new one, or when
 //! building fails). Nothing touches the host's own interfaces or its root cgroup, and the
-//! sandbox has no routes out.
+//! sandbox has no routes out: no default route anywhere, the outside client reaches the
+//! node's LAN address only, and the pods route the LAN via the node.
 
 mod sandbox;
 mod slices;
@@ -27,19 +31,26 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 
 use crate::{cmd, host, setup};
-use sandbox::{Binaries, CLIENT_NETNS, PODS, STATE_DIR, Sandbox};
+use sandbox::{
+    Binaries, CLIENT_NETNS, NODE_LAN_IP, OUTSIDE_IP, OUTSIDE_NETNS, PODS, STATE_DIR, Sandbox,
+};
+use traffic::Origin;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Remove the sandbox instead: stop the agent and detach its programs, kill the pods'
-    /// servers and every process in the sandbox cgroup (shells opened in the client pod too),
-    /// delete the namespaces, the cgroup and /run/lb-sandbox.
+    /// servers and every process in the sandbox cgroup and namespaces (shells opened in the
+    /// client pod or the outside client too), delete the namespaces, the cgroup and
+    /// /run/lb-sandbox.
     #[arg(long)]
     pub down: bool,
 }
 
 /// The example Services the traffic goes to, and how many connections each gets.
 const TRAFFIC: [(&str, u64); 2] = [("hostnames", 300), ("hostnames-sticky", 30)];
+/// The example NodePort Service, reached from the outside client: connections, and how many
+/// more ask the pods which address they came from.
+const NODEPORT_TRAFFIC: (&str, u64, u64) = ("hostnames-nodeport", 300, 10);
 
 pub fn run(args: &Args) -> Result<()> {
     if !host::is_root() {
@@ -63,6 +74,7 @@ pub fn run(args: &Args) -> Result<()> {
     let sandbox = sandbox::up(&bins, &examples)?;
 
     let all_answered = show_traffic(&sandbox, &bins.probe)?;
+    let all_answered = show_nodeport_traffic(&sandbox, &bins.probe)? && all_answered;
     show_list(&sandbox, &bins.agent);
     print_how_to_try(&sandbox, &bins.agent);
     if !all_answered {
@@ -154,7 +166,8 @@ fn show_traffic(sandbox: &Sandbox, probe: &Path) -> Result<bool> {
                 ""
             }
         );
-        let result = traffic::probe(sandbox, probe, &target, count)
+        let from = Origin::client_pod(sandbox);
+        let result = traffic::probe(&from, probe, &target, count, false)
             .with_context(|| format!("sending traffic to {name}"))?;
         println!("{}", traffic::table(&result, &PODS));
         if result.failures() > 0 || result.attempts != count {
@@ -164,6 +177,64 @@ fn show_traffic(sandbox: &Sandbox, probe: &Path) -> Result<bool> {
         }
     }
     Ok(all_answered)
+}
+
+/// The NodePort Service's port on the node's LAN address, from the outside client, which is in
+/// no sandbox cgroup: its packets meet the agent's XDP program on ext0, not its socket
+/// programs. Prints the spread and the source address the pods saw; false if any failed.
+fn show_nodeport_traffic(sandbox: &Sandbox, probe: &Path) -> Result<bool> {
+    let (name, count, whoami_count) = NODEPORT_TRAFFIC;
+    let Some(node_port) = nodeport_of(sandbox, name) else {
+        println!("\nrun: no NodePort Service {name} in the examples: no traffic from outside");
+        return Ok(true);
+    };
+    let target = format!("{NODE_LAN_IP}:{node_port}");
+    println!(
+        "\n{count} connections from the outside client ({OUTSIDE_NETNS}, {OUTSIDE_IP}) to \
+         {name}'s NodePort ({target}, XDP on ext0):"
+    );
+    let from = Origin::outside(sandbox);
+    let result = traffic::probe(&from, probe, &target, count, false)
+        .with_context(|| format!("sending traffic to {target}"))?;
+    println!("{}", traffic::table(&result, &PODS));
+    let mut all_answered = result.failures() == 0 && result.attempts == count;
+
+    let whoami = traffic::probe(&from, probe, &target, whoami_count, true)
+        .with_context(|| format!("asking the pods behind {target} who connected"))?;
+    let sources = traffic::sources(&whoami);
+    let seen = sources
+        .iter()
+        .map(|(ip, n)| format!("{ip} in {n}/{whoami_count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let what = if sources.keys().eq([&OUTSIDE_IP.to_string()]) {
+        ": the outside client's own address (externalTrafficPolicy Cluster, but every backend \
+         is on this node, so no SNAT)"
+    } else if sources.is_empty() {
+        "(no answer)"
+    } else {
+        ""
+    };
+    println!(
+        "  --whoami ({whoami_count} more connections, the pod answering with the source it saw): \
+         {seen}{what}"
+    );
+    if let Some(error) = &whoami.first_error {
+        println!("  first error: {error}");
+    }
+    if whoami.failures() > 0 || whoami.attempts != whoami_count {
+        all_answered = false;
+    }
+    Ok(all_answered)
+}
+
+/// The TCP nodePort of Service `name`, when the examples have it as a NodePort Service.
+fn nodeport_of(sandbox: &Sandbox, name: &str) -> Option<u16> {
+    sandbox
+        .services
+        .iter()
+        .find(|s| s.metadata.name == name)?
+        .first_tcp_node_port()
 }
 
 /// `lb-agent list`: what the agent programmed.
@@ -209,6 +280,15 @@ fn print_how_to_try(sandbox: &Sandbox, agent: &Path) {
     if let Some(curl) = curl("hostnames-sticky") {
         println!("  {curl:<32} # hostnames-sticky: the same pod every time");
     }
+    if let Some(node_port) = nodeport_of(sandbox, NODEPORT_TRAFFIC.0) {
+        println!(
+            "\nFrom outside the cluster (the outside client, in no sandbox cgroup: the NodePort is \
+             translated by XDP on the node's ext0, a pod at random each time):\n"
+        );
+        println!(
+            "  nsenter --net=/run/netns/{OUTSIDE_NETNS} curl http://{NODE_LAN_IP}:{node_port}/"
+        );
+    }
     println!();
     println!(
         "Agent log:   {}",
@@ -230,7 +310,11 @@ fn print_how_to_try(sandbox: &Sandbox, agent: &Path) {
         .join(", ");
     println!("Pods:        {pods}; logs and state in {STATE_DIR}/");
     println!(
-        "Remove it:   cargo xtask run --down   (also kills shells opened with the line above: \
-         they live in the sandbox cgroup)"
+        "Outside:     netns {OUTSIDE_NETNS} {OUTSIDE_IP}, on a LAN with the node's ext0 \
+         {NODE_LAN_IP} (it reaches nothing else)"
+    );
+    println!(
+        "Remove it:   cargo xtask run --down   (also kills shells opened with the lines above: \
+         they live in the sandbox cgroup or namespaces)"
     );
 }

@@ -30,6 +30,25 @@ const CGROUP_NAME: &str = "lb-sandbox";
 /// The node's network namespace, also its name in EndpointSlices and `--node-name`.
 pub const NODE_NETNS: &str = "lbs-node";
 pub const CLIENT_NETNS: &str = "lbs-client";
+/// A client outside the cluster, on a LAN with the node only: it reaches NodePorts.
+pub const OUTSIDE_NETNS: &str = "lbs-outside";
+/// The node's end of the LAN veth pair; the agent serves NodePorts on it (`--nodeport-iface`).
+pub const NODE_LAN_IFACE: &str = "ext0";
+/// The outside client's end.
+const OUTSIDE_IFACE: &str = "eth0";
+/// The LAN: the node's address on it, the outside client's, and the prefix length.
+pub const NODE_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
+const LAN_PREFIX_LEN: u8 = 24;
+/// What the node needs to route between the LAN and its pods, with the XDP program's
+/// translated packets: forwarding, no redirects (replies leave by the interface the flow came
+/// in on, where tc egress translates them back), no reverse-path filter on translated packets.
+const ROUTER_SYSCTLS: [&str; 4] = [
+    "net.ipv4.ip_forward=1",
+    "net.ipv4.conf.all.send_redirects=0",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+];
 /// The pods behind the example Services, like the `hostnames` Deployment's three replicas.
 pub const PODS: [&str; 3] = ["hostnames-1", "hostnames-2", "hostnames-3"];
 /// Their labels and namespace, as the Deployment's pod template gives them.
@@ -41,12 +60,21 @@ pub const POD_PORT: u16 = 9376;
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 const AGENT_READY_LINE: &str = "socket programs attached";
+/// Logged (before [`AGENT_READY_LINE`], in the same first sync) once XDP and tc are on ext0.
+const AGENT_NODEPORT_LINE: &str = "north-south programs attached";
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The pod's network namespace: `lbs-<pod>`.
 fn pod_netns(pod: &str) -> String {
     format!("lbs-{pod}")
+}
+
+/// The LAN in CIDR notation (192.168.77.0/24), which the pods route via the node.
+fn lan_cidr() -> String {
+    let mask = u32::MAX << (32 - u32::from(LAN_PREFIX_LEN));
+    let net = Ipv4Addr::from(u32::from(NODE_LAN_IP) & mask);
+    format!("{net}/{LAN_PREFIX_LEN}")
 }
 
 /// What is up, as recorded in `/run/lb-sandbox/state.json`.
@@ -60,6 +88,7 @@ pub struct State {
     pub node: Option<NodeState>,
     pub pods: Vec<PodState>,
     pub client: Option<PodState>,
+    pub outside: Option<OutsideState>,
     pub agent: Option<Process>,
     /// The lb-agent binary (for `list` and `cleanup`).
     pub agent_binary: Option<PathBuf>,
@@ -83,6 +112,17 @@ pub struct PodState {
     pub ip: Option<Ipv4Addr>,
     /// The pod's `lb-probe serve`.
     pub server: Option<Process>,
+}
+
+/// The client outside the cluster and the LAN that joins it to the node.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutsideState {
+    pub netns: String,
+    pub ip: Option<Ipv4Addr>,
+    /// The node's end of the veth pair (in the node's namespace) and its address.
+    pub node_iface: String,
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -138,6 +178,7 @@ impl State {
 pub struct Sandbox {
     pub state: State,
     pub client: ManuallyDrop<Pod>,
+    pub outside: ManuallyDrop<Netns>,
     pub cgroup: ManuallyDrop<Cgroup>,
     pub services: Vec<slices::Service>,
 }
@@ -179,11 +220,18 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
         bridge_ip: Some(node.bridge_ip()),
     });
     state.save()?;
+    for setting in ROUTER_SYSCTLS {
+        node.netns()
+            .run(&["sysctl", "-qw", setting])
+            .context("making the node a router")?;
+    }
     println!(
-        "run: node {NODE_NETNS}: network namespace {NODE_NETNS} with bridge {} {}/{}",
+        "run: node {NODE_NETNS}: network namespace {NODE_NETNS} with bridge {} {}/{}, \
+         forwarding ({})",
         lb_testkit::BRIDGE,
         node.bridge_ip(),
-        lb_testkit::POD_PREFIX_LEN
+        lb_testkit::POD_PREFIX_LEN,
+        ROUTER_SYSCTLS.join(" ")
     );
 
     for name in PODS {
@@ -199,6 +247,18 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
             server: None,
         });
         state.save()?;
+        // Replies to the outside client go back through the node (its tc program on ext0
+        // gives them the NodePort's address again). No default route.
+        pod.netns
+            .run(&[
+                "ip",
+                "route",
+                "add",
+                &lan_cidr(),
+                "via",
+                &node.bridge_ip().to_string(),
+            ])
+            .with_context(|| format!("routing the LAN from pod {name}"))?;
         let port = POD_PORT.to_string();
         let log = state.state_dir.join(format!("{name}.log"));
         let mut serve = lb_testkit::command_in(Some(&pod.netns), None, &bins.probe)?;
@@ -234,6 +294,25 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
     state.save()?;
     println!("run: pod client: {}, netns {CLIENT_NETNS}", client.ip);
 
+    let outside = ManuallyDrop::new(
+        Netns::named(OUTSIDE_NETNS).context("creating the outside client's namespace")?,
+    );
+    state.outside = Some(OutsideState {
+        netns: OUTSIDE_NETNS.to_owned(),
+        ip: Some(OUTSIDE_IP),
+        node_iface: NODE_LAN_IFACE.to_owned(),
+        node_ip: Some(NODE_LAN_IP),
+    });
+    state.save()?;
+    plug_outside(node.netns(), &outside).context("joining the outside client to the node")?;
+    println!(
+        "run: outside client: netns {OUTSIDE_NETNS}, {OUTSIDE_IFACE} {OUTSIDE_IP}/{LAN_PREFIX_LEN}, \
+         a veth pair to the node's {NODE_LAN_IFACE} {NODE_LAN_IP}/{LAN_PREFIX_LEN} (it reaches \
+         the node's LAN address only; the pods route {} via {})",
+        lan_cidr(),
+        node.bridge_ip()
+    );
+
     let cgroup = ManuallyDrop::new(Cgroup::named(CGROUP_NAME)?);
     state.cgroup = Some(cgroup.path().to_path_buf());
     state.save()?;
@@ -254,7 +333,8 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
         .arg(cgroup.path())
         .arg("--bpffs")
         .arg(&state.bpffs)
-        .args(["--node-name", state.node_name()]);
+        .args(["--node-name", state.node_name()])
+        .args(["--nodeport-iface", NODE_LAN_IFACE]);
     println!(
         "run: starting the agent in the node's network namespace (so that it sees none of the \
          host's interfaces), log in {}:",
@@ -274,17 +354,49 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
     state.save()?;
     wait_for_line(&mut child, &log, AGENT_READY_LINE, AGENT_READY_TIMEOUT)
         .context("starting lb-agent")?;
+    // Same sync, logged first: already there unless the north-south part is missing.
+    wait_for_line(&mut child, &log, AGENT_NODEPORT_LINE, SERVER_READY_TIMEOUT)
+        .context("starting lb-agent's north-south programs")?;
     println!(
-        "run: lb-agent is up (pid {}): {AGENT_READY_LINE}",
+        "run: lb-agent is up (pid {}): {AGENT_READY_LINE}, {AGENT_NODEPORT_LINE} on \
+         {NODE_LAN_IFACE}",
         child.id()
     );
 
     Ok(Sandbox {
         state: std::mem::take(state),
         client,
+        outside,
         cgroup,
         services,
     })
+}
+
+/// The LAN: a veth pair with `ext0` in the node and `eth0` in the outside client, the
+/// addresses, and no routes beyond the /24 each end gets with its address. Nothing is created
+/// in the root namespace: the pair is made in the node's, its peer moved straight on.
+fn plug_outside(node: &Netns, outside: &Netns) -> Result<()> {
+    let node_cidr = format!("{NODE_LAN_IP}/{LAN_PREFIX_LEN}");
+    let outside_cidr = format!("{OUTSIDE_IP}/{LAN_PREFIX_LEN}");
+    node.run(&[
+        "ip",
+        "link",
+        "add",
+        NODE_LAN_IFACE,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        OUTSIDE_IFACE,
+        "netns",
+        outside.name(),
+    ])?;
+    node.run(&["ip", "addr", "add", &node_cidr, "dev", NODE_LAN_IFACE])?;
+    node.run(&["ip", "link", "set", NODE_LAN_IFACE, "up"])?;
+    outside.run(&["ip", "link", "set", "lo", "up"])?;
+    outside.run(&["ip", "addr", "add", &outside_cidr, "dev", OUTSIDE_IFACE])?;
+    outside.run(&["ip", "link", "set", OUTSIDE_IFACE, "up"])?;
+    Ok(())
 }
 
 /// Copies the example manifests and adds the EndpointSlices for the sandbox pods. Returns the
@@ -419,13 +531,16 @@ fn cgroup_path(state: Option<&State>) -> Option<PathBuf> {
         .or_else(|| Some(lb_testkit::cgroup2_mount().ok()?.join(CGROUP_NAME)))
 }
 
-/// Every sandbox namespace: the recorded ones and the fixed names, pods first, node last.
+/// Every sandbox namespace: the recorded ones and the fixed names, pods and the outside
+/// client first, node last.
 fn netns_names(state: Option<&State>) -> Vec<String> {
     let mut names: Vec<String> = PODS.iter().map(|p| pod_netns(p)).collect();
     names.push(CLIENT_NETNS.to_owned());
+    names.push(OUTSIDE_NETNS.to_owned());
     if let Some(state) = state {
         names.extend(state.pods.iter().map(|p| p.netns.clone()));
         names.extend(state.client.iter().map(|p| p.netns.clone()));
+        names.extend(state.outside.iter().map(|o| o.netns.clone()));
     }
     let mut seen = BTreeSet::new();
     names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
@@ -818,8 +933,10 @@ mod tests {
     fn names_fit_and_node_goes_last() {
         let names = netns_names(None);
         assert_eq!(names.last().map(String::as_str), Some(NODE_NETNS));
-        assert_eq!(names.len(), PODS.len() + 2);
-        for name in names.iter().chain([&CGROUP_NAME.to_owned()]) {
+        assert_eq!(names.len(), PODS.len() + 3);
+        assert!(names.iter().any(|n| n == OUTSIDE_NETNS));
+        let fixed = [CGROUP_NAME, NODE_LAN_IFACE, OUTSIDE_IFACE].map(str::to_owned);
+        for name in names.iter().chain(&fixed) {
             assert!(name.len() <= lb_testkit::MAX_NAME_LEN, "{name} is too long");
         }
     }
@@ -832,6 +949,13 @@ mod tests {
         let text = serde_json::to_string(&State::fresh()).unwrap();
         let back: State = serde_json::from_str(&text).unwrap();
         assert_eq!(back.bpffs, Path::new("/run/lb-sandbox/bpf"));
+    }
+
+    #[test]
+    fn the_lan_is_a_slash_24_holding_both_ends() {
+        assert_eq!(lan_cidr(), "192.168.77.0/24");
+        let mask = u32::MAX << (32 - u32::from(LAN_PREFIX_LEN));
+        assert_eq!(u32::from(NODE_LAN_IP) & mask, u32::from(OUTSIDE_IP) & mask);
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: Option<serde_yaml::Value>,
     pub app_protocol: Option<String>,
+    pub node_port: Option<u16>,
 }
 
 impl Service {
@@ -82,6 +83,21 @@ impl Service {
         let ip: Ipv4Addr = self.spec.cluster_ip.as_deref()?.parse().ok()?;
         let port = self.spec.ports.first()?.port;
         Some(format!("{ip}:{port}"))
+    }
+
+    /// The first TCP port's `nodePort`, for a NodePort or LoadBalancer Service that has one.
+    pub fn first_tcp_node_port(&self) -> Option<u16> {
+        if !matches!(
+            self.spec.type_.as_deref(),
+            Some("NodePort" | "LoadBalancer")
+        ) {
+            return None;
+        }
+        self.spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .find_map(|p| p.node_port)
     }
 }
 
@@ -392,6 +408,34 @@ items:
         );
         assert_eq!(services[1].namespace(), "other");
         assert_eq!(services[1].first_frontend(), None);
+    }
+
+    #[test]
+    fn node_port_of_nodeport_services_only() {
+        let yaml = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: np
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.101
+  ports:
+    - {name: dns, protocol: UDP, port: 53, nodePort: 30053}
+    - {name: web, port: 80, targetPort: 9376, nodePort: 30080}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: cip
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+    - {port: 80, nodePort: 30081}
+";
+        let services = services_in(yaml).unwrap();
+        assert_eq!(services[0].first_tcp_node_port(), Some(30080));
+        assert_eq!(services[1].first_tcp_node_port(), None);
     }
 
     #[test]

@@ -1,11 +1,14 @@
-//! Traffic from the client pod through the agent: `lb-probe tcp` inside the sandbox cgroup,
-//! and the spread of its connections over the pods as a table.
+//! Traffic through the agent: `lb-probe tcp` from the client pod inside the sandbox cgroup
+//! (ClusterIPs) or from the outside client (the NodePort), and the spread of its connections
+//! over the pods as a table.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
+
+use lb_testkit::{Cgroup, Netns};
 
 use super::sandbox::Sandbox;
 
@@ -26,15 +29,45 @@ impl ProbeResult {
     }
 }
 
-/// `count` sequential connections from the client pod, in the sandbox cgroup, to `target`.
-pub fn probe(sandbox: &Sandbox, probe: &Path, target: &str, count: u64) -> Result<ProbeResult> {
+/// Where `lb-probe tcp` runs: a namespace, and the cgroup (if any) it joins first.
+pub struct Origin<'a> {
+    pub netns: &'a Netns,
+    pub cgroup: Option<&'a Cgroup>,
+}
+
+impl<'a> Origin<'a> {
+    /// The client pod, in the sandbox cgroup: east-west traffic, the socket programs.
+    pub fn client_pod(sandbox: &'a Sandbox) -> Origin<'a> {
+        Origin {
+            netns: &sandbox.client.netns,
+            cgroup: Some(&sandbox.cgroup),
+        }
+    }
+
+    /// The outside client, in no sandbox cgroup: north-south traffic, the XDP and tc programs.
+    pub fn outside(sandbox: &'a Sandbox) -> Origin<'a> {
+        Origin {
+            netns: &sandbox.outside,
+            cgroup: None,
+        }
+    }
+}
+
+/// `count` sequential connections to `target` (with `--whoami`: each reply is the address
+/// the pod saw the connection come from).
+pub fn probe(
+    from: &Origin<'_>,
+    probe: &Path,
+    target: &str,
+    count: u64,
+    whoami: bool,
+) -> Result<ProbeResult> {
     let count = count.to_string();
-    let child = lb_testkit::spawn_in(
-        Some(&sandbox.client.netns),
-        Some(&sandbox.cgroup),
-        probe,
-        &["tcp", target, "--count", &count],
-    )?;
+    let mut args = vec!["tcp", target, "--count", &count];
+    if whoami {
+        args.push("--whoami");
+    }
+    let child = lb_testkit::spawn_in(Some(from.netns), from.cgroup, probe, &args)?;
     let output = child.wait_with_output().context("waiting for lb-probe")?;
     if !output.status.success() {
         bail!(
@@ -49,6 +82,18 @@ pub fn probe(sandbox: &Sandbox, probe: &Path, target: &str, count: u64) -> Resul
             String::from_utf8_lossy(&output.stdout).trim()
         )
     })
+}
+
+/// The source addresses of `--whoami` replies (`IP:PORT`), by IP, ports dropped.
+pub fn sources(result: &ProbeResult) -> BTreeMap<String, u64> {
+    let mut sources = BTreeMap::new();
+    for (seen, &n) in &result.replies {
+        let ip = seen
+            .parse::<std::net::SocketAddr>()
+            .map_or_else(|_| seen.clone(), |addr| addr.ip().to_string());
+        *sources.entry(ip).or_default() += n;
+    }
+    sources
 }
 
 /// One row per pod (also those that got nothing), then any other answer, then failures.
@@ -92,6 +137,23 @@ pub fn table(result: &ProbeResult, pods: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_drop_the_ports() {
+        let result: ProbeResult = serde_json::from_str(
+            r#"{"attempts":3,"replies":{"192.168.77.100:40001":1,"192.168.77.100:40002":1,
+                "10.244.0.1:61000":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sources(&result),
+            [
+                ("10.244.0.1".to_owned(), 1),
+                ("192.168.77.100".to_owned(), 2)
+            ]
+            .into()
+        );
+    }
 
     #[test]
     fn table_lists_every_pod_and_failures() {
