@@ -24,8 +24,8 @@ use crate::{
     source::{Snapshot, kube, manifests},
 };
 
-/// How often the per-service counters are read from the kernel into the metrics.
-const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// A sync touching more frontends than this (a start, a re-list) leaves much freed memory.
+const LARGE_SYNC: usize = 1000;
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -68,7 +68,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         dataplane.start_kernel_log()?;
     }
     let mut maps = dataplane.service_maps()?;
-    let mut stats = dataplane.service_stats()?;
+    let stats = Arc::new(std::sync::Mutex::new(dataplane.service_stats()?));
     let mut names = dataplane.names()?;
     let mut nodeport = crate::nodeport::Nodeport::start(&mut dataplane, config.nodeport.clone())?;
     let mut reconciler = Reconciler::adopt(&mut maps).context("adopting the pinned maps")?;
@@ -86,8 +86,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     let mut loop_state = LoopState::new(&config.identity);
+    *state.counters.lock().expect("counters lock") =
+        Some(counter_reader(stats.clone(), loop_state.labels.clone()));
     let mut next_sync = tokio::time::Instant::now();
 
     let outcome = loop {
@@ -109,7 +110,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if let Some(nodeport) = &mut nodeport {
                     nodeport.sync(&snapshot.objects, &config.identity, &mut dataplane)?;
                 }
-                if let Err(error) = stats.track(&ids.added, &ids.removed) {
+                if let Err(error) = stats.lock().expect("stats lock").track(&ids.added, &ids.removed) {
                     tracing::warn!(%error, "could not update the per-service counters map");
                 }
                 if !loop_state.attached {
@@ -123,7 +124,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
                 next_sync = tokio::time::Instant::now() + config.min_sync_interval;
             }
-            _ = stats_tick.tick() => publish_counters(&stats, &state, &loop_state),
             finished = &mut source => {
                 break match finished {
                     Ok(Ok(())) => Ok(()),
@@ -138,6 +138,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     source.abort();
     drop(nodeport);
     drop(maps);
+    state.counters.lock().expect("counters lock").take();
     drop(stats);
     drop(names);
     drop(dataplane);
@@ -205,7 +206,7 @@ struct LoopState {
     reported: BTreeSet<String>,
     /// Service id of each programmed frontend, and the metric labels of each id.
     ids: BTreeMap<Frontend, u32>,
-    labels: BTreeMap<u32, ServiceLabels>,
+    labels: Arc<std::sync::Mutex<BTreeMap<u32, ServiceLabels>>>,
 }
 
 impl LoopState {
@@ -216,7 +217,7 @@ impl LoopState {
             synced: false,
             reported: BTreeSet::new(),
             ids: BTreeMap::new(),
-            labels: BTreeMap::new(),
+            labels: Arc::default(),
         }
     }
 }
@@ -273,6 +274,9 @@ fn sync(
     ids.touched = loop_state.synced.then_some(touched);
     loop_state.synced = true;
     let desired = loop_state.model.desired();
+    if report.added + report.updated + report.removed > LARGE_SYNC {
+        release_free_memory();
+    }
     if report.added + report.updated + report.removed > 0 || !report.failed.is_empty() {
         tracing::info!(
             services = desired.services.len(),
@@ -308,7 +312,14 @@ fn log_changed_services(frontends: &BTreeSet<Frontend>, loop_state: &LoopState) 
                 let was = loop_state
                     .ids
                     .get(frontend)
-                    .and_then(|id| loop_state.labels.get(id))
+                    .and_then(|id| {
+                        loop_state
+                            .labels
+                            .lock()
+                            .expect("labels lock")
+                            .get(id)
+                            .cloned()
+                    })
                     .map(|l| format!("{}/{}:{}", l.namespace, l.name, l.port))
                     .unwrap_or_default();
                 tracing::info!(service = %was, %frontend, "service removed");
@@ -365,7 +376,8 @@ fn track_ids(
             && let Some(old) = before
         {
             loop_state.ids.remove(frontend);
-            if let Some(labels) = loop_state.labels.remove(&old) {
+            let removed = loop_state.labels.lock().expect("labels lock").remove(&old);
+            if let Some(labels) = removed {
                 state.metrics.forwarded.remove(&labels);
                 state.metrics.refused.remove(&labels);
             }
@@ -379,7 +391,7 @@ fn track_ids(
             ids.added.push(id);
         }
         loop_state.ids.insert(*frontend, id);
-        loop_state.labels.insert(
+        loop_state.labels.lock().expect("labels lock").insert(
             id,
             ServiceLabels {
                 namespace: service.name.namespace.clone(),
@@ -463,15 +475,19 @@ fn record_programming_latency(snapshot: &Snapshot, changed: &[ObjectKey], state:
     }
 }
 
-/// Reads the per-CPU counters and publishes them per service.
-fn publish_counters(stats: &ServiceStatsMap, state: &AgentState, loop_state: &LoopState) {
-    for (id, counters) in stats.read() {
-        let Some(labels) = loop_state.labels.get(&id) else {
-            continue;
-        };
-        api::Metrics::set_counter(&state.metrics.forwarded, labels, counters.forwarded);
-        api::Metrics::set_counter(&state.metrics.refused, labels, counters.refused);
-    }
+/// Reads the per-CPU counters of every labelled service, for a `/metrics` scrape.
+fn counter_reader(
+    stats: Arc<std::sync::Mutex<ServiceStatsMap>>,
+    labels: Arc<std::sync::Mutex<BTreeMap<u32, ServiceLabels>>>,
+) -> api::CounterReader {
+    Box::new(move || {
+        let counts = stats.lock().expect("stats lock").read();
+        let labels = labels.lock().expect("labels lock");
+        counts
+            .into_iter()
+            .filter_map(|(id, c)| Some((labels.get(&id)?.clone(), c.forwarded, c.refused)))
+            .collect()
+    })
 }
 
 /// Logs each problem once while it lasts.
@@ -515,4 +531,15 @@ fn report_new_problems(
         current.insert(line);
     }
     *reported = current;
+}
+
+/// Gives the memory freed after a large sync (parsed objects, intermediate states) back to
+/// the system: glibc keeps freed heap in its arenas otherwise, and the agent's RSS would stay
+/// at its peak.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

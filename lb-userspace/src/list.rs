@@ -70,11 +70,8 @@ fn cluster_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::R
             backends: backends
                 .iter()
                 .map(|b| {
-                    let state = terminating
-                        .get(&frontend)
-                        .is_some_and(|t| t.contains(b))
-                        .then_some(" (terminating)")
-                        .unwrap_or_default();
+                    let terminating = terminating.get(&frontend).is_some_and(|t| t.contains(b));
+                    let state = if terminating { " (terminating)" } else { "" };
                     format!("{b}{state}")
                 })
                 .collect(),

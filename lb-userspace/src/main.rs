@@ -209,11 +209,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             addresses: args.nodeport_addresses,
         },
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(agent::run(config))
+        .build()?;
+    let outcome = runtime.block_on(agent::run(config));
+    // The data path is in the kernel: nothing left in the runtime (an HTTP connection, a
+    // watch) may hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
 }
 
 /// `off` or an `IP:PORT` to listen on.

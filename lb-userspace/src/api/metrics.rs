@@ -162,6 +162,12 @@ pub fn router(state: Arc<AgentState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
+    if let Some(read) = state.counters.lock().expect("counters lock").as_ref() {
+        for (labels, forwarded, refused) in read() {
+            Metrics::set_counter(&state.metrics.forwarded, &labels, forwarded);
+            Metrics::set_counter(&state.metrics.refused, &labels, refused);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

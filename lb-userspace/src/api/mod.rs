@@ -14,17 +14,23 @@ pub use health::Health;
 pub use metrics::Metrics;
 
 /// What the agent shares with the HTTP handlers.
-#[derive(Debug)]
 pub struct AgentState {
     pub metrics: Metrics,
     pub health: std::sync::Mutex<Health>,
+    /// Reads the per-service counters when `/metrics` is scraped (nothing is read between
+    /// scrapes): labels, forwarded, refused.
+    pub counters: std::sync::Mutex<Option<CounterReader>>,
 }
+
+/// See [`AgentState::counters`].
+pub type CounterReader = Box<dyn Fn() -> Vec<(metrics::ServiceLabels, u64, u64)> + Send>;
 
 impl AgentState {
     pub fn new(source: String) -> Arc<Self> {
         Arc::new(Self {
             metrics: Metrics::new(),
             health: std::sync::Mutex::new(Health::new(source)),
+            counters: std::sync::Mutex::new(None),
         })
     }
 }

@@ -259,9 +259,30 @@ impl Reader {
                 return;
             }
         };
+        if file.extension().is_some_and(|e| e == "json") {
+            // JSON is YAML too, but serde_json reads it several times faster.
+            for (index, document) in serde_json::Deserializer::from_str(&text)
+                .into_iter::<serde_json::Value>()
+                .enumerate()
+            {
+                match document {
+                    Ok(value) => self.add_value(file, value),
+                    Err(error) => {
+                        self.problems.push(format!(
+                            "{}: document {} does not parse: {error}; the rest of the file is skipped",
+                            file.display(),
+                            index + 1
+                        ));
+                        return;
+                    }
+                }
+            }
+            return;
+        }
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            match serde_yaml::Value::deserialize(document) {
-                Ok(serde_yaml::Value::Null) => {}
+            // Straight into the JSON tree the typed objects are read from: one tree, not two.
+            match serde_json::Value::deserialize(document) {
+                Ok(serde_json::Value::Null) => {}
                 Ok(value) => self.add_value(file, value),
                 Err(error) => {
                     self.problems.push(format!(
@@ -276,26 +297,20 @@ impl Reader {
         }
     }
 
-    fn add_value(&mut self, file: &Path, value: serde_yaml::Value) {
-        let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    fn add_value(&mut self, file: &Path, mut json: serde_json::Value) {
+        let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::to_owned);
         let (api_version, kind) = (text("apiVersion"), text("kind"));
-        let name = value
+        let name = json
             .get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(|n| n.as_str())
             .unwrap_or("(no name)")
             .to_owned();
-        let json = match serde_json::to_value(&value) {
-            Ok(json) => json,
-            Err(error) => {
-                self.problems
-                    .push(format!("{}: {kind:?} {name}: {error}", file.display()));
-                return;
-            }
-        };
         match (api_version.as_deref(), kind.as_deref()) {
             (_, Some(list)) if list == "List" || list.ends_with("List") => {
-                if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
+                if let Some(serde_json::Value::Array(items)) =
+                    json.get_mut("items").map(serde_json::Value::take)
+                {
                     for item in items {
                         self.add_value(file, item);
                     }
@@ -341,7 +356,7 @@ impl Reader {
         json: serde_json::Value,
         insert: impl FnOnce(&mut Self, ObjectKey, T) -> bool,
     ) {
-        let object: T = match serde_json::from_value(json) {
+        let mut object: T = match serde_json::from_value(json) {
             Ok(object) => object,
             Err(error) => {
                 self.problems.push(format!(
@@ -351,6 +366,7 @@ impl Reader {
                 return;
             }
         };
+        trim(object.meta_mut());
         if object.meta().name.as_deref().unwrap_or_default().is_empty() {
             self.problems.push(format!(
                 "{}: a {kind} has no metadata.name; skipped",
@@ -378,6 +394,7 @@ impl Reader {
 
 trait HasMeta {
     fn meta(&self) -> &ObjectMeta;
+    fn meta_mut(&mut self) -> &mut ObjectMeta;
 }
 
 macro_rules! has_meta {
@@ -386,8 +403,22 @@ macro_rules! has_meta {
             fn meta(&self) -> &ObjectMeta {
                 &self.metadata
             }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
         }
     )*};
+}
+
+/// `kubectl get -o yaml` output carries managedFields and often a copy of the whole object in
+/// the last-applied annotation; neither is read, and together they can triple what is kept.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+fn trim(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
 }
 has_meta!(Service, EndpointSlice, Endpoints, Node);
 
