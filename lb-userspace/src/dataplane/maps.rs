@@ -46,7 +46,12 @@ impl BpfServiceMaps {
     }
 }
 
-fn error(map: &'static str, operation: &'static str, cause: aya::maps::MapError) -> MapError {
+/// A failed aya map operation as the reconcilers report it.
+pub(crate) fn error(
+    map: &'static str,
+    operation: &'static str,
+    cause: aya::maps::MapError,
+) -> MapError {
     MapError {
         map,
         operation,

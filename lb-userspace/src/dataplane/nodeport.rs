@@ -22,7 +22,10 @@ use aya::{
 };
 use lb_common::{External4Key, External4Value, Maglev4Table, NsBackend4, ns_map_names};
 
-use super::links::{self, Attached};
+use super::{
+    links::{self, Attached},
+    maps::error,
+};
 use crate::reconcile::{MapError, external::ExternalMaps};
 
 pub const XDP_PROGRAM: &str = "nodeport_xdp";
@@ -217,14 +220,6 @@ fn sync_u32_map(
         map.remove(key).map_err(|e| error(name, "delete", e))?;
     }
     Ok(())
-}
-
-fn error(map: &'static str, operation: &'static str, cause: aya::maps::MapError) -> MapError {
-    MapError {
-        map,
-        operation,
-        cause: cause.to_string(),
-    }
 }
 
 impl ExternalMaps for BpfExternalMaps {

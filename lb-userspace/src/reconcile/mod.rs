@@ -53,57 +53,43 @@ impl MapContents {
     /// What the maps mean, without ids: frontend → (backends, affinity). Two map contents that
     /// serve the same traffic have equal views.
     pub fn view(&self) -> BTreeMap<Frontend, (BTreeSet<Backend>, Option<u32>)> {
-        let mut view = BTreeMap::new();
-        for (key, value) in &self.services {
-            let Some(frontend) = frontend_of(key) else {
-                continue;
-            };
-            let backends = (0..value.count)
-                .filter_map(|index| {
-                    let slot = Slot4Key {
-                        service_id: value.service_id,
-                        index,
-                        generation: value.generation,
-                        pad: 0,
-                    };
-                    let id = self.slots.get(&slot)?.backend_id;
-                    self.backends.get(&id).map(backend_of)
-                })
-                .collect();
-            let affinity =
-                (value.flags & service_flags::AFFINITY != 0).then_some(value.affinity_timeout_secs);
-            view.insert(frontend, (backends, affinity));
-        }
-        view
+        self.services
+            .iter()
+            .filter_map(|(key, value)| {
+                let backends = self.live_backends(value).map(backend_of).collect();
+                let affinity = (value.flags & service_flags::AFFINITY != 0)
+                    .then_some(value.affinity_timeout_secs);
+                Some((frontend_of(key)?, (backends, affinity)))
+            })
+            .collect()
     }
-}
 
-impl MapContents {
     /// The backends flagged terminating, by frontend (for `lb-agent list`).
     pub fn terminating(&self) -> BTreeMap<Frontend, BTreeSet<Backend>> {
-        let mut found = BTreeMap::new();
-        for (key, value) in &self.services {
-            let Some(frontend) = frontend_of(key) else {
-                continue;
+        self.services
+            .iter()
+            .filter_map(|(key, value)| {
+                let flagged: BTreeSet<Backend> = self
+                    .live_backends(value)
+                    .filter(|b| b.flags & backend_flags::TERMINATING != 0)
+                    .map(backend_of)
+                    .collect();
+                (!flagged.is_empty()).then_some((frontend_of(key)?, flagged))
+            })
+            .collect()
+    }
+
+    /// The backends the live generation of a service entry names.
+    fn live_backends<'a>(&'a self, value: &'a Service4Value) -> impl Iterator<Item = &'a Backend4> {
+        (0..value.count).filter_map(move |index| {
+            let slot = Slot4Key {
+                service_id: value.service_id,
+                index,
+                generation: value.generation,
+                pad: 0,
             };
-            let flagged: BTreeSet<Backend> = (0..value.count)
-                .filter_map(|index| {
-                    let slot = Slot4Key {
-                        service_id: value.service_id,
-                        index,
-                        generation: value.generation,
-                        pad: 0,
-                    };
-                    self.backends.get(&self.slots.get(&slot)?.backend_id)
-                })
-                .filter(|b| b.flags & backend_flags::TERMINATING != 0)
-                .map(backend_of)
-                .collect();
-            if !flagged.is_empty() {
-                found.insert(frontend, flagged);
-            }
-        }
-        found
+            self.backends.get(&self.slots.get(&slot)?.backend_id)
+        })
     }
 }
 

@@ -234,24 +234,9 @@ impl Cluster {
             "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = std::process::Command::new(AGENT)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting lb-agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let agent = Agent { child, log };
+        let mut command = std::process::Command::new(AGENT);
+        command.args(&args);
+        let agent = Agent::spawn(command);
         agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
