@@ -684,3 +684,48 @@ fn terminating_endpoints_serve_when_none_is_ready_and_list_says_so() {
         "{list}"
     );
 }
+
+#[test]
+fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    // An earlier version's pins: a map under a name this version does not use (a layout
+    // change renames the map), as `bpftool` or an older agent would have left it.
+    let root = cluster.bpffs.path().to_owned();
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&root)
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    std::fs::create_dir_all(root.join("maps")).unwrap();
+    let old = root.join("maps/LB4_SERVICES_V0");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "12",
+            "entries",
+            "16",
+            "name",
+            "LB4_SERVICES_V0",
+        ])
+        .status()
+        .expect("bpftool (Debian package bpftool)");
+    assert!(created.success());
+
+    cluster.start_agent();
+    let served = cluster.probe(&["tcp", TCP_VIP, "--count", "5"]);
+    assert_eq!(served.replies.get("pod-a"), Some(&5), "{served:?}");
+    cluster.agent().wait_for_log(
+        "removed a map pinned by an earlier version",
+        Duration::from_secs(3),
+    );
+    assert!(!old.exists(), "the old map's pin is still there");
+}
