@@ -24,7 +24,7 @@ use crate::model::{ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL}
 /// Files with these extensions are read; others (READMEs, editor backups) are ignored.
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 /// Changes arriving this close together are read as one.
-const DEBOUNCE: Duration = Duration::from_millis(20);
+const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A re-read even without inotify events (network filesystems, missed events).
 const POLL: Duration = Duration::from_secs(2);
 /// The mirroring controller's opt-out label on v1 Endpoints.
