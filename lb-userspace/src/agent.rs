@@ -110,9 +110,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if let Some(nodeport) = &mut nodeport {
                     nodeport.sync(&snapshot.objects, &config.identity, &mut dataplane)?;
                 }
-                if let Err(error) = stats.lock().expect("stats lock").track(&ids.added, &ids.removed) {
+                let mut counters = stats.lock().expect("stats lock");
+                if ids.touched.is_none() {
+                    // The first sync: drop the counters of services an earlier agent left.
+                    let live = reconciler.service_ids().map(|(_, id)| id).collect();
+                    if let Err(error) = counters.retain(&live) {
+                        tracing::warn!(%error, "could not clean the per-service counters map");
+                    }
+                }
+                if let Err(error) = counters.track(&ids.added, &ids.removed) {
                     tracing::warn!(%error, "could not update the per-service counters map");
                 }
+                drop(counters);
                 if !loop_state.attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.

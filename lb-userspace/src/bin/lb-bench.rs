@@ -18,6 +18,8 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -71,6 +73,9 @@ struct ClientArgs {
     /// Per-operation timeout.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// Also stop as soon as standard input closes (the caller decides when it has seen enough).
+    #[arg(long)]
+    until_stdin_closes: bool,
 }
 
 #[derive(Args)]
@@ -255,8 +260,16 @@ fn crr(args: &ClientArgs, watch: bool) -> serde_json::Value {
     let mut rng = Rng::new();
     let mut stats = Stats::default();
     let mut segments: Vec<Segment> = Vec::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    if args.until_stdin_closes {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let _ = io::copy(&mut io::stdin(), &mut io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
     let started = Instant::now();
-    while started.elapsed() < duration {
+    while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
         let target = args.targets[rng.below(args.targets.len())];
         let at_ns = if watch { epoch_ns() } else { 0 };
         let t = Instant::now();

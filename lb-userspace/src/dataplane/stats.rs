@@ -48,6 +48,21 @@ impl ServiceStatsMap {
         Ok(())
     }
 
+    /// Removes the entries of every id not in `keep` (services an earlier agent programmed
+    /// that are gone now).
+    pub fn retain(&mut self, keep: &std::collections::BTreeSet<u32>) -> anyhow::Result<()> {
+        let stale: Vec<u32> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.map.remove(&id);
+        }
+        Ok(())
+    }
+
     /// The counters of every service, summed over CPUs.
     pub fn read(&self) -> BTreeMap<u32, ServiceStats> {
         self.map
