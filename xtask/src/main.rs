@@ -1,8 +1,8 @@
 //! Project tasks, run as `cargo xtask <command>` (the alias is in `.cargo/config.toml`).
 //!
 //! One module per command; `cmd` and `host` are the helpers they share.
-//! `bench` is still to come, as its own module and subcommand.
 
+mod bench;
 mod cmd;
 mod host;
 mod run;
@@ -32,6 +32,10 @@ enum Command {
     /// pods and a client pod in network namespaces, the example manifests, the agent; then
     /// send traffic and show how to try it by hand. `--down` removes it. As root.
     Run(run::Args),
+    /// Benchmarks against kube-proxy's iptables and nftables layouts, side by side, in
+    /// namespaces it makes and removes: connection cost, UDP, hook cost, programming time and
+    /// latency, churn, XDP, memory. `--quick` for CI. As root.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
