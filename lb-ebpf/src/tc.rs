@@ -10,9 +10,15 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Ct4Key, ct_flags};
+use lb_common::{Ct4Key, IPPROTO_TCP, Rev4Value, ct_flags};
 
-use crate::{conntrack, icmp, maps::LB4_NS_REV, nat, parse, xdp::client_key};
+use crate::{
+    conntrack, icmp,
+    maps::{LB4_NS_CT, LB4_NS_REV},
+    nat,
+    parse::{self, TCP_SYN},
+    xdp::client_key,
+};
 
 #[classifier]
 pub fn nodeport_tc(ctx: TcContext) -> i32 {
@@ -42,13 +48,38 @@ fn egress(ctx: &TcContext) -> i32 {
         return TC_ACT_OK; // a remote backend's reply to the node: restored in XDP
     }
     let tcp_flags = pkt.tcp_flags;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply = rev.flags & ct_flags::SNAT_OUT == 0;
+    if reply && !reply_of_live_flow(&rev, &pkt, now) {
+        // The tuple belongs to a new connection (say, a client reaching the pod directly from a
+        // port an old NodePort flow used): translating it would break that connection.
+        let _ = LB4_NS_REV.remove(&key);
+        return TC_ACT_OK;
+    }
     if !nat::tc_restore_source(ctx, &pkt, &rev) {
         return TC_ACT_SHOT;
     }
-    if rev.flags & ct_flags::SNAT_OUT == 0 {
-        // SAFETY: a helper without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+    if reply {
         conntrack::touch_reply(&client_key(&rev), tcp_flags, now);
     }
     TC_ACT_OK
+}
+
+/// Whether `pkt`, a packet from a backend, is a reply of the tracked flow `rev` names: the
+/// flow is still alive, goes to this backend, and is not a closed connection whose tuple a new
+/// connection (a SYN-ACK) now reuses.
+#[inline(always)]
+fn reply_of_live_flow(rev: &Rev4Value, pkt: &parse::Packet, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    let Some(ct) = (unsafe { LB4_NS_CT.get(&client_key(rev)) }).copied() else {
+        return false;
+    };
+    if ct.backend_addr != pkt.saddr || ct.backend_port != pkt.sport {
+        return false;
+    }
+    let reopened = pkt.proto == IPPROTO_TCP
+        && pkt.tcp_flags & TCP_SYN != 0
+        && ct.flags & ct_flags::CLOSING != 0;
+    !reopened && conntrack::alive(&ct, pkt.proto, 0, now)
 }

@@ -69,6 +69,7 @@ fn ingress(ctx: &XdpContext) -> u32 {
         None => {
             // SAFETY: only tested for presence.
             if unsafe { LB4_NS_NODEIP.get(&pkt.daddr) }.is_none() {
+                forget_reused_tuple(&pkt);
                 return xdp_action::XDP_PASS;
             }
             let nodeport = External4Key { addr: 0, ..key };
@@ -80,6 +81,28 @@ fn ingress(ctx: &XdpContext) -> u32 {
         }
     };
     forward(ctx, &pkt, &frontend)
+}
+
+/// A new TCP connection that is not for a frontend (a client reaching a pod directly) may
+/// reuse the tuple of an earlier NodePort flow to the same backend: its replies must not be
+/// taken for that flow's, so the old reverse entry goes. Only SYNs pay this lookup.
+#[inline(always)]
+fn forget_reused_tuple(pkt: &Packet) {
+    if pkt.proto != lb_common::IPPROTO_TCP
+        || pkt.tcp_flags & (crate::parse::TCP_SYN | crate::parse::TCP_ACK) != crate::parse::TCP_SYN
+    {
+        return;
+    }
+    let reply = Ct4Key {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        pad: [0; 3],
+    };
+    // Absent is the common case; nothing to do then.
+    let _ = LB4_NS_REV.remove(&reply);
 }
 
 #[inline(always)]

@@ -809,3 +809,35 @@ fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the
         site.logs()
     );
 }
+
+#[test]
+fn direct_connections_reusing_the_ports_of_nodeport_flows_are_left_untouched() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+    );
+    site.start_agents();
+    let nodeport = format!("{NODE_A_IP}:30080");
+    site.probe_until(
+        &["tcp", &nodeport, "--count", "5"],
+        Duration::from_secs(10),
+        |r| r.replies.get("pod-a") == Some(&5),
+    );
+    // The client also reaches the pod network directly, through node-a (a flat pod network).
+    run(
+        &site.client,
+        &["ip", "route", "add", "10.244.0.0/24", "via", NODE_A_IP],
+    );
+
+    // Many NodePort connections leave closed flows behind on many client ports ...
+    let through_nodeport = site.probe(&["tcp", &nodeport, "--count", "2000"]);
+    assert_eq!(through_nodeport.failures(), 0, "{through_nodeport:?}");
+    // ... and direct connections from the same client reuse some of those ports: their
+    // replies must not be taken for NodePort replies (about 7% would be, ~140 connections).
+    let direct = format!("{}:{POD_PORT}", site.pod_ip("pod-a"));
+    let direct = site.probe(&["tcp", &direct, "--count", "2000", "--timeout-ms", "1000"]);
+    assert_eq!(direct.failures(), 0, "{direct:?}\n{}", site.logs());
+    assert_eq!(direct.replies.get("pod-a"), Some(&2000), "{direct:?}");
+}
