@@ -16,6 +16,7 @@ use k8s_openapi::api::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::Watcher as _;
 use serde::Deserialize as _;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 
 use super::Snapshot;
@@ -260,13 +261,14 @@ impl Reader {
             }
         };
         if file.extension().is_some_and(|e| e == "json") {
-            // JSON is YAML too, but serde_json reads it several times faster.
+            // JSON is YAML too, but serde_json reads it several times faster, and straight into
+            // the typed objects: no tree of the whole file in between.
             for (index, document) in serde_json::Deserializer::from_str(&text)
-                .into_iter::<serde_json::Value>()
+                .into_iter::<&RawValue>()
                 .enumerate()
             {
                 match document {
-                    Ok(value) => self.add_value(file, value),
+                    Ok(raw) => self.add_document(file, Document::Raw(raw)),
                     Err(error) => {
                         self.problems.push(format!(
                             "{}: document {} does not parse: {error}; the rest of the file is skipped",
@@ -283,7 +285,7 @@ impl Reader {
             // Straight into the JSON tree the typed objects are read from: one tree, not two.
             match serde_json::Value::deserialize(document) {
                 Ok(serde_json::Value::Null) => {}
-                Ok(value) => self.add_value(file, value),
+                Ok(value) => self.add_document(file, Document::Tree(value)),
                 Err(error) => {
                     self.problems.push(format!(
                         "{}: document {} does not parse: {error}; the rest of the file is skipped",
@@ -297,27 +299,26 @@ impl Reader {
         }
     }
 
-    fn add_value(&mut self, file: &Path, mut json: serde_json::Value) {
-        let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::to_owned);
-        let (api_version, kind) = (text("apiVersion"), text("kind"));
-        let name = json
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("(no name)")
-            .to_owned();
-        match (api_version.as_deref(), kind.as_deref()) {
+    fn add_document(&mut self, file: &Path, document: Document<'_>) {
+        let header = match document.header() {
+            Ok(header) => header,
+            Err(error) => {
+                self.problems.push(format!(
+                    "{}: a document is malformed: {error}; skipped",
+                    file.display()
+                ));
+                return;
+            }
+        };
+        let name = header.name.as_deref().unwrap_or("(no name)").to_owned();
+        match (header.api_version.as_deref(), header.kind.as_deref()) {
             (_, Some(list)) if list == "List" || list.ends_with("List") => {
-                if let Some(serde_json::Value::Array(items)) =
-                    json.get_mut("items").map(serde_json::Value::take)
-                {
-                    for item in items {
-                        self.add_value(file, item);
-                    }
+                for item in document.items(header.items) {
+                    self.add_document(file, item);
                 }
             }
             (Some("v1"), Some("Service")) => {
-                self.add(file, "Service", &name, json, |r, key, s: Service| {
+                self.add(file, "Service", &name, document, |r, key, s: Service| {
                     r.objects.services.insert(key, Arc::new(s)).is_some()
                 })
             }
@@ -325,19 +326,23 @@ impl Reader {
                 file,
                 "EndpointSlice",
                 &name,
-                json,
+                document,
                 |r, key, s: EndpointSlice| {
                     r.objects.endpoint_slices.insert(key, Arc::new(s)).is_some()
                 },
             ),
-            (Some("v1"), Some("Endpoints")) => {
-                self.add(file, "Endpoints", &name, json, |r, key, e: Endpoints| {
-                    r.endpoints.insert(key, Arc::new(e)).is_some()
+            (Some("v1"), Some("Endpoints")) => self.add(
+                file,
+                "Endpoints",
+                &name,
+                document,
+                |r, key, e: Endpoints| r.endpoints.insert(key, Arc::new(e)).is_some(),
+            ),
+            (Some("v1"), Some("Node")) => {
+                self.add(file, "Node", &name, document, |r, key, n: Node| {
+                    r.objects.nodes.insert(key.name, Arc::new(n)).is_some()
                 })
             }
-            (Some("v1"), Some("Node")) => self.add(file, "Node", &name, json, |r, key, n: Node| {
-                r.objects.nodes.insert(key.name, Arc::new(n)).is_some()
-            }),
             (None, _) | (_, None) => self.problems.push(format!(
                 "{}: object {name} has no apiVersion or kind; skipped",
                 file.display()
@@ -353,10 +358,10 @@ impl Reader {
         file: &Path,
         kind: &'static str,
         name: &str,
-        json: serde_json::Value,
+        document: Document<'_>,
         insert: impl FnOnce(&mut Self, ObjectKey, T) -> bool,
     ) {
-        let mut object: T = match serde_json::from_value(json) {
+        let mut object: T = match document.parse() {
             Ok(object) => object,
             Err(error) => {
                 self.problems.push(format!(
@@ -389,6 +394,83 @@ impl Reader {
             ));
         }
         self.origins.insert(reference, file.to_owned());
+    }
+}
+
+/// One manifest document: a JSON tree (from YAML), or the raw text of a JSON document, which
+/// is read straight into its typed object.
+enum Document<'a> {
+    Tree(serde_json::Value),
+    Raw(&'a RawValue),
+}
+
+/// The fields that say what a document is.
+#[derive(serde::Deserialize)]
+struct Header<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(skip)]
+    name: Option<String>,
+    #[serde(default)]
+    metadata: Option<HeaderMeta>,
+    /// The items of a `kind: List` (raw documents only).
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderMeta {
+    name: Option<String>,
+}
+
+impl<'a> Document<'a> {
+    fn header(&self) -> Result<Header<'a>, serde_json::Error> {
+        match self {
+            Document::Tree(json) => {
+                let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+                Ok(Header {
+                    api_version: text("apiVersion"),
+                    kind: text("kind"),
+                    name: json
+                        .get("metadata")
+                        .and_then(|m| m.get("name"))
+                        .and_then(|n| n.as_str())
+                        .map(str::to_owned),
+                    metadata: None,
+                    items: None,
+                })
+            }
+            Document::Raw(raw) => {
+                let mut header: Header<'a> = serde_json::from_str(raw.get())?;
+                header.name = header.metadata.take().and_then(|m| m.name);
+                Ok(header)
+            }
+        }
+    }
+
+    /// The items of a List document.
+    fn items(self, raw_items: Option<Vec<&'a RawValue>>) -> Vec<Document<'a>> {
+        match self {
+            Document::Tree(mut json) => match json.get_mut("items").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(items)) => {
+                    items.into_iter().map(Document::Tree).collect()
+                }
+                _ => Vec::new(),
+            },
+            Document::Raw(_) => raw_items
+                .unwrap_or_default()
+                .into_iter()
+                .map(Document::Raw)
+                .collect(),
+        }
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(self) -> Result<T, serde_json::Error> {
+        match self {
+            Document::Tree(json) => serde_json::from_value(json),
+            Document::Raw(raw) => serde_json::from_str(raw.get()),
+        }
     }
 }
 
