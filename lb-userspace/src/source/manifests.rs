@@ -269,14 +269,7 @@ impl Reader {
             {
                 match document {
                     Ok(raw) => self.add_document(file, Document::Raw(raw)),
-                    Err(error) => {
-                        self.problems.push(format!(
-                            "{}: document {} does not parse: {error}; the rest of the file is skipped",
-                            file.display(),
-                            index + 1
-                        ));
-                        return;
-                    }
+                    Err(error) => return self.unparsable(file, index, &error),
                 }
             }
             return;
@@ -286,17 +279,19 @@ impl Reader {
             match serde_json::Value::deserialize(document) {
                 Ok(serde_json::Value::Null) => {}
                 Ok(value) => self.add_document(file, Document::Tree(value)),
-                Err(error) => {
-                    self.problems.push(format!(
-                        "{}: document {} does not parse: {error}; the rest of the file is skipped",
-                        file.display(),
-                        index + 1
-                    ));
-                    // After a syntax error the YAML stream cannot be resynchronised.
-                    return;
-                }
+                // After a syntax error the YAML stream cannot be resynchronised.
+                Err(error) => return self.unparsable(file, index, &error),
             }
         }
+    }
+
+    /// Document `index` of `file` does not parse: the rest of the file is skipped.
+    fn unparsable(&mut self, file: &Path, index: usize, error: &dyn std::fmt::Display) {
+        self.problems.push(format!(
+            "{}: document {} does not parse: {error}; the rest of the file is skipped",
+            file.display(),
+            index + 1
+        ));
     }
 
     fn add_document(&mut self, file: &Path, document: Document<'_>) {
