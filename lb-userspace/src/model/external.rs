@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
 use super::{
-    Backend, Diagnostic, ObjectKey, ObjectRef, Objects, Protocol, ProxyIdentity, ServicePortName,
-    Severity, affinity_timeout, endpoints, is_ours, node_view, port_of,
+    Backend, Diagnostic, ObjectKey, Objects, Protocol, ProxyIdentity, ServicePortName, Severity,
+    affinity_timeout, endpoints, is_ours, node_view, port_of, warner,
 };
 
 /// Where outside traffic arrives: a NodePort (on every node address) or an external address.
@@ -87,17 +87,7 @@ fn add_service(
     state: &mut ExternalState,
     diagnostics: &mut Vec<Diagnostic>,
 ) {
-    let object = ObjectRef {
-        kind: "Service",
-        key: key.clone(),
-    };
-    let mut warn = |severity, message: String| {
-        diagnostics.push(Diagnostic {
-            severity,
-            object: object.clone(),
-            message,
-        })
-    };
+    let mut warn = warner(key, diagnostics);
     let Some(spec) = &service.spec else {
         return;
     };
@@ -256,6 +246,7 @@ fn add_service(
     }
     endpoint_diagnostics.sort();
     endpoint_diagnostics.dedup();
+    drop(warn);
     diagnostics.extend(endpoint_diagnostics);
 }
 

@@ -92,17 +92,7 @@ fn add_service(
     state: &mut DesiredState,
     diagnostics: &mut Vec<Diagnostic>,
 ) {
-    let object = ObjectRef {
-        kind: "Service",
-        key: key.clone(),
-    };
-    let mut warn = |severity, message: String| {
-        diagnostics.push(Diagnostic {
-            severity,
-            object: object.clone(),
-            message,
-        })
-    };
+    let mut warn = warner(key, diagnostics);
     let Some(spec) = &service.spec else {
         warn(Severity::Warning, "has no spec; skipped".into());
         return;
@@ -225,7 +215,26 @@ fn add_service(
     }
     endpoint_diagnostics.sort();
     endpoint_diagnostics.dedup();
+    drop(warn);
     diagnostics.extend(endpoint_diagnostics);
+}
+
+/// Reports problems with the Service `key` into `diagnostics`.
+pub(crate) fn warner<'a>(
+    key: &ObjectKey,
+    diagnostics: &'a mut Vec<Diagnostic>,
+) -> impl FnMut(Severity, String) + 'a {
+    let object = ObjectRef {
+        kind: "Service",
+        key: key.clone(),
+    };
+    move |severity, message| {
+        diagnostics.push(Diagnostic {
+            severity,
+            object: object.clone(),
+            message,
+        })
+    }
 }
 
 /// `spec.externalIPs` and the load balancer's ingress IPs, except those with `ipMode: Proxy`
