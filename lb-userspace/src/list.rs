@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::HashMap;
 use lb_common::{
     External4Key, External4Value, Maglev4Table, NameKey, NsBackend4, frontend_kinds,
     ns_backend_flags, ns_flags, ns_map_names,
@@ -14,7 +14,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    dataplane::{BpfServiceMaps, names::NamesMap},
+    dataplane::{BpfServiceMaps, maps::open_pinned_hash, names::NamesMap},
     reconcile::{ServiceMaps as _, service_key},
 };
 
@@ -82,9 +82,7 @@ fn cluster_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::R
 }
 
 fn external_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::Result<Vec<Row>> {
-    let open = |name: &str| -> anyhow::Result<Map> {
-        Ok(Map::HashMap(MapData::from_pin(maps_dir.join(name))?))
-    };
+    let open = |name| open_pinned_hash(maps_dir, name);
     let frontends: HashMap<_, External4Key, External4Value> =
         HashMap::try_from(open(ns_map_names::FRONTENDS)?)?;
     let backends: HashMap<_, u32, NsBackend4> = HashMap::try_from(open(ns_map_names::BACKENDS)?)?;

@@ -52,9 +52,9 @@ fn tcp_connections_spread_over_every_backend_and_getpeername_reports_the_cluster
     );
 }
 
-#[test]
-fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip() {
-    let mut cluster = Cluster::new(&["dns-a", "dns-b"]);
+/// A UDP "DNS" service at 10.96.0.53:53 over two pods.
+fn dns_cluster() -> Cluster {
+    let cluster = Cluster::new(&["dns-a", "dns-b"]);
     cluster.write_manifest(
         "dns.yaml",
         &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
@@ -67,6 +67,12 @@ fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip
         "dns-slice.yaml",
         &slice_yaml("dns", "dns-1", &endpoints, &[("dns", "UDP", POD_PORT)]),
     );
+    cluster
+}
+
+#[test]
+fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip() {
+    let mut cluster = dns_cluster();
     cluster.start_agent();
 
     let result = cluster.probe(&["udp", "10.96.0.53:53", "--count", "100"]);
@@ -82,19 +88,7 @@ fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip
 
 #[test]
 fn connected_udp_goes_to_one_backend_and_reports_the_cluster_ip_as_peer() {
-    let mut cluster = Cluster::new(&["dns-a", "dns-b"]);
-    cluster.write_manifest(
-        "dns.yaml",
-        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
-    );
-    let endpoints = [
-        (cluster.pod_ip("dns-a"), true),
-        (cluster.pod_ip("dns-b"), true),
-    ];
-    cluster.write_manifest(
-        "dns-slice.yaml",
-        &slice_yaml("dns", "dns-1", &endpoints, &[("dns", "UDP", POD_PORT)]),
-    );
+    let mut cluster = dns_cluster();
     cluster.start_agent();
 
     let result = cluster.probe(&["udp", "10.96.0.53:53", "--connected", "--count", "20"]);

@@ -19,10 +19,7 @@ pub struct BpfServiceMaps {
 impl BpfServiceMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
-        };
+        let mut take = |name| take_map(ebpf, name);
         Ok(Self {
             services: HashMap::try_from(take(map_names::SERVICES_V4)?)?,
             slots: HashMap::try_from(take(map_names::SLOTS_V4)?)?,
@@ -32,18 +29,27 @@ impl BpfServiceMaps {
 
     /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent).
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok(Map::HashMap(data))
-        };
+        let open = |name| open_pinned_hash(dir, name);
         Ok(Self {
             services: HashMap::try_from(open(map_names::SERVICES_V4)?)?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
             backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
         })
     }
+}
+
+/// Takes map `name` out of a loaded object.
+pub(crate) fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Opens the hash map pinned as `dir/name`.
+pub(crate) fn open_pinned_hash(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Ok(Map::HashMap(data))
 }
 
 /// A failed aya map operation as the reconcilers report it.

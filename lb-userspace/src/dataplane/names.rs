@@ -2,11 +2,12 @@
 //! can say it without a running agent. Written by difference, like the service maps.
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, MapData},
 };
+
+use super::maps::{open_pinned_hash, take_map};
 use lb_common::{NameKey, ServiceName, map_names};
 
 pub struct NamesMap {
@@ -15,23 +16,14 @@ pub struct NamesMap {
 
 impl NamesMap {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let map = ebpf.take_map(map_names::SERVICE_NAMES_V4).ok_or_else(|| {
-            anyhow!(
-                "map {} missing from the eBPF object",
-                map_names::SERVICE_NAMES_V4
-            )
-        })?;
         Ok(Self {
-            map: HashMap::try_from(map)?,
+            map: HashMap::try_from(take_map(ebpf, map_names::SERVICE_NAMES_V4)?)?,
         })
     }
 
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(map_names::SERVICE_NAMES_V4);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
         Ok(Self {
-            map: HashMap::try_from(Map::HashMap(data))?,
+            map: HashMap::try_from(open_pinned_hash(dir, map_names::SERVICE_NAMES_V4)?)?,
         })
     }
 

@@ -17,14 +17,14 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
 };
 use lb_common::{External4Key, External4Value, Maglev4Table, NsBackend4, ns_map_names};
 
 use super::{
     links::{self, Attached},
-    maps::error,
+    maps::{error, take_map},
 };
 use crate::reconcile::{MapError, external::ExternalMaps};
 
@@ -148,33 +148,13 @@ impl BpfExternalMaps {
     /// Takes the maps out of a loaded object (before its programs are loaded, as for the
     /// socket maps: the programs keep referring to them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
-        };
+        let mut take = |name| take_map(ebpf, name);
         Ok(Self {
             frontends: HashMap::try_from(take(ns_map_names::FRONTENDS)?)?,
             backends: HashMap::try_from(take(ns_map_names::BACKENDS)?)?,
             tables: HashMap::try_from(take(ns_map_names::MAGLEV)?)?,
             node_addrs: HashMap::try_from(take(ns_map_names::NODE_ADDRS)?)?,
             iface_addrs: HashMap::try_from(take(ns_map_names::IFACE_ADDRS)?)?,
-        })
-    }
-
-    /// Opens the pinned maps (for inspection without a running agent).
-    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Ok(Map::HashMap(data))
-        };
-        Ok(Self {
-            frontends: HashMap::try_from(open(ns_map_names::FRONTENDS)?)?,
-            backends: HashMap::try_from(open(ns_map_names::BACKENDS)?)?,
-            tables: HashMap::try_from(open(ns_map_names::MAGLEV)?)?,
-            node_addrs: HashMap::try_from(open(ns_map_names::NODE_ADDRS)?)?,
-            iface_addrs: HashMap::try_from(open(ns_map_names::IFACE_ADDRS)?)?,
         })
     }
 

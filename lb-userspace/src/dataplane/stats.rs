@@ -2,7 +2,7 @@
 //! the agent creates and removes the entries with the services and sums the CPUs on read.
 use std::collections::BTreeMap;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuHashMap, PerCpuValues},
@@ -17,14 +17,11 @@ pub struct ServiceStatsMap {
 
 impl ServiceStatsMap {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let map = ebpf.take_map(map_names::SERVICE_STATS_V4).ok_or_else(|| {
-            anyhow!(
-                "map {} missing from the eBPF object",
-                map_names::SERVICE_STATS_V4
-            )
-        })?;
         Ok(Self {
-            map: PerCpuHashMap::try_from(map)?,
+            map: PerCpuHashMap::try_from(super::maps::take_map(
+                ebpf,
+                map_names::SERVICE_STATS_V4,
+            )?)?,
             cpus: nr_cpus()
                 .map_err(|(_, e)| e)
                 .context("counting possible CPUs")?,

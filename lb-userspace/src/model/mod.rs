@@ -167,12 +167,6 @@ fn add_service(
         } else {
             categorized.cluster
         };
-        // The fallback picks serving-and-terminating endpoints only when none is ready.
-        let terminating: BTreeSet<Backend> = backends
-            .iter()
-            .filter(|b| endpoints.get(b).is_some_and(|ep| !ep.ready))
-            .copied()
-            .collect();
         let name = ServicePortName {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -202,9 +196,11 @@ fn add_service(
                 frontend,
                 DesiredService {
                     name: name.clone(),
-                    terminating: terminating
+                    // The fallback picks serving-and-terminating endpoints only when none is
+                    // ready: those are the backends that are not ready.
+                    terminating: backends
                         .iter()
-                        .filter(|b| backends.contains(b))
+                        .filter(|b| endpoints.get(b).is_some_and(|ep| !ep.ready))
                         .copied()
                         .collect(),
                     backends,
