@@ -1,13 +1,12 @@
 //! Connection tracking of external flows: lifetimes after the kernel's nf_conntrack defaults
 //! (`lb_common::ct_timeouts`), and state kept from the packets of both directions.
-use lb_common::{Ct4Key, Ct4Value, IPPROTO_TCP, ct_flags, ct_timeouts};
+use lb_common::{Ct4Key, Ct4Value, IPPROTO_TCP, NANOS_PER_SEC, ct_flags, ct_timeouts};
 
 use crate::{
-    maps::LB4_NS_CT,
+    maps::LB4_CT_V2,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// `last_seen_ns` is rewritten at most this often, so a busy flow does not write its entry
 /// on every packet.
 const REFRESH_NS: u64 = NANOS_PER_SEC;
@@ -72,7 +71,7 @@ pub fn touch(entry: *mut Ct4Value, tcp_flags: u8, reply: bool, now: u64) {
 /// Records a reply packet of the flow whose client tuple is `key`.
 #[inline(always)]
 pub fn touch_reply(key: &Ct4Key, tcp_flags: u8, now: u64) {
-    if let Some(entry) = LB4_NS_CT.get_ptr_mut(key) {
+    if let Some(entry) = LB4_CT_V2.get_ptr_mut(key) {
         touch(entry, tcp_flags, true, now);
     }
 }

@@ -25,8 +25,8 @@ use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP, ct_flags};
 
 use crate::{
     conntrack, csum,
-    maps::{LB4_NS_CT, LB4_NS_REV},
-    parse::{ETH_HLEN, Ipv4Hdr, L4_OFF},
+    maps::{LB4_CT_V2, LB4_FLOWREV_V2},
+    parse::{ETH_HLEN, ETH_P_IP_WIRE, Ipv4Hdr, L4_OFF, at},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -35,7 +35,6 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 /// The quoted IP header and the first 8 bytes of its L4 header.
 const INNER_IP_OFF: usize = L4_OFF + 8;
 const INNER_L4_OFF: usize = INNER_IP_OFF + 20;
-const ETH_P_IP_WIRE: u16 = 0x0800u16.to_be();
 
 /// The quoted L4 header's first 8 bytes as UDP has them.
 #[repr(C)]
@@ -52,14 +51,6 @@ struct IcmpHdr {
     code: u8,
     check: u16,
     rest: u32,
-}
-
-#[inline(always)]
-fn at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
 }
 
 /// An ICMP error quoting a TCP or UDP packet, understood.
@@ -215,15 +206,8 @@ fn translate_ingress(start: usize, end: usize) -> Option<()> {
     }
     // The quoted packet is a reply: frontend → client. Its flow is tracked under the client's
     // direction.
-    let key = Ct4Key {
-        saddr: inner_dst,
-        daddr: inner_src,
-        sport: dport,
-        dport: sport,
-        proto: e.proto,
-        pad: [0; 3],
-    };
-    let entry = LB4_NS_CT.get_ptr_mut(&key)?;
+    let key = Ct4Key::new(inner_dst, inner_src, dport, sport, e.proto);
+    let entry = LB4_CT_V2.get_ptr_mut(&key)?;
     // SAFETY: a pointer from the lookup above; copied out at once.
     let ct = unsafe { *entry };
     let (quoted_dst, quoted_dport) = if ct.flags & ct_flags::SNAT != 0 {
@@ -269,16 +253,9 @@ pub fn egress(start: usize, end: usize) -> Option<()> {
         return None; // not addressed to the quoted packet's sender
     }
     // The quoted packet went client → backend; its reply entry is backend → client.
-    let key = Ct4Key {
-        saddr: inner_dst,
-        daddr: inner_src,
-        sport: dport,
-        dport: sport,
-        proto: e.proto,
-        pad: [0; 3],
-    };
+    let key = Ct4Key::new(inner_dst, inner_src, dport, sport, e.proto);
     // SAFETY: copied out at once.
-    let rev = unsafe { LB4_NS_REV.get(&key) }.copied()?;
+    let rev = unsafe { LB4_FLOWREV_V2.get(&key) }.copied()?;
     if rev.flags != 0 {
         return None; // entries of SNAT flows: not a reply to a client
     }

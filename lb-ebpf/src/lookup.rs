@@ -1,14 +1,15 @@
-//! Service and backend selection, shared by every attach point.
+//! The one service table, read by every attach point: frontend lookup, backends, session
+//! affinity and per-service counters. The socket programs pick a slot at random (`select`),
+//! XDP through the service's Maglev table (`xdp.rs`); both remember affinity here.
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Service4Key, Service4Value, Slot4Key, service_flags,
+    Affinity4Key, Affinity4Value, Backend4, Frontend4Key, Frontend4Value, NANOS_PER_SEC, Slot4Key,
+    affinity_clients, backend_states, frontend_flags, frontend_kinds, scopes,
 };
 
-use crate::maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_SERVICES, LB4_SLOTS, LB4_SVC_STATS};
+use crate::maps::{LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_SLOTS_V2, LB4_STATS_V2};
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
-
-/// What the data path should do with a connection to a given address.
+/// What the socket programs should do with a connection to a given address.
 pub enum Verdict {
     /// Not a service address: leave it alone.
     NotAService,
@@ -18,22 +19,41 @@ pub enum Verdict {
     Backend(Backend4),
 }
 
-/// Copy of the service entry for `key`, if it is a service.
+/// Copy of the frontend entry for `key`.
 #[inline(always)]
-fn service(key: &Service4Key) -> Option<Service4Value> {
+pub fn frontend(key: &Frontend4Key) -> Option<Frontend4Value> {
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    unsafe { LB4_SERVICES.get(key) }.copied()
+    unsafe { LB4_FRONT_V2.get(key) }.copied()
 }
 
 #[inline(always)]
-fn backend(backend_id: u32) -> Option<Backend4> {
+pub fn backend(backend_id: u32) -> Option<Backend4> {
     // SAFETY: copied out at once, as above.
-    unsafe { LB4_BACKENDS.get(backend_id) }.copied()
+    unsafe { LB4_BACKEND_V2.get(backend_id) }.copied()
+}
+
+/// The frontend an in-node client (a pod or a host process, at the socket) reaches at `key`:
+/// not a NodePort (address 0 is no address a socket connects to; NodePorts are served in
+/// XDP), and the internal-scope entry where the frontend has two.
+#[inline(always)]
+fn in_node_frontend(key: &Frontend4Key) -> Option<Frontend4Value> {
+    let found = frontend(key)?;
+    if found.kind == frontend_kinds::NODE_PORT {
+        return None;
+    }
+    if found.flags & frontend_flags::TWO_SCOPES != 0 {
+        let internal = Frontend4Key {
+            scope: scopes::INTERNAL,
+            ..*key
+        };
+        return frontend(&internal).or(Some(found));
+    }
+    Some(found)
 }
 
 /// A backend of the live generation, chosen uniformly at random.
 #[inline(always)]
-fn random_backend(svc: &Service4Value) -> Option<(u32, Backend4)> {
+fn random_backend(svc: &Frontend4Value) -> Option<(u32, Backend4)> {
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = Slot4Key {
@@ -43,53 +63,60 @@ fn random_backend(svc: &Service4Value) -> Option<(u32, Backend4)> {
         pad: 0,
     };
     // SAFETY: copied out at once, as above.
-    let backend_id = unsafe { LB4_SLOTS.get(slot) }?.backend_id;
+    let backend_id = unsafe { LB4_SLOTS_V2.get(slot) }?.backend_id;
     Some((backend_id, backend(backend_id)?))
 }
 
-/// Picks the backend for a connection from client `client_cookie` (its network namespace) to
-/// the service at `key`. A service that changes while we read it (the agent switching slot
-/// generations) is read once more; if it still does not resolve, the service has no backend.
+/// Picks the backend for a connection from an in-node client (`client_cookie`: its network
+/// namespace) to the frontend at `key` (scope external; the program never names the scope).
+/// A service that changes while we read it (the agent switching slot generations) is read
+/// once more; if it still does not resolve, the service has no backend.
 #[inline(always)]
-pub fn select(key: &Service4Key, client_cookie: u64) -> Verdict {
-    let Some(svc) = service(key) else {
+pub fn select(key: &Frontend4Key, client_cookie: u64) -> Verdict {
+    let Some(svc) = in_node_frontend(key) else {
         return Verdict::NotAService;
     };
     let verdict = choose(key, svc, client_cookie);
-    count(svc.service_id, &verdict);
+    count(svc.service_id, matches!(verdict, Verdict::Backend(_)));
     verdict
 }
 
 /// Per-CPU counters: no atomics, no sharing between CPUs; the agent sums them.
 #[inline(always)]
-fn count(service_id: u32, verdict: &Verdict) {
-    if let Some(stats) = LB4_SVC_STATS.get_ptr_mut(service_id) {
+pub fn count(service_id: u32, forwarded: bool) {
+    if let Some(stats) = LB4_STATS_V2.get_ptr_mut(service_id) {
         // SAFETY: a per-CPU value, written only by programs running on this CPU.
         unsafe {
-            match verdict {
-                Verdict::Backend(_) => (*stats).forwarded += 1,
-                Verdict::NoBackend => (*stats).refused += 1,
-                Verdict::NotAService => {}
+            if forwarded {
+                (*stats).forwarded += 1;
+            } else {
+                (*stats).refused += 1;
             }
         }
     }
 }
 
 #[inline(always)]
-fn choose(key: &Service4Key, mut svc: Service4Value, client_cookie: u64) -> Verdict {
+fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client_cookie: u64) -> Verdict {
     for _attempt in 0..2 {
         if svc.count == 0 {
             return Verdict::NoBackend;
         }
-        let chosen = if svc.flags & service_flags::AFFINITY != 0 {
-            with_affinity(&svc, client_cookie)
+        let chosen = if svc.flags & frontend_flags::AFFINITY != 0 {
+            // SAFETY: a helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let client = AffinityClient::cookie(client_cookie, svc.service_id);
+            match client.remembered(&svc, now) {
+                Some(found) => Some(found),
+                None => random_backend(&svc).inspect(|(id, _)| client.remember(*id, now)),
+            }
         } else {
-            random_backend(&svc).map(|(_, b)| b)
+            random_backend(&svc)
         };
-        if let Some(backend) = chosen {
+        if let Some((_, backend)) = chosen {
             return Verdict::Backend(backend);
         }
-        match service(key) {
+        match in_node_frontend(key) {
             Some(again) => svc = again,
             None => return Verdict::NotAService,
         }
@@ -97,33 +124,63 @@ fn choose(key: &Service4Key, mut svc: Service4Value, client_cookie: u64) -> Verd
     Verdict::NoBackend
 }
 
-/// Session affinity: the backend this client used last, unless the entry timed out or that
-/// backend was removed; otherwise a random one, remembered for next time.
-#[inline(always)]
-fn with_affinity(svc: &Service4Value, client_cookie: u64) -> Option<Backend4> {
-    let key = Affinity4Key {
-        client_cookie,
-        service_id: svc.service_id,
-        pad: 0,
-    };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let timeout = svc.affinity_timeout_secs as u64 * NANOS_PER_SEC;
-    // SAFETY: copied out at once, as above.
-    let remembered = unsafe { LB4_AFFINITY.get(key) }.copied();
-    let (backend_id, chosen) = match remembered
-        .filter(|entry| now.wrapping_sub(entry.last_used_ns) <= timeout)
-        .and_then(|entry| backend(entry.backend_id).map(|b| (entry.backend_id, b)))
-    {
-        Some(found) => found,
-        None => random_backend(svc)?,
-    };
-    let entry = Affinity4Value {
-        last_used_ns: now,
-        backend_id,
-        pad: 0,
-    };
-    // A full LRU map evicts the oldest client; failure only costs affinity, not the connection.
-    let _ = LB4_AFFINITY.insert(key, entry, 0);
-    Some(chosen)
+/// One client of one service, as the affinity map keys it.
+pub struct AffinityClient {
+    key: Affinity4Key,
+}
+
+impl AffinityClient {
+    /// A pod or host process, by its network namespace cookie.
+    #[inline(always)]
+    pub fn cookie(cookie: u64, service_id: u32) -> Self {
+        Self::new(cookie, affinity_clients::NETNS_COOKIE, service_id)
+    }
+
+    /// An outside client, by its address (network byte order).
+    #[inline(always)]
+    pub fn address(addr: u32, service_id: u32) -> Self {
+        Self::new(addr as u64, affinity_clients::ADDRESS, service_id)
+    }
+
+    #[inline(always)]
+    fn new(client: u64, client_kind: u8, service_id: u32) -> Self {
+        Self {
+            key: Affinity4Key {
+                client,
+                service_id,
+                client_kind,
+                pad: [0; 3],
+            },
+        }
+    }
+
+    /// The backend this client used last, unless the entry timed out or that backend was
+    /// removed or is terminating; refreshed when found.
+    #[inline(always)]
+    pub fn remembered(&self, svc: &Frontend4Value, now: u64) -> Option<(u32, Backend4)> {
+        // SAFETY: copied out at once.
+        let entry = unsafe { LB4_AFFIN_V2.get(&self.key) }.copied()?;
+        let timeout = svc.affinity_timeout_secs as u64 * NANOS_PER_SEC;
+        if now.wrapping_sub(entry.last_used_ns) > timeout {
+            return None;
+        }
+        let found = backend(entry.backend_id)?;
+        if found.state != backend_states::ACTIVE {
+            return None;
+        }
+        self.remember(entry.backend_id, now);
+        Some((entry.backend_id, found))
+    }
+
+    #[inline(always)]
+    pub fn remember(&self, backend_id: u32, now: u64) {
+        let entry = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            pad: 0,
+        };
+        // A full LRU map evicts the oldest client; failure only costs affinity, not the
+        // connection.
+        let _ = LB4_AFFIN_V2.insert(&self.key, &entry, 0);
+    }
 }

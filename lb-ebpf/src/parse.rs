@@ -10,14 +10,14 @@
 //!   than the frame, a TCP data offset below 5, a UDP length below 8).
 //!
 //! Passing is always safe: a packet is never translated unless all of it was understood.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const IP_HLEN: usize = 20;
 /// Where the TCP/UDP header starts (no VLAN, no IP options).
 pub const L4_OFF: usize = ETH_HLEN + IP_HLEN;
 /// `ETH_P_IP` as it lies in memory on a little-endian machine (0x0800 big-endian).
-const ETH_P_IP_WIRE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_WIRE: u16 = 0x0800u16.to_be();
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -63,8 +63,18 @@ pub struct Packet {
     pub check_off: usize,
 }
 
+impl Packet {
+    /// The packet's tuple, as the flow maps key it.
+    #[inline(always)]
+    pub fn tuple(&self) -> Ct4Key {
+        Ct4Key::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+}
+
+/// A pointer to a `T` at `offset` into the packet `start..end`, if all of it lies inside
+/// (the bounds check the verifier wants before any direct packet access).
 #[inline(always)]
-fn at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
+pub fn at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }

@@ -8,7 +8,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use lb_common::{ECONNREFUSED, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, Service4Key};
+use lb_common::{
+    ECONNREFUSED, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, scopes,
+};
 
 use crate::{
     lookup::{Verdict, select},
@@ -61,11 +63,11 @@ fn translate(ctx: &mut SockAddrContext) -> i32 {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return PROCEED;
     }
-    let key = Service4Key {
+    let key = Frontend4Key {
         addr: sa.user_ip4,
         port: sa.user_port as u16,
         proto,
-        pad: 0,
+        scope: scopes::EXTERNAL,
     };
     // SAFETY: the context pointer is valid for this call, as the helper requires.
     let client = unsafe { bpf_get_netns_cookie(raw) };

@@ -1,5 +1,5 @@
 //! North-south egress: tc on the node's interfaces (`--nodeport-iface`), after the node's
-//! stack routed the packet. Sources are set here (from `LB4_NS_REV`, keyed by the packet's
+//! stack routed the packet. Sources are set here (from `LB4_FLOWREV_V2`, keyed by the packet's
 //! tuple): a backend's reply to an external client leaves from the frontend the client sent
 //! to; a client's packet forwarded to a backend on another node (eTP Cluster) leaves from
 //! the node's address and the flow's SNAT port, so the reply comes back here. Everything
@@ -10,14 +10,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Ct4Key, IPPROTO_TCP, Rev4Value, ct_flags};
+use lb_common::{IPPROTO_TCP, Rev4Value, ct_flags};
 
 use crate::{
     conntrack, icmp,
-    maps::{LB4_NS_CT, LB4_NS_REV},
+    maps::{LB4_CT_V2, LB4_FLOWREV_V2},
     nat,
     parse::{self, TCP_SYN},
-    xdp::client_key,
 };
 
 #[classifier]
@@ -32,16 +31,9 @@ fn egress(ctx: &TcContext) -> i32 {
         icmp::egress(ctx.data(), ctx.data_end());
         return TC_ACT_OK;
     };
-    let key = Ct4Key {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    };
+    let key = pkt.tuple();
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { LB4_NS_REV.get(&key) }).copied() else {
+    let Some(rev) = (unsafe { LB4_FLOWREV_V2.get(&key) }).copied() else {
         return TC_ACT_OK;
     };
     if rev.flags & ct_flags::SNAT != 0 {
@@ -54,14 +46,14 @@ fn egress(ctx: &TcContext) -> i32 {
     if reply && !reply_of_live_flow(&rev, &pkt, now) {
         // The tuple belongs to a new connection (say, a client reaching the pod directly from a
         // port an old NodePort flow used): translating it would break that connection.
-        let _ = LB4_NS_REV.remove(&key);
+        let _ = LB4_FLOWREV_V2.remove(&key);
         return TC_ACT_OK;
     }
     if !nat::tc_restore_source(ctx, &pkt, &rev) {
         return TC_ACT_SHOT;
     }
     if reply {
-        conntrack::touch_reply(&client_key(&rev), tcp_flags, now);
+        conntrack::touch_reply(&rev.client_key(), tcp_flags, now);
     }
     TC_ACT_OK
 }
@@ -72,7 +64,7 @@ fn egress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn reply_of_live_flow(rev: &Rev4Value, pkt: &parse::Packet, now: u64) -> bool {
     // SAFETY: copied out at once.
-    let Some(ct) = (unsafe { LB4_NS_CT.get(&client_key(rev)) }).copied() else {
+    let Some(ct) = (unsafe { LB4_CT_V2.get(&rev.client_key()) }).copied() else {
         return false;
     };
     if ct.backend_addr != pkt.saddr || ct.backend_port != pkt.sport {

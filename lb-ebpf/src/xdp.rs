@@ -1,12 +1,15 @@
 //! North-south ingress: XDP on the node's interfaces (`lb-agent run --nodeport-iface`).
 //!
-//! For a packet to an external frontend (a NodePort on one of the node's addresses, an
-//! externalIP or a LoadBalancer IP, at its port and protocol):
-//! 1. a tracked flow keeps its backend (`LB4_NS_CT`) while it lives and its backend exists;
+//! Frontends, backends and affinity are the one service table the socket programs read too
+//! (`lookup.rs`). For a packet to an external frontend (a NodePort on one of the node's
+//! addresses, an externalIP or a LoadBalancer IP, at its port and protocol; ClusterIPs are
+//! served at the socket only and pass here untouched):
+//! 1. a tracked flow keeps its backend (`LB4_CT_V2`) while it lives and its backend exists,
+//!    also while that backend is terminating (its connections drain);
 //! 2. otherwise a backend is chosen by Maglev over the flow's hash (the client address alone
 //!    with session affinity), so every node picks the same one;
 //! 3. the destination becomes the backend (DNAT); the reverse translation is recorded under
-//!    the reply's tuple (`LB4_NS_REV`);
+//!    the reply's tuple (`LB4_FLOWREV_V2`);
 //! 4. for a remote backend of an `externalTrafficPolicy: Cluster` service the flow also gets
 //!    an SNAT port of the node (`lb_common::snat_ports`), and an entry telling tc egress to
 //!    give the forwarded packet the node's address and that port as source;
@@ -30,21 +33,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Affinity4Value, Ct4Key, Ct4Value, External4Key, External4Value, MAGLEV_SIZE, NsAffinity4Key,
-    NsBackend4, Rev4Value, ct_flags, flow_hash, ns_backend_flags, ns_flags, snat_ports,
+    Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Rev4Value,
+    backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, scopes, snat_ports,
 };
 
 use crate::{
     conntrack, icmp,
-    maps::{
-        LB4_NS_AFFIN, LB4_NS_BACKEND, LB4_NS_CT, LB4_NS_FRONT, LB4_NS_IFADDR, LB4_NS_MAGLEV,
-        LB4_NS_NODEIP, LB4_NS_REV,
-    },
+    lookup::{self, AffinityClient},
+    maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_IFADDR, LB4_MAGLEV_V2, LB4_NODEADDR},
     nat,
     parse::{self, Packet},
 };
-
-const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
@@ -57,26 +56,29 @@ fn ingress(ctx: &XdpContext) -> u32 {
         // Not TCP/UDP we understand: maybe an ICMP error about a translated flow.
         return icmp::ingress(ctx);
     };
-    let key = External4Key {
+    let key = Frontend4Key {
         addr: pkt.daddr,
         port: pkt.dport,
         proto: pkt.proto,
-        pad: 0,
+        scope: scopes::EXTERNAL,
     };
-    // SAFETY: copied out at once; the agent replaces entries whole.
-    let frontend = match unsafe { LB4_NS_FRONT.get(&key) } {
-        Some(found) => *found,
+    let frontend = match lookup::frontend(&key) {
+        // ClusterIPs are served at the socket; from outside they are not ours.
+        Some(found) if found.kind == frontend_kinds::CLUSTER_IP => {
+            forget_reused_tuple(&pkt);
+            return xdp_action::XDP_PASS;
+        }
+        Some(found) => found,
         None => {
             // SAFETY: only tested for presence.
-            if unsafe { LB4_NS_NODEIP.get(&pkt.daddr) }.is_none() {
+            if unsafe { LB4_NODEADDR.get(&pkt.daddr) }.is_none() {
                 forget_reused_tuple(&pkt);
                 return xdp_action::XDP_PASS;
             }
-            let nodeport = External4Key { addr: 0, ..key };
-            // SAFETY: copied out at once.
-            match unsafe { LB4_NS_FRONT.get(&nodeport) } {
-                Some(found) => *found,
-                None => return snat_reply(&pkt),
+            let nodeport = Frontend4Key { addr: 0, ..key };
+            match lookup::frontend(&nodeport) {
+                Some(found) if found.kind == frontend_kinds::NODE_PORT => found,
+                _ => return snat_reply(&pkt),
             }
         }
     };
@@ -93,31 +95,16 @@ fn forget_reused_tuple(pkt: &Packet) {
     {
         return;
     }
-    let reply = Ct4Key {
-        saddr: pkt.daddr,
-        daddr: pkt.saddr,
-        sport: pkt.dport,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    };
     // Absent is the common case; nothing to do then.
-    let _ = LB4_NS_REV.remove(&reply);
+    let _ = LB4_FLOWREV_V2.remove(&pkt.tuple().reversed());
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
+fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let ct_key = Ct4Key {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    };
-    if let Some(entry) = LB4_NS_CT.get_ptr_mut(&ct_key) {
+    let ct_key = pkt.tuple();
+    if let Some(entry) = LB4_CT_V2.get_ptr_mut(&ct_key) {
         // SAFETY: a pointer from the lookup above; copied out at once.
         let ct = unsafe { *entry };
         if ct.service_id == frontend.service_id
@@ -129,21 +116,24 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    let local_only = frontend.flags & ns_flags::LOCAL_ONLY != 0;
+    let local_only = frontend.flags & frontend_flags::LOCAL_ONLY != 0;
     let no_backend = if local_only {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
     };
-    if frontend.count == 0 {
-        return no_backend;
-    }
-    let hash = if frontend.flags & ns_flags::AFFINITY != 0 {
+    let hash = if frontend.flags & frontend_flags::AFFINITY != 0 {
         flow_hash(pkt.saddr, 0, 0, 0, 0)
     } else {
         flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
     };
-    let Some((backend_id, backend)) = select(frontend, pkt.saddr, hash, now) else {
+    let chosen = if frontend.count == 0 {
+        None
+    } else {
+        select(frontend, pkt.saddr, hash, now)
+    };
+    lookup::count(frontend.service_id, chosen.is_some());
+    let Some((backend_id, backend)) = chosen else {
         return no_backend;
     };
     let mut ct = Ct4Value {
@@ -158,14 +148,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
         pad: [0; 3],
     };
     // The reply's source becomes the frontend again (tc egress), keyed by the reply's tuple.
-    let reply_key = Ct4Key {
-        saddr: backend.addr,
-        daddr: pkt.saddr,
-        sport: backend.port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    };
+    let reply_key = Ct4Key::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto);
     let mut rev = Rev4Value {
         client_addr: pkt.saddr,
         frontend_addr: pkt.daddr,
@@ -177,15 +160,15 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
     };
     // A full LRU map evicts the oldest flow; failing here would leave replies untranslated,
     // so the flow is refused instead.
-    if LB4_NS_REV.insert(&reply_key, &rev, 0).is_err() {
+    if LB4_FLOWREV_V2.insert(&reply_key, &rev, 0).is_err() {
         return xdp_action::XDP_DROP;
     }
-    if !local_only && backend.flags & ns_backend_flags::LOCAL == 0 {
+    if !local_only && backend.flags & backend_flags::LOCAL == 0 {
         // A remote backend: the reply must come back through this node, so the packet leaves
         // with the node's address of the interface it came in on, on a port of its own.
         let ifindex = ctx.ingress_ifindex() as u32;
         // SAFETY: copied out at once.
-        let Some(nat_addr) = (unsafe { LB4_NS_IFADDR.get(&ifindex) }).copied() else {
+        let Some(nat_addr) = (unsafe { LB4_IFADDR.get(&ifindex) }).copied() else {
             // No address to translate to on this interface: drop rather than mistranslate.
             return xdp_action::XDP_DROP;
         };
@@ -194,14 +177,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
             return xdp_action::XDP_DROP; // every port tried is taken
         };
         // tc egress sets the source of the forwarded packet, keyed by its tuple after DNAT.
-        let out_key = Ct4Key {
-            saddr: pkt.saddr,
-            daddr: backend.addr,
-            sport: pkt.sport,
-            dport: backend.port,
-            proto: pkt.proto,
-            pad: [0; 3],
-        };
+        let out_key = Ct4Key::new(pkt.saddr, backend.addr, pkt.sport, backend.port, pkt.proto);
         let out = Rev4Value {
             client_addr: pkt.saddr,
             frontend_addr: nat_addr,
@@ -211,25 +187,25 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &External4Value) -> u32 {
             proto: pkt.proto,
             pad: 0,
         };
-        if LB4_NS_REV.insert(&out_key, &out, 0).is_err() {
+        if LB4_FLOWREV_V2.insert(&out_key, &out, 0).is_err() {
             return xdp_action::XDP_DROP;
         }
         ct.flags |= ct_flags::SNAT;
         ct.nat_addr = nat_addr;
         ct.nat_port = nat_port;
     }
-    if LB4_NS_CT.insert(&ct_key, &ct, 0).is_err() {
+    if LB4_CT_V2.insert(&ct_key, &ct, 0).is_err() {
         return xdp_action::XDP_DROP;
     }
     nat::xdp_forward(pkt, &ct);
     xdp_action::XDP_PASS
 }
 
-/// Whether backend `id` still exists with this address (it was not removed or replaced).
+/// Whether backend `id` still exists with this address (it was not removed or replaced). A
+/// terminating backend still exists: its flows drain.
 #[inline(always)]
 fn backend_is(id: u32, addr: u32, port: u16) -> bool {
-    // SAFETY: read at once.
-    match unsafe { LB4_NS_BACKEND.get(&id) } {
+    match lookup::backend(id) {
         Some(b) => b.addr == addr && b.port == port,
         None => false,
     }
@@ -238,31 +214,15 @@ fn backend_is(id: u32, addr: u32, port: u16) -> bool {
 /// Maglev: entry `hash % MAGLEV_SIZE` of the service's table; with session affinity the
 /// client's last backend while the affinity lasts.
 #[inline(always)]
-fn select(
-    frontend: &External4Value,
-    client: u32,
-    hash: u32,
-    now: u64,
-) -> Option<(u32, NsBackend4)> {
-    let affinity = frontend.flags & ns_flags::AFFINITY != 0;
-    let affinity_key = NsAffinity4Key {
-        client_addr: client,
-        service_id: frontend.service_id,
-    };
-    if affinity {
-        // SAFETY: copied out at once.
-        if let Some(entry) = unsafe { LB4_NS_AFFIN.get(&affinity_key) }.copied() {
-            let timeout = frontend.affinity_timeout_secs as u64 * NANOS_PER_SEC;
-            if now.wrapping_sub(entry.last_used_ns) <= timeout {
-                // SAFETY: copied out at once.
-                if let Some(b) = unsafe { LB4_NS_BACKEND.get(&entry.backend_id) }.copied() {
-                    remember(&affinity_key, entry.backend_id, now);
-                    return Some((entry.backend_id, b));
-                }
-            }
-        }
+fn select(frontend: &Frontend4Value, client: u32, hash: u32, now: u64) -> Option<(u32, Backend4)> {
+    let affinity = (frontend.flags & frontend_flags::AFFINITY != 0)
+        .then(|| AffinityClient::address(client, frontend.service_id));
+    if let Some(client) = &affinity
+        && let Some(found) = client.remembered(frontend, now)
+    {
+        return Some(found);
     }
-    let table = LB4_NS_MAGLEV.get_ptr(&frontend.service_id)?;
+    let table = LB4_MAGLEV_V2.get_ptr(&frontend.service_id)?;
     // The volatile read keeps LLVM from folding the bound check below into the modulo, so the
     // verifier sees it.
     let index = hash % MAGLEV_SIZE;
@@ -273,47 +233,28 @@ fn select(
     }
     // SAFETY: `index` < MAGLEV_SIZE, the table's length; the map value lives for this run.
     let backend_id = unsafe { *(table as *const u32).add(index as usize) };
-    // SAFETY: copied out at once.
-    let backend = unsafe { LB4_NS_BACKEND.get(&backend_id) }.copied()?;
-    if affinity {
-        remember(&affinity_key, backend_id, now);
+    let backend = lookup::backend(backend_id)?;
+    if let Some(client) = &affinity {
+        client.remember(backend_id, now);
     }
     Some((backend_id, backend))
-}
-
-#[inline(always)]
-fn remember(key: &NsAffinity4Key, backend_id: u32, now: u64) {
-    let entry = Affinity4Value {
-        last_used_ns: now,
-        backend_id,
-        pad: 0,
-    };
-    // LRU: when full, the oldest client loses its affinity, not its connection.
-    let _ = LB4_NS_AFFIN.insert(key, &entry, 0);
 }
 
 /// Claims a source port for an SNAT flow: the reply tuple (backend → node address, port)
 /// must be free, or already this client's. Probes `TRIES` ports from one derived from the
 /// flow hash.
 #[inline(always)]
-fn snat_port(backend: &NsBackend4, nat_addr: u32, rev: &Rev4Value, hash: u32) -> Option<u16> {
+fn snat_port(backend: &Backend4, nat_addr: u32, rev: &Rev4Value, hash: u32) -> Option<u16> {
     let first = (hash >> 7) % snat_ports::COUNT as u32;
     for attempt in 0..snat_ports::TRIES {
         let offset = (first + attempt) % snat_ports::COUNT as u32;
         let port = (snat_ports::FIRST + offset as u16).to_be();
-        let key = Ct4Key {
-            saddr: backend.addr,
-            daddr: nat_addr,
-            sport: backend.port,
-            dport: port,
-            proto: rev.proto,
-            pad: [0; 3],
-        };
-        if LB4_NS_REV.insert(&key, rev, BPF_NOEXIST as u64).is_ok() {
+        let key = Ct4Key::new(backend.addr, nat_addr, backend.port, port, rev.proto);
+        if LB4_FLOWREV_V2.insert(&key, rev, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
         // SAFETY: copied out at once.
-        if let Some(taken) = unsafe { LB4_NS_REV.get(&key) }.copied()
+        if let Some(taken) = unsafe { LB4_FLOWREV_V2.get(&key) }.copied()
             && taken == *rev
         {
             return Some(port);
@@ -331,16 +272,8 @@ fn snat_reply(pkt: &Packet) -> u32 {
     if !(first..first + snat_ports::COUNT as u32).contains(&port) {
         return xdp_action::XDP_PASS;
     }
-    let key = Ct4Key {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        pad: [0; 3],
-    };
     // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { LB4_NS_REV.get(&key) }).copied() else {
+    let Some(rev) = (unsafe { LB4_FLOWREV_V2.get(&pkt.tuple()) }).copied() else {
         return xdp_action::XDP_PASS;
     };
     if rev.flags & ct_flags::SNAT == 0 {
@@ -349,19 +282,6 @@ fn snat_reply(pkt: &Packet) -> u32 {
     nat::xdp_reply(pkt, &rev);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    conntrack::touch_reply(&client_key(&rev), pkt.tcp_flags, now);
+    conntrack::touch_reply(&rev.client_key(), pkt.tcp_flags, now);
     xdp_action::XDP_PASS
-}
-
-/// The conntrack key of the client's direction of the flow a reverse entry belongs to.
-#[inline(always)]
-pub fn client_key(rev: &Rev4Value) -> Ct4Key {
-    Ct4Key {
-        saddr: rev.client_addr,
-        daddr: rev.frontend_addr,
-        sport: rev.client_port,
-        dport: rev.frontend_port,
-        proto: rev.proto,
-        pad: [0; 3],
-    }
 }

@@ -7,7 +7,6 @@ pub mod api;
 pub mod dataplane;
 pub mod list;
 pub mod model;
-pub mod nodeport;
 pub mod reconcile;
 pub mod source;
 pub mod status;

@@ -1,21 +1,16 @@
-//! `lb-agent list`: every programmed frontend, read from the pinned maps (no agent needed):
-//! ClusterIPs from the socket load balancer's maps, NodePorts, externalIPs and LoadBalancer
-//! IPs from the north-south maps, each with the Service port it belongs to.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::Path,
-};
+//! `lb-agent list`: every programmed frontend of every kind, read from the pinned service
+//! table (no agent needed), each with the Service port it belongs to, its service id (the
+//! backend set: a NodePort and its ClusterIP share one while they use the same endpoints)
+//! and the backends new connections may pick.
+use std::path::Path;
 
-use aya::maps::HashMap;
-use lb_common::{
-    External4Key, External4Value, Maglev4Table, NameKey, NsBackend4, frontend_kinds,
-    ns_backend_flags, ns_flags, ns_map_names,
-};
+use lb_common::{NameKey, backend_flags, backend_states, frontend_flags};
 use serde::Serialize;
 
 use crate::{
-    dataplane::{BpfServiceMaps, maps::open_pinned_hash, names::NamesMap},
-    reconcile::{ServiceMaps as _, service_key},
+    dataplane::{BpfServiceMaps, names::NamesMap},
+    model::{FrontendKind, Scope},
+    reconcile::{ServiceMaps as _, backend_of, frontend_key, frontend_of},
 };
 
 /// One programmed frontend as `list` shows it.
@@ -23,12 +18,16 @@ use crate::{
 pub struct Row {
     /// `namespace/name:port`, when the agent recorded it.
     pub service: Option<String>,
-    /// ClusterIP, NodePort or ExternalIP (externalIPs and LoadBalancer ingress IPs).
+    /// ClusterIP, NodePort, ExternalIP or LoadBalancer.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: String,
     /// `IP:port`, or `<node>:port` for a NodePort (every NodePort address of the node).
     pub frontend: String,
     pub protocol: String,
+    /// The entry in-node clients use instead of the frontend's own (a `Local` policy).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub in_node_clients: bool,
+    pub service_id: u32,
     pub backends: Vec<String>,
     pub affinity_timeout_secs: Option<u32>,
     /// externalTrafficPolicy of an external frontend.
@@ -41,110 +40,70 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
     let names = NamesMap::open_pinned(&maps_dir)
         .map(|n| n.all())
         .unwrap_or_default();
-    let mut rows = cluster_rows(&maps_dir, &names)?;
-    // The north-south maps exist once an agent ran with --nodeport-iface.
-    if maps_dir.join(ns_map_names::FRONTENDS).exists() {
-        rows.extend(external_rows(&maps_dir, &names)?);
-    }
-    Ok(rows)
-}
-
-fn cluster_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::Result<Vec<Row>> {
-    let maps = BpfServiceMaps::open_pinned(maps_dir)?;
+    let maps = BpfServiceMaps::open_pinned(&maps_dir)?;
     let contents = maps.dump()?;
-    let terminating = contents.terminating();
-    Ok(contents
-        .view()
-        .into_iter()
-        .map(|(frontend, (backends, affinity_timeout_secs))| Row {
-            service: names
-                .get(&NameKey {
-                    frontend: service_key(&frontend),
-                    kind: frontend_kinds::CLUSTER_IP,
-                    pad: [0; 3],
-                })
-                .cloned(),
-            kind: "ClusterIP",
-            frontend: format!("{}:{}", frontend.ip, frontend.port),
-            protocol: frontend.protocol.to_string(),
-            backends: backends
-                .iter()
-                .map(|b| {
-                    let terminating = terminating.get(&frontend).is_some_and(|t| t.contains(b));
-                    let state = if terminating { " (terminating)" } else { "" };
-                    format!("{b}{state}")
-                })
-                .collect(),
-            affinity_timeout_secs,
-            traffic_policy: None,
-        })
-        .collect())
-}
-
-fn external_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::Result<Vec<Row>> {
-    let open = |name| open_pinned_hash(maps_dir, name);
-    let frontends: HashMap<_, External4Key, External4Value> =
-        HashMap::try_from(open(ns_map_names::FRONTENDS)?)?;
-    let backends: HashMap<_, u32, NsBackend4> = HashMap::try_from(open(ns_map_names::BACKENDS)?)?;
-    let tables: HashMap<_, u32, Maglev4Table> = HashMap::try_from(open(ns_map_names::MAGLEV)?)?;
     let mut rows = Vec::new();
-    for (key, value) in frontends.iter().filter_map(Result::ok) {
-        let node_port = key.addr == 0;
-        let kind = if node_port {
-            frontend_kinds::NODE_PORT
-        } else {
-            frontend_kinds::EXTERNAL_IP
+    for (key, value) in &contents.frontends {
+        let Some(frontend) = frontend_of(key) else {
+            continue;
         };
-        let ids: BTreeSet<u32> = if value.count == 0 {
-            BTreeSet::new()
-        } else {
-            tables
-                .get(&value.service_id, 0)
-                .map(|table| table.backend_ids.iter().copied().collect())
-                .unwrap_or_default()
-        };
-        let shown = ids
-            .iter()
-            .filter_map(|id| backends.get(id, 0).ok())
-            .map(|b| {
-                let ip = std::net::Ipv4Addr::from(lb_common::addr_from_map(b.addr));
-                let local = if b.flags & ns_backend_flags::LOCAL != 0 {
-                    " (local)"
-                } else {
-                    ""
-                };
-                format!("{ip}:{}{local}", lb_common::port_from_map(b.port))
+        let kind = FrontendKind::from_number(value.kind);
+        let backends = contents
+            .live_backends(value)
+            .map(|(_, b)| {
+                let mut text = backend_of(b).to_string();
+                if b.flags & backend_flags::LOCAL != 0 {
+                    text.push_str(" (local)");
+                }
+                if b.state == backend_states::TERMINATING {
+                    text.push_str(" (terminating)");
+                }
+                text
             })
-            .collect::<BTreeSet<_>>();
-        let ip = std::net::Ipv4Addr::from(lb_common::addr_from_map(key.addr));
+            .collect();
+        let external = kind.is_some_and(FrontendKind::is_external);
         rows.push(Row {
             service: names
                 .get(&NameKey {
-                    frontend: key,
-                    kind,
-                    pad: [0; 3],
+                    frontend: frontend_key(&frontend),
                 })
                 .cloned(),
-            kind: if node_port { "NodePort" } else { "ExternalIP" },
-            frontend: if node_port {
-                format!("<node>:{}", lb_common::port_from_map(key.port))
+            kind: kind.map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
+            frontend: if frontend.is_node_port() {
+                format!("<node>:{}", frontend.port)
             } else {
-                format!("{ip}:{}", lb_common::port_from_map(key.port))
+                format!("{}:{}", frontend.ip, frontend.port)
             },
-            protocol: crate::model::Protocol::from_number(key.proto)
-                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
-            backends: shown.into_iter().collect(),
-            affinity_timeout_secs: (value.flags & ns_flags::AFFINITY != 0)
+            protocol: frontend.protocol.to_string(),
+            in_node_clients: frontend.scope == Scope::Internal,
+            service_id: value.service_id,
+            backends,
+            affinity_timeout_secs: (value.flags & frontend_flags::AFFINITY != 0)
                 .then_some(value.affinity_timeout_secs),
-            traffic_policy: Some(if value.flags & ns_flags::LOCAL_ONLY != 0 {
-                "Local"
-            } else {
-                "Cluster"
-            }),
+            traffic_policy: (external && frontend.scope == Scope::External).then_some(
+                if value.flags & frontend_flags::LOCAL_ONLY != 0 {
+                    "Local"
+                } else {
+                    "Cluster"
+                },
+            ),
         });
     }
     rows.sort_by(|a, b| {
-        (a.kind, &a.frontend, &a.protocol).cmp(&(b.kind, &b.frontend, &b.protocol))
+        (
+            &a.service,
+            &a.kind,
+            &a.frontend,
+            &a.protocol,
+            a.in_node_clients,
+        )
+            .cmp(&(
+                &b.service,
+                &b.kind,
+                &b.frontend,
+                &b.protocol,
+                b.in_node_clients,
+            ))
     });
     Ok(rows)
 }
@@ -152,9 +111,9 @@ fn external_rows(maps_dir: &Path, names: &BTreeMap<NameKey, String>) -> anyhow::
 /// A table like `kubectl get` prints.
 pub fn table(rows: &[Row]) -> String {
     let header = [
-        "SERVICE", "TYPE", "FRONTEND", "PROTOCOL", "AFFINITY", "BACKENDS",
+        "SERVICE", "TYPE", "FRONTEND", "PROTOCOL", "ID", "AFFINITY", "BACKENDS",
     ];
-    let mut lines: Vec<[String; 6]> = vec![header.map(str::to_owned)];
+    let mut lines: Vec<[String; 7]> = vec![header.map(str::to_owned)];
     for row in rows {
         let backends = if row.backends.is_empty() {
             match row.traffic_policy {
@@ -165,22 +124,24 @@ pub fn table(rows: &[Row]) -> String {
         } else {
             row.backends.join(",")
         };
-        let kind = match row.traffic_policy {
-            Some(policy) => format!("{}/{policy}", row.kind),
-            None => row.kind.to_owned(),
+        let kind = match (row.traffic_policy, row.in_node_clients) {
+            (Some(policy), _) => format!("{}/{policy}", row.kind),
+            (None, true) => format!("{}/in-node", row.kind),
+            (None, false) => row.kind.clone(),
         };
         lines.push([
             row.service.clone().unwrap_or_else(|| "?".into()),
             kind,
             row.frontend.clone(),
             row.protocol.clone(),
+            row.service_id.to_string(),
             row.affinity_timeout_secs
                 .map(|s| format!("ClientIP/{s}s"))
                 .unwrap_or_else(|| "None".into()),
             backends,
         ]);
     }
-    let widths: Vec<usize> = (0..5)
+    let widths: Vec<usize> = (0..6)
         .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
         .collect();
     lines
@@ -190,7 +151,7 @@ pub fn table(rows: &[Row]) -> String {
             for (column, width) in widths.iter().enumerate() {
                 line.push_str(&format!("{:width$}   ", l[column]));
             }
-            line.push_str(&l[5]);
+            line.push_str(&l[6]);
             line
         })
         .collect::<Vec<_>>()

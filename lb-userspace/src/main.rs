@@ -124,7 +124,7 @@ struct RunArgs {
         value_name = "CIDR",
         value_delimiter = ','
     )]
-    nodeport_addresses: Vec<lb_agent::nodeport::Cidr>,
+    nodeport_addresses: Vec<lb_agent::agent::interfaces::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -204,7 +204,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         kernel_log: args.bpf_log,
         metrics_addr: listen_address("--metrics-addr", &args.metrics_addr)?,
         healthz_addr: listen_address("--healthz-addr", &args.healthz_addr)?,
-        nodeport: lb_agent::nodeport::NodeportConfig {
+        nodeport: lb_agent::agent::interfaces::NodeportConfig {
             interfaces: args.nodeport_ifaces,
             addresses: args.nodeport_addresses,
         },

@@ -16,7 +16,8 @@ pub struct ServiceLabels {
     pub namespace: String,
     pub name: String,
     pub port: String,
-    pub frontend: String,
+    /// Which endpoints the backend set holds: `all` or `local` (a traffic policy `Local`).
+    pub endpoints: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

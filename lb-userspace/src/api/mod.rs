@@ -35,35 +35,34 @@ impl AgentState {
     }
 }
 
-/// Binds both listeners (so a taken port fails the start, naming it) and serves them in the
-/// background.
+/// Binds the listeners asked for (so a taken port fails the start, naming it) and serves
+/// them in the background. Either may be off on its own.
 pub async fn serve(
     state: Arc<AgentState>,
-    metrics_addr: SocketAddr,
-    healthz_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    healthz_addr: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("binding --metrics-addr {metrics_addr}"))?;
-    let healthz_listener = tokio::net::TcpListener::bind(healthz_addr)
-        .await
-        .with_context(|| format!("binding --healthz-addr {healthz_addr}"))?;
-    tracing::info!(
-        metrics_addr = %metrics_listener.local_addr()?,
-        healthz_addr = %healthz_listener.local_addr()?,
-        "serving metrics and health"
-    );
-    let metrics_app = metrics::router(state.clone());
-    let health_app = health::router(state);
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(metrics_listener, metrics_app).await {
-            tracing::error!(%error, "metrics server stopped");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(healthz_listener, health_app).await {
-            tracing::error!(%error, "health server stopped");
-        }
-    });
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(metrics_addr = %listener.local_addr()?, "serving metrics");
+        spawn_server(listener, metrics::router(state.clone()), "metrics");
+    }
+    if let Some(addr) = healthz_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --healthz-addr {addr}"))?;
+        tracing::info!(healthz_addr = %listener.local_addr()?, "serving health");
+        spawn_server(listener, health::router(state), "health");
+    }
     Ok(())
+}
+
+fn spawn_server(listener: tokio::net::TcpListener, app: axum::Router, what: &'static str) {
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "{what} server stopped");
+        }
+    });
 }

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse};
 use serde::Serialize;
 
-use crate::model::external::HealthCheck;
+use crate::model::HealthCheck;
 
 /// The running health-check servers, by port.
 #[derive(Debug, Default)]

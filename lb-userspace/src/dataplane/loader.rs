@@ -21,10 +21,13 @@ pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "get
 /// Map capacities; the defaults are the eBPF object's, a flag raises them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Frontends of every kind (and the counters and names that go with them).
     pub max_services: u32,
     pub max_backends: u32,
     pub max_affinity: u32,
     pub max_revnat: u32,
+    /// Maglev tables: backend sets outside traffic reaches.
+    pub max_maglev_tables: u32,
 }
 
 impl Default for Limits {
@@ -34,7 +37,24 @@ impl Default for Limits {
             max_backends: limits::MAX_BACKENDS,
             max_affinity: limits::MAX_AFFINITY,
             max_revnat: limits::MAX_REVNAT,
+            max_maglev_tables: limits::MAX_MAGLEV_TABLES,
         }
+    }
+}
+
+impl Limits {
+    /// The capacity of every map this sets, by map name.
+    pub fn capacities(&self) -> [(&'static str, u32); 8] {
+        [
+            (map_names::FRONTENDS_V4, self.max_services),
+            (map_names::SLOTS_V4, self.max_backends.saturating_mul(2)),
+            (map_names::BACKENDS_V4, self.max_backends),
+            (map_names::MAGLEV_V4, self.max_maglev_tables),
+            (map_names::AFFINITY_V4, self.max_affinity),
+            (map_names::REVNAT_V4, self.max_revnat),
+            (map_names::SERVICE_STATS_V4, self.max_services),
+            (map_names::SERVICE_NAMES_V4, self.max_services),
+        ]
     }
 }
 
@@ -64,27 +84,20 @@ impl Dataplane {
         let map_dir = pins.maps();
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .default_map_pin_directory(&map_dir)
-            .map_max_entries(map_names::SERVICES_V4, limits.max_services)
-            .map_max_entries(map_names::SLOTS_V4, limits.max_backends.saturating_mul(2))
-            .map_max_entries(map_names::BACKENDS_V4, limits.max_backends)
-            .map_max_entries(map_names::AFFINITY_V4, limits.max_affinity)
-            .map_max_entries(map_names::REVNAT_V4, limits.max_revnat)
-            .map_max_entries(map_names::SERVICE_STATS_V4, limits.max_services)
-            .map_max_entries(
-                map_names::SERVICE_NAMES_V4,
-                limits.max_services.saturating_mul(2),
-            )
-            .load(EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object with maps pinned under {} (a map pinned by an \
+            .default_map_pin_directory(&map_dir);
+        for (name, capacity) in limits.capacities() {
+            loader.map_max_entries(name, capacity);
+        }
+        let ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned under {} (a map pinned by an \
                      incompatible version can be removed with `lb-agent cleanup`)",
-                    map_dir.display()
-                )
-            })?;
+                map_dir.display()
+            )
+        })?;
         let object_maps = ebpf.maps().map(|(name, _)| name.to_owned()).collect();
         Ok(Self {
             ebpf,
@@ -142,22 +155,31 @@ impl Dataplane {
         Ok(attached)
     }
 
-    /// The highest service id and backend id that session-affinity entries name.
-    pub fn affinity_high_water(&self) -> anyhow::Result<(u32, u32)> {
-        let map = self.ebpf.map(map_names::AFFINITY_V4).ok_or_else(|| {
-            anyhow!(
-                "map {} missing from the eBPF object",
-                map_names::AFFINITY_V4
-            )
-        })?;
+    /// The highest service id and backend id that session-affinity and conntrack entries
+    /// name: those ids must not be handed out again while the entries live.
+    pub fn flow_id_high_water(&self) -> anyhow::Result<(u32, u32)> {
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
         let affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
-            aya::maps::HashMap::try_from(map)?;
-        Ok(affinity.iter().filter_map(Result::ok).fold(
-            (0, 0),
-            |(service, backend), (key, value)| {
-                (service.max(key.service_id), backend.max(value.backend_id))
-            },
-        ))
+            aya::maps::HashMap::try_from(map(map_names::AFFINITY_V4)?)?;
+        let flows: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
+            aya::maps::HashMap::try_from(map(map_names::FLOWS_V4)?)?;
+        let from_affinity = affinity
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value)| (key.service_id, value.backend_id));
+        let from_flows = flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, value)| (value.service_id, value.backend_id));
+        Ok(from_affinity
+            .chain(from_flows)
+            .fold((0, 0), |(service, backend), (s, b)| {
+                (service.max(s), backend.max(b))
+            }))
     }
 
     /// Forwards the programs' aya-log records to the agent's log (target `lb_ebpf`), until the

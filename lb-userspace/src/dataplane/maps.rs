@@ -1,4 +1,5 @@
-//! The service maps in the kernel, behind the reconciler's [`ServiceMaps`] trait.
+//! The one service table in the kernel (frontends of every kind, slots, backends, Maglev
+//! tables), behind the reconciler's [`ServiceMaps`] trait.
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
@@ -6,14 +7,17 @@ use aya::{
     Ebpf,
     maps::{HashMap, Map, MapData},
 };
-use lb_common::{Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, map_names};
+use lb_common::{
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, map_names,
+};
 
 use crate::reconcile::{MapContents, MapError, ServiceMaps};
 
 pub struct BpfServiceMaps {
-    services: HashMap<MapData, Service4Key, Service4Value>,
+    frontends: HashMap<MapData, Frontend4Key, Frontend4Value>,
     slots: HashMap<MapData, Slot4Key, Slot4Value>,
     backends: HashMap<MapData, u32, Backend4>,
+    maglev: HashMap<MapData, u32, Maglev4Table>,
 }
 
 impl BpfServiceMaps {
@@ -21,9 +25,10 @@ impl BpfServiceMaps {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let mut take = |name| take_map(ebpf, name);
         Ok(Self {
-            services: HashMap::try_from(take(map_names::SERVICES_V4)?)?,
+            frontends: HashMap::try_from(take(map_names::FRONTENDS_V4)?)?,
             slots: HashMap::try_from(take(map_names::SLOTS_V4)?)?,
             backends: HashMap::try_from(take(map_names::BACKENDS_V4)?)?,
+            maglev: HashMap::try_from(take(map_names::MAGLEV_V4)?)?,
         })
     }
 
@@ -31,9 +36,10 @@ impl BpfServiceMaps {
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
         let open = |name| open_pinned_hash(dir, name);
         Ok(Self {
-            services: HashMap::try_from(open(map_names::SERVICES_V4)?)?,
+            frontends: HashMap::try_from(open(map_names::FRONTENDS_V4)?)?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
             backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
+            maglev: HashMap::try_from(open(map_names::MAGLEV_V4)?)?,
         })
     }
 }
@@ -66,16 +72,16 @@ pub(crate) fn error(
 }
 
 impl ServiceMaps for BpfServiceMaps {
-    fn put_service(&mut self, key: Service4Key, value: Service4Value) -> Result<(), MapError> {
-        self.services
+    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+        self.frontends
             .insert(key, value, 0)
-            .map_err(|e| error(map_names::SERVICES_V4, "insert", e))
+            .map_err(|e| error(map_names::FRONTENDS_V4, "insert", e))
     }
 
-    fn remove_service(&mut self, key: &Service4Key) -> Result<(), MapError> {
-        self.services
+    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
+        self.frontends
             .remove(key)
-            .map_err(|e| error(map_names::SERVICES_V4, "delete", e))
+            .map_err(|e| error(map_names::FRONTENDS_V4, "delete", e))
     }
 
     fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
@@ -102,12 +108,25 @@ impl ServiceMaps for BpfServiceMaps {
             .map_err(|e| error(map_names::BACKENDS_V4, "delete", e))
     }
 
+    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+        self.maglev
+            .insert(service_id, table, 0)
+            .map_err(|e| error(map_names::MAGLEV_V4, "insert", e))
+    }
+
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        match self.maglev.remove(&service_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(error(map_names::MAGLEV_V4, "delete", e)),
+        }
+    }
+
     fn dump(&self) -> Result<MapContents, MapError> {
-        let services = self
-            .services
+        let frontends = self
+            .frontends
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::SERVICES_V4, "read", e))?;
+            .map_err(|e| error(map_names::FRONTENDS_V4, "read", e))?;
         let slots = self
             .slots
             .iter()
@@ -118,10 +137,16 @@ impl ServiceMaps for BpfServiceMaps {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(|e| error(map_names::BACKENDS_V4, "read", e))?;
+        let maglev = self
+            .maglev
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| error(map_names::MAGLEV_V4, "read", e))?;
         Ok(MapContents {
-            services,
+            frontends,
             slots,
             backends,
+            maglev,
         })
     }
 }

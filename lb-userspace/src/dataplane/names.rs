@@ -46,26 +46,11 @@ impl NamesMap {
             .collect()
     }
 
-    /// Makes the names of `kind` exactly `wanted`, writing only the differences with `had`
-    /// (what this agent wrote last; `None`: read the map, after a restart).
-    pub fn sync_kind(
-        &mut self,
-        kind: u8,
-        had: Option<&BTreeMap<NameKey, String>>,
-        wanted: &BTreeMap<NameKey, String>,
-    ) -> anyhow::Result<()> {
-        let read;
-        let had = match had {
-            Some(had) => had,
-            None => {
-                read = self.all();
-                &read
-            }
-        };
-        for key in had
-            .keys()
-            .filter(|k| k.kind == kind && !wanted.contains_key(k))
-        {
+    /// Makes the map hold exactly `wanted` (after a restart: what an earlier agent wrote is
+    /// read and corrected).
+    pub fn sync_all(&mut self, wanted: &BTreeMap<NameKey, String>) -> anyhow::Result<()> {
+        let had = self.all();
+        for key in had.keys().filter(|k| !wanted.contains_key(k)) {
             self.remove(key);
         }
         for (key, name) in wanted {

@@ -1,5 +1,6 @@
-//! The north-south programs (XDP ingress `nodeport_xdp`, tc egress `nodeport_tc`) on the
-//! NodePort interfaces, and their service maps behind [`ExternalMaps`].
+//! The XDP ingress (`nodeport_xdp`) and tc egress (`nodeport_tc`) programs on the NodePort
+//! interfaces, and the maps of the node's addresses they answer on and SNAT from. Their
+//! frontends, backends and Maglev tables are the one service table (`maps.rs`).
 //!
 //! XDP is attached in native (driver) mode where the driver supports it and in generic (skb)
 //! mode otherwise; the log says which. The tc program goes on the egress side through tcx
@@ -20,13 +21,13 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
 };
-use lb_common::{External4Key, External4Value, Maglev4Table, NsBackend4, ns_map_names};
+use lb_common::map_names;
 
 use super::{
     links::{self, Attached},
     maps::{error, take_map},
 };
-use crate::reconcile::{MapError, external::ExternalMaps};
+use crate::reconcile::MapError;
 
 pub const XDP_PROGRAM: &str = "nodeport_xdp";
 pub const TC_PROGRAM: &str = "nodeport_tc";
@@ -135,30 +136,24 @@ fn tc_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
         .map_err(Into::into)
 }
 
-/// The north-south service maps and the node's address maps.
-pub struct BpfExternalMaps {
-    frontends: HashMap<MapData, External4Key, External4Value>,
-    backends: HashMap<MapData, u32, NsBackend4>,
-    tables: HashMap<MapData, u32, Maglev4Table>,
+/// The node's addresses: where NodePorts answer, and the SNAT source per interface.
+pub struct NodeAddrMaps {
     node_addrs: HashMap<MapData, u32, u32>,
     iface_addrs: HashMap<MapData, u32, u32>,
 }
 
-impl BpfExternalMaps {
+impl NodeAddrMaps {
     /// Takes the maps out of a loaded object (before its programs are loaded, as for the
-    /// socket maps: the programs keep referring to them).
+    /// service maps: the programs keep referring to them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let mut take = |name| take_map(ebpf, name);
         Ok(Self {
-            frontends: HashMap::try_from(take(ns_map_names::FRONTENDS)?)?,
-            backends: HashMap::try_from(take(ns_map_names::BACKENDS)?)?,
-            tables: HashMap::try_from(take(ns_map_names::MAGLEV)?)?,
-            node_addrs: HashMap::try_from(take(ns_map_names::NODE_ADDRS)?)?,
-            iface_addrs: HashMap::try_from(take(ns_map_names::IFACE_ADDRS)?)?,
+            node_addrs: HashMap::try_from(take(map_names::NODE_ADDRS_V4)?)?,
+            iface_addrs: HashMap::try_from(take(map_names::IFACE_ADDRS_V4)?)?,
         })
     }
 
-    /// Makes `LB4_NS_NODEIP` hold exactly `wanted` (the addresses NodePorts answer on).
+    /// Makes `LB4_NODEADDR` hold exactly `wanted` (the addresses NodePorts answer on).
     pub fn set_node_addrs(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), MapError> {
         let wanted: BTreeSet<u32> = wanted
             .iter()
@@ -166,18 +161,18 @@ impl BpfExternalMaps {
             .collect();
         sync_u32_map(
             &mut self.node_addrs,
-            ns_map_names::NODE_ADDRS,
+            map_names::NODE_ADDRS_V4,
             &wanted.iter().map(|a| (*a, 1)).collect(),
         )
     }
 
-    /// Makes `LB4_NS_IFADDR` hold exactly `wanted`: the SNAT source address per ifindex.
+    /// Makes `LB4_IFADDR` hold exactly `wanted`: the SNAT source address per ifindex.
     pub fn set_iface_addrs(&mut self, wanted: &BTreeMap<u32, Ipv4Addr>) -> Result<(), MapError> {
         let wanted = wanted
             .iter()
             .map(|(index, ip)| (*index, lb_common::addr_to_map(u32::from(*ip))))
             .collect();
-        sync_u32_map(&mut self.iface_addrs, ns_map_names::IFACE_ADDRS, &wanted)
+        sync_u32_map(&mut self.iface_addrs, map_names::IFACE_ADDRS_V4, &wanted)
     }
 }
 
@@ -200,59 +195,6 @@ fn sync_u32_map(
         map.remove(key).map_err(|e| error(name, "delete", e))?;
     }
     Ok(())
-}
-
-impl ExternalMaps for BpfExternalMaps {
-    fn put_frontend(&mut self, key: External4Key, value: External4Value) -> Result<(), MapError> {
-        self.frontends
-            .insert(key, value, 0)
-            .map_err(|e| error(ns_map_names::FRONTENDS, "insert", e))
-    }
-
-    fn remove_frontend(&mut self, key: &External4Key) -> Result<(), MapError> {
-        self.frontends
-            .remove(key)
-            .map_err(|e| error(ns_map_names::FRONTENDS, "delete", e))
-    }
-
-    fn put_backend(&mut self, id: u32, backend: NsBackend4) -> Result<(), MapError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|e| error(ns_map_names::BACKENDS, "insert", e))
-    }
-
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        self.backends
-            .remove(&id)
-            .map_err(|e| error(ns_map_names::BACKENDS, "delete", e))
-    }
-
-    fn put_table(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
-        self.tables
-            .insert(service_id, table, 0)
-            .map_err(|e| error(ns_map_names::MAGLEV, "insert", e))
-    }
-
-    fn remove_table(&mut self, service_id: u32) -> Result<(), MapError> {
-        match self.tables.remove(&service_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(error(ns_map_names::MAGLEV, "delete", e)),
-        }
-    }
-
-    fn dump(&self) -> Result<(BTreeMap<External4Key, External4Value>, BTreeSet<u32>), MapError> {
-        let frontends = self
-            .frontends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(ns_map_names::FRONTENDS, "read", e))?;
-        let backends = self
-            .backends
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(ns_map_names::BACKENDS, "read", e))?;
-        Ok((frontends, backends))
-    }
 }
 
 /// An interface's index and IPv4 addresses.

@@ -1,4 +1,6 @@
 //! The desired state: what the data path should do, with no Kubernetes types left in it.
+//! One shape for every frontend kind: a frontend names a backend set; sets are shared by the
+//! frontends of a Service port that use the same endpoints.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -45,17 +47,194 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// An address a client connects to: a ClusterIP, port and protocol.
+/// What kind of address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    #[serde(rename = "ExternalIP")]
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// The kernel's `frontend_kinds::*`.
+    pub fn number(self) -> u8 {
+        use lb_common::frontend_kinds::*;
+        match self {
+            FrontendKind::ClusterIP => CLUSTER_IP,
+            FrontendKind::NodePort => NODE_PORT,
+            FrontendKind::ExternalIp => EXTERNAL_IP,
+            FrontendKind::LoadBalancer => LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        use lb_common::frontend_kinds::*;
+        Some(match number {
+            CLUSTER_IP => FrontendKind::ClusterIP,
+            NODE_PORT => FrontendKind::NodePort,
+            EXTERNAL_IP => FrontendKind::ExternalIp,
+            LOAD_BALANCER => FrontendKind::LoadBalancer,
+            _ => return None,
+        })
+    }
+
+    /// Whether traffic from outside the node reaches it (XDP): every kind but ClusterIP.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIP => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// Which clients a frontend entry serves (Cilium's two scopes): the external scope is the
+/// frontend itself; the internal one is the entry in-node clients use when an external
+/// frontend's own backend set is this node's endpoints only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Scope {
+    #[default]
+    External,
+    Internal,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::External => lb_common::scopes::EXTERNAL,
+            Scope::Internal => lb_common::scopes::INTERNAL,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            lb_common::scopes::EXTERNAL => Some(Scope::External),
+            lb_common::scopes::INTERNAL => Some(Scope::Internal),
+            _ => None,
+        }
+    }
+}
+
+/// An address a client connects to: a ClusterIP, a NodePort (address 0.0.0.0: every
+/// NodePort address of the node), an externalIP or a LoadBalancer IP, with port, protocol
+/// and scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// A frontend of the external scope (the frontend itself).
+    pub fn new(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            protocol,
+            scope: Scope::External,
+        }
+    }
+
+    /// A NodePort: every NodePort address of the node.
+    pub fn node_port(port: u16, protocol: Protocol) -> Self {
+        Self::new(Ipv4Addr::UNSPECIFIED, port, protocol)
+    }
+
+    pub fn is_node_port(&self) -> bool {
+        self.ip.is_unspecified()
+    }
+
+    /// The same address in the other scope.
+    pub fn in_scope(self, scope: Scope) -> Self {
+        Self { scope, ..self }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        if self.is_node_port() {
+            write!(f, "<node>:{}/{}", self.port, self.protocol)?;
+        } else {
+            write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        }
+        if self.scope == Scope::Internal {
+            f.write_str(" (in-node clients)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Which endpoints of a Service port a backend set holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Endpoints {
+    /// Every endpoint (topology hints applied): traffic policy `Cluster`.
+    All,
+    /// This node's endpoints: `internalTrafficPolicy: Local` for ClusterIPs,
+    /// `externalTrafficPolicy: Local` for external frontends.
+    Local,
+}
+
+impl fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Endpoints::All => "all",
+            Endpoints::Local => "local",
+        })
+    }
+}
+
+/// A backend set: the endpoints of one Service port under one traffic policy. Every
+/// frontend of the port that uses these endpoints shares it (one service id in the maps).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct SetKey {
+    pub name: ServicePortName,
+    pub endpoints: Endpoints,
+}
+
+impl fmt::Display for SetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} endpoints)", self.name, self.endpoints)
+    }
+}
+
+/// The backends of one set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BackendSet {
+    /// The backends a new connection may go to; empty means refuse (or drop).
+    pub backends: BTreeSet<Backend>,
+    /// Of `backends`, those serving but terminating: used because no endpoint is ready
+    /// (kube-proxy's fallback).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub terminating: BTreeSet<Backend>,
+    /// Terminating endpoints not in `backends`: kept in the maps so the flows that use them
+    /// drain, never picked by a new connection.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub draining: BTreeSet<Backend>,
+    /// Of `backends` and `draining`, those on this node.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub local: BTreeSet<Backend>,
+}
+
+impl BackendSet {
+    /// Every backend the set keeps in the maps: the ones picked and the draining ones.
+    pub fn members(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.iter().chain(&self.draining)
+    }
+
+    /// Whether `backend` is terminating (picked through the fallback, or draining).
+    pub fn is_terminating(&self, backend: &Backend) -> bool {
+        self.terminating.contains(backend) || self.draining.contains(backend)
     }
 }
 
@@ -94,19 +273,60 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DesiredService {
     pub name: ServicePortName,
-    /// The backends a connection may go to; empty means refuse.
-    pub backends: BTreeSet<Backend>,
+    pub kind: FrontendKind,
+    /// The backend set: `(name, endpoints)` in [`DesiredState::sets`].
+    pub endpoints: Endpoints,
     /// `Some(seconds)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
-    /// The backends that are serving but terminating, used because no endpoint is ready.
-    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
-    pub terminating: BTreeSet<Backend>,
+    /// `externalTrafficPolicy: Local` on an external frontend: the client address is kept
+    /// and a packet is dropped when this node has no endpoint.
+    pub local_only: bool,
+    /// In-node clients use this frontend's internal-scope entry.
+    pub two_scopes: bool,
 }
 
-/// The whole desired state of the data path.
+impl DesiredService {
+    /// The key of this frontend's backend set.
+    pub fn set(&self) -> SetKey {
+        SetKey {
+            name: self.name.clone(),
+            endpoints: self.endpoints,
+        }
+    }
+}
+
+/// A `healthCheckNodePort` of an `externalTrafficPolicy: Local` service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the service on this node (kube-proxy's `localEndpoints`).
+    pub local_endpoints: usize,
+}
+
+/// The whole desired state of the data path: every frontend of every kind, the backend
+/// sets they lead to, and the health-check node ports.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    pub services: BTreeMap<Frontend, DesiredService>,
+    pub frontends: BTreeMap<Frontend, DesiredService>,
+    pub sets: BTreeMap<SetKey, BackendSet>,
+    /// By health-check port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+impl DesiredState {
+    /// The backend set of a frontend.
+    pub fn set_of(&self, frontend: &Frontend) -> Option<&BackendSet> {
+        let service = self.frontends.get(frontend)?;
+        self.sets.get(&service.set())
+    }
+
+    /// The backends a new connection to `frontend` may go to (empty for an unknown one).
+    pub fn backends_of(&self, frontend: &Frontend) -> BTreeSet<Backend> {
+        self.set_of(frontend)
+            .map(|set| set.backends.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// How bad a diagnostic is.

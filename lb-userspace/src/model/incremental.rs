@@ -1,11 +1,13 @@
 //! The desired state kept up to date by difference. Sources hand out objects behind `Arc`s
 //! that stay the same while an object does not change. An update walks the new snapshot and
 //! the previous one side by side (both sorted by key), comparing pointers; only services whose
-//! Service or EndpointSlices changed are recomputed. One change beside 50,000 services costs a
-//! walk of pointer comparisons, not a rebuild.
+//! Service or EndpointSlices changed are recomputed, with every frontend kind they have. One
+//! change beside 50,000 services costs a walk of pointer comparisons, not a rebuild.
 //!
-//! Two services claiming the same frontend are resolved as a fresh build resolves them: the
-//! first by namespace/name wins, whatever order they arrived in.
+//! Two services claiming the same frontend are resolved as a fresh build resolves them,
+//! whatever order they arrived in: a ClusterIP always wins over an externalIP or
+//! LoadBalancer IP (so no Service can take over another's ClusterIP, CVE-2020-8554), then the
+//! first by namespace/name. The losing claim is reported.
 use std::{
     collections::{BTreeMap, BTreeSet},
     iter::Peekable,
@@ -15,25 +17,41 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    DesiredService, DesiredState, Diagnostic, Frontend, NodeView, ObjectKey, ObjectRef, Objects,
-    ProxyIdentity, Severity, add_service,
+    DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, HealthCheck, NodeView,
+    ObjectKey, ObjectRef, Objects, ProxyIdentity, SetKey, Severity,
     endpoints::{SERVICE_NAME_LABEL, SliceIndex},
     is_ours, node_view,
+    service::{Contribution, contribution},
 };
-
-/// What one service contributed.
-struct Computed {
-    frontends: BTreeMap<Frontend, DesiredService>,
-    diagnostics: Vec<Diagnostic>,
-}
 
 /// What an update changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// Frontends whose desired entry may have been added, changed or removed.
     pub frontends: BTreeSet<Frontend>,
+    /// Backend sets that may have been added, changed or removed.
+    pub sets: BTreeSet<SetKey>,
+    /// Whether the health-check node ports may have changed.
+    pub health_checks: bool,
     /// EndpointSlices that are new or changed (for network programming latency).
     pub slices: Vec<ObjectKey>,
+}
+
+/// Who claims a frontend, in the order claims win: ClusterIPs first, then by namespace/name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claimant {
+    /// 0 for a ClusterIP, 1 for every other kind.
+    rank: u8,
+    service: ObjectKey,
+}
+
+impl Claimant {
+    fn of(service: &ObjectKey, desired: &DesiredService) -> Self {
+        Self {
+            rank: u8::from(desired.kind != FrontendKind::ClusterIP),
+            service: service.clone(),
+        }
+    }
 }
 
 /// The desired state and what it was computed from.
@@ -46,9 +64,11 @@ pub struct Model {
     /// The slices of each service (namespace and `kubernetes.io/service-name`).
     members: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// What each of our services contributes.
-    computed: BTreeMap<ObjectKey, Computed>,
-    /// Every service claiming each frontend; the first key is the one served.
-    claims: BTreeMap<Frontend, BTreeMap<ObjectKey, DesiredService>>,
+    computed: BTreeMap<ObjectKey, Contribution>,
+    /// Every service claiming each frontend; the first claimant is the one served.
+    claims: BTreeMap<Frontend, BTreeMap<Claimant, DesiredService>>,
+    /// Every service claiming each health-check port; the first by name is served.
+    health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
     desired: DesiredState,
 }
 
@@ -62,6 +82,7 @@ impl Model {
             members: BTreeMap::new(),
             computed: BTreeMap::new(),
             claims: BTreeMap::new(),
+            health_claims: BTreeMap::new(),
             desired: DesiredState::default(),
         }
     }
@@ -120,19 +141,26 @@ impl Model {
         }
 
         for key in dirty {
-            self.recompute(&key, objects, &node, &mut changes.frontends);
+            self.recompute(&key, objects, &node, &mut changes);
         }
         for frontend in &changes.frontends {
             match self.claims.get(frontend).and_then(|c| c.values().next()) {
                 Some(winner) => {
-                    if self.desired.services.get(frontend) != Some(winner) {
-                        self.desired.services.insert(*frontend, winner.clone());
+                    if self.desired.frontends.get(frontend) != Some(winner) {
+                        self.desired.frontends.insert(*frontend, winner.clone());
                     }
                 }
                 None => {
-                    self.desired.services.remove(frontend);
+                    self.desired.frontends.remove(frontend);
                 }
             }
+        }
+        if changes.health_checks {
+            self.desired.health_checks = self
+                .health_claims
+                .iter()
+                .filter_map(|(port, c)| Some((*port, c.values().next()?.clone())))
+                .collect();
         }
         changes
     }
@@ -143,10 +171,10 @@ impl Model {
         key: &ObjectKey,
         objects: &Objects,
         node: &NodeView,
-        changed: &mut BTreeSet<Frontend>,
+        changes: &mut Changes,
     ) {
         if let Some(old) = self.computed.remove(key) {
-            unclaim(&mut self.claims, key, &old, changed);
+            self.withdraw(key, &old, changes);
         }
         let Some(service) = objects
             .services
@@ -163,23 +191,54 @@ impl Model {
             .filter_map(|slice_key| objects.endpoint_slices.get_key_value(slice_key))
             .collect();
         let index = SliceIndex::of_service(key, own_slices);
-        let mut frontends = DesiredState::default();
-        let mut diagnostics = Vec::new();
-        add_service(key, service, &index, node, &mut frontends, &mut diagnostics);
-        for (frontend, desired) in &frontends.services {
+        let computed = contribution(key, service, &index, node);
+        for (frontend, desired) in &computed.frontends {
             self.claims
                 .entry(*frontend)
                 .or_default()
-                .insert(key.clone(), desired.clone());
-            changed.insert(*frontend);
+                .insert(Claimant::of(key, desired), desired.clone());
+            changes.frontends.insert(*frontend);
         }
-        self.computed.insert(
-            key.clone(),
-            Computed {
-                frontends: frontends.services,
-                diagnostics,
-            },
-        );
+        for (set_key, set) in &computed.sets {
+            if self.desired.sets.get(set_key) != Some(set) {
+                self.desired.sets.insert(set_key.clone(), set.clone());
+            }
+            changes.sets.insert(set_key.clone());
+        }
+        if let Some((port, check)) = &computed.health_check {
+            self.health_claims
+                .entry(*port)
+                .or_default()
+                .insert(key.clone(), check.clone());
+            changes.health_checks = true;
+        }
+        self.computed.insert(key.clone(), computed);
+    }
+
+    /// Takes back every claim and set of what `key` contributed before.
+    fn withdraw(&mut self, key: &ObjectKey, old: &Contribution, changes: &mut Changes) {
+        for (frontend, desired) in &old.frontends {
+            if let Some(claimants) = self.claims.get_mut(frontend) {
+                claimants.remove(&Claimant::of(key, desired));
+                if claimants.is_empty() {
+                    self.claims.remove(frontend);
+                }
+            }
+            changes.frontends.insert(*frontend);
+        }
+        for set_key in old.sets.keys() {
+            self.desired.sets.remove(set_key);
+            changes.sets.insert(set_key.clone());
+        }
+        if let Some((port, _)) = &old.health_check {
+            if let Some(claimants) = self.health_claims.get_mut(port) {
+                claimants.remove(key);
+                if claimants.is_empty() {
+                    self.health_claims.remove(port);
+                }
+            }
+            changes.health_checks = true;
+        }
     }
 
     /// Every current problem: each service's own, then frontends claimed twice.
@@ -190,9 +249,38 @@ impl Model {
             .flat_map(|c| c.diagnostics.iter().cloned())
             .collect();
         for (frontend, claimants) in self.claims.iter().filter(|(_, c)| c.len() > 1) {
+            let mut found = claimants.iter();
+            let Some((_, winner)) = found.next() else {
+                continue;
+            };
+            for (loser, lost) in found {
+                let message = if winner.kind == FrontendKind::ClusterIP
+                    && lost.kind != FrontendKind::ClusterIP
+                {
+                    format!(
+                        "{} {frontend} is the ClusterIP of {}; not served (a ClusterIP always \
+                         wins over externalIPs and LoadBalancer IPs)",
+                        lost.kind, winner.name
+                    )
+                } else {
+                    format!(
+                        "{} {frontend} is already served by {}; this port is skipped",
+                        lost.kind, winner.name
+                    )
+                };
+                all.push(Diagnostic {
+                    severity: Severity::Warning,
+                    object: ObjectRef {
+                        kind: "Service",
+                        key: loser.service.clone(),
+                    },
+                    message,
+                });
+            }
+        }
+        for claimants in self.health_claims.values().filter(|c| c.len() > 1) {
             let mut keys = claimants.keys();
             let Some(winner) = keys.next() else { continue };
-            let served_by = &claimants[winner].name;
             for loser in keys {
                 all.push(Diagnostic {
                     severity: Severity::Warning,
@@ -201,7 +289,7 @@ impl Model {
                         key: loser.clone(),
                     },
                     message: format!(
-                        "{frontend} is already served by {served_by}; this port is skipped"
+                        "healthCheckNodePort is already served for {winner}; not served here"
                     ),
                 });
             }
@@ -214,23 +302,6 @@ impl Model {
 fn owner_of(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some(ObjectKey::new(key.namespace.clone(), name.clone()))
-}
-
-fn unclaim(
-    claims: &mut BTreeMap<Frontend, BTreeMap<ObjectKey, DesiredService>>,
-    key: &ObjectKey,
-    old: &Computed,
-    changed: &mut BTreeSet<Frontend>,
-) {
-    for frontend in old.frontends.keys() {
-        if let Some(claimants) = claims.get_mut(frontend) {
-            claimants.remove(key);
-            if claimants.is_empty() {
-                claims.remove(frontend);
-            }
-        }
-        changed.insert(*frontend);
-    }
 }
 
 /// The entries that differ between two maps sorted by the same keys: (key, before, now),

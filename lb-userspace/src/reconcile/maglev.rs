@@ -5,6 +5,22 @@
 //! of names, so every node builds the same table, and a change of one backend moves few
 //! entries (measured in the tests below).
 
+use lb_common::{MAGLEV_SIZE, Maglev4Table};
+
+use crate::model::Backend;
+
+/// The Maglev table of a backend set: `picks` (sorted, so every node builds the same table)
+/// with their backend ids.
+pub fn table_for(picks: &[Backend], ids: &[u32]) -> Box<Maglev4Table> {
+    let names: Vec<String> = picks.iter().map(Backend::to_string).collect();
+    let entries = table(&names, MAGLEV_SIZE);
+    let mut table = Box::<Maglev4Table>::default();
+    for (slot, entry) in table.backend_ids.iter_mut().zip(entries) {
+        *slot = ids[entry as usize];
+    }
+    table
+}
+
 /// A table of `size` entries over `names` (each entry an index into `names`); empty when there
 /// are no names. `size` must be a prime larger than the number of names for every backend to
 /// get its share.
@@ -52,7 +68,6 @@ fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::MAGLEV_SIZE;
 
     fn names(n: usize) -> Vec<String> {
         (0..n)

@@ -1,24 +1,33 @@
 //! Service maps held in memory, with the same capacity limits as the BPF maps: the reconciler's
 //! model tests run against them, and a full map fails the same way.
-use lb_common::{Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value};
+use std::collections::BTreeMap;
+
+use lb_common::{
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, map_names,
+};
 
 use super::{MapContents, MapError, ServiceMaps};
 
 #[derive(Clone, Debug)]
 pub struct MemoryMaps {
     pub contents: MapContents,
+    /// The Maglev tables themselves (`contents.maglev` has their ids).
+    pub tables: BTreeMap<u32, Box<Maglev4Table>>,
     pub max_services: usize,
     pub max_slots: usize,
     pub max_backends: usize,
+    pub max_tables: usize,
 }
 
 impl Default for MemoryMaps {
     fn default() -> Self {
         Self {
             contents: MapContents::default(),
+            tables: BTreeMap::new(),
             max_services: lb_common::limits::MAX_SERVICES as usize,
             max_slots: lb_common::limits::MAX_SLOTS as usize,
             max_backends: lb_common::limits::MAX_BACKENDS as usize,
+            max_tables: lb_common::limits::MAX_MAGLEV_TABLES as usize,
         }
     }
 }
@@ -39,56 +48,91 @@ fn missing(map: &'static str) -> MapError {
     }
 }
 
+/// Inserts into a map of at most `max` entries, failing like a full BPF hash map.
+fn put<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    max: usize,
+    name: &'static str,
+    key: K,
+    value: V,
+) -> Result<(), MapError> {
+    if !map.contains_key(&key) && map.len() >= max {
+        return Err(full(name));
+    }
+    map.insert(key, value);
+    Ok(())
+}
+
+fn remove<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), MapError> {
+    map.remove(key).map(drop).ok_or_else(|| missing(name))
+}
+
 impl ServiceMaps for MemoryMaps {
-    fn put_service(&mut self, key: Service4Key, value: Service4Value) -> Result<(), MapError> {
-        let map = &mut self.contents.services;
-        if !map.contains_key(&key) && map.len() >= self.max_services {
-            return Err(full(lb_common::map_names::SERVICES_V4));
-        }
-        map.insert(key, value);
-        Ok(())
+    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+        let max = self.max_services;
+        put(
+            &mut self.contents.frontends,
+            max,
+            map_names::FRONTENDS_V4,
+            key,
+            value,
+        )
     }
 
-    fn remove_service(&mut self, key: &Service4Key) -> Result<(), MapError> {
-        self.contents
-            .services
-            .remove(key)
-            .map(drop)
-            .ok_or_else(|| missing(lb_common::map_names::SERVICES_V4))
+    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
+        remove(&mut self.contents.frontends, map_names::FRONTENDS_V4, key)
     }
 
     fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
-        let map = &mut self.contents.slots;
-        if !map.contains_key(&key) && map.len() >= self.max_slots {
-            return Err(full(lb_common::map_names::SLOTS_V4));
-        }
-        map.insert(key, value);
-        Ok(())
+        let max = self.max_slots;
+        put(
+            &mut self.contents.slots,
+            max,
+            map_names::SLOTS_V4,
+            key,
+            value,
+        )
     }
 
     fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError> {
-        self.contents
-            .slots
-            .remove(key)
-            .map(drop)
-            .ok_or_else(|| missing(lb_common::map_names::SLOTS_V4))
+        remove(&mut self.contents.slots, map_names::SLOTS_V4, key)
     }
 
     fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError> {
-        let map = &mut self.contents.backends;
-        if !map.contains_key(&id) && map.len() >= self.max_backends {
-            return Err(full(lb_common::map_names::BACKENDS_V4));
-        }
-        map.insert(id, backend);
-        Ok(())
+        let max = self.max_backends;
+        put(
+            &mut self.contents.backends,
+            max,
+            map_names::BACKENDS_V4,
+            id,
+            backend,
+        )
     }
 
     fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        self.contents
-            .backends
-            .remove(&id)
-            .map(drop)
-            .ok_or_else(|| missing(lb_common::map_names::BACKENDS_V4))
+        remove(&mut self.contents.backends, map_names::BACKENDS_V4, &id)
+    }
+
+    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+        let max = self.max_tables;
+        put(
+            &mut self.tables,
+            max,
+            map_names::MAGLEV_V4,
+            service_id,
+            Box::new(*table),
+        )?;
+        self.contents.maglev.insert(service_id);
+        Ok(())
+    }
+
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        self.contents.maglev.remove(&service_id);
+        remove(&mut self.tables, map_names::MAGLEV_V4, &service_id)
     }
 
     fn dump(&self) -> Result<MapContents, MapError> {

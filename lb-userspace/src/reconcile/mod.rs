@@ -1,12 +1,21 @@
-//! The diff between the desired state and what the maps hold, and the order of writes.
+//! The diff between the desired state and what the maps hold, and the order of writes: one
+//! reconciler for every frontend kind, with one id space.
 //!
-//! For each frontend the reconciler keeps what it programmed (service id, generation, backend
-//! ids). A change of backends is written so that a connect in flight never sees a half-written
-//! set: backends first, then the slots of the other generation, then the service entry that
-//! switches to them in one map update, then the old slots and removed backends.
-//! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the
-//! same code drives the BPF maps and the in-memory maps of the model tests.
-pub mod external;
+//! A backend set (one Service port under one traffic policy) has one service id, its slots
+//! and, when outside traffic reaches it, its Maglev table; every frontend of the set names it.
+//! Backends have one id per address and port, shared by every set that uses them. A change
+//! is written so that no connection and no packet ever sees a half-written set: backends
+//! first, then the slots of the idle generation and the Maglev table (replaced whole), then
+//! every frontend entry of the set in one map update each, then the old slots, frontends no
+//! longer wanted, sets no frontend names, and backends no set keeps.
+//!
+//! Ids are recovered from the pinned maps at start ([`Reconciler::adopt`]), so a restarted
+//! agent keeps every set on its service id and every backend on its id: tracked flows and
+//! affinity entries keep naming what they named. Ids are never handed out twice while the
+//! maps live (see [`Reconciler::reserve_ids`]).
+//!
+//! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the same
+//! code drives the BPF maps and the in-memory maps of the model tests.
 pub mod maglev;
 pub mod memory;
 #[cfg(test)]
@@ -15,19 +24,25 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, backend_flags, service_flags,
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, backend_flags,
+    backend_states, frontend_flags,
 };
 
-use crate::model::{Backend, DesiredService, DesiredState, Frontend, Protocol};
+use crate::model::{
+    Backend, BackendSet, DesiredService, DesiredState, Frontend, FrontendKind, Protocol, Scope,
+    SetKey,
+};
 
-/// Writes and reads of the service maps. Errors are strings naming the map and the cause.
+/// Writes and reads of the service maps.
 pub trait ServiceMaps {
-    fn put_service(&mut self, key: Service4Key, value: Service4Value) -> Result<(), MapError>;
-    fn remove_service(&mut self, key: &Service4Key) -> Result<(), MapError>;
+    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError>;
+    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError>;
     fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError>;
     fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError>;
     fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError>;
     fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError>;
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
     /// Everything the maps hold now (for adopting maps a previous agent left pinned).
     fn dump(&self) -> Result<MapContents, MapError>;
 }
@@ -44,43 +59,52 @@ pub struct MapError {
 /// The raw contents of the service maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<Service4Key, Service4Value>,
+    pub frontends: BTreeMap<Frontend4Key, Frontend4Value>,
     pub slots: BTreeMap<Slot4Key, Slot4Value>,
     pub backends: BTreeMap<u32, Backend4>,
+    /// Service ids that have a Maglev table.
+    pub maglev: BTreeSet<u32>,
+}
+
+/// What a programmed frontend means, without ids (see [`MapContents::view`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendView {
+    pub kind: Option<FrontendKind>,
+    pub service_id: u32,
+    /// The backends new connections may pick.
+    pub backends: BTreeSet<Backend>,
+    pub affinity_timeout_secs: Option<u32>,
+    pub flags: u8,
 }
 
 impl MapContents {
-    /// What the maps mean, without ids: frontend → (backends, affinity). Two map contents that
-    /// serve the same traffic have equal views.
-    pub fn view(&self) -> BTreeMap<Frontend, (BTreeSet<Backend>, Option<u32>)> {
-        self.services
+    /// What the maps mean: frontend → its kind, backends and affinity. Two map contents that
+    /// serve the same traffic have equal views up to service ids.
+    pub fn view(&self) -> BTreeMap<Frontend, FrontendView> {
+        self.frontends
             .iter()
             .filter_map(|(key, value)| {
-                let backends = self.live_backends(value).map(backend_of).collect();
-                let affinity = (value.flags & service_flags::AFFINITY != 0)
-                    .then_some(value.affinity_timeout_secs);
-                Some((frontend_of(key)?, (backends, affinity)))
+                let view = FrontendView {
+                    kind: FrontendKind::from_number(value.kind),
+                    service_id: value.service_id,
+                    backends: self
+                        .live_backends(value)
+                        .map(|(_, b)| backend_of(b))
+                        .collect(),
+                    affinity_timeout_secs: (value.flags & frontend_flags::AFFINITY != 0)
+                        .then_some(value.affinity_timeout_secs),
+                    flags: value.flags,
+                };
+                Some((frontend_of(key)?, view))
             })
             .collect()
     }
 
-    /// The backends flagged terminating, by frontend (for `lb-agent list`).
-    pub fn terminating(&self) -> BTreeMap<Frontend, BTreeSet<Backend>> {
-        self.services
-            .iter()
-            .filter_map(|(key, value)| {
-                let flagged: BTreeSet<Backend> = self
-                    .live_backends(value)
-                    .filter(|b| b.flags & backend_flags::TERMINATING != 0)
-                    .map(backend_of)
-                    .collect();
-                (!flagged.is_empty()).then_some((frontend_of(key)?, flagged))
-            })
-            .collect()
-    }
-
-    /// The backends the live generation of a service entry names.
-    fn live_backends<'a>(&'a self, value: &'a Service4Value) -> impl Iterator<Item = &'a Backend4> {
+    /// The backends the live generation of a frontend entry names, with their ids.
+    pub fn live_backends<'a>(
+        &'a self,
+        value: &'a Frontend4Value,
+    ) -> impl Iterator<Item = (u32, &'a Backend4)> {
         (0..value.count).filter_map(move |index| {
             let slot = Slot4Key {
                 service_id: value.service_id,
@@ -88,21 +112,39 @@ impl MapContents {
                 generation: value.generation,
                 pad: 0,
             };
-            self.backends.get(&self.slots.get(&slot)?.backend_id)
+            let id = self.slots.get(&slot)?.backend_id;
+            Some((id, self.backends.get(&id)?))
         })
     }
 }
 
-/// What the reconciler wrote for one frontend.
+/// What the reconciler wrote for one backend set.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Programmed {
-    value: Service4Value,
-    /// Backend ids in slot order.
+struct ProgrammedSet {
+    service_id: u32,
+    generation: u8,
+    /// Backend ids in slot order (the backends new connections may pick).
     slots: Vec<u32>,
-    /// Backend id of each backend.
-    ids: BTreeMap<Backend, u32>,
-    /// The backends flagged terminating (kube-proxy's serving-terminating fallback).
-    terminating: BTreeSet<Backend>,
+    /// Every backend the set keeps in the maps: the slots and the draining ones.
+    members: BTreeSet<Backend>,
+    /// Whether its Maglev table is written (outside traffic reaches the set).
+    maglev: bool,
+}
+
+/// A programmed backend and how many sets keep it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ProgrammedBackend {
+    id: u32,
+    value: Backend4,
+    users: usize,
+}
+
+/// A set recovered from pinned maps, not yet matched to a desired set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AdoptedSet {
+    generation: u8,
+    slots: Vec<u32>,
+    maglev: bool,
 }
 
 /// What one sync did.
@@ -116,20 +158,32 @@ pub struct SyncReport {
     /// Frontends that could not be programmed, with the reason; what was programmed before for
     /// them stays in place.
     pub failed: Vec<(Frontend, String)>,
+    /// Backend sets given a service id, and the ids of sets removed (for the counters).
+    pub sets_added: Vec<(SetKey, u32)>,
+    pub sets_removed: Vec<(SetKey, u32)>,
 }
 
 /// Keeps the maps equal to the desired state, by difference.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    programmed: BTreeMap<Service4Key, Programmed>,
+    frontends: BTreeMap<Frontend4Key, (Frontend4Value, SetKey)>,
+    sets: BTreeMap<SetKey, ProgrammedSet>,
+    /// The frontends naming each programmed set.
+    users: BTreeMap<SetKey, BTreeSet<Frontend4Key>>,
+    backends: BTreeMap<Backend, ProgrammedBackend>,
+    /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
+    adopted: BTreeMap<u32, AdoptedSet>,
+    /// Frontends pinned by an earlier agent that no sync has looked at yet.
+    adopted_frontends: BTreeMap<Frontend4Key, Frontend4Value>,
     next_service_id: u32,
     next_backend_id: u32,
 }
 
 impl Reconciler {
     /// Adopts what the maps already hold (pinned by an earlier agent) without changing
-    /// anything that serves traffic; leftovers of an interrupted update (slots of the idle
-    /// generation, backends no slot names) are removed.
+    /// anything that serves traffic. The first [`Reconciler::sync`] matches each desired set
+    /// to the service id its frontends name, and each backend to its id by address, so
+    /// nothing is renumbered; it then removes what is left over.
     pub fn adopt(maps: &mut impl ServiceMaps) -> Result<Self, MapError> {
         let contents = maps.dump()?;
         let mut reconciler = Reconciler {
@@ -137,60 +191,59 @@ impl Reconciler {
             next_backend_id: 1,
             ..Default::default()
         };
-        let mut live_slots = BTreeSet::new();
-        for (key, value) in &contents.services {
-            let slots: Vec<u32> = (0..value.count)
-                .filter_map(|index| {
-                    let slot = Slot4Key {
-                        service_id: value.service_id,
-                        index,
-                        generation: value.generation,
-                        pad: 0,
-                    };
-                    live_slots.insert(slot);
-                    contents.slots.get(&slot).map(|s| s.backend_id)
-                })
-                .collect();
-            let ids = slots
-                .iter()
-                .filter_map(|id| contents.backends.get(id).map(|b| (backend_of(b), *id)))
-                .collect();
-            let terminating = slots
-                .iter()
-                .filter_map(|id| contents.backends.get(id))
-                .filter(|b| b.flags & backend_flags::TERMINATING != 0)
-                .map(backend_of)
-                .collect();
-            reconciler.next_service_id = reconciler.next_service_id.max(value.service_id + 1);
-            reconciler.programmed.insert(
-                *key,
-                Programmed {
+        for (id, value) in &contents.backends {
+            reconciler.backends.insert(
+                backend_of(value),
+                ProgrammedBackend {
+                    id: *id,
                     value: *value,
-                    slots,
-                    ids,
-                    terminating,
+                    users: 0,
                 },
             );
+            reconciler.next_backend_id = reconciler.next_backend_id.max(id.saturating_add(1));
         }
-        let live_backends: BTreeSet<u32> = reconciler
-            .programmed
-            .values()
-            .flat_map(|p| p.slots.iter().copied())
-            .collect();
-        for slot in contents.slots.keys().filter(|s| !live_slots.contains(s)) {
-            maps.remove_slot(slot)?;
+        for value in contents.frontends.values() {
+            reconciler.next_service_id = reconciler
+                .next_service_id
+                .max(value.service_id.saturating_add(1));
+            reconciler
+                .adopted
+                .entry(value.service_id)
+                .or_insert_with(|| AdoptedSet {
+                    generation: value.generation,
+                    slots: contents.live_backends(value).map(|(id, _)| id).collect(),
+                    maglev: contents.maglev.contains(&value.service_id),
+                });
         }
-        for id in contents.backends.keys() {
-            reconciler.next_backend_id = reconciler.next_backend_id.max(id + 1);
-            if !live_backends.contains(id) {
-                maps.remove_backend(*id)?;
+        for slot in contents.slots.keys() {
+            reconciler.next_service_id = reconciler
+                .next_service_id
+                .max(slot.service_id.saturating_add(1));
+        }
+        for id in &contents.maglev {
+            reconciler.next_service_id = reconciler.next_service_id.max(id.saturating_add(1));
+        }
+        reconciler.adopted_frontends = contents.frontends.clone();
+        // Leftovers of an interrupted update: slots of idle generations, tables of sets no
+        // frontend names. Nothing serving traffic reads them.
+        for slot in contents.slots.keys() {
+            let live = reconciler.adopted.get(&slot.service_id).is_some_and(|set| {
+                set.generation == slot.generation && (slot.index as usize) < set.slots.len()
+            });
+            if !live {
+                maps.remove_slot(slot)?;
+            }
+        }
+        for id in &contents.maglev {
+            if !reconciler.adopted.contains_key(id) {
+                maps.remove_maglev(*id)?;
             }
         }
         Ok(reconciler)
     }
 
-    /// Keeps ids up to these from being handed out again: session-affinity entries outlive
-    /// the services and backends they name, and must never come to name another one.
+    /// Keeps ids up to these from being handed out again: session-affinity and conntrack
+    /// entries outlive the sets and backends they name, and must never come to name another.
     pub fn reserve_ids(&mut self, highest_service_id: u32, highest_backend_id: u32) {
         self.next_service_id = self
             .next_service_id
@@ -200,362 +253,627 @@ impl Reconciler {
             .max(highest_backend_id.saturating_add(1));
     }
 
-    /// The service id of every programmed frontend.
-    pub fn service_ids(&self) -> impl Iterator<Item = (Frontend, u32)> + '_ {
-        self.programmed
-            .iter()
-            .filter_map(|(key, p)| Some((frontend_of(key)?, p.value.service_id)))
+    /// The service id of every programmed backend set.
+    pub fn set_ids(&self) -> impl Iterator<Item = (&SetKey, u32)> + '_ {
+        self.sets.iter().map(|(key, set)| (key, set.service_id))
     }
 
-    /// Number of frontends programmed.
+    /// The service id of a programmed frontend.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.frontends
+            .get(&frontend_key(frontend))
+            .map(|(value, _)| value.service_id)
+    }
+
+    /// How many entries the reconciler keeps in each map (what it wrote and the kernel took).
+    pub fn programmed_entries(&self) -> [(&'static str, usize); 4] {
+        use lb_common::map_names;
+        [
+            (map_names::FRONTENDS_V4, self.len()),
+            (
+                map_names::SLOTS_V4,
+                self.sets.values().map(|s| s.slots.len()).sum(),
+            ),
+            (map_names::BACKENDS_V4, self.backends.len()),
+            (
+                map_names::MAGLEV_V4,
+                self.sets.values().filter(|s| s.maglev).count(),
+            ),
+        ]
+    }
+
+    /// Number of frontends programmed (or adopted and not yet looked at).
     pub fn len(&self) -> usize {
-        self.programmed.len()
+        self.frontends.len() + self.adopted_frontends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.programmed.is_empty()
+        self.len() == 0
     }
 
-    /// Makes the maps serve `desired`, writing only what differs.
+    /// Makes the maps serve `desired`, looking at everything (the first sync after adopting
+    /// maps, or a full resync).
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl ServiceMaps) -> SyncReport {
-        let mut frontends: BTreeSet<Frontend> = desired.services.keys().copied().collect();
-        frontends.extend(self.programmed.keys().filter_map(frontend_of));
-        self.sync_frontends(desired, &frontends, maps)
+        let mut frontends: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
+        frontends.extend(self.frontends.keys().filter_map(frontend_of));
+        frontends.extend(self.adopted_frontends.keys().filter_map(frontend_of));
+        let sets: BTreeSet<SetKey> = desired
+            .sets
+            .keys()
+            .chain(self.sets.keys())
+            .cloned()
+            .collect();
+        let mut report = self.sync_changes(desired, &frontends, &sets, maps);
+        // What the earlier agent left and nothing desired took.
+        for (key, _) in std::mem::take(&mut self.adopted_frontends) {
+            report.map_writes += 1;
+            if let Err(error) = maps.remove_frontend(&key) {
+                if let Some(frontend) = frontend_of(&key) {
+                    report.failed.push((frontend, error.to_string()));
+                }
+            }
+        }
+        for (id, set) in std::mem::take(&mut self.adopted) {
+            remove_slots(id, set.generation, set.slots.len(), maps, &mut report);
+            if set.maglev {
+                report.map_writes += 1;
+                let _ = maps.remove_maglev(id);
+            }
+        }
+        self.remove_unused_backends(maps, &mut report);
+        report
     }
 
-    /// Like [`Reconciler::sync`], looking only at `frontends` (the ones the model says
-    /// changed): the cost of a change does not grow with the number of services.
-    pub fn sync_frontends(
+    /// Like [`Reconciler::sync`], looking only at the frontends and sets the model says
+    /// changed: the cost of a change does not grow with the number of services.
+    pub fn sync_changes(
         &mut self,
         desired: &DesiredState,
         frontends: &BTreeSet<Frontend>,
+        sets: &BTreeSet<SetKey>,
         maps: &mut impl ServiceMaps,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        // The sets to look at: those that changed and those of the frontends that changed.
+        let mut affected: BTreeSet<SetKey> = sets.clone();
         // Removals first, so a frontend that moves frees map room before others take it.
         for frontend in frontends
             .iter()
-            .filter(|f| !desired.services.contains_key(f))
+            .filter(|f| !desired.frontends.contains_key(f))
         {
-            let key = service_key(frontend);
-            let Some(programmed) = self.programmed.remove(&key) else {
+            let key = frontend_key(frontend);
+            let adopted = self.adopted_frontends.remove(&key).is_some();
+            let programmed = self.frontends.remove(&key);
+            if let Some((_, set)) = &programmed {
+                self.unuse(set, &key);
+                affected.insert(set.clone());
+            }
+            if programmed.is_none() && !adopted {
                 continue;
-            };
-            match remove_service(&key, &programmed, maps, &mut report.map_writes) {
+            }
+            report.map_writes += 1;
+            match maps.remove_frontend(&key) {
                 Ok(()) => report.removed += 1,
                 Err(error) => report.failed.push((*frontend, error.to_string())),
             }
         }
         for frontend in frontends {
-            let Some(service) = desired.services.get(frontend) else {
-                continue;
-            };
-            let key = service_key(frontend);
-            let result = match self.programmed.get(&key) {
-                None => self
-                    .add(key, service, maps, &mut report.map_writes)
-                    .map(|()| report.added += 1),
-                Some(_) => self
-                    .update(key, service, maps, &mut report.map_writes)
-                    .map(|changed| {
-                        if changed {
-                            report.updated += 1;
-                        }
-                    }),
-            };
-            if let Err(error) = result {
-                report
-                    .failed
-                    .push((*frontend, format!("{}: {error}", service.name)));
+            if let Some(service) = desired.frontends.get(frontend) {
+                affected.insert(service.set());
+            }
+            if let Some((_, set)) = self.frontends.get(&frontend_key(frontend)) {
+                affected.insert(set.clone());
             }
         }
+        // Which frontends each affected set will serve after this sync.
+        let mut wanted_users: BTreeMap<SetKey, Vec<(Frontend, &DesiredService)>> = BTreeMap::new();
+        for set in &affected {
+            let mut users: BTreeSet<Frontend4Key> =
+                self.users.get(set).cloned().unwrap_or_default();
+            for frontend in frontends {
+                let key = frontend_key(frontend);
+                match desired.frontends.get(frontend) {
+                    Some(service) if service.set() == *set => {
+                        users.insert(key);
+                    }
+                    _ => {
+                        users.remove(&key);
+                    }
+                }
+            }
+            let list = users
+                .iter()
+                .filter_map(|key| {
+                    let frontend = frontend_of(key)?;
+                    Some((frontend, desired.frontends.get(&frontend)?))
+                })
+                .collect();
+            wanted_users.insert(set.clone(), list);
+        }
+        let mut failed_sets = BTreeSet::new();
+        for (set_key, users) in &wanted_users {
+            let Some(set) = desired.sets.get(set_key).filter(|_| !users.is_empty()) else {
+                continue;
+            };
+            let maglev = users
+                .iter()
+                .any(|(f, s)| s.kind.is_external() && f.scope == Scope::External);
+            if let Err(error) = self.write_set(set_key, set, maglev, users, maps, &mut report) {
+                failed_sets.insert(set_key.clone());
+                for (frontend, service) in users {
+                    report
+                        .failed
+                        .push((*frontend, format!("{}: {error}", service.name)));
+                }
+            }
+        }
+        // Frontends of sets that were written: new ones, and changed flags or kinds.
+        for frontend in frontends {
+            let Some(service) = desired.frontends.get(frontend) else {
+                continue;
+            };
+            let set_key = service.set();
+            if failed_sets.contains(&set_key) {
+                continue;
+            }
+            let Some(set) = self.sets.get(&set_key) else {
+                continue;
+            };
+            let key = frontend_key(frontend);
+            let value = frontend_value(set, service);
+            let adopted = self.adopted_frontends.remove(&key);
+            let before = self.frontends.get(&key).map(|(v, _)| *v).or(adopted);
+            if before == Some(value) {
+                self.frontends.insert(key, (value, set_key.clone()));
+                self.users.entry(set_key).or_default().insert(key);
+                continue;
+            }
+            report.map_writes += 1;
+            match maps.put_frontend(key, value) {
+                Ok(()) => {
+                    if before.is_some() {
+                        report.updated += 1;
+                    } else {
+                        report.added += 1;
+                    }
+                    if let Some((_, old_set)) = self.frontends.insert(key, (value, set_key.clone()))
+                        && old_set != set_key
+                    {
+                        self.unuse(&old_set, &key);
+                    }
+                    self.users.entry(set_key).or_default().insert(key);
+                }
+                Err(error) => report
+                    .failed
+                    .push((*frontend, format!("{}: {error}", service.name))),
+            }
+        }
+        // Sets no frontend names any more (or no longer desired and unnamed).
+        for set_key in &affected {
+            let unused = self.users.get(set_key).is_none_or(BTreeSet::is_empty);
+            if unused && let Some(set) = self.sets.remove(set_key) {
+                self.users.remove(set_key);
+                remove_slots(
+                    set.service_id,
+                    set.generation,
+                    set.slots.len(),
+                    maps,
+                    &mut report,
+                );
+                if set.maglev {
+                    report.map_writes += 1;
+                    let _ = maps.remove_maglev(set.service_id);
+                }
+                for member in &set.members {
+                    if let Some(b) = self.backends.get_mut(member) {
+                        b.users = b.users.saturating_sub(1);
+                    }
+                }
+                report.sets_removed.push((set_key.clone(), set.service_id));
+            }
+        }
+        self.remove_unused_backends(maps, &mut report);
         report
     }
 
-    /// The service id programmed for `frontend`.
-    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
-        self.programmed
-            .get(&service_key(frontend))
-            .map(|p| p.value.service_id)
+    /// Forgets that frontend `key` names `set`.
+    fn unuse(&mut self, set: &SetKey, key: &Frontend4Key) {
+        if let Some(users) = self.users.get_mut(set) {
+            users.remove(key);
+        }
     }
 
-    fn add(
+    /// Brings one set's backends, slots and Maglev table to `wanted`, switching every
+    /// programmed frontend of the set to a new generation when the slots change.
+    fn write_set(
         &mut self,
-        key: Service4Key,
-        service: &DesiredService,
+        set_key: &SetKey,
+        wanted: &BackendSet,
+        maglev: bool,
+        users: &[(Frontend, &DesiredService)],
         maps: &mut impl ServiceMaps,
-        writes: &mut usize,
+        report: &mut SyncReport,
     ) -> Result<(), MapError> {
-        let service_id = self.next_service_id;
-        let mut programmed = Programmed {
-            value: service_value(service_id, 0, service),
-            slots: Vec::new(),
-            ids: BTreeMap::new(),
-            terminating: service.terminating.clone(),
-        };
-        let backends = limited(service);
-        let result = self
-            .write_generation(&mut programmed, &backends, 0, maps, writes)
-            .and_then(|()| {
-                *writes += 1;
-                maps.put_service(key, programmed.value)
-            });
-        match result {
-            Ok(()) => {
-                self.next_service_id += 1;
-                self.programmed.insert(key, programmed);
-                Ok(())
-            }
-            Err(error) => {
-                // Undo the partial write; the frontend stays unprogrammed.
-                let _ = remove_generation(&programmed, 0, backends.len(), maps, writes);
-                for id in programmed.ids.values() {
-                    *writes += 1;
-                    let _ = maps.remove_backend(*id);
+        let picks: Vec<Backend> = wanted
+            .backends
+            .iter()
+            .take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize)
+            .copied()
+            .collect();
+        let members: BTreeSet<Backend> = picks.iter().chain(&wanted.draining).copied().collect();
+        // Backends: new ones get ids, changed states are rewritten in place.
+        let mut created = Vec::new();
+        for backend in &members {
+            let value = backend_value(backend, wanted);
+            match self.backends.get_mut(backend) {
+                Some(programmed) => {
+                    if programmed.value != value {
+                        report.map_writes += 1;
+                        maps.put_backend(programmed.id, value)?;
+                        programmed.value = value;
+                    }
                 }
-                Err(error)
-            }
-        }
-    }
-
-    /// Returns whether anything was written.
-    fn update(
-        &mut self,
-        key: Service4Key,
-        service: &DesiredService,
-        maps: &mut impl ServiceMaps,
-        writes: &mut usize,
-    ) -> Result<bool, MapError> {
-        let current = self
-            .programmed
-            .get(&key)
-            .expect("checked by caller")
-            .clone();
-        let backends = limited(service);
-        let current_backends: BTreeSet<Backend> = current.ids.keys().copied().collect();
-        let wanted_value =
-            service_value(current.value.service_id, current.value.generation, service);
-        if current_backends == backends.iter().copied().collect()
-            && current.slots.len() == backends.len()
-        {
-            let mut changed = false;
-            if current.terminating != service.terminating {
-                // Same backends, another state: flags are for operators, rewritten in place.
-                restate(&current, &service.terminating, maps, writes)?;
-                self.programmed.get_mut(&key).expect("present").terminating =
-                    service.terminating.clone();
-                changed = true;
-            }
-            if wanted_value != current.value {
-                *writes += 1;
-                maps.put_service(key, wanted_value)?;
-                self.programmed.get_mut(&key).expect("present").value = wanted_value;
-                changed = true;
-            }
-            return Ok(changed);
-        }
-        // New backend set: write the idle generation, switch, then clean up.
-        let generation = 1 - current.value.generation;
-        restate(&current, &service.terminating, maps, writes)?;
-        let mut next = Programmed {
-            value: service_value(current.value.service_id, generation, service),
-            slots: Vec::new(),
-            ids: current
-                .ids
-                .iter()
-                .filter(|(backend, _)| backends.contains(backend))
-                .map(|(b, id)| (*b, *id))
-                .collect(),
-            terminating: service.terminating.clone(),
-        };
-        let written = self.write_generation(&mut next, &backends, generation, maps, writes);
-        let switched = written.and_then(|()| {
-            *writes += 1;
-            maps.put_service(key, next.value)
-        });
-        if let Err(error) = switched {
-            let _ = remove_generation(&next, generation, backends.len(), maps, writes);
-            for (backend, id) in &next.ids {
-                if !current.ids.contains_key(backend) {
-                    *writes += 1;
-                    let _ = maps.remove_backend(*id);
-                }
-            }
-            return Err(error);
-        }
-        self.programmed.insert(key, next.clone());
-        remove_generation(
-            &current,
-            current.value.generation,
-            current.slots.len(),
-            maps,
-            writes,
-        )?;
-        for (backend, id) in &current.ids {
-            if !next.ids.contains_key(backend) {
-                *writes += 1;
-                maps.remove_backend(*id)?;
-            }
-        }
-        Ok(true)
-    }
-
-    /// Writes the backends not yet in `programmed.ids`, then the slots of `generation`.
-    fn write_generation(
-        &mut self,
-        programmed: &mut Programmed,
-        backends: &[Backend],
-        generation: u8,
-        maps: &mut impl ServiceMaps,
-        writes: &mut usize,
-    ) -> Result<(), MapError> {
-        programmed.slots.clear();
-        for backend in backends {
-            let id = match programmed.ids.get(backend) {
-                Some(id) => *id,
                 None => {
                     let id = self.next_backend_id;
-                    *writes += 1;
-                    let terminating = programmed.terminating.contains(backend);
-                    maps.put_backend(id, backend_value(backend, terminating))?;
+                    report.map_writes += 1;
+                    if let Err(error) = maps.put_backend(id, value) {
+                        self.undo_backends(&created, maps, report);
+                        return Err(error);
+                    }
                     self.next_backend_id += 1;
-                    programmed.ids.insert(*backend, id);
-                    id
+                    created.push(*backend);
+                    self.backends.insert(
+                        *backend,
+                        ProgrammedBackend {
+                            id,
+                            value,
+                            users: 0,
+                        },
+                    );
                 }
-            };
-            programmed.slots.push(id);
+            }
         }
-        for (index, id) in programmed.slots.iter().enumerate() {
-            let slot = Slot4Key {
-                service_id: programmed.value.service_id,
-                index: index as u16,
-                generation,
-                pad: 0,
-            };
-            *writes += 1;
-            maps.put_slot(slot, Slot4Value { backend_id: *id })?;
+        let ids: Vec<u32> = picks.iter().map(|b| self.backends[b].id).collect();
+        let current = match self.sets.get(set_key) {
+            Some(set) => Some(set.clone()),
+            None => self.take_adopted(users),
+        };
+        let result = match current {
+            None => self.create_set(set_key, &picks, &ids, maglev, maps, report),
+            Some(current) => {
+                self.update_set(set_key, current, &picks, &ids, maglev, users, maps, report)
+            }
+        };
+        if let Err(error) = result {
+            self.undo_backends(&created, maps, report);
+            return Err(error);
+        }
+        // Membership: each member counts this set once.
+        let set = self.sets.get_mut(set_key).expect("written above");
+        let before = std::mem::replace(&mut set.members, members.clone());
+        for added in members.difference(&before) {
+            if let Some(b) = self.backends.get_mut(added) {
+                b.users += 1;
+            }
+        }
+        for gone in before.difference(&members) {
+            if let Some(b) = self.backends.get_mut(gone) {
+                b.users = b.users.saturating_sub(1);
+            }
         }
         Ok(())
     }
-}
 
-fn remove_service(
-    key: &Service4Key,
-    programmed: &Programmed,
-    maps: &mut impl ServiceMaps,
-    writes: &mut usize,
-) -> Result<(), MapError> {
-    *writes += 1;
-    maps.remove_service(key)?;
-    remove_generation(
-        programmed,
-        programmed.value.generation,
-        programmed.slots.len(),
-        maps,
-        writes,
-    )?;
-    for id in programmed.ids.values() {
-        *writes += 1;
-        maps.remove_backend(*id)?;
+    /// The set an earlier agent pinned under the service id these frontends name, if any.
+    fn take_adopted(&mut self, users: &[(Frontend, &DesiredService)]) -> Option<ProgrammedSet> {
+        let id = users.iter().find_map(|(frontend, _)| {
+            let key = frontend_key(frontend);
+            let value = self.adopted_frontends.get(&key)?;
+            self.adopted
+                .contains_key(&value.service_id)
+                .then_some(value.service_id)
+        })?;
+        let adopted = self.adopted.remove(&id)?;
+        Some(ProgrammedSet {
+            service_id: id,
+            generation: adopted.generation,
+            slots: adopted.slots,
+            members: BTreeSet::new(),
+            maglev: adopted.maglev,
+        })
     }
-    Ok(())
+
+    fn create_set(
+        &mut self,
+        set_key: &SetKey,
+        picks: &[Backend],
+        ids: &[u32],
+        maglev: bool,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapError> {
+        let service_id = self.next_service_id;
+        let written = write_slots(service_id, 0, ids, maps, report).and_then(|()| {
+            if maglev && !ids.is_empty() {
+                report.map_writes += 1;
+                maps.put_maglev(service_id, &maglev::table_for(picks, ids))?;
+            }
+            Ok(())
+        });
+        if let Err(error) = written {
+            remove_slots(service_id, 0, ids.len(), maps, report);
+            return Err(error);
+        }
+        self.next_service_id += 1;
+        self.sets.insert(
+            set_key.clone(),
+            ProgrammedSet {
+                service_id,
+                generation: 0,
+                slots: ids.to_vec(),
+                members: BTreeSet::new(),
+                maglev: maglev && !ids.is_empty(),
+            },
+        );
+        report.sets_added.push((set_key.clone(), service_id));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_set(
+        &mut self,
+        set_key: &SetKey,
+        current: ProgrammedSet,
+        picks: &[Backend],
+        ids: &[u32],
+        maglev: bool,
+        users: &[(Frontend, &DesiredService)],
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapError> {
+        let newly_known = !self.sets.contains_key(set_key);
+        let want_table = maglev && !ids.is_empty();
+        if current.slots == ids {
+            // Same slots: at most the Maglev table comes or goes.
+            let mut next = current.clone();
+            if want_table && !current.maglev {
+                report.map_writes += 1;
+                maps.put_maglev(current.service_id, &maglev::table_for(picks, ids))?;
+            }
+            next.maglev = want_table;
+            self.sets.insert(set_key.clone(), next);
+            if current.maglev && !want_table {
+                report.map_writes += 1;
+                let _ = maps.remove_maglev(current.service_id);
+            }
+            if newly_known {
+                report
+                    .sets_added
+                    .push((set_key.clone(), current.service_id));
+            }
+            return Ok(());
+        }
+        // New slots: the idle generation, the table, then every frontend switches.
+        let generation = 1 - current.generation;
+        let written =
+            write_slots(current.service_id, generation, ids, maps, report).and_then(|()| {
+                if want_table {
+                    report.map_writes += 1;
+                    maps.put_maglev(current.service_id, &maglev::table_for(picks, ids))?;
+                }
+                Ok(())
+            });
+        if let Err(error) = written {
+            remove_slots(current.service_id, generation, ids.len(), maps, report);
+            return Err(error);
+        }
+        let next = ProgrammedSet {
+            service_id: current.service_id,
+            generation,
+            slots: ids.to_vec(),
+            members: current.members.clone(),
+            maglev: want_table,
+        };
+        // Every frontend already naming the set moves to the new generation; a frontend the
+        // switch fails for keeps the old one, so the old slots stay.
+        let mut switch_failed = None;
+        let programmed: Vec<Frontend4Key> = self
+            .users
+            .get(set_key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .chain(
+                users
+                    .iter()
+                    .map(|(f, _)| frontend_key(f))
+                    .filter(|k| self.adopted_frontends.contains_key(k)),
+            )
+            .collect();
+        for key in programmed {
+            let Some(frontend) = frontend_of(&key) else {
+                continue;
+            };
+            let Some((_, service)) = users.iter().find(|(f, _)| *f == frontend) else {
+                continue; // leaving the set in this sync: its own write follows
+            };
+            let value = frontend_value(&next, service);
+            report.map_writes += 1;
+            match maps.put_frontend(key, value) {
+                Ok(()) => {
+                    if let Some(adopted) = self.adopted_frontends.remove(&key) {
+                        self.frontends.insert(key, (adopted, set_key.clone()));
+                    }
+                    if let Some(entry) = self.frontends.get_mut(&key) {
+                        entry.0 = value;
+                    }
+                    report.updated += 1;
+                }
+                Err(error) => switch_failed = Some(error),
+            }
+        }
+        self.sets.insert(set_key.clone(), next);
+        if newly_known {
+            report
+                .sets_added
+                .push((set_key.clone(), current.service_id));
+        }
+        if let Some(error) = switch_failed {
+            return Err(error);
+        }
+        remove_slots(
+            current.service_id,
+            current.generation,
+            current.slots.len(),
+            maps,
+            report,
+        );
+        if current.maglev && !want_table {
+            report.map_writes += 1;
+            let _ = maps.remove_maglev(current.service_id);
+        }
+        Ok(())
+    }
+
+    /// Removes backends created for a set whose write failed.
+    fn undo_backends(
+        &mut self,
+        created: &[Backend],
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        for backend in created {
+            if let Some(programmed) = self.backends.remove(backend) {
+                report.map_writes += 1;
+                let _ = maps.remove_backend(programmed.id);
+            }
+        }
+    }
+
+    /// Removes the backends no set keeps.
+    fn remove_unused_backends(&mut self, maps: &mut impl ServiceMaps, report: &mut SyncReport) {
+        if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
+            return; // adopted slots may still name them
+        }
+        let unused: Vec<Backend> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.users == 0)
+            .map(|(backend, _)| *backend)
+            .collect();
+        for backend in unused {
+            let id = self.backends[&backend].id;
+            report.map_writes += 1;
+            match maps.remove_backend(id) {
+                Ok(()) => {
+                    self.backends.remove(&backend);
+                }
+                Err(error) => tracing::warn!(%backend, id, %error, "could not remove a backend"),
+            }
+        }
+    }
 }
 
-fn remove_generation(
-    programmed: &Programmed,
+fn write_slots(
+    service_id: u32,
     generation: u8,
-    count: usize,
+    ids: &[u32],
     maps: &mut impl ServiceMaps,
-    writes: &mut usize,
+    report: &mut SyncReport,
 ) -> Result<(), MapError> {
-    for index in 0..count {
-        *writes += 1;
-        maps.remove_slot(&Slot4Key {
-            service_id: programmed.value.service_id,
+    for (index, id) in ids.iter().enumerate() {
+        let slot = Slot4Key {
+            service_id,
             index: index as u16,
             generation,
             pad: 0,
-        })?;
+        };
+        report.map_writes += 1;
+        maps.put_slot(slot, Slot4Value { backend_id: *id })?;
     }
     Ok(())
 }
 
-/// The backends of a service in slot order, at most `MAX_BACKENDS_PER_SERVICE`.
-fn limited(service: &DesiredService) -> Vec<Backend> {
-    service
-        .backends
-        .iter()
-        .take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize)
-        .copied()
-        .collect()
+/// Removes slots `0..count` of a generation; ones already gone are fine.
+fn remove_slots(
+    service_id: u32,
+    generation: u8,
+    count: usize,
+    maps: &mut impl ServiceMaps,
+    report: &mut SyncReport,
+) {
+    for index in 0..count {
+        report.map_writes += 1;
+        let _ = maps.remove_slot(&Slot4Key {
+            service_id,
+            index: index as u16,
+            generation,
+            pad: 0,
+        });
+    }
 }
 
-fn service_value(service_id: u32, generation: u8, service: &DesiredService) -> Service4Value {
-    let count = service
-        .backends
-        .len()
-        .min(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize) as u16;
-    let (flags, timeout) = match service.affinity_timeout_secs {
-        Some(secs) => (service_flags::AFFINITY, secs),
-        None => (0, 0),
+fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Value {
+    let mut flags = 0;
+    let timeout = match service.affinity_timeout_secs {
+        Some(secs) => {
+            flags |= frontend_flags::AFFINITY;
+            secs
+        }
+        None => 0,
     };
-    Service4Value {
-        service_id,
-        count,
-        generation,
+    if service.local_only {
+        flags |= frontend_flags::LOCAL_ONLY;
+    }
+    if service.two_scopes {
+        flags |= frontend_flags::TWO_SCOPES;
+    }
+    Frontend4Value {
+        service_id: set.service_id,
+        count: set.slots.len() as u16,
+        generation: set.generation,
         flags,
         affinity_timeout_secs: timeout,
-        pad: 0,
+        kind: service.kind.number(),
+        pad: [0; 3],
     }
 }
 
-/// The map key of a frontend.
-pub fn service_key(frontend: &Frontend) -> Service4Key {
-    Service4Key {
-        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
-        port: lb_common::port_to_map(frontend.port),
-        proto: frontend.protocol.number(),
-        pad: 0,
-    }
-}
-
-/// The frontend of a map key, if its protocol is one we write.
-pub fn frontend_of(key: &Service4Key) -> Option<Frontend> {
-    Some(Frontend {
-        ip: lb_common::addr_from_map(key.addr).into(),
-        port: lb_common::port_from_map(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-    })
-}
-
-fn backend_value(backend: &Backend, terminating: bool) -> Backend4 {
+fn backend_value(backend: &Backend, set: &BackendSet) -> Backend4 {
     Backend4 {
         addr: lb_common::addr_to_map(u32::from(backend.ip)),
         port: lb_common::port_to_map(backend.port),
-        proto: 0,
-        flags: if terminating {
-            backend_flags::TERMINATING
+        state: if set.is_terminating(backend) {
+            backend_states::TERMINATING
+        } else {
+            backend_states::ACTIVE
+        },
+        flags: if set.local.contains(backend) {
+            backend_flags::LOCAL
         } else {
             0
         },
     }
 }
 
-/// Rewrites the flags of the programmed backends whose terminating state differs in `wanted`.
-fn restate(
-    current: &Programmed,
-    wanted: &BTreeSet<Backend>,
-    maps: &mut impl ServiceMaps,
-    writes: &mut usize,
-) -> Result<(), MapError> {
-    for (backend, id) in &current.ids {
-        let now = wanted.contains(backend);
-        if current.terminating.contains(backend) != now {
-            *writes += 1;
-            maps.put_backend(*id, backend_value(backend, now))?;
-        }
+/// The map key of a frontend.
+pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
+    Frontend4Key {
+        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
+        port: lb_common::port_to_map(frontend.port),
+        proto: frontend.protocol.number(),
+        scope: frontend.scope.number(),
     }
-    Ok(())
+}
+
+/// The frontend of a map key, if its protocol and scope are ones we write.
+pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
+    Some(Frontend {
+        ip: lb_common::addr_from_map(key.addr).into(),
+        port: lb_common::port_from_map(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+        scope: Scope::from_number(key.scope)?,
+    })
 }
 
 /// The backend a map value names.

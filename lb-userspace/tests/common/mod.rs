@@ -117,12 +117,10 @@ impl Agent {
 
     /// The address logged for `field` (`metrics_addr` or `healthz_addr`).
     pub fn logged_address(&self, field: &str) -> String {
-        self.wait_for_log("serving metrics and health", Duration::from_secs(5));
+        let needle = format!("{field}=");
+        self.wait_for_log(&needle, Duration::from_secs(5));
         let log = self.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("serving metrics and health"))
-            .unwrap();
+        let line = log.lines().find(|l| l.contains(&needle)).unwrap();
         let start = line.find(&format!("{field}=")).expect("address in the log") + field.len() + 1;
         line[start..].split_whitespace().next().unwrap().to_owned()
     }

@@ -1,0 +1,29 @@
+//! Default capacities. The agent sets each of them at load time (`--max-services` ...); the
+//! eBPF object carries these as its defaults.
+
+/// Frontends: one per (address, port, protocol, scope) of every service, of every kind.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Backends over all services (a pod behind several services is one backend).
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Backend slots over all backend sets; two generations live side by side during an update.
+pub const MAX_SLOTS: u32 = 2 * MAX_BACKENDS;
+/// Maglev tables: one per backend set that outside traffic reaches (64 KiB each, allocated
+/// on use). `--max-maglev-tables` sets it.
+pub const MAX_MAGLEV_TABLES: u32 = 16_384;
+/// Session-affinity entries (LRU: the least recently used client is forgotten first).
+pub const MAX_AFFINITY: u32 = 131_072;
+/// Reverse translations for UDP replies and getpeername (LRU, keyed by socket).
+pub const MAX_REVNAT: u32 = 262_144;
+/// Most backends one service may have; bounds the slot index. Kubernetes' own
+/// scalability threshold is 250 endpoints per service.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;
+/// Tracked XDP flows (LRU: the least recently used flow is forgotten first).
+pub const MAX_FLOWS: u32 = 131_072;
+/// Reverse entries of XDP flows: one per flow to a local backend, three per SNAT flow (the
+/// reply to the node, the forwarded packet, the reply to the client), so the reverse map does
+/// not evict the entries of flows the conntrack map still holds.
+pub const MAX_FLOW_REPLIES: u32 = 3 * MAX_FLOWS;
+pub const MAX_NODE_ADDRS: u32 = 256;
+pub const MAX_IFACES: u32 = 64;
+
+const _: () = assert!(MAX_BACKENDS_PER_SERVICE <= u16::MAX as u32);

@@ -1,0 +1,33 @@
+//! Map names (the kernel keeps at most 15 bytes of a name). A name carries its layout's
+//! version: a change of a key or value layout takes a new version, so an upgrade builds the
+//! new map beside the old one. A pinned map whose shape (type, key size, value size,
+//! capacity) differs from what this build wants is migrated by the agent at load, never
+//! silently reused.
+
+/// Frontends of every kind: `Frontend4Key` → `Frontend4Value`.
+pub const FRONTENDS_V4: &str = "LB4_FRONT_V2";
+/// Backend slots: `Slot4Key` → `Slot4Value`.
+pub const SLOTS_V4: &str = "LB4_SLOTS_V2";
+/// Backends of every service: backend id → `Backend4`.
+pub const BACKENDS_V4: &str = "LB4_BACKEND_V2";
+/// Maglev tables, one per backend set that outside traffic reaches: service id →
+/// `Maglev4Table`.
+pub const MAGLEV_V4: &str = "LB4_MAGLEV_V2";
+/// Session affinity of every client kind: `Affinity4Key` → `Affinity4Value` (LRU).
+pub const AFFINITY_V4: &str = "LB4_AFFIN_V2";
+/// Reverse translation of connected sockets: `RevNat4Key` → `RevNat4Value` (LRU).
+pub const REVNAT_V4: &str = "LB4_REVNAT";
+/// Per-CPU counters per service id: `ServiceStats`.
+pub const SERVICE_STATS_V4: &str = "LB4_STATS_V2";
+/// Names of the programmed frontends, for `lb-agent list`: `NameKey` → `ServiceName`.
+pub const SERVICE_NAMES_V4: &str = "LB4_NAMES_V2";
+/// Connection tracking of XDP flows, keyed by the client's tuple: `Ct4Key` → `Ct4Value`
+/// (LRU).
+pub const FLOWS_V4: &str = "LB4_CT_V2";
+/// Reverse translation of XDP flows, keyed by the reply's tuple: `Ct4Key` → `Rev4Value`
+/// (LRU).
+pub const FLOW_REPLIES_V4: &str = "LB4_FLOWREV_V2";
+/// This node's addresses NodePorts answer on: address → 1.
+pub const NODE_ADDRS_V4: &str = "LB4_NODEADDR";
+/// Source address for SNAT per ingress interface: ifindex → address.
+pub const IFACE_ADDRS_V4: &str = "LB4_IFADDR";

@@ -1,0 +1,157 @@
+//! The one service table: frontends of every kind, their backend slots, the backends, and
+//! the Maglev tables XDP picks backends with.
+//!
+//! A *service id* names one backend set of one Service port: the ClusterIP, the NodePort,
+//! the externalIPs and the LoadBalancer IPs of a port share it while they use the same
+//! endpoints. `externalTrafficPolicy: Local` gives the external frontends a second set (this
+//! node's endpoints) under a second id; the in-node clients of those frontends use the
+//! cluster-wide set through the frontend's internal-scope entry (Cilium's two scopes).
+//!
+//! An update writes the slots of the other generation first, then switches every frontend
+//! entry of the set in one map update each, then deletes the old slots, so a connection in
+//! flight never sees a half-written backend set.
+
+/// Maglev lookup table size (a prime): a backend set reached from outside has one table of
+/// this many backend ids; a flow picks entry `flow_hash % MAGLEV_SIZE`.
+pub const MAGLEV_SIZE: u32 = 16_381;
+
+/// `Frontend4Key::scope`.
+pub mod scopes {
+    /// The frontend's entry; for external kinds the backend set external clients get.
+    pub const EXTERNAL: u8 = 0;
+    /// The entry in-node clients (the socket programs) use when the frontend has
+    /// `frontend_flags::TWO_SCOPES`: the set of `internalTrafficPolicy`.
+    pub const INTERNAL: u8 = 1;
+}
+
+/// `Frontend4Value::kind`.
+pub mod frontend_kinds {
+    /// A ClusterIP: served at the socket only.
+    pub const CLUSTER_IP: u8 = 1;
+    /// A NodePort: key address 0, answering on every address in `LB4_NODEADDR` (XDP).
+    pub const NODE_PORT: u8 = 2;
+    /// A `spec.externalIPs` address.
+    pub const EXTERNAL_IP: u8 = 3;
+    /// A `status.loadBalancer.ingress[].ip` address.
+    pub const LOAD_BALANCER: u8 = 4;
+}
+
+/// `Frontend4Value::flags`.
+pub mod frontend_flags {
+    /// `sessionAffinity: ClientIP`.
+    pub const AFFINITY: u8 = 1 << 0;
+    /// `externalTrafficPolicy: Local` on an external frontend: only this node's endpoints,
+    /// the client address kept (no SNAT), and a packet is dropped when there is none.
+    pub const LOCAL_ONLY: u8 = 1 << 1;
+    /// In-node clients use the `scopes::INTERNAL` entry of this frontend instead.
+    pub const TWO_SCOPES: u8 = 1 << 2;
+}
+
+/// Key of the frontends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend4Key {
+    /// IPv4 address, network byte order; 0 for a NodePort.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `scopes::*`.
+    pub scope: u8,
+}
+
+/// Value of the frontends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frontend4Value {
+    /// The backend set; never reused while affinity or conntrack entries may name it.
+    pub service_id: u32,
+    /// Number of backend slots of the current generation; 0 means no backend (the socket
+    /// programs refuse, XDP drops or leaves the packet to the stack).
+    pub count: u16,
+    /// Which generation of slots is live (0 or 1).
+    pub generation: u8,
+    /// `frontend_flags::*`.
+    pub flags: u8,
+    /// Session affinity timeout in seconds (with `frontend_flags::AFFINITY`).
+    pub affinity_timeout_secs: u32,
+    /// `frontend_kinds::*`.
+    pub kind: u8,
+    pub pad: [u8; 3],
+}
+
+/// Key of the slots map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot4Key {
+    pub service_id: u32,
+    /// 0-based index, below `Frontend4Value::count`.
+    pub index: u16,
+    pub generation: u8,
+    pub pad: u8,
+}
+
+/// Value of the slots map: a backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Slot4Value {
+    pub backend_id: u32,
+}
+
+/// `Backend4::state`.
+pub mod backend_states {
+    /// Ready: new connections may pick it, affinity sticks to it.
+    pub const ACTIVE: u8 = 0;
+    /// Terminating: kept for the flows that use it; new connections pick it only through
+    /// kube-proxy's serving-terminating fallback (a set with no ready endpoint), and
+    /// affinity does not stick to it.
+    pub const TERMINATING: u8 = 1;
+}
+
+/// `Backend4::flags`.
+pub mod backend_flags {
+    /// The backend runs on this node: outside traffic reaches it without SNAT.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// Value of the backends map (key: backend id, `u32`). One id per pod address and port,
+/// shared by every service that uses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// `backend_states::*`.
+    pub state: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+
+/// A Maglev table: `backend_ids[i]` names the backend of entry `i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Maglev4Table {
+    pub backend_ids: [u32; MAGLEV_SIZE as usize],
+    pub pad: u32,
+}
+
+impl Default for Maglev4Table {
+    fn default() -> Self {
+        Self {
+            backend_ids: [0; MAGLEV_SIZE as usize],
+            pad: 0,
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Frontend4Key>() == 8);
+    assert!(core::mem::size_of::<Frontend4Value>() == 16);
+    assert!(core::mem::size_of::<Slot4Key>() == 8);
+    assert!(core::mem::size_of::<Slot4Value>() == 4);
+    assert!(core::mem::size_of::<Backend4>() == 8);
+    assert!(core::mem::size_of::<Maglev4Table>() == 4 * MAGLEV_SIZE as usize + 4);
+};

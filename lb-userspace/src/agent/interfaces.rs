@@ -1,0 +1,182 @@
+//! The node's interfaces for outside traffic (`lb-agent run --nodeport-iface IFACE`): the
+//! addresses NodePorts answer on and SNAT from, written to the address maps, and the XDP and
+//! tc programs attached to the interfaces once the service table holds the first full state.
+//! The frontends themselves are programmed with every other kind, by the one sync pass.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::dataplane::{
+    Dataplane,
+    nodeport::{self, NodeAddrMaps},
+};
+
+/// An IPv4 CIDR (`--nodeport-addresses`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix as u32)
+        };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{text:?} has no valid prefix length (0-32)"))?;
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Where north-south traffic is served.
+#[derive(Clone, Debug, Default)]
+pub struct NodeportConfig {
+    /// Interfaces that get the XDP and tc programs; empty: no north-south data path.
+    pub interfaces: Vec<String>,
+    /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on the interfaces'
+    /// addresses inside one of these; empty: on all of them.
+    pub addresses: Vec<Cidr>,
+}
+
+/// The NodePort interfaces and what the agent wrote for them.
+pub struct NodeInterfaces {
+    config: NodeportConfig,
+    maps: NodeAddrMaps,
+    attached: bool,
+    node_addrs: BTreeSet<Ipv4Addr>,
+}
+
+impl NodeInterfaces {
+    /// Takes the address maps; `None` when no interface was asked for.
+    pub fn start(
+        dataplane: &mut Dataplane,
+        config: NodeportConfig,
+    ) -> anyhow::Result<Option<Self>> {
+        if config.interfaces.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            maps: NodeAddrMaps::take(dataplane.ebpf_mut())?,
+            config,
+            attached: false,
+            node_addrs: BTreeSet::new(),
+        }))
+    }
+
+    /// Follows the interfaces' addresses; attaches the programs on the first call.
+    pub fn sync(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
+        if let Err(error) = self.refresh_addresses() {
+            tracing::warn!(error = %format!("{error:#}"), "could not update the node's addresses");
+        }
+        if !self.attached {
+            self.attach(dataplane)?;
+            self.attached = true;
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
+        let links_root = dataplane.pins().links();
+        let mut kept = Vec::new();
+        for iface in &self.config.interfaces {
+            let dir = crate::dataplane::links::dir_for_interface(&links_root, iface);
+            let (mode, xdp, tc) = nodeport::attach(dataplane.ebpf_mut(), iface, &dir)
+                .with_context(|| format!("attaching the north-south programs to {iface}"))?;
+            let mode = mode.map_or("unchanged".to_owned(), |m| m.to_string());
+            tracing::info!(
+                iface = %iface,
+                xdp_mode = %mode,
+                ?xdp,
+                ?tc,
+                "north-south programs attached (XDP {mode} mode ingress, tc egress)"
+            );
+            kept.push(dir);
+        }
+        for stale in crate::dataplane::links::remove_other_interfaces(&links_root, &kept)? {
+            tracing::info!(links = %stale.display(), "detached north-south programs of an interface no longer served");
+        }
+        Ok(())
+    }
+
+    /// NodePort addresses (`LB4_NODEADDR`) and SNAT addresses per interface (`LB4_IFADDR`)
+    /// from the interfaces as they are now.
+    fn refresh_addresses(&mut self) -> anyhow::Result<()> {
+        let interfaces = nodeport::interfaces()?;
+        let mut node_addrs = BTreeSet::new();
+        let mut snat = BTreeMap::new();
+        for name in &self.config.interfaces {
+            let Some(iface) = interfaces.get(name) else {
+                bail!("interface {name} does not exist");
+            };
+            let allowed: Vec<Ipv4Addr> = iface
+                .addrs
+                .iter()
+                .copied()
+                .filter(|ip| {
+                    self.config.addresses.is_empty()
+                        || self.config.addresses.iter().any(|c| c.contains(*ip))
+                })
+                .collect();
+            node_addrs.extend(&allowed);
+            if let Some(first) = allowed.first().or(iface.addrs.first()) {
+                snat.insert(iface.index, *first);
+            }
+        }
+        if node_addrs != self.node_addrs {
+            tracing::info!(addresses = ?node_addrs, "NodePorts answer on these addresses");
+            self.node_addrs = node_addrs.clone();
+        }
+        self.maps.set_node_addrs(&node_addrs)?;
+        self.maps.set_iface_addrs(&snat)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_match_like_kube_proxys_nodeport_addresses() {
+        let lan: Cidr = "192.168.60.0/24".parse().unwrap();
+        assert!(lan.contains("192.168.60.1".parse().unwrap()));
+        assert!(!lan.contains("192.168.61.1".parse().unwrap()));
+        let host: Cidr = "10.0.0.7".parse().unwrap();
+        assert_eq!(host.to_string(), "10.0.0.7/32");
+        assert!(host.contains("10.0.0.7".parse().unwrap()));
+        assert!(!host.contains("10.0.0.8".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.7".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("primary".parse::<Cidr>().is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! `lb-agent run`: source → desired state → diff → maps, until SIGTERM. This module is the
+//! loop (load, adopt, start the source, coalesce changes, attach once the maps hold the first
+//! state, shut down); [`sync`] is the one pass that programs every frontend kind, and
+//! [`interfaces`] the node's NodePort interfaces.
+pub mod interfaces;
+pub mod sync;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    api::{self, AgentState},
+    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges},
+    model::ProxyIdentity,
+    reconcile::Reconciler,
+    source::{Snapshot, kube, manifests},
+};
+use interfaces::{NodeInterfaces, NodeportConfig};
+use sync::SyncPass;
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Serve this manifest directory; `None` reads the API server.
+    pub manifests: Option<PathBuf>,
+    /// The API server's kubeconfig; `None` is in-cluster, then `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub identity: ProxyIdentity,
+    pub limits: Limits,
+    /// Least time between two syncs; changes arriving meanwhile are coalesced.
+    pub min_sync_interval: Duration,
+    /// On SIGTERM, detach the programs and remove the pins. Off by default: a DaemonSet
+    /// rollout stops the old agent while traffic must keep flowing.
+    pub cleanup_on_exit: bool,
+    /// Prometheus metrics and `/proxyMode`; `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz` and `/livez`; `None` serves none.
+    pub healthz_addr: Option<SocketAddr>,
+    /// The programs' own debug output (every translation and refusal) in the agent's log.
+    pub kernel_log: bool,
+    /// Outside traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
+    pub nodeport: NodeportConfig,
+}
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    privileges::check()?;
+    privileges::raise_memlock_limit();
+    let state = AgentState::new(source_description(&config));
+    api::serve(state.clone(), config.metrics_addr, config.healthz_addr).await?;
+    let pins = PinDir::prepare(&config.bpffs)?;
+    let mut dataplane = Dataplane::load_with_log(pins.clone(), config.limits, config.kernel_log)?;
+    if config.kernel_log {
+        dataplane.start_kernel_log()?;
+    }
+    let mut maps = dataplane.service_maps()?;
+    let mut reconciler = Reconciler::adopt(&mut maps).context("adopting the pinned maps")?;
+    let (service_ids, backend_ids) = dataplane.flow_id_high_water()?;
+    reconciler.reserve_ids(service_ids, backend_ids);
+    if !reconciler.is_empty() {
+        tracing::info!(
+            frontends = reconciler.len(),
+            "adopted maps pinned by an earlier agent"
+        );
+    }
+    let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
+    let mut pass = SyncPass::new(
+        &config.identity,
+        reconciler,
+        maps,
+        dataplane.names()?,
+        dataplane.service_stats()?,
+        interfaces.is_some(),
+    );
+    record_capacities(&state, &config.limits);
+    *state.counters.lock().expect("counters lock") = Some(pass.counter_reader());
+
+    let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
+    let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut attached = false;
+    let mut next_sync = tokio::time::Instant::now();
+
+    let outcome = loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                state.health.lock().expect("health lock").pending_since.get_or_insert(SystemTime::now());
+                // Coalesce: wait out the minimum interval, then take the latest snapshot.
+                tokio::time::sleep_until(next_sync).await;
+                let Some(snapshot) = snapshots.borrow_and_update().clone() else {
+                    continue;
+                };
+                pass.run(&snapshot, &state);
+                if let Some(interfaces) = &mut interfaces {
+                    interfaces.sync(&mut dataplane)?;
+                }
+                if !attached {
+                    // Attach only once the maps hold the first full state, so no connect sees
+                    // a half-programmed data path.
+                    for (program, outcome) in dataplane.attach_cgroup(&config.cgroup)? {
+                        tracing::info!(program, ?outcome, "program in place");
+                    }
+                    attached = true;
+                    tracing::info!(cgroup = %config.cgroup.display(), "socket programs attached");
+                }
+                next_sync = tokio::time::Instant::now() + config.min_sync_interval;
+            }
+            finished = &mut source => {
+                break match finished {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.context("the source failed")),
+                    Err(error) => Err(anyhow::anyhow!("the source task failed: {error}")),
+                };
+            }
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+        }
+    };
+    source.abort();
+    drop(interfaces);
+    state.counters.lock().expect("counters lock").take();
+    drop(pass);
+    drop(dataplane);
+    if config.cleanup_on_exit {
+        tracing::info!("shutting down: detaching programs and removing pins");
+        pins.remove_all()?;
+    } else {
+        tracing::info!(
+            bpffs = %pins.root().display(),
+            "shutting down; programs stay attached and maps pinned, serving the last state"
+        );
+    }
+    outcome
+}
+
+fn source_description(config: &RunConfig) -> String {
+    match (&config.manifests, &config.kubeconfig) {
+        (Some(dir), _) => format!("manifests:{}", dir.display()),
+        (None, Some(file)) => format!("kubernetes:{}", file.display()),
+        (None, None) => "kubernetes".into(),
+    }
+}
+
+/// Starts the manifest source when there is a directory, else the API server's.
+async fn start_source(
+    config: &RunConfig,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    state: Arc<AgentState>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if let Some(dir) = &config.manifests {
+        if !dir.is_dir() {
+            bail!("--manifests {} is not a directory", dir.display());
+        }
+        return Ok(tokio::spawn(manifests::watch(dir.clone(), snapshots)));
+    }
+    let health = kube::SourceHealth::new();
+    let client = kube::client(config.kubeconfig.as_deref(), &health).await?;
+    tokio::spawn(kube::SourceHealth::log_transitions(health.subscribe()));
+    tokio::spawn(track_staleness(health.subscribe(), state));
+    let source = kube::watch(client, config.identity.clone(), snapshots, health);
+    Ok(tokio::spawn(source))
+}
+
+/// Mirrors the source's staleness into `/healthz` and `lb_source_stale`.
+async fn track_staleness(mut stale: watch::Receiver<bool>, state: Arc<AgentState>) {
+    loop {
+        let now_stale = *stale.borrow_and_update();
+        state.health.lock().expect("health lock").stale = now_stale;
+        state.metrics.source_stale.set(i64::from(now_stale));
+        if stale.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn record_capacities(state: &AgentState, limits: &Limits) {
+    for (map, capacity) in limits.capacities() {
+        state
+            .metrics
+            .map_capacity
+            .get_or_create(&api::metrics::MapLabels { map: map.into() })
+            .set(i64::from(capacity));
+    }
+}

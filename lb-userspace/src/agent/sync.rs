@@ -1,0 +1,378 @@
+//! One sync pass, the same for every frontend kind: snapshot → model (desired state, by
+//! difference) → reconciler (map writes) → what operators see (the names map for
+//! `lb-agent list`, per-service counters and their labels, health-check node ports, metrics,
+//! one log line per changed service and per problem).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use lb_common::NameKey;
+
+use crate::{
+    api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
+    dataplane::{BpfServiceMaps, names::NamesMap, stats::ServiceStatsMap},
+    model::{Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, SetKey, Severity},
+    reconcile::{Reconciler, SyncReport, frontend_key},
+    source::Snapshot,
+};
+
+/// A sync touching more frontends than this (a start, a re-list) leaves much freed memory.
+const LARGE_SYNC: usize = 1000;
+/// The EndpointSlice annotation kube-proxy measures network programming latency from.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Labels of the per-service counters, by service id (shared with the `/metrics` reader).
+pub type LabelsById = Arc<Mutex<BTreeMap<u32, ServiceLabels>>>;
+
+/// What the sync pass keeps between syncs.
+pub struct SyncPass {
+    /// The desired state, kept by difference.
+    model: Model,
+    reconciler: Reconciler,
+    maps: BpfServiceMaps,
+    names: NamesMap,
+    stats: Arc<Mutex<ServiceStatsMap>>,
+    labels: LabelsById,
+    /// Health-check node ports; `None` without north-south interfaces.
+    health: Option<ServiceHealthServers>,
+    /// Whether a full sync ran (the first one compares every frontend, after adopting maps
+    /// an earlier agent left; later ones only what the model reports changed).
+    synced: bool,
+    /// Problems already logged (a bad file is not re-reported on every sync).
+    reported: BTreeSet<String>,
+    /// The name each frontend was programmed under (for the log line of a removal).
+    programmed_names: BTreeMap<Frontend, String>,
+}
+
+impl SyncPass {
+    pub fn new(
+        identity: &ProxyIdentity,
+        reconciler: Reconciler,
+        maps: BpfServiceMaps,
+        names: NamesMap,
+        stats: ServiceStatsMap,
+        serve_health_checks: bool,
+    ) -> Self {
+        Self {
+            model: Model::new(identity.clone()),
+            reconciler,
+            maps,
+            names,
+            stats: Arc::new(Mutex::new(stats)),
+            labels: Arc::default(),
+            health: serve_health_checks.then(ServiceHealthServers::default),
+            synced: false,
+            reported: BTreeSet::new(),
+            programmed_names: BTreeMap::new(),
+        }
+    }
+
+    /// Reads the per-CPU counters of every labelled service, for a `/metrics` scrape.
+    pub fn counter_reader(&self) -> api::CounterReader {
+        let stats = self.stats.clone();
+        let labels = self.labels.clone();
+        Box::new(move || {
+            let counts = stats.lock().expect("stats lock").read();
+            let labels = labels.lock().expect("labels lock");
+            counts
+                .into_iter()
+                .filter_map(|(id, c)| Some((labels.get(&id)?.clone(), c.forwarded, c.refused)))
+                .collect()
+        })
+    }
+
+    /// One pass: snapshot → desired state → map writes, logging and recording what changed.
+    pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) {
+        let started = Instant::now();
+        let changes = self.model.update(&snapshot.objects);
+        let desired = self.model.desired();
+        let report = if self.synced {
+            self.reconciler
+                .sync_changes(desired, &changes.frontends, &changes.sets, &mut self.maps)
+        } else {
+            self.reconciler.sync(desired, &mut self.maps)
+        };
+        let took = started.elapsed();
+        report_new_problems(
+            snapshot,
+            &self.model.diagnostics(),
+            &mut self.reported,
+            state,
+        );
+        for (frontend, error) in &report.failed {
+            tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
+        }
+        self.record_sync(state, &report, took);
+        record_programming_latency(snapshot, &changes.slices, state);
+        if let Err(error) = self.record_names(&changes.frontends) {
+            tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
+        }
+        self.track_sets(&report, state);
+        if let Some(health) = &mut self.health
+            && (changes.health_checks || !self.synced)
+        {
+            health.update(&self.model.desired().health_checks);
+        }
+        if self.synced {
+            self.log_changed_services(&changes.frontends);
+        }
+        self.remember_names(&changes.frontends);
+        self.synced = true;
+        let changed = report.added + report.updated + report.removed;
+        if changed > LARGE_SYNC {
+            release_free_memory();
+        }
+        let frontends = self.model.desired().frontends.len();
+        if changed > 0 || !report.failed.is_empty() {
+            tracing::info!(
+                frontends,
+                added = report.added,
+                updated = report.updated,
+                removed = report.removed,
+                map_writes = report.map_writes,
+                sync_us = took.as_micros() as u64,
+                latency_us = snapshot.changed_at.elapsed().as_micros() as u64,
+                "sync complete"
+            );
+        } else {
+            tracing::debug!(frontends, "sync complete, nothing changed");
+        }
+    }
+
+    /// One line per changed frontend, naming its service (not on the first sync, which would
+    /// print every service of the cluster).
+    fn log_changed_services(&self, frontends: &BTreeSet<Frontend>) {
+        let desired = self.model.desired();
+        for frontend in frontends {
+            match desired.frontends.get(frontend) {
+                Some(service) => tracing::info!(
+                    service = %service.name,
+                    kind = %service.kind,
+                    %frontend,
+                    backends = desired.backends_of(frontend).len(),
+                    "service programmed"
+                ),
+                None => {
+                    let was = self
+                        .programmed_names
+                        .get(frontend)
+                        .cloned()
+                        .unwrap_or_default();
+                    tracing::info!(service = %was, %frontend, "service removed");
+                }
+            }
+        }
+    }
+
+    fn remember_names(&mut self, touched: &BTreeSet<Frontend>) {
+        let desired = &self.model.desired().frontends;
+        let all: Vec<Frontend>;
+        let frontends: &mut dyn Iterator<Item = &Frontend> = if self.programmed_names.is_empty() {
+            all = desired.keys().copied().collect();
+            &mut all.iter()
+        } else {
+            &mut touched.iter()
+        };
+        for frontend in frontends {
+            match desired.get(frontend) {
+                Some(service) => {
+                    self.programmed_names
+                        .insert(*frontend, service.name.to_string());
+                }
+                None => {
+                    self.programmed_names.remove(frontend);
+                }
+            }
+        }
+    }
+
+    /// Names the touched frontends in the names map (all of them, and only them, on the
+    /// first sync), for `lb-agent list`.
+    fn record_names(&mut self, touched: &BTreeSet<Frontend>) -> anyhow::Result<()> {
+        let desired = &self.model.desired().frontends;
+        let key = |frontend: &Frontend| NameKey {
+            frontend: frontend_key(frontend),
+        };
+        if !self.synced {
+            let wanted = desired
+                .iter()
+                .filter(|(f, _)| self.reconciler.service_id(f).is_some())
+                .map(|(frontend, service)| (key(frontend), service.name.to_string()))
+                .collect();
+            return self.names.sync_all(&wanted);
+        }
+        for frontend in touched {
+            match desired
+                .get(frontend)
+                .filter(|_| self.reconciler.service_id(frontend).is_some())
+            {
+                Some(service) => self.names.put(key(frontend), &service.name.to_string())?,
+                None => self.names.remove(&key(frontend)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the service ids of backend sets: counters and their labels come and go with
+    /// the sets.
+    fn track_sets(&mut self, report: &SyncReport, state: &AgentState) {
+        let mut labels = self.labels.lock().expect("labels lock");
+        let mut removed = Vec::new();
+        for (_, id) in &report.sets_removed {
+            if let Some(old) = labels.remove(id) {
+                state.metrics.forwarded.remove(&old);
+                state.metrics.refused.remove(&old);
+            }
+            removed.push(*id);
+        }
+        let mut added = Vec::new();
+        let first = labels.is_empty();
+        let sets: Vec<(SetKey, u32)> = if first {
+            self.reconciler
+                .set_ids()
+                .map(|(key, id)| (key.clone(), id))
+                .collect()
+        } else {
+            report.sets_added.clone()
+        };
+        for (key, id) in sets {
+            labels.insert(
+                id,
+                ServiceLabels {
+                    namespace: key.name.namespace.clone(),
+                    name: key.name.name.clone(),
+                    port: key.name.port.clone(),
+                    endpoints: key.endpoints.to_string(),
+                },
+            );
+            added.push(id);
+        }
+        drop(labels);
+        let mut counters = self.stats.lock().expect("stats lock");
+        if !self.synced {
+            // The first sync: drop the counters of services an earlier agent left.
+            let live = self.reconciler.set_ids().map(|(_, id)| id).collect();
+            if let Err(error) = counters.retain(&live) {
+                tracing::warn!(%error, "could not clean the per-service counters map");
+            }
+        }
+        if let Err(error) = counters.track(&added, &removed) {
+            tracing::warn!(%error, "could not update the per-service counters map");
+        }
+    }
+
+    fn record_sync(&self, state: &AgentState, report: &SyncReport, took: Duration) {
+        let metrics = &state.metrics;
+        metrics.sync_duration.observe(took.as_secs_f64());
+        let now = SystemTime::now();
+        let unix = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        metrics.last_sync_timestamp.set(unix.as_secs_f64());
+        let desired = self.model.desired();
+        let backends: usize = desired.sets.values().map(|s| s.backends.len()).sum();
+        metrics.services.set(desired.frontends.len() as i64);
+        metrics.backends.set(backends as i64);
+        if !report.failed.is_empty() {
+            metrics
+                .errors
+                .get_or_create(&api::metrics::ErrorLabels {
+                    kind: "map_write".into(),
+                })
+                .inc_by(report.failed.len() as u64);
+        }
+        for (map, entries) in self.reconciler.programmed_entries() {
+            metrics
+                .map_entries
+                .get_or_create(&api::metrics::MapLabels { map: map.into() })
+                .set(entries as i64);
+        }
+        let mut health = state.health.lock().expect("health lock");
+        health.last_updated = Some(now);
+        health.pending_since = None;
+    }
+}
+
+/// kube-proxy's network programming latency: from each changed EndpointSlice's
+/// `last-change-trigger-time` annotation to now, when the maps serve it; slices without the
+/// annotation (hand-written ones) count from when the change was noticed.
+fn record_programming_latency(snapshot: &Snapshot, changed: &[ObjectKey], state: &AgentState) {
+    let now = jiff::Timestamp::now();
+    for key in changed {
+        let trigger = snapshot
+            .objects
+            .endpoint_slices
+            .get(key)
+            .and_then(|slice| slice.metadata.annotations.as_ref())
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        let latency = trigger
+            .and_then(|at| now.duration_since(at).try_into().ok())
+            .unwrap_or_else(|| snapshot.changed_at.elapsed());
+        state
+            .metrics
+            .network_programming
+            .observe(latency.as_secs_f64());
+    }
+}
+
+/// Logs each problem once while it lasts, and counts it in `lb_errors_total`: objects that
+/// make no sense as `invalid_object`, what this data path does not serve (IPv6, SCTP) as
+/// `unsupported`, unreadable files as `source`.
+fn report_new_problems(
+    snapshot: &Snapshot,
+    diagnostics: &[Diagnostic],
+    reported: &mut BTreeSet<String>,
+    state: &AgentState,
+) {
+    let mut current = BTreeSet::new();
+    let count = |kind: &str| {
+        state
+            .metrics
+            .errors
+            .get_or_create(&api::metrics::ErrorLabels { kind: kind.into() })
+            .inc();
+    };
+    for problem in &snapshot.problems {
+        if !reported.contains(problem) {
+            tracing::warn!("{problem}");
+            count("source");
+        }
+        current.insert(problem.clone());
+    }
+    for diagnostic in diagnostics {
+        let origin = snapshot
+            .origins
+            .get(&diagnostic.object)
+            .map(|file| format!("{}: ", file.display()))
+            .unwrap_or_default();
+        let line = format!("{origin}{diagnostic}");
+        if !reported.contains(&line) {
+            match diagnostic.severity {
+                Severity::Warning => {
+                    tracing::warn!("{line}");
+                    count("invalid_object");
+                }
+                Severity::Info => {
+                    tracing::info!("{line}");
+                    count("unsupported");
+                }
+            }
+        }
+        current.insert(line);
+    }
+    *reported = current;
+}
+
+/// Gives the memory freed after a large sync (parsed objects, intermediate states) back to
+/// the system: glibc keeps freed heap in its arenas otherwise, and the agent's RSS would stay
+/// at its peak.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
