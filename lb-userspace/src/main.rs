@@ -87,7 +87,8 @@ struct RunArgs {
     /// Least time between two syncs, in milliseconds; changes in between are coalesced.
     #[arg(long, default_value_t = 50)]
     min_sync_interval_ms: u64,
-    /// Capacity of the services map (frontends).
+    /// Capacity of the frontends map (every ClusterIP, NodePort, externalIP and LoadBalancer
+    /// IP port, per protocol, with a second entry for `Local` external policies).
     #[arg(long, default_value_t = Limits::default().max_services)]
     max_services: u32,
     /// Capacity of the backends map (backends over all services).
@@ -99,6 +100,10 @@ struct RunArgs {
     /// Capacity of the reverse-translation map (open UDP/TCP sockets to services).
     #[arg(long, default_value_t = Limits::default().max_revnat)]
     max_revnat: u32,
+    /// Capacity of the Maglev map: backend sets that outside traffic reaches (64 KiB each,
+    /// allocated on use).
+    #[arg(long, default_value_t = Limits::default().max_maglev_tables)]
+    max_maglev_tables: u32,
     /// Where to serve Prometheus metrics and /proxyMode (kube-proxy's port); `off` for none.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -198,6 +203,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             max_backends: args.max_backends,
             max_affinity: args.max_affinity,
             max_revnat: args.max_revnat,
+            max_maglev_tables: args.max_maglev_tables,
         },
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
         cleanup_on_exit: args.cleanup_on_exit,

@@ -673,7 +673,7 @@ async fn watch_events_add_replace_and_remove() {
         .await;
     let (desired, _) = model::build(&snapshot.objects, &identity(None));
     let names: Vec<_> = desired
-        .services
+        .frontends
         .values()
         .map(|s| s.name.name.clone())
         .collect();

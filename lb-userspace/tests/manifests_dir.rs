@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use lb_agent::{
-    model::{self, Frontend, ObjectKey, Protocol, ProxyIdentity, external::ExternalFrontend},
+    model::{self, Frontend, FrontendKind, ObjectKey, Protocol, ProxyIdentity},
     source::manifests,
 };
 
@@ -54,21 +54,27 @@ fn examples_read_as_three_services_with_fixed_cluster_ips() {
         (Ipv4Addr::new(10, 96, 0, 101), "hostnames-nodeport", None),
         (Ipv4Addr::new(10, 96, 0, 102), "hostnames-sticky", Some(60)),
     ];
-    assert_eq!(state.services.len(), expected.len(), "{state:#?}");
+    let cluster_ips: Vec<&Frontend> = state
+        .frontends
+        .iter()
+        .filter(|(_, s)| s.kind == FrontendKind::ClusterIP)
+        .map(|(f, _)| f)
+        .collect();
+    assert_eq!(cluster_ips.len(), expected.len(), "{state:#?}");
     for (ip, name, affinity) in expected {
-        let frontend = Frontend {
-            ip,
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
+        let frontend = Frontend::new(ip, 80, Protocol::Tcp);
         let service = state
-            .services
+            .frontends
             .get(&frontend)
             .unwrap_or_else(|| panic!("no service at {frontend}: {state:#?}"));
+        assert_eq!(service.kind, FrontendKind::ClusterIP);
         assert_eq!(service.name.namespace, "default");
         assert_eq!(service.name.name, name);
         assert_eq!(service.name.port, "default", "{name}: port name");
-        assert!(service.backends.is_empty(), "{name}: no endpoints yet");
+        assert!(
+            state.backends_of(&frontend).is_empty(),
+            "{name}: no endpoints yet"
+        );
         assert_eq!(service.affinity_timeout_secs, affinity, "{name}: affinity");
     }
 }
@@ -76,16 +82,17 @@ fn examples_read_as_three_services_with_fixed_cluster_ips() {
 #[test]
 fn examples_node_port_is_the_only_external_frontend() {
     let snapshot = manifests::read_dir(&manifests_dir("examples"));
-    let (state, diagnostics) = model::external::build(&snapshot.objects, &identity());
+    let (state, diagnostics) = model::build(&snapshot.objects, &identity());
     assert!(diagnostics.is_empty(), "diagnostics: {diagnostics:#?}");
-    let frontends: Vec<_> = state.frontends.keys().copied().collect();
+    let frontends: Vec<_> = state
+        .frontends
+        .iter()
+        .filter(|(_, s)| s.kind.is_external())
+        .map(|(f, _)| *f)
+        .collect();
     assert_eq!(
         frontends,
-        [ExternalFrontend {
-            ip: None,
-            port: 30080,
-            protocol: Protocol::Tcp,
-        }],
+        [Frontend::node_port(30080, Protocol::Tcp)],
         "{state:#?}"
     );
     let desired = &state.frontends[&frontends[0]];
@@ -94,7 +101,16 @@ fn examples_node_port_is_the_only_external_frontend() {
         !desired.local_only,
         "externalTrafficPolicy defaults to Cluster"
     );
-    assert!(desired.backends.is_empty(), "no endpoints yet");
+    let cluster_ip = Frontend::new(Ipv4Addr::new(10, 96, 0, 101), 80, Protocol::Tcp);
+    assert_eq!(
+        desired.set(),
+        state.frontends[&cluster_ip].set(),
+        "the NodePort and its ClusterIP share one backend set"
+    );
+    assert!(
+        state.backends_of(&frontends[0]).is_empty(),
+        "no endpoints yet"
+    );
     assert!(
         state.health_checks.is_empty(),
         "no Local policy, no health check"

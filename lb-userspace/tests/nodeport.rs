@@ -45,6 +45,9 @@ struct Site {
     cgroups: Vec<Cgroup>,
     manifests: TempDir,
     bpffs: Vec<BpffsDir>,
+    /// Agents leave their pins and links on SIGTERM (a DaemonSet rollout), instead of
+    /// `--cleanup-on-exit`.
+    keep_pins_on_exit: bool,
 }
 
 impl Site {
@@ -70,6 +73,7 @@ impl Site {
             cgroups: Vec::new(),
             manifests: TempDir::new("lbnp-manifests"),
             bpffs: Vec::new(),
+            keep_pins_on_exit: false,
         };
         site.plug_lan(&site.client, CLIENT_IP);
         site.plug_lan(site.node_a.netns(), NODE_A_IP);
@@ -220,10 +224,12 @@ impl Site {
                 "127.0.0.1:0",
                 "--healthz-addr",
                 "127.0.0.1:0",
-                "--cleanup-on-exit",
                 "--nodeport-iface",
                 LAN_IFACE,
             ]);
+            if !self.keep_pins_on_exit {
+                cmd.arg("--cleanup-on-exit");
+            }
             cmd.args(extra);
             started.push(Agent::spawn(cmd));
         }
@@ -840,4 +846,262 @@ fn direct_connections_reusing_the_ports_of_nodeport_flows_are_left_untouched() {
     let direct = site.probe(&["tcp", &direct, "--count", "2000", "--timeout-ms", "1000"]);
     assert_eq!(direct.failures(), 0, "{direct:?}\n{}", site.logs());
     assert_eq!(direct.replies.get("pod-a"), Some(&2000), "{direct:?}");
+}
+
+/// The port of the echo servers the long-lived connection tests use.
+const ECHO_PORT: u16 = 7000;
+
+/// Runs `f` on a thread inside `netns` (sockets made there stay in that namespace).
+fn in_netns<T: Send + 'static>(netns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = netns.path().to_owned();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("namespace file");
+        // SAFETY: a valid namespace fd; this thread only.
+        let entered =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns into {}", path.display());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// An echo server in `pod`: every line a connection sends comes back prefixed with the
+/// pod's name, for as long as the connection lasts.
+fn echo_server(pod: &Pod) {
+    let name = pod.name.clone();
+    let listener = in_netns(&pod.netns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", ECHO_PORT)).expect("binding the echo port")
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut writer = conn.try_clone().expect("cloning a connection");
+                for line in BufReader::new(conn).lines().map_while(Result::ok) {
+                    if writeln!(writer, "{name} {line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A long-lived connection from the outside client, and the pod it reached.
+struct LongLived {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    pod: String,
+}
+
+impl LongLived {
+    /// Sends a line and returns the name of the pod that echoed it.
+    fn exchange(&mut self, text: &str) -> Result<String, String> {
+        writeln!(self.writer, "{text}").map_err(|e| format!("send: {e}"))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("receive: {e}"))?;
+        let (pod, echoed) = line
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| format!("connection closed or garbled: {line:?}"))?;
+        if echoed != text {
+            return Err(format!("{pod} echoed {echoed:?} for {text:?}"));
+        }
+        Ok(pod.to_owned())
+    }
+}
+
+fn open_long_lived(site: &Site, target: &str, count: usize) -> Vec<LongLived> {
+    let target: SocketAddr = target.parse().unwrap();
+    let streams = in_netns(&site.client, move || {
+        (0..count)
+            .map(|_| {
+                let conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                    .expect("connecting to the NodePort");
+                conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                conn
+            })
+            .collect::<Vec<_>>()
+    });
+    streams
+        .into_iter()
+        .map(|writer| {
+            let mut conn = LongLived {
+                reader: BufReader::new(writer.try_clone().unwrap()),
+                writer,
+                pod: String::new(),
+            };
+            conn.pod = conn.exchange("hello").expect("first exchange");
+            conn
+        })
+        .collect()
+}
+
+/// Every connection still talks to the pod it first reached; the failures, named.
+fn still_on_their_pods(connections: &mut [LongLived], round: &str) -> Vec<String> {
+    connections
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, conn)| match conn.exchange(round) {
+            Ok(pod) if pod == conn.pod => None,
+            Ok(pod) => Some(format!("connection {i}: {} -> {pod}", conn.pod)),
+            Err(error) => Some(format!("connection {i} (on {}): {error}", conn.pod)),
+        })
+        .collect()
+}
+
+fn echo_service_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.70\n  clusterIPs:\n  - 10.96.0.70\n  ports:\n  - name: echo\n    protocol: TCP\n    port: 70\n    targetPort: {ECHO_PORT}\n    nodePort: 30070\n"
+    )
+}
+
+/// The echo EndpointSlice: (address, node, ready, serving, terminating) per endpoint.
+fn echo_slice_yaml(endpoints: &[(&str, bool, bool, bool)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  protocol: TCP\n  port: {ECHO_PORT}\nendpoints:\n"
+    );
+    for (ip, ready, serving, terminating) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses:\n  - \"{ip}\"\n  nodeName: node-a\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n"
+        ));
+    }
+    yaml
+}
+
+/// Opens connections through the NodePort until one reaches `pod` (the agent programmed it).
+fn wait_until_reached(site: &Site, pod: &str) {
+    let target = format!("{NODE_A_IP}:30070");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if open_long_lived(site, &target, 8)
+            .iter()
+            .any(|c| c.pod == pod)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no new connection reached {pod}\n{}", site.logs());
+}
+
+/// Long-lived connections through a NodePort keep their pod: when a backend is added (some
+/// flows are then off their Maglev pick), and across agent restarts by SIGTERM and by
+/// kill -9, which adopt the pinned maps with every backend and service id as it was.
+#[test]
+fn long_lived_nodeport_connections_keep_their_pod_across_scale_up_and_agent_restarts() {
+    let mut site = Site::new(&["pod-a", "pod-b", "pod-c"], false);
+    site.keep_pins_on_exit = true;
+    for pod in &site.pods {
+        echo_server(pod);
+    }
+    let (a, b, c) = (
+        site.pod_ip("pod-a"),
+        site.pod_ip("pod-b"),
+        site.pod_ip("pod-c"),
+    );
+    site.write_manifest("echo.yaml", &echo_service_yaml());
+    site.write_manifest(
+        "echo-slice.yaml",
+        &echo_slice_yaml(&[(&a, true, true, false), (&b, true, true, false)]),
+    );
+    site.start_agents();
+    let target = format!("{NODE_A_IP}:30070");
+    let mut connections = open_long_lived(&site, &target, 48);
+    let mut spread = std::collections::BTreeMap::<String, usize>::new();
+    for conn in &connections {
+        *spread.entry(conn.pod.clone()).or_default() += 1;
+    }
+    assert!(
+        spread.get("pod-a").is_some_and(|n| *n > 0) && spread.get("pod-b").is_some_and(|n| *n > 0),
+        "48 connections over two pods: {spread:?}"
+    );
+
+    // Scale up: a third pod. Flows whose Maglev entry now names pod-c stay where they are.
+    site.write_manifest(
+        "echo-slice.yaml",
+        &echo_slice_yaml(&[
+            (&a, true, true, false),
+            (&b, true, true, false),
+            (&c, true, true, false),
+        ]),
+    );
+    wait_until_reached(&site, "pod-c");
+    let moved = still_on_their_pods(&mut connections, "after scale-up");
+    assert!(moved.is_empty(), "{moved:?}\n{}", site.logs());
+
+    // A rollout: SIGTERM, a new agent adopts the maps.
+    for agent in &mut site.agents {
+        assert!(agent.terminate().success());
+    }
+    site.start_agents();
+    let moved = still_on_their_pods(&mut connections, "after SIGTERM and restart");
+    assert!(moved.is_empty(), "{moved:?}\n{}", site.logs());
+
+    // A crash: kill -9, a new agent adopts the maps.
+    for agent in &mut site.agents {
+        agent.kill();
+    }
+    site.start_agents();
+    let moved = still_on_their_pods(&mut connections, "after kill -9 and restart");
+    assert!(moved.is_empty(), "{moved:?}\n{}", site.logs());
+    let log = site.logs();
+    assert!(
+        log.contains("adopted maps pinned by an earlier agent"),
+        "{log}"
+    );
+}
+
+/// A pod that turns serving and terminating while others are ready keeps its established
+/// NodePort connections (they drain, as kube-proxy leaves their conntrack entries alone);
+/// no new connection goes to it; once it leaves the slice, nothing reaches it any more.
+#[test]
+fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
+    let mut site = Site::new(&["pod-a", "pod-b"], false);
+    for pod in &site.pods {
+        echo_server(pod);
+    }
+    let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
+    site.write_manifest("echo.yaml", &echo_service_yaml());
+    site.write_manifest(
+        "echo-slice.yaml",
+        &echo_slice_yaml(&[(&a, true, true, false), (&b, true, true, false)]),
+    );
+    site.start_agents();
+    let target = format!("{NODE_A_IP}:30070");
+    let mut connections = open_long_lived(&site, &target, 32);
+    let on_b = connections.iter().filter(|c| c.pod == "pod-b").count();
+    assert!(
+        on_b > 0 && on_b < 32,
+        "32 connections over two pods: {on_b} on pod-b"
+    );
+
+    site.write_manifest(
+        "echo-slice.yaml",
+        &echo_slice_yaml(&[(&a, true, true, false), (&b, false, true, true)]),
+    );
+    // New connections stop reaching pod-b once the change is programmed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = open_long_lived(&site, &target, 32);
+        if fresh.iter().all(|c| c.pod == "pod-a") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new connections still reach pod-b\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fresh = open_long_lived(&site, &target, 64);
+    assert!(
+        fresh.iter().all(|c| c.pod == "pod-a"),
+        "a new connection went to the terminating pod"
+    );
+    let broken = still_on_their_pods(&mut connections, "while pod-b terminates");
+    assert!(broken.is_empty(), "{broken:?}\n{}", site.logs());
 }

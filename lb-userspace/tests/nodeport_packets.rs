@@ -15,15 +15,15 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use common::BpffsDir;
 use lb_agent::{
     dataplane::{
-        Dataplane, Limits,
+        BpfServiceMaps, Dataplane, Limits,
         bpffs::PinDir,
-        nodeport::{self, BpfExternalMaps},
+        nodeport::{self, NodeAddrMaps},
     },
     model::{
-        Backend, Protocol, ServicePortName,
-        external::{DesiredExternal, ExternalFrontend, ExternalState},
+        Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
+        Protocol, ServicePortName, SetKey,
     },
-    reconcile::{external::ExternalReconciler, maglev},
+    reconcile::{Reconciler, maglev},
 };
 use lb_common::{Ct4Key, Ct4Value, MAGLEV_SIZE, ct_flags, flow_hash, snat_ports};
 use packet::{ACK, FIN, Headers, Packet, RST, SYN, icmp_error, tcp, udp, verify_checksums};
@@ -44,8 +44,8 @@ const ROUTER: &str = "192.0.2.254";
 const TEST_RUN_IFINDEX: u32 = 1;
 
 struct Harness {
-    maps: BpfExternalMaps,
-    reconciler: ExternalReconciler,
+    maps: BpfServiceMaps,
+    reconciler: Reconciler,
     dataplane: Dataplane,
     _bpffs: BpffsDir,
 }
@@ -56,12 +56,15 @@ impl Harness {
         let bpffs = BpffsDir::new();
         let pins = PinDir::prepare(bpffs.path()).expect("preparing bpffs");
         let mut dataplane = Dataplane::load(pins, Limits::default()).expect("loading the object");
-        let mut maps = BpfExternalMaps::take(dataplane.ebpf_mut()).expect("north-south maps");
-        let reconciler = ExternalReconciler::adopt(&maps).expect("adopting empty maps");
+        let mut maps = dataplane.service_maps().expect("service maps");
+        let mut addrs = NodeAddrMaps::take(dataplane.ebpf_mut()).expect("address maps");
+        let reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
         nodeport::load_programs(dataplane.ebpf_mut()).expect("loading the programs");
-        maps.set_node_addrs(&BTreeSet::from([NODE.parse().unwrap()]))
+        addrs
+            .set_node_addrs(&BTreeSet::from([NODE.parse().unwrap()]))
             .unwrap();
-        maps.set_iface_addrs(&BTreeMap::from([(TEST_RUN_IFINDEX, NODE.parse().unwrap())]))
+        addrs
+            .set_iface_addrs(&BTreeMap::from([(TEST_RUN_IFINDEX, NODE.parse().unwrap())]))
             .unwrap();
         Harness {
             maps,
@@ -71,8 +74,12 @@ impl Harness {
         }
     }
 
-    fn program(&mut self, state: &ExternalState) {
-        let report = self.reconciler.sync(state, &mut self.maps);
+    fn program(&mut self, state: &State) {
+        self.program_desired(&state.desired());
+    }
+
+    fn program_desired(&mut self, desired: &DesiredState) {
+        let report = self.reconciler.sync(desired, &mut self.maps);
         assert!(report.failed.is_empty(), "{:?}", report.failed);
     }
 
@@ -208,21 +215,83 @@ fn run_cases(harness: &mut Harness, cases: &[Case]) {
     assert!(failures.is_empty(), "failed cases: {failures:?}");
 }
 
-fn frontend(ip: Option<&str>, port: u16, protocol: Protocol) -> ExternalFrontend {
-    ExternalFrontend {
-        ip: ip.map(|ip| ip.parse().unwrap()),
-        port,
-        protocol,
+/// External frontends as these tests write them: each service's backends with their
+/// locality, turned into the one service table's desired state by [`State::desired`].
+#[derive(Clone, Default)]
+struct State {
+    frontends: BTreeMap<Frontend, Svc>,
+}
+
+#[derive(Clone)]
+struct Svc {
+    name: String,
+    /// Backends new flows may pick, and whether each is on this node.
+    backends: BTreeMap<Backend, bool>,
+    /// Terminating backends kept for the flows that use them.
+    draining: BTreeSet<Backend>,
+    local_only: bool,
+    affinity_timeout_secs: Option<u32>,
+}
+
+impl State {
+    fn desired(&self) -> DesiredState {
+        let mut desired = DesiredState::default();
+        for (frontend, svc) in &self.frontends {
+            let name = ServicePortName {
+                namespace: "default".into(),
+                name: svc.name.clone(),
+                port: String::new(),
+            };
+            let endpoints = if svc.local_only {
+                Endpoints::Local
+            } else {
+                Endpoints::All
+            };
+            desired.frontends.insert(
+                *frontend,
+                DesiredService {
+                    name: name.clone(),
+                    kind: if frontend.is_node_port() {
+                        FrontendKind::NodePort
+                    } else {
+                        FrontendKind::ExternalIp
+                    },
+                    endpoints,
+                    affinity_timeout_secs: svc.affinity_timeout_secs,
+                    local_only: svc.local_only,
+                    two_scopes: false,
+                },
+            );
+            desired.sets.insert(
+                SetKey { name, endpoints },
+                BackendSet {
+                    backends: svc.backends.keys().copied().collect(),
+                    terminating: BTreeSet::new(),
+                    draining: svc.draining.clone(),
+                    local: svc
+                        .backends
+                        .iter()
+                        .filter(|(_, local)| **local)
+                        .map(|(b, _)| *b)
+                        .collect(),
+                },
+            );
+        }
+        desired
     }
 }
 
-fn service(name: &str, backends: &[(&str, u16, bool)], local_only: bool) -> DesiredExternal {
-    DesiredExternal {
-        name: ServicePortName {
-            namespace: "default".into(),
-            name: name.into(),
-            port: String::new(),
-        },
+fn frontend(ip: Option<&str>, port: u16, protocol: Protocol) -> Frontend {
+    match ip {
+        Some(ip) => Frontend::new(ip.parse().unwrap(), port, protocol),
+        None => Frontend::node_port(port, protocol),
+    }
+}
+
+fn service(name: &str, backends: &[(&str, u16, bool)], local_only: bool) -> Svc {
+    Svc {
+        name: name.into(),
+        draining: BTreeSet::new(),
         backends: backends
             .iter()
             .map(|(ip, port, local)| {
@@ -256,7 +325,7 @@ fn wire_addr(ip: Ipv4Addr) -> u32 {
     lb_common::addr_to_map(u32::from(ip))
 }
 
-fn state() -> ExternalState {
+fn state() -> State {
     use Protocol::{Tcp, Udp};
     let mut frontends = BTreeMap::new();
     let web = service("web", &[(POD_A, 8080, true)], false);
@@ -280,10 +349,7 @@ fn state() -> ExternalState {
         service("remote-udp", &[(REMOTE_POD, 5353, false)], false),
     );
     frontends.insert(frontend(None, 30099, Tcp), service("empty", &[], false));
-    ExternalState {
-        frontends,
-        health_checks: BTreeMap::new(),
-    }
+    State { frontends }
 }
 
 #[test]
@@ -722,7 +788,7 @@ fn garbage(good: &[u8], good_udp: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
 fn maglev_choice_matches_the_agents_table_and_flows_keep_their_backend() {
     let mut h = Harness::new();
     let pods = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
-    let mut desired = ExternalState::default();
+    let mut desired = State::default();
     let three: Vec<(&str, u16, bool)> = pods.iter().map(|p| (*p, 8080, true)).collect();
     desired.frontends.insert(
         frontend(None, 30080, Protocol::Tcp),
@@ -824,7 +890,7 @@ fn maglev_choice_matches_the_agents_table_and_flows_keep_their_backend() {
 #[test]
 fn xdp_cost_per_packet_hit_and_miss() {
     let mut h = Harness::new();
-    let mut desired = ExternalState::default();
+    let mut desired = State::default();
     desired.frontends.insert(
         frontend(Some("198.51.100.1"), 80, Protocol::Tcp),
         service("ping", &[("198.51.100.2", 8080, true)], false),
@@ -873,20 +939,19 @@ fn ct_map(h: &mut Harness) -> aya::maps::HashMap<&mut aya::maps::MapData, Ct4Key
     let map = h
         .dataplane
         .ebpf_mut()
-        .map_mut(lb_common::ns_map_names::CT)
+        .map_mut(lb_common::map_names::FLOWS_V4)
         .expect("conntrack map");
     aya::maps::HashMap::try_from(map).expect("conntrack map type")
 }
 
 fn ct_key(p: &Packet) -> Ct4Key {
-    Ct4Key {
-        saddr: wire_addr(p.src),
-        daddr: wire_addr(p.dst),
-        sport: p.sport().to_be(),
-        dport: p.dport().to_be(),
-        proto: p.proto(),
-        pad: [0; 3],
-    }
+    Ct4Key::new(
+        wire_addr(p.src),
+        wire_addr(p.dst),
+        p.sport().to_be(),
+        p.dport().to_be(),
+        p.proto(),
+    )
 }
 
 /// A tracked flow keeps its backend while it lives, with lifetimes after the kernel's
@@ -898,7 +963,7 @@ fn ct_key(p: &Packet) -> Ct4Key {
 fn conntrack_lifetimes_follow_the_kernels_timeouts() {
     use ct_flags::{CLOSING, SEEN_REPLY};
     let mut h = Harness::new();
-    let mut desired = ExternalState::default();
+    let mut desired = State::default();
     desired.frontends.insert(
         frontend(None, 30080, Protocol::Tcp),
         service("web", &[(POD_A, 8080, true), (POD_B, 8080, true)], false),
@@ -1022,7 +1087,7 @@ fn conntrack_lifetimes_follow_the_kernels_timeouts() {
 fn session_affinity_keeps_a_client_on_one_backend() {
     let mut h = Harness::new();
     let pods = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
-    let mut desired = ExternalState::default();
+    let mut desired = State::default();
     let mut web = service("web", &pods.map(|p| (p, 8080, true)), false);
     web.affinity_timeout_secs = Some(10_800);
     desired
@@ -1080,5 +1145,88 @@ fn session_affinity_keeps_a_client_on_one_backend() {
             backend,
             "client {client} after the change"
         );
+    }
+}
+
+/// A terminating backend keeps the flows that use it (they drain), new flows never pick it,
+/// and once it is gone its flows choose again. A ClusterIP in the same service table, sharing
+/// the NodePort's backend set, is not served from outside: its packets pass untouched.
+#[test]
+fn terminating_backends_keep_their_flows_and_get_no_new_ones() {
+    let mut h = Harness::new();
+    let web = frontend(None, 30080, Protocol::Tcp);
+    let mut state = State::default();
+    state.frontends.insert(
+        web,
+        service("web", &[(POD_A, 8080, true), (POD_B, 8080, true)], false),
+    );
+    let cluster_ip = Frontend::new("10.96.0.80".parse().unwrap(), 80, Protocol::Tcp);
+    let with_cluster_ip = |state: &State| {
+        let mut desired = state.desired();
+        let mut service = desired.frontends[&web].clone();
+        service.kind = FrontendKind::ClusterIP;
+        desired.frontends.insert(cluster_ip, service);
+        desired
+    };
+    h.program_desired(&with_cluster_ip(&state));
+    let to_cluster_ip = tcp((CLIENT, 45000), ("10.96.0.80", 80), SYN);
+    let (verdict, out, _) = h.run(Hook::Xdp, &to_cluster_ip.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        to_cluster_ip.bytes(),
+        "a ClusterIP is not served in XDP"
+    );
+
+    let pod_of = |h: &mut Harness, port: u16, flags: u8| {
+        let p = tcp((CLIENT, port), (NODE, 30080), flags);
+        let (verdict, out, _) = h.run(Hook::Xdp, &p.bytes(), 1);
+        assert_eq!(verdict, XDP_PASS);
+        [POD_A, POD_B]
+            .into_iter()
+            .find(|pod| out == p.clone().with_dst(pod, 8080).bytes())
+            .expect("translated to a backend")
+    };
+    let mut on_b = Vec::new();
+    for port in 43000..43064u16 {
+        if pod_of(&mut h, port, SYN) == POD_B {
+            on_b.push(port);
+        }
+    }
+    assert!(
+        !on_b.is_empty() && on_b.len() < 64,
+        "64 flows over two pods: {} on {POD_B}",
+        on_b.len()
+    );
+
+    // POD_B starts terminating: out of the picks, kept for its flows.
+    let pod_b = Backend {
+        ip: POD_B.parse().unwrap(),
+        port: 8080,
+    };
+    let svc = state.frontends.get_mut(&web).unwrap();
+    svc.backends.remove(&pod_b);
+    svc.draining.insert(pod_b);
+    h.program_desired(&with_cluster_ip(&state));
+    for port in &on_b {
+        assert_eq!(
+            pod_of(&mut h, *port, ACK),
+            POD_B,
+            "flow from port {port} drains on the terminating pod"
+        );
+    }
+    for port in 44000..44064u16 {
+        assert_eq!(
+            pod_of(&mut h, port, SYN),
+            POD_A,
+            "new flow from port {port}"
+        );
+    }
+
+    // POD_B is gone: its flows choose again.
+    state.frontends.get_mut(&web).unwrap().draining.clear();
+    h.program_desired(&with_cluster_ip(&state));
+    for port in &on_b {
+        assert_eq!(pod_of(&mut h, *port, ACK), POD_A, "flow from port {port}");
     }
 }

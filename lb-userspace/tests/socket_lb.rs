@@ -521,7 +521,7 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
         "kubeproxy_network_programming_duration_seconds",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "lb_services 2",
-        "lb_map_capacity{map=\"LB4_SERVICES\"} 65536",
+        "lb_map_capacity{map=\"LB4_FRONT_V2\"} 65536",
     ] {
         assert!(text.contains(name), "no {name} in:\n{text}");
     }
@@ -563,7 +563,7 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["name"] == "LB4_SERVICES")
+        .find(|m| m["name"] == "LB4_FRONT_V2")
         .cloned()
         .unwrap_or_default();
     assert_eq!(services["entries"], 2, "{status}");
@@ -594,8 +594,8 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     assert_eq!(web["type"], "ClusterIP", "{list}");
     assert_eq!(
         web["backends"][0],
-        format!("{}:{POD_PORT}", cluster.pod_ip("pod-a")),
-        "{list}"
+        format!("{}:{POD_PORT} (local)", cluster.pod_ip("pod-a")),
+        "the pod runs on this node: {list}"
     );
     eprintln!("{}", cluster.agent_command(&["list", "--bpffs", &bpffs]));
 }
@@ -722,4 +722,129 @@ fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
         Duration::from_secs(3),
     );
     assert!(!old.exists(), "the old map's pin is still there");
+}
+
+/// CVE-2020-8554: a Service in namespace `aaa` (first by name) listing kube-dns's ClusterIP
+/// in `spec.externalIPs` at port 53 does not take DNS over: a ClusterIP always wins over an
+/// externalIP claim on the same address, port and protocol, and the losing claim is reported.
+#[test]
+fn an_external_ip_claiming_kube_dns_cluster_ip_does_not_take_dns_over() {
+    let mut cluster = Cluster::new(&["kube-dns", "attacker"]);
+    let in_namespace = |yaml: String, namespace: &str| {
+        yaml.replace("namespace: default", &format!("namespace: {namespace}"))
+    };
+    cluster.write_manifest(
+        "kube-dns.yaml",
+        &in_namespace(
+            service_yaml(
+                "kube-dns",
+                "10.96.0.53",
+                &[("dns", "UDP", 53, POD_PORT)],
+                "",
+            ),
+            "kube-system",
+        ),
+    );
+    cluster.write_manifest(
+        "kube-dns-slice.yaml",
+        &in_namespace(
+            slice_yaml(
+                "kube-dns",
+                "kube-dns-1",
+                &[(cluster.pod_ip("kube-dns"), true)],
+                &[("dns", "UDP", POD_PORT)],
+            ),
+            "kube-system",
+        ),
+    );
+    cluster.write_manifest(
+        "attacker.yaml",
+        &in_namespace(
+            service_yaml(
+                "attacker",
+                "10.96.0.99",
+                &[("dns", "UDP", 53, POD_PORT)],
+                "externalIPs:\n- 10.96.0.53",
+            ),
+            "aaa",
+        ),
+    );
+    cluster.write_manifest(
+        "attacker-slice.yaml",
+        &in_namespace(
+            slice_yaml(
+                "attacker",
+                "attacker-1",
+                &[(cluster.pod_ip("attacker"), true)],
+                &[("dns", "UDP", POD_PORT)],
+            ),
+            "aaa",
+        ),
+    );
+    cluster.start_agent();
+    cluster
+        .agent()
+        .wait_for_log("Service aaa/attacker", Duration::from_secs(5));
+    let log = cluster.agent().log();
+    assert!(
+        log.lines().any(|l| l.contains("Service aaa/attacker")
+            && l.contains("10.96.0.53:53/UDP")
+            && l.contains("kube-system/kube-dns")),
+        "the losing claim is reported by name:\n{log}"
+    );
+    let dns = cluster.probe(&["udp", "10.96.0.53:53", "--count", "50"]);
+    assert_eq!(
+        dns.replies.get("kube-dns"),
+        Some(&50),
+        "DNS keeps reaching kube-dns: {dns:?}"
+    );
+    let own = cluster.probe(&["udp", "10.96.0.99:53", "--count", "5"]);
+    assert_eq!(own.replies.get("attacker"), Some(&5), "{own:?}");
+}
+
+/// Problems of every frontend kind reach the log with the Service's name and are counted:
+/// an impossible nodePort (invalid_object), an IPv6 externalIP (unsupported).
+#[test]
+fn node_port_and_external_ip_problems_are_named_in_the_log_and_counted() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    cluster.write_manifest(
+        "odd.yaml",
+        &service_yaml(
+            "odd",
+            "10.96.0.12",
+            &[("http", "TCP", 80, POD_PORT)],
+            "externalIPs:\n- 2001:db8::10\n- not-an-ip",
+        )
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace(
+            "targetPort: 8080\n",
+            "targetPort: 8080\n    nodePort: 70000\n",
+        ),
+    );
+    cluster.start_agent();
+    let agent = cluster.agent();
+    agent.wait_for_log("nodePort 70000", Duration::from_secs(5));
+    let log = agent.log();
+    for needle in ["nodePort 70000", "2001:db8::10", "\"not-an-ip\""] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("Service default/odd") && l.contains(needle)),
+            "no line naming Service default/odd and {needle}:\n{log}"
+        );
+    }
+    let metrics = agent.logged_address("metrics_addr");
+    let (_, text) = http_get(&metrics, "/metrics");
+    let errors = |kind: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("lb_errors_total{{kind=\"{kind}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(errors("invalid_object"), 2, "{text}");
+    assert_eq!(errors("unsupported"), 1, "{text}");
+    // The rest of the Service is served: its ClusterIP answers.
+    let ok = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
+    assert_eq!(ok.replies.get("pod-a"), Some(&3), "{ok:?}");
 }
