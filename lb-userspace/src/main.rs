@@ -104,6 +104,10 @@ struct RunArgs {
     /// allocated on use).
     #[arg(long, default_value_t = Limits::default().max_maglev_tables)]
     max_maglev_tables: u32,
+    /// Capacity of the conntrack map of outside flows (XDP; LRU, the reverse map gets three
+    /// entries per flow).
+    #[arg(long, default_value_t = Limits::default().max_flows)]
+    max_flows: u32,
     /// Where to serve Prometheus metrics and /proxyMode (kube-proxy's port); `off` for none.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
@@ -204,6 +208,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             max_affinity: args.max_affinity,
             max_revnat: args.max_revnat,
             max_maglev_tables: args.max_maglev_tables,
+            max_flows: args.max_flows,
         },
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
         cleanup_on_exit: args.cleanup_on_exit,

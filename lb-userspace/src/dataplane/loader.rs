@@ -28,6 +28,8 @@ pub struct Limits {
     pub max_revnat: u32,
     /// Maglev tables: backend sets outside traffic reaches.
     pub max_maglev_tables: u32,
+    /// Tracked XDP flows (and three reverse entries per flow).
+    pub max_flows: u32,
 }
 
 impl Default for Limits {
@@ -38,13 +40,14 @@ impl Default for Limits {
             max_affinity: limits::MAX_AFFINITY,
             max_revnat: limits::MAX_REVNAT,
             max_maglev_tables: limits::MAX_MAGLEV_TABLES,
+            max_flows: limits::MAX_FLOWS,
         }
     }
 }
 
 impl Limits {
     /// The capacity of every map this sets, by map name.
-    pub fn capacities(&self) -> [(&'static str, u32); 8] {
+    pub fn capacities(&self) -> [(&'static str, u32); 10] {
         [
             (map_names::FRONTENDS_V4, self.max_services),
             (map_names::SLOTS_V4, self.max_backends.saturating_mul(2)),
@@ -54,6 +57,8 @@ impl Limits {
             (map_names::REVNAT_V4, self.max_revnat),
             (map_names::SERVICE_STATS_V4, self.max_services),
             (map_names::SERVICE_NAMES_V4, self.max_services),
+            (map_names::FLOWS_V4, self.max_flows),
+            (map_names::FLOW_REPLIES_V4, self.max_flows.saturating_mul(3)),
         ]
     }
 }
