@@ -171,6 +171,8 @@ pub struct Reconciler {
     /// The frontends naming each programmed set.
     users: BTreeMap<SetKey, BTreeSet<Frontend4Key>>,
     backends: BTreeMap<Backend, ProgrammedBackend>,
+    /// Backends a set stopped keeping since the last cleanup (only these can be unused).
+    maybe_unused: BTreeSet<Backend>,
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
@@ -192,6 +194,7 @@ impl Reconciler {
             ..Default::default()
         };
         for (id, value) in &contents.backends {
+            reconciler.maybe_unused.insert(backend_of(value));
             reconciler.backends.insert(
                 backend_of(value),
                 ProgrammedBackend {
@@ -365,31 +368,42 @@ impl Reconciler {
                 affected.insert(set.clone());
             }
         }
-        // Which frontends each affected set will serve after this sync.
-        let mut wanted_users: BTreeMap<SetKey, Vec<(Frontend, &DesiredService)>> = BTreeMap::new();
-        for set in &affected {
-            let mut users: BTreeSet<Frontend4Key> =
-                self.users.get(set).cloned().unwrap_or_default();
-            for frontend in frontends {
-                let key = frontend_key(frontend);
-                match desired.frontends.get(frontend) {
-                    Some(service) if service.set() == *set => {
-                        users.insert(key);
-                    }
-                    _ => {
-                        users.remove(&key);
-                    }
-                }
+        // Which frontends each affected set will serve after this sync: those programmed
+        // under it, less the changed ones leaving it, plus the changed ones joining it. One
+        // pass over the changed frontends, so a full sync stays linear.
+        let mut joined: BTreeMap<SetKey, BTreeSet<Frontend4Key>> = affected
+            .iter()
+            .map(|set| {
+                (
+                    set.clone(),
+                    self.users.get(set).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for frontend in frontends {
+            let key = frontend_key(frontend);
+            if let Some((_, set)) = self.frontends.get(&key)
+                && let Some(users) = joined.get_mut(set)
+            {
+                users.remove(&key);
             }
-            let list = users
-                .iter()
-                .filter_map(|key| {
-                    let frontend = frontend_of(key)?;
-                    Some((frontend, desired.frontends.get(&frontend)?))
-                })
-                .collect();
-            wanted_users.insert(set.clone(), list);
+            if let Some(service) = desired.frontends.get(frontend) {
+                joined.entry(service.set()).or_default().insert(key);
+            }
         }
+        let wanted_users: BTreeMap<SetKey, Vec<(Frontend, &DesiredService)>> = joined
+            .into_iter()
+            .map(|(set, users)| {
+                let list = users
+                    .iter()
+                    .filter_map(|key| {
+                        let frontend = frontend_of(key)?;
+                        Some((frontend, desired.frontends.get(&frontend)?))
+                    })
+                    .collect();
+                (set, list)
+            })
+            .collect();
         let mut failed_sets = BTreeSet::new();
         for (set_key, users) in &wanted_users {
             let Some(set) = desired.sets.get(set_key).filter(|_| !users.is_empty()) else {
@@ -468,6 +482,7 @@ impl Reconciler {
                     if let Some(b) = self.backends.get_mut(member) {
                         b.users = b.users.saturating_sub(1);
                     }
+                    self.maybe_unused.insert(*member);
                 }
                 report.sets_removed.push((set_key.clone(), set.service_id));
             }
@@ -560,6 +575,7 @@ impl Reconciler {
             if let Some(b) = self.backends.get_mut(gone) {
                 b.users = b.users.saturating_sub(1);
             }
+            self.maybe_unused.insert(*gone);
         }
         Ok(())
     }
@@ -743,6 +759,7 @@ impl Reconciler {
         report: &mut SyncReport,
     ) {
         for backend in created {
+            self.maybe_unused.remove(backend);
             if let Some(programmed) = self.backends.remove(backend) {
                 report.map_writes += 1;
                 let _ = maps.remove_backend(programmed.id);
@@ -755,20 +772,20 @@ impl Reconciler {
         if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
             return; // adopted slots may still name them
         }
-        let unused: Vec<Backend> = self
-            .backends
-            .iter()
-            .filter(|(_, b)| b.users == 0)
-            .map(|(backend, _)| *backend)
-            .collect();
-        for backend in unused {
-            let id = self.backends[&backend].id;
+        for backend in std::mem::take(&mut self.maybe_unused) {
+            let Some(programmed) = self.backends.get(&backend).filter(|b| b.users == 0) else {
+                continue;
+            };
+            let id = programmed.id;
             report.map_writes += 1;
             match maps.remove_backend(id) {
                 Ok(()) => {
                     self.backends.remove(&backend);
                 }
-                Err(error) => tracing::warn!(%backend, id, %error, "could not remove a backend"),
+                Err(error) => {
+                    tracing::warn!(%backend, id, %error, "could not remove a backend");
+                    self.maybe_unused.insert(backend);
+                }
             }
         }
     }
