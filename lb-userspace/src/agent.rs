@@ -59,9 +59,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     privileges::check()?;
     privileges::raise_memlock_limit();
     let state = AgentState::new(source_description(&config));
-    if let (Some(metrics), Some(healthz)) = (config.metrics_addr, config.healthz_addr) {
-        api::serve(state.clone(), metrics, healthz).await?;
-    }
+    api::serve(state.clone(), config.metrics_addr, config.healthz_addr).await?;
     let pins = PinDir::prepare(&config.bpffs)?;
     let mut dataplane = Dataplane::load_with_log(pins.clone(), config.limits, config.kernel_log)?;
     if config.kernel_log {

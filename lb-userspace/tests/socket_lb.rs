@@ -723,3 +723,38 @@ fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
     );
     assert!(!old.exists(), "the old map's pin is still there");
 }
+
+#[test]
+fn metrics_and_healthz_are_each_turned_off_on_their_own() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+
+    cluster.start_agent_serving("off", "127.0.0.1:0", &[]);
+    let agent = cluster.agent();
+    assert_eq!(agent.logged_address("metrics_addr"), "off");
+    let healthz = agent.logged_address("healthz_addr");
+    let (status, body) = http_get(&healthz, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(&healthz, "/livez").0, 200);
+    assert_eq!(
+        agent.listening(),
+        vec![healthz.parse().unwrap()],
+        "only /healthz listens"
+    );
+    agent.terminate();
+
+    cluster.start_agent_serving("127.0.0.1:0", "off", &[]);
+    let agent = cluster.agent();
+    assert_eq!(agent.logged_address("healthz_addr"), "off");
+    let metrics = agent.logged_address("metrics_addr");
+    let (status, text) = http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(text.contains("lb_services 1"), "{text}");
+    assert_eq!(
+        agent.listening(),
+        vec![metrics.parse().unwrap()],
+        "only /metrics listens"
+    );
+    let served = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
+    assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
+}
