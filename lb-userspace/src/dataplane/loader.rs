@@ -27,6 +27,24 @@ pub struct Limits {
     pub max_revnat: u32,
 }
 
+impl Limits {
+    /// The capacity the limits give each map (what the loader overrides).
+    pub fn max_entries(&self) -> Vec<(&'static str, u32)> {
+        vec![
+            (map_names::SERVICES_V4, self.max_services),
+            (map_names::SLOTS_V4, self.max_backends.saturating_mul(2)),
+            (map_names::BACKENDS_V4, self.max_backends),
+            (map_names::AFFINITY_V4, self.max_affinity),
+            (map_names::REVNAT_V4, self.max_revnat),
+            (map_names::SERVICE_STATS_V4, self.max_services),
+            (
+                map_names::SERVICE_NAMES_V4,
+                self.max_services.saturating_mul(2),
+            ),
+        ]
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -64,27 +82,20 @@ impl Dataplane {
         let map_dir = pins.maps();
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .default_map_pin_directory(&map_dir)
-            .map_max_entries(map_names::SERVICES_V4, limits.max_services)
-            .map_max_entries(map_names::SLOTS_V4, limits.max_backends.saturating_mul(2))
-            .map_max_entries(map_names::BACKENDS_V4, limits.max_backends)
-            .map_max_entries(map_names::AFFINITY_V4, limits.max_affinity)
-            .map_max_entries(map_names::REVNAT_V4, limits.max_revnat)
-            .map_max_entries(map_names::SERVICE_STATS_V4, limits.max_services)
-            .map_max_entries(
-                map_names::SERVICE_NAMES_V4,
-                limits.max_services.saturating_mul(2),
+            .default_map_pin_directory(&map_dir);
+        for (name, entries) in limits.max_entries() {
+            loader.map_max_entries(name, entries);
+        }
+        let ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned under {} (a map pinned by an \
+                 incompatible version can be removed with `lb-agent cleanup`)",
+                map_dir.display()
             )
-            .load(EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object with maps pinned under {} (a map pinned by an \
-                     incompatible version can be removed with `lb-agent cleanup`)",
-                    map_dir.display()
-                )
-            })?;
+        })?;
         let object_maps = ebpf.maps().map(|(name, _)| name.to_owned()).collect();
         Ok(Self {
             ebpf,
