@@ -78,7 +78,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "adopted maps pinned by an earlier agent"
         );
     }
-    record_capacities(&state, &config.limits);
+    record_capacities(&state, &dataplane.capacities());
 
     let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
     let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
@@ -444,18 +444,15 @@ fn record_sync(state: &AgentState, desired: &DesiredState, report: &SyncReport, 
     health.pending_since = None;
 }
 
-fn record_capacities(state: &AgentState, limits: &Limits) {
-    for (map, capacity) in [
-        (lb_common::map_names::SERVICES_V4, limits.max_services),
-        (lb_common::map_names::BACKENDS_V4, limits.max_backends),
-        (lb_common::map_names::AFFINITY_V4, limits.max_affinity),
-        (lb_common::map_names::REVNAT_V4, limits.max_revnat),
-    ] {
+/// The capacity of each map as the kernel reports it (a `--max-*` flag shows once it took
+/// effect).
+fn record_capacities(state: &AgentState, capacities: &BTreeMap<String, u32>) {
+    for (map, capacity) in capacities {
         state
             .metrics
             .map_capacity
-            .get_or_create(&api::metrics::MapLabels { map: map.into() })
-            .set(i64::from(capacity));
+            .get_or_create(&api::metrics::MapLabels { map: map.clone() })
+            .set(i64::from(*capacity));
     }
 }
 

@@ -166,6 +166,13 @@ impl Dataplane {
         Ok(attached)
     }
 
+    /// The capacity of each of the object's maps, as the kernel reports it (a flag that could
+    /// not take effect does not show here).
+    pub fn capacities(&self) -> std::collections::BTreeMap<String, u32> {
+        let names: Vec<&str> = self.object_maps.iter().map(String::as_str).collect();
+        migrate::capacities(&self.pins.maps(), &names)
+    }
+
     /// The highest service id and backend id that session-affinity entries name.
     pub fn affinity_high_water(&self) -> anyhow::Result<(u32, u32)> {
         let map = self.ebpf.map(map_names::AFFINITY_V4).ok_or_else(|| {

@@ -398,6 +398,17 @@ pub fn top_up(dir: &Path, names: &[&str]) -> Vec<(String, u64)> {
     added
 }
 
+/// The capacity (max_entries) of each map in `names` pinned in `dir`, as the kernel reports it.
+pub fn capacities(dir: &Path, names: &[&str]) -> BTreeMap<String, u32> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let info = MapInfo::from_pin(dir.join(name)).ok()?;
+            Some(((*name).to_owned(), info.max_entries()))
+        })
+        .collect()
+}
+
 /// How entries are written into the new map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum UpdateMode {
