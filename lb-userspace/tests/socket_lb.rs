@@ -782,10 +782,13 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
     let forwarded_before = forwarded(&http_get(&metrics, "/metrics").1, "web");
     assert!(forwarded_before > 0, "traffic before the restart");
     cluster.agent().terminate();
-    cluster.start_agent_with(&["--max-services", "70000"]);
+    // The services limit sizes agent-written hash maps; the reverse-translation map is an LRU
+    // map the programs fill (one entry per connected socket).
+    cluster.start_agent_with(&["--max-services", "70000", "--max-revnat", "300000"]);
 
-    // The maps the limit sizes are new, with what the old ones held.
+    // The maps the limits size are new, with what the old ones held.
     assert_eq!(pinned_capacity(&cluster, "LB4_SERVICES"), 70_000);
+    assert_eq!(pinned_capacity(&cluster, "LB4_REVNAT"), 300_000);
     assert_eq!(pinned_capacity(&cluster, "LB4_SVC_STATS"), 70_000);
     assert_eq!(pinned_capacity(&cluster, "LB4_SVC_NAMES"), 140_000);
     assert_eq!(
@@ -806,6 +809,14 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
         migrated.contains("1 entries carried over"),
         "the one frontend: {migrated}"
     );
+    let revnat = log
+        .lines()
+        .find(|l| l.contains("map LB4_REVNAT migrated"))
+        .unwrap_or_else(|| panic!("no migration logged:\n{log}"));
+    assert!(
+        revnat.contains("LruHash") && !revnat.contains(" 0 entries carried"),
+        "the sockets' entries: {revnat}"
+    );
     assert!(
         !log.contains("map LB4_BACKENDS migrated"),
         "a map of the same shape is reused:\n{log}"
@@ -825,7 +836,10 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
         "old pins left: {pins:?}"
     );
     for line in cluster.agent().log().lines() {
-        if line.contains("migrated") || line.contains("earlier version") {
+        if line.contains("migrated")
+            || line.contains("earlier version")
+            || line.contains("meanwhile")
+        {
             eprintln!("{line}");
         }
     }
@@ -849,6 +863,7 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
         "connections failed across the migration: {steady:?}"
     );
     assert_eq!(steady.replies.len(), 2, "both backends served: {steady:?}");
+    eprintln!("across the migration: {steady:?}");
 
     // The new maps are the ones programmed from now on.
     web(&cluster, &["pod-b"], "");
@@ -860,7 +875,7 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
 
     // And a start with the same flags reuses them as they are.
     cluster.agent().terminate();
-    cluster.start_agent_with(&["--max-services", "70000"]);
+    cluster.start_agent_with(&["--max-services", "70000", "--max-revnat", "300000"]);
     let log = cluster.agent().log();
     assert!(!log.contains("migrated"), "nothing to migrate:\n{log}");
     assert_eq!(pinned_capacity(&cluster, "LB4_SERVICES"), 70_000);
