@@ -848,3 +848,275 @@ fn node_port_and_external_ip_problems_are_named_in_the_log_and_counted() {
     let ok = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
     assert_eq!(ok.replies.get("pod-a"), Some(&3), "{ok:?}");
 }
+
+/// The capacity `lb-agent status` reads from the map pinned as `name`.
+fn pinned_capacity(cluster: &Cluster, name: &str) -> u64 {
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.agent_command(&["status", "--bpffs", &bpffs, "-o", "json"]))
+            .unwrap();
+    status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["capacity"].as_u64())
+        .unwrap_or_else(|| panic!("no map {name} pinned: {status}"))
+}
+
+/// `lb_service_forwarded_total` of `service` in a `/metrics` answer (0 when absent).
+fn forwarded(metrics: &str, service: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("lb_service_forwarded_total")
+                && l.contains(&format!("name=\"{service}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pins under the agent's maps directory, by name.
+fn pinned_maps(cluster: &Cluster) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cluster.bpffs.path().join("maps"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"], "");
+    cluster.start_agent();
+    assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 65_536);
+    let steady = cluster.probe_in_background(&[
+        "tcp",
+        TCP_VIP,
+        "--duration-ms",
+        "4000",
+        "--interval-ms",
+        "2",
+    ]);
+
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = cluster.agent().logged_address("metrics_addr");
+    let forwarded_before = forwarded(&http_get(&metrics, "/metrics").1, "web");
+    assert!(forwarded_before > 0, "traffic before the restart");
+    cluster.agent().terminate();
+    // The services limit sizes agent-written hash maps; the reverse-translation map is an LRU
+    // map the programs fill (one entry per connected socket).
+    cluster.start_agent_with(&["--max-services", "70000", "--max-revnat", "300000"]);
+
+    // The maps the limits size are new, with what the old ones held.
+    assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 70_000);
+    assert_eq!(pinned_capacity(&cluster, "LB4_REVNAT"), 300_000);
+    assert_eq!(pinned_capacity(&cluster, "LB4_STATS_V2"), 70_000);
+    assert_eq!(pinned_capacity(&cluster, "LB4_NAMES_V2"), 70_000);
+    assert_eq!(
+        pinned_capacity(&cluster, "LB4_BACKEND_V2"),
+        262_144,
+        "untouched"
+    );
+    let log = cluster.agent().log();
+    let migrated = log
+        .lines()
+        .find(|l| l.contains("map LB4_FRONT_V2 migrated"))
+        .unwrap_or_else(|| panic!("no migration logged:\n{log}"));
+    assert!(
+        migrated.contains("65536 entries") && migrated.contains("70000 entries"),
+        "old and new shape: {migrated}"
+    );
+    assert!(
+        migrated.contains("1 entries carried over"),
+        "the one frontend: {migrated}"
+    );
+    let revnat = log
+        .lines()
+        .find(|l| l.contains("map LB4_REVNAT migrated"))
+        .unwrap_or_else(|| panic!("no migration logged:\n{log}"));
+    assert!(
+        revnat.contains("LruHash") && !revnat.contains(" 0 entries carried"),
+        "the sockets' entries: {revnat}"
+    );
+    assert!(
+        !log.contains("map LB4_BACKEND_V2 migrated"),
+        "a map of the same shape is reused:\n{log}"
+    );
+    assert!(
+        log.contains("adopted maps pinned by an earlier agent"),
+        "the reconciler adopts the carried entries:\n{log}"
+    );
+    // Once the new programs are linked the old maps' pins go.
+    cluster.agent().wait_for_log(
+        "removed a map pinned by an earlier version",
+        Duration::from_secs(3),
+    );
+    let pins = pinned_maps(&cluster);
+    assert!(
+        pins.iter().all(|name| !name.ends_with("-old")),
+        "old pins left: {pins:?}"
+    );
+    for line in cluster.agent().log().lines() {
+        if line.contains("migrated")
+            || line.contains("earlier version")
+            || line.contains("meanwhile")
+        {
+            eprintln!("{line}");
+        }
+    }
+    let metrics = cluster.agent().logged_address("metrics_addr");
+    let (_, text) = http_get(&metrics, "/metrics");
+    assert!(
+        text.contains("lb_map_capacity{map=\"LB4_FRONT_V2\"} 70000"),
+        "the real capacity:\n{text}"
+    );
+    // The per-CPU counters came along (one value per possible CPU).
+    assert!(
+        forwarded(&text, "web") >= forwarded_before,
+        "{forwarded_before} before:\n{text}"
+    );
+
+    let steady = finish_probe(steady);
+    assert!(steady.attempts > 200, "{steady:?}");
+    assert_eq!(
+        steady.failures(),
+        0,
+        "connections failed across the migration: {steady:?}"
+    );
+    assert_eq!(steady.replies.len(), 2, "both backends served: {steady:?}");
+    eprintln!("across the migration: {steady:?}");
+
+    // The new maps are the ones programmed from now on.
+    web(&cluster, &["pod-b"], "");
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-b")
+    });
+    let after = cluster.probe(&["tcp", TCP_VIP, "--count", "20"]);
+    assert_eq!(after.replies.get("pod-b"), Some(&20), "{after:?}");
+
+    // And a start with the same flags reuses them as they are.
+    cluster.agent().terminate();
+    cluster.start_agent_with(&["--max-services", "70000", "--max-revnat", "300000"]);
+    let log = cluster.agent().log();
+    assert!(!log.contains("migrated"), "nothing to migrate:\n{log}");
+    assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 70_000);
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+    // A map pinned under the services map's name with a smaller value (16 bytes now: a layout
+    // change without a rename), holding an entry of its own.
+    let root = cluster.bpffs.path().to_owned();
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&root)
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    std::fs::create_dir_all(root.join("maps")).unwrap();
+    let pin = root.join("maps/LB4_FRONT_V2");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "12",
+            "entries",
+            "16",
+            "name",
+            "LB4_FRONT_V2",
+        ])
+        .status()
+        .expect("bpftool (Debian package bpftool)");
+    assert!(created.success());
+    let updated = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .args(["key", "hex", "0a", "60", "00", "0b", "00", "50", "06", "00"])
+        .args(["value", "hex"])
+        .args(["01"; 12])
+        .status()
+        .expect("bpftool");
+    assert!(updated.success());
+
+    cluster.start_agent();
+
+    let log = cluster.agent().log();
+    let migrated = log
+        .lines()
+        .find(|l| l.contains("map LB4_FRONT_V2 migrated"))
+        .unwrap_or_else(|| panic!("no migration logged:\n{log}"));
+    assert!(
+        migrated.contains("value 12 B") && migrated.contains("rebuilt from the source"),
+        "{migrated}"
+    );
+    assert!(
+        !log.contains("adopted maps pinned by an earlier agent"),
+        "nothing of the other layout is adopted:\n{log}"
+    );
+    assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 65_536);
+    let served = cluster.probe(&["tcp", TCP_VIP, "--count", "5"]);
+    assert_eq!(served.replies.get("pod-a"), Some(&5), "{served:?}");
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let list = cluster.agent_command(&["list", "--bpffs", &bpffs]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("ClusterIP")).count(),
+        1,
+        "only the source's service:\n{list}"
+    );
+    cluster.agent().wait_for_log(
+        "removed a map pinned by an earlier version",
+        Duration::from_secs(3),
+    );
+    assert!(
+        !root.join("maps/LB4_FRONT_V2-old").exists(),
+        "{:?}",
+        pinned_maps(&cluster)
+    );
+}
+
+#[test]
+fn metrics_and_healthz_are_each_turned_off_on_their_own() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"], "");
+
+    cluster.start_agent_serving("off", "127.0.0.1:0", &[]);
+    let agent = cluster.agent();
+    assert_eq!(agent.logged_address("metrics_addr"), "off");
+    let healthz = agent.logged_address("healthz_addr");
+    let (status, body) = http_get(&healthz, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(&healthz, "/livez").0, 200);
+    assert_eq!(
+        agent.listening(),
+        vec![healthz.parse().unwrap()],
+        "only /healthz listens"
+    );
+    agent.terminate();
+
+    cluster.start_agent_serving("127.0.0.1:0", "off", &[]);
+    let agent = cluster.agent();
+    assert_eq!(agent.logged_address("healthz_addr"), "off");
+    let metrics = agent.logged_address("metrics_addr");
+    let (status, text) = http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(text.contains("lb_services 1"), "{text}");
+    assert_eq!(
+        agent.listening(),
+        vec![metrics.parse().unwrap()],
+        "only /metrics listens"
+    );
+    let served = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
+    assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
+}

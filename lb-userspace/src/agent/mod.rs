@@ -83,7 +83,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         dataplane.service_stats()?,
         interfaces.is_some(),
     );
-    record_capacities(&state, &config.limits);
+    record_capacities(&state, &dataplane.capacities());
     *state.counters.lock().expect("counters lock") = Some(pass.counter_reader());
 
     let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
@@ -188,12 +188,14 @@ async fn track_staleness(mut stale: watch::Receiver<bool>, state: Arc<AgentState
     }
 }
 
-fn record_capacities(state: &AgentState, limits: &Limits) {
-    for (map, capacity) in limits.capacities() {
+/// The capacity of each map as the kernel reports it (a `--max-*` flag shows once it took
+/// effect).
+fn record_capacities(state: &AgentState, capacities: &std::collections::BTreeMap<String, u32>) {
+    for (map, capacity) in capacities {
         state
             .metrics
             .map_capacity
-            .get_or_create(&api::metrics::MapLabels { map: map.into() })
-            .set(i64::from(capacity));
+            .get_or_create(&api::metrics::MapLabels { map: map.clone() })
+            .set(i64::from(*capacity));
     }
 }

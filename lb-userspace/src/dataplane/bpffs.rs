@@ -66,7 +66,8 @@ impl PinDir {
     }
 
     /// Removes pinned maps whose names are not in `current` (maps of an earlier version with
-    /// another layout, once the programs no longer use them).
+    /// another layout, and the `<name>-old` pins a migration moved aside, once the programs no
+    /// longer use them).
     pub fn remove_maps_except(&self, current: &[&str]) -> anyhow::Result<Vec<String>> {
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(self.maps()) else {

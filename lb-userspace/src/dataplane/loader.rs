@@ -1,5 +1,6 @@
 //! Loads the embedded eBPF object with its maps pinned under the agent's bpffs directory
-//! (adopting maps an earlier agent pinned) and attaches the socket programs to a cgroup.
+//! (adopting maps an earlier agent pinned, migrating those of another shape: see `migrate`)
+//! and attaches the socket programs to a cgroup.
 use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, anyhow};
@@ -10,10 +11,12 @@ use super::{
     bpffs::PinDir,
     links::{self, Attached},
     maps::BpfServiceMaps,
+    migrate,
 };
 
 /// The compiled programs, built by `build.rs` from the `lb-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// The socket programs, by their attach point.
 pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
@@ -73,7 +76,8 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object; maps already pinned under `pins` are reused with their contents.
+    /// Loads the object; maps already pinned under `pins` are reused with their contents, or
+    /// migrated where their shape is not the one asked for (see `migrate`).
     pub fn load(pins: PinDir, limits: Limits) -> anyhow::Result<Self> {
         Self::load_with_log(pins, limits, false)
     }
@@ -89,20 +93,24 @@ impl Dataplane {
         let map_dir = pins.maps();
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
+        let max_entries = limits.capacities();
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .default_map_pin_directory(&map_dir);
-        for (name, capacity) in limits.capacities() {
-            loader.map_max_entries(name, capacity);
+        for (name, entries) in &max_entries {
+            loader.map_max_entries(name, *entries);
         }
-        let ebpf = loader.load(EBPF_OBJECT).with_context(|| {
-            format!(
-                "loading the eBPF object with maps pinned under {} (a map pinned by an \
+        let migration = migrate::prepare(EBPF_OBJECT, &map_dir, &max_entries)?;
+        let ebpf = migration
+            .complete(loader.load(EBPF_OBJECT))
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with maps pinned under {} (a map pinned by an \
                      incompatible version can be removed with `lb-agent cleanup`)",
-                map_dir.display()
-            )
-        })?;
+                    map_dir.display()
+                )
+            })?;
         let object_maps = ebpf.maps().map(|(name, _)| name.to_owned()).collect();
         Ok(Self {
             ebpf,
@@ -154,10 +162,22 @@ impl Dataplane {
             tracing::info!(links = %stale.display(), "detached programs of a cgroup no longer served");
         }
         let current: Vec<&str> = self.object_maps.iter().map(String::as_str).collect();
+        for (map, added) in migrate::top_up(&self.pins.maps(), &current) {
+            if added > 0 {
+                tracing::info!(%map, added, "carried what the old programs cached meanwhile");
+            }
+        }
         for stale in self.pins.remove_maps_except(&current)? {
             tracing::info!(map = %stale, "removed a map pinned by an earlier version");
         }
         Ok(attached)
+    }
+
+    /// The capacity of each of the object's maps, as the kernel reports it (a flag that could
+    /// not take effect does not show here).
+    pub fn capacities(&self) -> std::collections::BTreeMap<String, u32> {
+        let names: Vec<&str> = self.object_maps.iter().map(String::as_str).collect();
+        migrate::capacities(&self.pins.maps(), &names)
     }
 
     /// The highest service id and backend id that session-affinity and conntrack entries

@@ -5,6 +5,7 @@ pub mod inspect;
 pub mod links;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod names;
 pub mod nodeport;
 pub mod privileges;

@@ -125,6 +125,45 @@ impl Agent {
         line[start..].split_whitespace().next().unwrap().to_owned()
     }
 
+    /// The TCP addresses the agent process listens on (its sockets, matched in the
+    /// `/proc/PID/net/tcp` of its network namespace).
+    pub fn listening(&self) -> Vec<std::net::SocketAddr> {
+        let pid = self.child.id();
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("reading the agent's descriptors")
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                Some(
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .to_owned(),
+                )
+            })
+            .collect();
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+        let mut found: Vec<std::net::SocketAddr> = table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address, st (0A: listen), ..., inode
+                if fields.get(3) != Some(&"0A")
+                    || !inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))
+                {
+                    return None;
+                }
+                let (ip, port) = fields[1].split_once(':')?;
+                // The address as the kernel holds it (network order), printed as a native u32.
+                let ip = Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+                Some((ip, u16::from_str_radix(port, 16).ok()?).into())
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .try_wait()
@@ -215,6 +254,17 @@ impl Cluster {
     }
 
     pub fn start_agent_with(&mut self, extra: &[&str]) -> &mut Agent {
+        // Tests run side by side: any free loopback port (the agent logs which).
+        self.start_agent_serving("127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    /// Starts the agent with these `--metrics-addr` and `--healthz-addr` (`off` or IP:PORT).
+    pub fn start_agent_serving(
+        &mut self,
+        metrics: &str,
+        healthz: &str,
+        extra: &[&str],
+    ) -> &mut Agent {
         let mut args = vec![
             "run".to_owned(),
             "--manifests".into(),
@@ -225,11 +275,10 @@ impl Cluster {
             self.bpffs.path().display().to_string(),
             "--node-name".into(),
             "node-a".into(),
-            // Tests run side by side: any free loopback port (the agent logs which).
             "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
+            metrics.into(),
             "--healthz-addr".into(),
-            "127.0.0.1:0".into(),
+            healthz.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut command = std::process::Command::new(AGENT);
