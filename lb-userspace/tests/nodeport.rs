@@ -1104,4 +1104,16 @@ fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
     );
     let broken = still_on_their_pods(&mut connections, "while pod-b terminates");
     assert!(broken.is_empty(), "{broken:?}\n{}", site.logs());
+
+    // XDP counts the flows of the NodePort in the service's own counters.
+    let metrics = site.agents[0].logged_address("metrics_addr");
+    let (_, text) = in_netns(site.node_a.netns(), move || {
+        common::http_get(&metrics, "/metrics")
+    });
+    let forwarded: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("lb_service_forwarded_total") && l.contains("name=\"echo\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(forwarded >= 32 + 64, "{forwarded} flows counted:\n{text}");
 }
