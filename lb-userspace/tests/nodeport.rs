@@ -287,7 +287,7 @@ impl Site {
 
     /// `lb-probe ARGS` from the outside client.
     fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(&self.client), None, PROBE, args).expect("starting lb-probe");
+        let child = spawn_in(Some(&self.client), None, &*PROBE, args).expect("starting lb-probe");
         let output = child.wait_with_output().expect("waiting for lb-probe");
         assert!(
             output.status.success(),
@@ -380,7 +380,7 @@ fn serve(netns: &Netns, name: &str) -> Child {
     let mut server = spawn_in(
         Some(netns),
         None,
-        PROBE,
+        &*PROBE,
         &["serve", "--name", name, "--tcp", &port, "--udp", &port],
     )
     .expect("starting a backend server");

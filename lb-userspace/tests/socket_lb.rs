@@ -642,7 +642,7 @@ fn a_pod_reaches_itself_through_its_own_service() {
     let child = lb_testkit::spawn_in(
         Some(&cluster.pods[0].netns),
         Some(&cluster.cgroup),
-        common::PROBE,
+        &*common::PROBE,
         &["tcp", TCP_VIP, "--count", "3"],
     )
     .expect("starting lb-probe in the backend pod");

@@ -398,6 +398,8 @@ fn build(no_build: bool) -> Result<(PathBuf, PathBuf, String)> {
             "lb-userspace",
             "--bin",
             "lb-agent",
+            "-p",
+            "lb-testkit",
             "--bin",
             "lb-bench",
         ]);

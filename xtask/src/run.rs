@@ -116,15 +116,25 @@ fn refuse_inside_sandbox() -> Result<()> {
     Ok(())
 }
 
-/// `cargo build -p lb-userspace --bins`: the agent (whose build script compiles the eBPF
-/// programs) and the probe.
+/// `cargo build -p lb-userspace --bin lb-agent -p lb-testkit --bin lb-probe`: the agent (whose
+/// build script compiles the eBPF programs) and the probe.
 fn build() -> Result<Binaries> {
     println!(
         "run: building lb-agent and lb-probe (debug; the build compiles the eBPF programs too, \
          which takes a few minutes the first time)"
     );
     let mut build = host::workspace_cargo();
-    build.args(["build", "-p", "lb-userspace", "--bins"]);
+    build.args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb-agent",
+        "-p",
+        "lb-testkit",
+        "--bin",
+        "lb-probe",
+    ]);
     cmd::run(&mut build)?;
     let debug = target_dir().join("debug");
     let bins = Binaries {

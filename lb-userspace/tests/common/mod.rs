@@ -10,7 +10,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,9 @@ use lb_testkit::{Cgroup, Node, Pod, spawn_in, unique_name};
 use serde::Deserialize;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
-pub const PROBE: &str = env!("CARGO_BIN_EXE_lb-probe");
+/// lb-testkit's binary (not this package's, so no `CARGO_BIN_EXE_lb-probe`): built by
+/// `cargo build -p lb-testkit --bins`, or `cargo xtask test`.
+pub static PROBE: LazyLock<PathBuf> = LazyLock::new(|| lb_testkit::bin_path("lb-probe"));
 /// The port every backend pod answers on, TCP and UDP.
 pub const POD_PORT: u16 = 8080;
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -187,7 +189,7 @@ impl Cluster {
         let mut server = spawn_in(
             Some(&pod.netns),
             None,
-            PROBE,
+            &*PROBE,
             &["serve", "--name", name, "--tcp", &port, "--udp", &port],
         )
         .expect("starting a backend server");
@@ -290,7 +292,7 @@ impl Cluster {
 
     /// Runs `lb-probe ARGS` in the client pod, inside the test cgroup.
     pub fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+        let child = spawn_in(Some(&self.client.netns), Some(&self.cgroup), &*PROBE, args)
             .expect("starting lb-probe");
         let output = child.wait_with_output().expect("waiting for lb-probe");
         assert!(
@@ -308,7 +310,7 @@ impl Cluster {
 
     /// Starts `lb-probe ARGS` in the background (steady traffic during changes).
     pub fn probe_in_background(&self, args: &[&str]) -> Child {
-        spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+        spawn_in(Some(&self.client.netns), Some(&self.cgroup), &*PROBE, args)
             .expect("starting lb-probe")
     }
 
