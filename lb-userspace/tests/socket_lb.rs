@@ -492,8 +492,10 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
         &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
     );
     cluster.start_agent();
-    let metrics = cluster.agent().logged_address("metrics_addr");
-    let healthz = cluster.agent().logged_address("healthz_addr");
+    let metrics = cluster.agent().metrics_addr.to_string();
+    let healthz = cluster.agent().healthz_addr.to_string();
+    assert_eq!(cluster.agent().logged_address("metrics_addr"), metrics);
+    assert_eq!(cluster.agent().logged_address("healthz_addr"), healthz);
 
     let (status, body) = http_get(&healthz, "/healthz");
     assert_eq!(status, 200, "{body}");

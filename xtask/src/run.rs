@@ -10,7 +10,8 @@
 //!    the EndpointSlice that Kubernetes' EndpointSlice controller would write for those pods.
 //! 4. Starts `lb-agent run --manifests ... --nodeport-iface ext0` (in the node's namespace,
 //!    its socket programs attached to the sandbox cgroup only, XDP and tc to `ext0`) and waits
-//!    until its programs are attached.
+//!    until it is ready: its `/healthz` answers 200 and `lb-agent status` shows every program
+//!    linked.
 //! 5. Sends traffic from the client pod to the ClusterIPs, and from the outside client to the
 //!    NodePort on 192.168.77.1, prints how it spread over the pods and what `lb-agent list`
 //!    shows, and how to try it by hand.

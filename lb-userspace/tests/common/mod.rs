@@ -7,14 +7,14 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
-use lb_testkit::{Cgroup, Node, Pod, spawn_in, unique_name};
+use lb_testkit::{AgentReady, Cgroup, Node, Pod, ReadyWait, spawn_in, unique_name};
 use serde::Deserialize;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -49,13 +49,25 @@ impl ProbeResult {
 pub struct Agent {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Where it serves metrics and `/healthz` (in the network namespace it runs in).
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
 }
 
 impl Agent {
-    /// Spawns a prepared `lb-agent` command (e.g. inside a node's network namespace) with
-    /// its stderr captured as the log.
-    pub fn spawn(mut cmd: std::process::Command) -> Agent {
+    /// Spawns a prepared `lb-agent run` command (e.g. inside a node's network namespace),
+    /// serving metrics and `/healthz` on the given addresses, with its stderr captured as the
+    /// log.
+    pub fn spawn(
+        mut cmd: std::process::Command,
+        metrics_addr: SocketAddr,
+        healthz_addr: SocketAddr,
+    ) -> Agent {
         let mut child = cmd
+            .arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            .arg("--healthz-addr")
+            .arg(healthz_addr.to_string())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
@@ -71,7 +83,20 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        Agent { child, log }
+        Agent {
+            child,
+            log,
+            metrics_addr,
+            healthz_addr,
+        }
+    }
+
+    /// Waits until the agent is ready (`/healthz` answers 200 and its programs are linked,
+    /// see [`lb_testkit::AgentReady`]), or fails with its log.
+    pub fn wait_ready(&mut self, ready: &ReadyWait, timeout: Duration) {
+        if let Err(error) = ready.wait(&mut self.child, timeout) {
+            panic!("{error:#}; the agent's log:\n{}", self.log());
+        }
     }
 
     /// The agent's log so far, for assertion messages.
@@ -213,7 +238,8 @@ impl Cluster {
             .ip
     }
 
-    /// Starts the agent and waits until its programs are attached.
+    /// Starts the agent and waits until it is ready: `/healthz` answers 200 and its programs
+    /// are linked.
     pub fn start_agent(&mut self) -> &mut Agent {
         self.start_agent_with(&[])
     }
@@ -229,17 +255,24 @@ impl Cluster {
             self.bpffs.path().display().to_string(),
             "--node-name".into(),
             "node-a".into(),
-            // Tests run side by side: any free loopback port (the agent logs which).
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-            "--healthz-addr".into(),
-            "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The agent runs in this network namespace, beside the other tests' agents.
+        let loopback = || SocketAddr::from((Ipv4Addr::LOCALHOST, lb_testkit::free_loopback_port()));
+        let (metrics, healthz) = (loopback(), loopback());
+        let ready = AgentReady {
+            agent: Path::new(AGENT),
+            bpffs: self.bpffs.path(),
+            healthz,
+            netns: None,
+            links: lb_testkit::agent_links(0),
+        }
+        .before_start()
+        .expect("reading the links pinned before the agent starts");
         let mut command = std::process::Command::new(AGENT);
         command.args(&args);
-        let agent = Agent::spawn(command);
-        agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
+        let mut agent = Agent::spawn(command, metrics, healthz);
+        agent.wait_ready(&ready, AGENT_START_TIMEOUT);
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
     }
