@@ -2,17 +2,25 @@
 //! benchmarks: network namespaces, cgroups, a bridge "node" with veth "pods",
 //! and spawning processes inside them. Everything is removed on drop, also when
 //! a test panics, and names are unique so tests can run in parallel. Needs root.
+//!
+//! The package's binaries, `lb-probe` (a traffic probe and name-answering server) and
+//! `lb-bench` (the benchmark's client and server), are found with [`bin_path`]; a started
+//! `lb-agent` is waited for with [`AgentReady`] (its `/healthz` and `lb-agent status`).
 
+mod bins;
 mod cgroup;
 mod command;
 mod names;
 mod netns;
+mod ready;
 mod topology;
 
+pub use bins::bin_path;
 pub use cgroup::{Cgroup, cgroup2_mount};
 pub use command::{command_in, run_checked, spawn_in};
 pub use names::{MAX_NAME_LEN, unique_name};
 pub use netns::Netns;
+pub use ready::{AgentReady, AgentStatus, ReadyWait, agent_links, free_loopback_port};
 pub use topology::{BRIDGE, BRIDGE_IP, FIRST_POD_HOST, Node, POD_PREFIX_LEN, Pod};
 
 /// Fails with a clear message unless running as root (namespaces, veths and

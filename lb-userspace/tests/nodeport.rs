@@ -17,12 +17,13 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    path::Path,
     process::Child,
     time::{Duration, Instant},
 };
 
 use common::{AGENT, Agent, BpffsDir, POD_PORT, PROBE, ProbeResult, TempDir};
-use lb_testkit::{Cgroup, Netns, Node, Pod, command_in, spawn_in, unique_name};
+use lb_testkit::{AgentReady, Cgroup, Netns, Node, Pod, command_in, spawn_in, unique_name};
 
 const CLIENT_IP: &str = "192.168.60.100";
 const NODE_A_IP: &str = "192.168.60.1";
@@ -31,6 +32,9 @@ const REMOTE_POD_IP: &str = "10.244.1.10";
 const EXTERNAL_IP: &str = "198.51.100.10";
 const LAN_IFACE: &str = "lan0";
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each agent runs alone in its node's network namespace: kube-proxy's ports on loopback.
+const METRICS_ADDR: &str = "127.0.0.1:10249";
+const HEALTHZ_ADDR: &str = "127.0.0.1:10256";
 
 /// The whole topology; fields drop in order: agents, servers, namespaces, then directories.
 struct Site {
@@ -190,7 +194,8 @@ impl Site {
     }
 
     /// Starts an agent in node-a (and node-b when there is one), each serving NodePorts on
-    /// its `lan0`, and waits until their north-south programs are attached.
+    /// its `lan0` (and the interfaces `extra` adds), and waits until they are ready: `/healthz`
+    /// answers 200 and every program is linked.
     fn start_agents(&mut self) {
         self.start_agents_with(&[]);
     }
@@ -201,14 +206,26 @@ impl Site {
             nodes.push((node_b, "node-b"));
         }
         // A second start (a restart) reuses each node's cgroup and pins.
-        let fresh = self.bpffs.is_empty();
-        let mut started = Vec::new();
-        for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
-            if fresh {
+        if self.bpffs.is_empty() {
+            for _ in &nodes {
                 self.cgroups.push(Cgroup::new("lbnp").expect("test cgroup"));
                 self.bpffs.push(BpffsDir::new());
             }
+        }
+        let ifaces = 1 + extra.iter().filter(|a| **a == "--nodeport-iface").count();
+        let (metrics, healthz) = (METRICS_ADDR.parse().unwrap(), HEALTHZ_ADDR.parse().unwrap());
+        let mut started = Vec::new();
+        for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
             let (cgroup, bpffs) = (&self.cgroups[index], &self.bpffs[index]);
+            let ready = AgentReady {
+                agent: Path::new(AGENT),
+                bpffs: bpffs.path(),
+                healthz,
+                netns: Some(netns),
+                links: lb_testkit::agent_links(ifaces),
+            }
+            .before_start()
+            .expect("reading the links pinned before the agent starts");
             let mut cmd = command_in(Some(netns), None, AGENT).expect("agent command");
             cmd.args([
                 "run",
@@ -220,10 +237,6 @@ impl Site {
                 &bpffs.path().display().to_string(),
                 "--node-name",
                 node_name,
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--healthz-addr",
-                "127.0.0.1:0",
                 "--nodeport-iface",
                 LAN_IFACE,
             ]);
@@ -231,12 +244,12 @@ impl Site {
                 cmd.arg("--cleanup-on-exit");
             }
             cmd.args(extra);
-            started.push(Agent::spawn(cmd));
+            started.push((Agent::spawn(cmd, Some(metrics), Some(healthz)), ready));
         }
-        for agent in &started {
-            agent.wait_for_log("north-south programs attached", AGENT_START_TIMEOUT);
+        for (agent, ready) in &mut started {
+            agent.wait_ready(ready, AGENT_START_TIMEOUT);
         }
-        self.agents = started;
+        self.agents = started.into_iter().map(|(agent, _)| agent).collect();
     }
 
     /// The agents' logs and each namespace's nonzero kernel counters (checksum errors,
@@ -293,7 +306,7 @@ impl Site {
 
     /// `lb-probe ARGS` from the outside client.
     fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(&self.client), None, PROBE, args).expect("starting lb-probe");
+        let child = spawn_in(Some(&self.client), None, &*PROBE, args).expect("starting lb-probe");
         let output = child.wait_with_output().expect("waiting for lb-probe");
         assert!(
             output.status.success(),
@@ -386,7 +399,7 @@ fn serve(netns: &Netns, name: &str) -> Child {
     let mut server = spawn_in(
         Some(netns),
         None,
-        PROBE,
+        &*PROBE,
         &["serve", "--name", name, "--tcp", &port, "--udp", &port],
     )
     .expect("starting a backend server");
@@ -710,8 +723,9 @@ fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
         "--nodeport-iface",
         "dum0",
     ]);
+    // Ready means attached: the log lines asserted on below are written (the reader thread
+    // may lag behind the agent a little).
     site.agents[0].wait_for_log("iface=dum0", AGENT_START_TIMEOUT);
-    site.agents[0].wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
     let log = site.agents[0].log();
     let mode_of = |iface: &str| {
         log.lines()

@@ -492,8 +492,10 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
         &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
     );
     cluster.start_agent();
-    let metrics = cluster.agent().logged_address("metrics_addr");
-    let healthz = cluster.agent().logged_address("healthz_addr");
+    let metrics = cluster.agent().metrics_addr.unwrap().to_string();
+    let healthz = cluster.agent().healthz_addr.unwrap().to_string();
+    assert_eq!(cluster.agent().logged_address("metrics_addr"), metrics);
+    assert_eq!(cluster.agent().logged_address("healthz_addr"), healthz);
 
     let (status, body) = http_get(&healthz, "/healthz");
     assert_eq!(status, 200, "{body}");
@@ -642,7 +644,7 @@ fn a_pod_reaches_itself_through_its_own_service() {
     let child = lb_testkit::spawn_in(
         Some(&cluster.pods[0].netns),
         Some(&cluster.cgroup),
-        common::PROBE,
+        &*common::PROBE,
         &["tcp", TCP_VIP, "--count", "3"],
     )
     .expect("starting lb-probe in the backend pod");

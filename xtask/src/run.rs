@@ -10,7 +10,8 @@
 //!    the EndpointSlice that Kubernetes' EndpointSlice controller would write for those pods.
 //! 4. Starts `lb-agent run --manifests ... --nodeport-iface ext0` (in the node's namespace,
 //!    its socket programs attached to the sandbox cgroup only, XDP and tc to `ext0`) and waits
-//!    until its programs are attached.
+//!    until it is ready: its `/healthz` answers 200 and `lb-agent status` shows every program
+//!    linked.
 //! 5. Sends traffic from the client pod to the ClusterIPs, and from the outside client to the
 //!    NodePort on 192.168.77.1, prints how it spread over the pods and what `lb-agent list`
 //!    shows, and how to try it by hand.
@@ -116,15 +117,25 @@ fn refuse_inside_sandbox() -> Result<()> {
     Ok(())
 }
 
-/// `cargo build -p lb-userspace --bins`: the agent (whose build script compiles the eBPF
-/// programs) and the probe.
+/// `cargo build -p lb-userspace --bin lb-agent -p lb-testkit --bin lb-probe`: the agent (whose
+/// build script compiles the eBPF programs) and the probe.
 fn build() -> Result<Binaries> {
     println!(
         "run: building lb-agent and lb-probe (debug; the build compiles the eBPF programs too, \
          which takes a few minutes the first time)"
     );
     let mut build = host::workspace_cargo();
-    build.args(["build", "-p", "lb-userspace", "--bins"]);
+    build.args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb-agent",
+        "-p",
+        "lb-testkit",
+        "--bin",
+        "lb-probe",
+    ]);
     cmd::run(&mut build)?;
     let debug = target_dir().join("debug");
     let bins = Binaries {

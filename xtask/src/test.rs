@@ -1,6 +1,9 @@
 //! `cargo xtask test [--dry-run] [-- <cargo test args>]`: runs setup, builds every target of
 //! the workspace and runs its tests. Needs root: the tests load BPF programs and create
 //! network namespaces.
+//!
+//! Building every target first matters: lb-userspace's tests run lb-testkit's `lb-probe`,
+//! which `cargo test -p lb-userspace` alone would not build.
 
 use std::process::Command;
 

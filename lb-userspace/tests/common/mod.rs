@@ -7,18 +7,20 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
-use lb_testkit::{Cgroup, Node, Pod, spawn_in, unique_name};
+use lb_testkit::{AgentReady, Cgroup, Node, Pod, ReadyWait, spawn_in, unique_name};
 use serde::Deserialize;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
-pub const PROBE: &str = env!("CARGO_BIN_EXE_lb-probe");
+/// lb-testkit's binary (not this package's, so no `CARGO_BIN_EXE_lb-probe`): built by
+/// `cargo build -p lb-testkit --bins`, or `cargo xtask test`.
+pub static PROBE: LazyLock<PathBuf> = LazyLock::new(|| lb_testkit::bin_path("lb-probe"));
 /// The port every backend pod answers on, TCP and UDP.
 pub const POD_PORT: u16 = 8080;
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,13 +49,28 @@ impl ProbeResult {
 pub struct Agent {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Where it serves metrics and `/healthz` (in the network namespace it runs in); `None`:
+    /// that server is off.
+    pub metrics_addr: Option<SocketAddr>,
+    pub healthz_addr: Option<SocketAddr>,
 }
 
 impl Agent {
-    /// Spawns a prepared `lb-agent` command (e.g. inside a node's network namespace) with
-    /// its stderr captured as the log.
-    pub fn spawn(mut cmd: std::process::Command) -> Agent {
+    /// Spawns a prepared `lb-agent run` command (e.g. inside a node's network namespace),
+    /// serving metrics and `/healthz` on the given addresses, with its stderr captured as the
+    /// log.
+    pub fn spawn(
+        mut cmd: std::process::Command,
+        metrics_addr: Option<SocketAddr>,
+        healthz_addr: Option<SocketAddr>,
+    ) -> Agent {
+        let flag =
+            |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
         let mut child = cmd
+            .arg("--metrics-addr")
+            .arg(flag(metrics_addr))
+            .arg("--healthz-addr")
+            .arg(flag(healthz_addr))
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
@@ -69,7 +86,20 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        Agent { child, log }
+        Agent {
+            child,
+            log,
+            metrics_addr,
+            healthz_addr,
+        }
+    }
+
+    /// Waits until the agent is ready (`/healthz` answers 200 and its programs are linked,
+    /// see [`lb_testkit::AgentReady`]), or fails with its log.
+    pub fn wait_ready(&mut self, ready: &ReadyWait, timeout: Duration) {
+        if let Err(error) = ready.wait(&mut self.child, timeout) {
+            panic!("{error:#}; the agent's log:\n{}", self.log());
+        }
     }
 
     /// The agent's log so far, for assertion messages.
@@ -224,7 +254,7 @@ impl Cluster {
         let mut server = spawn_in(
             Some(&pod.netns),
             None,
-            PROBE,
+            &*PROBE,
             &["serve", "--name", name, "--tcp", &port, "--udp", &port],
         )
         .expect("starting a backend server");
@@ -248,7 +278,8 @@ impl Cluster {
             .ip
     }
 
-    /// Starts the agent and waits until its programs are attached.
+    /// Starts the agent and waits until it is ready: `/healthz` answers 200 and its programs
+    /// are linked.
     pub fn start_agent(&mut self) -> &mut Agent {
         self.start_agent_with(&[])
     }
@@ -275,16 +306,38 @@ impl Cluster {
             self.bpffs.path().display().to_string(),
             "--node-name".into(),
             "node-a".into(),
-            "--metrics-addr".into(),
-            metrics.into(),
-            "--healthz-addr".into(),
-            healthz.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The agent runs in this network namespace, beside the other tests' agents: `:0`
+        // stands for a free loopback port of its own.
+        let address = |spec: &str| match spec {
+            "off" => None,
+            "127.0.0.1:0" => Some(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                lb_testkit::free_loopback_port(),
+            ))),
+            other => Some(other.parse().expect("an IP:PORT or off")),
+        };
+        let (metrics, healthz) = (address(metrics), address(healthz));
+        let ready = healthz.map(|healthz| {
+            AgentReady {
+                agent: Path::new(AGENT),
+                bpffs: self.bpffs.path(),
+                healthz,
+                netns: None,
+                links: lb_testkit::agent_links(0),
+            }
+            .before_start()
+            .expect("reading the links pinned before the agent starts")
+        });
         let mut command = std::process::Command::new(AGENT);
         command.args(&args);
-        let agent = Agent::spawn(command);
-        agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT);
+        let mut agent = Agent::spawn(command, metrics, healthz);
+        match &ready {
+            Some(ready) => agent.wait_ready(ready, AGENT_START_TIMEOUT),
+            // Without /healthz the log is all there is to wait on.
+            None => agent.wait_for_log("socket programs attached", AGENT_START_TIMEOUT),
+        }
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
     }
@@ -337,7 +390,7 @@ impl Cluster {
 
     /// Runs `lb-probe ARGS` in the client pod, inside the test cgroup.
     pub fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+        let child = spawn_in(Some(&self.client.netns), Some(&self.cgroup), &*PROBE, args)
             .expect("starting lb-probe");
         let output = child.wait_with_output().expect("waiting for lb-probe");
         assert!(
@@ -355,7 +408,7 @@ impl Cluster {
 
     /// Starts `lb-probe ARGS` in the background (steady traffic during changes).
     pub fn probe_in_background(&self, args: &[&str]) -> Child {
-        spawn_in(Some(&self.client.netns), Some(&self.cgroup), PROBE, args)
+        spawn_in(Some(&self.client.netns), Some(&self.cgroup), &*PROBE, args)
             .expect("starting lb-probe")
     }
 

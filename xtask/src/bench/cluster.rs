@@ -15,14 +15,14 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use lb_testkit::{Cgroup, Netns, Node, Pod, command_in, unique_name};
+use lb_testkit::{AgentReady, Cgroup, Netns, Node, Pod, command_in, unique_name};
 
 use super::kube::POD_PORT;
 
@@ -30,6 +30,8 @@ use super::kube::POD_PORT;
 pub const BACKENDS: usize = 10;
 pub const CLIENT_CPU: usize = 0;
 pub const SERVER_CPU: usize = 1;
+/// The agent's `--healthz-addr`: it runs alone in the node's namespace, so kube-proxy's port.
+const AGENT_HEALTHZ: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
 
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Child);
@@ -297,10 +299,21 @@ impl Cluster {
         &self.clients.iter().find(|(a, _)| *a == arm).expect("arm").1
     }
 
-    /// Starts the agent on the (empty or filled) manifest directory and waits until its
-    /// programs are attached.
+    /// Starts the agent on the (empty or filled) manifest directory and waits until it is
+    /// ready: `/healthz` answers 200 and every program is linked (the socket programs, and XDP
+    /// and tc on each `--nodeport-iface` of `extra`).
     pub fn start_agent(&mut self, extra: &[String]) -> Result<()> {
         self.agent = None;
+        let ifaces = extra.iter().filter(|a| *a == "--nodeport-iface").count();
+        let ready = AgentReady {
+            agent: &self.agent_bin,
+            bpffs: &self.bpffs.0,
+            healthz: AGENT_HEALTHZ.into(),
+            netns: Some(self.node.netns()),
+            links: lb_testkit::agent_links(ifaces),
+        }
+        .before_start()
+        .context("running `lb-agent status` before starting the agent")?;
         let mut cmd = command_in(Some(self.node.netns()), None, &self.agent_bin)?;
         cmd.arg("run")
             .arg("--manifests")
@@ -310,12 +323,9 @@ impl Cluster {
             .arg("--bpffs")
             .arg(&self.bpffs.0)
             .args(["--node-name", "bench-node"])
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--healthz-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .arg("--healthz-addr")
+            .arg(AGENT_HEALTHZ.to_string())
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -334,7 +344,9 @@ impl Cluster {
             }
         });
         let mut agent = Agent { child, log };
-        agent.wait_line(0, "socket programs attached", "", Duration::from_secs(600))?;
+        if let Err(error) = ready.wait(&mut agent.child, Duration::from_secs(600)) {
+            bail!("{error:#}; log:\n{}", agent.tail(30));
+        }
         self.agent = Some(agent);
         Ok(())
     }

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::Plan;
+
 /// One result row, as written to the JSON file.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -159,6 +161,52 @@ pub fn markdown(rows: &[Row], titles: &[(&str, &str)]) -> String {
                 ratio
             );
         }
+    }
+    out
+}
+
+/// The run's method, above the tables.
+pub fn method_notes(plan: &Plan) -> String {
+    format!(
+        "Rounds: {} (arms interleaved, order rotated each round); run length {} ms; medians with \
+         min and max over rounds. N = background services × 10 endpoints, plus the measured ones \
+         (10 endpoints, the real backend pods). Client pinned to CPU {}, servers to CPU {}. \
+         Conntrack is in use in every arm's client namespace (an `--ctstate INVALID` rule, \
+         TIME_WAIT timeout 10 s), none in the servers'. BPF run-time stats are on for all arms.\n",
+        plan.rounds,
+        plan.dur_ms,
+        super::cluster::CLIENT_CPU,
+        super::cluster::SERVER_CPU
+    )
+}
+
+/// The headline table: connection rate and p99 against D, one change against iptables.
+pub fn headline(res: &Results, plan: &Plan) -> String {
+    let mut out = String::from(
+        "\n### Headline\n\n| N | CRR/s E÷D | I÷D | I-rand÷D | N÷D | CRR p99 E÷D | I÷D | one change: agent, file → maps (ms) | agent, map writes only (ms) | iptables partial restore (ms) | nft (ms) | iptables ÷ agent (file) | iptables ÷ agent (maps) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for &n in &plan.ns {
+        let m =
+            |b: &str, metric: &str, arm: &str| res.median_of(b, metric, n, arm).unwrap_or(f64::NAN);
+        let r = |metric: &str, arm: &str| m("1", metric, arm) / m("1", metric, "D");
+        let agent = m("4", "one endpoint change", "E");
+        let sync = m("4", "agent sync_us, one change", "E");
+        let ipt = m("4", "one endpoint change", "I");
+        out.push_str(&format!(
+            "| {n} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.0}× | {:.0}× |\n",
+            r("CRR rate", "E"),
+            r("CRR rate", "I"),
+            r("CRR rate", "I-rand"),
+            r("CRR rate", "N"),
+            r("CRR p99", "E"),
+            r("CRR p99", "I"),
+            num(agent),
+            num(sync),
+            num(ipt),
+            num(m("4", "one endpoint change", "N")),
+            ipt / agent,
+            ipt / sync
+        ));
     }
     out
 }

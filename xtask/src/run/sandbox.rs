@@ -10,14 +10,14 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::mem::ManuallyDrop;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
-use lb_testkit::{Cgroup, Netns, Node, Pod};
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_testkit::{AgentReady, Cgroup, Netns, Node, Pod};
 use serde::{Deserialize, Serialize};
 
 use super::slices::{self, PodInfo};
@@ -59,9 +59,9 @@ pub const POD_PORT: u16 = 9376;
 
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(5);
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
-const AGENT_READY_LINE: &str = "socket programs attached";
-/// Logged (before [`AGENT_READY_LINE`], in the same first sync) once XDP and tc are on ext0.
-const AGENT_NODEPORT_LINE: &str = "north-south programs attached";
+/// The agent's `--healthz-addr` port (kube-proxy's, on every address of the node's namespace,
+/// as by default); `run` waits for `/healthz` on loopback there.
+const AGENT_HEALTHZ_PORT: u16 = 10256;
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -334,6 +334,8 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
         .arg("--bpffs")
         .arg(&state.bpffs)
         .args(["--node-name", state.node_name()])
+        .arg("--healthz-addr")
+        .arg(SocketAddr::from((Ipv4Addr::UNSPECIFIED, AGENT_HEALTHZ_PORT)).to_string())
         .args(["--nodeport-iface", NODE_LAN_IFACE]);
     println!(
         "run: starting the agent in the node's network namespace (so that it sees none of the \
@@ -346,21 +348,33 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
     );
     // A backtrace would push the error out of the log tail a failed start prints.
     agent.env("RUST_LOG", "info").env("RUST_BACKTRACE", "0");
+    let ready = AgentReady {
+        agent: &bins.agent,
+        bpffs: &state.bpffs,
+        healthz: SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_HEALTHZ_PORT)),
+        netns: Some(node.netns()),
+        links: lb_testkit::agent_links(1),
+    }
+    .before_start()
+    .context("running `lb-agent status` before starting the agent")?;
     let mut child = spawn_detached(agent, &log)?;
     state.agent = Some(Process {
         pid: child.id() as i32,
         log: log.clone(),
     });
     state.save()?;
-    wait_for_line(&mut child, &log, AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+    let status = ready
+        .wait(&mut child, AGENT_READY_TIMEOUT)
+        .map_err(|error| {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            anyhow!("{error:#}; the end of its log:\n{}", tail(&text, 30))
+        })
         .context("starting lb-agent")?;
-    // Same sync, logged first: already there unless the north-south part is missing.
-    wait_for_line(&mut child, &log, AGENT_NODEPORT_LINE, SERVER_READY_TIMEOUT)
-        .context("starting lb-agent's north-south programs")?;
     println!(
-        "run: lb-agent is up (pid {}): {AGENT_READY_LINE}, {AGENT_NODEPORT_LINE} on \
-         {NODE_LAN_IFACE}",
-        child.id()
+        "run: lb-agent is up (pid {}): /healthz answers 200, {} programs linked (the socket \
+         programs on the sandbox cgroup, XDP and tc on {NODE_LAN_IFACE})",
+        child.id(),
+        status.links.len()
     );
 
     Ok(Sandbox {
