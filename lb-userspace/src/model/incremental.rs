@@ -18,7 +18,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, HealthCheck, NodeView,
-    ObjectKey, ObjectRef, Objects, ProxyIdentity, SetKey, Severity,
+    ObjectKey, ObjectRef, Objects, ProxyIdentity, Scope, SetKey, Severity,
     endpoints::{SERVICE_NAME_LABEL, SliceIndex},
     is_ours, node_view,
     service::{Contribution, contribution},
@@ -143,8 +143,18 @@ impl Model {
         for key in dirty {
             self.recompute(&key, objects, &node, &mut changes);
         }
+        // Who serves an address's external scope decides who serves its internal one: a claim
+        // on the external scope changing may change the internal winner.
+        let counterparts: Vec<Frontend> = changes
+            .frontends
+            .iter()
+            .filter(|f| f.scope == Scope::External)
+            .map(|f| f.in_scope(Scope::Internal))
+            .filter(|f| self.claims.contains_key(f) || self.desired.frontends.contains_key(f))
+            .collect();
+        changes.frontends.extend(counterparts);
         for frontend in &changes.frontends {
-            match self.claims.get(frontend).and_then(|c| c.values().next()) {
+            match self.winner(frontend) {
                 Some(winner) => {
                     if self.desired.frontends.get(frontend) != Some(winner) {
                         self.desired.frontends.insert(*frontend, winner.clone());
@@ -163,6 +173,27 @@ impl Model {
                 .collect();
         }
         changes
+    }
+
+    /// The claim served at `frontend`: the first claimant; for an internal-scope entry, the
+    /// claim of the service that won the external scope and gave it two scopes (the entry of
+    /// a service whose external frontend lost is not served: nothing would use it but the
+    /// loser).
+    fn winner(&self, frontend: &Frontend) -> Option<&DesiredService> {
+        let claimants = self.claims.get(frontend)?;
+        if frontend.scope == Scope::External {
+            return claimants.values().next();
+        }
+        let (owner, _) = self
+            .claims
+            .get(&frontend.in_scope(Scope::External))?
+            .iter()
+            .next()
+            .filter(|(_, external)| external.two_scopes)?;
+        claimants
+            .iter()
+            .find(|(claimant, _)| claimant.service == owner.service)
+            .map(|(_, desired)| desired)
     }
 
     /// Recomputes what service `key` contributes (nothing, if it is gone or not ours).

@@ -75,6 +75,7 @@ pub fn contribution(
     };
     let mut endpoint_diagnostics = Vec::new();
     let mut local_ready = 0usize;
+    let mut port_names = BTreeSet::new();
     for port in spec.ports.iter().flatten() {
         let (protocol, number) = match port_of(port) {
             Ok(found) => found,
@@ -83,6 +84,15 @@ pub fn contribution(
                 continue;
             }
         };
+        // A backend set is named by the port's name: two ports of one name would share one.
+        if !port_names.insert(port.name.clone().unwrap_or_default()) {
+            report.warn(format!(
+                "port {}: another port of this Service has the same name (the API server \
+                 rejects that); skipped",
+                label(port)
+            ));
+            continue;
+        }
         let name = ServicePortName {
             namespace: key.namespace.clone(),
             name: key.name.clone(),

@@ -125,18 +125,53 @@ struct ProgrammedSet {
     generation: u8,
     /// Backend ids in slot order (the backends new connections may pick).
     slots: Vec<u32>,
-    /// Every backend the set keeps in the maps: the slots and the draining ones.
-    members: BTreeSet<Backend>,
+    /// Every backend the set keeps in the maps (the slots and the draining ones), with what
+    /// the set says of it.
+    members: BTreeMap<Backend, Opinion>,
     /// Whether its Maglev table is written (outside traffic reaches the set).
     maglev: bool,
 }
 
-/// A programmed backend and how many sets keep it.
+/// What one set says of a backend it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Opinion {
+    terminating: bool,
+    local: bool,
+}
+
+impl Opinion {
+    fn of(backend: &Backend, set: &BackendSet) -> Self {
+        Self {
+            terminating: set.is_terminating(backend),
+            local: set.local.contains(backend),
+        }
+    }
+
+    /// What the value an earlier agent wrote says.
+    fn pinned(value: &Backend4) -> Self {
+        Self {
+            terminating: value.state != backend_states::ACTIVE,
+            local: value.flags & backend_flags::LOCAL != 0,
+        }
+    }
+}
+
+/// How many programmed sets keep a backend, and what they say of it. One backend id serves
+/// every set, so its value merges what they say (see [`Reconciler::backend_value`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Keepers {
+    sets: usize,
+    /// Sets saying it is terminating.
+    terminating: usize,
+    /// Sets saying it is on another node.
+    remote: usize,
+}
+
+/// A programmed backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgrammedBackend {
     id: u32,
     value: Backend4,
-    users: usize,
 }
 
 /// A set recovered from pinned maps, not yet matched to a desired set.
@@ -144,7 +179,11 @@ struct ProgrammedBackend {
 struct AdoptedSet {
     generation: u8,
     slots: Vec<u32>,
+    /// The backends its slots name, with what their values say.
+    members: BTreeMap<Backend, Opinion>,
     maglev: bool,
+    /// The frontends naming it.
+    frontends: Vec<Frontend4Key>,
 }
 
 /// What one sync did.
@@ -171,6 +210,11 @@ pub struct Reconciler {
     /// The frontends naming each programmed set.
     users: BTreeMap<SetKey, BTreeSet<Frontend4Key>>,
     backends: BTreeMap<Backend, ProgrammedBackend>,
+    /// The sets keeping each backend (a backend no set keeps is not here).
+    keepers: BTreeMap<Backend, Keepers>,
+    /// What the values an earlier agent wrote say: one more keeper of each backend until the
+    /// first sync is done, as which sets keep it (and what they say) is only known then.
+    pinned: BTreeMap<Backend, Opinion>,
     /// Backends a set stopped keeping since the last cleanup (only these can be unused).
     maybe_unused: BTreeSet<Backend>,
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
@@ -200,12 +244,16 @@ impl Reconciler {
                 ProgrammedBackend {
                     id: *id,
                     value: *value,
-                    users: 0,
                 },
             );
+            reconciler
+                .pinned
+                .insert(backend_of(value), Opinion::pinned(value));
             reconciler.next_backend_id = reconciler.next_backend_id.max(id.saturating_add(1));
         }
-        for value in contents.frontends.values() {
+        let pinned = reconciler.pinned.clone();
+        reconciler.keep(&pinned);
+        for (key, value) in &contents.frontends {
             reconciler.next_service_id = reconciler
                 .next_service_id
                 .max(value.service_id.saturating_add(1));
@@ -215,8 +263,15 @@ impl Reconciler {
                 .or_insert_with(|| AdoptedSet {
                     generation: value.generation,
                     slots: contents.live_backends(value).map(|(id, _)| id).collect(),
+                    members: contents
+                        .live_backends(value)
+                        .map(|(_, b)| (backend_of(b), Opinion::pinned(b)))
+                        .collect(),
                     maglev: contents.maglev.contains(&value.service_id),
-                });
+                    frontends: Vec::new(),
+                })
+                .frontends
+                .push(*key);
         }
         for slot in contents.slots.keys() {
             reconciler.next_service_id = reconciler
@@ -310,10 +365,10 @@ impl Reconciler {
         // What the earlier agent left and nothing desired took.
         for (key, _) in std::mem::take(&mut self.adopted_frontends) {
             report.map_writes += 1;
-            if let Err(error) = maps.remove_frontend(&key) {
-                if let Some(frontend) = frontend_of(&key) {
-                    report.failed.push((frontend, error.to_string()));
-                }
+            if let Err(error) = maps.remove_frontend(&key)
+                && let Some(frontend) = frontend_of(&key)
+            {
+                report.failed.push((frontend, error.to_string()));
             }
         }
         for (id, set) in std::mem::take(&mut self.adopted) {
@@ -323,6 +378,11 @@ impl Reconciler {
                 let _ = maps.remove_maglev(id);
             }
         }
+        // Every set has said what it keeps: the earlier agent's word no longer counts.
+        let pinned = std::mem::take(&mut self.pinned);
+        self.release(&pinned);
+        let adopted: Vec<Backend> = pinned.into_keys().collect();
+        self.rewrite_backends(&adopted, maps, &mut report);
         self.remove_unused_backends(maps, &mut report);
         report
     }
@@ -462,6 +522,7 @@ impl Reconciler {
                     .push((*frontend, format!("{}: {error}", service.name))),
             }
         }
+        self.trim_tables(&affected, maps, &mut report);
         // Sets no frontend names any more (or no longer desired and unnamed).
         for set_key in &affected {
             let unused = self.users.get(set_key).is_none_or(BTreeSet::is_empty);
@@ -478,12 +539,10 @@ impl Reconciler {
                     report.map_writes += 1;
                     let _ = maps.remove_maglev(set.service_id);
                 }
-                for member in &set.members {
-                    if let Some(b) = self.backends.get_mut(member) {
-                        b.users = b.users.saturating_sub(1);
-                    }
-                    self.maybe_unused.insert(*member);
-                }
+                self.release(&set.members);
+                // What the other sets keeping them say may differ.
+                let kept: Vec<Backend> = set.members.keys().copied().collect();
+                self.rewrite_backends(&kept, maps, &mut report);
                 report.sets_removed.push((set_key.clone(), set.service_id));
             }
         }
@@ -515,11 +574,123 @@ impl Reconciler {
             .take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize)
             .copied()
             .collect();
-        let members: BTreeSet<Backend> = picks.iter().chain(&wanted.draining).copied().collect();
-        // Backends: new ones get ids, changed states are rewritten in place.
+        let members: BTreeMap<Backend, Opinion> = picks
+            .iter()
+            .chain(&wanted.draining)
+            .map(|b| (*b, Opinion::of(b, wanted)))
+            .collect();
+        let current = match self.sets.get(set_key) {
+            Some(set) => Some(set.clone()),
+            None => self.take_adopted(set_key, users, report),
+        };
+        // While the set switches it keeps the backends of both generations; what it says of
+        // a backend is what it says from now on.
+        let before = current
+            .as_ref()
+            .map(|set| set.members.clone())
+            .unwrap_or_default();
+        let mut during = before.clone();
+        during.extend(members.iter().map(|(b, o)| (*b, *o)));
+        self.release(&before);
+        self.keep(&during);
+        // Backends first: new ones get ids, changed values are rewritten in place.
         let mut created = Vec::new();
-        for backend in &members {
-            let value = backend_value(backend, wanted);
+        let mut result = self.write_backends(during.keys(), &mut created, maps, report);
+        if result.is_ok() {
+            let ids: Vec<u32> = picks.iter().map(|b| self.backends[b].id).collect();
+            // A frontend leaving the set in this sync still names it until its own write: the
+            // table stays until then (see `trim_tables`).
+            let maglev = maglev || self.reached_from_outside(set_key);
+            result = match current {
+                None => self.create_set(set_key, &picks, &ids, maglev, maps, report),
+                Some(current) => {
+                    self.update_set(set_key, current, &picks, &ids, maglev, users, maps, report)
+                }
+            };
+        }
+        if let Err(error) = result {
+            // What was programmed keeps serving, and the set keeps what it kept.
+            self.release(&during);
+            self.keep(&before);
+            self.undo_backends(&created, maps, report);
+            self.rewrite_backends(during.keys(), maps, report);
+            return Err(error);
+        }
+        self.release(&during);
+        self.keep(&members);
+        let gone: Vec<Backend> = before
+            .keys()
+            .filter(|b| !members.contains_key(*b))
+            .copied()
+            .collect();
+        self.sets.get_mut(set_key).expect("written above").members = members;
+        // Backends only the old generation kept: what the other sets keeping them say may
+        // differ (those no set keeps go at the end of the sync).
+        self.rewrite_backends(&gone, maps, report);
+        Ok(())
+    }
+
+    /// Counts `members` as kept by one more set, with what it says of each.
+    fn keep(&mut self, members: &BTreeMap<Backend, Opinion>) {
+        for (backend, opinion) in members {
+            let keepers = self.keepers.entry(*backend).or_default();
+            keepers.sets += 1;
+            keepers.terminating += usize::from(opinion.terminating);
+            keepers.remote += usize::from(!opinion.local);
+        }
+    }
+
+    /// Counts `members` as kept by one set fewer.
+    fn release(&mut self, members: &BTreeMap<Backend, Opinion>) {
+        for (backend, opinion) in members {
+            let Some(keepers) = self.keepers.get_mut(backend) else {
+                continue;
+            };
+            keepers.sets = keepers.sets.saturating_sub(1);
+            keepers.terminating = keepers
+                .terminating
+                .saturating_sub(usize::from(opinion.terminating));
+            keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
+            if keepers.sets == 0 {
+                self.keepers.remove(backend);
+                self.maybe_unused.insert(*backend);
+            }
+        }
+    }
+
+    /// The map value of `backend`: terminating when any set keeping it says so (affinity must
+    /// not stick to it there), local only when every set keeping it says so (a remote backend
+    /// taken for a local one would get outside traffic without SNAT). Deterministic whatever
+    /// order the sets were written in.
+    fn backend_value(&self, backend: &Backend) -> Backend4 {
+        let keepers = self.keepers.get(backend).copied().unwrap_or_default();
+        Backend4 {
+            addr: lb_common::addr_to_map(u32::from(backend.ip)),
+            port: lb_common::port_to_map(backend.port),
+            state: if keepers.terminating > 0 {
+                backend_states::TERMINATING
+            } else {
+                backend_states::ACTIVE
+            },
+            flags: if keepers.sets > 0 && keepers.remote == 0 {
+                backend_flags::LOCAL
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Writes `backends` whose value differs from the programmed one; new ones get ids (and
+    /// are listed in `created`).
+    fn write_backends<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+        created: &mut Vec<Backend>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapError> {
+        for backend in backends {
+            let value = self.backend_value(backend);
             match self.backends.get_mut(backend) {
                 Some(programmed) => {
                     if programmed.value != value {
@@ -531,57 +702,51 @@ impl Reconciler {
                 None => {
                     let id = self.next_backend_id;
                     report.map_writes += 1;
-                    if let Err(error) = maps.put_backend(id, value) {
-                        self.undo_backends(&created, maps, report);
-                        return Err(error);
-                    }
+                    maps.put_backend(id, value)?;
                     self.next_backend_id += 1;
                     created.push(*backend);
-                    self.backends.insert(
-                        *backend,
-                        ProgrammedBackend {
-                            id,
-                            value,
-                            users: 0,
-                        },
-                    );
+                    self.backends
+                        .insert(*backend, ProgrammedBackend { id, value });
                 }
             }
-        }
-        let ids: Vec<u32> = picks.iter().map(|b| self.backends[b].id).collect();
-        let current = match self.sets.get(set_key) {
-            Some(set) => Some(set.clone()),
-            None => self.take_adopted(users),
-        };
-        let result = match current {
-            None => self.create_set(set_key, &picks, &ids, maglev, maps, report),
-            Some(current) => {
-                self.update_set(set_key, current, &picks, &ids, maglev, users, maps, report)
-            }
-        };
-        if let Err(error) = result {
-            self.undo_backends(&created, maps, report);
-            return Err(error);
-        }
-        // Membership: each member counts this set once.
-        let set = self.sets.get_mut(set_key).expect("written above");
-        let before = std::mem::replace(&mut set.members, members.clone());
-        for added in members.difference(&before) {
-            if let Some(b) = self.backends.get_mut(added) {
-                b.users += 1;
-            }
-        }
-        for gone in before.difference(&members) {
-            if let Some(b) = self.backends.get_mut(gone) {
-                b.users = b.users.saturating_sub(1);
-            }
-            self.maybe_unused.insert(*gone);
         }
         Ok(())
     }
 
-    /// The set an earlier agent pinned under the service id these frontends name, if any.
-    fn take_adopted(&mut self, users: &[(Frontend, &DesiredService)]) -> Option<ProgrammedSet> {
+    /// Rewrites the kept ones of `backends` whose value changed; a failure only leaves the
+    /// old value (the next write of a set keeping it retries).
+    fn rewrite_backends<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        for backend in backends {
+            if !self.keepers.contains_key(backend) {
+                continue;
+            }
+            let value = self.backend_value(backend);
+            if let Some(programmed) = self.backends.get_mut(backend)
+                && programmed.value != value
+            {
+                report.map_writes += 1;
+                match maps.put_backend(programmed.id, value) {
+                    Ok(()) => programmed.value = value,
+                    Err(error) => tracing::warn!(%backend, %error, "could not rewrite a backend"),
+                }
+            }
+        }
+    }
+
+    /// The set an earlier agent pinned under the service id these frontends name, if any. Every
+    /// frontend naming that id becomes a programmed user of `set_key`, so that the set's next
+    /// generation switches them all (one leaving the set moves in its own write later).
+    fn take_adopted(
+        &mut self,
+        set_key: &SetKey,
+        users: &[(Frontend, &DesiredService)],
+        report: &mut SyncReport,
+    ) -> Option<ProgrammedSet> {
         let id = users.iter().find_map(|(frontend, _)| {
             let key = frontend_key(frontend);
             let value = self.adopted_frontends.get(&key)?;
@@ -590,13 +755,55 @@ impl Reconciler {
                 .then_some(value.service_id)
         })?;
         let adopted = self.adopted.remove(&id)?;
-        Some(ProgrammedSet {
+        for key in &adopted.frontends {
+            if let Some(value) = self.adopted_frontends.remove(key) {
+                self.frontends.insert(*key, (value, set_key.clone()));
+                self.users.entry(set_key.clone()).or_default().insert(*key);
+            }
+        }
+        // From now on it is programmed: what the earlier agent wrote keeps serving until the
+        // write that follows replaces it, and it keeps its backends until then.
+        self.keep(&adopted.members);
+        let set = ProgrammedSet {
             service_id: id,
             generation: adopted.generation,
             slots: adopted.slots,
-            members: BTreeSet::new(),
+            members: adopted.members,
             maglev: adopted.maglev,
+        };
+        self.sets.insert(set_key.clone(), set.clone());
+        report.sets_added.push((set_key.clone(), id));
+        Some(set)
+    }
+
+    /// Whether a frontend programmed to name `set_key` is reached from outside (XDP picks its
+    /// backend through the set's Maglev table).
+    fn reached_from_outside(&self, set_key: &SetKey) -> bool {
+        self.users.get(set_key).into_iter().flatten().any(|key| {
+            key.scope == lb_common::scopes::EXTERNAL
+                && self.frontends.get(key).is_some_and(|(value, _)| {
+                    FrontendKind::from_number(value.kind).is_some_and(FrontendKind::is_external)
+                })
         })
+    }
+
+    /// Removes the Maglev tables of `sets` that no programmed frontend reached from outside
+    /// names any more.
+    fn trim_tables(
+        &mut self,
+        sets: &BTreeSet<SetKey>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        for set_key in sets {
+            let unneeded = self.sets.get(set_key).is_some_and(|set| set.maglev)
+                && !self.reached_from_outside(set_key);
+            if let Some(set) = self.sets.get_mut(set_key).filter(|_| unneeded) {
+                report.map_writes += 1;
+                let _ = maps.remove_maglev(set.service_id);
+                set.maglev = false;
+            }
+        }
     }
 
     fn create_set(
@@ -627,7 +834,7 @@ impl Reconciler {
                 service_id,
                 generation: 0,
                 slots: ids.to_vec(),
-                members: BTreeSet::new(),
+                members: BTreeMap::new(),
                 maglev: maglev && !ids.is_empty(),
             },
         );
@@ -647,7 +854,6 @@ impl Reconciler {
         maps: &mut impl ServiceMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapError> {
-        let newly_known = !self.sets.contains_key(set_key);
         let want_table = maglev && !ids.is_empty();
         if current.slots == ids {
             // Same slots: at most the Maglev table comes or goes.
@@ -661,11 +867,6 @@ impl Reconciler {
             if current.maglev && !want_table {
                 report.map_writes += 1;
                 let _ = maps.remove_maglev(current.service_id);
-            }
-            if newly_known {
-                report
-                    .sets_added
-                    .push((set_key.clone(), current.service_id));
             }
             return Ok(());
         }
@@ -690,50 +891,43 @@ impl Reconciler {
             members: current.members.clone(),
             maglev: want_table,
         };
-        // Every frontend already naming the set moves to the new generation; a frontend the
-        // switch fails for keeps the old one, so the old slots stay.
+        // Every frontend naming the set moves to the new generation, those leaving the set in
+        // this sync too (their own write follows; until then they serve the new generation),
+        // so nothing names the old one; a frontend the switch fails for keeps the old one, so
+        // the old slots stay.
         let mut switch_failed = None;
-        let programmed: Vec<Frontend4Key> = self
+        let programmed: Vec<(Frontend4Key, Frontend4Value)> = self
             .users
             .get(set_key)
             .into_iter()
             .flatten()
-            .copied()
-            .chain(
-                users
-                    .iter()
-                    .map(|(f, _)| frontend_key(f))
-                    .filter(|k| self.adopted_frontends.contains_key(k)),
-            )
+            .filter_map(|key| Some((*key, self.frontends.get(key)?.0)))
             .collect();
-        for key in programmed {
-            let Some(frontend) = frontend_of(&key) else {
-                continue;
+        for (key, before) in programmed {
+            let staying =
+                frontend_of(&key).and_then(|frontend| users.iter().find(|(f, _)| *f == frontend));
+            let value = match staying {
+                Some((_, service)) => frontend_value(&next, service),
+                None => Frontend4Value {
+                    count: next.slots.len() as u16,
+                    generation: next.generation,
+                    ..before
+                },
             };
-            let Some((_, service)) = users.iter().find(|(f, _)| *f == frontend) else {
-                continue; // leaving the set in this sync: its own write follows
-            };
-            let value = frontend_value(&next, service);
             report.map_writes += 1;
             match maps.put_frontend(key, value) {
                 Ok(()) => {
-                    if let Some(adopted) = self.adopted_frontends.remove(&key) {
-                        self.frontends.insert(key, (adopted, set_key.clone()));
-                    }
                     if let Some(entry) = self.frontends.get_mut(&key) {
                         entry.0 = value;
                     }
-                    report.updated += 1;
+                    if staying.is_some() {
+                        report.updated += 1;
+                    }
                 }
                 Err(error) => switch_failed = Some(error),
             }
         }
         self.sets.insert(set_key.clone(), next);
-        if newly_known {
-            report
-                .sets_added
-                .push((set_key.clone(), current.service_id));
-        }
         if let Some(error) = switch_failed {
             return Err(error);
         }
@@ -773,7 +967,10 @@ impl Reconciler {
             return; // adopted slots may still name them
         }
         for backend in std::mem::take(&mut self.maybe_unused) {
-            let Some(programmed) = self.backends.get(&backend).filter(|b| b.users == 0) else {
+            if self.keepers.contains_key(&backend) {
+                continue;
+            }
+            let Some(programmed) = self.backends.get(&backend) else {
                 continue;
             };
             let id = programmed.id;
@@ -853,23 +1050,6 @@ fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Val
         affinity_timeout_secs: timeout,
         kind: service.kind.number(),
         pad: [0; 3],
-    }
-}
-
-fn backend_value(backend: &Backend, set: &BackendSet) -> Backend4 {
-    Backend4 {
-        addr: lb_common::addr_to_map(u32::from(backend.ip)),
-        port: lb_common::port_to_map(backend.port),
-        state: if set.is_terminating(backend) {
-            backend_states::TERMINATING
-        } else {
-            backend_states::ACTIVE
-        },
-        flags: if set.local.contains(backend) {
-            backend_flags::LOCAL
-        } else {
-            0
-        },
     }
 }
 
