@@ -3,13 +3,18 @@
 //! that must end in exactly the state a fresh build computes.
 //!
 //! The builders are `pub(crate)` so the reconciler's model-based tests can use them too.
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::{
         core::v1::{
-            ClientIPConfig, LoadBalancerStatus, Node, NodeSpec, ObjectReference, Service,
-            ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeSpec,
+            ObjectReference, Service, ServicePort, ServiceSpec, ServiceStatus,
+            SessionAffinityConfig,
         },
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
@@ -20,10 +25,11 @@ use k8s_openapi::{
 };
 
 use super::{
-    Backend, DesiredService, DesiredState, Diagnostic, Frontend, ObjectKey, ObjectRef, Objects,
-    Protocol, ProxyIdentity, ServicePortName, Severity, build, endpoints::SERVICE_NAME_LABEL,
+    Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
+    FrontendKind, HealthCheck, Model, ObjectKey, ObjectRef, Objects, Protocol, ProxyIdentity,
+    Scope, ServicePortName, SetKey, Severity, build, endpoints::SERVICE_NAME_LABEL,
 };
-use crate::reconcile::{Reconciler, memory::MemoryMaps};
+use crate::reconcile::{MapContents, Reconciler, memory::MemoryMaps};
 
 /// The node this proxy runs on in these tests.
 pub(crate) const NODE: &str = "node-a";
@@ -244,23 +250,60 @@ pub(crate) fn objects(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Obj
     objects
 }
 
-fn spec(service: &mut Service) -> &mut ServiceSpec {
+pub(crate) fn spec(service: &mut Service) -> &mut ServiceSpec {
     service.spec.as_mut().expect("built with a spec")
 }
 
-fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        ip: ip.parse().unwrap(),
-        port,
-        protocol,
+/// Makes `service` of type `kind` (NodePort or LoadBalancer), giving its ports `node_ports`
+/// in order, with `externalTrafficPolicy` `policy`.
+pub(crate) fn with_node_ports(
+    mut service: Service,
+    kind: &str,
+    node_ports: &[i32],
+    policy: &str,
+) -> Service {
+    let spec = spec(&mut service);
+    spec.type_ = Some(kind.into());
+    spec.external_traffic_policy = Some(policy.into());
+    for (port, node_port) in spec.ports.iter_mut().flatten().zip(node_ports) {
+        port.node_port = Some(*node_port);
     }
+    service
+}
+
+/// Gives `service` these load-balancer ingress IPs, `(ip, ipMode)`.
+pub(crate) fn with_ingress(mut service: Service, ingress: &[(&str, Option<&str>)]) -> Service {
+    service.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(
+                ingress
+                    .iter()
+                    .map(|(ip, mode)| LoadBalancerIngress {
+                        ip: Some((*ip).into()),
+                        ip_mode: mode.map(Into::into),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }),
+        ..Default::default()
+    });
+    service
+}
+
+fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
+    Frontend::new(ip.parse().unwrap(), port, protocol)
+}
+
+fn node_port(port: u16, protocol: Protocol) -> Frontend {
+    Frontend::node_port(port, protocol)
 }
 
 fn tcp(ip: &str, port: u16) -> Frontend {
     fe(ip, port, Protocol::Tcp)
 }
 
-fn backends(list: &[(&str, u16)]) -> BTreeSet<Backend> {
+pub(crate) fn backends(list: &[(&str, u16)]) -> BTreeSet<Backend> {
     list.iter()
         .map(|(ip, port)| Backend {
             ip: ip.parse::<Ipv4Addr>().unwrap(),
@@ -277,14 +320,34 @@ fn port_name(namespace: &str, name: &str, port: &str) -> ServicePortName {
     }
 }
 
-/// The backends of `frontend`, failing the test when it is not programmed.
-fn backends_of(state: &DesiredState, frontend: Frontend) -> BTreeSet<Backend> {
+/// The desired entry of `frontend`, failing the test when it is not programmed.
+fn desired_of(state: &DesiredState, frontend: Frontend) -> &DesiredService {
     state
-        .services
+        .frontends
         .get(&frontend)
         .unwrap_or_else(|| panic!("{frontend} not programmed; state: {state:#?}"))
-        .backends
-        .clone()
+}
+
+/// The backend set of `frontend`, failing the test when it is not programmed or names a set
+/// the state lacks.
+fn set_of(state: &DesiredState, frontend: Frontend) -> &BackendSet {
+    let key = desired_of(state, frontend).set();
+    state
+        .sets
+        .get(&key)
+        .unwrap_or_else(|| panic!("{frontend} names the missing set {key}; state: {state:#?}"))
+}
+
+/// The backends of `frontend`, failing the test when it is not programmed.
+fn backends_of(state: &DesiredState, frontend: Frontend) -> BTreeSet<Backend> {
+    set_of(state, frontend).backends.clone()
+}
+
+fn set_key(namespace: &str, name: &str, port: &str, endpoints: Endpoints) -> SetKey {
+    SetKey {
+        name: port_name(namespace, name, port),
+        endpoints,
+    }
 }
 
 fn service_ref(namespace: &str, name: &str) -> ObjectRef {
@@ -330,16 +393,27 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
     );
     let (state, diagnostics) = build_default(&objects);
     let expected = DesiredState {
-        services: [(
+        frontends: [(
             tcp("10.96.0.10", 80),
             DesiredService {
                 name: port_name("default", "web", "http"),
-                backends: backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]),
+                kind: FrontendKind::ClusterIP,
+                endpoints: Endpoints::All,
                 affinity_timeout_secs: None,
-                terminating: BTreeSet::new(),
+                local_only: false,
+                two_scopes: false,
             },
         )]
         .into(),
+        sets: [(
+            set_key("default", "web", "http", Endpoints::All),
+            BackendSet {
+                backends: backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]),
+                ..BackendSet::default()
+            },
+        )]
+        .into(),
+        health_checks: BTreeMap::new(),
     };
     assert_eq!(state, expected);
     assert_eq!(diagnostics, vec![]);
@@ -347,39 +421,60 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
 
 #[test]
 fn pods_reach_external_ips_and_load_balancer_ips_at_the_socket_with_every_endpoint() {
-    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
-    let mut svc = web();
+    let mut svc = with_ingress(
+        with_node_ports(web(), "LoadBalancer", &[30080], "Local"),
+        &[("203.0.113.7", None), ("203.0.113.8", Some("Proxy"))],
+    );
     spec(&mut svc).external_ips = Some(vec!["198.51.100.10".into()]);
-    spec(&mut svc).external_traffic_policy = Some("Local".into());
-    svc.status = Some(ServiceStatus {
-        load_balancer: Some(LoadBalancerStatus {
-            ingress: Some(vec![
-                LoadBalancerIngress {
-                    ip: Some("203.0.113.7".into()),
-                    ..Default::default()
-                },
-                LoadBalancerIngress {
-                    ip: Some("203.0.113.8".into()),
-                    ip_mode: Some("Proxy".into()),
-                    ..Default::default()
-                },
-            ]),
-        }),
-        ..Default::default()
-    });
-    let mut remote = ep("10.244.2.7");
-    remote.node_name = Some("node-b".into());
-    let objects = objects(vec![svc], vec![web_slice(vec![ep("10.244.1.5"), remote])]);
+    let local = ep("10.244.1.5").on_node(NODE);
+    let remote = ep("10.244.2.7").on_node("node-b");
+    let objects = objects(vec![svc], vec![web_slice(vec![local, remote])]);
     let (state, diagnostics) = build_default(&objects);
     let all = backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]);
-    // eTP Local is for traffic from outside; pods get every endpoint, as through KUBE-SVC.
-    assert_eq!(backends_of(&state, tcp("198.51.100.10", 80)), all);
-    assert_eq!(backends_of(&state, tcp("203.0.113.7", 80)), all);
-    // ipMode Proxy: in-cluster traffic must go out to the load balancer.
-    assert!(
-        !state.services.contains_key(&tcp("203.0.113.8", 80)),
-        "{state:?}"
+    let only_local = backends(&[("10.244.1.5", 8080)]);
+    for external in [
+        tcp("198.51.100.10", 80),
+        tcp("203.0.113.7", 80),
+        node_port(30080, Protocol::Tcp),
+    ] {
+        // eTP Local is for traffic from outside: the external scope has this node's
+        // endpoints, and says in-node clients use the other scope.
+        let entry = desired_of(&state, external);
+        assert!(
+            entry.local_only && entry.two_scopes,
+            "{external}: {entry:?}"
+        );
+        assert_eq!(entry.endpoints, Endpoints::Local, "{external}");
+        assert_eq!(backends_of(&state, external), only_local, "{external}");
+        // Pods and host processes get every endpoint, as through KUBE-SVC.
+        let internal = external.in_scope(Scope::Internal);
+        let entry = desired_of(&state, internal);
+        assert!(
+            !entry.local_only && !entry.two_scopes,
+            "{internal}: {entry:?}"
+        );
+        assert_eq!(entry.endpoints, Endpoints::All, "{internal}");
+        assert_eq!(entry.kind, desired_of(&state, external).kind, "{internal}");
+        assert_eq!(backends_of(&state, internal), all, "{internal}");
+    }
+    assert_eq!(
+        desired_of(&state, tcp("198.51.100.10", 80)).kind,
+        FrontendKind::ExternalIp
     );
+    assert_eq!(
+        desired_of(&state, tcp("203.0.113.7", 80)).kind,
+        FrontendKind::LoadBalancer
+    );
+    // The ClusterIP follows internalTrafficPolicy (Cluster) and has one scope.
+    assert_eq!(backends_of(&state, tcp("10.96.0.10", 80)), all);
+    assert!(!desired_of(&state, tcp("10.96.0.10", 80)).two_scopes);
+    // ipMode Proxy: in-cluster traffic must go out to the load balancer, in either scope.
+    for scope in [Scope::External, Scope::Internal] {
+        let proxied = tcp("203.0.113.8", 80).in_scope(scope);
+        assert!(!state.frontends.contains_key(&proxied), "{state:?}");
+    }
+    // ClusterIP, NodePort, externalIP, load-balancer IP; the last three in two scopes.
+    assert_eq!(state.frontends.len(), 7, "{state:#?}");
     assert_eq!(diagnostics, vec![]);
 }
 
@@ -400,7 +495,7 @@ fn unnamed_single_port_matches_the_unnamed_slice_port() {
         backends(&[("10.244.1.5", 8080)])
     );
     assert_eq!(
-        state.services[&tcp("10.96.0.10", 80)].name.to_string(),
+        state.frontends[&tcp("10.96.0.10", 80)].name.to_string(),
         "default/web"
     );
 }
@@ -462,9 +557,9 @@ fn named_ports_match_by_name_and_protocol_and_resolve_per_pod() {
             ("10.244.2.1", 9100)
         ])
     );
-    assert_eq!(state.services.len(), 2);
+    assert_eq!(state.frontends.len(), 2);
     assert_eq!(
-        state.services[&tcp("10.96.0.20", 9090)].name,
+        state.frontends[&tcp("10.96.0.20", 9090)].name,
         port_name("default", "app", "metrics")
     );
     assert_eq!(diagnostics, vec![]);
@@ -486,7 +581,7 @@ fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
         vec![ep("10.244.0.3"), ep("10.244.0.4")],
     );
     let (state, _) = build_default(&objects(vec![svc], vec![sl]));
-    assert_eq!(state.services.len(), 2);
+    assert_eq!(state.frontends.len(), 2);
     assert_eq!(
         backends_of(&state, fe("10.96.0.10", 53, Protocol::Udp)),
         backends(&[("10.244.0.3", 53), ("10.244.0.4", 53)])
@@ -496,7 +591,7 @@ fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
         backends(&[("10.244.0.3", 5353), ("10.244.0.4", 5353)])
     );
     assert_eq!(
-        state.services[&fe("10.96.0.10", 53, Protocol::Udp)].name,
+        state.frontends[&fe("10.96.0.10", 53, Protocol::Udp)].name,
         port_name("kube-system", "kube-dns", "dns")
     );
 }
@@ -511,12 +606,48 @@ fn sctp_port_is_reported_and_other_ports_programmed() {
     );
     let (state, diagnostics) = build_default(&objects(vec![svc], vec![]));
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80)]
     );
     assert_eq!(diagnostics.len(), 1);
     assert_eq!(diagnostics[0].severity, Severity::Info);
     assert!(diagnostics[0].message.contains("SCTP"), "{diagnostics:?}");
+}
+
+#[test]
+fn a_port_name_used_twice_is_reported_and_the_later_port_skipped() {
+    // The API server rejects this; a hand-written manifest may have it. Both ports would name
+    // one backend set, so the second would lead the first to its own endpoints.
+    let svc = service(
+        "default",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP"), ("http", 53, "UDP")],
+    );
+    let sl = slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP"), ("http", 5353, "UDP")],
+        vec![ep("10.244.1.1")],
+    );
+    let (state, diagnostics) = build_default(&objects(vec![svc], vec![sl]));
+    assert_eq!(
+        backends_of(&state, tcp("10.96.0.10", 80)),
+        backends(&[("10.244.1.1", 8080)])
+    );
+    assert_eq!(
+        state.frontends.keys().copied().collect::<Vec<_>>(),
+        vec![tcp("10.96.0.10", 80)]
+    );
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    assert_eq!(diagnostics[0].severity, Severity::Warning);
+    assert_eq!(diagnostics[0].object, service_ref("default", "web"));
+    assert!(
+        diagnostics[0].message.contains("http"),
+        "{}",
+        diagnostics[0]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -571,15 +702,18 @@ fn without_ready_endpoints_serving_terminating_ones_are_used() {
 
     // The fallback backends are marked terminating (for `lb-agent list`); ready ones are not.
     let (state, _) = build_default(&only_terminating);
-    assert_eq!(
-        state.services[&tcp("10.96.0.10", 80)].terminating,
-        backends(&[("10.244.1.1", 8080)])
-    );
+    let set = set_of(&state, tcp("10.96.0.10", 80));
+    assert_eq!(set.terminating, backends(&[("10.244.1.1", 8080)]));
+    // Picked through the fallback: nothing is left draining beside it but the terminating
+    // endpoint that no longer serves (its flows drain).
+    assert_eq!(set.draining, backends(&[("10.244.1.2", 8080)]));
     let (state, _) = build_default(&with_ready);
-    assert!(
-        state.services[&tcp("10.96.0.10", 80)]
-            .terminating
-            .is_empty()
+    let set = set_of(&state, tcp("10.96.0.10", 80));
+    assert!(set.terminating.is_empty());
+    // Not picked any more, but kept for the flows that use them.
+    assert_eq!(
+        set.draining,
+        backends(&[("10.244.1.1", 8080), ("10.244.1.2", 8080)])
     );
 }
 
@@ -598,7 +732,7 @@ fn service_without_usable_endpoints_is_programmed_with_no_backends() {
     let empty_slice = objects(vec![web()], vec![web_slice(vec![])]);
     for objects in [none, unusable, empty_slice] {
         let (state, diagnostics) = build_default(&objects);
-        assert_eq!(state.services.len(), 1);
+        assert_eq!(state.frontends.len(), 1);
         assert_eq!(backends_of(&state, tcp("10.96.0.10", 80)), BTreeSet::new());
         assert_eq!(diagnostics, vec![]);
     }
@@ -814,7 +948,7 @@ fn service_proxy_name_label_selects_the_proxy() {
     let programmed = |identity: &ProxyIdentity| -> Vec<String> {
         let (state, _) = build(&objects, identity);
         state
-            .services
+            .frontends
             .values()
             .map(|s| s.name.name.clone())
             .collect()
@@ -841,7 +975,7 @@ fn dual_stack_programs_ipv4_and_reports_the_ipv6_address() {
     let (state, diagnostics) =
         build_default(&objects(vec![svc], vec![web_slice(vec![ep("10.244.1.1")])]));
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80)]
     );
     assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
@@ -855,7 +989,7 @@ fn dual_stack_programs_ipv4_and_reports_the_ipv6_address() {
     spec(&mut v6_first).cluster_ips = Some(vec!["fd00:10:96::a".into(), "10.96.0.10".into()]);
     let (state, _) = build_default(&objects(vec![v6_first], vec![]));
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80)]
     );
 }
@@ -866,7 +1000,7 @@ fn cluster_ip_without_cluster_ips_is_used() {
     let mut svc = web();
     spec(&mut svc).cluster_ips = None;
     let (state, _) = build_default(&objects(vec![svc], vec![]));
-    assert!(state.services.contains_key(&tcp("10.96.0.10", 80)));
+    assert!(state.frontends.contains_key(&tcp("10.96.0.10", 80)));
 }
 
 #[test]
@@ -896,7 +1030,7 @@ fn invalid_port_numbers_are_warned_and_other_ports_programmed() {
         )],
     ));
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80)]
     );
     assert_eq!(diagnostics.len(), 2, "{diagnostics:?}");
@@ -949,7 +1083,7 @@ fn invalid_cluster_ip_is_warned() {
         vec![],
     ));
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.11", 80)]
     );
     assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
@@ -1001,7 +1135,7 @@ fn with_affinity(affinity: &str, timeout: Option<i32>) -> Service {
 fn affinity_of(svc: Service) -> (Option<u32>, Vec<Diagnostic>) {
     let (state, diagnostics) = build_default(&objects(vec![svc], vec![]));
     (
-        state.services[&tcp("10.96.0.10", 80)].affinity_timeout_secs,
+        desired_of(&state, tcp("10.96.0.10", 80)).affinity_timeout_secs,
         diagnostics,
     )
 }
@@ -1229,6 +1363,453 @@ fn hints_do_not_apply_to_the_local_policy() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// NodePorts, externalIPs and load-balancer IPs
+
+const NORTH_SOUTH_PORTS: &[(&str, i32, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+
+/// A NodePort service `default/web` (nodePorts 30080/TCP and 30053/UDP, eTP Cluster) with
+/// `edit` applied.
+fn node_port_web(edit: impl FnOnce(&mut ServiceSpec)) -> Service {
+    let mut svc = with_node_ports(
+        service("default", "web", "10.96.0.10", NORTH_SOUTH_PORTS),
+        "NodePort",
+        &[30080, 30053],
+        "Cluster",
+    );
+    edit(spec(&mut svc));
+    svc
+}
+
+/// One endpoint on this node, one on another.
+fn node_port_endpoints() -> Vec<Endpoint> {
+    vec![
+        ep("10.244.0.10").on_node(NODE),
+        ep("10.244.1.10").on_node("node-b"),
+    ]
+}
+
+fn node_port_slice(endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        endpoints,
+    )
+}
+
+/// The frontends outside traffic reaches (external kinds, external scope).
+fn external_frontends(state: &DesiredState) -> BTreeSet<Frontend> {
+    state
+        .frontends
+        .iter()
+        .filter(|(f, s)| s.kind.is_external() && f.scope == Scope::External)
+        .map(|(f, _)| *f)
+        .collect()
+}
+
+#[test]
+fn node_ports_of_a_cluster_policy_service_use_every_endpoint_with_its_locality() {
+    let (state, diagnostics) = build_default(&objects(
+        vec![node_port_web(|_| {})],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    assert_eq!(
+        external_frontends(&state),
+        BTreeSet::from([
+            node_port(30080, Protocol::Tcp),
+            node_port(30053, Protocol::Udp)
+        ])
+    );
+    // The two NodePorts and the two ClusterIPs, each in one scope.
+    assert_eq!(state.frontends.len(), 4, "{state:#?}");
+    assert!(node_port(30080, Protocol::Tcp).is_node_port());
+    let http = desired_of(&state, node_port(30080, Protocol::Tcp));
+    assert_eq!(http.kind, FrontendKind::NodePort);
+    assert_eq!(http.name, port_name("default", "web", "http"));
+    assert!(!http.local_only && !http.two_scopes, "{http:?}");
+    let set = set_of(&state, node_port(30080, Protocol::Tcp));
+    assert_eq!(
+        set.backends,
+        backends(&[("10.244.0.10", 8080), ("10.244.1.10", 8080)])
+    );
+    assert_eq!(set.local, backends(&[("10.244.0.10", 8080)]));
+    assert_eq!(
+        backends_of(&state, node_port(30053, Protocol::Udp)),
+        backends(&[("10.244.0.10", 5353), ("10.244.1.10", 5353)])
+    );
+    assert!(state.health_checks.is_empty());
+}
+
+#[test]
+fn local_policy_uses_local_endpoints_and_serves_a_health_check() {
+    let svc = node_port_web(|spec| {
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+    });
+    let http = node_port(30080, Protocol::Tcp);
+    let (state, _) = build_default(&objects(
+        vec![svc.clone()],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    let entry = desired_of(&state, http);
+    assert!(entry.local_only && entry.two_scopes, "{entry:?}");
+    assert_eq!(
+        entry.set(),
+        set_key("default", "web", "http", Endpoints::Local)
+    );
+    let set = set_of(&state, http);
+    assert_eq!(set.backends, backends(&[("10.244.0.10", 8080)]));
+    assert_eq!(set.local, set.backends);
+    // In-node clients of the NodePort (none reach address 0, but the entry follows the
+    // frontend) and of the ClusterIP get every endpoint.
+    assert_eq!(
+        desired_of(&state, http.in_scope(Scope::Internal)).set(),
+        set_key("default", "web", "http", Endpoints::All)
+    );
+    assert_eq!(
+        backends_of(&state, http.in_scope(Scope::Internal)),
+        backends(&[("10.244.0.10", 8080), ("10.244.1.10", 8080)])
+    );
+    assert_eq!(
+        backends_of(&state, tcp("10.96.0.10", 80)),
+        backends(&[("10.244.0.10", 8080), ("10.244.1.10", 8080)])
+    );
+    assert_eq!(
+        state.health_checks,
+        BTreeMap::from([(
+            32100,
+            HealthCheck {
+                namespace: "default".into(),
+                name: "web".into(),
+                local_endpoints: 1
+            }
+        )])
+    );
+
+    // Only a terminating local endpoint left: still served, but health says 0.
+    let terminating = vec![
+        ep("10.244.0.10")
+            .on_node(NODE)
+            .conditions(Some(false), Some(true), Some(true)),
+        ep("10.244.1.10").on_node("node-b"),
+    ];
+    let (state, _) = build_default(&objects(
+        vec![svc.clone()],
+        vec![node_port_slice(terminating)],
+    ));
+    let set = set_of(&state, http);
+    assert_eq!(set.backends, backends(&[("10.244.0.10", 8080)]));
+    assert_eq!(set.terminating, set.backends);
+    assert_eq!(state.health_checks[&32100].local_endpoints, 0);
+    // The cluster-wide set has a ready endpoint: the terminating one only drains there.
+    let internal = set_of(&state, http.in_scope(Scope::Internal));
+    assert_eq!(internal.backends, backends(&[("10.244.1.10", 8080)]));
+    assert_eq!(internal.draining, backends(&[("10.244.0.10", 8080)]));
+
+    // No local endpoint: no backend (the data path drops), health 0.
+    let (state, _) = build_default(&objects(
+        vec![svc],
+        vec![node_port_slice(vec![ep("10.244.1.10").on_node("node-b")])],
+    ));
+    assert!(backends_of(&state, http).is_empty());
+    assert_eq!(state.health_checks[&32100].local_endpoints, 0);
+}
+
+#[test]
+fn external_ips_and_load_balancer_ips_answer_at_the_service_port() {
+    let svc = with_ingress(
+        node_port_web(|spec| {
+            spec.type_ = Some("LoadBalancer".into());
+            spec.external_ips = Some(vec!["198.51.100.10".into(), "2001:db8::1".into()]);
+        }),
+        &[("198.51.100.20", None), ("198.51.100.30", Some("Proxy"))],
+    );
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    assert_eq!(
+        external_frontends(&state),
+        BTreeSet::from([
+            node_port(30080, Protocol::Tcp),
+            node_port(30053, Protocol::Udp),
+            tcp("198.51.100.10", 80),
+            fe("198.51.100.10", 53, Protocol::Udp),
+            tcp("198.51.100.20", 80),
+            fe("198.51.100.20", 53, Protocol::Udp),
+        ]),
+        "ipMode Proxy is left to the load balancer"
+    );
+    assert_eq!(
+        desired_of(&state, tcp("198.51.100.10", 80)).kind,
+        FrontendKind::ExternalIp
+    );
+    assert_eq!(
+        desired_of(&state, tcp("198.51.100.20", 80)).kind,
+        FrontendKind::LoadBalancer
+    );
+    assert_eq!(
+        diagnostics.len(),
+        1,
+        "the IPv6 externalIP is reported: {diagnostics:?}"
+    );
+    assert_eq!(diagnostics[0].severity, Severity::Info);
+    assert_eq!(diagnostics[0].object, service_ref("default", "web"));
+    assert!(
+        diagnostics[0].message.contains("2001:db8::1"),
+        "{diagnostics:?}"
+    );
+}
+
+#[test]
+fn cluster_ip_services_have_external_ips_only_and_no_traffic_policy() {
+    let mut plain = service("default", "web", "10.96.0.10", NORTH_SOUTH_PORTS);
+    let (state, _) = build_default(&objects(
+        vec![plain.clone()],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    assert!(external_frontends(&state).is_empty(), "{state:#?}");
+    let spec = spec(&mut plain);
+    spec.external_ips = Some(vec!["198.51.100.10".into()]);
+    spec.external_traffic_policy = Some("Local".into());
+    let with_ips = with_ingress(plain, &[("198.51.100.20", None)]);
+    let (state, _) = build_default(&objects(
+        vec![with_ips],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    // Load-balancer IPs belong to type LoadBalancer only.
+    assert_eq!(
+        external_frontends(&state),
+        BTreeSet::from([
+            tcp("198.51.100.10", 80),
+            fe("198.51.100.10", 53, Protocol::Udp)
+        ])
+    );
+    let http = desired_of(&state, tcp("198.51.100.10", 80));
+    assert!(
+        !http.local_only && !http.two_scopes,
+        "eTP applies to NodePort and LoadBalancer services only"
+    );
+    assert_eq!(backends_of(&state, tcp("198.51.100.10", 80)).len(), 2);
+    assert_eq!(http.set(), desired_of(&state, tcp("10.96.0.10", 80)).set());
+    assert!(
+        state.frontends.keys().all(|f| f.scope == Scope::External),
+        "{state:#?}"
+    );
+    assert!(state.health_checks.is_empty());
+}
+
+#[test]
+fn load_balancers_without_node_ports_and_headless_services_get_none() {
+    let no_node_ports = node_port_web(|spec| {
+        spec.type_ = Some("LoadBalancer".into());
+        spec.allocate_load_balancer_node_ports = Some(false);
+        for port in spec.ports.iter_mut().flatten() {
+            port.node_port = None;
+        }
+    });
+    let (state, diagnostics) = build_default(&objects(vec![no_node_ports], vec![]));
+    assert!(external_frontends(&state).is_empty(), "{state:#?}");
+    // The ClusterIPs remain.
+    assert_eq!(
+        state.frontends.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([tcp("10.96.0.10", 80), fe("10.96.0.10", 53, Protocol::Udp)])
+    );
+    assert_eq!(diagnostics, vec![]);
+    let headless = node_port_web(|spec| {
+        spec.cluster_ip = Some("None".into());
+        spec.cluster_ips = Some(vec!["None".into()]);
+        spec.external_ips = Some(vec!["198.51.100.10".into()]);
+    });
+    let (state, diagnostics) = build_default(&objects(vec![headless], vec![]));
+    assert_eq!(state, DesiredState::default());
+    assert_eq!(diagnostics, vec![]);
+}
+
+#[test]
+fn node_port_and_load_balancer_ips_share_the_cluster_ip_set_under_cluster_policy() {
+    let svc = |policy: &str| {
+        let mut svc = with_ingress(
+            node_port_web(|spec| {
+                spec.type_ = Some("LoadBalancer".into());
+                spec.external_traffic_policy = Some(policy.into());
+                spec.external_ips = Some(vec!["198.51.100.10".into()]);
+            }),
+            &[("198.51.100.20", None)],
+        );
+        spec(&mut svc).internal_traffic_policy = Some("Cluster".into());
+        svc
+    };
+    let cluster_ip = tcp("10.96.0.10", 80);
+    let outside = [
+        node_port(30080, Protocol::Tcp),
+        tcp("198.51.100.10", 80),
+        tcp("198.51.100.20", 80),
+    ];
+    let all = set_key("default", "web", "http", Endpoints::All);
+    let local = set_key("default", "web", "http", Endpoints::Local);
+
+    let (state, _) = build_default(&objects(
+        vec![svc("Cluster")],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    assert_eq!(desired_of(&state, cluster_ip).set(), all);
+    for frontend in outside {
+        assert_eq!(desired_of(&state, frontend).set(), all, "{frontend}");
+    }
+    // One set per port: http and dns.
+    assert_eq!(state.sets.len(), 2, "{:#?}", state.sets);
+
+    let (state, _) = build_default(&objects(
+        vec![svc("Local")],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    assert_eq!(desired_of(&state, cluster_ip).set(), all);
+    for frontend in outside {
+        assert_eq!(desired_of(&state, frontend).set(), local, "{frontend}");
+        assert_eq!(
+            desired_of(&state, frontend.in_scope(Scope::Internal)).set(),
+            all,
+            "{frontend}"
+        );
+    }
+    assert_eq!(
+        set_of(&state, outside[0]).backends,
+        backends(&[("10.244.0.10", 8080)])
+    );
+    // Two sets per port.
+    assert_eq!(state.sets.len(), 4, "{:#?}", state.sets);
+}
+
+#[test]
+fn invalid_node_ports_and_external_addresses_are_reported_by_service() {
+    let svc = with_ingress(
+        node_port_web(|spec| {
+            spec.type_ = Some("LoadBalancer".into());
+            spec.external_ips = Some(vec![
+                "2001:db8::1".into(),
+                "198.51.100.300".into(),
+                "198.51.100.10".into(),
+            ]);
+            // 30080 for port 80 stays; the dns port's nodePort is out of range.
+            spec.ports.as_mut().unwrap()[1].node_port = Some(70_000);
+        }),
+        &[("2001:db8::2", None), ("not-an-ip", None)],
+    );
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![node_port_slice(node_port_endpoints())],
+    ));
+    // What is valid is served.
+    assert_eq!(
+        external_frontends(&state),
+        BTreeSet::from([
+            node_port(30080, Protocol::Tcp),
+            tcp("198.51.100.10", 80),
+            fe("198.51.100.10", 53, Protocol::Udp),
+        ])
+    );
+    let mut found: Vec<(Severity, &str)> = Vec::new();
+    for diagnostic in &diagnostics {
+        assert_eq!(
+            diagnostic.object,
+            service_ref("default", "web"),
+            "{diagnostic}"
+        );
+        assert!(
+            diagnostic.to_string().starts_with("Service default/web: "),
+            "{diagnostic}"
+        );
+        let what = [
+            "70000",
+            "2001:db8::1",
+            "198.51.100.300",
+            "2001:db8::2",
+            "not-an-ip",
+        ]
+        .into_iter()
+        .find(|needle| diagnostic.message.contains(needle))
+        .unwrap_or_else(|| panic!("unexpected: {diagnostic}"));
+        found.push((diagnostic.severity, what));
+    }
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            // IPv6 is not served yet; the rest makes no sense.
+            (Severity::Info, "2001:db8::1"),
+            (Severity::Info, "2001:db8::2"),
+            (Severity::Warning, "198.51.100.300"),
+            (Severity::Warning, "70000"),
+            (Severity::Warning, "not-an-ip"),
+        ],
+        "{diagnostics:#?}"
+    );
+    let node_port_problem = diagnostics
+        .iter()
+        .find(|d| d.message.contains("70000"))
+        .unwrap();
+    assert!(
+        node_port_problem.message.contains("nodePort") && node_port_problem.message.contains("dns"),
+        "{node_port_problem}"
+    );
+}
+
+#[test]
+fn terminating_endpoints_not_picked_are_kept_draining() {
+    let objects_with = |endpoints| objects(vec![web()], vec![web_slice(endpoints)]);
+    let (state, _) = build_default(&objects_with(vec![
+        ep("10.244.1.1"),
+        ep("10.244.1.2").conditions(Some(false), Some(true), Some(true)),
+    ]));
+    let set = set_of(&state, tcp("10.96.0.10", 80));
+    assert_eq!(set.backends, backends(&[("10.244.1.1", 8080)]));
+    assert!(set.terminating.is_empty());
+    assert_eq!(set.draining, backends(&[("10.244.1.2", 8080)]));
+    assert_eq!(
+        set.members().copied().collect::<BTreeSet<_>>(),
+        backends(&[("10.244.1.1", 8080), ("10.244.1.2", 8080)])
+    );
+    assert!(set.is_terminating(&backends(&[("10.244.1.2", 8080)]).pop_first().unwrap()));
+    // Once it leaves the slice, nothing keeps it.
+    let (state, _) = build_default(&objects_with(vec![ep("10.244.1.1")]));
+    let set = set_of(&state, tcp("10.96.0.10", 80));
+    assert_eq!(set.backends, backends(&[("10.244.1.1", 8080)]));
+    assert!(set.draining.is_empty());
+
+    // Under eTP Local, the local set keeps only this node's draining endpoints; the
+    // cluster-wide one keeps them all.
+    let svc = node_port_web(|spec| spec.external_traffic_policy = Some("Local".into()));
+    let (state, _) = build_default(&objects(
+        vec![svc],
+        vec![node_port_slice(vec![
+            ep("10.244.0.10").on_node(NODE),
+            ep("10.244.0.11")
+                .on_node(NODE)
+                .conditions(Some(false), Some(true), Some(true)),
+            ep("10.244.1.11")
+                .on_node("node-b")
+                .conditions(Some(false), Some(true), Some(true)),
+        ])],
+    ));
+    let local = set_of(&state, node_port(30080, Protocol::Tcp));
+    assert_eq!(local.backends, backends(&[("10.244.0.10", 8080)]));
+    assert_eq!(local.draining, backends(&[("10.244.0.11", 8080)]));
+    assert_eq!(
+        local.local,
+        backends(&[("10.244.0.10", 8080), ("10.244.0.11", 8080)])
+    );
+    let all = set_of(&state, tcp("10.96.0.10", 80));
+    assert_eq!(all.backends, backends(&[("10.244.0.10", 8080)]));
+    assert_eq!(
+        all.draining,
+        backends(&[("10.244.0.11", 8080), ("10.244.1.11", 8080)])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Conflicts
 
 #[test]
@@ -1243,10 +1824,10 @@ fn two_services_on_one_frontend_one_wins_with_a_warning() {
     let (state, diagnostics) = build_default(&objects(vec![second, first], vec![]));
     // 80/TCP goes to one of them; 80/UDP is no conflict.
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80), fe("10.96.0.10", 80, Protocol::Udp)]
     );
-    let winner = &state.services[&tcp("10.96.0.10", 80)].name;
+    let winner = &state.frontends[&tcp("10.96.0.10", 80)].name;
     let loser = if winner.name == "alpha" {
         "beta"
     } else {
@@ -1277,45 +1858,452 @@ fn two_services_on_one_frontend_one_wins_with_a_warning() {
     assert_eq!(again, state);
 }
 
+/// The state and diagnostics of a model fed `first`, then `then` (which keeps `first`'s
+/// objects as they are, so only the new ones are computed).
+fn in_order(first: &Objects, then: &Objects) -> (DesiredState, Vec<Diagnostic>) {
+    let mut model = Model::new(identity());
+    model.update(first);
+    model.update(then);
+    (model.desired().clone(), model.diagnostics())
+}
+
+/// `base` with `more`'s objects added (the `Arc`s of both kept).
+fn plus(base: &Objects, more: &Objects) -> Objects {
+    let mut all = base.clone();
+    all.services
+        .extend(more.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all.endpoint_slices.extend(
+        more.endpoint_slices
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    all
+}
+
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_never_takes_it_over() {
+    // CVE-2020-8554: a Service in a namespace sorting before kube-system lists kube-dns's
+    // ClusterIP among its externalIPs, as a plain ClusterIP service and as a LoadBalancer
+    // with eTP Local (whose externalIPs also get an entry for in-node clients).
+    let dns_ports: &[(&str, i32, &str)] = &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")];
+    let kube_dns = objects(
+        vec![service("kube-system", "kube-dns", "10.96.0.10", dns_ports)],
+        vec![slice(
+            "kube-system",
+            "kube-dns-x7k2p",
+            "kube-dns",
+            dns_ports,
+            vec![ep("10.244.0.3"), ep("10.244.0.4")],
+        )],
+    );
+    let dns_backends = backends(&[("10.244.0.3", 53), ("10.244.0.4", 53)]);
+    for kind in ["ClusterIP", "LoadBalancer"] {
+        let mut evil = service("aaa", "evil", "10.96.200.1", dns_ports);
+        if kind == "LoadBalancer" {
+            evil = with_node_ports(evil, kind, &[30053, 30054], "Local");
+        }
+        spec(&mut evil).external_ips = Some(vec!["10.96.0.10".into()]);
+        let attacker = objects(
+            vec![evil],
+            vec![slice(
+                "aaa",
+                "evil-1",
+                "evil",
+                &[("dns", 5353, "UDP"), ("dns-tcp", 5353, "TCP")],
+                vec![ep("10.244.9.9").on_node(NODE)],
+            )],
+        );
+        let check = |order: &str, (state, diagnostics): (DesiredState, Vec<Diagnostic>)| {
+            for (protocol, port) in [(Protocol::Udp, "dns"), (Protocol::Tcp, "dns-tcp")] {
+                let frontend = fe("10.96.0.10", 53, protocol);
+                let entry = desired_of(&state, frontend);
+                assert_eq!(entry.kind, FrontendKind::ClusterIP, "{kind}, {order}");
+                assert_eq!(
+                    entry.name,
+                    port_name("kube-system", "kube-dns", port),
+                    "{kind}, {order}"
+                );
+                assert!(!entry.two_scopes, "{kind}, {order}");
+                assert_eq!(
+                    backends_of(&state, frontend),
+                    dns_backends,
+                    "{kind}, {order}"
+                );
+                // Nor is anything of the attacker served for in-node clients there.
+                assert!(
+                    !state
+                        .frontends
+                        .contains_key(&frontend.in_scope(Scope::Internal)),
+                    "{kind}, {order}: {state:#?}"
+                );
+                // The attacker's own ClusterIP is served as usual.
+                assert_eq!(
+                    desired_of(&state, fe("10.96.200.1", 53, protocol)).name,
+                    port_name("aaa", "evil", port)
+                );
+            }
+            let warnings: Vec<&Diagnostic> = diagnostics
+                .iter()
+                .filter(|d| d.object == service_ref("aaa", "evil"))
+                .collect();
+            assert_eq!(warnings.len(), 2, "{kind}, {order}: {diagnostics:#?}");
+            for (warning, protocol) in warnings.iter().zip(["TCP", "UDP"]) {
+                assert_eq!(warning.severity, Severity::Warning);
+                assert!(
+                    warning
+                        .message
+                        .contains(&format!("10.96.0.10:53/{protocol}"))
+                        && warning.message.contains("kube-system/kube-dns"),
+                    "{kind}, {order}: {warning}"
+                );
+            }
+            assert!(
+                diagnostics
+                    .iter()
+                    .all(|d| d.object == service_ref("aaa", "evil")),
+                "{kind}, {order}: {diagnostics:#?}"
+            );
+            state
+        };
+        let both = plus(&kube_dns, &attacker);
+        let fresh = check("fresh build", build_default(&both));
+        let dns_first = check("kube-dns first", in_order(&kube_dns, &both));
+        let attacker_first = check("attacker first", in_order(&attacker, &both));
+        assert_eq!(dns_first, fresh, "{kind}");
+        assert_eq!(attacker_first, fresh, "{kind}");
+        // And when kube-dns goes, the address is the attacker's (it is only an address).
+        let mut without_dns = both.clone();
+        without_dns.services.clear();
+        without_dns.services.extend(attacker.services.clone());
+        let mut model = Model::new(identity());
+        model.update(&both);
+        model.update(&without_dns);
+        let (alone, _) = build_default(&without_dns);
+        assert_eq!(model.desired(), &alone, "{kind}");
+        assert_eq!(
+            desired_of(&alone, fe("10.96.0.10", 53, Protocol::Udp)).name,
+            port_name("aaa", "evil", "dns")
+        );
+    }
+}
+
+#[test]
+fn two_services_on_one_external_ip_the_first_by_name_wins() {
+    let with_ip = |name: &str, cluster_ip: &str| {
+        let mut svc = service("default", name, cluster_ip, &[("http", 80, "TCP")]);
+        spec(&mut svc).external_ips = Some(vec!["198.51.100.10".into()]);
+        svc
+    };
+    let alpha = objects(vec![with_ip("alpha", "10.96.0.11")], vec![]);
+    let beta = objects(vec![with_ip("beta", "10.96.0.12")], vec![]);
+    let both = plus(&alpha, &beta);
+    for (order, (state, diagnostics)) in [
+        ("fresh", build_default(&both)),
+        ("alpha first", in_order(&alpha, &both)),
+        ("beta first", in_order(&beta, &both)),
+    ] {
+        assert_eq!(
+            desired_of(&state, tcp("198.51.100.10", 80)).name,
+            port_name("default", "alpha", "http"),
+            "{order}"
+        );
+        assert_eq!(diagnostics.len(), 1, "{order}: {diagnostics:?}");
+        assert_eq!(diagnostics[0].object, service_ref("default", "beta"));
+        assert!(
+            diagnostics[0].message.contains("198.51.100.10:80/TCP")
+                && diagnostics[0].message.contains("default/alpha"),
+            "{}",
+            diagnostics[0]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sequences of changes: every step ends in exactly the state a fresh build computes, and the
 // maps a reconciler keeps in step hold exactly what a fresh reconciler writes.
 
-/// Runs `steps` in order against one reconciler and one set of maps; at every step compares
-/// with `expected` (a fresh build of independently constructed objects) and with a fresh
-/// reconciler on empty maps.
+/// Runs `steps` in order against one incremental model, one reconciler and one set of maps;
+/// at every step compares with `expected` (a fresh build of independently constructed
+/// objects) and with a fresh reconciler on empty maps.
 fn converges(steps: &[(Objects, Objects)]) {
+    let mut model = Model::new(identity());
     let mut reconciler = Reconciler::default();
     let mut maps = MemoryMaps::default();
     for (index, (incremental, fresh)) in steps.iter().enumerate() {
+        model.update(incremental);
         let (desired, _) = build_default(incremental);
         let (expected, _) = build_default(fresh);
         assert_eq!(desired, expected, "step {index}");
+        assert_eq!(
+            model.desired(),
+            &expected,
+            "step {index}: the incremental model"
+        );
         let report = reconciler.sync(&desired, &mut maps);
         assert!(report.failed.is_empty(), "step {index}: {report:?}");
         let mut fresh_maps = MemoryMaps::default();
         Reconciler::default().sync(&desired, &mut fresh_maps);
         assert_eq!(
-            maps.contents.view(),
-            fresh_maps.contents.view(),
+            view_without_ids(&maps.contents),
+            view_without_ids(&fresh_maps.contents),
             "step {index}"
         );
-        let wanted: std::collections::BTreeMap<_, _> = desired
-            .services
-            .iter()
-            .map(|(f, s)| (*f, (s.backends.clone(), s.affinity_timeout_secs)))
-            .collect();
-        assert_eq!(maps.contents.view(), wanted, "step {index}");
-        // Nothing left over: exactly the live slots and backends.
-        let live_slots: usize = maps
-            .contents
-            .services
-            .values()
-            .map(|v| v.count as usize)
-            .sum();
-        assert_eq!(maps.contents.slots.len(), live_slots, "step {index}");
-        assert_eq!(maps.contents.backends.len(), live_slots, "step {index}");
+        assert_eq!(
+            view_without_ids(&maps.contents),
+            expected_view(&desired),
+            "step {index}"
+        );
+        // Nothing left over: exactly the live slots, the backends the sets keep and the
+        // Maglev tables of the sets outside traffic reaches.
+        if let Err(problem) = exact(&maps, &desired) {
+            panic!(
+                "step {index}: {problem}\nmaps: {:#?}\ndesired: {desired:#?}",
+                maps.contents
+            );
+        }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What maps mean, up to ids (shared with the reconciler's tests)
+
+/// What one frontend entry means, without the ids a reconciler happened to hand out: kind,
+/// which set it names (numbered by the first frontend, in frontend order, naming it), the
+/// backends new connections may pick, affinity and flags.
+pub(crate) type Meaning = (
+    Option<FrontendKind>,
+    usize,
+    BTreeSet<Backend>,
+    Option<u32>,
+    u8,
+);
+
+/// Numbers `ids` by first appearance: equal ids get equal numbers, different ones different.
+fn canonical<T: Ord + Clone>(ids: impl Iterator<Item = T>) -> Vec<usize> {
+    let mut seen = BTreeMap::new();
+    ids.map(|id| {
+        let next = seen.len();
+        *seen.entry(id).or_insert(next)
+    })
+    .collect()
+}
+
+/// The maps' [`MapContents::view`] up to service ids: which frontends share a service id is
+/// kept, the numbers are not.
+pub(crate) fn view_without_ids(contents: &MapContents) -> BTreeMap<Frontend, Meaning> {
+    let view = contents.view();
+    let sets = canonical(view.values().map(|v| v.service_id));
+    view.into_iter()
+        .zip(sets)
+        .map(|((frontend, v), set)| {
+            (
+                frontend,
+                (v.kind, set, v.backends, v.affinity_timeout_secs, v.flags),
+            )
+        })
+        .collect()
+}
+
+/// The flags a frontend entry of `service` carries.
+pub(crate) fn frontend_flags_of(service: &DesiredService) -> u8 {
+    use lb_common::frontend_flags::*;
+    let mut flags = 0;
+    if service.affinity_timeout_secs.is_some() {
+        flags |= AFFINITY;
+    }
+    if service.local_only {
+        flags |= LOCAL_ONLY;
+    }
+    if service.two_scopes {
+        flags |= TWO_SCOPES;
+    }
+    flags
+}
+
+/// What the maps should mean for `desired`, in the terms of [`view_without_ids`].
+pub(crate) fn expected_view(desired: &DesiredState) -> BTreeMap<Frontend, Meaning> {
+    let sets = canonical(desired.frontends.values().map(DesiredService::set));
+    desired
+        .frontends
+        .iter()
+        .zip(sets)
+        .map(|((frontend, service), set)| {
+            (
+                *frontend,
+                (
+                    Some(service.kind),
+                    set,
+                    desired.backends_of(frontend),
+                    service.affinity_timeout_secs,
+                    frontend_flags_of(service),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The maps hold exactly `desired` (up to the naming of ids): one entry per frontend with the
+/// right kind, count and flags; one service id per backend set, shared by all its frontends
+/// and by no other set; exactly the slots of each set's live generation, naming its backends;
+/// one backend id per address and port, exactly the members of the programmed sets, each with
+/// its state and locality; a Maglev table, naming the set's backends, exactly for the sets
+/// with backends that outside traffic reaches; nothing else.
+pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), String> {
+    use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, backend_flags, backend_states};
+
+    use crate::reconcile::{backend_of, frontend_key, maglev};
+    let contents = &maps.contents;
+    let wanted: BTreeSet<Frontend4Key> = desired.frontends.keys().map(frontend_key).collect();
+    let present: BTreeSet<Frontend4Key> = contents.frontends.keys().copied().collect();
+    if wanted != present {
+        return Err(format!(
+            "frontend entries differ from the desired frontends: missing {:?}, extra {:?}",
+            wanted.difference(&present).collect::<Vec<_>>(),
+            present.difference(&wanted).collect::<Vec<_>>()
+        ));
+    }
+    // Each programmed set: its entry (every frontend of the set must agree on it) and
+    // whether outside traffic reaches it.
+    let mut programmed: BTreeMap<SetKey, (Frontend4Value, bool)> = BTreeMap::new();
+    let mut owners: BTreeMap<u32, SetKey> = BTreeMap::new();
+    for (frontend, service) in &desired.frontends {
+        let value = contents.frontends[&frontend_key(frontend)];
+        let key = service.set();
+        let Some(set) = desired.sets.get(&key) else {
+            return Err(format!(
+                "{frontend} names the set {key}, which is not desired"
+            ));
+        };
+        let timeout = service.affinity_timeout_secs.unwrap_or(0);
+        if value.kind != service.kind.number()
+            || value.flags != frontend_flags_of(service)
+            || value.affinity_timeout_secs != timeout
+            || value.count as usize != set.backends.len()
+            || value.generation > 1
+            || value.pad != [0; 3]
+        {
+            return Err(format!("{frontend}: wrong frontend value {value:?}"));
+        }
+        if let Some(other) = owners.insert(value.service_id, key.clone())
+            && other != key
+        {
+            return Err(format!(
+                "service id {} names both {other} and {key}",
+                value.service_id
+            ));
+        }
+        let outside = service.kind.is_external() && frontend.scope == Scope::External;
+        let entry = programmed.entry(key).or_insert((value, false));
+        if (entry.0.service_id, entry.0.generation, entry.0.count)
+            != (value.service_id, value.generation, value.count)
+        {
+            return Err(format!(
+                "{frontend}: {value:?} disagrees with another frontend of its set: {:?}",
+                entry.0
+            ));
+        }
+        entry.1 |= outside;
+    }
+    let mut ids = BTreeMap::new();
+    for (id, value) in &contents.backends {
+        if let Some(other) = ids.insert(backend_of(value), *id) {
+            return Err(format!(
+                "backend {} has two ids, {other} and {id}",
+                backend_of(value)
+            ));
+        }
+    }
+    let mut slots = BTreeSet::new();
+    let mut members = BTreeSet::new();
+    let mut tables = BTreeSet::new();
+    for (key, (value, outside)) in &programmed {
+        let set = &desired.sets[key];
+        let mut picks = Vec::new();
+        let mut picked_ids = Vec::new();
+        for index in 0..value.count {
+            let slot = Slot4Key {
+                service_id: value.service_id,
+                index,
+                generation: value.generation,
+                pad: 0,
+            };
+            slots.insert(slot);
+            let id = contents
+                .slots
+                .get(&slot)
+                .ok_or(format!("{key}: slot {slot:?} missing"))?
+                .backend_id;
+            let backend = contents
+                .backends
+                .get(&id)
+                .ok_or(format!("{key}: slot {slot:?} names missing backend {id}"))?;
+            picks.push(backend_of(backend));
+            picked_ids.push(id);
+        }
+        if picks.iter().copied().collect::<BTreeSet<_>>() != set.backends
+            || picks.len() != set.backends.len()
+        {
+            return Err(format!("{key}: slots name {picks:?}"));
+        }
+        members.extend(set.members().copied());
+        if *outside && value.count > 0 {
+            tables.insert(value.service_id);
+            let Some(table) = maps.tables.get(&value.service_id) else {
+                return Err(format!("{key}: no Maglev table"));
+            };
+            // The table of the backends sorted, as every node builds it.
+            let mut sorted: Vec<(Backend, u32)> = picks.into_iter().zip(picked_ids).collect();
+            sorted.sort();
+            let (picks, picked_ids): (Vec<Backend>, Vec<u32>) = sorted.into_iter().unzip();
+            if **table != *maglev::table_for(&picks, &picked_ids) {
+                return Err(format!("{key}: wrong Maglev table"));
+            }
+        }
+    }
+    if contents.slots.keys().copied().collect::<BTreeSet<_>>() != slots {
+        return Err("slots other than the live generations are left".into());
+    }
+    if ids.keys().copied().collect::<BTreeSet<_>>() != members {
+        return Err(format!(
+            "backends {:?} are in the maps, the sets keep {members:?}",
+            ids.keys().collect::<Vec<_>>()
+        ));
+    }
+    if maps.tables.keys().copied().collect::<BTreeSet<_>>() != tables || contents.maglev != tables {
+        return Err(format!(
+            "Maglev tables {:?} (ids {:?}), wanted {tables:?}",
+            maps.tables.keys().collect::<Vec<_>>(),
+            contents.maglev
+        ));
+    }
+    // A backend's state and locality: terminating when any set keeping it says so (affinity
+    // must not stick to it there); local only when every set keeping it says so (a backend
+    // wrongly taken for local would get outside traffic without SNAT).
+    for backend in &members {
+        let keeping: Vec<&BackendSet> = programmed
+            .keys()
+            .map(|key| &desired.sets[key])
+            .filter(|set| set.members().any(|b| b == backend))
+            .collect();
+        let state = if keeping.iter().any(|set| set.is_terminating(backend)) {
+            backend_states::TERMINATING
+        } else {
+            backend_states::ACTIVE
+        };
+        let flags = if keeping.iter().all(|set| set.local.contains(backend)) {
+            backend_flags::LOCAL
+        } else {
+            0
+        };
+        let value = contents.backends[&ids[backend]];
+        if (value.state, value.flags) != (state, flags) {
+            return Err(format!(
+                "backend {backend}: state {} flags {}, wanted state {state} flags {flags}",
+                value.state, value.flags
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[test]
@@ -1393,7 +2381,7 @@ fn cluster_ip_change_moves_the_frontend() {
         .insert(ObjectKey::new("default", "web"), Arc::new(moved()));
     let (state, _) = build_default(&current);
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.7.7", 80)]
     );
     converges(&[
@@ -1445,7 +2433,7 @@ fn ports_added_and_removed() {
     steps.push((current.clone(), objects(vec![https_only()], slices_two())));
     let (state, _) = build_default(&current);
     assert_eq!(
-        state.services.keys().copied().collect::<Vec<_>>(),
+        state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 443)]
     );
     // Service deleted: nothing left.

@@ -1,23 +1,35 @@
 //! The reconciler against in-memory maps: exact map contents after each kind of change, the
-//! order of writes (checked at every single write: no connect may ever see a half-written
-//! backend set), failures that leave the previous state serving, adoption of maps left by an
-//! earlier agent, and a model-based randomized test from Kubernetes objects to map contents.
+//! order of writes (checked at every single write: no connect and no packet may ever see a
+//! half-written backend set), failures that leave the previous state serving, adoption of
+//! maps left by an earlier agent, and a model-based randomized test from Kubernetes objects
+//! to map contents, over every frontend kind.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use lb_common::{Backend4, Service4Key, Service4Value, Slot4Key, Slot4Value, service_flags};
+use lb_common::{
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, backend_flags,
+    backend_states, frontend_flags, frontend_kinds, scopes,
+};
 use proptest::prelude::*;
 
 use super::{
-    MapContents, MapError, Reconciler, ServiceMaps, SyncReport, frontend_of, memory::MemoryMaps,
-    service_key,
+    MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of, frontend_key,
+    frontend_of, memory::MemoryMaps,
 };
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
 use crate::model::{
-    self, Backend, DesiredService, DesiredState, Frontend, ObjectKey, Objects, Protocol,
-    ServicePortName,
-    tests::{EndpointExt as _, ep, identity, node, service, slice},
+    self, Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
+    ObjectKey, Objects, Protocol, Scope, ServicePortName, SetKey,
+    tests::{
+        EndpointExt as _, ep, exact, expected_view, identity, node, objects, service, slice,
+        view_without_ids, with_ingress, with_node_ports,
+    },
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -26,16 +38,18 @@ use crate::model::{
 /// One successful map operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
-    PutService(Service4Key, Service4Value),
-    RemoveService(Service4Key),
+    PutFrontend(Frontend4Key, Frontend4Value),
+    RemoveFrontend(Frontend4Key),
     PutSlot(Slot4Key, u32),
     RemoveSlot(Slot4Key),
     PutBackend(u32),
     RemoveBackend(u32),
+    PutMaglev(u32),
+    RemoveMaglev(u32),
 }
 
-/// [`MemoryMaps`] that record every operation and, after each write, assert that every service
-/// entry's live generation is complete: slots `0..count` exist and name existing backends.
+/// [`MemoryMaps`] that record every operation and, after each write, assert that every
+/// frontend entry's live generation is whole (see [`live_generations_complete`]).
 #[derive(Debug, Default)]
 struct CheckedMaps {
     maps: MemoryMaps,
@@ -67,26 +81,43 @@ impl CheckedMaps {
         if result.is_ok() {
             self.ops.push(op);
         }
-        if let Err(problem) = live_generations_complete(&self.maps.contents) {
+        if let Err(problem) = live_generations_complete(&self.maps) {
             panic!(
                 "after {:?}: {problem}\nlast operations: {:#?}",
                 self.ops.last(),
-                &self.ops[self.ops.len().saturating_sub(12)..]
+                &self.ops[self.ops.len().saturating_sub(16)..]
             );
         }
         result
     }
+
+    /// The ids of the backends, by address.
+    fn backend_ids(&self) -> BTreeMap<Backend, u32> {
+        self.contents()
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_of(b), *id))
+            .collect()
+    }
+
+    fn frontend(&self, frontend: Frontend) -> Frontend4Value {
+        *self
+            .contents()
+            .frontends
+            .get(&frontend_key(&frontend))
+            .unwrap_or_else(|| panic!("{frontend} is not in the maps"))
+    }
 }
 
 impl ServiceMaps for CheckedMaps {
-    fn put_service(&mut self, key: Service4Key, value: Service4Value) -> Result<(), MapError> {
-        let result = self.maps.put_service(key, value);
-        self.record(result, Op::PutService(key, value))
+    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+        let result = self.maps.put_frontend(key, value);
+        self.record(result, Op::PutFrontend(key, value))
     }
 
-    fn remove_service(&mut self, key: &Service4Key) -> Result<(), MapError> {
-        let result = self.maps.remove_service(key);
-        self.record(result, Op::RemoveService(*key))
+    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
+        let result = self.maps.remove_frontend(key);
+        self.record(result, Op::RemoveFrontend(*key))
     }
 
     fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
@@ -109,14 +140,28 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveBackend(id))
     }
 
+    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+        let result = self.maps.put_maglev(service_id, table);
+        self.record(result, Op::PutMaglev(service_id))
+    }
+
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        let result = self.maps.remove_maglev(service_id);
+        self.record(result, Op::RemoveMaglev(service_id))
+    }
+
     fn dump(&self) -> Result<MapContents, MapError> {
         self.maps.dump()
     }
 }
 
-/// What the data path relies on at every instant: a service entry's live generation is whole.
-fn live_generations_complete(contents: &MapContents) -> Result<(), String> {
-    for (key, value) in &contents.services {
+/// What the data path relies on at every instant: a frontend entry's live generation is
+/// whole (slots `0..count` exist and name existing backends); a Maglev table present for a
+/// service id some entry names with backends names only existing backends; and a frontend
+/// outside traffic reaches (XDP picks through the table) has its table while it has backends.
+fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
+    let contents = &maps.contents;
+    for (key, value) in &contents.frontends {
         for index in 0..value.count {
             let slot = Slot4Key {
                 service_id: value.service_id,
@@ -134,114 +179,50 @@ fn live_generations_complete(contents: &MapContents) -> Result<(), String> {
                 ));
             }
         }
-    }
-    Ok(())
-}
-
-/// The maps hold exactly `desired` (up to the naming of ids): one entry per frontend with the
-/// right count and flags, exactly the slots of each live generation, each backend id named by
-/// exactly one slot, and nothing else.
-fn assert_exact(contents: &MapContents, desired: &DesiredState) {
-    if let Err(problem) = exact(contents, desired) {
-        panic!("{problem}\ncontents: {contents:#?}\ndesired: {desired:#?}");
-    }
-}
-
-fn exact(contents: &MapContents, desired: &DesiredState) -> Result<(), String> {
-    let keys: BTreeSet<Service4Key> = desired.services.keys().map(service_key).collect();
-    let present: BTreeSet<Service4Key> = contents.services.keys().copied().collect();
-    if keys != present {
-        return Err("service entries differ from the desired frontends".into());
-    }
-    let mut expected_slots = BTreeSet::new();
-    let mut named = BTreeMap::<u32, usize>::new();
-    let mut service_ids = BTreeSet::new();
-    for (frontend, service) in &desired.services {
-        let value = contents.services[&service_key(frontend)];
-        if !service_ids.insert(value.service_id) {
-            return Err(format!("service id {} used twice", value.service_id));
+        if value.count == 0 {
+            continue;
         }
-        let (flags, timeout) = match service.affinity_timeout_secs {
-            Some(secs) => (service_flags::AFFINITY, secs),
-            None => (0, 0),
-        };
-        if value.count as usize != service.backends.len()
-            || value.flags != flags
-            || value.affinity_timeout_secs != timeout
-            || value.generation > 1
-            || value.pad != 0
-        {
-            return Err(format!("{frontend}: wrong service value {value:?}"));
-        }
-        let mut backends = BTreeSet::new();
-        for index in 0..value.count {
-            let slot = Slot4Key {
-                service_id: value.service_id,
-                index,
-                generation: value.generation,
-                pad: 0,
-            };
-            expected_slots.insert(slot);
-            let id = contents
-                .slots
-                .get(&slot)
-                .ok_or(format!("{frontend}: slot {slot:?} missing"))?
-                .backend_id;
-            *named.entry(id).or_default() += 1;
-            let backend = contents
-                .backends
-                .get(&id)
-                .ok_or(format!("{frontend}: backend {id} missing"))?;
-            let named = super::backend_of(backend);
-            let flags = if service.terminating.contains(&named) {
-                lb_common::backend_flags::TERMINATING
-            } else {
-                0
-            };
-            if backend.flags != flags {
+        match maps.tables.get(&value.service_id) {
+            Some(table) => {
+                if let Some(id) = table
+                    .backend_ids
+                    .iter()
+                    .find(|id| !contents.backends.contains_key(id))
+                {
+                    return Err(format!(
+                        "{key:?} {value:?}: the Maglev table names missing backend {id}"
+                    ));
+                }
+            }
+            None if key.scope == scopes::EXTERNAL && value.kind != frontend_kinds::CLUSTER_IP => {
                 return Err(format!(
-                    "{frontend}: backend {named} has flags {}",
-                    backend.flags
+                    "{key:?} {value:?}: reached from outside, with backends, without a Maglev \
+                     table"
                 ));
             }
-            backends.insert(named);
-        }
-        if backends != service.backends {
-            return Err(format!("{frontend}: backends {backends:?}"));
+            None => {}
         }
     }
-    let slots: BTreeSet<Slot4Key> = contents.slots.keys().copied().collect();
-    if slots != expected_slots {
-        return Err("slots other than the live generations are left".into());
-    }
-    if let Some((id, _)) = named.iter().find(|(_, uses)| **uses > 1) {
-        return Err(format!("backend id {id} is named by more than one slot"));
-    }
-    let ids: BTreeSet<u32> = contents.backends.keys().copied().collect();
-    if ids != named.keys().copied().collect() {
-        return Err("backends no slot names are left".into());
+    if contents.maglev != maps.tables.keys().copied().collect() {
+        return Err("the Maglev ids differ from the tables".into());
     }
     Ok(())
 }
 
-/// What the maps should mean for `desired`, in the terms of [`MapContents::view`].
-fn view_of(desired: &DesiredState) -> BTreeMap<Frontend, (BTreeSet<Backend>, Option<u32>)> {
-    desired
-        .services
-        .iter()
-        .map(|(f, s)| (*f, (s.backends.clone(), s.affinity_timeout_secs)))
-        .collect()
+fn assert_exact(maps: &CheckedMaps, desired: &DesiredState) {
+    if let Err(problem) = exact(&maps.maps, desired) {
+        panic!(
+            "{problem}\ncontents: {:#?}\ndesired: {desired:#?}",
+            maps.contents()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Desired states written by hand
 
 fn frontend(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        ip: ip.parse().unwrap(),
-        port,
-        protocol,
-    }
+    Frontend::new(ip.parse().unwrap(), port, protocol)
 }
 
 fn backend(last: u8, port: u16) -> Backend {
@@ -251,23 +232,59 @@ fn backend(last: u8, port: u16) -> Backend {
     }
 }
 
-fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> DesiredService {
-    DesiredService {
-        name: ServicePortName {
-            namespace: "default".into(),
-            name: name.into(),
-            port: "http".into(),
-        },
-        backends: backends.iter().copied().collect(),
-        affinity_timeout_secs: affinity,
-        terminating: BTreeSet::new(),
+fn port_name(name: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: "default".into(),
+        name: name.into(),
+        port: "http".into(),
     }
 }
 
-fn state(services: Vec<(Frontend, DesiredService)>) -> DesiredState {
-    DesiredState {
-        services: services.into_iter().collect(),
+/// One frontend's entry and its backend set.
+type Entry = (DesiredService, BackendSet);
+
+/// A ClusterIP of service `name` (port `http`) with these backends.
+fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> Entry {
+    (
+        DesiredService {
+            name: port_name(name),
+            kind: FrontendKind::ClusterIP,
+            endpoints: Endpoints::All,
+            affinity_timeout_secs: affinity,
+            local_only: false,
+            two_scopes: false,
+        },
+        BackendSet {
+            backends: backends.iter().copied().collect(),
+            ..BackendSet::default()
+        },
+    )
+}
+
+/// Adds (or replaces) `frontend` in `state`, with its set (replaced too).
+fn insert(state: &mut DesiredState, frontend: Frontend, (service, set): Entry) {
+    state.sets.insert(service.set(), set);
+    state.frontends.insert(frontend, service);
+}
+
+/// A desired state of these frontends; frontends of one set must agree on it.
+fn state(entries: Vec<(Frontend, Entry)>) -> DesiredState {
+    let mut state = DesiredState::default();
+    for (frontend, (service, set)) in entries {
+        if let Some(other) = state.sets.get(&service.set()) {
+            assert_eq!(other, &set, "two frontends of {} disagree", service.set());
+        }
+        insert(&mut state, frontend, (service, set));
     }
+    state
+}
+
+/// The entry and set of a frontend of `state`.
+fn entry_of(state: &DesiredState, frontend: Frontend) -> Entry {
+    (
+        state.frontends[&frontend].clone(),
+        state.set_of(&frontend).unwrap().clone(),
+    )
 }
 
 fn web() -> Frontend {
@@ -285,7 +302,7 @@ fn api() -> Frontend {
 fn sync(reconciler: &mut Reconciler, desired: &DesiredState, maps: &mut CheckedMaps) -> SyncReport {
     let report = counted_sync(reconciler, desired, maps);
     assert!(report.failed.is_empty(), "{report:?}");
-    assert_exact(maps.contents(), desired);
+    assert_exact(maps, desired);
     report
 }
 
@@ -297,6 +314,24 @@ fn counted_sync(
 ) -> SyncReport {
     let before = maps.attempts;
     let report = reconciler.sync(desired, maps);
+    assert_eq!(
+        report.map_writes,
+        maps.attempts - before,
+        "map_writes miscounted: {report:?}"
+    );
+    report
+}
+
+/// Like [`counted_sync`], through [`Reconciler::sync_changes`] with what the model said
+/// changed.
+fn counted_sync_changes(
+    reconciler: &mut Reconciler,
+    desired: &DesiredState,
+    changes: &model::Changes,
+    maps: &mut CheckedMaps,
+) -> SyncReport {
+    let before = maps.attempts;
+    let report = reconciler.sync_changes(desired, &changes.frontends, &changes.sets, maps);
     assert_eq!(
         report.map_writes,
         maps.attempts - before,
@@ -327,22 +362,33 @@ fn add_programs_exactly_the_desired_state() {
         (3, 0, 0),
         "{report:?}"
     );
-    // 3 backends (the pod behind two services has an id for each), 3 slots, 3 services.
+    // 3 backends (one id per address and port: 10.244.0.1 has two ports), 3 slots, 3
+    // frontends; no Maglev table, as no outside traffic reaches a ClusterIP.
     assert_eq!(report.map_writes, 9);
     assert_eq!(maps.ops.len(), 9);
     assert_eq!(maps.contents().backends.len(), 3);
-    assert_eq!(maps.contents().services[&service_key(&api())].count, 0);
-    let dns_value = maps.contents().services[&service_key(&dns())];
-    assert_eq!(dns_value.flags, service_flags::AFFINITY);
+    assert_eq!(maps.frontend(api()).count, 0);
+    let dns_value = maps.frontend(dns());
+    assert_eq!(dns_value.flags, frontend_flags::AFFINITY);
     assert_eq!(dns_value.affinity_timeout_secs, 10_800);
-    assert_eq!(maps.contents().view(), view_of(&desired));
+    assert_eq!(view_without_ids(maps.contents()), expected_view(&desired));
+    assert_eq!(maps.frontend(web()).kind, frontend_kinds::CLUSTER_IP);
+    assert!(maps.maps.tables.is_empty());
     assert_eq!(reconciler.len(), 3);
     // Keys and values are in network byte order, as the kernel hands them to the programs.
-    let key = service_key(&web());
+    let key = frontend_key(&web());
     assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
     assert_eq!(key.port.to_ne_bytes(), 80u16.to_be_bytes());
     assert_eq!(key.proto, lb_common::IPPROTO_TCP);
+    assert_eq!(key.scope, scopes::EXTERNAL);
     assert_eq!(frontend_of(&key), Some(web()));
+    // A NodePort's key has address 0.
+    let key = frontend_key(&Frontend::node_port(30080, Protocol::Tcp));
+    assert_eq!((key.addr, key.port), (0, 30080u16.to_be()));
+    assert_eq!(
+        frontend_of(&key),
+        Some(Frontend::node_port(30080, Protocol::Tcp))
+    );
 }
 
 #[test]
@@ -355,7 +401,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         &state(vec![(web(), desired_service("web", &[a, b], None))]),
         &mut maps,
     );
-    let before = maps.contents().services[&service_key(&web())];
+    let before = maps.frontend(web());
     let id_of = |contents: &MapContents, wanted: Backend| {
         contents
             .backends
@@ -373,7 +419,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         &mut maps,
     );
     assert_eq!((report.added, report.updated, report.removed), (0, 1, 0));
-    let after = maps.contents().services[&service_key(&web())];
+    let after = maps.frontend(web());
     assert_eq!(after.generation, 1 - before.generation);
     assert_eq!(after.service_id, before.service_id);
     let id_c = id_of(maps.contents(), c);
@@ -392,7 +438,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
             Op::PutBackend(id_c),
             Op::PutSlot(slot(new, 0), id_b),
             Op::PutSlot(slot(new, 1), id_c),
-            Op::PutService(service_key(&web()), after),
+            Op::PutFrontend(frontend_key(&web()), after),
             Op::RemoveSlot(slot(old, 0)),
             Op::RemoveSlot(slot(old, 1)),
             Op::RemoveBackend(id_a),
@@ -407,13 +453,13 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         &state(vec![(web(), desired_service("web", &[c], None))]),
         &mut maps,
     );
-    let last = maps.contents().services[&service_key(&web())];
+    let last = maps.frontend(web());
     assert_eq!(last.generation, old);
     assert_eq!(
         maps.ops,
         vec![
             Op::PutSlot(slot(old, 0), id_c),
-            Op::PutService(service_key(&web()), last),
+            Op::PutFrontend(frontend_key(&web()), last),
             Op::RemoveSlot(slot(new, 0)),
             Op::RemoveSlot(slot(new, 1)),
             Op::RemoveBackend(id_b),
@@ -443,7 +489,7 @@ fn removed_backends_are_deleted_only_after_the_switch() {
         let switch = maps
             .ops
             .iter()
-            .position(|op| matches!(op, Op::PutService(..)))
+            .position(|op| matches!(op, Op::PutFrontend(..)))
             .expect("every change switches the service entry");
         for (index, op) in maps.ops.iter().enumerate() {
             match op {
@@ -474,7 +520,7 @@ fn remove_deletes_the_entry_first_then_everything_it_used() {
     )]);
     let report = sync(&mut reconciler, &only_api, &mut maps);
     assert_eq!((report.added, report.updated, report.removed), (0, 0, 1));
-    assert_eq!(maps.ops[0], Op::RemoveService(service_key(&web())));
+    assert_eq!(maps.ops[0], Op::RemoveFrontend(frontend_key(&web())));
     assert_eq!(maps.ops.len(), 5, "{:?}", maps.ops);
     let report = sync(&mut reconciler, &DesiredState::default(), &mut maps);
     assert_eq!(report.removed, 1);
@@ -513,7 +559,7 @@ fn affinity_only_change_is_one_service_write() {
         &mut maps,
     );
     let slots = maps.contents().slots.clone();
-    let first = maps.contents().services[&service_key(&web())];
+    let first = maps.frontend(web());
     for affinity in [Some(10_800), Some(125), None, Some(1)] {
         maps.ops.clear();
         let report = sync(
@@ -523,8 +569,8 @@ fn affinity_only_change_is_one_service_write() {
         );
         assert_eq!(report.map_writes, 1, "{affinity:?}");
         assert_eq!(report.updated, 1);
-        let value = maps.contents().services[&service_key(&web())];
-        assert_eq!(maps.ops, vec![Op::PutService(service_key(&web()), value)]);
+        let value = maps.frontend(web());
+        assert_eq!(maps.ops, vec![Op::PutFrontend(frontend_key(&web()), value)]);
         // Same id and generation: affinity entries and slots stay valid.
         assert_eq!(
             (value.service_id, value.generation, value.count),
@@ -579,14 +625,14 @@ fn full_backend_map_fails_that_service_only_and_keeps_what_it_had() {
         (dns(), dns_service.clone()),
         (api(), api_service.clone()),
     ]);
-    assert_exact(maps.contents(), &partial);
+    assert_exact(&maps, &partial);
 
     // Once there is room, the next sync programs it.
     maps.maps.max_backends = 64;
     let report = counted_sync(&mut reconciler, &wanted, &mut maps);
     assert!(report.failed.is_empty(), "{report:?}");
     assert_eq!(report.updated, 1);
-    assert_exact(maps.contents(), &wanted);
+    assert_exact(&maps, &wanted);
 }
 
 #[test]
@@ -604,11 +650,11 @@ fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
         None,
     );
     let mut wanted = small.clone();
-    wanted.services.insert(api(), big);
+    insert(&mut wanted, api(), big);
     let report = counted_sync(&mut reconciler, &wanted, &mut maps);
     assert_eq!(report.failed.len(), 1, "{report:?}");
     assert_eq!(report.failed[0].0, api());
-    assert_exact(maps.contents(), &small);
+    assert_exact(&maps, &small);
     assert_eq!(reconciler.len(), 1);
 
     // A full services map and a full slots map fail the same way.
@@ -616,11 +662,11 @@ fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
     let mut reconciler = Reconciler::default();
     let report = counted_sync(&mut reconciler, &wanted, &mut maps);
     assert_eq!(report.failed.len(), 1, "{report:?}");
-    assert_eq!(maps.contents().services.len(), 1);
+    assert_eq!(maps.contents().frontends.len(), 1);
     let programmed = report.failed[0].0;
     let survivor = if programmed == web() { api() } else { web() };
-    let expected = state(vec![(survivor, wanted.services[&survivor].clone())]);
-    assert_exact(maps.contents(), &expected);
+    let expected = state(vec![(survivor, entry_of(&wanted, survivor))]);
+    assert_exact(&maps, &expected);
 
     // Slots: both generations must fit during an update.
     let mut maps = CheckedMaps::with_limits(16, 3, 64);
@@ -636,7 +682,7 @@ fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
     )]);
     let report = counted_sync(&mut reconciler, &other_two, &mut maps);
     assert_eq!(report.failed.len(), 1, "{report:?}");
-    assert_exact(maps.contents(), &two);
+    assert_exact(&maps, &two);
     // The reconciler still knows what is programmed: the same desired state is a no-op.
     let report = counted_sync(&mut reconciler, &two, &mut maps);
     assert_eq!(report, SyncReport::default());
@@ -669,8 +715,8 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
 
     // The earlier agent died in the middle of an update of web: new backends and the idle
     // generation's slots written, the switch not yet made. Plus an orphan backend with the
-    // highest id and slots of a service that no longer exists.
-    let web_value = clean.services[&service_key(&web())];
+    // highest id, and the slots and Maglev table of a service that no longer exists.
+    let web_value = clean.frontends[&frontend_key(&web())];
     let top = *clean.backends.keys().max().unwrap();
     let leftovers = &mut maps.maps.contents;
     for (offset, last) in [(1, 7u8), (2, 8)] {
@@ -679,7 +725,7 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
             Backend4 {
                 addr: lb_common::addr_to_map(u32::from_be_bytes([10, 244, 0, last])),
                 port: lb_common::port_to_map(8080),
-                proto: 0,
+                state: backend_states::ACTIVE,
                 flags: 0,
             },
         );
@@ -709,11 +755,15 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
         },
     );
     leftovers.backends.insert(top + 3, Backend4::default());
+    maps.maps.put_maglev(999, &Maglev4Table::default()).unwrap();
     let view = maps.contents().view();
 
     maps.ops.clear();
     let mut adopted = Reconciler::adopt(&mut maps).expect("adopt");
-    assert_eq!(maps.contents(), &clean);
+    // Adoption removes the slots and tables no frontend names; the backends wait for the
+    // first sync, which knows which ones the sets keep (a draining backend is in no slot).
+    assert_eq!(maps.contents().slots, clean.slots);
+    assert!(maps.maps.tables.is_empty() && maps.contents().maglev.is_empty());
     assert_eq!(
         maps.contents().view(),
         view,
@@ -722,12 +772,33 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     assert!(
         maps.ops
             .iter()
-            .all(|op| matches!(op, Op::RemoveSlot(_) | Op::RemoveBackend(_))),
+            .all(|op| matches!(op, Op::RemoveSlot(_) | Op::RemoveMaglev(_))),
         "{:?}",
         maps.ops
     );
+    assert_eq!(maps.ops.len(), 4, "{:?}", maps.ops);
     assert_eq!(adopted.len(), 3);
 
+    maps.ops.clear();
+    let report = counted_sync(&mut adopted, &moved, &mut maps);
+    assert_eq!(
+        (report.added, report.updated, report.removed),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    // Only the leftover backends go: every set keeps its id, every backend its id.
+    let removed: BTreeSet<u32> = maps
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::RemoveBackend(id) => *id,
+            other => panic!("the first sync after adoption wrote {other:?}"),
+        })
+        .collect();
+    assert_eq!(removed, BTreeSet::from([top + 1, top + 2, top + 3]));
+    assert_eq!(maps.contents(), &clean);
+    assert_exact(&maps, &moved);
     maps.ops.clear();
     let report = counted_sync(&mut adopted, &moved, &mut maps);
     assert_eq!(report, SyncReport::default());
@@ -736,11 +807,13 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     // New ids never reuse live ones: a new service and a changed one leave the others' entries
     // untouched.
     let mut next = moved.clone();
-    next.services.insert(
+    insert(
+        &mut next,
         frontend("10.96.0.30", 80, Protocol::Tcp),
         desired_service("new", &[backend(20, 80), backend(21, 80)], None),
     );
-    next.services.insert(
+    insert(
+        &mut next,
         dns(),
         desired_service("dns", &[backend(1, 53), backend(4, 53)], None),
     );
@@ -759,7 +832,7 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     }
     let new_ids: BTreeSet<u32> = maps
         .contents()
-        .services
+        .frontends
         .values()
         .map(|v| v.service_id)
         .collect();
@@ -778,7 +851,7 @@ fn reserved_ids_are_never_handed_out_again() {
     )]);
     let report = reconciler.sync(&desired, &mut maps);
     assert!(report.failed.is_empty(), "{report:?}");
-    let service = maps.contents.services.values().next().unwrap();
+    let service = maps.contents.frontends.values().next().unwrap();
     assert!(service.service_id > 10, "{service:?}");
     assert!(
         maps.contents.backends.keys().all(|id| *id > 20),
@@ -801,21 +874,638 @@ fn adopt_of_empty_maps_then_sync() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// NodePorts, externalIPs and load-balancer IPs: one table, shared sets, Maglev, draining
+
+fn np() -> Frontend {
+    Frontend::node_port(30080, Protocol::Tcp)
+}
+
+/// The NodePort 30080/TCP of `default/web` with `backends` (last octet, whether local). With
+/// eTP Local (`local_only`) they are this node's endpoints, and in-node clients reach the
+/// same backends through the internal scope's cluster-wide set.
+fn node_port_state(backends: &[(u8, bool)], local_only: bool) -> DesiredState {
+    let set = BackendSet {
+        backends: backends
+            .iter()
+            .map(|(last, _)| backend(*last, 8080))
+            .collect(),
+        local: backends
+            .iter()
+            .filter(|(_, local)| *local)
+            .map(|(last, _)| backend(*last, 8080))
+            .collect(),
+        ..BackendSet::default()
+    };
+    let service = DesiredService {
+        name: port_name("web"),
+        kind: FrontendKind::NodePort,
+        endpoints: if local_only {
+            Endpoints::Local
+        } else {
+            Endpoints::All
+        },
+        affinity_timeout_secs: None,
+        local_only,
+        two_scopes: local_only,
+    };
+    let mut entries = vec![(np(), (service.clone(), set.clone()))];
+    if local_only {
+        let internal = DesiredService {
+            endpoints: Endpoints::All,
+            local_only: false,
+            two_scopes: false,
+            ..service
+        };
+        entries.push((np().in_scope(Scope::Internal), (internal, set)));
+    }
+    state(entries)
+}
+
+fn slot(service_id: u32, generation: u8, index: u16) -> Slot4Key {
+    Slot4Key {
+        service_id,
+        index,
+        generation,
+        pad: 0,
+    }
+}
+
+#[test]
+fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_last() {
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    let first = node_port_state(&[(10, true), (20, false)], false);
+    let report = sync(&mut reconciler, &first, &mut maps);
+    assert_eq!((report.added, report.failed.len()), (1, 0));
+    let value = maps.frontend(np());
+    assert_eq!(
+        maps.ops,
+        vec![
+            Op::PutBackend(1),
+            Op::PutBackend(2),
+            Op::PutSlot(slot(1, 0, 0), 1),
+            Op::PutSlot(slot(1, 0, 1), 2),
+            Op::PutMaglev(1),
+            Op::PutFrontend(frontend_key(&np()), value),
+        ]
+    );
+    assert_eq!(value.kind, frontend_kinds::NODE_PORT);
+    assert_eq!(value.flags, 0);
+    assert_eq!(maps.contents().backends[&1].flags, backend_flags::LOCAL);
+    assert_eq!(maps.contents().backends[&2].flags, 0);
+    assert_eq!(report.sets_added.len(), 1);
+
+    maps.ops.clear();
+    let report = sync(&mut reconciler, &first, &mut maps);
+    assert_eq!(
+        report,
+        SyncReport::default(),
+        "nothing changed, nothing written"
+    );
+    assert!(maps.ops.is_empty());
+
+    let report = sync(
+        &mut reconciler,
+        &node_port_state(&[(10, true), (11, true)], false),
+        &mut maps,
+    );
+    assert_eq!(report.updated, 1);
+    let after = maps.frontend(np());
+    assert_eq!((after.service_id, after.generation), (1, 1));
+    assert_eq!(
+        maps.ops,
+        vec![
+            Op::PutBackend(3),
+            Op::PutSlot(slot(1, 1, 0), 1),
+            Op::PutSlot(slot(1, 1, 1), 3),
+            Op::PutMaglev(1),
+            Op::PutFrontend(frontend_key(&np()), after),
+            Op::RemoveSlot(slot(1, 0, 0)),
+            Op::RemoveSlot(slot(1, 0, 1)),
+            Op::RemoveBackend(2),
+        ]
+    );
+
+    // eTP Local: the NodePort moves to the set of this node's endpoints (a new service id);
+    // in-node clients keep the cluster-wide set under the old id, which no outside traffic
+    // reaches any more (no table).
+    maps.ops.clear();
+    let local = node_port_state(&[(10, true)], true);
+    sync(&mut reconciler, &local, &mut maps);
+    let external = maps.frontend(np());
+    let internal = maps.frontend(np().in_scope(Scope::Internal));
+    assert_eq!(
+        external.flags,
+        frontend_flags::LOCAL_ONLY | frontend_flags::TWO_SCOPES
+    );
+    assert_eq!(
+        (internal.flags, internal.kind),
+        (0, frontend_kinds::NODE_PORT)
+    );
+    assert_eq!(internal.service_id, 1);
+    assert_eq!(external.service_id, 2);
+    assert_eq!(
+        maps.maps.tables.keys().copied().collect::<Vec<_>>(),
+        vec![2]
+    );
+    // The old table went only after the NodePort had moved.
+    let moved = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend(key, v) if *key == frontend_key(&np()) && v.service_id == 2))
+        .expect("the NodePort moves");
+    let dropped = maps
+        .ops
+        .iter()
+        .position(|op| *op == Op::RemoveMaglev(1))
+        .expect("the old table goes");
+    assert!(moved < dropped, "{:?}", maps.ops);
+
+    maps.ops.clear();
+    let report = sync(&mut reconciler, &DesiredState::default(), &mut maps);
+    assert_eq!(report.removed, 2);
+    assert_eq!(maps.contents(), &MapContents::default());
+    assert!(maps.maps.tables.is_empty());
+    assert!(
+        matches!(maps.ops[0], Op::RemoveFrontend(_)),
+        "{:?}",
+        maps.ops
+    );
+}
+
+#[test]
+fn a_frontend_without_backends_has_no_table() {
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, &node_port_state(&[], true), &mut maps);
+    assert_eq!(maps.frontend(np()).count, 0);
+    assert!(maps.maps.tables.is_empty());
+    sync(
+        &mut reconciler,
+        &node_port_state(&[(10, true)], true),
+        &mut maps,
+    );
+    assert_eq!(maps.frontend(np()).count, 1);
+    // Only the external scope's set is reached from outside.
+    assert_eq!(
+        maps.maps.tables.keys().copied().collect::<Vec<_>>(),
+        vec![maps.frontend(np()).service_id]
+    );
+    sync(&mut reconciler, &node_port_state(&[], true), &mut maps);
+    assert!(maps.maps.tables.is_empty() && maps.contents().backends.is_empty());
+}
+
+fn build(objects: &Objects) -> DesiredState {
+    let (desired, _) = model::build(objects, &identity());
+    desired
+}
+
+/// `default/web` (10.96.0.10, port `http` 80/TCP) of type LoadBalancer: nodePort 30080,
+/// externalIP 198.51.100.10, load-balancer IP 203.0.113.7, under `policy`.
+fn load_balancer(policy: &str) -> Service {
+    let mut svc = with_ingress(
+        with_node_ports(
+            service("default", "web", "10.96.0.10", &[("http", 80, "TCP")]),
+            "LoadBalancer",
+            &[30080],
+            policy,
+        ),
+        &[("203.0.113.7", None)],
+    );
+    svc.spec.as_mut().unwrap().external_ips = Some(vec!["198.51.100.10".into()]);
+    svc
+}
+
+fn web_slice(endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP")],
+        endpoints,
+    )
+}
+
+fn outside() -> [Frontend; 3] {
+    [
+        np(),
+        frontend("198.51.100.10", 80, Protocol::Tcp),
+        frontend("203.0.113.7", 80, Protocol::Tcp),
+    ]
+}
+
+#[test]
+fn node_port_and_cluster_ip_share_one_service_id_unless_the_policy_is_local() {
+    let endpoints = || {
+        vec![
+            ep("10.244.0.1").on_node(crate::model::tests::NODE),
+            ep("10.244.0.2").on_node("node-b"),
+        ]
+    };
+    let cluster = objects(vec![load_balancer("Cluster")], vec![web_slice(endpoints())]);
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, &build(&cluster), &mut maps);
+    let id = maps.frontend(web()).service_id;
+    for frontend in outside() {
+        assert_eq!(maps.frontend(frontend).service_id, id, "{frontend}");
+        assert_eq!(reconciler.service_id(&frontend), Some(id), "{frontend}");
+    }
+    // One set: one id, one generation of slots, one table, two backends.
+    assert_eq!(reconciler.set_ids().count(), 1);
+    assert_eq!(maps.contents().slots.len(), 2);
+    assert_eq!(maps.maps.tables.len(), 1);
+    assert_eq!(maps.contents().backends.len(), 2);
+
+    // The same service under eTP Local, by difference as the agent does it.
+    let local = objects(vec![load_balancer("Local")], vec![web_slice(endpoints())]);
+    let mut model = model::Model::new(identity());
+    model.update(&cluster);
+    let mut incremental_maps = CheckedMaps::default();
+    let mut incremental = Reconciler::adopt(&mut incremental_maps).unwrap();
+    sync(&mut incremental, model.desired(), &mut incremental_maps);
+    let changes = model.update(&local);
+    let report = counted_sync_changes(
+        &mut incremental,
+        model.desired(),
+        &changes,
+        &mut incremental_maps,
+    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_exact(&incremental_maps, &build(&local));
+    sync(&mut reconciler, &build(&local), &mut maps);
+    for maps in [&maps, &incremental_maps] {
+        let cluster_ip = maps.frontend(web()).service_id;
+        assert_eq!(cluster_ip, id, "the ClusterIP keeps its set and its id");
+        let local_id = maps.frontend(np()).service_id;
+        assert_ne!(local_id, cluster_ip);
+        for frontend in outside() {
+            assert_eq!(maps.frontend(frontend).service_id, local_id, "{frontend}");
+            assert_eq!(
+                maps.frontend(frontend.in_scope(Scope::Internal)).service_id,
+                cluster_ip,
+                "{frontend}"
+            );
+        }
+        // Only the local set is reached from outside.
+        assert_eq!(
+            maps.maps.tables.keys().copied().collect::<Vec<_>>(),
+            vec![local_id]
+        );
+        // 10.244.0.1 is in both sets, under one id.
+        assert_eq!(maps.contents().backends.len(), 2);
+    }
+}
+
+#[test]
+fn terminating_endpoints_drain_in_the_backend_map_and_go_with_the_slice() {
+    let ready = ep("10.244.0.1").on_node("node-b");
+    let draining =
+        ep("10.244.0.2")
+            .on_node("node-b")
+            .conditions(Some(false), Some(true), Some(true));
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    let before = build(&objects(
+        vec![load_balancer("Cluster")],
+        vec![web_slice(vec![ready.clone(), draining])],
+    ));
+    assert_eq!(
+        before.set_of(&np()).unwrap().draining,
+        [backend(2, 8080)].into()
+    );
+    sync(&mut reconciler, &before, &mut maps);
+    let ids = maps.backend_ids();
+    let (kept, drained) = (ids[&backend(1, 8080)], ids[&backend(2, 8080)]);
+    let contents = maps.contents();
+    assert_eq!(
+        contents.backends[&drained].state,
+        backend_states::TERMINATING
+    );
+    assert_eq!(contents.backends[&kept].state, backend_states::ACTIVE);
+    // Not in the slots, not in the Maglev table: no new connection picks it.
+    let value = maps.frontend(np());
+    assert_eq!(value.count, 1);
+    assert!(contents.slots.values().all(|s| s.backend_id == kept));
+    let table = &maps.maps.tables[&value.service_id];
+    assert!(table.backend_ids.iter().all(|id| *id == kept));
+
+    // The endpoint leaves the slice: its backend goes; the other keeps its id.
+    maps.ops.clear();
+    let after = build(&objects(
+        vec![load_balancer("Cluster")],
+        vec![web_slice(vec![ready])],
+    ));
+    sync(&mut reconciler, &after, &mut maps);
+    assert_eq!(maps.ops, vec![Op::RemoveBackend(drained)]);
+    assert_eq!(
+        maps.backend_ids(),
+        BTreeMap::from([(backend(1, 8080), kept)])
+    );
+}
+
+#[test]
+fn a_restarted_agent_keeps_every_service_id_and_backend_id() {
+    // Every kind of frontend, both policies, a draining endpoint, affinity.
+    let mut local = with_node_ports(
+        service("default", "api", "10.96.0.20", &[("http", 443, "TCP")]),
+        "NodePort",
+        &[30443],
+        "Local",
+    );
+    local.spec.as_mut().unwrap().health_check_node_port = Some(32000);
+    local.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    let node = crate::model::tests::NODE;
+    let objects_now = objects(
+        vec![
+            load_balancer("Cluster"),
+            local,
+            service(
+                "kube-system",
+                "kube-dns",
+                "10.96.0.53",
+                &[("dns", 53, "UDP")],
+            ),
+        ],
+        vec![
+            web_slice(vec![
+                ep("10.244.0.1").on_node(node),
+                ep("10.244.0.2").on_node("node-b"),
+                ep("10.244.0.3")
+                    .on_node("node-b")
+                    .conditions(Some(false), Some(true), Some(true)),
+            ]),
+            slice(
+                "default",
+                "api-1",
+                "api",
+                &[("http", 8443, "TCP")],
+                vec![
+                    ep("10.244.0.1").on_node(node),
+                    ep("10.244.0.4").on_node("node-b"),
+                ],
+            ),
+            slice(
+                "kube-system",
+                "kube-dns-1",
+                "kube-dns",
+                &[("dns", 53, "UDP")],
+                vec![ep("10.244.0.5"), ep("10.244.0.6")],
+            ),
+        ],
+    );
+    let desired = build(&objects_now);
+    let mut maps = CheckedMaps::default();
+    let mut earlier = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut earlier, &desired, &mut maps);
+    let frontends_before = maps.contents().frontends.clone();
+    let backends_before = maps.backend_ids();
+    let sets_before: BTreeMap<SetKey, u32> =
+        earlier.set_ids().map(|(k, id)| (k.clone(), id)).collect();
+    assert!(
+        frontends_before
+            .keys()
+            .filter_map(frontend_of)
+            .any(|f| f.is_node_port()),
+        "{frontends_before:?}"
+    );
+
+    maps.ops.clear();
+    let mut restarted = Reconciler::adopt(&mut maps).unwrap();
+    assert!(maps.ops.is_empty(), "adopt wrote {:?}", maps.ops);
+    let report = counted_sync(&mut restarted, &desired, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.map_writes, 0, "{report:?}");
+    assert!(maps.ops.is_empty(), "{:?}", maps.ops);
+    assert_eq!((report.added, report.updated, report.removed), (0, 0, 0));
+    assert_exact(&maps, &desired);
+    assert_eq!(maps.contents().frontends, frontends_before);
+    assert_eq!(maps.backend_ids(), backends_before);
+    let sets_after: BTreeMap<SetKey, u32> =
+        restarted.set_ids().map(|(k, id)| (k.clone(), id)).collect();
+    assert_eq!(sets_after, sets_before);
+    for frontend in desired.frontends.keys() {
+        assert_eq!(
+            restarted.service_id(frontend),
+            earlier.service_id(frontend),
+            "{frontend}"
+        );
+    }
+    // The new agent reports every set it now programs (for its counters).
+    assert_eq!(
+        report
+            .sets_added
+            .iter()
+            .cloned()
+            .collect::<BTreeMap<_, _>>(),
+        sets_before
+    );
+
+    // A scale-up after the restart: new backends get new ids, every other id stays.
+    let mut scaled = objects_now.clone();
+    let grown = web_slice(vec![
+        ep("10.244.0.1").on_node(node),
+        ep("10.244.0.2").on_node("node-b"),
+        ep("10.244.0.3")
+            .on_node("node-b")
+            .conditions(Some(false), Some(true), Some(true)),
+        ep("10.244.0.7").on_node("node-b"),
+    ]);
+    scaled
+        .endpoint_slices
+        .insert(ObjectKey::of(&grown.metadata), Arc::new(grown));
+    sync(&mut restarted, &build(&scaled), &mut maps);
+    let ids = maps.backend_ids();
+    for (backend, id) in &backends_before {
+        assert_eq!(ids.get(backend), Some(id), "{backend}");
+    }
+    assert!(ids[&backend(7, 8080)] > *backends_before.values().max().unwrap());
+    for (key, value) in &frontends_before {
+        assert_eq!(maps.contents().frontends[key].service_id, value.service_id);
+    }
+}
+
+#[test]
+fn a_frontend_moving_to_another_set_while_its_old_set_changes_never_sees_it_half_written() {
+    // In one change the service turns eTP Local (the outside frontends move to the local set)
+    // and its endpoints change (the cluster-wide set they leave gets new slots). Every write
+    // is checked: the frontends leaving must never name removed slots or a removed table.
+    let node = crate::model::tests::NODE;
+    let before = objects(
+        vec![load_balancer("Cluster")],
+        vec![web_slice(vec![
+            ep("10.244.0.1").on_node(node),
+            ep("10.244.0.2").on_node("node-b"),
+        ])],
+    );
+    let after = objects(
+        vec![load_balancer("Local")],
+        vec![web_slice(vec![
+            ep("10.244.0.1").on_node(node),
+            ep("10.244.0.3").on_node("node-b"),
+        ])],
+    );
+    // By difference.
+    let mut model = model::Model::new(identity());
+    model.update(&before);
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, model.desired(), &mut maps);
+    let changes = model.update(&after);
+    let report = counted_sync_changes(&mut reconciler, model.desired(), &changes, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_exact(&maps, &build(&after));
+    // And back.
+    let changes = model.update(&before);
+    counted_sync_changes(&mut reconciler, model.desired(), &changes, &mut maps);
+    assert_exact(&maps, &build(&before));
+
+    // By a full sync.
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, &build(&before), &mut maps);
+    sync(&mut reconciler, &build(&after), &mut maps);
+
+    // Across a restart: the change happened while no agent ran; the new one adopts the
+    // maps the old one left and moves the frontends it adopted.
+    let mut maps = CheckedMaps::default();
+    let mut earlier = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut earlier, &build(&before), &mut maps);
+    let cluster_ip = maps.frontend(web()).service_id;
+    let mut restarted = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut restarted, &build(&after), &mut maps);
+    assert_eq!(maps.frontend(web()).service_id, cluster_ip);
+}
+
+#[test]
+fn sets_disagreeing_about_a_shared_backend_give_it_one_value_in_any_order() {
+    // One pod behind two services whose slices disagree (one was updated first): `a` has it
+    // ready on this node, `b` terminating (draining beside a ready endpoint) on another.
+    let node = crate::model::tests::NODE;
+    let a = (
+        service("default", "a", "10.96.0.1", &[("http", 80, "TCP")]),
+        slice(
+            "default",
+            "a-1",
+            "a",
+            &[("http", 8080, "TCP")],
+            vec![ep("10.244.0.5").on_node(node)],
+        ),
+    );
+    let b = (
+        service("default", "b", "10.96.0.2", &[("http", 80, "TCP")]),
+        slice(
+            "default",
+            "b-1",
+            "b",
+            &[("http", 8080, "TCP")],
+            vec![
+                ep("10.244.0.5")
+                    .on_node("node-b")
+                    .conditions(Some(false), Some(true), Some(true)),
+                ep("10.244.0.6").on_node("node-b"),
+            ],
+        ),
+    );
+    let only = |(svc, sl): &(Service, EndpointSlice)| objects(vec![svc.clone()], vec![sl.clone()]);
+    let both = objects(
+        vec![a.0.clone(), b.0.clone()],
+        vec![a.1.clone(), b.1.clone()],
+    );
+    let shared = backend(5, 8080);
+    let mut values = Vec::new();
+    for first in [only(&a), only(&b)] {
+        let mut maps = CheckedMaps::default();
+        let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+        sync(&mut reconciler, &build(&first), &mut maps);
+        // `sync` checks the merged value: terminating (b says so), not local (b says so).
+        sync(&mut reconciler, &build(&both), &mut maps);
+        let value = maps.contents().backends[&maps.backend_ids()[&shared]];
+        assert_eq!((value.state, value.flags), (backend_states::TERMINATING, 0));
+        values.push(value);
+        maps.ops.clear();
+        let report = counted_sync(&mut reconciler, &build(&both), &mut maps);
+        assert_eq!(report, SyncReport::default(), "a resync writes nothing");
+        // Nor does a restart: the adopted value stands until every set has said its word.
+        let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+        let report = counted_sync(&mut reconciler, &build(&both), &mut maps);
+        assert_eq!(report.map_writes, 0, "{:?}", maps.ops);
+        assert_exact(&maps, &build(&both));
+        // When b goes, a alone keeps it: active and local again, same id.
+        let id = maps.backend_ids()[&shared];
+        sync(&mut reconciler, &build(&only(&a)), &mut maps);
+        assert_eq!(maps.backend_ids()[&shared], id);
+        let value = maps.contents().backends[&id];
+        assert_eq!(
+            (value.state, value.flags),
+            (backend_states::ACTIVE, backend_flags::LOCAL)
+        );
+    }
+    assert_eq!(values[0], values[1]);
+}
+
+#[test]
+fn a_backend_behind_two_services_has_one_id() {
+    let desired = state(vec![
+        (web(), desired_service("web", &[backend(1, 8080)], None)),
+        (
+            api(),
+            desired_service("api", &[backend(1, 8080), backend(2, 8080)], None),
+        ),
+    ]);
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::default();
+    sync(&mut reconciler, &desired, &mut maps);
+    assert_eq!(maps.contents().backends.len(), 2);
+    let id = maps.backend_ids()[&backend(1, 8080)];
+    let naming: Vec<u32> = maps
+        .contents()
+        .slots
+        .values()
+        .map(|s| s.backend_id)
+        .filter(|b| *b == id)
+        .collect();
+    assert_eq!(naming.len(), 2, "{:?}", maps.contents().slots);
+    // web goes: the backend stays for api, under its id.
+    sync(
+        &mut reconciler,
+        &state(vec![(
+            api(),
+            desired_service("api", &[backend(1, 8080), backend(2, 8080)], None),
+        )]),
+        &mut maps,
+    );
+    assert_eq!(maps.backend_ids()[&backend(1, 8080)], id);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model-based: random object events → model::build → sync, compared with a fresh start
 
-// Small pools, so that slices often match their service's ports and frontends collide.
+// Small pools, so that slices often match their service's ports and frontends collide: two
+// services on one NodePort or externalIP, an externalIP on another service's ClusterIP.
 const SERVICES: usize = 3;
 const SLICES: usize = 4;
 const PORT_NAMES: [&str; 2] = ["", "http"];
 const SERVICE_PORTS: [i32; 3] = [53, 80, 443];
 const TARGET_PORTS: [i32; 3] = [53, 8080, 8443];
 const CLUSTER_IPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+const NODE_PORTS: [i32; 3] = [30000, 30001, 30002];
+const HEALTH_CHECK_PORTS: [i32; 2] = [32000, 32001];
+/// externalIPs and load-balancer IPs; the last is a ClusterIP of the pool.
+const EXTERNAL_IPS: [&str; 4] = [
+    "198.51.100.10",
+    "198.51.100.11",
+    "203.0.113.7",
+    "10.96.0.10",
+];
 const NODES: [&str; 3] = [crate::model::tests::NODE, "node-b", "node-c"];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 
 #[derive(Clone, Debug)]
 enum Kind {
     ClusterIp,
+    NodePort,
+    LoadBalancer,
     Headless,
     ExternalName,
 }
@@ -825,6 +1515,19 @@ struct PortSpec {
     name: usize,
     number: usize,
     udp: bool,
+    /// The nodePort (NodePort and LoadBalancer services); `None`: not allocated.
+    node_port: Option<usize>,
+}
+
+/// What outside traffic reaches a service at.
+#[derive(Clone, Debug)]
+struct ExternalSpec {
+    /// `externalTrafficPolicy: Local`.
+    local: bool,
+    external_ips: Vec<usize>,
+    /// Load-balancer ingress IPs, with `ipMode: Proxy` or not.
+    ingress: Vec<(usize, bool)>,
+    health_check_port: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -848,6 +1551,7 @@ enum Event {
         affinity: Option<i32>,
         local: bool,
         publish_not_ready: bool,
+        external: ExternalSpec,
     },
     DeleteService(usize),
     PutSlice {
@@ -864,9 +1568,36 @@ enum Event {
     Restart,
 }
 
-fn port_spec() -> impl Strategy<Value = PortSpec> {
-    (0..PORT_NAMES.len(), 0..SERVICE_PORTS.len(), any::<bool>())
-        .prop_map(|(name, number, udp)| PortSpec { name, number, udp })
+fn port_spec(numbers: usize) -> impl Strategy<Value = PortSpec> {
+    (
+        0..PORT_NAMES.len(),
+        0..numbers,
+        any::<bool>(),
+        prop_oneof![4 => (0..NODE_PORTS.len()).prop_map(Some), 1 => Just(None)],
+    )
+        .prop_map(|(name, number, udp, node_port)| PortSpec {
+            name,
+            number,
+            udp,
+            node_port,
+        })
+}
+
+fn external_spec() -> impl Strategy<Value = ExternalSpec> {
+    (
+        prop::bool::weighted(0.4),
+        prop::collection::vec(0..EXTERNAL_IPS.len(), 0..=2),
+        prop::collection::vec((0..EXTERNAL_IPS.len(), prop::bool::weighted(0.2)), 0..=2),
+        prop::option::of(0..HEALTH_CHECK_PORTS.len()),
+    )
+        .prop_map(
+            |(local, external_ips, ingress, health_check_port)| ExternalSpec {
+                local,
+                external_ips,
+                ingress,
+                health_check_port,
+            },
+        )
 }
 
 fn endpoint_spec() -> impl Strategy<Value = EndpointSpec> {
@@ -901,7 +1632,9 @@ fn endpoint_spec() -> impl Strategy<Value = EndpointSpec> {
 
 fn event() -> impl Strategy<Value = Event> {
     let kind = prop_oneof![
-        8 => Just(Kind::ClusterIp),
+        4 => Just(Kind::ClusterIp),
+        2 => Just(Kind::NodePort),
+        2 => Just(Kind::LoadBalancer),
         1 => Just(Kind::Headless),
         1 => Just(Kind::ExternalName),
     ];
@@ -915,32 +1648,32 @@ fn event() -> impl Strategy<Value = Event> {
             0..SERVICES,
             kind,
             0..CLUSTER_IPS.len(),
-            prop::collection::vec(port_spec(), 1..=3),
+            prop::collection::vec(port_spec(SERVICE_PORTS.len()), 1..=3),
             affinity,
             prop::bool::weighted(0.2),
             prop::bool::weighted(0.1),
+            external_spec(),
         )
-            .prop_map(|(which, kind, ip, ports, affinity, local, publish_not_ready)| {
-                Event::PutService {
-                    which,
-                    kind,
-                    ip,
-                    ports,
-                    affinity,
-                    local,
-                    publish_not_ready,
+            .prop_map(
+                |(which, kind, ip, ports, affinity, local, publish_not_ready, external)| {
+                    Event::PutService {
+                        which,
+                        kind,
+                        ip,
+                        ports,
+                        affinity,
+                        local,
+                        publish_not_ready,
+                        external,
+                    }
                 }
-            }),
+            ),
         1 => (0..SERVICES).prop_map(Event::DeleteService),
         6 => (
             0..SLICES,
             0..SERVICES,
             prop::bool::weighted(0.1),
-            prop::collection::vec(
-                (0..PORT_NAMES.len(), 0..TARGET_PORTS.len(), any::<bool>())
-                    .prop_map(|(name, number, udp)| PortSpec { name, number, udp }),
-                1..=4,
-            ),
+            prop::collection::vec(port_spec(TARGET_PORTS.len()), 1..=4),
             prop::collection::vec(endpoint_spec(), 0..=6),
         )
             .prop_map(|(which, service, other_namespace, ports, endpoints)| {
@@ -974,15 +1707,50 @@ fn apply(objects: &mut Objects, event: &Event) {
             affinity,
             local,
             publish_not_ready,
+            external,
         } => {
-            let ports: Vec<(&str, i32, &str)> = ports
+            let numbers: Vec<(&str, i32, &str)> = ports
                 .iter()
                 .map(|p| (PORT_NAMES[p.name], SERVICE_PORTS[p.number], protocol(p.udp)))
                 .collect();
-            let mut svc = service("default", &service_name(*which), CLUSTER_IPS[*ip], &ports);
+            let mut svc = service("default", &service_name(*which), CLUSTER_IPS[*ip], &numbers);
+            if matches!(kind, Kind::NodePort | Kind::LoadBalancer) {
+                let kind = if matches!(kind, Kind::NodePort) {
+                    "NodePort"
+                } else {
+                    "LoadBalancer"
+                };
+                let policy = if external.local { "Local" } else { "Cluster" };
+                svc = with_node_ports(svc, kind, &[], policy);
+                let spec = svc.spec.as_mut().unwrap();
+                for (port, wanted) in spec.ports.iter_mut().flatten().zip(ports) {
+                    port.node_port = wanted.node_port.map(|n| NODE_PORTS[n]);
+                }
+                if external.local {
+                    spec.health_check_node_port =
+                        external.health_check_port.map(|p| HEALTH_CHECK_PORTS[p]);
+                }
+            }
+            // Every kind may list externalIPs and carry a load-balancer status; only
+            // LoadBalancer services use the latter.
+            let ingress: Vec<(&str, Option<&str>)> = external
+                .ingress
+                .iter()
+                .map(|(ip, proxy)| (EXTERNAL_IPS[*ip], proxy.then_some("Proxy")))
+                .collect();
+            svc = with_ingress(svc, &ingress);
             let spec = svc.spec.as_mut().unwrap();
+            if !external.external_ips.is_empty() {
+                spec.external_ips = Some(
+                    external
+                        .external_ips
+                        .iter()
+                        .map(|ip| EXTERNAL_IPS[*ip].to_owned())
+                        .collect(),
+                );
+            }
             match kind {
-                Kind::ClusterIp => {}
+                Kind::ClusterIp | Kind::NodePort | Kind::LoadBalancer => {}
                 Kind::Headless => {
                     spec.cluster_ip = Some("None".into());
                     spec.cluster_ips = Some(vec!["None".into()]);
@@ -1087,7 +1855,7 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
     let mut objects = Objects::default();
     let mut maps = CheckedMaps::default();
     let mut reconciler = Reconciler::adopt(&mut maps).expect("adopt empty maps");
-    // The agent's path: a model kept by difference, syncing only the frontends it reports.
+    // The agent's path: a model kept by difference, syncing only what it reports changed.
     let mut model = model::Model::new(identity.clone());
     let mut incremental_maps = CheckedMaps::default();
     let mut incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt empty maps");
@@ -1095,14 +1863,26 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
     for (step, event) in events.iter().enumerate() {
         apply(&mut objects, event);
         let changes = model.update(&objects);
-        if first || matches!(event, Event::Restart) {
+        let restart = matches!(event, Event::Restart);
+        if first || restart {
             incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt");
-            incremental.sync(model.desired(), &mut incremental_maps);
+            let report = counted_sync(&mut incremental, model.desired(), &mut incremental_maps);
+            prop_assert!(report.failed.is_empty(), "step {step}: {report:?}");
+            if restart {
+                // Nothing changed but the agent: every id is kept, nothing is written.
+                prop_assert_eq!(report.map_writes, 0, "step {}: {:?}", step, report);
+            }
             first = false;
         } else {
-            incremental.sync_frontends(model.desired(), &changes.frontends, &mut incremental_maps);
+            let report = counted_sync_changes(
+                &mut incremental,
+                model.desired(),
+                &changes,
+                &mut incremental_maps,
+            );
+            prop_assert!(report.failed.is_empty(), "step {step}: {report:?}");
         }
-        if let Event::Restart = event {
+        if restart {
             maps.ops.clear();
             reconciler = Reconciler::adopt(&mut maps).expect("adopt");
             prop_assert!(
@@ -1111,16 +1891,19 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
                 maps.ops
             );
         }
-        let (desired, _) = model::build(&objects, &identity);
+        let (desired, diagnostics) = model::build(&objects, &identity);
         let report = counted_sync(&mut reconciler, &desired, &mut maps);
         prop_assert!(report.failed.is_empty(), "step {step}: {report:?}");
+        if restart {
+            prop_assert_eq!(report.map_writes, 0, "step {}: {:?}", step, report);
+        }
 
         let mut fresh = CheckedMaps::default();
         let fresh_report = Reconciler::default().sync(&desired, &mut fresh);
         prop_assert!(fresh_report.failed.is_empty());
-        let view = maps.contents().view();
-        prop_assert_eq!(&view, &fresh.contents().view(), "step {}", step);
-        prop_assert_eq!(&view, &view_of(&desired), "step {}", step);
+        let view = view_without_ids(maps.contents());
+        prop_assert_eq!(&view, &view_without_ids(fresh.contents()), "step {}", step);
+        prop_assert_eq!(&view, &expected_view(&desired), "step {}", step);
         prop_assert_eq!(
             model.desired(),
             &desired,
@@ -1128,18 +1911,24 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
             step
         );
         prop_assert_eq!(
-            &incremental_maps.contents().view(),
+            model.diagnostics(),
+            diagnostics,
+            "step {}: the incremental model's diagnostics",
+            step
+        );
+        prop_assert_eq!(
+            &view_without_ids(incremental_maps.contents()),
             &view,
             "step {}: maps synced by difference",
             step
         );
-        if let Err(problem) = exact(incremental_maps.contents(), &desired) {
-            return Err(TestCaseError::fail(format!(
-                "step {step}: incremental: {problem}"
-            )));
-        }
-        if let Err(problem) = exact(maps.contents(), &desired) {
-            return Err(TestCaseError::fail(format!("step {step}: {problem}")));
+        for (what, checked) in [("incremental", &incremental_maps), ("full", &maps)] {
+            if let Err(problem) = exact(&checked.maps, &desired) {
+                return Err(TestCaseError::fail(format!(
+                    "step {step}: {what}: {problem}\ncontents: {:#?}\ndesired: {desired:#?}",
+                    checked.contents()
+                )));
+            }
         }
         // Syncing again writes nothing.
         maps.ops.clear();

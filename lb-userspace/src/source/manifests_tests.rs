@@ -33,11 +33,7 @@ fn build(snapshot: &Snapshot, node: &str) -> DesiredState {
 }
 
 fn frontend(ip: &str, port: u16, protocol: Protocol) -> Frontend {
-    Frontend {
-        ip: ip.parse().unwrap(),
-        port,
-        protocol,
-    }
+    Frontend::new(ip.parse().unwrap(), port, protocol)
 }
 
 fn backends(list: &[(&str, u16)]) -> BTreeSet<Backend> {
@@ -54,9 +50,9 @@ type View = Vec<(Frontend, BTreeSet<Backend>, Option<u32>)>;
 
 fn view(state: &DesiredState) -> View {
     state
-        .services
+        .frontends
         .iter()
-        .map(|(f, s)| (*f, s.backends.clone(), s.affinity_timeout_secs))
+        .map(|(f, s)| (*f, state.backends_of(f), s.affinity_timeout_secs))
         .collect()
 }
 
@@ -93,9 +89,21 @@ fn kubectl_get_list_output_is_read() {
         }],
         fixture("kubectl-list").join("cluster.yaml")
     );
+    // `default/web` is of type NodePort: its NodePorts (address 0) share the ClusterIP's
+    // backends.
     assert_eq!(
         view(&build(&snapshot, "kind-worker")),
         vec![
+            (
+                Frontend::node_port(30080, Protocol::Tcp),
+                backends(&[("10.244.1.3", 8080), ("10.244.2.5", 8080)]),
+                Some(10_800)
+            ),
+            (
+                Frontend::node_port(31053, Protocol::Udp),
+                backends(&[("10.244.1.3", 5353), ("10.244.2.5", 5353)]),
+                Some(10_800)
+            ),
             (
                 frontend("10.96.0.1", 443, Protocol::Tcp),
                 backends(&[("172.18.0.2", 6443)]),
@@ -212,11 +220,16 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
         vec!["default/fine-1"]
     );
     let state = build(&snapshot, "kind-worker");
+    assert!(
+        state
+            .frontends
+            .contains_key(&frontend("10.96.60.21", 80, Protocol::Tcp))
+    );
     assert_eq!(
-        state.services[&frontend("10.96.60.21", 80, Protocol::Tcp)].backends,
+        state.backends_of(&frontend("10.96.60.21", 80, Protocol::Tcp)),
         backends(&[("10.244.6.1", 8080)])
     );
-    assert_eq!(state.services.len(), 4);
+    assert_eq!(state.frontends.len(), 4);
 }
 
 #[test]
