@@ -279,7 +279,12 @@ impl Model {
             .values()
             .flat_map(|c| c.diagnostics.iter().cloned())
             .collect();
-        for (frontend, claimants) in self.claims.iter().filter(|(_, c)| c.len() > 1) {
+        // An internal-scope entry follows its external scope: its loser is reported there.
+        for (frontend, claimants) in self
+            .claims
+            .iter()
+            .filter(|(f, c)| c.len() > 1 && f.scope == Scope::External)
+        {
             let mut found = claimants.iter();
             let Some((_, winner)) = found.next() else {
                 continue;
