@@ -1,7 +1,10 @@
 //! Throwaway test topologies for the integration tests, the sandbox and the
-//! benchmarks: network namespaces, cgroups, a bridge "node" with veth "pods",
+//! benchmarks: network namespaces, cgroups, a bridge "node" with veth "pods", a
+//! client outside the cluster on the node's uplink ([`OutsideClient`], [`Lan`]),
 //! and spawning processes inside them. Everything is removed on drop, also when
 //! a test panics, and names are unique so tests can run in parallel. Needs root.
+//!
+//! The Services and EndpointSlices they serve are written with [`objects`].
 //!
 //! The package's binaries, `lb-probe` (a traffic probe and name-answering server) and
 //! `lb-bench` (the benchmark's client and server), are found with [`bin_path`]; a started
@@ -12,8 +15,10 @@ mod cgroup;
 mod command;
 mod names;
 mod netns;
+pub mod objects;
 mod ready;
 mod topology;
+mod uplink;
 
 pub use bins::bin_path;
 pub use cgroup::{Cgroup, cgroup2_mount};
@@ -22,6 +27,7 @@ pub use names::{MAX_NAME_LEN, unique_name};
 pub use netns::Netns;
 pub use ready::{AgentReady, AgentStatus, ReadyWait, agent_links, free_loopback_port};
 pub use topology::{BRIDGE, BRIDGE_IP, FIRST_POD_HOST, Node, POD_PREFIX_LEN, Pod};
+pub use uplink::{LAN_BRIDGE, Lan, OutsideClient, ROUTER_SYSCTLS, Uplink, make_router, subnet};
 
 /// Fails with a clear message unless running as root (namespaces, veths and
 /// cgroups need it).
