@@ -16,18 +16,23 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     process::Child,
     time::{Duration, Instant},
 };
 
 use common::{AGENT, Agent, BpffsDir, POD_PORT, PROBE, ProbeResult, TempDir};
-use lb_testkit::{AgentReady, Cgroup, Netns, Node, Pod, command_in, spawn_in, unique_name};
+use lb_testkit::objects::{ServiceManifest, SliceManifest};
+use lb_testkit::{
+    AgentReady, Cgroup, Lan, Netns, Node, OutsideClient, Pod, command_in, make_router, spawn_in,
+    unique_name,
+};
 
-const CLIENT_IP: &str = "192.168.60.100";
-const NODE_A_IP: &str = "192.168.60.1";
-const NODE_B_IP: &str = "192.168.60.2";
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
+const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
+const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
+const LAN_PREFIX_LEN: u8 = 24;
 const REMOTE_POD_IP: &str = "10.244.1.10";
 const EXTERNAL_IP: &str = "198.51.100.10";
 const LAN_IFACE: &str = "lan0";
@@ -42,10 +47,10 @@ struct Site {
     servers: Vec<Child>,
     remote_pods: Vec<Netns>,
     pods: Vec<Pod>,
-    client: Netns,
+    client: OutsideClient,
     node_b: Option<Netns>,
     node_a: Node,
-    lan: Netns,
+    lan: Lan,
     cgroups: Vec<Cgroup>,
     manifests: TempDir,
     bpffs: Vec<BpffsDir>,
@@ -59,12 +64,22 @@ impl Site {
     /// `remote` is set node-b with one pod, `pod-r`.
     fn new(local: &[&str], remote: bool) -> Site {
         lb_testkit::require_root().expect("the kernel tests need root");
-        let lan = Netns::new("lan").expect("lan namespace");
-        lan.run(&["ip", "link", "add", "lanbr", "type", "bridge"])
-            .unwrap();
-        lan.run(&["ip", "link", "set", "lanbr", "up"]).unwrap();
-        let client = Netns::new("cli").expect("client namespace");
+        let lan = Lan::new().expect("the LAN");
+        let client = OutsideClient::on_lan(
+            Netns::new("cli").expect("client namespace"),
+            &lan,
+            LAN_IFACE,
+            CLIENT_IP,
+            LAN_PREFIX_LEN,
+        )
+        .expect("the outside client on the LAN");
         let node_a = Node::new().expect("node-a");
+        lan.plug(node_a.netns(), LAN_IFACE, NODE_A_IP, LAN_PREFIX_LEN)
+            .expect("node-a on the LAN");
+        client
+            .route(&format!("{EXTERNAL_IP}/32"), NODE_A_IP)
+            .expect("the client's route to the externalIP");
+        make_router(node_a.netns()).expect("node-a routes");
         let mut site = Site {
             agents: Vec::new(),
             servers: Vec::new(),
@@ -79,21 +94,6 @@ impl Site {
             bpffs: Vec::new(),
             keep_pins_on_exit: false,
         };
-        site.plug_lan(&site.client, CLIENT_IP);
-        site.plug_lan(site.node_a.netns(), NODE_A_IP);
-        run(&site.client, &["ip", "link", "set", "lo", "up"]);
-        run(
-            &site.client,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("{EXTERNAL_IP}/32"),
-                "via",
-                NODE_A_IP,
-            ],
-        );
-        router(site.node_a.netns());
         for name in local {
             let pod = site.node_a.add_pod(name).expect("adding a pod");
             run(
@@ -105,8 +105,10 @@ impl Site {
         }
         if remote {
             let node_b = Netns::new("nodeb").expect("node-b");
-            site.plug_lan(&node_b, NODE_B_IP);
-            router(&node_b);
+            site.lan
+                .plug(&node_b, LAN_IFACE, NODE_B_IP, LAN_PREFIX_LEN)
+                .expect("node-b on the LAN");
+            make_router(&node_b).expect("node-b routes");
             run(&node_b, &["ip", "link", "set", "lo", "up"]);
             let pod = Netns::new("podr").expect("pod-r");
             let veth = unique_name("vethr");
@@ -150,47 +152,31 @@ impl Site {
             );
             run(
                 site.node_a.netns(),
-                &["ip", "route", "add", "10.244.1.0/24", "via", NODE_B_IP],
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "10.244.1.0/24",
+                    "via",
+                    &NODE_B_IP.to_string(),
+                ],
             );
             run(
                 &node_b,
-                &["ip", "route", "add", "10.244.0.0/24", "via", NODE_A_IP],
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "10.244.0.0/24",
+                    "via",
+                    &NODE_A_IP.to_string(),
+                ],
             );
             site.servers.push(serve(&pod, "pod-r"));
             site.remote_pods.push(pod);
             site.node_b = Some(node_b);
         }
         site
-    }
-
-    /// Joins `netns` to the LAN bridge as `lan0` with `ip`/24.
-    fn plug_lan(&self, netns: &Netns, ip: &str) {
-        let outer = unique_name("lan");
-        run(
-            &self.lan,
-            &[
-                "ip",
-                "link",
-                "add",
-                &outer,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                LAN_IFACE,
-                "netns",
-                netns.name(),
-            ],
-        );
-        run(
-            &self.lan,
-            &["ip", "link", "set", &outer, "master", "lanbr", "up"],
-        );
-        run(
-            netns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", LAN_IFACE],
-        );
-        run(netns, &["ip", "link", "set", LAN_IFACE, "up"]);
     }
 
     /// Starts an agent in node-a (and node-b when there is one), each serving NodePorts on
@@ -261,7 +247,10 @@ impl Site {
             .enumerate()
             .map(|(i, a)| format!("--- agent {i}:\n{}", a.log()))
             .collect();
-        let mut namespaces = vec![("client", &self.client), ("node-a", self.node_a.netns())];
+        let mut namespaces = vec![
+            ("client", self.client.netns()),
+            ("node-a", self.node_a.netns()),
+        ];
         namespaces.extend(self.node_b.iter().map(|n| ("node-b", n)));
         namespaces.extend(self.pods.iter().map(|p| (p.name.as_str(), &p.netns)));
         namespaces.extend(self.remote_pods.iter().map(|n| ("pod-r", n)));
@@ -306,7 +295,8 @@ impl Site {
 
     /// `lb-probe ARGS` from the outside client.
     fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(&self.client), None, &*PROBE, args).expect("starting lb-probe");
+        let child =
+            spawn_in(Some(self.client.netns()), None, &*PROBE, args).expect("starting lb-probe");
         let output = child.wait_with_output().expect("waiting for lb-probe");
         assert!(
             output.status.success(),
@@ -341,7 +331,7 @@ impl Site {
     /// An HTTP GET from the client: (status, body), or the connection error.
     fn http_get(&self, target: &str) -> Result<(u16, String), String> {
         let target: SocketAddr = target.parse().unwrap();
-        let client = self.client.path().to_owned();
+        let client = self.client.netns().path().to_owned();
         std::thread::spawn(move || {
             let file = std::fs::File::open(&client).map_err(|e| e.to_string())?;
             // SAFETY: a valid namespace fd; this thread only.
@@ -381,19 +371,6 @@ fn run(netns: &Netns, args: &[&str]) {
         .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
 }
 
-/// A node forwards, sends no redirects (replies leave by the interface they came in on) and
-/// does no reverse-path filtering of translated packets.
-fn router(netns: &Netns) {
-    for setting in [
-        "net.ipv4.ip_forward=1",
-        "net.ipv4.conf.all.send_redirects=0",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.default.rp_filter=0",
-    ] {
-        run(netns, &["sysctl", "-qw", setting]);
-    }
-}
-
 fn serve(netns: &Netns, name: &str) -> Child {
     let port = POD_PORT.to_string();
     let mut server = spawn_in(
@@ -413,35 +390,33 @@ fn serve(netns: &Netns, name: &str) -> Child {
 
 /// A NodePort Service `name` with ports http (TCP 80, nodePort `base`) and dns (UDP 53,
 /// nodePort `base + 1`), both to POD_PORT.
-fn service_yaml(name: &str, cluster_ip: &str, base: u16, extra_spec: &str) -> String {
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: {POD_PORT}\n    nodePort: {base}\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: {POD_PORT}\n    nodePort: {}\n",
-        base + 1
-    );
-    for line in extra_spec.lines().filter(|l| !l.trim().is_empty()) {
-        yaml.push_str(&format!("  {line}\n"));
-    }
-    yaml
+fn service(name: &str, cluster_ip: &str, base: u16) -> ServiceManifest {
+    ServiceManifest::cluster_ip("default", name, cluster_ip)
+        .service_type("NodePort")
+        .port("http", "TCP", 80, POD_PORT)
+        .node_port(base)
+        .port("dns", "UDP", 53, POD_PORT)
+        .node_port(base + 1)
 }
 
-/// The EndpointSlice of `service`: (address, node name) endpoints, ready, ports http and dns.
-fn slice_yaml(service: &str, endpoints: &[(&str, &str)]) -> String {
-    let mut yaml = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: {POD_PORT}\n- name: dns\n  protocol: UDP\n  port: {POD_PORT}\nendpoints:\n"
-    );
-    if endpoints.is_empty() {
-        yaml.push_str("[]\n");
-    }
-    for (ip, node) in endpoints {
-        yaml.push_str(&format!(
-            "- addresses:\n  - \"{ip}\"\n  nodeName: {node}\n  conditions:\n    ready: true\n"
-        ));
-    }
-    yaml
+/// The EndpointSlice `<service>-1` with ports http (TCP) and dns (UDP) on POD_PORT, and ready
+/// (address, node name) endpoints.
+fn slice(service: &str, endpoints: &[(&str, &str)]) -> SliceManifest {
+    let slice = SliceManifest::new("default", &format!("{service}-1"), service)
+        .port("http", "TCP", POD_PORT)
+        .port("dns", "UDP", POD_PORT);
+    with_ready(slice, endpoints)
+}
+
+/// Adds ready (address, node name) endpoints.
+fn with_ready(slice: SliceManifest, endpoints: &[(&str, &str)]) -> SliceManifest {
+    endpoints.iter().fold(slice, |slice, (ip, node)| {
+        slice.endpoint(ip).on_node(node).ready(true)
+    })
 }
 
 /// Every reply (a `--whoami` answer `IP:PORT`) comes from `ip`.
-fn all_from(result: &ProbeResult, ip: &str) -> bool {
+fn all_from(result: &ProbeResult, ip: Ipv4Addr) -> bool {
     !result.replies.is_empty()
         && result.failures() == 0
         && result
@@ -455,16 +430,13 @@ fn nodeport_and_external_ip_reach_a_local_pod_with_the_client_address_kept() {
     let mut site = Site::new(&["pod-a"], false);
     site.write_manifest(
         "web.yaml",
-        &service_yaml(
-            "web",
-            "10.96.0.10",
-            30080,
-            &format!("externalIPs:\n- {EXTERNAL_IP}"),
-        ),
+        &service("web", "10.96.0.10", 30080)
+            .external_ips([EXTERNAL_IP])
+            .to_yaml(),
     );
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
     );
     site.start_agents();
     let timeout = Duration::from_secs(10);
@@ -508,13 +480,14 @@ fn nodeport_and_external_ip_reach_a_local_pod_with_the_client_address_kept() {
 
     // A pod's port unreachable comes back as an error about the NodePort: a connected UDP
     // socket of the client sees the refusal (ICMP translated at tc egress).
-    let closed_yaml = service_yaml("closed", "10.96.0.11", 30090, "");
+    let closed_yaml = service("closed", "10.96.0.11", 30090).to_yaml();
     site.write_manifest("closed.yaml", &closed_yaml);
-    let closed_slice = slice_yaml("closed", &[(&site.pod_ip("pod-a"), "node-a")]).replace(
-        &format!("port: {POD_PORT}\nendpoints"),
-        "port: 9999\nendpoints",
-    );
-    site.write_manifest("closed-slice.yaml", &closed_slice);
+    // The dns port's endpoints on a port nothing listens on.
+    let closed_slice = SliceManifest::new("default", "closed-1", "closed")
+        .port("http", "TCP", POD_PORT)
+        .port("dns", "UDP", 9999);
+    let closed_slice = with_ready(closed_slice, &[(&site.pod_ip("pod-a"), "node-a")]);
+    site.write_manifest("closed-slice.yaml", &closed_slice.to_yaml());
     let refused = site.probe_until(
         &[
             "udp",
@@ -550,11 +523,13 @@ fn nodeport_and_external_ip_reach_a_local_pod_with_the_client_address_kept() {
 fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_and_reports_health()
 {
     let mut site = Site::new(&["pod-a"], false);
-    let local = "externalTrafficPolicy: Local\nhealthCheckNodePort: 32100";
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, local));
+    let local = service("web", "10.96.0.10", 30080)
+        .external_traffic_policy("Local")
+        .health_check_node_port(32100);
+    site.write_manifest("web.yaml", &local.to_yaml());
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
     );
     site.start_agents();
     let timeout = Duration::from_secs(10);
@@ -580,7 +555,7 @@ fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_
     // The only endpoint moves to another node: this node drops (no refusal), health is 503.
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(REMOTE_POD_IP, "node-b")]),
+        &slice("web", &[(REMOTE_POD_IP, "node-b")]).to_yaml(),
     );
     let started = Instant::now();
     loop {
@@ -609,7 +584,7 @@ fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_
     );
 
     // Back to Cluster: the health-check port stops answering.
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
     let started = Instant::now();
     while site.http_get(&health).is_ok() {
         assert!(
@@ -624,10 +599,10 @@ fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_
 #[test]
 fn external_traffic_policy_cluster_reaches_a_pod_on_another_node_through_snat() {
     let mut site = Site::new(&["pod-a"], true);
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(REMOTE_POD_IP, "node-b")]),
+        &slice("web", &[(REMOTE_POD_IP, "node-b")]).to_yaml(),
     );
     site.start_agents();
     let timeout = Duration::from_secs(10);
@@ -667,10 +642,11 @@ fn external_traffic_policy_cluster_reaches_a_pod_on_another_node_through_snat() 
     // SNAT (it sees the client), the remote one with it (it sees node-a).
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml(
+        &slice(
             "web",
             &[(&site.pod_ip("pod-a"), "node-a"), (REMOTE_POD_IP, "node-b")],
-        ),
+        )
+        .to_yaml(),
     );
     let spread = site.probe_until(&["tcp", &nodeport, "--count", "40"], timeout, |r| {
         r.replies.len() == 2
@@ -705,10 +681,10 @@ fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
         site.node_a.netns(),
         &["ip", "addr", "add", "192.168.60.3/24", "dev", LAN_IFACE],
     );
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
     );
     // A second interface whose driver has no native XDP (a bridge): generic mode, said in the
     // log.
@@ -778,10 +754,10 @@ fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
 #[test]
 fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the_links() {
     let mut site = Site::new(&["pod-a"], false);
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
     );
     site.start_agents();
     let nodeport = format!("{NODE_A_IP}:30080");
@@ -833,10 +809,10 @@ fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the
 #[test]
 fn direct_connections_reusing_the_ports_of_nodeport_flows_are_left_untouched() {
     let mut site = Site::new(&["pod-a"], false);
-    site.write_manifest("web.yaml", &service_yaml("web", "10.96.0.10", 30080, ""));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
     site.write_manifest(
         "web-slice.yaml",
-        &slice_yaml("web", &[(&site.pod_ip("pod-a"), "node-a")]),
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
     );
     site.start_agents();
     let nodeport = format!("{NODE_A_IP}:30080");
@@ -846,10 +822,9 @@ fn direct_connections_reusing_the_ports_of_nodeport_flows_are_left_untouched() {
         |r| r.replies.get("pod-a") == Some(&5),
     );
     // The client also reaches the pod network directly, through node-a (a flat pod network).
-    run(
-        &site.client,
-        &["ip", "route", "add", "10.244.0.0/24", "via", NODE_A_IP],
-    );
+    site.client
+        .route("10.244.0.0/24", NODE_A_IP)
+        .expect("the client's route to the pods");
 
     // Many NodePort connections leave closed flows behind on many client ports ...
     let through_nodeport = site.probe(&["tcp", &nodeport, "--count", "2000"]);
@@ -930,7 +905,7 @@ impl LongLived {
 
 fn open_long_lived(site: &Site, target: &str, count: usize) -> Vec<LongLived> {
     let target: SocketAddr = target.parse().unwrap();
-    let streams = in_netns(&site.client, move || {
+    let streams = in_netns(site.client.netns(), move || {
         (0..count)
             .map(|_| {
                 let conn = TcpStream::connect_timeout(&target, Duration::from_secs(2))
@@ -967,23 +942,25 @@ fn still_on_their_pods(connections: &mut [LongLived], round: &str) -> Vec<String
         .collect()
 }
 
-fn echo_service_yaml() -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.70\n  clusterIPs:\n  - 10.96.0.70\n  ports:\n  - name: echo\n    protocol: TCP\n    port: 70\n    targetPort: {ECHO_PORT}\n    nodePort: 30070\n"
-    )
+/// The NodePort Service `echo`: TCP 70 (node port 30070) to ECHO_PORT.
+fn echo_service() -> ServiceManifest {
+    ServiceManifest::cluster_ip("default", "echo", "10.96.0.70")
+        .service_type("NodePort")
+        .port("echo", "TCP", 70, ECHO_PORT)
+        .node_port(30070)
 }
 
-/// The echo EndpointSlice: (address, node, ready, serving, terminating) per endpoint.
-fn echo_slice_yaml(endpoints: &[(&str, bool, bool, bool)]) -> String {
-    let mut yaml = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  protocol: TCP\n  port: {ECHO_PORT}\nendpoints:\n"
-    );
-    for (ip, ready, serving, terminating) in endpoints {
-        yaml.push_str(&format!(
-            "- addresses:\n  - \"{ip}\"\n  nodeName: node-a\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n"
-        ));
-    }
-    yaml
+/// The echo EndpointSlice: (address, ready, serving, terminating) per endpoint, on node-a.
+fn echo_slice(endpoints: &[(&str, bool, bool, bool)]) -> SliceManifest {
+    let slice = SliceManifest::new("default", "echo-1", "echo").port("echo", "TCP", ECHO_PORT);
+    endpoints
+        .iter()
+        .fold(slice, |slice, &(ip, ready, serving, terminating)| {
+            slice
+                .endpoint(ip)
+                .on_node("node-a")
+                .conditions(ready, serving, terminating)
+        })
 }
 
 /// Opens connections through the NodePort until one reaches `pod` (the agent programmed it).
@@ -1017,10 +994,10 @@ fn long_lived_nodeport_connections_keep_their_pod_across_scale_up_and_agent_rest
         site.pod_ip("pod-b"),
         site.pod_ip("pod-c"),
     );
-    site.write_manifest("echo.yaml", &echo_service_yaml());
+    site.write_manifest("echo.yaml", &echo_service().to_yaml());
     site.write_manifest(
         "echo-slice.yaml",
-        &echo_slice_yaml(&[(&a, true, true, false), (&b, true, true, false)]),
+        &echo_slice(&[(&a, true, true, false), (&b, true, true, false)]).to_yaml(),
     );
     site.start_agents();
     let target = format!("{NODE_A_IP}:30070");
@@ -1037,11 +1014,12 @@ fn long_lived_nodeport_connections_keep_their_pod_across_scale_up_and_agent_rest
     // Scale up: a third pod. Flows whose Maglev entry now names pod-c stay where they are.
     site.write_manifest(
         "echo-slice.yaml",
-        &echo_slice_yaml(&[
+        &echo_slice(&[
             (&a, true, true, false),
             (&b, true, true, false),
             (&c, true, true, false),
-        ]),
+        ])
+        .to_yaml(),
     );
     wait_until_reached(&site, "pod-c");
     let moved = still_on_their_pods(&mut connections, "after scale-up");
@@ -1079,10 +1057,10 @@ fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
         echo_server(pod);
     }
     let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
-    site.write_manifest("echo.yaml", &echo_service_yaml());
+    site.write_manifest("echo.yaml", &echo_service().to_yaml());
     site.write_manifest(
         "echo-slice.yaml",
-        &echo_slice_yaml(&[(&a, true, true, false), (&b, true, true, false)]),
+        &echo_slice(&[(&a, true, true, false), (&b, true, true, false)]).to_yaml(),
     );
     site.start_agents();
     let target = format!("{NODE_A_IP}:30070");
@@ -1095,7 +1073,7 @@ fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
 
     site.write_manifest(
         "echo-slice.yaml",
-        &echo_slice_yaml(&[(&a, true, true, false), (&b, false, true, true)]),
+        &echo_slice(&[(&a, true, true, false), (&b, false, true, true)]).to_yaml(),
     );
     // New connections stop reaching pod-b once the change is programmed.
     let deadline = Instant::now() + Duration::from_secs(10);

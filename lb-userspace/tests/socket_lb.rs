@@ -3,29 +3,68 @@
 //! answering with their pod name.
 mod common;
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, POD_PORT, finish_probe, http_get, service_yaml, slice_yaml};
+use common::{Cluster, POD_PORT, finish_probe, http_get};
+use lb_testkit::objects::{ServiceManifest, SliceManifest};
 
 const VIP: &str = "10.96.0.10";
 const TCP_VIP: &str = "10.96.0.10:80";
+/// The agent's `--node-name`: every pod runs on it.
+const NODE: &str = "node-a";
 
-fn web(cluster: &Cluster, backends: &[&str], extra_spec: &str) {
-    cluster.write_manifest(
-        "web.yaml",
-        &service_yaml("web", VIP, &[("http", "TCP", 80, POD_PORT)], extra_spec),
-    );
+/// A ClusterIP Service `namespace/name` at `ip` selecting `app: name`, without ports.
+fn service(namespace: &str, name: &str, ip: &str) -> ServiceManifest {
+    ServiceManifest::cluster_ip(namespace, name, ip).selector("app", name)
+}
+
+/// The slice `namespace/name` of `service`, with these (address, ready) endpoints on this
+/// node, without ports.
+fn slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    endpoints: &[(Ipv4Addr, bool)],
+) -> SliceManifest {
+    endpoints.iter().fold(
+        SliceManifest::new(namespace, name, service),
+        |slice, (ip, ready)| slice.endpoint(ip).on_node(NODE).ready(*ready),
+    )
+}
+
+/// The Service `web` at `VIP`:80 (TCP, port `http`) on POD_PORT.
+fn web_service() -> ServiceManifest {
+    service("default", "web", VIP).port("http", "TCP", 80, POD_PORT)
+}
+
+/// `web_service()` over the ready pods `backends`.
+fn web(cluster: &Cluster, backends: &[&str]) {
+    web_as(cluster, web_service(), backends);
+}
+
+/// The Service `web` as `service` says, over the ready pods `backends`.
+fn web_as(cluster: &Cluster, service: ServiceManifest, backends: &[&str]) {
+    cluster.write_manifest("web.yaml", &service.to_yaml());
     let endpoints: Vec<_> = backends.iter().map(|b| (cluster.pod_ip(b), true)).collect();
-    cluster.write_manifest(
-        "web-slice.yaml",
-        &slice_yaml("web", "web-1", &endpoints, &[("http", "TCP", POD_PORT)]),
-    );
+    let slice = slice("default", "web-1", "web", &endpoints).port("http", "TCP", POD_PORT);
+    cluster.write_manifest("web-slice.yaml", &slice.to_yaml());
+}
+
+/// The Service `dns` at 10.96.0.53:53 (UDP, port `dns`) on POD_PORT.
+fn dns_service() -> ServiceManifest {
+    service("default", "dns", "10.96.0.53").port("dns", "UDP", 53, POD_PORT)
+}
+
+/// A Service `name` at `ip`:80 (TCP, port `http`) on POD_PORT, without endpoints.
+fn http_service(name: &str, ip: &str) -> ServiceManifest {
+    service("default", name, ip).port("http", "TCP", 80, POD_PORT)
 }
 
 #[test]
 fn tcp_connections_spread_over_every_backend_and_getpeername_reports_the_cluster_ip() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
-    web(&cluster, &["pod-a", "pod-b", "pod-c"], "");
+    web(&cluster, &["pod-a", "pod-b", "pod-c"]);
     cluster.start_agent();
 
     let result = cluster.probe(&["tcp", TCP_VIP, "--count", "300"]);
@@ -55,17 +94,16 @@ fn tcp_connections_spread_over_every_backend_and_getpeername_reports_the_cluster
 /// A UDP "DNS" service at 10.96.0.53:53 over two pods.
 fn dns_cluster() -> Cluster {
     let cluster = Cluster::new(&["dns-a", "dns-b"]);
-    cluster.write_manifest(
-        "dns.yaml",
-        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
-    );
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
     let endpoints = [
         (cluster.pod_ip("dns-a"), true),
         (cluster.pod_ip("dns-b"), true),
     ];
     cluster.write_manifest(
         "dns-slice.yaml",
-        &slice_yaml("dns", "dns-1", &endpoints, &[("dns", "UDP", POD_PORT)]),
+        &slice("default", "dns-1", "dns", &endpoints)
+            .port("dns", "UDP", POD_PORT)
+            .to_yaml(),
     );
     cluster
 }
@@ -105,23 +143,19 @@ fn connected_udp_goes_to_one_backend_and_reports_the_cluster_ip_as_peer() {
 #[test]
 fn a_service_without_ready_endpoints_refuses_at_once() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    cluster.write_manifest(
-        "web.yaml",
-        &service_yaml("web", VIP, &[("http", "TCP", 80, POD_PORT)], ""),
-    );
+    cluster.write_manifest("web.yaml", &web_service().to_yaml());
     cluster.write_manifest(
         "web-slice.yaml",
-        &slice_yaml(
-            "web",
+        &slice(
+            "default",
             "web-1",
+            "web",
             &[(cluster.pod_ip("pod-a"), false)],
-            &[("http", "TCP", POD_PORT)],
-        ),
+        )
+        .port("http", "TCP", POD_PORT)
+        .to_yaml(),
     );
-    cluster.write_manifest(
-        "dns.yaml",
-        &service_yaml("dns", "10.96.0.53", &[("dns", "UDP", 53, POD_PORT)], ""),
-    );
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
     cluster.start_agent();
 
     let started = Instant::now();
@@ -147,10 +181,10 @@ fn a_service_without_ready_endpoints_refuses_at_once() {
 #[test]
 fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_goes_away() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
-    web(
+    web_as(
         &cluster,
+        web_service().client_ip_affinity(None),
         &["pod-a", "pod-b", "pod-c"],
-        "sessionAffinity: ClientIP",
     );
     cluster.start_agent();
 
@@ -168,7 +202,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_goes_away() {
         .into_iter()
         .filter(|p| *p != chosen)
         .collect();
-    web(&cluster, &rest, "sessionAffinity: ClientIP");
+    web_as(&cluster, web_service().client_ip_affinity(None), &rest);
     cluster.tcp_until(TCP_VIP, Duration::from_secs(5), |r| {
         r.replies.keys().any(|name| *name != chosen)
     });
@@ -181,10 +215,10 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_goes_away() {
 #[test]
 fn client_ip_affinity_expires_after_its_timeout() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
-    web(
+    web_as(
         &cluster,
+        web_service().client_ip_affinity(Some(1)),
         &["pod-a", "pod-b", "pod-c"],
-        "sessionAffinity: ClientIP\nsessionAffinityConfig:\n  clientIP:\n    timeoutSeconds: 1",
     );
     cluster.start_agent();
 
@@ -204,7 +238,7 @@ fn client_ip_affinity_expires_after_its_timeout() {
 #[test]
 fn endpoint_changes_reach_the_maps_quickly_and_without_failed_connections() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b", "pod-c"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent();
     let steady = cluster.probe_in_background(&[
         "tcp",
@@ -223,7 +257,7 @@ fn endpoint_changes_reach_the_maps_quickly_and_without_failed_connections() {
         (&["pod-b"][..], "pod-b"),
     ] {
         let started = Instant::now();
-        web(&cluster, backends, "");
+        web(&cluster, backends);
         cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
             r.replies.contains_key(expect)
         });
@@ -265,7 +299,7 @@ fn services_appear_and_disappear_with_their_files_and_other_addresses_pass_untou
     let before = cluster.probe(&["tcp", TCP_VIP, "--count", "1", "--timeout-ms", "500"]);
     assert_eq!(before.failures(), 1, "{before:?}");
 
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
     });
@@ -284,34 +318,33 @@ fn multi_port_services_match_named_ports_and_keep_tcp_and_udp_apart() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
     cluster.write_manifest(
         "dns.yaml",
-        &service_yaml(
-            "dns",
-            "10.96.0.53",
-            &[
-                ("dns-tcp", "TCP", 53, POD_PORT),
-                ("dns-udp", "UDP", 53, POD_PORT),
-            ],
-            "",
-        ),
+        &service("default", "dns", "10.96.0.53")
+            .port("dns-tcp", "TCP", 53, POD_PORT)
+            .port("dns-udp", "UDP", 53, POD_PORT)
+            .to_yaml(),
     );
     // Two slices: TCP only on pod-a, UDP only on pod-b (as named ports would resolve).
     cluster.write_manifest(
         "dns-tcp.yaml",
-        &slice_yaml(
-            "dns",
+        &slice(
+            "default",
             "dns-t",
+            "dns",
             &[(cluster.pod_ip("pod-a"), true)],
-            &[("dns-tcp", "TCP", POD_PORT)],
-        ),
+        )
+        .port("dns-tcp", "TCP", POD_PORT)
+        .to_yaml(),
     );
     cluster.write_manifest(
         "dns-udp.yaml",
-        &slice_yaml(
-            "dns",
+        &slice(
+            "default",
             "dns-u",
+            "dns",
             &[(cluster.pod_ip("pod-b"), true)],
-            &[("dns-udp", "UDP", POD_PORT)],
-        ),
+        )
+        .port("dns-udp", "UDP", POD_PORT)
+        .to_yaml(),
     );
     cluster.start_agent();
 
@@ -324,7 +357,7 @@ fn multi_port_services_match_named_ports_and_keep_tcp_and_udp_apart() {
 #[test]
 fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent();
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
@@ -336,11 +369,15 @@ fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
     );
     cluster.write_manifest(
         "badport.yaml",
-        &service_yaml("badport", "10.96.0.20", &[("http", "TCP", 0, 8080)], ""),
+        &service("default", "badport", "10.96.0.20")
+            .port("http", "TCP", 0, 8080)
+            .to_yaml(),
     );
     cluster.write_manifest(
         "badip.yaml",
-        &service_yaml("badip", "10.96.0.300", &[("http", "TCP", 80, 80)], ""),
+        &service("default", "badip", "10.96.0.300")
+            .port("http", "TCP", 80, 80)
+            .to_yaml(),
     );
     let agent = cluster.agent();
     agent.wait_for_log("broken.yaml", Duration::from_secs(3));
@@ -355,7 +392,7 @@ fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
 #[test]
 fn sigterm_with_cleanup_on_exit_detaches_the_programs_and_removes_the_pins() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent_with(&["--cleanup-on-exit"]);
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
@@ -378,7 +415,7 @@ fn sigterm_with_cleanup_on_exit_detaches_the_programs_and_removes_the_pins() {
 #[test]
 fn a_stopped_agent_leaves_traffic_flowing_until_cleanup() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent();
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
@@ -406,7 +443,7 @@ fn a_stopped_agent_leaves_traffic_flowing_until_cleanup() {
 #[test]
 fn sigkill_under_traffic_fails_no_connection_and_a_restart_applies_what_changed_meanwhile() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent();
     let steady = cluster.probe_in_background(&[
         "tcp",
@@ -420,7 +457,7 @@ fn sigkill_under_traffic_fails_no_connection_and_a_restart_applies_what_changed_
     cluster.agent().kill();
 
     // While no agent runs, the service changes.
-    web(&cluster, &["pod-b"], "");
+    web(&cluster, &["pod-b"]);
     std::thread::sleep(Duration::from_millis(1000));
     let unchanged = cluster.probe(&["tcp", TCP_VIP, "--count", "10"]);
     assert_eq!(
@@ -449,7 +486,7 @@ fn sigkill_under_traffic_fails_no_connection_and_a_restart_applies_what_changed_
 #[test]
 fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
-    web(&cluster, &["pod-a", "pod-b"], "");
+    web(&cluster, &["pod-a", "pod-b"]);
     cluster.start_agent();
     let first = cluster.attached_program_ids();
     assert_eq!(first.len(), 4, "four socket programs linked: {first:?}");
@@ -486,11 +523,8 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
 #[test]
 fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
-    cluster.write_manifest(
-        "empty.yaml",
-        &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
-    );
+    web(&cluster, &["pod-a"]);
+    cluster.write_manifest("empty.yaml", &http_service("empty", "10.96.0.11").to_yaml());
     cluster.start_agent();
     let metrics = cluster.agent().metrics_addr.unwrap().to_string();
     let healthz = cluster.agent().healthz_addr.unwrap().to_string();
@@ -605,11 +639,8 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
 #[test]
 fn bpf_log_shows_each_translation_and_refusal_in_the_agents_log() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
-    cluster.write_manifest(
-        "empty.yaml",
-        &service_yaml("empty", "10.96.0.11", &[("http", "TCP", 80, POD_PORT)], ""),
-    );
+    web(&cluster, &["pod-a"]);
+    cluster.write_manifest("empty.yaml", &http_service("empty", "10.96.0.11").to_yaml());
     cluster.start_agent_with(&["--bpf-log"]);
 
     let sent = cluster.probe(&["tcp", TCP_VIP, "--count", "1"]);
@@ -626,7 +657,11 @@ fn bpf_log_shows_each_translation_and_refusal_in_the_agents_log() {
 #[test]
 fn pods_reach_a_services_external_ip_at_the_socket() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "externalIPs:\n- 198.51.100.10");
+    web_as(
+        &cluster,
+        web_service().external_ips(["198.51.100.10"]),
+        &["pod-a"],
+    );
     cluster.start_agent();
 
     let result = cluster.probe(&["tcp", "198.51.100.10:80", "--count", "5"]);
@@ -637,7 +672,7 @@ fn pods_reach_a_services_external_ip_at_the_socket() {
 #[test]
 fn a_pod_reaches_itself_through_its_own_service() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.start_agent();
 
     // Hairpin: the backend pod itself, in the cgroup, connects to its own service.
@@ -655,18 +690,13 @@ fn a_pod_reaches_itself_through_its_own_service() {
 #[test]
 fn terminating_endpoints_serve_when_none_is_ready_and_list_says_so() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
-    let terminating = slice_yaml(
-        "web",
-        "web-1",
-        &[(cluster.pod_ip("pod-a"), false)],
-        &[("http", "TCP", POD_PORT)],
-    )
-    .replace(
-        "    ready: false\n",
-        "    ready: false\n    serving: true\n    terminating: true\n",
-    );
-    cluster.write_manifest("web-slice.yaml", &terminating);
+    web(&cluster, &["pod-a"]);
+    let terminating = SliceManifest::new("default", "web-1", "web")
+        .port("http", "TCP", POD_PORT)
+        .endpoint(cluster.pod_ip("pod-a"))
+        .on_node(NODE)
+        .conditions(false, true, true);
+    cluster.write_manifest("web-slice.yaml", &terminating.to_yaml());
     cluster.start_agent();
 
     // kube-proxy's graceful termination: no ready endpoint, so serving-terminating ones serve.
@@ -684,7 +714,7 @@ fn terminating_endpoints_serve_when_none_is_ready_and_list_says_so() {
 #[test]
 fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     // An earlier version's pins: a map under a name this version does not use (a layout
     // change renames the map), as `bpftool` or an older agent would have left it.
     let root = cluster.bpffs.path().to_owned();
@@ -732,56 +762,40 @@ fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
 #[test]
 fn an_external_ip_claiming_kube_dns_cluster_ip_does_not_take_dns_over() {
     let mut cluster = Cluster::new(&["kube-dns", "attacker"]);
-    let in_namespace = |yaml: String, namespace: &str| {
-        yaml.replace("namespace: default", &format!("namespace: {namespace}"))
-    };
     cluster.write_manifest(
         "kube-dns.yaml",
-        &in_namespace(
-            service_yaml(
-                "kube-dns",
-                "10.96.0.53",
-                &[("dns", "UDP", 53, POD_PORT)],
-                "",
-            ),
-            "kube-system",
-        ),
+        &service("kube-system", "kube-dns", "10.96.0.53")
+            .port("dns", "UDP", 53, POD_PORT)
+            .to_yaml(),
     );
     cluster.write_manifest(
         "kube-dns-slice.yaml",
-        &in_namespace(
-            slice_yaml(
-                "kube-dns",
-                "kube-dns-1",
-                &[(cluster.pod_ip("kube-dns"), true)],
-                &[("dns", "UDP", POD_PORT)],
-            ),
+        &slice(
             "kube-system",
-        ),
+            "kube-dns-1",
+            "kube-dns",
+            &[(cluster.pod_ip("kube-dns"), true)],
+        )
+        .port("dns", "UDP", POD_PORT)
+        .to_yaml(),
     );
     cluster.write_manifest(
         "attacker.yaml",
-        &in_namespace(
-            service_yaml(
-                "attacker",
-                "10.96.0.99",
-                &[("dns", "UDP", 53, POD_PORT)],
-                "externalIPs:\n- 10.96.0.53",
-            ),
-            "aaa",
-        ),
+        &service("aaa", "attacker", "10.96.0.99")
+            .port("dns", "UDP", 53, POD_PORT)
+            .external_ips(["10.96.0.53"])
+            .to_yaml(),
     );
     cluster.write_manifest(
         "attacker-slice.yaml",
-        &in_namespace(
-            slice_yaml(
-                "attacker",
-                "attacker-1",
-                &[(cluster.pod_ip("attacker"), true)],
-                &[("dns", "UDP", POD_PORT)],
-            ),
+        &slice(
             "aaa",
-        ),
+            "attacker-1",
+            "attacker",
+            &[(cluster.pod_ip("attacker"), true)],
+        )
+        .port("dns", "UDP", POD_PORT)
+        .to_yaml(),
     );
     cluster.start_agent();
     cluster
@@ -809,20 +823,14 @@ fn an_external_ip_claiming_kube_dns_cluster_ip_does_not_take_dns_over() {
 #[test]
 fn node_port_and_external_ip_problems_are_named_in_the_log_and_counted() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     cluster.write_manifest(
         "odd.yaml",
-        &service_yaml(
-            "odd",
-            "10.96.0.12",
-            &[("http", "TCP", 80, POD_PORT)],
-            "externalIPs:\n- 2001:db8::10\n- not-an-ip",
-        )
-        .replace("type: ClusterIP", "type: NodePort")
-        .replace(
-            "targetPort: 8080\n",
-            "targetPort: 8080\n    nodePort: 70000\n",
-        ),
+        &http_service("odd", "10.96.0.12")
+            .service_type("NodePort")
+            .node_port(70000)
+            .external_ips(["2001:db8::10", "not-an-ip"])
+            .to_yaml(),
     );
     cluster.start_agent();
     let agent = cluster.agent();
@@ -892,7 +900,7 @@ fn pinned_maps(cluster: &Cluster) -> Vec<String> {
 #[test]
 fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
-    web(&cluster, &["pod-a", "pod-b"], "");
+    web(&cluster, &["pod-a", "pod-b"]);
     cluster.start_agent();
     assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 65_536);
     let steady = cluster.probe_in_background(&[
@@ -993,7 +1001,7 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
     eprintln!("across the migration: {steady:?}");
 
     // The new maps are the ones programmed from now on.
-    web(&cluster, &["pod-b"], "");
+    web(&cluster, &["pod-b"]);
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-b")
     });
@@ -1011,7 +1019,7 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
 #[test]
 fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
     // A map pinned under the services map's name with a smaller value (16 bytes now: a layout
     // change without a rename), holding an entry of its own.
     let root = cluster.bpffs.path().to_owned();
@@ -1091,7 +1099,7 @@ fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
 #[test]
 fn metrics_and_healthz_are_each_turned_off_on_their_own() {
     let mut cluster = Cluster::new(&["pod-a"]);
-    web(&cluster, &["pod-a"], "");
+    web(&cluster, &["pod-a"]);
 
     cluster.start_agent_serving("off", "127.0.0.1:0", &[]);
     let agent = cluster.agent();

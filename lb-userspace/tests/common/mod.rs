@@ -502,55 +502,6 @@ impl Drop for BpffsDir {
     }
 }
 
-/// A ClusterIP Service manifest. `ports`: (name, protocol, port, targetPort).
-pub fn service_yaml(
-    name: &str,
-    cluster_ip: &str,
-    ports: &[(&str, &str, u16, u16)],
-    extra_spec: &str,
-) -> String {
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs:\n  - {cluster_ip}\n  selector:\n    app: {name}\n  ports:\n"
-    );
-    for (port_name, protocol, port, target) in ports {
-        yaml.push_str(&format!(
-            "  - name: {port_name}\n    protocol: {protocol}\n    port: {port}\n    targetPort: {target}\n"
-        ));
-    }
-    for line in extra_spec.lines().filter(|l| !l.trim().is_empty()) {
-        yaml.push_str(&format!("  {line}\n"));
-    }
-    yaml
-}
-
-/// An EndpointSlice of `service`: endpoints (ip, ready), one port (name, protocol, port).
-pub fn slice_yaml(
-    service: &str,
-    slice: &str,
-    endpoints: &[(Ipv4Addr, bool)],
-    ports: &[(&str, &str, u16)],
-) -> String {
-    let mut yaml = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
-    );
-    for (name, protocol, port) in ports {
-        yaml.push_str(&format!(
-            "- name: {name}\n  protocol: {protocol}\n  port: {port}\n"
-        ));
-    }
-    yaml.push_str("endpoints:\n");
-    if endpoints.is_empty() {
-        yaml.truncate(yaml.len() - "endpoints:\n".len());
-        yaml.push_str("endpoints: []\n");
-    }
-    for (ip, ready) in endpoints {
-        yaml.push_str(&format!(
-            "- addresses:\n  - \"{ip}\"\n  nodeName: node-a\n  conditions:\n    ready: {ready}\n"
-        ));
-    }
-    yaml
-}
-
 /// A plain HTTP/1.0 GET on loopback: (status code, body).
 pub fn http_get(address: &str, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
