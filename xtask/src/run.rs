@@ -35,6 +35,7 @@ use crate::{cmd, host, setup};
 use sandbox::{
     Binaries, CLIENT_NETNS, NODE_LAN_IP, OUTSIDE_IP, OUTSIDE_NETNS, PODS, STATE_DIR, Sandbox,
 };
+use slices::ServiceInfo as _;
 use traffic::Origin;
 
 #[derive(clap::Args)]
@@ -163,7 +164,7 @@ fn target_dir() -> PathBuf {
 fn show_traffic(sandbox: &Sandbox, probe: &Path) -> Result<bool> {
     let mut all_answered = true;
     for (name, count) in TRAFFIC {
-        let service = sandbox.services.iter().find(|s| s.metadata.name == name);
+        let service = sandbox.services.iter().find(|s| s.name() == name);
         let Some((service, target)) = service.and_then(|s| Some((s, s.first_frontend()?))) else {
             println!("\nrun: no Service {name} with a clusterIP in the examples: no traffic to it");
             continue;
@@ -244,7 +245,7 @@ fn nodeport_of(sandbox: &Sandbox, name: &str) -> Option<u16> {
     sandbox
         .services
         .iter()
-        .find(|s| s.metadata.name == name)?
+        .find(|s| s.name() == name)?
         .first_tcp_node_port()
 }
 
@@ -269,7 +270,7 @@ fn print_how_to_try(sandbox: &Sandbox, agent: &Path) {
         let frontend = sandbox
             .services
             .iter()
-            .find(|s| s.metadata.name == name)
+            .find(|s| s.name() == name)
             .and_then(|s| s.first_frontend())?;
         Some(match frontend.strip_suffix(":80") {
             Some(ip) => format!("curl http://{ip}/"),

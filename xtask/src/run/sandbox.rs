@@ -17,10 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use lb_testkit::{AgentReady, Cgroup, Netns, Node, Pod};
+use k8s_openapi::api::core::v1::Service;
+use lb_testkit::{AgentReady, Cgroup, Netns, Node, OutsideClient, Pod, ROUTER_SYSCTLS, Uplink};
 use serde::{Deserialize, Serialize};
 
-use super::slices::{self, PodInfo};
+use super::slices::{self, PodInfo, ServiceInfo as _};
 use crate::cmd;
 
 pub const STATE_DIR: &str = "/run/lb-sandbox";
@@ -40,15 +41,14 @@ const OUTSIDE_IFACE: &str = "eth0";
 pub const NODE_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
 const LAN_PREFIX_LEN: u8 = 24;
-/// What the node needs to route between the LAN and its pods, with the XDP program's
-/// translated packets: forwarding, no redirects (replies leave by the interface the flow came
-/// in on, where tc egress translates them back), no reverse-path filter on translated packets.
-const ROUTER_SYSCTLS: [&str; 4] = [
-    "net.ipv4.ip_forward=1",
-    "net.ipv4.conf.all.send_redirects=0",
-    "net.ipv4.conf.all.rp_filter=0",
-    "net.ipv4.conf.default.rp_filter=0",
-];
+/// The LAN: a veth pair from the node's `ext0` to the outside client's `eth0`.
+const UPLINK: Uplink<'static> = Uplink {
+    node_iface: NODE_LAN_IFACE,
+    node_ip: NODE_LAN_IP,
+    client_iface: OUTSIDE_IFACE,
+    client_ip: OUTSIDE_IP,
+    prefix_len: LAN_PREFIX_LEN,
+};
 /// The pods behind the example Services, like the `hostnames` Deployment's three replicas.
 pub const PODS: [&str; 3] = ["hostnames-1", "hostnames-2", "hostnames-3"];
 /// Their labels and namespace, as the Deployment's pod template gives them.
@@ -72,9 +72,7 @@ fn pod_netns(pod: &str) -> String {
 
 /// The LAN in CIDR notation (192.168.77.0/24), which the pods route via the node.
 fn lan_cidr() -> String {
-    let mask = u32::MAX << (32 - u32::from(LAN_PREFIX_LEN));
-    let net = Ipv4Addr::from(u32::from(NODE_LAN_IP) & mask);
-    format!("{net}/{LAN_PREFIX_LEN}")
+    UPLINK.subnet()
 }
 
 /// What is up, as recorded in `/run/lb-sandbox/state.json`.
@@ -178,9 +176,9 @@ impl State {
 pub struct Sandbox {
     pub state: State,
     pub client: ManuallyDrop<Pod>,
-    pub outside: ManuallyDrop<Netns>,
+    pub outside: ManuallyDrop<OutsideClient>,
     pub cgroup: ManuallyDrop<Cgroup>,
-    pub services: Vec<slices::Service>,
+    pub services: Vec<Service>,
 }
 
 /// The binaries the sandbox runs.
@@ -220,11 +218,7 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
         bridge_ip: Some(node.bridge_ip()),
     });
     state.save()?;
-    for setting in ROUTER_SYSCTLS {
-        node.netns()
-            .run(&["sysctl", "-qw", setting])
-            .context("making the node a router")?;
-    }
+    lb_testkit::make_router(node.netns())?;
     println!(
         "run: node {NODE_NETNS}: network namespace {NODE_NETNS} with bridge {} {}/{}, \
          forwarding ({})",
@@ -294,9 +288,8 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
     state.save()?;
     println!("run: pod client: {}, netns {CLIENT_NETNS}", client.ip);
 
-    let outside = ManuallyDrop::new(
-        Netns::named(OUTSIDE_NETNS).context("creating the outside client's namespace")?,
-    );
+    let outside_netns =
+        Netns::named(OUTSIDE_NETNS).context("creating the outside client's namespace")?;
     state.outside = Some(OutsideState {
         netns: OUTSIDE_NETNS.to_owned(),
         ip: Some(OUTSIDE_IP),
@@ -304,7 +297,11 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
         node_ip: Some(NODE_LAN_IP),
     });
     state.save()?;
-    plug_outside(node.netns(), &outside).context("joining the outside client to the node")?;
+    // No routes beyond the /24 each end gets with its address.
+    let outside = ManuallyDrop::new(
+        OutsideClient::direct(outside_netns, node.netns(), &UPLINK)
+            .context("joining the outside client to the node")?,
+    );
     println!(
         "run: outside client: netns {OUTSIDE_NETNS}, {OUTSIDE_IFACE} {OUTSIDE_IP}/{LAN_PREFIX_LEN}, \
          a veth pair to the node's {NODE_LAN_IFACE} {NODE_LAN_IP}/{LAN_PREFIX_LEN} (it reaches \
@@ -386,36 +383,9 @@ fn build(bins: &Binaries, examples: &Path, state: &mut State) -> Result<Sandbox>
     })
 }
 
-/// The LAN: a veth pair with `ext0` in the node and `eth0` in the outside client, the
-/// addresses, and no routes beyond the /24 each end gets with its address. Nothing is created
-/// in the root namespace: the pair is made in the node's, its peer moved straight on.
-fn plug_outside(node: &Netns, outside: &Netns) -> Result<()> {
-    let node_cidr = format!("{NODE_LAN_IP}/{LAN_PREFIX_LEN}");
-    let outside_cidr = format!("{OUTSIDE_IP}/{LAN_PREFIX_LEN}");
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        NODE_LAN_IFACE,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        OUTSIDE_IFACE,
-        "netns",
-        outside.name(),
-    ])?;
-    node.run(&["ip", "addr", "add", &node_cidr, "dev", NODE_LAN_IFACE])?;
-    node.run(&["ip", "link", "set", NODE_LAN_IFACE, "up"])?;
-    outside.run(&["ip", "link", "set", "lo", "up"])?;
-    outside.run(&["ip", "addr", "add", &outside_cidr, "dev", OUTSIDE_IFACE])?;
-    outside.run(&["ip", "link", "set", OUTSIDE_IFACE, "up"])?;
-    Ok(())
-}
-
 /// Copies the example manifests and adds the EndpointSlices for the sandbox pods. Returns the
 /// Services.
-fn write_manifests(examples: &Path, state: &State) -> Result<Vec<slices::Service>> {
+fn write_manifests(examples: &Path, state: &State) -> Result<Vec<Service>> {
     fs::create_dir_all(&state.manifests)
         .with_context(|| format!("creating {}", state.manifests.display()))?;
     let files = slices::manifest_files(examples)?;
@@ -459,7 +429,7 @@ fn write_manifests(examples: &Path, state: &State) -> Result<Vec<slices::Service
         let Some((slice, notes)) = slices::endpoint_slice(service, &pods, state.node_name()) else {
             println!(
                 "run: manifests: Service {} has no selector (or is ExternalName): no slice",
-                service.metadata.name
+                service.name()
             );
             continue;
         };
@@ -468,14 +438,14 @@ fn write_manifests(examples: &Path, state: &State) -> Result<Vec<slices::Service
         }
         let file = state
             .manifests
-            .join(format!("endpointslice-{}.yaml", service.metadata.name));
-        fs::write(&file, slice.to_yaml()?)
+            .join(format!("endpointslice-{}.yaml", service.name()));
+        fs::write(&file, slices::slice_file(&slice))
             .with_context(|| format!("writing {}", file.display()))?;
         println!(
             "run: manifests: wrote {} (EndpointSlice {} for Service {})",
             file.display(),
             slice.name(),
-            service.metadata.name
+            service.name()
         );
     }
     Ok(services)
@@ -968,8 +938,10 @@ mod tests {
     #[test]
     fn the_lan_is_a_slash_24_holding_both_ends() {
         assert_eq!(lan_cidr(), "192.168.77.0/24");
-        let mask = u32::MAX << (32 - u32::from(LAN_PREFIX_LEN));
-        assert_eq!(u32::from(NODE_LAN_IP) & mask, u32::from(OUTSIDE_IP) & mask);
+        assert_eq!(
+            lb_testkit::subnet(OUTSIDE_IP, LAN_PREFIX_LEN),
+            lb_testkit::subnet(NODE_LAN_IP, LAN_PREFIX_LEN)
+        );
     }
 
     #[test]

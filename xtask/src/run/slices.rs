@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use serde::{Deserialize, Serialize};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use lb_testkit::objects::{SERVICE_NAME_LABEL, SliceManifest};
+use serde::Deserialize;
 
 /// What `kubectl apply` does without a namespace.
 const DEFAULT_NAMESPACE: &str = "default";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-const MANAGED_BY_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
 /// A sandbox pod as the controller sees it.
 #[derive(Clone, Debug)]
@@ -26,78 +26,54 @@ pub struct PodInfo {
     pub ports: Vec<u16>,
 }
 
-/// The parts of a Service the controller and the sandbox use.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Service {
-    pub metadata: Metadata,
-    pub spec: ServiceSpec,
+/// What the sandbox reads off a Service.
+pub trait ServiceInfo {
+    fn name(&self) -> &str;
+    fn namespace(&self) -> &str;
+    /// `sessionAffinity: ClientIP`.
+    fn client_ip_affinity(&self) -> bool;
+    /// `ClusterIP:port` of the first port, when the Service has a ClusterIP.
+    fn first_frontend(&self) -> Option<String>;
+    /// The first TCP port's `nodePort`, for a NodePort or LoadBalancer Service that has one.
+    fn first_tcp_node_port(&self) -> Option<u16>;
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Metadata {
-    pub name: String,
-    pub namespace: Option<String>,
-    pub labels: BTreeMap<String, String>,
-}
+impl ServiceInfo for Service {
+    fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct ServiceSpec {
-    #[serde(rename = "type")]
-    pub type_: Option<String>,
-    #[serde(rename = "clusterIP")]
-    pub cluster_ip: Option<String>,
-    pub selector: Option<BTreeMap<String, String>>,
-    pub session_affinity: Option<String>,
-    pub ports: Vec<ServicePort>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct ServicePort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
-    pub port: u16,
-    pub target_port: Option<serde_yaml::Value>,
-    pub app_protocol: Option<String>,
-    pub node_port: Option<u16>,
-}
-
-impl Service {
-    pub fn namespace(&self) -> &str {
+    fn namespace(&self) -> &str {
         self.metadata
             .namespace
             .as_deref()
             .unwrap_or(DEFAULT_NAMESPACE)
     }
 
-    /// `sessionAffinity: ClientIP`.
-    pub fn client_ip_affinity(&self) -> bool {
-        self.spec.session_affinity.as_deref() == Some("ClientIP")
+    fn client_ip_affinity(&self) -> bool {
+        self.spec
+            .as_ref()
+            .and_then(|spec| spec.session_affinity.as_deref())
+            == Some("ClientIP")
     }
 
-    /// `ClusterIP:port` of the first port, when the Service has a ClusterIP.
-    pub fn first_frontend(&self) -> Option<String> {
-        let ip: Ipv4Addr = self.spec.cluster_ip.as_deref()?.parse().ok()?;
-        let port = self.spec.ports.first()?.port;
+    fn first_frontend(&self) -> Option<String> {
+        let spec = self.spec.as_ref()?;
+        let ip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+        let port = spec.ports.as_ref()?.first()?.port;
         Some(format!("{ip}:{port}"))
     }
 
-    /// The first TCP port's `nodePort`, for a NodePort or LoadBalancer Service that has one.
-    pub fn first_tcp_node_port(&self) -> Option<u16> {
-        if !matches!(
-            self.spec.type_.as_deref(),
-            Some("NodePort" | "LoadBalancer")
-        ) {
+    fn first_tcp_node_port(&self) -> Option<u16> {
+        let spec = self.spec.as_ref()?;
+        if !matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")) {
             return None;
         }
-        self.spec
-            .ports
+        spec.ports
             .iter()
+            .flatten()
             .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
-            .find_map(|p| p.node_port)
+            .find_map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()))
     }
 }
 
@@ -144,72 +120,6 @@ fn collect_services(value: serde_yaml::Value, services: &mut Vec<Service>) -> Re
     Ok(())
 }
 
-/// An EndpointSlice as the controller writes it (the fields it sets, in `kubectl get -o
-/// yaml`'s order).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EndpointSlice {
-    api_version: &'static str,
-    kind: &'static str,
-    metadata: SliceMetadata,
-    address_type: &'static str,
-    endpoints: Vec<Endpoint>,
-    ports: Vec<EndpointPort>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SliceMetadata {
-    name: String,
-    namespace: String,
-    labels: BTreeMap<String, String>,
-    owner_references: Vec<OwnerReference>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct OwnerReference {
-    api_version: &'static str,
-    kind: &'static str,
-    name: String,
-    controller: bool,
-    block_owner_deletion: bool,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Endpoint {
-    addresses: Vec<String>,
-    conditions: Conditions,
-    node_name: String,
-    target_ref: TargetRef,
-}
-
-#[derive(Debug, Serialize)]
-struct Conditions {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct TargetRef {
-    kind: &'static str,
-    namespace: String,
-    name: String,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct EndpointPort {
-    /// The service port's name; `""` for its one unnamed port, as the controller writes it.
-    name: String,
-    protocol: String,
-    port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    app_protocol: Option<String>,
-}
-
 /// The controller's slice for `service`, with every pod it selects as a ready endpoint on
 /// `node_name`, and notes on what would make it not work in the sandbox. `None` for Services
 /// the controller leaves alone (no selector, ExternalName).
@@ -217,12 +127,13 @@ pub fn endpoint_slice(
     service: &Service,
     pods: &[PodInfo],
     node_name: &str,
-) -> Option<(EndpointSlice, Vec<String>)> {
-    let selector = service.spec.selector.as_ref().filter(|s| !s.is_empty())?;
-    if service.spec.type_.as_deref() == Some("ExternalName") {
+) -> Option<(SliceManifest, Vec<String>)> {
+    let spec = service.spec.as_ref()?;
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let name = &service.metadata.name;
+    let name = service.name();
     let namespace = service.namespace();
     let mut notes = Vec::new();
     let selected: Vec<&PodInfo> = pods
@@ -239,14 +150,25 @@ pub fn endpoint_slice(
             "Service {namespace}/{name} selects none of the sandbox pods: its slice has no endpoints"
         ));
     }
-    let mut ports = Vec::new();
-    for port in &service.spec.ports {
+    // The controller's names are `<service>-<5 random characters>`; a fixed suffix keeps the
+    // sandbox's files easy to find and edit. It copies the Service's labels and adds its own,
+    // and the Service owns the slice (its uid when the manifest has one: no API server gave it
+    // one here).
+    let mut slice = SliceManifest::new(namespace, &format!("{name}-sandbox"), name);
+    for (key, value) in service.metadata.labels.iter().flatten() {
+        slice = slice.label(key, value);
+    }
+    slice = slice
+        .label(SERVICE_NAME_LABEL, name)
+        .managed_by_controller()
+        .owned_by_service(service.metadata.uid.as_deref().unwrap_or_default());
+    for port in spec.ports.iter().flatten() {
+        // The service port's name; `""` for its one unnamed port, as the controller writes it.
         let port_name = port.name.clone().unwrap_or_default();
         let target = match &port.target_port {
-            None => Some(port.port),
-            Some(serde_yaml::Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-            Some(serde_yaml::Value::String(s)) => s.parse().ok(),
-            Some(_) => None,
+            None => u16::try_from(port.port).ok(),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(s)) => s.parse().ok(),
         };
         let Some(target) = target else {
             notes.push(format!(
@@ -262,76 +184,34 @@ pub fn endpoint_slice(
                  {target}, connections will fail"
             ));
         }
-        ports.push(EndpointPort {
-            name: port_name,
-            protocol: port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
-            port: target,
-            app_protocol: port.app_protocol.clone(),
-        });
+        slice = slice.port(
+            &port_name,
+            port.protocol.as_deref().unwrap_or("TCP"),
+            target,
+        );
+        if let Some(app_protocol) = &port.app_protocol {
+            slice = slice.app_protocol(app_protocol);
+        }
     }
-    // The controller copies the Service's labels and adds its own.
-    let mut labels = service.metadata.labels.clone();
-    labels.insert(SERVICE_NAME_LABEL.to_owned(), name.clone());
-    labels.insert(
-        MANAGED_BY_LABEL.to_owned(),
-        MANAGED_BY_CONTROLLER.to_owned(),
-    );
-    let endpoints = selected
-        .iter()
-        .map(|pod| Endpoint {
-            addresses: vec![pod.ip.to_string()],
-            conditions: Conditions {
-                ready: true,
-                serving: true,
-                terminating: false,
-            },
-            node_name: node_name.to_owned(),
-            target_ref: TargetRef {
-                kind: "Pod",
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-            },
-        })
-        .collect();
-    let slice = EndpointSlice {
-        api_version: "discovery.k8s.io/v1",
-        kind: "EndpointSlice",
-        metadata: SliceMetadata {
-            // The controller's names are `<service>-<5 random characters>`; a fixed suffix
-            // keeps the sandbox's files easy to find and edit.
-            name: format!("{name}-sandbox"),
-            namespace: namespace.to_owned(),
-            labels,
-            owner_references: vec![OwnerReference {
-                api_version: "v1",
-                kind: "Service",
-                name: name.clone(),
-                controller: true,
-                block_owner_deletion: true,
-            }],
-        },
-        address_type: "IPv4",
-        endpoints,
-        ports,
-    };
+    for pod in selected {
+        slice = slice
+            .endpoint(pod.ip)
+            .conditions(true, true, false)
+            .on_node(node_name)
+            .target_pod(&pod.namespace, &pod.name);
+    }
     Some((slice, notes))
 }
 
-impl EndpointSlice {
-    pub fn name(&self) -> &str {
-        &self.metadata.name
-    }
-
-    /// The slice as a manifest file, with a comment saying where it comes from.
-    pub fn to_yaml(&self) -> Result<String> {
-        let body = serde_yaml::to_string(self)?;
-        Ok(format!(
-            "# Written by `cargo xtask run`: the EndpointSlice that Kubernetes' EndpointSlice\n\
-             # controller would write for the sandbox pods. The agent watches this directory:\n\
-             # delete an endpoint (or set ready: false) and watch `lb-agent list` change.\n\
-             {body}"
-        ))
-    }
+/// The slice as a manifest file, with a comment saying where it comes from.
+pub fn slice_file(slice: &SliceManifest) -> String {
+    format!(
+        "# Written by `cargo xtask run`: the EndpointSlice that Kubernetes' EndpointSlice\n\
+         # controller would write for the sandbox pods. The agent watches this directory:\n\
+         # delete an endpoint (or set ready: false) and watch `lb-agent list` change.\n\
+         {}",
+        slice.to_yaml()
+    )
 }
 
 #[cfg(test)]
@@ -400,7 +280,7 @@ items:
     #[test]
     fn finds_services_in_documents_and_lists() {
         let services = services_in(EXAMPLE).unwrap();
-        let names: Vec<_> = services.iter().map(|s| s.metadata.name.as_str()).collect();
+        let names: Vec<_> = services.iter().map(|s| s.name()).collect();
         assert_eq!(names, ["hostnames", "unnamed", "no-selector"]);
         assert_eq!(
             services[0].first_frontend().as_deref(),
@@ -443,7 +323,7 @@ spec:
         let services = services_in(EXAMPLE).unwrap();
         let (slice, notes) = endpoint_slice(&services[0], &pods(), "lbs-node").unwrap();
         assert!(notes.is_empty(), "{notes:?}");
-        let yaml: serde_yaml::Value = serde_yaml::from_str(&slice.to_yaml().unwrap()).unwrap();
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&slice_file(&slice)).unwrap();
         let expected: serde_yaml::Value = serde_yaml::from_str(
             "
 apiVersion: discovery.k8s.io/v1
@@ -461,6 +341,7 @@ metadata:
     name: hostnames
     controller: true
     blockOwnerDeletion: true
+    uid: ''
 addressType: IPv4
 endpoints:
 - addresses: [10.244.0.10]
@@ -489,12 +370,14 @@ ports:
     fn unnamed_port_other_namespace_and_no_selector() {
         let services = services_in(EXAMPLE).unwrap();
         let (slice, notes) = endpoint_slice(&services[1], &pods(), "n").unwrap();
+        let slice = slice.build();
         assert!(slice.endpoints.is_empty());
-        assert_eq!(slice.ports.len(), 1);
-        assert_eq!(slice.ports[0].name, "");
-        assert_eq!(slice.ports[0].protocol, "UDP");
+        let ports = slice.ports.unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some(""));
+        assert_eq!(ports[0].protocol.as_deref(), Some("UDP"));
         // No targetPort: the port itself, which no sandbox pod serves (but none is selected).
-        assert_eq!(slice.ports[0].port, 53);
+        assert_eq!(ports[0].port, Some(53));
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(endpoint_slice(&services[2], &pods(), "n").is_none());
     }
@@ -502,13 +385,16 @@ ports:
     #[test]
     fn named_or_unserved_target_ports_are_noted() {
         let mut service = services_in(EXAMPLE).unwrap().remove(0);
-        service.spec.ports[0].target_port = Some("http".into());
+        fn target_port(service: &mut Service) -> &mut Option<IntOrString> {
+            &mut service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port
+        }
+        *target_port(&mut service) = Some(IntOrString::String("http".into()));
         let (slice, notes) = endpoint_slice(&service, &pods(), "n").unwrap();
-        assert!(slice.ports.is_empty());
+        assert!(slice.build().ports.is_none());
         assert_eq!(notes.len(), 1);
-        service.spec.ports[0].target_port = Some(8080.into());
+        *target_port(&mut service) = Some(IntOrString::Int(8080));
         let (slice, notes) = endpoint_slice(&service, &pods(), "n").unwrap();
-        assert_eq!(slice.ports[0].port, 8080);
+        assert_eq!(slice.build().ports.unwrap()[0].port, Some(8080));
         assert!(notes[0].contains("no sandbox pod listens"), "{notes:?}");
     }
 }

@@ -47,7 +47,7 @@ impl<'a> Origin<'a> {
     /// The outside client, in no sandbox cgroup: north-south traffic, the XDP and tc programs.
     pub fn outside(sandbox: &'a Sandbox) -> Origin<'a> {
         Origin {
-            netns: &sandbox.outside,
+            netns: sandbox.outside.netns(),
             cgroup: None,
         }
     }
