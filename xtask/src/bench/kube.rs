@@ -21,6 +21,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use lb_testkit::objects::{ManifestList, ServiceManifest, SliceManifest};
 use sha2::{Digest, Sha256};
 
 /// The cluster (pod) CIDR for the masquerade rules.
@@ -131,54 +132,40 @@ pub fn background(i: usize, endpoints: usize) -> Svc {
 
 // ------------------------------------------------------------------ manifests (the agent)
 
-/// A Service object with its ports (one per `Svc` sharing name and VIP).
-pub fn service_json(ports: &[&Svc]) -> serde_json::Value {
+/// The Service of those ports (one per `Svc` sharing name and VIP), selecting `app: <name>`.
+pub fn service_manifest(ports: &[&Svc]) -> ServiceManifest {
     let first = ports[0];
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": first.name, "namespace": NAMESPACE},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": first.vip.to_string(),
-            "clusterIPs": [first.vip.to_string()],
-            "selector": {"app": first.name},
-            "ports": ports.iter().map(|p| serde_json::json!({
-                "name": p.port_name, "protocol": p.protocol, "port": p.port,
-                "targetPort": p.target_port,
-            })).collect::<Vec<_>>(),
-        }
+    let service =
+        ServiceManifest::cluster_ip(NAMESPACE, &first.name, first.vip).selector("app", &first.name);
+    ports.iter().fold(service, |service, p| {
+        service.port(&p.port_name, p.protocol, p.port, p.target_port)
     })
 }
 
 /// The EndpointSlice of those ports (all endpoints ready, on node `node`).
-pub fn slice_json(ports: &[&Svc], node: &str) -> serde_json::Value {
+pub fn slice_manifest(ports: &[&Svc], node: &str) -> SliceManifest {
     let first = ports[0];
-    serde_json::json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {
-            "name": format!("{}-abcde", first.name), "namespace": NAMESPACE,
-            "labels": {"kubernetes.io/service-name": first.name,
-                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
-        },
-        "addressType": "IPv4",
-        "ports": ports.iter().map(|p| serde_json::json!({
-            "name": p.port_name, "protocol": p.protocol, "port": p.target_port,
-        })).collect::<Vec<_>>(),
-        "endpoints": first.endpoints.iter().map(|ip| serde_json::json!({
-            "addresses": [ip.to_string()], "nodeName": node,
-            "conditions": {"ready": true, "serving": true, "terminating": false},
-        })).collect::<Vec<_>>(),
+    let slice = SliceManifest::new(NAMESPACE, &format!("{}-abcde", first.name), &first.name)
+        .managed_by_controller();
+    let slice = ports.iter().fold(slice, |slice, p| {
+        slice.port(&p.port_name, p.protocol, p.target_port)
+    });
+    first.endpoints.iter().fold(slice, |slice, ip| {
+        slice
+            .endpoint(ip)
+            .on_node(node)
+            .conditions(true, true, false)
     })
 }
 
 /// A `kind: List` JSON manifest of Services and their slices, one group of ports per service.
 pub fn manifest(groups: &[Vec<&Svc>], node: &str) -> String {
-    let mut items = Vec::with_capacity(groups.len() * 2);
+    let mut list = ManifestList::with_capacity(groups.len() * 2);
     for group in groups {
-        items.push(service_json(group));
-        items.push(slice_json(group, node));
+        list.push(service_manifest(group));
+        list.push(slice_manifest(group, node));
     }
-    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+    list.to_json()
 }
 
 // ------------------------------------------------------------------ iptables
@@ -535,6 +522,50 @@ mod tests {
         // Go: base32.StdEncoding.EncodeToString([]byte("foobar")) == "MZXW6YTBOI======"
         assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
         assert_eq!(base32(b"f"), "MY");
+    }
+
+    #[test]
+    fn the_manifest_holds_each_service_and_its_slice() {
+        let (a, mut b) = (background(0, 2), background(1, 1));
+        let mut b_udp = b.clone();
+        b_udp.port_name = "dns".into();
+        b_udp.protocol = "UDP";
+        b.port = 81;
+        let list: serde_json::Value =
+            serde_json::from_str(&manifest(&[vec![&a], vec![&b, &b_udp]], "n")).unwrap();
+        assert_eq!(
+            (&list["apiVersion"], &list["kind"]),
+            (&"v1".into(), &"List".into())
+        );
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 4);
+        let service = &items[2];
+        assert_eq!(service["kind"], "Service");
+        assert_eq!(service["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(service["spec"]["clusterIP"], b.vip.to_string());
+        assert_eq!(service["spec"]["selector"]["app"], "svc-1");
+        assert_eq!(
+            service["spec"]["ports"],
+            serde_json::json!([
+                {"name": "http", "protocol": "TCP", "port": 81, "targetPort": POD_PORT},
+                {"name": "dns", "protocol": "UDP", "port": SERVICE_PORT, "targetPort": POD_PORT},
+            ])
+        );
+        let slice = &items[1];
+        assert_eq!(slice["kind"], "EndpointSlice");
+        assert_eq!(slice["metadata"]["name"], "svc-0-abcde");
+        assert_eq!(
+            slice["metadata"]["labels"]["kubernetes.io/service-name"],
+            "svc-0"
+        );
+        assert_eq!(
+            slice["endpoints"][1],
+            serde_json::json!({
+                "addresses": [a.endpoints[1].to_string()], "nodeName": "n",
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+            })
+        );
+        assert_eq!(items[3]["ports"][1]["protocol"], "UDP");
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use lb_testkit::objects::ManifestList;
+use lb_testkit::{Netns, OutsideClient, Uplink};
 
 use super::arms::client_args;
 use super::cluster::{self, Cluster};
@@ -18,58 +20,38 @@ const NODEPORT_E: u16 = 30080;
 const NODEPORT_I: u16 = 30081;
 const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+/// The node's uplink, where the agent serves NodePorts.
+const NODE_IFACE: &str = "ext0";
+/// A veth pair from the node's `ext0` to the outside client's `eth0`.
+const UPLINK: Uplink<'static> = Uplink {
+    node_iface: NODE_IFACE,
+    node_ip: NODE_EXT_IP,
+    client_iface: "eth0",
+    client_ip: OUTSIDE_IP,
+    prefix_len: 24,
+};
 
 /// Benchmark 7: the agent restarted with `--nodeport-iface ext0` (a veth from the node to an
 /// "outside" namespace) and a NodePort service; BPF_PROG_TEST_RUN of its XDP program against
 /// an XDP_PASS-only program; NodePort CRR from outside through XDP (E) and through
 /// kube-proxy's NodePort rules in the node namespace (I).
 pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> {
-    let outside = lb_testkit::Netns::new("lbout")?;
-    let node = cluster.node.netns();
-    node.run(&[
-        "ip",
-        "link",
-        "add",
-        "ext0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        outside.name(),
-    ])?;
-    node.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{NODE_EXT_IP}/24"),
-        "dev",
-        "ext0",
-    ])?;
-    node.run(&["ip", "link", "set", "ext0", "up"])?;
-    node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    outside.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{OUTSIDE_IP}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    outside.run(&["ip", "link", "set", "eth0", "up"])?;
-    outside.run(&["ip", "link", "set", "lo", "up"])?;
+    let outside = OutsideClient::direct(Netns::new("lbout")?, cluster.node.netns(), &UPLINK)?;
+    cluster
+        .node
+        .netns()
+        .run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     for sysctl in [
         "net.ipv4.ip_local_port_range=1024 65535",
         "net.ipv4.tcp_tw_reuse=1",
     ] {
-        outside.run(&["sysctl", "-qw", sysctl])?;
+        outside.netns().run(&["sysctl", "-qw", sysctl])?;
     }
     // Replies of local backends go to the client's address (no SNAT for local backends).
     for pod in &cluster.pods {
         let _ = pod
             .netns
-            .run(&["ip", "route", "add", "192.168.77.0/24", "via", "10.244.0.1"]);
+            .run(&["ip", "route", "add", &UPLINK.subnet(), "via", "10.244.0.1"]);
     }
     let backends = cluster.backend_ips();
     let np = Svc {
@@ -81,16 +63,18 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
         target_port: POD_PORT,
         endpoints: backends.clone(),
     };
-    let mut svc = kube::service_json(&[&np]);
-    svc["spec"]["type"] = "NodePort".into();
-    svc["spec"]["ports"][0]["nodePort"] = NODEPORT_E.into();
-    let slice = kube::slice_json(&[&np], "bench-node");
-    let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [svc, slice]});
+    let manifest = ManifestList::new()
+        .item(
+            kube::service_manifest(&[&np])
+                .service_type("NodePort")
+                .node_port(NODEPORT_E),
+        )
+        .item(kube::slice_manifest(&[&np], "bench-node"));
     cluster.agent = None;
     let _ = std::fs::remove_file(cluster.manifests.0.join("services.json"));
-    cluster.write_manifest("nodeport.json", &manifest.to_string())?;
+    cluster.write_manifest("nodeport.json", &manifest.to_json())?;
     let mut extra = agent_limits(16);
-    extra.extend(["--nodeport-iface".to_string(), "ext0".to_string()]);
+    extra.extend(["--nodeport-iface".to_string(), NODE_IFACE.to_string()]);
     // Ready: XDP and tc are linked on ext0 too.
     cluster.start_agent(&extra)?;
     sleep(Duration::from_millis(300))?;
@@ -99,7 +83,7 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
     let link = cluster
         .node
         .netns()
-        .run(&["ip", "-j", "-d", "link", "show", "ext0"])?;
+        .run(&["ip", "-j", "-d", "link", "show", NODE_IFACE])?;
     let json: serde_json::Value = serde_json::from_str(link.trim())?;
     let id = json[0]["xdp"]["prog"]["id"]
         .as_u64()
@@ -205,7 +189,7 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
         for k in 0..2 {
             check_interrupted()?;
             let (arm, port) = [("E", NODEPORT_E), ("I", NODEPORT_I)][(k + round) % 2];
-            let mut cmd = lb_testkit::command_in(Some(&outside), None, "taskset")?;
+            let mut cmd = lb_testkit::command_in(Some(outside.netns()), None, "taskset")?;
             cmd.args(["-c", &cluster::CLIENT_CPU.to_string()])
                 .arg(&cluster.bench_bin)
                 .args(client_args(
