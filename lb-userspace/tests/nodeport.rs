@@ -963,6 +963,17 @@ fn echo_slice(endpoints: &[(&str, bool, bool, bool)]) -> SliceManifest {
         })
 }
 
+/// Writes the echo Service with pod-a and pod-b ready; returns the NodePort's address.
+fn start_echo(site: &Site) -> String {
+    let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
+    site.write_manifest("echo.yaml", &echo_service().to_yaml());
+    site.write_manifest(
+        "echo-slice.yaml",
+        &echo_slice(&[(&a, true, true, false), (&b, true, true, false)]).to_yaml(),
+    );
+    format!("{NODE_A_IP}:30070")
+}
+
 /// Opens connections through the NodePort until one reaches `pod` (the agent programmed it).
 fn wait_until_reached(site: &Site, pod: &str) {
     let target = format!("{NODE_A_IP}:30070");
@@ -989,18 +1000,13 @@ fn long_lived_nodeport_connections_keep_their_pod_across_scale_up_and_agent_rest
     for pod in &site.pods {
         echo_server(pod);
     }
+    let target = start_echo(&site);
+    site.start_agents();
     let (a, b, c) = (
         site.pod_ip("pod-a"),
         site.pod_ip("pod-b"),
         site.pod_ip("pod-c"),
     );
-    site.write_manifest("echo.yaml", &echo_service().to_yaml());
-    site.write_manifest(
-        "echo-slice.yaml",
-        &echo_slice(&[(&a, true, true, false), (&b, true, true, false)]).to_yaml(),
-    );
-    site.start_agents();
-    let target = format!("{NODE_A_IP}:30070");
     let mut connections = open_long_lived(&site, &target, 48);
     let mut spread = std::collections::BTreeMap::<String, usize>::new();
     for conn in &connections {
@@ -1056,14 +1062,9 @@ fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
     for pod in &site.pods {
         echo_server(pod);
     }
-    let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
-    site.write_manifest("echo.yaml", &echo_service().to_yaml());
-    site.write_manifest(
-        "echo-slice.yaml",
-        &echo_slice(&[(&a, true, true, false), (&b, true, true, false)]).to_yaml(),
-    );
+    let target = start_echo(&site);
     site.start_agents();
-    let target = format!("{NODE_A_IP}:30070");
+    let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
     let mut connections = open_long_lived(&site, &target, 32);
     let on_b = connections.iter().filter(|c| c.pod == "pod-b").count();
     assert!(

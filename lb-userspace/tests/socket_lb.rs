@@ -717,34 +717,7 @@ fn maps_of_an_earlier_layout_are_replaced_without_a_gap_and_then_removed() {
     web(&cluster, &["pod-a"]);
     // An earlier version's pins: a map under a name this version does not use (a layout
     // change renames the map), as `bpftool` or an older agent would have left it.
-    let root = cluster.bpffs.path().to_owned();
-    std::fs::create_dir_all(&root).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&root)
-        .status()
-        .expect("mount");
-    assert!(mounted.success());
-    std::fs::create_dir_all(root.join("maps")).unwrap();
-    let old = root.join("maps/LB4_SERVICES_V0");
-    let created = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&old)
-        .args([
-            "type",
-            "hash",
-            "key",
-            "8",
-            "value",
-            "12",
-            "entries",
-            "16",
-            "name",
-            "LB4_SERVICES_V0",
-        ])
-        .status()
-        .expect("bpftool (Debian package bpftool)");
-    assert!(created.success());
+    let old = pin_foreign_map(&cluster, "LB4_SERVICES_V0");
 
     cluster.start_agent();
     let served = cluster.probe(&["tcp", TCP_VIP, "--count", "5"]);
@@ -857,6 +830,31 @@ fn node_port_and_external_ip_problems_are_named_in_the_log_and_counted() {
     // The rest of the Service is served: its ClusterIP answers.
     let ok = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
     assert_eq!(ok.replies.get("pod-a"), Some(&3), "{ok:?}");
+}
+
+/// Mounts the cluster's bpffs and pins a hash map `name` (8-byte keys, 12-byte values, 16
+/// entries) in its maps directory, as `bpftool` or an older agent would have left it.
+fn pin_foreign_map(cluster: &Cluster, name: &str) -> std::path::PathBuf {
+    let root = cluster.bpffs.path().to_owned();
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&root)
+        .status()
+        .expect("mount");
+    assert!(mounted.success());
+    std::fs::create_dir_all(root.join("maps")).unwrap();
+    let pin = root.join("maps").join(name);
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "hash", "key", "8", "value", "12", "entries", "16", "name", name,
+        ])
+        .status()
+        .expect("bpftool (Debian package bpftool)");
+    assert!(created.success());
+    pin
 }
 
 /// The capacity `lb-agent status` reads from the map pinned as `name`.
@@ -1002,9 +1000,21 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
 
     // The new maps are the ones programmed from now on.
     web(&cluster, &["pod-b"]);
-    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
-        r.replies.contains_key("pod-b")
-    });
+    // pod-b served before too: wait until pod-a is gone from the answers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster
+        .probe(&["tcp", TCP_VIP, "--count", "10"])
+        .replies
+        .get("pod-b")
+        != Some(&10)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pod-a still answers\n{}",
+            cluster.agent().log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let after = cluster.probe(&["tcp", TCP_VIP, "--count", "20"]);
     assert_eq!(after.replies.get("pod-b"), Some(&20), "{after:?}");
 
@@ -1020,36 +1030,9 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
 fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
     let mut cluster = Cluster::new(&["pod-a"]);
     web(&cluster, &["pod-a"]);
-    // A map pinned under the services map's name with a smaller value (16 bytes now: a layout
-    // change without a rename), holding an entry of its own.
-    let root = cluster.bpffs.path().to_owned();
-    std::fs::create_dir_all(&root).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&root)
-        .status()
-        .expect("mount");
-    assert!(mounted.success());
-    std::fs::create_dir_all(root.join("maps")).unwrap();
-    let pin = root.join("maps/LB4_FRONT_V2");
-    let created = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type",
-            "hash",
-            "key",
-            "8",
-            "value",
-            "12",
-            "entries",
-            "16",
-            "name",
-            "LB4_FRONT_V2",
-        ])
-        .status()
-        .expect("bpftool (Debian package bpftool)");
-    assert!(created.success());
+    // A map pinned under the frontends map's name with a smaller value (16 bytes now: a
+    // layout change without a rename), holding an entry of its own.
+    let pin = pin_foreign_map(&cluster, "LB4_FRONT_V2");
     let updated = std::process::Command::new("bpftool")
         .args(["map", "update", "pinned"])
         .arg(&pin)
@@ -1090,7 +1073,7 @@ fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
         Duration::from_secs(3),
     );
     assert!(
-        !root.join("maps/LB4_FRONT_V2-old").exists(),
+        !cluster.bpffs.path().join("maps/LB4_FRONT_V2-old").exists(),
         "{:?}",
         pinned_maps(&cluster)
     );
