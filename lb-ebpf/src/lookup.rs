@@ -7,7 +7,9 @@ use lb_common::{
     affinity_clients, backend_states, frontend_flags, frontend_kinds, scopes,
 };
 
-use crate::maps::{LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_SLOTS_V2, LB4_STATS_V2};
+use crate::maps::{
+    LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_NODEADDR, LB4_SLOTS_V2, LB4_STATS_V2,
+};
 
 /// What the socket programs should do with a connection to a given address.
 pub enum Verdict {
@@ -33,18 +35,27 @@ pub fn backend(backend_id: u32) -> Option<Backend4> {
 }
 
 /// The frontend an in-node client (a pod or a host process, at the socket) reaches at `key`:
-/// not a NodePort (address 0 is no address a socket connects to; NodePorts are served in
-/// XDP), and the internal-scope entry where the frontend has two.
+/// a ClusterIP, externalIP or LoadBalancer IP by its address, a NodePort at one of the node's
+/// NodePort addresses (`LB4_NODEADDR`, which the agent fills with the node's addresses and
+/// 127.0.0.1), and the internal-scope entry where the frontend has two. Address 0 itself is
+/// no address a socket connects to a NodePort at.
 #[inline(always)]
 fn in_node_frontend(key: &Frontend4Key) -> Option<Frontend4Value> {
-    let found = frontend(key)?;
-    if found.kind == frontend_kinds::NODE_PORT {
-        return None;
-    }
+    let (key, found) = match frontend(key) {
+        Some(found) if found.kind == frontend_kinds::NODE_PORT => return None,
+        Some(found) => (*key, found),
+        None => {
+            // SAFETY: only tested for presence.
+            unsafe { LB4_NODEADDR.get(&key.addr) }?;
+            let node_port = Frontend4Key { addr: 0, ..*key };
+            let found = frontend(&node_port).filter(|f| f.kind == frontend_kinds::NODE_PORT)?;
+            (node_port, found)
+        }
+    };
     if found.flags & frontend_flags::TWO_SCOPES != 0 {
         let internal = Frontend4Key {
             scope: scopes::INTERNAL,
-            ..*key
+            ..key
         };
         return frontend(&internal).or(Some(found));
     }

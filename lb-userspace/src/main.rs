@@ -126,14 +126,19 @@ struct RunArgs {
     /// ingress, tc egress for replies); repeatable. Without it, no north-south data path.
     #[arg(long = "nodeport-iface", value_name = "IFACE")]
     nodeport_ifaces: Vec<String>,
-    /// Answer NodePorts only on the interfaces' addresses inside CIDR (kube-proxy's
-    /// --nodeport-addresses); repeatable. Default: every address of the interfaces.
+    /// Answer NodePorts only on the node's addresses inside CIDR (kube-proxy's
+    /// --nodeport-addresses); repeatable. Default: every address of the node (from outside,
+    /// as it arrives on a --nodeport-iface; from pods and the node itself, at the socket).
     #[arg(
         long = "nodeport-addresses",
         value_name = "CIDR",
         value_delimiter = ','
     )]
     nodeport_addresses: Vec<lb_agent::agent::interfaces::Cidr>,
+    /// Pods and host processes reach NodePorts at 127.0.0.1 too (kube-proxy's
+    /// --iptables-localhost-nodeports); `--localhost-nodeports=false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    localhost_nodeports: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -218,6 +223,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         nodeport: lb_agent::agent::interfaces::NodeportConfig {
             interfaces: args.nodeport_ifaces,
             addresses: args.nodeport_addresses,
+            localhost: args.localhost_nodeports,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

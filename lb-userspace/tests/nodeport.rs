@@ -295,15 +295,24 @@ impl Site {
 
     /// `lb-probe ARGS` from the outside client.
     fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child =
-            spawn_in(Some(self.client.netns()), None, &*PROBE, args).expect("starting lb-probe");
-        let output = child.wait_with_output().expect("waiting for lb-probe");
-        assert!(
-            output.status.success(),
-            "lb-probe {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
+        probe_in(self.client.netns(), None, args)
+    }
+
+    /// `lb-probe ARGS` from inside node-a, in its agent's cgroup (where the socket programs
+    /// apply): from pod `pod`'s network namespace, or from the node's own with `None`.
+    fn probe_in_node(&self, pod: Option<&str>, args: &[&str]) -> ProbeResult {
+        let netns = match pod {
+            Some(name) => {
+                &self
+                    .pods
+                    .iter()
+                    .find(|p| p.name == name)
+                    .expect("pod")
+                    .netns
+            }
+            None => self.node_a.netns(),
+        };
+        probe_in(netns, Some(&self.cgroups[0]), args)
     }
 
     /// Repeats `probe(args)` until `done` holds, or fails after `timeout` with the agents' logs.
@@ -363,6 +372,18 @@ impl Site {
         .join()
         .expect("http thread")
     }
+}
+
+/// `lb-probe ARGS` in `netns` (and `cgroup`), its JSON result.
+fn probe_in(netns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> ProbeResult {
+    let child = spawn_in(Some(netns), cgroup, &*PROBE, args).expect("starting lb-probe");
+    let output = child.wait_with_output().expect("waiting for lb-probe");
+    assert!(
+        output.status.success(),
+        "lb-probe {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
 }
 
 fn run(netns: &Netns, args: &[&str]) {
@@ -1109,4 +1130,123 @@ fn a_terminating_pod_keeps_its_nodeport_connections_and_gets_no_new_ones() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(forwarded >= 32 + 64, "{forwarded} flows counted:\n{text}");
+}
+
+/// In-node clients reach NodePorts at the socket, as kube-proxy's OUTPUT rules let them: a pod
+/// at `nodeIP:nodePort` (TCP, UDP; `getpeername` and UDP replies show the address it used),
+/// a pod reaching itself through its own NodePort (hairpin), the node itself at its address
+/// and at 127.0.0.1; an `externalTrafficPolicy: Local` NodePort reached from inside uses
+/// every endpoint. Without translation, these connections would be refused: no socket
+/// listens on a NodePort, and XDP sees only traffic arriving on `lan0`.
+#[test]
+fn pods_and_the_node_itself_reach_node_ports_at_the_socket() {
+    let mut site = Site::new(&["pod-a", "pod-b"], false);
+    let (a, b) = (site.pod_ip("pod-a"), site.pod_ip("pod-b"));
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&a, "node-a"), (&b, "node-a")]).to_yaml(),
+    );
+    site.write_manifest(
+        "local.yaml",
+        &service("local", "10.96.0.11", 30090)
+            .external_traffic_policy("Local")
+            .to_yaml(),
+    );
+    // Its one endpoint, pod-b, is said to run on another node: node-a has no local one.
+    site.write_manifest(
+        "local-slice.yaml",
+        &slice("local", &[(&b, "node-b")]).to_yaml(),
+    );
+    site.start_agents();
+
+    let nodeport = format!("{NODE_A_IP}:30080");
+    let tcp = site.probe_in_node(Some("pod-a"), &["tcp", &nodeport, "--count", "40"]);
+    assert_eq!(tcp.failures(), 0, "{tcp:?}\n{}", site.logs());
+    assert!(
+        tcp.replies.contains_key("pod-a") && tcp.replies.contains_key("pod-b"),
+        "both pods answer, pod-a itself too (hairpin): {tcp:?}"
+    );
+    assert_eq!(tcp.peers.get(&nodeport), Some(&40), "getpeername: {tcp:?}");
+
+    let udp_port = format!("{NODE_A_IP}:30081");
+    let udp = site.probe_in_node(Some("pod-b"), &["udp", &udp_port, "--count", "20"]);
+    assert_eq!(udp.failures(), 0, "{udp:?}");
+    assert_eq!(
+        udp.peers.get(&udp_port),
+        Some(&20),
+        "UDP replies come from the address the pod used: {udp:?}"
+    );
+
+    for target in [nodeport.as_str(), "127.0.0.1:30080"] {
+        let node = site.probe_in_node(None, &["tcp", target, "--count", "10"]);
+        assert_eq!(node.failures(), 0, "the node itself to {target}: {node:?}");
+        assert_eq!(node.replies.values().sum::<u64>(), 10, "{node:?}");
+    }
+
+    // eTP Local without a local endpoint: outside clients of node-a are dropped, but pods
+    // and the node reach it (every endpoint, as kube-proxy's cluster chain).
+    let outside = site.probe(&[
+        "tcp",
+        &format!("{NODE_A_IP}:30090"),
+        "--count",
+        "1",
+        "--timeout-ms",
+        "500",
+    ]);
+    assert_eq!(outside.failures(), 1, "dropped from outside: {outside:?}");
+    let local = site.probe_in_node(
+        Some("pod-a"),
+        &["tcp", &format!("{NODE_A_IP}:30090"), "--count", "5"],
+    );
+    assert_eq!(
+        local.replies.get("pod-b"),
+        Some(&5),
+        "{local:?}\n{}",
+        site.logs()
+    );
+
+    // An address added to the node while the agent runs is a NodePort address at once
+    // (netlink), without any Service changing.
+    run(
+        site.node_a.netns(),
+        &["ip", "addr", "add", "192.168.60.7/24", "dev", LAN_IFACE],
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let added = site.probe_in_node(
+            Some("pod-a"),
+            &[
+                "tcp",
+                "192.168.60.7:30080",
+                "--count",
+                "3",
+                "--timeout-ms",
+                "500",
+            ],
+        );
+        if added.replies.values().sum::<u64>() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the added address is no NodePort address: {added:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Addresses that are not the node's are left alone.
+    let elsewhere = site.probe_in_node(
+        Some("pod-a"),
+        &[
+            "tcp",
+            "192.168.60.99:30080",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "500",
+        ],
+    );
+    assert_eq!(elsewhere.failures(), 1, "{elsewhere:?}");
 }

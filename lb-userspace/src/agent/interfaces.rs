@@ -1,6 +1,8 @@
-//! The node's interfaces for outside traffic (`lb-agent run --nodeport-iface IFACE`): the
-//! addresses NodePorts answer on and SNAT from, written to the address maps, and the XDP and
-//! tc programs attached to the interfaces once the service table holds the first full state.
+//! The node's addresses and its interfaces for outside traffic: the addresses NodePorts
+//! answer on (every local address, as kube-proxy's iptables mode, narrowed by
+//! `--nodeport-addresses`, and 127.0.0.1 unless `--localhost-nodeports=false`), for the socket
+//! programs and XDP alike; the SNAT address of each `--nodeport-iface`; and the XDP and tc
+//! programs attached to those interfaces once the service table holds the first full state.
 //! The frontends themselves are programmed with every other kind, by the one sync pass.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -62,12 +64,15 @@ impl fmt::Display for Cidr {
 pub struct NodeportConfig {
     /// Interfaces that get the XDP and tc programs; empty: no north-south data path.
     pub interfaces: Vec<String>,
-    /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on the interfaces'
-    /// addresses inside one of these; empty: on all of them.
+    /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on the node's addresses
+    /// inside one of these; empty: on all of them.
     pub addresses: Vec<Cidr>,
+    /// kube-proxy's `--iptables-localhost-nodeports`: in-node clients reach NodePorts at
+    /// 127.0.0.1 too.
+    pub localhost: bool,
 }
 
-/// The NodePort interfaces and what the agent wrote for them.
+/// The node's NodePort addresses and interfaces, and what the agent wrote for them.
 pub struct NodeInterfaces {
     config: NodeportConfig,
     maps: NodeAddrMaps,
@@ -76,27 +81,25 @@ pub struct NodeInterfaces {
 }
 
 impl NodeInterfaces {
-    /// Takes the address maps; `None` when no interface was asked for.
-    pub fn start(
-        dataplane: &mut Dataplane,
-        config: NodeportConfig,
-    ) -> anyhow::Result<Option<Self>> {
-        if config.interfaces.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Self {
+    /// Takes the address maps.
+    pub fn start(dataplane: &mut Dataplane, config: NodeportConfig) -> anyhow::Result<Self> {
+        Ok(Self {
             maps: NodeAddrMaps::take(dataplane.ebpf_mut())?,
+            // Nothing to attach without interfaces.
+            attached: config.interfaces.is_empty(),
             config,
-            attached: false,
             node_addrs: BTreeSet::new(),
-        }))
+        })
+    }
+
+    /// Whether outside traffic is served (XDP and tc on some interface).
+    pub fn serves_outside_traffic(&self) -> bool {
+        !self.config.interfaces.is_empty()
     }
 
     /// Follows the interfaces' addresses; attaches the programs on the first call.
     pub fn sync(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
-        if let Err(error) = self.refresh_addresses() {
-            tracing::warn!(error = %format!("{error:#}"), "could not update the node's addresses");
-        }
+        self.follow_addresses();
         if !self.attached {
             self.attach(dataplane)?;
             self.attached = true;
@@ -127,27 +130,37 @@ impl NodeInterfaces {
         Ok(())
     }
 
+    /// Writes the addresses as they are now (after a netlink notification or a sync); a
+    /// failure is logged and leaves the previous addresses in place.
+    pub fn follow_addresses(&mut self) {
+        if let Err(error) = self.refresh_addresses() {
+            tracing::warn!(error = %format!("{error:#}"), "could not update the node's addresses");
+        }
+    }
+
     /// NodePort addresses (`LB4_NODEADDR`) and SNAT addresses per interface (`LB4_IFADDR`)
     /// from the interfaces as they are now.
     fn refresh_addresses(&mut self) -> anyhow::Result<()> {
         let interfaces = nodeport::interfaces()?;
-        let mut node_addrs = BTreeSet::new();
+        let allowed = |ip: &Ipv4Addr| {
+            self.config.addresses.is_empty()
+                || self.config.addresses.iter().any(|c| c.contains(*ip))
+        };
+        let mut node_addrs: BTreeSet<Ipv4Addr> = interfaces
+            .values()
+            .flat_map(|iface| iface.addrs.iter().copied())
+            .filter(|ip| !ip.is_loopback() && allowed(ip))
+            .collect();
+        if self.config.localhost {
+            node_addrs.insert(Ipv4Addr::LOCALHOST);
+        }
         let mut snat = BTreeMap::new();
         for name in &self.config.interfaces {
             let Some(iface) = interfaces.get(name) else {
                 bail!("interface {name} does not exist");
             };
-            let allowed: Vec<Ipv4Addr> = iface
-                .addrs
-                .iter()
-                .copied()
-                .filter(|ip| {
-                    self.config.addresses.is_empty()
-                        || self.config.addresses.iter().any(|c| c.contains(*ip))
-                })
-                .collect();
-            node_addrs.extend(&allowed);
-            if let Some(first) = allowed.first().or(iface.addrs.first()) {
+            let own = iface.addrs.iter().find(|ip| allowed(ip));
+            if let Some(first) = own.or(iface.addrs.first()) {
                 snat.insert(iface.index, *first);
             }
         }
@@ -159,6 +172,36 @@ impl NodeInterfaces {
         self.maps.set_iface_addrs(&snat)?;
         Ok(())
     }
+}
+
+/// `RTMGRP_IPV4_IFADDR`: rtnetlink's multicast group of IPv4 address changes.
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+
+/// A wakeup whenever an IPv4 address is added to or removed from an interface of this network
+/// namespace (rtnetlink's `RTMGRP_IPV4_IFADDR`). The messages are not parsed: the receiver
+/// re-reads every address, so a burst of changes costs one read.
+pub fn address_changes() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use netlink_sys::{AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket};
+    let mut socket = TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)
+        .context("opening a netlink socket")?;
+    socket
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_IPV4_IFADDR))
+        .context("subscribing to the node's address changes (netlink)")?;
+    let (wakeups, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            if let Err(error) = socket.recv_from_full().await {
+                tracing::warn!(%error, "no longer following the node's address changes");
+                return;
+            }
+            // A full channel already holds a wakeup; a closed one has no reader left.
+            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = wakeups.try_send(()) {
+                return;
+            }
+        }
+    });
+    Ok(receiver)
 }
 
 #[cfg(test)]

@@ -75,13 +75,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
+    let mut address_changes = interfaces::address_changes()?;
     let mut pass = SyncPass::new(
         &config.identity,
         reconciler,
         maps,
         dataplane.names()?,
         dataplane.service_stats()?,
-        interfaces.is_some(),
+        interfaces.serves_outside_traffic(),
     );
     record_capacities(&state, &dataplane.capacities());
     *state.counters.lock().expect("counters lock") = Some(pass.counter_reader());
@@ -106,9 +107,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     continue;
                 };
                 pass.run(&snapshot, &state);
-                if let Some(interfaces) = &mut interfaces {
-                    interfaces.sync(&mut dataplane)?;
-                }
+                interfaces.sync(&mut dataplane)?;
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
@@ -120,6 +119,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
                 next_sync = tokio::time::Instant::now() + config.min_sync_interval;
             }
+            Some(()) = address_changes.recv() => interfaces.follow_addresses(),
             finished = &mut source => {
                 break match finished {
                     Ok(Ok(())) => Ok(()),
