@@ -16,107 +16,25 @@
 //!
 //! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the same
 //! code drives the BPF maps and the in-memory maps of the model tests.
+mod backends;
 pub mod maglev;
+mod maps;
 pub mod memory;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, backend_flags,
-    backend_states, frontend_flags,
+use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, Slot4Value, frontend_flags};
+
+use backends::{Keepers, Opinion, ProgrammedBackend};
+pub use maps::{
+    FrontendView, MapContents, MapError, ServiceMaps, backend_of, frontend_key, frontend_of,
 };
 
 use crate::model::{
-    Backend, BackendSet, DesiredService, DesiredState, Frontend, FrontendKind, Protocol, Scope,
-    SetKey,
+    Backend, BackendSet, DesiredService, DesiredState, Frontend, FrontendKind, Scope, SetKey,
 };
-
-/// Writes and reads of the service maps.
-pub trait ServiceMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError>;
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError>;
-    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError>;
-    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError>;
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError>;
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
-    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError>;
-    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
-    /// Everything the maps hold now (for adopting maps a previous agent left pinned).
-    fn dump(&self) -> Result<MapContents, MapError>;
-}
-
-/// A failed map operation.
-#[derive(Debug, thiserror::Error)]
-#[error("{operation} in map {map}: {cause}")]
-pub struct MapError {
-    pub map: &'static str,
-    pub operation: &'static str,
-    pub cause: String,
-}
-
-/// The raw contents of the service maps.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapContents {
-    pub frontends: BTreeMap<Frontend4Key, Frontend4Value>,
-    pub slots: BTreeMap<Slot4Key, Slot4Value>,
-    pub backends: BTreeMap<u32, Backend4>,
-    /// Service ids that have a Maglev table.
-    pub maglev: BTreeSet<u32>,
-}
-
-/// What a programmed frontend means, without ids (see [`MapContents::view`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendView {
-    pub kind: Option<FrontendKind>,
-    pub service_id: u32,
-    /// The backends new connections may pick.
-    pub backends: BTreeSet<Backend>,
-    pub affinity_timeout_secs: Option<u32>,
-    pub flags: u8,
-}
-
-impl MapContents {
-    /// What the maps mean: frontend → its kind, backends and affinity. Two map contents that
-    /// serve the same traffic have equal views up to service ids.
-    pub fn view(&self) -> BTreeMap<Frontend, FrontendView> {
-        self.frontends
-            .iter()
-            .filter_map(|(key, value)| {
-                let view = FrontendView {
-                    kind: FrontendKind::from_number(value.kind),
-                    service_id: value.service_id,
-                    backends: self
-                        .live_backends(value)
-                        .map(|(_, b)| backend_of(b))
-                        .collect(),
-                    affinity_timeout_secs: (value.flags & frontend_flags::AFFINITY != 0)
-                        .then_some(value.affinity_timeout_secs),
-                    flags: value.flags,
-                };
-                Some((frontend_of(key)?, view))
-            })
-            .collect()
-    }
-
-    /// The backends the live generation of a frontend entry names, with their ids.
-    pub fn live_backends<'a>(
-        &'a self,
-        value: &'a Frontend4Value,
-    ) -> impl Iterator<Item = (u32, &'a Backend4)> {
-        (0..value.count).filter_map(move |index| {
-            let slot = Slot4Key {
-                service_id: value.service_id,
-                index,
-                generation: value.generation,
-                pad: 0,
-            };
-            let id = self.slots.get(&slot)?.backend_id;
-            Some((id, self.backends.get(&id)?))
-        })
-    }
-}
 
 /// What the reconciler wrote for one backend set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,48 +48,6 @@ struct ProgrammedSet {
     members: BTreeMap<Backend, Opinion>,
     /// Whether its Maglev table is written (outside traffic reaches the set).
     maglev: bool,
-}
-
-/// What one set says of a backend it keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Opinion {
-    terminating: bool,
-    local: bool,
-}
-
-impl Opinion {
-    fn of(backend: &Backend, set: &BackendSet) -> Self {
-        Self {
-            terminating: set.is_terminating(backend),
-            local: set.local.contains(backend),
-        }
-    }
-
-    /// What the value an earlier agent wrote says.
-    fn pinned(value: &Backend4) -> Self {
-        Self {
-            terminating: value.state != backend_states::ACTIVE,
-            local: value.flags & backend_flags::LOCAL != 0,
-        }
-    }
-}
-
-/// How many programmed sets keep a backend, and what they say of it. One backend id serves
-/// every set, so its value merges what they say (see [`Reconciler::backend_value`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Keepers {
-    sets: usize,
-    /// Sets saying it is terminating.
-    terminating: usize,
-    /// Sets saying it is on another node.
-    remote: usize,
-}
-
-/// A programmed backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ProgrammedBackend {
-    id: u32,
-    value: Backend4,
 }
 
 /// A set recovered from pinned maps, not yet matched to a desired set.
@@ -630,114 +506,6 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Counts `members` as kept by one more set, with what it says of each.
-    fn keep(&mut self, members: &BTreeMap<Backend, Opinion>) {
-        for (backend, opinion) in members {
-            let keepers = self.keepers.entry(*backend).or_default();
-            keepers.sets += 1;
-            keepers.terminating += usize::from(opinion.terminating);
-            keepers.remote += usize::from(!opinion.local);
-        }
-    }
-
-    /// Counts `members` as kept by one set fewer.
-    fn release(&mut self, members: &BTreeMap<Backend, Opinion>) {
-        for (backend, opinion) in members {
-            let Some(keepers) = self.keepers.get_mut(backend) else {
-                continue;
-            };
-            keepers.sets = keepers.sets.saturating_sub(1);
-            keepers.terminating = keepers
-                .terminating
-                .saturating_sub(usize::from(opinion.terminating));
-            keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
-            if keepers.sets == 0 {
-                self.keepers.remove(backend);
-                self.maybe_unused.insert(*backend);
-            }
-        }
-    }
-
-    /// The map value of `backend`: terminating when any set keeping it says so (affinity must
-    /// not stick to it there), local only when every set keeping it says so (a remote backend
-    /// taken for a local one would get outside traffic without SNAT). Deterministic whatever
-    /// order the sets were written in.
-    fn backend_value(&self, backend: &Backend) -> Backend4 {
-        let keepers = self.keepers.get(backend).copied().unwrap_or_default();
-        Backend4 {
-            addr: lb_common::addr_to_map(u32::from(backend.ip)),
-            port: lb_common::port_to_map(backend.port),
-            state: if keepers.terminating > 0 {
-                backend_states::TERMINATING
-            } else {
-                backend_states::ACTIVE
-            },
-            flags: if keepers.sets > 0 && keepers.remote == 0 {
-                backend_flags::LOCAL
-            } else {
-                0
-            },
-        }
-    }
-
-    /// Writes `backends` whose value differs from the programmed one; new ones get ids (and
-    /// are listed in `created`).
-    fn write_backends<'a>(
-        &mut self,
-        backends: impl IntoIterator<Item = &'a Backend>,
-        created: &mut Vec<Backend>,
-        maps: &mut impl ServiceMaps,
-        report: &mut SyncReport,
-    ) -> Result<(), MapError> {
-        for backend in backends {
-            let value = self.backend_value(backend);
-            match self.backends.get_mut(backend) {
-                Some(programmed) => {
-                    if programmed.value != value {
-                        report.map_writes += 1;
-                        maps.put_backend(programmed.id, value)?;
-                        programmed.value = value;
-                    }
-                }
-                None => {
-                    let id = self.next_backend_id;
-                    report.map_writes += 1;
-                    maps.put_backend(id, value)?;
-                    self.next_backend_id += 1;
-                    created.push(*backend);
-                    self.backends
-                        .insert(*backend, ProgrammedBackend { id, value });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Rewrites the kept ones of `backends` whose value changed; a failure only leaves the
-    /// old value (the next write of a set keeping it retries).
-    fn rewrite_backends<'a>(
-        &mut self,
-        backends: impl IntoIterator<Item = &'a Backend>,
-        maps: &mut impl ServiceMaps,
-        report: &mut SyncReport,
-    ) {
-        for backend in backends {
-            if !self.keepers.contains_key(backend) {
-                continue;
-            }
-            let value = self.backend_value(backend);
-            if let Some(programmed) = self.backends.get_mut(backend)
-                && programmed.value != value
-            {
-                report.map_writes += 1;
-                match maps.put_backend(programmed.id, value) {
-                    Ok(()) => programmed.value = value,
-                    Err(error) => tracing::warn!(%backend, %error, "could not rewrite a backend"),
-                }
-            }
-        }
-    }
-
     /// The set an earlier agent pinned under the service id these frontends name, if any. Every
     /// frontend naming that id becomes a programmed user of `set_key`, so that the set's next
     /// generation switches them all (one leaving the set moves in its own write later).
@@ -944,48 +712,6 @@ impl Reconciler {
         }
         Ok(())
     }
-
-    /// Removes backends created for a set whose write failed.
-    fn undo_backends(
-        &mut self,
-        created: &[Backend],
-        maps: &mut impl ServiceMaps,
-        report: &mut SyncReport,
-    ) {
-        for backend in created {
-            self.maybe_unused.remove(backend);
-            if let Some(programmed) = self.backends.remove(backend) {
-                report.map_writes += 1;
-                let _ = maps.remove_backend(programmed.id);
-            }
-        }
-    }
-
-    /// Removes the backends no set keeps.
-    fn remove_unused_backends(&mut self, maps: &mut impl ServiceMaps, report: &mut SyncReport) {
-        if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
-            return; // adopted slots may still name them
-        }
-        for backend in std::mem::take(&mut self.maybe_unused) {
-            if self.keepers.contains_key(&backend) {
-                continue;
-            }
-            let Some(programmed) = self.backends.get(&backend) else {
-                continue;
-            };
-            let id = programmed.id;
-            report.map_writes += 1;
-            match maps.remove_backend(id) {
-                Ok(()) => {
-                    self.backends.remove(&backend);
-                }
-                Err(error) => {
-                    tracing::warn!(%backend, id, %error, "could not remove a backend");
-                    self.maybe_unused.insert(backend);
-                }
-            }
-        }
-    }
 }
 
 fn write_slots(
@@ -1050,33 +776,5 @@ fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Val
         affinity_timeout_secs: timeout,
         kind: service.kind.number(),
         pad: [0; 3],
-    }
-}
-
-/// The map key of a frontend.
-pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
-    Frontend4Key {
-        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
-        port: lb_common::port_to_map(frontend.port),
-        proto: frontend.protocol.number(),
-        scope: frontend.scope.number(),
-    }
-}
-
-/// The frontend of a map key, if its protocol and scope are ones we write.
-pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
-    Some(Frontend {
-        ip: lb_common::addr_from_map(key.addr).into(),
-        port: lb_common::port_from_map(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-        scope: Scope::from_number(key.scope)?,
-    })
-}
-
-/// The backend a map value names.
-pub fn backend_of(value: &Backend4) -> Backend {
-    Backend {
-        ip: lb_common::addr_from_map(value.addr).into(),
-        port: lb_common::port_from_map(value.port),
     }
 }

@@ -1,0 +1,206 @@
+//! Backends shared by every set: one id per address and port, and one value merging what
+//! each set keeping it says (terminating, local), whatever order the sets are written in.
+use std::collections::BTreeMap;
+
+use lb_common::{Backend4, backend_flags, backend_states};
+
+use super::{MapError, Reconciler, ServiceMaps, SyncReport};
+use crate::model::{Backend, BackendSet};
+
+/// What one set says of a backend it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Opinion {
+    pub(super) terminating: bool,
+    pub(super) local: bool,
+}
+
+impl Opinion {
+    pub(super) fn of(backend: &Backend, set: &BackendSet) -> Self {
+        Self {
+            terminating: set.is_terminating(backend),
+            local: set.local.contains(backend),
+        }
+    }
+
+    /// What the value an earlier agent wrote says.
+    pub(super) fn pinned(value: &Backend4) -> Self {
+        Self {
+            terminating: value.state != backend_states::ACTIVE,
+            local: value.flags & backend_flags::LOCAL != 0,
+        }
+    }
+}
+
+/// How many programmed sets keep a backend, and what they say of it. One backend id serves
+/// every set, so its value merges what they say (see [`Reconciler::backend_value`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Keepers {
+    pub(super) sets: usize,
+    /// Sets saying it is terminating.
+    pub(super) terminating: usize,
+    /// Sets saying it is on another node.
+    pub(super) remote: usize,
+}
+
+/// A programmed backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ProgrammedBackend {
+    pub(super) id: u32,
+    pub(super) value: Backend4,
+}
+
+impl Reconciler {
+    /// Counts `members` as kept by one more set, with what it says of each.
+    pub(super) fn keep(&mut self, members: &BTreeMap<Backend, Opinion>) {
+        for (backend, opinion) in members {
+            let keepers = self.keepers.entry(*backend).or_default();
+            keepers.sets += 1;
+            keepers.terminating += usize::from(opinion.terminating);
+            keepers.remote += usize::from(!opinion.local);
+        }
+    }
+
+    /// Counts `members` as kept by one set fewer.
+    pub(super) fn release(&mut self, members: &BTreeMap<Backend, Opinion>) {
+        for (backend, opinion) in members {
+            let Some(keepers) = self.keepers.get_mut(backend) else {
+                continue;
+            };
+            keepers.sets = keepers.sets.saturating_sub(1);
+            keepers.terminating = keepers
+                .terminating
+                .saturating_sub(usize::from(opinion.terminating));
+            keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
+            if keepers.sets == 0 {
+                self.keepers.remove(backend);
+                self.maybe_unused.insert(*backend);
+            }
+        }
+    }
+
+    /// The map value of `backend`: terminating when any set keeping it says so (affinity must
+    /// not stick to it there), local only when every set keeping it says so (a remote backend
+    /// taken for a local one would get outside traffic without SNAT). Deterministic whatever
+    /// order the sets were written in.
+    pub(super) fn backend_value(&self, backend: &Backend) -> Backend4 {
+        let keepers = self.keepers.get(backend).copied().unwrap_or_default();
+        Backend4 {
+            addr: lb_common::addr_to_map(u32::from(backend.ip)),
+            port: lb_common::port_to_map(backend.port),
+            state: if keepers.terminating > 0 {
+                backend_states::TERMINATING
+            } else {
+                backend_states::ACTIVE
+            },
+            flags: if keepers.sets > 0 && keepers.remote == 0 {
+                backend_flags::LOCAL
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Writes `backends` whose value differs from the programmed one; new ones get ids (and
+    /// are listed in `created`).
+    pub(super) fn write_backends<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+        created: &mut Vec<Backend>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), MapError> {
+        for backend in backends {
+            let value = self.backend_value(backend);
+            match self.backends.get_mut(backend) {
+                Some(programmed) => {
+                    if programmed.value != value {
+                        report.map_writes += 1;
+                        maps.put_backend(programmed.id, value)?;
+                        programmed.value = value;
+                    }
+                }
+                None => {
+                    let id = self.next_backend_id;
+                    report.map_writes += 1;
+                    maps.put_backend(id, value)?;
+                    self.next_backend_id += 1;
+                    created.push(*backend);
+                    self.backends
+                        .insert(*backend, ProgrammedBackend { id, value });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the kept ones of `backends` whose value changed; a failure only leaves the
+    /// old value (the next write of a set keeping it retries).
+    pub(super) fn rewrite_backends<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        for backend in backends {
+            if !self.keepers.contains_key(backend) {
+                continue;
+            }
+            let value = self.backend_value(backend);
+            if let Some(programmed) = self.backends.get_mut(backend)
+                && programmed.value != value
+            {
+                report.map_writes += 1;
+                match maps.put_backend(programmed.id, value) {
+                    Ok(()) => programmed.value = value,
+                    Err(error) => tracing::warn!(%backend, %error, "could not rewrite a backend"),
+                }
+            }
+        }
+    }
+
+    /// Removes backends created for a set whose write failed.
+    pub(super) fn undo_backends(
+        &mut self,
+        created: &[Backend],
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        for backend in created {
+            self.maybe_unused.remove(backend);
+            if let Some(programmed) = self.backends.remove(backend) {
+                report.map_writes += 1;
+                let _ = maps.remove_backend(programmed.id);
+            }
+        }
+    }
+
+    /// Removes the backends no set keeps.
+    pub(super) fn remove_unused_backends(
+        &mut self,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
+            return; // adopted slots may still name them
+        }
+        for backend in std::mem::take(&mut self.maybe_unused) {
+            if self.keepers.contains_key(&backend) {
+                continue;
+            }
+            let Some(programmed) = self.backends.get(&backend) else {
+                continue;
+            };
+            let id = programmed.id;
+            report.map_writes += 1;
+            match maps.remove_backend(id) {
+                Ok(()) => {
+                    self.backends.remove(&backend);
+                }
+                Err(error) => {
+                    tracing::warn!(%backend, id, %error, "could not remove a backend");
+                    self.maybe_unused.insert(backend);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The service maps as the reconciler sees them: the [`ServiceMaps`] trait (the BPF maps or
+//! the in-memory ones of the tests), what they hold, what that means, and the conversions
+//! between map keys and the model's frontends and backends.
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, frontend_flags,
+};
+
+use crate::model::{Backend, Frontend, FrontendKind, Protocol, Scope};
+
+/// Writes and reads of the service maps.
+pub trait ServiceMaps {
+    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError>;
+    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError>;
+    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError>;
+    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError>;
+    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError>;
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError>;
+    fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
+    /// Everything the maps hold now (for adopting maps a previous agent left pinned).
+    fn dump(&self) -> Result<MapContents, MapError>;
+}
+
+/// A failed map operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} in map {map}: {cause}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub operation: &'static str,
+    pub cause: String,
+}
+
+/// The raw contents of the service maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub frontends: BTreeMap<Frontend4Key, Frontend4Value>,
+    pub slots: BTreeMap<Slot4Key, Slot4Value>,
+    pub backends: BTreeMap<u32, Backend4>,
+    /// Service ids that have a Maglev table.
+    pub maglev: BTreeSet<u32>,
+}
+
+/// What a programmed frontend means, without ids (see [`MapContents::view`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendView {
+    pub kind: Option<FrontendKind>,
+    pub service_id: u32,
+    /// The backends new connections may pick.
+    pub backends: BTreeSet<Backend>,
+    pub affinity_timeout_secs: Option<u32>,
+    pub flags: u8,
+}
+
+impl MapContents {
+    /// What the maps mean: frontend → its kind, backends and affinity. Two map contents that
+    /// serve the same traffic have equal views up to service ids.
+    pub fn view(&self) -> BTreeMap<Frontend, FrontendView> {
+        self.frontends
+            .iter()
+            .filter_map(|(key, value)| {
+                let view = FrontendView {
+                    kind: FrontendKind::from_number(value.kind),
+                    service_id: value.service_id,
+                    backends: self
+                        .live_backends(value)
+                        .map(|(_, b)| backend_of(b))
+                        .collect(),
+                    affinity_timeout_secs: (value.flags & frontend_flags::AFFINITY != 0)
+                        .then_some(value.affinity_timeout_secs),
+                    flags: value.flags,
+                };
+                Some((frontend_of(key)?, view))
+            })
+            .collect()
+    }
+
+    /// The backends the live generation of a frontend entry names, with their ids.
+    pub fn live_backends<'a>(
+        &'a self,
+        value: &'a Frontend4Value,
+    ) -> impl Iterator<Item = (u32, &'a Backend4)> {
+        (0..value.count).filter_map(move |index| {
+            let slot = Slot4Key {
+                service_id: value.service_id,
+                index,
+                generation: value.generation,
+                pad: 0,
+            };
+            let id = self.slots.get(&slot)?.backend_id;
+            Some((id, self.backends.get(&id)?))
+        })
+    }
+}
+
+/// The map key of a frontend.
+pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
+    Frontend4Key {
+        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
+        port: lb_common::port_to_map(frontend.port),
+        proto: frontend.protocol.number(),
+        scope: frontend.scope.number(),
+    }
+}
+
+/// The frontend of a map key, if its protocol and scope are ones we write.
+pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
+    Some(Frontend {
+        ip: lb_common::addr_from_map(key.addr).into(),
+        port: lb_common::port_from_map(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+        scope: Scope::from_number(key.scope)?,
+    })
+}
+
+/// The backend a map value names.
+pub fn backend_of(value: &Backend4) -> Backend {
+    Backend {
+        ip: lb_common::addr_from_map(value.addr).into(),
+        port: lb_common::port_from_map(value.port),
+    }
+}
