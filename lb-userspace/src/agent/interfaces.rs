@@ -81,15 +81,18 @@ pub struct NodeInterfaces {
 }
 
 impl NodeInterfaces {
-    /// Takes the address maps.
+    /// Takes the address maps and writes the node's addresses as they are now; later changes
+    /// arrive through [`address_changes`] and [`NodeInterfaces::follow_addresses`].
     pub fn start(dataplane: &mut Dataplane, config: NodeportConfig) -> anyhow::Result<Self> {
-        Ok(Self {
+        let mut interfaces = Self {
             maps: NodeAddrMaps::take(dataplane.ebpf_mut())?,
             // Nothing to attach without interfaces.
             attached: config.interfaces.is_empty(),
             config,
             node_addrs: BTreeSet::new(),
-        })
+        };
+        interfaces.follow_addresses();
+        Ok(interfaces)
     }
 
     /// Whether outside traffic is served (XDP and tc on some interface).
@@ -97,9 +100,8 @@ impl NodeInterfaces {
         !self.config.interfaces.is_empty()
     }
 
-    /// Follows the interfaces' addresses; attaches the programs on the first call.
-    pub fn sync(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
-        self.follow_addresses();
+    /// Attaches the programs to the interfaces, once (after the first sync).
+    pub fn attach_once(&mut self, dataplane: &mut Dataplane) -> anyhow::Result<()> {
         if !self.attached {
             self.attach(dataplane)?;
             self.attached = true;
@@ -130,8 +132,8 @@ impl NodeInterfaces {
         Ok(())
     }
 
-    /// Writes the addresses as they are now (after a netlink notification or a sync); a
-    /// failure is logged and leaves the previous addresses in place.
+    /// Writes the addresses as they are now (at start, and after each netlink notification);
+    /// a failure is logged and leaves the previous addresses in place.
     pub fn follow_addresses(&mut self) {
         if let Err(error) = self.refresh_addresses() {
             tracing::warn!(error = %format!("{error:#}"), "could not update the node's addresses");

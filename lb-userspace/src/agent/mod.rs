@@ -74,8 +74,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "adopted maps pinned by an earlier agent"
         );
     }
-    let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
+    // Subscribed before the first read, so no change falls between the two.
     let mut address_changes = interfaces::address_changes()?;
+    let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
     let mut pass = SyncPass::new(
         &config.identity,
         reconciler,
@@ -107,7 +108,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     continue;
                 };
                 pass.run(&snapshot, &state);
-                interfaces.sync(&mut dataplane)?;
+                interfaces.attach_once(&mut dataplane)?;
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
