@@ -42,8 +42,6 @@ pub struct SyncPass {
     synced: bool,
     /// Problems already logged (a bad file is not re-reported on every sync).
     reported: BTreeSet<String>,
-    /// The name each frontend was programmed under (for the log line of a removal).
-    programmed_names: BTreeMap<Frontend, String>,
 }
 
 impl SyncPass {
@@ -65,7 +63,6 @@ impl SyncPass {
             health: serve_health_checks.then(ServiceHealthServers::default),
             synced: false,
             reported: BTreeSet::new(),
-            programmed_names: BTreeMap::new(),
         }
     }
 
@@ -109,16 +106,15 @@ impl SyncPass {
         if let Err(error) = self.record_names(&changes.frontends) {
             tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
         }
+        if self.synced {
+            self.log_programmed(&changes.frontends);
+        }
         self.track_sets(&report, state);
         if let Some(health) = &mut self.health
             && (changes.health_checks || !self.synced)
         {
             health.update(&self.model.desired().health_checks);
         }
-        if self.synced {
-            self.log_changed_services(&changes.frontends);
-        }
-        self.remember_names(&changes.frontends);
         self.synced = true;
         let changed = report.added + report.updated + report.removed;
         if changed > LARGE_SYNC {
@@ -141,55 +137,27 @@ impl SyncPass {
         }
     }
 
-    /// One line per changed frontend, naming its service (not on the first sync, which would
-    /// print every service of the cluster).
-    fn log_changed_services(&self, frontends: &BTreeSet<Frontend>) {
+    /// One line per changed frontend still programmed, naming its service (not on the first
+    /// sync, which would print every service of the cluster; removals are logged by
+    /// [`SyncPass::record_names`], which has their names).
+    fn log_programmed(&self, frontends: &BTreeSet<Frontend>) {
         let desired = self.model.desired();
         for frontend in frontends {
-            match desired.frontends.get(frontend) {
-                Some(service) => tracing::info!(
+            if let Some(service) = desired.frontends.get(frontend) {
+                tracing::info!(
                     service = %service.name,
                     kind = %service.kind,
                     %frontend,
                     backends = desired.backends_of(frontend).len(),
                     "service programmed"
-                ),
-                None => {
-                    let was = self
-                        .programmed_names
-                        .get(frontend)
-                        .cloned()
-                        .unwrap_or_default();
-                    tracing::info!(service = %was, %frontend, "service removed");
-                }
-            }
-        }
-    }
-
-    fn remember_names(&mut self, touched: &BTreeSet<Frontend>) {
-        let desired = &self.model.desired().frontends;
-        let all: Vec<Frontend>;
-        let frontends: &mut dyn Iterator<Item = &Frontend> = if self.programmed_names.is_empty() {
-            all = desired.keys().copied().collect();
-            &mut all.iter()
-        } else {
-            &mut touched.iter()
-        };
-        for frontend in frontends {
-            match desired.get(frontend) {
-                Some(service) => {
-                    self.programmed_names
-                        .insert(*frontend, service.name.to_string());
-                }
-                None => {
-                    self.programmed_names.remove(frontend);
-                }
+                );
             }
         }
     }
 
     /// Names the touched frontends in the names map (all of them, and only them, on the
-    /// first sync), for `lb-agent list`.
+    /// first sync), for `lb-agent list`; a removed frontend's line in the log names the
+    /// service it had there.
     fn record_names(&mut self, touched: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         let desired = &self.model.desired().frontends;
         let key = |frontend: &Frontend| NameKey {
@@ -209,7 +177,11 @@ impl SyncPass {
                 .filter(|_| self.reconciler.service_id(frontend).is_some())
             {
                 Some(service) => self.names.put(key(frontend), &service.name.to_string())?,
-                None => self.names.remove(&key(frontend)),
+                None => {
+                    if let Some(was) = self.names.take_name(&key(frontend)) {
+                        tracing::info!(service = %was, %frontend, "service removed");
+                    }
+                }
             }
         }
         Ok(())

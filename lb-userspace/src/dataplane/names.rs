@@ -32,6 +32,13 @@ impl NamesMap {
         Ok(())
     }
 
+    /// Removes a name and returns it (`None` when there was none).
+    pub fn take_name(&mut self, key: &NameKey) -> Option<String> {
+        let name = self.map.get(key, 0).ok().map(|n| n.as_str().to_owned());
+        self.remove(key);
+        name
+    }
+
     /// Removes a name; one that is not there is fine.
     pub fn remove(&mut self, key: &NameKey) {
         let _ = self.map.remove(key);
