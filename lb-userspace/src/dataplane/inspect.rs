@@ -46,40 +46,16 @@ pub fn pinned_maps(dir: &Path) -> Vec<MapStatus> {
     found
 }
 
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
 /// Number of keys, walked with `BPF_MAP_GET_NEXT_KEY` (at most `limit`, so a map changing
 /// under the walk cannot loop forever).
 fn count_keys(fd: i32, key_size: u32, limit: u32) -> u64 {
-    #[repr(C)]
-    struct NextKeyAttr {
-        map_fd: u32,
-        pad: u32,
-        key: u64,
-        next_key: u64,
-    }
     let mut current = vec![0u8; key_size as usize];
     let mut next = vec![0u8; key_size as usize];
     let mut count = 0u64;
     let mut first = true;
     while count <= u64::from(limit) {
-        let attr = NextKeyAttr {
-            map_fd: fd as u32,
-            pad: 0,
-            key: if first { 0 } else { current.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-        };
-        // SAFETY: both buffers are key_size bytes and outlive the call; the kernel reads the
-        // attribute struct only.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const NextKeyAttr,
-                std::mem::size_of::<NextKeyAttr>() as u32,
-            )
-        };
-        if result != 0 {
+        let key = (!first).then_some(current.as_slice());
+        if super::sys::get_next_key(fd, key, &mut next).is_err() {
             break;
         }
         count += 1;

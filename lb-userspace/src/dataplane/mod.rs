@@ -10,6 +10,7 @@ pub mod names;
 pub mod nodeport;
 pub mod privileges;
 pub mod stats;
+mod sys;
 
 pub use loader::{Dataplane, Limits};
 pub use maps::BpfServiceMaps;
