@@ -48,7 +48,8 @@ pub struct ServiceStats {
     /// Connections, unconnected UDP datagrams and new XDP flows sent to a backend.
     pub forwarded: u64,
     /// Connections refused, and XDP packets dropped or left to the stack, because the
-    /// service had no backend.
+    /// service had no backend, or (a LoadBalancer IP) the client is outside its
+    /// `loadBalancerSourceRanges`.
     pub refused: u64,
 }
 

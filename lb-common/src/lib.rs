@@ -17,6 +17,7 @@
 //!   (address) alike;
 //! - [`sock`]: reverse translation of connected sockets (recvmsg, getpeername);
 //! - [`flow`]: per-packet connection tracking and reverse translation of XDP/tc flows;
+//! - [`source_range`]: the allowed sources of LoadBalancer IPs (`loadBalancerSourceRanges`);
 //! - [`inspect`]: names and counters for operators;
 //! - [`map_names`] and [`limits`]: what each map is called and how big it is.
 #![no_std]
@@ -30,6 +31,7 @@ pub mod map_names;
 mod pod;
 pub mod service;
 pub mod sock;
+pub mod source_range;
 
 pub use affinity::{Affinity4Key, Affinity4Value, affinity_clients};
 pub use flow::{Ct4Key, Ct4Value, Rev4Value, ct_flags, ct_timeouts, flow_hash, snat_ports};
@@ -39,6 +41,7 @@ pub use service::{
     backend_flags, backend_states, frontend_flags, frontend_kinds, scopes,
 };
 pub use sock::{RevNat4Key, RevNat4Value};
+pub use source_range::SourceRange4Key;
 
 /// IANA protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
 pub const IPPROTO_TCP: u8 = 6;
@@ -46,6 +49,9 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// `errno` values the socket programs return through `bpf_set_retval`.
 pub const ECONNREFUSED: i32 = 111;
+/// A LoadBalancer IP refused by its `loadBalancerSourceRanges` (what a netfilter drop on
+/// output reports).
+pub const EPERM: i32 = 1;
 
 /// Nanoseconds in a second (`bpf_ktime_get_ns` against timeouts given in seconds).
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;

@@ -23,6 +23,9 @@ pub const MAX_FLOWS: u32 = 131_072;
 /// reply to the node, the forwarded packet, the reply to the client), so the reverse map does
 /// not evict the entries of flows the conntrack map still holds.
 pub const MAX_FLOW_REPLIES: u32 = 3 * MAX_FLOWS;
+/// Allowed source ranges over all LoadBalancer frontends (one entry per range per service
+/// id, plus each LB IP of a service whose ranges hold the node).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_NODE_ADDRS: u32 = 256;
 pub const MAX_IFACES: u32 = 64;
 

@@ -19,3 +19,4 @@ unsafe impl aya::Pod for Rev4Value {}
 unsafe impl aya::Pod for NameKey {}
 unsafe impl aya::Pod for ServiceName {}
 unsafe impl aya::Pod for ServiceStats {}
+unsafe impl aya::Pod for SourceRange4Key {}

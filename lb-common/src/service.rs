@@ -45,6 +45,15 @@ pub mod frontend_flags {
     pub const LOCAL_ONLY: u8 = 1 << 1;
     /// In-node clients use the `scopes::INTERNAL` entry of this frontend instead.
     pub const TWO_SCOPES: u8 = 1 << 2;
+    /// A LoadBalancer IP with `loadBalancerSourceRanges`: a client must be in the ranges of
+    /// its service id (`LB4_SRCRANGE`).
+    pub const SOURCE_RANGES: u8 = 1 << 3;
+    /// With `SOURCE_RANGES`: the ranges hold the node's own address (kube-proxy's
+    /// "allowFromNode"), so a node process whose source is not known yet may connect.
+    pub const RANGES_ALLOW_NODE: u8 = 1 << 4;
+    /// With `SOURCE_RANGES`: the ranges hold this node's whole pod CIDR, so a pod whose
+    /// source is not known yet may connect.
+    pub const RANGES_ALLOW_PODS: u8 = 1 << 5;
 }
 
 /// Key of the frontends map.

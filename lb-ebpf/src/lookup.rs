@@ -1,14 +1,19 @@
 //! The one service table, read by every attach point: frontend lookup, backends, session
 //! affinity and per-service counters. The socket programs pick a slot at random (`select`),
 //! XDP through the service's Maglev table (`xdp.rs`); both remember affinity here.
-use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Frontend4Key, Frontend4Value, NANOS_PER_SEC, Slot4Key,
-    affinity_clients, backend_states, frontend_flags, frontend_kinds, scopes,
+    SourceRange4Key, affinity_clients, backend_states, frontend_flags, frontend_kinds, scopes,
+    source_range::SERVICE_ID_BITS,
 };
 
 use crate::maps::{
-    LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_NODEADDR, LB4_SLOTS_V2, LB4_STATS_V2,
+    LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_NODE_NETNS, LB4_NODEADDR, LB4_SLOTS_V2,
+    LB4_SRCRANGE, LB4_STATS_V2,
 };
 
 /// What the socket programs should do with a connection to a given address.
@@ -17,6 +22,8 @@ pub enum Verdict {
     NotAService,
     /// A service with no usable backend: refuse the connection.
     NoBackend,
+    /// A LoadBalancer IP whose `loadBalancerSourceRanges` leave this client out.
+    Filtered,
     /// Send it to this backend.
     Backend(Backend4),
 }
@@ -34,13 +41,62 @@ pub fn backend(backend_id: u32) -> Option<Backend4> {
     unsafe { LB4_BACKEND_V2.get(backend_id) }.copied()
 }
 
+/// Whether `client` (network byte order) is in the source ranges of `service_id`.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = Key::new(
+        SERVICE_ID_BITS + 32,
+        SourceRange4Key::new(service_id, client),
+    );
+    LB4_SRCRANGE.get(&key).is_some()
+}
+
+/// A pod or host process connecting at the socket.
+pub struct InNodeClient {
+    /// Its network namespace cookie.
+    pub netns_cookie: u64,
+    /// The source address its socket is bound to (or a datagram names), network byte order;
+    /// 0 while the kernel has not picked one (it does after routing, past these hooks).
+    pub source: u32,
+}
+
+impl InNodeClient {
+    /// Whether the client may reach `found`, an external-scope entry. With no source known
+    /// yet, the agent's answer for the node itself (a client in the node's network
+    /// namespace) or for this node's pods (any other) stands in for the lookup.
+    #[inline(always)]
+    fn allowed(&self, found: &Frontend4Value) -> bool {
+        if found.flags & frontend_flags::SOURCE_RANGES == 0 {
+            return true;
+        }
+        if self.source != 0 {
+            return source_allowed(found.service_id, self.source);
+        }
+        let node = LB4_NODE_NETNS.get(0).copied().unwrap_or(0);
+        let stand_in = if node != 0 && self.netns_cookie == node {
+            frontend_flags::RANGES_ALLOW_NODE
+        } else {
+            frontend_flags::RANGES_ALLOW_PODS
+        };
+        found.flags & stand_in != 0
+    }
+}
+
+/// What an in-node client reaches at an address.
+enum Reached {
+    Frontend(Frontend4Value),
+    /// A frontend this client may not use (source ranges), by its service id.
+    Filtered(u32),
+}
+
 /// The frontend an in-node client (a pod or a host process, at the socket) reaches at `key`:
 /// a ClusterIP, externalIP or LoadBalancer IP by its address, a NodePort at one of the node's
 /// NodePort addresses (`LB4_NODEADDR`, which the agent fills with the node's addresses and
 /// 127.0.0.1), and the internal-scope entry where the frontend has two. Address 0 itself is
-/// no address a socket connects to a NodePort at.
+/// no address a socket connects to a NodePort at. Source ranges are checked on the frontend's
+/// own (external-scope) entry.
 #[inline(always)]
-fn in_node_frontend(key: &Frontend4Key) -> Option<Frontend4Value> {
+fn in_node_frontend(key: &Frontend4Key, client: &InNodeClient) -> Option<Reached> {
     let (key, found) = match frontend(key) {
         Some(found) if found.kind == frontend_kinds::NODE_PORT => return None,
         Some(found) => (*key, found),
@@ -52,14 +108,17 @@ fn in_node_frontend(key: &Frontend4Key) -> Option<Frontend4Value> {
             (node_port, found)
         }
     };
+    if !client.allowed(&found) {
+        return Some(Reached::Filtered(found.service_id));
+    }
     if found.flags & frontend_flags::TWO_SCOPES != 0 {
         let internal = Frontend4Key {
             scope: scopes::INTERNAL,
             ..key
         };
-        return frontend(&internal).or(Some(found));
+        return Some(Reached::Frontend(frontend(&internal).unwrap_or(found)));
     }
-    Some(found)
+    Some(Reached::Frontend(found))
 }
 
 /// A backend of the live generation, chosen uniformly at random.
@@ -78,16 +137,21 @@ fn random_backend(svc: &Frontend4Value) -> Option<(u32, Backend4)> {
     Some((backend_id, backend(backend_id)?))
 }
 
-/// Picks the backend for a connection from an in-node client (`client_cookie`: its network
-/// namespace) to the frontend at `key` (scope external; the program never names the scope).
-/// A service that changes while we read it (the agent switching slot generations) is read
-/// once more; if it still does not resolve, the service has no backend.
+/// Picks the backend for a connection from an in-node client to the frontend at `key`
+/// (scope external; the program never names the scope). A service that changes while we
+/// read it (the agent switching slot generations) is read once more; if it still does not
+/// resolve, the service has no backend.
 #[inline(always)]
-pub fn select(key: &Frontend4Key, client_cookie: u64) -> Verdict {
-    let Some(svc) = in_node_frontend(key) else {
-        return Verdict::NotAService;
+pub fn select(key: &Frontend4Key, client: &InNodeClient) -> Verdict {
+    let svc = match in_node_frontend(key, client) {
+        None => return Verdict::NotAService,
+        Some(Reached::Filtered(service_id)) => {
+            count(service_id, false);
+            return Verdict::Filtered;
+        }
+        Some(Reached::Frontend(svc)) => svc,
     };
-    let verdict = choose(key, svc, client_cookie);
+    let verdict = choose(key, svc, client);
     count(svc.service_id, matches!(verdict, Verdict::Backend(_)));
     verdict
 }
@@ -108,7 +172,7 @@ pub fn count(service_id: u32, forwarded: bool) {
 }
 
 #[inline(always)]
-fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client_cookie: u64) -> Verdict {
+fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client: &InNodeClient) -> Verdict {
     for _attempt in 0..2 {
         if svc.count == 0 {
             return Verdict::NoBackend;
@@ -116,10 +180,10 @@ fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client_cookie: u64) -> Ve
         let chosen = if svc.flags & frontend_flags::AFFINITY != 0 {
             // SAFETY: a helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            let client = AffinityClient::cookie(client_cookie, svc.service_id);
-            match client.remembered(&svc, now) {
+            let remembered = AffinityClient::cookie(client.netns_cookie, svc.service_id);
+            match remembered.remembered(&svc, now) {
                 Some(found) => Some(found),
-                None => random_backend(&svc).inspect(|(id, _)| client.remember(*id, now)),
+                None => random_backend(&svc).inspect(|(id, _)| remembered.remember(*id, now)),
             }
         } else {
             random_backend(&svc)
@@ -127,8 +191,9 @@ fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client_cookie: u64) -> Ve
         if let Some((_, backend)) = chosen {
             return Verdict::Backend(backend);
         }
-        match in_node_frontend(key) {
-            Some(again) => svc = again,
+        match in_node_frontend(key, client) {
+            Some(Reached::Frontend(again)) => svc = again,
+            Some(Reached::Filtered(_)) => return Verdict::Filtered,
             None => return Verdict::NotAService,
         }
     }

@@ -8,12 +8,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value,
     Maglev4Table, NameKey, Rev4Value, RevNat4Key, RevNat4Value, ServiceName, ServiceStats,
-    Slot4Key, Slot4Value, limits,
+    Slot4Key, Slot4Value, SourceRange4Key, limits,
 };
 
 // ---- the service table (every attach point) ----
@@ -42,6 +42,12 @@ pub static LB4_AFFIN_V2: LruHashMap<Affinity4Key, Affinity4Value> =
 pub static LB4_STATS_V2: PerCpuHashMap<u32, ServiceStats> =
     PerCpuHashMap::pinned(limits::MAX_SERVICES, 0);
 
+/// `loadBalancerSourceRanges`: allowed clients per service id (see
+/// `lb_common::source_range`). Allocated on insert, as every LPM trie.
+#[map]
+pub static LB4_SRCRANGE: LpmTrie<SourceRange4Key, u8> =
+    LpmTrie::pinned(limits::MAX_SOURCE_RANGES, 0);
+
 /// Written by the agent for `lb-agent list`; no program reads it.
 #[map]
 pub static LB4_NAMES_V2: HashMap<NameKey, ServiceName> = HashMap::pinned(limits::MAX_SERVICES, 0);
@@ -51,6 +57,10 @@ pub static LB4_NAMES_V2: HashMap<NameKey, ServiceName> = HashMap::pinned(limits:
 #[map]
 pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value> =
     LruHashMap::pinned(limits::MAX_REVNAT, 0);
+
+/// Entry 0: the node's network namespace cookie (0 until the agent writes it).
+#[map]
+pub static LB4_NODE_NETNS: Array<u64> = Array::pinned(1, 0);
 
 // ---- XDP and tc flows ----
 

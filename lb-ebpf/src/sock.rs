@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    ECONNREFUSED, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, scopes,
+    ECONNREFUSED, EPERM, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, scopes,
 };
 
 use crate::{
-    lookup::{Verdict, select},
+    lookup::{InNodeClient, Verdict, select},
     maps::LB4_REVNAT,
 };
 
@@ -25,13 +25,13 @@ const REJECT: i32 = 0;
 /// TCP `connect()` and connected UDP.
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(mut ctx: SockAddrContext) -> i32 {
-    translate(&mut ctx)
+    translate(&mut ctx, false)
 }
 
 /// Unconnected UDP (`sendto`/`sendmsg` with an address), translated per datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(mut ctx: SockAddrContext) -> i32 {
-    translate(&mut ctx)
+    translate(&mut ctx, true)
 }
 
 /// UDP replies: the source the application sees is the service it sent to.
@@ -55,8 +55,21 @@ fn sock_addr(ctx: &mut SockAddrContext) -> &mut bpf_sock_addr {
     unsafe { &mut *ctx.sock_addr }
 }
 
+/// The source address the kernel will use, where it is known at this hook: the one a
+/// datagram names (`IP_PKTINFO`, sendmsg only), else the one the socket is bound to; 0 when
+/// neither (the kernel picks it after routing).
 #[inline(always)]
-fn translate(ctx: &mut SockAddrContext) -> i32 {
+fn known_source(sa: &bpf_sock_addr, datagram: bool) -> u32 {
+    if datagram && sa.msg_src_ip4 != 0 {
+        return sa.msg_src_ip4;
+    }
+    // SAFETY: the kernel always sets `sk` for sock_addr programs (a PTR_TO_SOCKET the
+    // verifier lets us read fields of).
+    unsafe { (*sa.__bindgen_anon_1.sk).src_ip4 }
+}
+
+#[inline(always)]
+fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
     let raw = ctx.as_ptr();
     let sa = sock_addr(ctx);
     let proto = sa.protocol as u8;
@@ -69,10 +82,24 @@ fn translate(ctx: &mut SockAddrContext) -> i32 {
         proto,
         scope: scopes::EXTERNAL,
     };
-    // SAFETY: the context pointer is valid for this call, as the helper requires.
-    let client = unsafe { bpf_get_netns_cookie(raw) };
-    match select(&key, client) {
+    let client = InNodeClient {
+        // SAFETY: the context pointer is valid for this call, as the helper requires.
+        netns_cookie: unsafe { bpf_get_netns_cookie(raw) },
+        source: known_source(sa, datagram),
+    };
+    match select(&key, &client) {
         Verdict::NotAService => PROCEED,
+        Verdict::Filtered => {
+            debug!(
+                ctx,
+                "refused {:i}:{}: not in loadBalancerSourceRanges",
+                u32::from_be(key.addr),
+                u16::from_be(key.port)
+            );
+            // SAFETY: a helper taking a plain integer; makes the syscall fail with it.
+            unsafe { bpf_set_retval(-EPERM) };
+            REJECT
+        }
         Verdict::NoBackend => {
             // Costs a global load and a branch unless the agent runs with --bpf-log.
             debug!(

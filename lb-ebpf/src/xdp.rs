@@ -22,6 +22,10 @@
 //! client as destination here; like every reply, it gets the frontend as source at tc
 //! egress (`tc.rs`) once the stack has routed it.
 //!
+//! A LoadBalancer IP with `loadBalancerSourceRanges` drops every packet whose source is not
+//! in its ranges (`LB4_SRCRANGE`), counted as refused; NodePorts and externalIPs are never
+//! filtered (kube-proxy's rule).
+//!
 //! No backend: `externalTrafficPolicy: Local` drops (as kube-proxy does, so the external load
 //! balancer's health check moves traffic away); `Cluster` passes the packet untranslated and
 //! the stack refuses it (TCP RST / ICMP port unreachable, no socket listens on a NodePort).
@@ -82,6 +86,13 @@ fn ingress(ctx: &XdpContext) -> u32 {
             }
         }
     };
+    // Every packet, not only a flow's first: a narrowed range cuts the flows it leaves out.
+    if frontend.flags & frontend_flags::SOURCE_RANGES != 0
+        && !lookup::source_allowed(frontend.service_id, pkt.saddr)
+    {
+        lookup::count(frontend.service_id, false);
+        return xdp_action::XDP_DROP;
+    }
     forward(ctx, &pkt, &frontend)
 }
 

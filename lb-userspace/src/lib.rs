@@ -4,6 +4,7 @@
 //! [`reconcile`] (diff and write order) → [`dataplane`] (maps and programs in the kernel).
 pub mod agent;
 pub mod api;
+pub mod cidr;
 pub mod dataplane;
 pub mod list;
 pub mod model;

@@ -6,58 +6,16 @@
 //! The frontends themselves are programmed with every other kind, by the one sync pass.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::Ipv4Addr,
-    str::FromStr,
 };
 
 use anyhow::{Context as _, bail};
 
+pub use crate::cidr::Cidr;
 use crate::dataplane::{
     Dataplane,
     nodeport::{self, NodeAddrMaps},
 };
-
-/// An IPv4 CIDR (`--nodeport-addresses`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix as u32)
-        };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IPv4 CIDR"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{text:?} has no valid prefix length (0-32)"))?;
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
 
 /// Where north-south traffic is served.
 #[derive(Clone, Debug, Default)]
@@ -204,24 +162,4 @@ pub fn address_changes() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
         }
     });
     Ok(receiver)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidrs_parse_and_match_like_kube_proxys_nodeport_addresses() {
-        let lan: Cidr = "192.168.60.0/24".parse().unwrap();
-        assert!(lan.contains("192.168.60.1".parse().unwrap()));
-        assert!(!lan.contains("192.168.61.1".parse().unwrap()));
-        let host: Cidr = "10.0.0.7".parse().unwrap();
-        assert_eq!(host.to_string(), "10.0.0.7/32");
-        assert!(host.contains("10.0.0.7".parse().unwrap()));
-        assert!(!host.contains("10.0.0.8".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("203.0.113.7".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("primary".parse::<Cidr>().is_err());
-    }
 }

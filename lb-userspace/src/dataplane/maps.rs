@@ -5,19 +5,24 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, LpmTrie, Map, MapData},
 };
 use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, map_names,
+    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, SourceRange4Key,
+    map_names,
 };
 
-use crate::reconcile::{MapContents, MapError, ServiceMaps};
+use crate::{
+    cidr::Cidr,
+    reconcile::{MapContents, MapError, ServiceMaps, source_range_key, source_range_of},
+};
 
 pub struct BpfServiceMaps {
     frontends: HashMap<MapData, Frontend4Key, Frontend4Value>,
     slots: HashMap<MapData, Slot4Key, Slot4Value>,
     backends: HashMap<MapData, u32, Backend4>,
     maglev: HashMap<MapData, u32, Maglev4Table>,
+    source_ranges: LpmTrie<MapData, SourceRange4Key, u8>,
 }
 
 impl BpfServiceMaps {
@@ -29,17 +34,22 @@ impl BpfServiceMaps {
             slots: HashMap::try_from(take(map_names::SLOTS_V4)?)?,
             backends: HashMap::try_from(take(map_names::BACKENDS_V4)?)?,
             maglev: HashMap::try_from(take(map_names::MAGLEV_V4)?)?,
+            source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?,
         })
     }
 
     /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent).
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
         let open = |name| open_pinned_hash(dir, name);
+        let ranges_path = dir.join(map_names::SOURCE_RANGES_V4);
+        let ranges = MapData::from_pin(&ranges_path)
+            .with_context(|| format!("opening pinned map {}", ranges_path.display()))?;
         Ok(Self {
             frontends: HashMap::try_from(open(map_names::FRONTENDS_V4)?)?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
             backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
             maglev: HashMap::try_from(open(map_names::MAGLEV_V4)?)?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(ranges))?,
         })
     }
 }
@@ -121,6 +131,22 @@ impl ServiceMaps for BpfServiceMaps {
         }
     }
 
+    fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), 1, 0)
+            .map_err(|e| error(map_names::SOURCE_RANGES_V4, "insert", e))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        match self
+            .source_ranges
+            .remove(&source_range_key(service_id, range))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(error(map_names::SOURCE_RANGES_V4, "delete", e)),
+        }
+    }
+
     fn dump(&self) -> Result<MapContents, MapError> {
         let frontends = self
             .frontends
@@ -142,11 +168,18 @@ impl ServiceMaps for BpfServiceMaps {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| error(map_names::MAGLEV_V4, "read", e))?;
+        let source_ranges = self
+            .source_ranges
+            .keys()
+            .map(|key| key.map(|key| source_range_of(&key)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| error(map_names::SOURCE_RANGES_V4, "read", e))?;
         Ok(MapContents {
             frontends,
             slots,
             backends,
             maglev,
+            source_ranges,
         })
     }
 }

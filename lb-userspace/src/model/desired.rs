@@ -10,6 +10,7 @@ use std::{
 use serde::Serialize;
 
 use super::objects::ObjectRef;
+use crate::cidr::Cidr;
 
 /// Transport protocols the data path handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -283,6 +284,25 @@ pub struct DesiredService {
     pub local_only: bool,
     /// In-node clients use this frontend's internal-scope entry.
     pub two_scopes: bool,
+    /// A LoadBalancer IP's `loadBalancerSourceRanges` (external scope only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<SourceRanges>,
+}
+
+/// The clients a LoadBalancer IP with `loadBalancerSourceRanges` lets in, as kube-proxy's
+/// firewall chain does: the ranges, and when one of them holds the node's IP, the
+/// service's LoadBalancer IPs too (a VIP the node holds locally loops back with itself as
+/// source).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct SourceRanges {
+    /// Allowed sources, host bits cleared.
+    pub allowed: BTreeSet<Cidr>,
+    /// A range holds the node's IP: a node process whose source is not known at connect
+    /// time is let in.
+    pub allow_node: bool,
+    /// The ranges hold every pod CIDR of this node: a pod whose source is not known at
+    /// connect time is let in.
+    pub allow_pods: bool,
 }
 
 impl DesiredService {

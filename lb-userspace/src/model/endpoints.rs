@@ -31,11 +31,16 @@ pub struct Endpoint {
 }
 
 /// Where this proxy runs: decides what is local and which hints apply.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
     pub node_name: String,
     /// `topology.kubernetes.io/zone` of this node, when known.
     pub zone: Option<String>,
+    /// kube-proxy's node IP: the first IPv4 InternalIP of the Node, else its first
+    /// ExternalIP (`loadBalancerSourceRanges` that hold it let the node in).
+    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The Node's IPv4 `spec.podCIDRs` (this node's pods' addresses).
+    pub pod_cidrs: Vec<crate::cidr::Cidr>,
 }
 
 /// The endpoints of one service port, by backend address.

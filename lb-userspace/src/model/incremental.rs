@@ -93,13 +93,14 @@ impl Model {
     }
 
     /// Brings the desired state up to `objects`, recomputing only services whose Service or
-    /// EndpointSlices changed (all of them when this node's zone changed).
+    /// EndpointSlices changed (all of them when this node's zone, address or pod CIDRs changed).
     pub fn update(&mut self, objects: &Objects) -> Changes {
         let mut changes = Changes::default();
         let mut dirty = BTreeSet::new();
         let node = node_view(objects, &self.identity);
-        if self.node.as_ref().is_none_or(|old| old.zone != node.zone) {
-            // Topology hints may now select other endpoints for every service.
+        if self.node.as_ref() != Some(&node) {
+            // Topology hints may now select other endpoints for every service, and source
+            // ranges may now let the node or its pods in.
             dirty.extend(self.computed.keys().cloned());
             dirty.extend(objects.services.keys().cloned());
         }

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Service;
 
 pub use desired::{
     Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
-    FrontendKind, HealthCheck, Protocol, Scope, ServicePortName, SetKey, Severity,
+    FrontendKind, HealthCheck, Protocol, Scope, ServicePortName, SetKey, Severity, SourceRanges,
 };
 pub use endpoints::NodeView;
 pub use incremental::{Changes, Model};
@@ -51,15 +51,36 @@ pub fn build(objects: &Objects, identity: &ProxyIdentity) -> (DesiredState, Vec<
 }
 
 fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
-    let zone = objects
-        .nodes
-        .get(&identity.node_name)
+    let node = objects.nodes.get(&identity.node_name);
+    let zone = node
         .and_then(|node| node.metadata.labels.as_ref())
         .and_then(|labels| labels.get(ZONE_LABEL))
         .cloned();
+    let addresses = node
+        .and_then(|node| node.status.as_ref())
+        .and_then(|status| status.addresses.as_ref());
+    let first_of = |kind: &str| {
+        addresses
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == kind)
+            .find_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok())
+    };
+    let spec = node.and_then(|node| node.spec.as_ref());
+    let pod_cidrs = spec
+        .and_then(|spec| spec.pod_cidrs.clone())
+        .filter(|cidrs| !cidrs.is_empty())
+        .or_else(|| spec.and_then(|spec| spec.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|text| crate::cidr::Cidr::parse_strict(text).ok())
+        .map(|cidr| cidr.network())
+        .collect();
     NodeView {
         node_name: identity.node_name.clone(),
         zone,
+        node_ip: first_of("InternalIP").or_else(|| first_of("ExternalIP")),
+        pod_cidrs,
     }
 }
 

@@ -12,12 +12,14 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
+use crate::cidr::Cidr;
+
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_SECS, Diagnostic, MAX_AFFINITY_TIMEOUT_SECS, ObjectKey, ObjectRef,
     Severity,
     desired::{
         Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, HealthCheck,
-        Protocol, Scope, ServicePortName, SetKey,
+        Protocol, Scope, ServicePortName, SetKey, SourceRanges,
     },
     endpoints::{self, NodeView, PortEndpoints, SliceIndex},
 };
@@ -65,6 +67,7 @@ pub fn contribution(
     if let Some(message) = affinity_problem {
         report.warn(message);
     }
+    let ranges = source_ranges(spec, &addresses, node, &mut report);
     let all_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let internal = policy(spec.internal_traffic_policy.as_deref());
     // kube-proxy applies externalTrafficPolicy only to NodePort and LoadBalancer services.
@@ -119,6 +122,9 @@ pub fn contribution(
             affinity_timeout_secs: affinity,
             local_only: kind.is_external() && endpoints == Endpoints::Local,
             two_scopes: kind.is_external() && endpoints == Endpoints::Local,
+            source_ranges: ranges
+                .clone()
+                .filter(|_| kind == FrontendKind::LoadBalancer),
         };
         let mut wanted: Vec<(Frontend, DesiredService)> = addresses
             .cluster_ips
@@ -166,6 +172,7 @@ pub fn contribution(
                         endpoints: Endpoints::All,
                         local_only: false,
                         two_scopes: false,
+                        source_ranges: None,
                         ..desired.clone()
                     },
                 );
@@ -208,6 +215,68 @@ pub fn contribution(
     out.diagnostics = report.done();
     out.diagnostics.extend(endpoint_diagnostics);
     out
+}
+
+/// kube-proxy's firewall for LoadBalancer IPs (its service info and `proxier.go`): the IPv4
+/// entries of `loadBalancerSourceRanges`, whitespace trimmed; none, or one of them
+/// `0.0.0.0/0`, means no firewall. When a range holds the node's IP, the LoadBalancer IPs
+/// themselves are allowed sources too. NodePorts and externalIPs are never filtered.
+/// Entries that are not CIDRs are reported and ignored.
+fn source_ranges(
+    spec: &ServiceSpec,
+    addresses: &Addresses,
+    node: &NodeView,
+    report: &mut Reporter,
+) -> Option<SourceRanges> {
+    let texts = spec.load_balancer_source_ranges.as_ref()?;
+    let lb_ips: Vec<Ipv4Addr> = addresses
+        .external
+        .iter()
+        .filter(|(_, kind)| *kind == FrontendKind::LoadBalancer)
+        .map(|(ip, _)| *ip)
+        .collect();
+    let mut ranges = BTreeSet::new();
+    for text in texts {
+        let text = text.trim();
+        match Cidr::parse_strict(text) {
+            Ok(cidr) => {
+                ranges.insert(cidr.network());
+            }
+            Err(_) if is_ipv6_cidr(text) => report.info(format!(
+                "loadBalancerSourceRanges entry {text} is IPv6, which this data path does not \
+                 serve yet"
+            )),
+            Err(_) => report.warn(format!(
+                "loadBalancerSourceRanges entry {text:?} is not a CIDR; ignored"
+            )),
+        }
+    }
+    if lb_ips.is_empty() || ranges.is_empty() || ranges.iter().any(Cidr::is_everything) {
+        return None;
+    }
+    let allow_node = node
+        .node_ip
+        .is_some_and(|ip| ranges.iter().any(|range| range.contains(ip)));
+    let allow_pods = !node.pod_cidrs.is_empty()
+        && node
+            .pod_cidrs
+            .iter()
+            .all(|pods| ranges.iter().any(|range| range.covers(pods)));
+    let mut allowed = ranges;
+    if allow_node {
+        allowed.extend(lb_ips.into_iter().map(Cidr::host));
+    }
+    Some(SourceRanges {
+        allowed,
+        allow_node,
+        allow_pods,
+    })
+}
+
+fn is_ipv6_cidr(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(addr, prefix)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 128)
+    })
 }
 
 /// The backend set of `picks` (what new connections may use), with the terminating

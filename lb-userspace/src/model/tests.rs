@@ -27,7 +27,7 @@ use k8s_openapi::{
 use super::{
     Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
     FrontendKind, HealthCheck, Model, ObjectKey, ObjectRef, Objects, Protocol, ProxyIdentity,
-    Scope, ServicePortName, SetKey, Severity, build, endpoints::SERVICE_NAME_LABEL,
+    Scope, ServicePortName, SetKey, Severity, SourceRanges, build, endpoints::SERVICE_NAME_LABEL,
 };
 use crate::reconcile::{MapContents, Reconciler, memory::MemoryMaps};
 
@@ -402,6 +402,7 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
                 affinity_timeout_secs: None,
                 local_only: false,
                 two_scopes: false,
+                source_ranges: None,
             },
         )]
         .into(),
@@ -2117,6 +2118,15 @@ pub(crate) fn frontend_flags_of(service: &DesiredService) -> u8 {
     if service.two_scopes {
         flags |= TWO_SCOPES;
     }
+    if let Some(ranges) = &service.source_ranges {
+        flags |= SOURCE_RANGES;
+        if ranges.allow_node {
+            flags |= RANGES_ALLOW_NODE;
+        }
+        if ranges.allow_pods {
+            flags |= RANGES_ALLOW_PODS;
+        }
+    }
     flags
 }
 
@@ -2203,6 +2213,22 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
             ));
         }
         entry.1 |= outside;
+    }
+    // Exactly the allowed sources of the frontends with source ranges, under their ids.
+    let wanted_ranges: BTreeSet<(u32, crate::cidr::Cidr)> = desired
+        .frontends
+        .iter()
+        .filter_map(|(frontend, service)| Some((frontend, service.source_ranges.as_ref()?)))
+        .flat_map(|(frontend, ranges)| {
+            let id = contents.frontends[&frontend_key(frontend)].service_id;
+            ranges.allowed.iter().map(move |range| (id, *range))
+        })
+        .collect();
+    if wanted_ranges != contents.source_ranges {
+        return Err(format!(
+            "source ranges: want {wanted_ranges:?}, the maps hold {:?}",
+            contents.source_ranges
+        ));
     }
     let mut ids = BTreeMap::new();
     for (id, value) in &contents.backends {
@@ -2440,4 +2466,136 @@ fn ports_added_and_removed() {
     current.services.remove(&key);
     steps.push((current.clone(), objects(vec![], slices_two())));
     converges(&steps);
+}
+
+// ---- loadBalancerSourceRanges ----
+
+/// A LoadBalancer service `web` at 203.0.113.7 (and an externalIP) with these source
+/// ranges, on a node with InternalIP 192.168.60.2 and pod CIDR 10.244.0.0/24.
+fn ranged(ranges: &[&str]) -> (DesiredState, Vec<Diagnostic>) {
+    let mut svc = with_ingress(
+        with_node_ports(web(), "LoadBalancer", &[30080], "Cluster"),
+        &[("203.0.113.7", None)],
+    );
+    spec(&mut svc).external_ips = Some(vec!["198.51.100.10".into()]);
+    spec(&mut svc).load_balancer_source_ranges =
+        Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+    let mut objects = objects(vec![svc], vec![web_slice(vec![ep("10.244.1.5")])]);
+    let mut this_node = node(NODE, None);
+    this_node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(vec![
+            k8s_openapi::api::core::v1::NodeAddress {
+                type_: "Hostname".into(),
+                address: NODE.into(),
+            },
+            k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "192.168.60.2".into(),
+            },
+        ]),
+        ..Default::default()
+    });
+    objects.nodes.insert(NODE.into(), Arc::new(this_node));
+    build_default(&objects)
+}
+
+fn cidrs(list: &[&str]) -> BTreeSet<crate::cidr::Cidr> {
+    list.iter().map(|c| c.parse().unwrap()).collect()
+}
+
+#[test]
+fn source_ranges_filter_load_balancer_ips_only() {
+    let (state, diagnostics) = ranged(&["192.0.2.0/24", " 198.18.0.9/32 "]);
+    assert_eq!(diagnostics, vec![]);
+    let lb = desired_of(&state, tcp("203.0.113.7", 80));
+    assert_eq!(
+        lb.source_ranges,
+        Some(SourceRanges {
+            allowed: cidrs(&["192.0.2.0/24", "198.18.0.9/32"]),
+            allow_node: false,
+            allow_pods: false,
+        })
+    );
+    // "nodeports are not subject to loadBalancerSourceRanges", nor are externalIPs or the
+    // ClusterIP.
+    for other in [
+        tcp("198.51.100.10", 80),
+        node_port(30080, Protocol::Tcp),
+        tcp("10.96.0.10", 80),
+    ] {
+        assert_eq!(desired_of(&state, other).source_ranges, None, "{other}");
+    }
+}
+
+#[test]
+fn a_range_holding_the_node_ip_lets_the_node_and_the_load_balancer_ips_in() {
+    let (state, _) = ranged(&["192.168.60.0/24"]);
+    let ranges = desired_of(&state, tcp("203.0.113.7", 80))
+        .source_ranges
+        .clone()
+        .unwrap();
+    assert!(ranges.allow_node && !ranges.allow_pods, "{ranges:?}");
+    // A VIP the node holds locally loops back with itself as the source.
+    assert_eq!(
+        ranges.allowed,
+        cidrs(&["192.168.60.0/24", "203.0.113.7/32"])
+    );
+    // The pods' CIDR whole, and host bits cleared as the API server's parser does.
+    let (state, _) = ranged(&["10.244.0.77/16"]);
+    let ranges = desired_of(&state, tcp("203.0.113.7", 80))
+        .source_ranges
+        .clone()
+        .unwrap();
+    assert!(!ranges.allow_node && ranges.allow_pods, "{ranges:?}");
+    assert_eq!(ranges.allowed, cidrs(&["10.244.0.0/16"]));
+    // A range that holds only some of the pods does not let a pod of unknown source in.
+    let (state, _) = ranged(&["10.244.0.0/25"]);
+    let ranges = desired_of(&state, tcp("203.0.113.7", 80))
+        .source_ranges
+        .clone()
+        .unwrap();
+    assert!(!ranges.allow_pods, "{ranges:?}");
+}
+
+#[test]
+fn everything_or_nothing_usable_means_no_firewall_and_bad_entries_are_named() {
+    // 0.0.0.0/0 allows every source: kube-proxy drops the firewall.
+    let (state, _) = ranged(&["192.0.2.0/24", "0.0.0.0/0"]);
+    assert_eq!(
+        desired_of(&state, tcp("203.0.113.7", 80)).source_ranges,
+        None
+    );
+    // IPv6 ranges do not apply to an IPv4 address; alone they leave it open.
+    let (state, diagnostics) = ranged(&["2001:db8::/64"]);
+    assert_eq!(
+        desired_of(&state, tcp("203.0.113.7", 80)).source_ranges,
+        None
+    );
+    assert!(
+        diagnostics
+            .iter()
+            .any(|d| d.severity == Severity::Info && d.message.contains("2001:db8::/64")),
+        "{diagnostics:?}"
+    );
+    // Not a CIDR: reported by name, ignored, the rest applied.
+    let (state, diagnostics) = ranged(&["192.0.2.0/24", "192.0.2.300/24", "10.0.0.1"]);
+    assert_eq!(
+        desired_of(&state, tcp("203.0.113.7", 80))
+            .source_ranges
+            .as_ref()
+            .map(|r| r.allowed.clone()),
+        Some(cidrs(&["192.0.2.0/24"]))
+    );
+    let warned: Vec<&str> = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(warned.len(), 2, "{diagnostics:?}");
+    assert!(warned[0].contains("\"192.0.2.300/24\"") || warned[1].contains("\"192.0.2.300/24\""));
+    assert!(
+        diagnostics
+            .iter()
+            .all(|d| d.object == service_ref("default", "web"))
+    );
 }

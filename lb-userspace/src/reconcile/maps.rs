@@ -7,7 +7,10 @@ use lb_common::{
     Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, frontend_flags,
 };
 
-use crate::model::{Backend, Frontend, FrontendKind, Protocol, Scope};
+use crate::{
+    cidr::Cidr,
+    model::{Backend, Frontend, FrontendKind, Protocol, Scope},
+};
 
 /// Writes and reads of the service maps.
 pub trait ServiceMaps {
@@ -19,6 +22,9 @@ pub trait ServiceMaps {
     fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
     fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError>;
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
+    /// An allowed source range of a LoadBalancer frontend's service id.
+    fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
     /// Everything the maps hold now (for adopting maps a previous agent left pinned).
     fn dump(&self) -> Result<MapContents, MapError>;
 }
@@ -40,6 +46,8 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend4>,
     /// Service ids that have a Maglev table.
     pub maglev: BTreeSet<u32>,
+    /// Allowed source ranges, by service id (host bits cleared).
+    pub source_ranges: BTreeSet<(u32, Cidr)>,
 }
 
 /// What a programmed frontend means, without ids (see [`MapContents::view`]).
@@ -120,4 +128,32 @@ pub fn backend_of(value: &Backend4) -> Backend {
         ip: lb_common::addr_from_map(value.addr).into(),
         port: lb_common::port_from_map(value.port),
     }
+}
+
+/// The LPM trie key of an allowed source range.
+pub fn source_range_key(
+    service_id: u32,
+    range: Cidr,
+) -> aya::maps::lpm_trie::Key<lb_common::SourceRange4Key> {
+    let network = range.network();
+    aya::maps::lpm_trie::Key::new(
+        lb_common::source_range::SERVICE_ID_BITS + network.prefix as u32,
+        lb_common::SourceRange4Key::new(
+            service_id,
+            lb_common::addr_to_map(u32::from(network.addr)),
+        ),
+    )
+}
+
+/// The service id and range of an LPM trie key the agent wrote.
+pub fn source_range_of(key: &aya::maps::lpm_trie::Key<lb_common::SourceRange4Key>) -> (u32, Cidr) {
+    let data = key.data();
+    let prefix = key
+        .prefix_len()
+        .saturating_sub(lb_common::source_range::SERVICE_ID_BITS)
+        .min(32) as u8;
+    (
+        data.service_id(),
+        Cidr::new(lb_common::addr_from_map(data.addr).into(), prefix),
+    )
 }

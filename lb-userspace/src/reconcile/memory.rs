@@ -7,6 +7,7 @@ use lb_common::{
 };
 
 use super::{MapContents, MapError, ServiceMaps};
+use crate::cidr::Cidr;
 
 #[derive(Clone, Debug)]
 pub struct MemoryMaps {
@@ -17,6 +18,7 @@ pub struct MemoryMaps {
     pub max_slots: usize,
     pub max_backends: usize,
     pub max_tables: usize,
+    pub max_source_ranges: usize,
 }
 
 impl Default for MemoryMaps {
@@ -28,6 +30,7 @@ impl Default for MemoryMaps {
             max_slots: lb_common::limits::MAX_SLOTS as usize,
             max_backends: lb_common::limits::MAX_BACKENDS as usize,
             max_tables: lb_common::limits::MAX_MAGLEV_TABLES as usize,
+            max_source_ranges: lb_common::limits::MAX_SOURCE_RANGES as usize,
         }
     }
 }
@@ -133,6 +136,29 @@ impl ServiceMaps for MemoryMaps {
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
         self.contents.maglev.remove(&service_id);
         remove(&mut self.tables, map_names::MAGLEV_V4, &service_id)
+    }
+
+    fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        let key = (service_id, range.network());
+        if !self.contents.source_ranges.contains(&key)
+            && self.contents.source_ranges.len() >= self.max_source_ranges
+        {
+            return Err(full(map_names::SOURCE_RANGES_V4));
+        }
+        self.contents.source_ranges.insert(key);
+        Ok(())
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        if self
+            .contents
+            .source_ranges
+            .remove(&(service_id, range.network()))
+        {
+            Ok(())
+        } else {
+            Err(missing(map_names::SOURCE_RANGES_V4))
+        }
     }
 
     fn dump(&self) -> Result<MapContents, MapError> {

@@ -20,6 +20,7 @@ mod backends;
 pub mod maglev;
 mod maps;
 pub mod memory;
+mod source_ranges;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +31,9 @@ use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, Slot4Value, frontend_fla
 use backends::{Keepers, Opinion, ProgrammedBackend};
 pub use maps::{
     FrontendView, MapContents, MapError, ServiceMaps, backend_of, frontend_key, frontend_of,
+    source_range_key, source_range_of,
 };
+use source_ranges::ProgrammedRanges;
 
 use crate::model::{
     Backend, BackendSet, DesiredService, DesiredState, Frontend, FrontendKind, Scope, SetKey,
@@ -97,6 +100,8 @@ pub struct Reconciler {
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
     adopted_frontends: BTreeMap<Frontend4Key, Frontend4Value>,
+    /// Allowed sources of LoadBalancer IPs with `loadBalancerSourceRanges`.
+    source_ranges: ProgrammedRanges,
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -158,6 +163,7 @@ impl Reconciler {
             reconciler.next_service_id = reconciler.next_service_id.max(id.saturating_add(1));
         }
         reconciler.adopted_frontends = contents.frontends.clone();
+        reconciler.source_ranges = ProgrammedRanges::adopt(&contents.source_ranges);
         // Leftovers of an interrupted update: slots of idle generations, tables of sets no
         // frontend names. Nothing serving traffic reads them.
         for slot in contents.slots.keys() {
@@ -200,7 +206,7 @@ impl Reconciler {
     }
 
     /// How many entries the reconciler keeps in each map (what it wrote and the kernel took).
-    pub fn programmed_entries(&self) -> [(&'static str, usize); 4] {
+    pub fn programmed_entries(&self) -> [(&'static str, usize); 5] {
         use lb_common::map_names;
         [
             (map_names::FRONTENDS_V4, self.len()),
@@ -213,6 +219,7 @@ impl Reconciler {
                 map_names::MAGLEV_V4,
                 self.sets.values().filter(|s| s.maglev).count(),
             ),
+            (map_names::SOURCE_RANGES_V4, self.source_ranges.len()),
         ]
     }
 
@@ -254,6 +261,9 @@ impl Reconciler {
                 let _ = maps.remove_maglev(id);
             }
         }
+        // Source ranges of ids no set has any more (an earlier agent's).
+        let live: BTreeSet<u32> = self.sets.values().map(|set| set.service_id).collect();
+        self.source_ranges.keep_only(&live, maps, &mut report);
         // Every set has said what it keeps: the earlier agent's word no longer counts.
         let pinned = std::mem::take(&mut self.pinned);
         self.release(&pinned);
@@ -357,6 +367,32 @@ impl Reconciler {
                 }
             }
         }
+        // Allowed sources before the frontends that check them; stale ones after.
+        let mut ranges_to_trim = Vec::new();
+        for (set_key, users) in &wanted_users {
+            let Some(set) = self
+                .sets
+                .get(set_key)
+                .filter(|_| !failed_sets.contains(set_key))
+            else {
+                continue;
+            };
+            let wanted = source_ranges::wanted(users);
+            for error in self
+                .source_ranges
+                .add(set.service_id, &wanted, maps, &mut report)
+            {
+                for (frontend, service) in users
+                    .iter()
+                    .filter(|(_, service)| service.source_ranges.is_some())
+                {
+                    report
+                        .failed
+                        .push((*frontend, format!("{}: {error}", service.name)));
+                }
+            }
+            ranges_to_trim.push((set.service_id, wanted));
+        }
         // Frontends of sets that were written: new ones, and changed flags or kinds.
         for frontend in frontends {
             let Some(service) = desired.frontends.get(frontend) else {
@@ -399,6 +435,10 @@ impl Reconciler {
             }
         }
         self.trim_tables(&affected, maps, &mut report);
+        for (service_id, wanted) in &ranges_to_trim {
+            self.source_ranges
+                .trim(*service_id, wanted, maps, &mut report);
+        }
         // Sets no frontend names any more (or no longer desired and unnamed).
         for set_key in &affected {
             let unused = self.users.get(set_key).is_none_or(BTreeSet::is_empty);
@@ -415,6 +455,8 @@ impl Reconciler {
                     report.map_writes += 1;
                     let _ = maps.remove_maglev(set.service_id);
                 }
+                self.source_ranges
+                    .trim(set.service_id, &BTreeSet::new(), maps, &mut report);
                 self.release(&set.members);
                 // What the other sets keeping them say may differ.
                 let kept: Vec<Backend> = set.members.keys().copied().collect();
@@ -767,6 +809,15 @@ fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Val
     }
     if service.two_scopes {
         flags |= frontend_flags::TWO_SCOPES;
+    }
+    if let Some(ranges) = &service.source_ranges {
+        flags |= frontend_flags::SOURCE_RANGES;
+        if ranges.allow_node {
+            flags |= frontend_flags::RANGES_ALLOW_NODE;
+        }
+        if ranges.allow_pods {
+            flags |= frontend_flags::RANGES_ALLOW_PODS;
+        }
     }
     Frontend4Value {
         service_id: set.service_id,

@@ -14,6 +14,8 @@ use lb_common::{
 };
 use proptest::prelude::*;
 
+use crate::cidr::Cidr;
+
 use super::{
     MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of, frontend_key,
     frontend_of, memory::MemoryMaps,
@@ -46,6 +48,8 @@ enum Op {
     RemoveBackend(u32),
     PutMaglev(u32),
     RemoveMaglev(u32),
+    PutSourceRange(u32, Cidr),
+    RemoveSourceRange(u32, Cidr),
 }
 
 /// [`MemoryMaps`] that record every operation and, after each write, assert that every
@@ -150,6 +154,16 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveMaglev(service_id))
     }
 
+    fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        let result = self.maps.put_source_range(service_id, range);
+        self.record(result, Op::PutSourceRange(service_id, range))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        let result = self.maps.remove_source_range(service_id, range);
+        self.record(result, Op::RemoveSourceRange(service_id, range))
+    }
+
     fn dump(&self) -> Result<MapContents, MapError> {
         self.maps.dump()
     }
@@ -162,6 +176,16 @@ impl ServiceMaps for CheckedMaps {
 fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
     let contents = &maps.contents;
     for (key, value) in &contents.frontends {
+        if value.flags & frontend_flags::SOURCE_RANGES != 0
+            && !contents
+                .source_ranges
+                .iter()
+                .any(|(id, _)| *id == value.service_id)
+        {
+            return Err(format!(
+                "{key:?} {value:?}: checks source ranges, but its service id has none"
+            ));
+        }
         for index in 0..value.count {
             let slot = Slot4Key {
                 service_id: value.service_id,
@@ -253,6 +277,7 @@ fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> E
             affinity_timeout_secs: affinity,
             local_only: false,
             two_scopes: false,
+            source_ranges: None,
         },
         BackendSet {
             backends: backends.iter().copied().collect(),
@@ -907,6 +932,7 @@ fn node_port_state(backends: &[(u8, bool)], local_only: bool) -> DesiredState {
         affinity_timeout_secs: None,
         local_only,
         two_scopes: local_only,
+        source_ranges: None,
     };
     let mut entries = vec![(np(), (service.clone(), set.clone()))];
     if local_only {
@@ -1952,4 +1978,71 @@ proptest! {
     ) {
         run_events(&events)?;
     }
+}
+
+#[test]
+fn source_ranges_follow_the_service_and_survive_a_restart() {
+    let with_ranges = |ranges: &[&str]| {
+        let mut svc = load_balancer("Cluster");
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+        build(&objects(
+            vec![svc],
+            vec![web_slice(vec![ep("10.244.0.1"), ep("10.244.0.2")])],
+        ))
+    };
+    let lb = frontend("203.0.113.7", 80, Protocol::Tcp);
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    // `sync` checks the exact contents, source ranges included, and (at every write) that no
+    // frontend checks ranges its service id does not have yet.
+    sync(&mut reconciler, &with_ranges(&["192.0.2.0/24"]), &mut maps);
+    let id = maps.frontend(lb).service_id;
+    assert_eq!(
+        maps.contents().source_ranges,
+        [(id, "192.0.2.0/24".parse().unwrap())].into()
+    );
+    assert_ne!(maps.frontend(lb).flags & frontend_flags::SOURCE_RANGES, 0);
+    // The NodePort shares the id and is not filtered.
+    let np = Frontend::node_port(30080, Protocol::Tcp);
+    assert_eq!(maps.frontend(np).service_id, id);
+    assert_eq!(maps.frontend(np).flags & frontend_flags::SOURCE_RANGES, 0);
+
+    // Changed ranges: the new one is written before the old one goes.
+    maps.ops.clear();
+    sync(&mut reconciler, &with_ranges(&["198.18.0.0/16"]), &mut maps);
+    let put = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutSourceRange(..)))
+        .expect("new range written");
+    let removed = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::RemoveSourceRange(..)))
+        .expect("old range removed");
+    assert!(put < removed, "{:?}", maps.ops);
+
+    // A restarted agent adopts them and writes nothing for an unchanged state.
+    maps.ops.clear();
+    let mut restarted = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut restarted, &with_ranges(&["198.18.0.0/16"]), &mut maps);
+    assert!(
+        !maps
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::PutSourceRange(..) | Op::RemoveSourceRange(..))),
+        "{:?}",
+        maps.ops
+    );
+
+    // Ranges dropped from the Service: the check goes first, then the entries.
+    sync(&mut restarted, &with_ranges(&[]), &mut maps);
+    assert!(maps.contents().source_ranges.is_empty());
+    assert_eq!(maps.frontend(lb).flags & frontend_flags::SOURCE_RANGES, 0);
+
+    // The Service gone: nothing left.
+    sync(&mut restarted, &with_ranges(&["192.0.2.0/24"]), &mut maps);
+    sync(&mut restarted, &DesiredState::default(), &mut maps);
+    assert!(maps.contents().source_ranges.is_empty());
 }
