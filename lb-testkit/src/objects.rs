@@ -187,6 +187,16 @@ impl ServiceManifest {
         self
     }
 
+    /// `spec.loadBalancerSourceRanges`.
+    pub fn load_balancer_source_ranges<I: Display>(
+        mut self,
+        ranges: impl IntoIterator<Item = I>,
+    ) -> Self {
+        self.spec().load_balancer_source_ranges =
+            Some(ranges.into_iter().map(|r| r.to_string()).collect());
+        self
+    }
+
     /// Adds an address to `status.loadBalancer.ingress`, as a load balancer controller does.
     pub fn load_balancer_ingress(mut self, ip: impl Display) -> Self {
         self.0

@@ -1250,3 +1250,116 @@ fn pods_and_the_node_itself_reach_node_ports_at_the_socket() {
     );
     assert_eq!(elsewhere.failures(), 1, "{elsewhere:?}");
 }
+
+const LB_IP: &str = "203.0.113.7";
+
+/// The refused counter of service `name` on node-a's `/metrics`.
+fn refused_count(site: &Site, name: &str) -> u64 {
+    let (status, text) = in_netns(site.node_a.netns(), || {
+        common::http_get(METRICS_ADDR, "/metrics")
+    });
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("lb_service_refused_total") && l.contains(&format!("name=\"{name}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A LoadBalancer Service `lb` at LB_IP (TCP 80, nodePort 30100) with these source ranges.
+fn ranged_service(ranges: &[&str]) -> String {
+    ServiceManifest::cluster_ip("default", "lb", "10.96.0.20")
+        .service_type("LoadBalancer")
+        .port("http", "TCP", 80, POD_PORT)
+        .node_port(30100)
+        .load_balancer_ingress(LB_IP)
+        .load_balancer_source_ranges(ranges.iter().copied())
+        .to_yaml()
+}
+
+#[test]
+fn load_balancer_source_ranges_filter_outside_and_in_node_clients_and_follow_changes() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.client
+        .route(&format!("{LB_IP}/32"), NODE_A_IP)
+        .expect("the client's route to the LB IP");
+    let a = site.pod_ip("pod-a");
+    site.write_manifest("lb.yaml", &ranged_service(&["192.168.60.0/24"]));
+    site.write_manifest(
+        "lb-slice.yaml",
+        &with_ready(
+            SliceManifest::new("default", "lb-1", "lb").port("http", "TCP", POD_PORT),
+            &[(&a, "node-a")],
+        )
+        .to_yaml(),
+    );
+    site.start_agents();
+    let lb = format!("{LB_IP}:80");
+    let timeout = Duration::from_secs(10);
+    let one = ["--count", "1", "--timeout-ms", "500"];
+
+    // The client is in the range.
+    site.probe_until(&["tcp", &lb, "--count", "5"], timeout, |r| {
+        r.replies.get("pod-a") == Some(&5)
+    });
+
+    // The range no longer holds the client: dropped and counted, while the NodePort (never
+    // filtered) still answers it.
+    let before = refused_count(&site, "lb");
+    site.write_manifest("lb.yaml", &ranged_service(&["192.0.2.0/24", "not-a-cidr"]));
+    let refused = site.probe_until(&[&["tcp", &lb][..], &one].concat(), timeout, |r| {
+        r.failures() == 1
+    });
+    assert!(refused.replies.is_empty(), "{refused:?}");
+    let nodeport = site.probe(&["tcp", &format!("{NODE_A_IP}:30100"), "--count", "3"]);
+    assert_eq!(nodeport.replies.get("pod-a"), Some(&3), "{nodeport:?}");
+    assert!(
+        site.logs().contains("\\\"not-a-cidr\\\" is not a CIDR")
+            || site.logs().contains("\"not-a-cidr\" is not a CIDR"),
+        "the bad entry is named:\n{}",
+        site.logs()
+    );
+    // Per-CPU counters are read at scrape time.
+    let deadline = Instant::now() + timeout;
+    while refused_count(&site, "lb") <= before {
+        assert!(Instant::now() < deadline, "drops not counted\n{}", site.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // In-node clients whose source the socket does not know yet: a pod and the node are in
+    // none of the ranges, so they are refused at once (EPERM, as a netfilter drop on output).
+    let pod = site.probe_in_node(Some("pod-a"), &[&["tcp", &lb][..], &one].concat());
+    assert_eq!(pod.errors.get("permission"), Some(&1), "{pod:?}");
+    let node = site.probe_in_node(None, &[&["tcp", &lb][..], &one].concat());
+    assert_eq!(node.errors.get("permission"), Some(&1), "{node:?}");
+
+    // The range back, the node known (its IP is in it; its pod CIDR is too): everyone in.
+    site.write_manifest(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nspec:\n  podCIDR: 10.244.0.0/24\n  \
+         podCIDRs:\n  - 10.244.0.0/24\nstatus:\n  addresses:\n  - type: InternalIP\n    address: \
+         192.168.60.1\n",
+    );
+    site.write_manifest(
+        "lb.yaml",
+        &ranged_service(&["192.168.60.0/24", "10.244.0.0/16"]),
+    );
+    site.probe_until(&["tcp", &lb, "--count", "5"], timeout, |r| {
+        r.replies.get("pod-a") == Some(&5)
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pod = site.probe_in_node(Some("pod-a"), &[&["tcp", &lb][..], &one].concat());
+        let node = site.probe_in_node(None, &[&["tcp", &lb][..], &one].concat());
+        if pod.replies.get("pod-a") == Some(&1) && node.replies.get("pod-a") == Some(&1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in-node clients still refused: {pod:?} {node:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

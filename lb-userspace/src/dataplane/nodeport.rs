@@ -140,6 +140,8 @@ fn tc_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
 pub struct NodeAddrMaps {
     node_addrs: HashMap<MapData, u32, u32>,
     iface_addrs: HashMap<MapData, u32, u32>,
+    /// Kept open: a map taken out of the object must live until the programs are loaded.
+    _node_netns: aya::maps::Array<MapData, u64>,
 }
 
 impl NodeAddrMaps {
@@ -159,6 +161,7 @@ impl NodeAddrMaps {
         Ok(Self {
             node_addrs: HashMap::try_from(take(map_names::NODE_ADDRS_V4)?)?,
             iface_addrs: HashMap::try_from(take(map_names::IFACE_ADDRS_V4)?)?,
+            _node_netns: netns,
         })
     }
 
