@@ -21,7 +21,7 @@ use lb_agent::{
     },
     model::{
         Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
-        Protocol, ServicePortName, SetKey,
+        Protocol, ServicePortName, SetKey, SourceRanges,
     },
     reconcile::{Reconciler, maglev},
 };
@@ -260,6 +260,7 @@ impl State {
                     affinity_timeout_secs: svc.affinity_timeout_secs,
                     local_only: svc.local_only,
                     two_scopes: false,
+                    source_ranges: None,
                 },
             );
             desired.sets.insert(
@@ -1229,4 +1230,97 @@ fn terminating_backends_keep_their_flows_and_get_no_new_ones() {
     for port in &on_b {
         assert_eq!(pod_of(&mut h, *port, ACK), POD_A, "flow from port {port}");
     }
+}
+
+/// A LoadBalancer IP with `loadBalancerSourceRanges`: packets from inside the ranges are
+/// translated, every other packet dropped (a flow's later packets too once the range no
+/// longer holds its client); the NodePort of the same backend set is never filtered.
+#[test]
+fn source_ranges_drop_packets_from_outside_them_at_load_balancer_ips_only() {
+    let mut h = Harness::new();
+    const LB_IP: &str = "198.51.100.20";
+    let lb = frontend(Some(LB_IP), 80, Protocol::Tcp);
+    let np = frontend(None, 30080, Protocol::Tcp);
+    let mut state = State::default();
+    let web = service("web", &[(POD_A, 8080, true)], false);
+    state.frontends.insert(lb, web.clone());
+    state.frontends.insert(np, web);
+    let with_ranges = |ranges: &[&str]| {
+        let mut desired = state.desired();
+        let entry = desired.frontends.get_mut(&lb).unwrap();
+        entry.kind = FrontendKind::LoadBalancer;
+        entry.source_ranges = Some(SourceRanges {
+            allowed: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+            allow_node: false,
+            allow_pods: false,
+        });
+        desired
+    };
+    h.program_desired(&with_ranges(&["203.0.113.0/28"]));
+    let outsider = "192.0.2.99";
+    let syn = tcp((CLIENT, 40000), (LB_IP, 80), SYN);
+    let syn_np = tcp((outsider, 40001), (NODE, 30080), SYN);
+    run_cases(
+        &mut h,
+        &[
+            case(
+                "in the range: translated",
+                Hook::Xdp,
+                syn.clone(),
+                XDP_PASS,
+                syn.clone().with_dst(POD_A, 8080),
+            ),
+            case(
+                "outside the ranges: dropped",
+                Hook::Xdp,
+                tcp((outsider, 40000), (LB_IP, 80), SYN),
+                XDP_DROP,
+                tcp((outsider, 40000), (LB_IP, 80), SYN),
+            ),
+            case(
+                "the NodePort of the same set: not filtered",
+                Hook::Xdp,
+                syn_np.clone(),
+                XDP_PASS,
+                syn_np.clone().with_dst(POD_A, 8080),
+            ),
+        ],
+    );
+    // Narrowed: the tracked flow's next packet is dropped too.
+    h.program_desired(&with_ranges(&["192.0.2.0/24"]));
+    let ack = tcp((CLIENT, 40000), (LB_IP, 80), ACK);
+    let from_outsider = tcp((outsider, 40002), (LB_IP, 80), SYN);
+    run_cases(
+        &mut h,
+        &[
+            case(
+                "a tracked flow no longer in the range",
+                Hook::Xdp,
+                ack.clone(),
+                XDP_DROP,
+                ack.clone(),
+            ),
+            case(
+                "now in the range",
+                Hook::Xdp,
+                from_outsider.clone(),
+                XDP_PASS,
+                from_outsider.clone().with_dst(POD_A, 8080),
+            ),
+        ],
+    );
+    // No ranges: open to everyone.
+    let mut open = with_ranges(&[]);
+    open.frontends.get_mut(&lb).unwrap().source_ranges = None;
+    h.program_desired(&open);
+    run_cases(
+        &mut h,
+        &[case(
+            "without ranges",
+            Hook::Xdp,
+            ack.clone(),
+            XDP_PASS,
+            ack.with_dst(POD_A, 8080),
+        )],
+    );
 }
