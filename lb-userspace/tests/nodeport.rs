@@ -1323,7 +1323,11 @@ fn load_balancer_source_ranges_filter_outside_and_in_node_clients_and_follow_cha
     // Per-CPU counters are read at scrape time.
     let deadline = Instant::now() + timeout;
     while refused_count(&site, "lb") <= before {
-        assert!(Instant::now() < deadline, "drops not counted\n{}", site.logs());
+        assert!(
+            Instant::now() < deadline,
+            "drops not counted\n{}",
+            site.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -1362,4 +1366,65 @@ fn load_balancer_source_ranges_filter_outside_and_in_node_clients_and_follow_cha
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A Node manifest for node-a with this InternalIP.
+fn node_a_manifest(internal_ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses:\n  - type: \
+         Hostname\n    address: node-a\n  - type: InternalIP\n    address: {internal_ip}\n"
+    )
+}
+
+#[test]
+fn nodeport_addresses_primary_follows_the_nodes_internal_ip() {
+    let mut site = Site::new(&["pod-a"], false);
+    run(
+        site.node_a.netns(),
+        &["ip", "addr", "add", "192.168.60.3/24", "dev", LAN_IFACE],
+    );
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
+    );
+    site.write_manifest("node.yaml", &node_a_manifest("192.168.60.3"));
+    site.start_agents_with(&["--nodeport-addresses", "primary"]);
+    let timeout = Duration::from_secs(10);
+    let answers = |site: &Site, ip: &str| {
+        let result = site.probe(&[
+            "tcp",
+            &format!("{ip}:30080"),
+            "--count",
+            "1",
+            "--timeout-ms",
+            "1000",
+        ]);
+        result.replies.get("pod-a") == Some(&1)
+    };
+    let deadline = Instant::now() + timeout;
+    while !answers(&site, "192.168.60.3") {
+        assert!(
+            Instant::now() < deadline,
+            "primary IP not served\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !answers(&site, &NODE_A_IP.to_string()),
+        "only the primary IP answers"
+    );
+    // The Node's InternalIP changes: the NodePort moves with it.
+    site.write_manifest("node.yaml", &node_a_manifest(&NODE_A_IP.to_string()));
+    let deadline = Instant::now() + timeout;
+    while !answers(&site, &NODE_A_IP.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "new primary IP not served\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!answers(&site, "192.168.60.3"), "the old one no longer");
 }

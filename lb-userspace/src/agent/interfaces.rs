@@ -17,14 +17,35 @@ use crate::dataplane::{
     nodeport::{self, NodeAddrMaps},
 };
 
+/// One entry of kube-proxy's `--nodeport-addresses`: a CIDR, or `primary` (the node's
+/// primary IP: its Node's first InternalIP, else ExternalIP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Cidr(Cidr),
+    Primary,
+}
+
+impl std::str::FromStr for NodePortAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "primary" {
+            return Ok(Self::Primary);
+        }
+        text.parse()
+            .map(Self::Cidr)
+            .map_err(|e| format!("{e}; expected a CIDR or `primary`"))
+    }
+}
+
 /// Where north-south traffic is served.
 #[derive(Clone, Debug, Default)]
 pub struct NodeportConfig {
     /// Interfaces that get the XDP and tc programs; empty: no north-south data path.
     pub interfaces: Vec<String>,
     /// kube-proxy's `--nodeport-addresses`: NodePorts answer only on the node's addresses
-    /// inside one of these; empty: on all of them.
-    pub addresses: Vec<Cidr>,
+    /// inside one of these (or its primary IP); empty: on all of them.
+    pub addresses: Vec<NodePortAddress>,
     /// kube-proxy's `--iptables-localhost-nodeports`: in-node clients reach NodePorts at
     /// 127.0.0.1 too.
     pub localhost: bool,
@@ -36,6 +57,8 @@ pub struct NodeInterfaces {
     maps: NodeAddrMaps,
     attached: bool,
     node_addrs: BTreeSet<Ipv4Addr>,
+    /// The node's primary IP, once its Node is known (for `--nodeport-addresses primary`).
+    primary: Option<Ipv4Addr>,
 }
 
 impl NodeInterfaces {
@@ -48,6 +71,7 @@ impl NodeInterfaces {
             attached: config.interfaces.is_empty(),
             config,
             node_addrs: BTreeSet::new(),
+            primary: None,
         };
         interfaces.follow_addresses();
         Ok(interfaces)
@@ -90,6 +114,22 @@ impl NodeInterfaces {
         Ok(())
     }
 
+    /// The node's primary IP as its Node says (after each sync); rewrites the addresses when
+    /// it changed and `--nodeport-addresses` names `primary`.
+    pub fn set_primary(&mut self, primary: Option<Ipv4Addr>) {
+        if primary == self.primary {
+            return;
+        }
+        self.primary = primary;
+        if self.config.addresses.contains(&NodePortAddress::Primary) {
+            tracing::info!(
+                ?primary,
+                "the node's primary IP (--nodeport-addresses primary)"
+            );
+            self.follow_addresses();
+        }
+    }
+
     /// Writes the addresses as they are now (at start, and after each netlink notification);
     /// a failure is logged and leaves the previous addresses in place.
     pub fn follow_addresses(&mut self) {
@@ -104,7 +144,10 @@ impl NodeInterfaces {
         let interfaces = nodeport::interfaces()?;
         let allowed = |ip: &Ipv4Addr| {
             self.config.addresses.is_empty()
-                || self.config.addresses.iter().any(|c| c.contains(*ip))
+                || self.config.addresses.iter().any(|entry| match entry {
+                    NodePortAddress::Cidr(cidr) => cidr.contains(*ip),
+                    NodePortAddress::Primary => self.primary == Some(*ip),
+                })
         };
         let mut node_addrs: BTreeSet<Ipv4Addr> = interfaces
             .values()
@@ -162,4 +205,23 @@ pub fn address_changes() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
         }
     });
     Ok(receiver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_addresses_take_cidrs_and_the_primary_keyword() {
+        assert_eq!(
+            "primary".parse::<NodePortAddress>(),
+            Ok(NodePortAddress::Primary)
+        );
+        assert_eq!(
+            "192.168.60.0/24".parse::<NodePortAddress>(),
+            Ok(NodePortAddress::Cidr("192.168.60.0/24".parse().unwrap()))
+        );
+        let error = "primry".parse::<NodePortAddress>().unwrap_err();
+        assert!(error.contains("`primary`"), "{error}");
+    }
 }

@@ -108,6 +108,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     continue;
                 };
                 pass.run(&snapshot, &state);
+                interfaces.set_primary(pass.node_ip());
                 interfaces.attach_once(&mut dataplane)?;
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees

@@ -81,6 +81,11 @@ impl SyncPass {
     }
 
     /// One pass: snapshot → desired state → map writes, logging and recording what changed.
+    /// kube-proxy's node IP, as the last snapshot's Node says.
+    pub fn node_ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.model.node().and_then(|node| node.node_ip)
+    }
+
     pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) {
         let started = Instant::now();
         let changes = self.model.update(&snapshot.objects);

@@ -92,6 +92,11 @@ impl Model {
         &self.desired
     }
 
+    /// This node as of the last update.
+    pub fn node(&self) -> Option<&NodeView> {
+        self.node.as_ref()
+    }
+
     /// Brings the desired state up to `objects`, recomputing only services whose Service or
     /// EndpointSlices changed (all of them when this node's zone, address or pod CIDRs changed).
     pub fn update(&mut self, objects: &Objects) -> Changes {
