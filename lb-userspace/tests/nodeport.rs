@@ -1267,12 +1267,15 @@ fn refused_count(site: &Site, name: &str) -> u64 {
         .sum()
 }
 
-/// A LoadBalancer Service `lb` at LB_IP (TCP 80, nodePort 30100) with these source ranges.
+/// A LoadBalancer Service `lb` at LB_IP (TCP 80, nodePort 30100; UDP 53, nodePort 30101)
+/// with these source ranges.
 fn ranged_service(ranges: &[&str]) -> String {
     ServiceManifest::cluster_ip("default", "lb", "10.96.0.20")
         .service_type("LoadBalancer")
         .port("http", "TCP", 80, POD_PORT)
         .node_port(30100)
+        .port("dns", "UDP", 53, POD_PORT)
+        .node_port(30101)
         .load_balancer_ingress(LB_IP)
         .load_balancer_source_ranges(ranges.iter().copied())
         .to_yaml()
@@ -1289,7 +1292,9 @@ fn load_balancer_source_ranges_filter_outside_and_in_node_clients_and_follow_cha
     site.write_manifest(
         "lb-slice.yaml",
         &with_ready(
-            SliceManifest::new("default", "lb-1", "lb").port("http", "TCP", POD_PORT),
+            SliceManifest::new("default", "lb-1", "lb")
+                .port("http", "TCP", POD_PORT)
+                .port("dns", "UDP", POD_PORT),
             &[(&a, "node-a")],
         )
         .to_yaml(),
@@ -1337,6 +1342,32 @@ fn load_balancer_source_ranges_filter_outside_and_in_node_clients_and_follow_cha
     assert_eq!(pod.errors.get("permission"), Some(&1), "{pod:?}");
     let node = site.probe_in_node(None, &[&["tcp", &lb][..], &one].concat());
     assert_eq!(node.errors.get("permission"), Some(&1), "{node:?}");
+
+    // A range holding pod-a's own address: a socket bound to it is checked by that address
+    // and let in; an unbound one still is not (its source is not known at the socket).
+    site.write_manifest(
+        "lb.yaml",
+        &ranged_service(&["192.0.2.0/24", &format!("{a}/32")]),
+    );
+    let lb_udp = format!("{LB_IP}:53");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bound = site.probe_in_node(
+            Some("pod-a"),
+            &[&["udp", &lb_udp, "--source", &a][..], &one].concat(),
+        );
+        if bound.replies.get("pod-a") == Some(&1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a bound pod socket in the range is refused: {bound:?}\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let unbound = site.probe_in_node(Some("pod-a"), &[&["udp", &lb_udp][..], &one].concat());
+    assert_eq!(unbound.errors.get("permission"), Some(&1), "{unbound:?}");
 
     // The range back, the node known (its IP is in it; its pod CIDR is too): everyone in.
     site.write_manifest(

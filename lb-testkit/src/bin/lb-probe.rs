@@ -107,6 +107,10 @@ struct UdpArgs {
     /// Open a fresh socket for every request.
     #[arg(long)]
     new_socket_each: bool,
+    /// Bind the socket to this source address first (default: the wildcard, the kernel
+    /// picks the source after routing).
+    #[arg(long, value_name = "ADDR")]
+    source: Option<IpAddr>,
     #[command(flatten)]
     run: LoopArgs,
 }
@@ -411,14 +415,14 @@ fn probe_udp(args: &UdpArgs) -> Tally {
     tally
 }
 
-/// A socket on the wildcard address of the target's family, connected to the
+/// A socket on `--source` or the wildcard address of the target's family, connected to the
 /// target in `--connected` mode.
 fn udp_socket(args: &UdpArgs, timeout: Duration) -> io::Result<UdpSocket> {
     let any: IpAddr = match args.target {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let socket = UdpSocket::bind((any, 0))?;
+    let socket = UdpSocket::bind((args.source.unwrap_or(any), 0))?;
     socket.set_read_timeout(Some(timeout))?;
     if args.connected {
         socket.connect(args.target)?;
