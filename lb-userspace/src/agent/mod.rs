@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     api::{self, AgentState, service_health::ServiceHealthServers},
     dataplane::{Dataplane, Limits, bpffs::PinDir, privileges},
-    model::{self, ProxyIdentity},
+    model::ProxyIdentity,
     reconcile::Reconciler,
     source::{Snapshot, kube, manifests},
 };
@@ -109,11 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 let Some(snapshot) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                state
-                    .health
-                    .lock()
-                    .expect("health lock")
-                    .follow_node(model::this_node(&snapshot.objects, &config.identity));
+                state.follow_node_of(&snapshot.objects, &config.identity);
                 pass.run(&snapshot, &state);
                 interfaces.attach_once(&mut dataplane)?;
                 if !attached {
