@@ -148,6 +148,8 @@ async fn answer(
 mod tests {
     use std::{net::SocketAddr, time::Duration};
 
+    use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+
     use super::*;
     use crate::model::TO_BE_DELETED_TAINT;
 
@@ -229,15 +231,17 @@ mod tests {
         {
             let mut health = state.health.lock().unwrap();
             health.stale = true;
-            let mut node = k8s_openapi::api::core::v1::Node::default();
-            node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
-                taints: Some(vec![k8s_openapi::api::core::v1::Taint {
-                    key: TO_BE_DELETED_TAINT.into(),
-                    effect: "NoSchedule".into(),
+            let node = Node {
+                spec: Some(NodeSpec {
+                    taints: Some(vec![Taint {
+                        key: TO_BE_DELETED_TAINT.into(),
+                        effect: "NoSchedule".into(),
+                        ..Default::default()
+                    }]),
                     ..Default::default()
-                }]),
+                }),
                 ..Default::default()
-            });
+            };
             health.follow_node(Some(&node));
             assert!(!health.node_eligible());
         }
