@@ -10,12 +10,13 @@
 //!   the body's `stale` field (ours), in `lb_source_stale`, in `lb-agent status` and in the log.
 //! * `/healthz` is 503 also when this node is not eligible for load-balancer traffic: its Node
 //!   has a `deletionTimestamp` or carries the `ToBeDeletedByClusterAutoscaler` taint
-//!   ([`crate::model::node_ineligible_because`]); the body says `nodeEligible`. As in
-//!   kube-proxy 1.28 to 1.33 (`SyncNode`), the node is eligible until a Node object says
+//!   ([`crate::model::node_ineligible_because`]); the body says `nodeEligible`. As
+//!   kube-proxy's `SyncNode` does from 1.28 on, the node is eligible until a Node object says
 //!   otherwise, so before the first Node is seen (and with a manifest directory holding none)
 //!   it is eligible; a Node that disappears leaves its last eligibility (kube-proxy syncs the
-//!   deleted object's last state). (Later kube-proxy waits for its Node before serving at all,
-//!   and exits when it is deleted.)
+//!   deleted object's last state). (The newest kube-proxy reads the Node from its
+//!   `NodeManager`, which waits for the Node before kube-proxy starts and exits it when the
+//!   Node is deleted; its "no Node: ineligible" branch is never reached in practice.)
 //! * `/livez` is the proxy's health alone: node eligibility does not enter it, so a node being
 //!   drained is not restarted.
 //! * The `healthCheckNodePort`s report the same proxy health as `serviceProxyHealthy`
