@@ -98,7 +98,7 @@ pub fn text(status: &Status) -> String {
     let agent = &status.agent;
     if agent["running"] == true {
         out.push_str(&format!(
-            "  source {}, last sync {}, {}{}\n",
+            "  source {}, last sync {}, {}{}{}\n",
             agent["source"].as_str().unwrap_or("?"),
             agent["lastUpdated"].as_str().unwrap_or("never"),
             if agent["healthy"] == true {
@@ -108,6 +108,11 @@ pub fn text(status: &Status) -> String {
             },
             if agent["stale"] == true {
                 " (source unreachable: serving the last known state)"
+            } else {
+                ""
+            },
+            if agent["nodeEligible"] == false {
+                " (node marked for deletion: not eligible for load-balancer traffic)"
             } else {
                 ""
             },

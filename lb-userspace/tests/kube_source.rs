@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -17,12 +17,13 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        core::v1::{Node, NodeSpec, Service, ServicePort, ServiceSpec, Taint},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use lb_agent::{
+    api::{self, AgentState},
     model::{self, ObjectKey, ProxyIdentity},
     source::{
         Snapshot,
@@ -883,4 +884,134 @@ async fn a_failing_kind_holds_back_publishing_and_keeps_the_source_stale() {
     assert_eq!(service_names(&first), ["api", "web"]);
     assert!(first.objects.nodes.contains_key(NODE));
     h.wait_for_health(false).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Health, as the agent serves it from this source.
+
+/// What the agent's loop does for health with each snapshot, without the maps: a change
+/// arrives, this node's eligibility is taken from the snapshot, the sync writes the maps.
+async fn sync_like_the_agent(mut snapshots: Snapshots, state: Arc<AgentState>) {
+    while snapshots.changed().await.is_ok() {
+        state
+            .health
+            .lock()
+            .unwrap()
+            .change_arrived(SystemTime::now());
+        let Some(snapshot) = snapshots.borrow_and_update().clone() else {
+            continue;
+        };
+        state.follow_node_of(&snapshot.objects, &identity(None));
+        state.health.lock().unwrap().synced(SystemTime::now());
+    }
+}
+
+/// GET on the agent's health server: (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+/// Waits until `path` answers `status` with a body satisfying `test`; returns the body.
+async fn wait_for_answer(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    test: impl Fn(&Value) -> bool,
+) -> Value {
+    let wait = async {
+        loop {
+            let (got, body) = get(addr, path).await;
+            if got == status && test(&body) {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{path} never answered {status} as expected"))
+}
+
+/// This node with the autoscaler's taint or a deletion timestamp, or neither.
+fn node_marked(taint: bool, deleting: bool) -> Node {
+    let mut node = node("zone-a");
+    node.spec = Some(NodeSpec {
+        taints: Some(
+            taint
+                .then(|| Taint {
+                    key: model::TO_BE_DELETED_TAINT.into(),
+                    value: Some("1700000000".into()),
+                    effect: "NoSchedule".into(),
+                    time_added: None,
+                })
+                .into_iter()
+                .collect(),
+        ),
+        ..Default::default()
+    });
+    node.metadata.deletion_timestamp =
+        deleting.then(|| Time("2025-01-01T00:00:00Z".parse().unwrap()));
+    node
+}
+
+/// `/healthz` as kube-proxy's: it stays 200 while the API server is unreachable (the body
+/// says `stale`), and turns 503 once this node's Node, through the watch, gets the
+/// autoscaler's taint or a deletion timestamp; `/livez` stays 200 throughout.
+#[tokio::test]
+async fn healthz_stays_ok_while_stale_and_fails_for_a_node_marked_for_deletion() {
+    let h = Harness::new(None, None);
+    let state = AgentState::new("kubernetes".into());
+    tokio::spawn(api::health::follow_staleness(
+        h.health.subscribe(),
+        state.clone(),
+    ));
+    tokio::spawn(sync_like_the_agent(h.snapshots.clone(), state.clone()));
+    let loopback = "127.0.0.1:0".parse().ok();
+    let addr = api::serve(state.clone(), None, loopback)
+        .await
+        .unwrap()
+        .healthz
+        .unwrap();
+    let ok = wait_for_answer(addr, "/healthz", 200, |_| true).await;
+    assert_eq!(ok["nodeEligible"], true, "{ok}");
+    assert_eq!(ok["stale"], false, "{ok}");
+    for kind in Watched::ALL {
+        h.wait_for_watches(kind, 1).await;
+    }
+
+    h.server.set_unreachable(true);
+    h.wait_for_health(true).await;
+    h.wait_until("every kind was refused a reconnection", || {
+        Watched::ALL.iter().all(|kind| h.server.refused(*kind) > 0)
+    })
+    .await;
+    let stale = wait_for_answer(addr, "/healthz", 200, |b| b["stale"] == true).await;
+    assert_eq!(stale["nodeEligible"], true, "{stale}");
+    assert_eq!(get(addr, "/livez").await.0, 200);
+    assert!(h.health.is_stale(), "still unreachable");
+
+    h.server.set_unreachable(false);
+    h.wait_for_health(false).await;
+    h.server.apply(Watched::Nodes, &node_marked(true, false));
+    let tainted = wait_for_answer(addr, "/healthz", 503, |_| true).await;
+    assert_eq!(tainted["nodeEligible"], false, "{tainted}");
+    assert_eq!(tainted["stale"], false, "{tainted}");
+    let (livez, body) = get(addr, "/livez").await;
+    assert_eq!(livez, 200, "{body}");
+
+    h.server.apply(Watched::Nodes, &node_marked(false, false));
+    wait_for_answer(addr, "/healthz", 200, |b| b["nodeEligible"] == true).await;
+
+    h.server.apply(Watched::Nodes, &node_marked(false, true));
+    let deleting = wait_for_answer(addr, "/healthz", 503, |_| true).await;
+    assert_eq!(deleting["nodeEligible"], false, "{deleting}");
+    assert_eq!(get(addr, "/livez").await.0, 200);
 }

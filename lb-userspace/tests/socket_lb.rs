@@ -1079,6 +1079,62 @@ fn a_pinned_map_of_another_layout_is_replaced_and_rebuilt_from_the_source() {
     );
 }
 
+/// This node's Node as a manifest, with the cluster autoscaler's taint or without.
+fn node_manifest(to_be_deleted: bool) -> String {
+    let taints = if to_be_deleted {
+        "  taints:\n  - key: ToBeDeletedByClusterAutoscaler\n    value: \"1700000000\"\n    effect: NoSchedule\n"
+    } else {
+        "  taints: []\n"
+    };
+    format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\nspec:\n{taints}")
+}
+
+/// Polls `path` until it answers `status`; returns the body.
+fn wait_for_status(address: &str, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (got, body) = http_get(address, path);
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} answers {got}, not {status}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Node eligibility from the manifest directory, as kube-proxy takes it from the API server:
+/// this node's Node tainted `ToBeDeletedByClusterAutoscaler` turns `/healthz` 503 (the data
+/// path keeps serving, `/livez` stays 200), the taint removed turns it 200 again.
+#[test]
+fn healthz_follows_the_node_manifests_autoscaler_taint() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    web(&cluster, &["pod-a"]);
+    cluster.write_manifest("node.yaml", &node_manifest(false));
+    cluster.start_agent();
+    let healthz = cluster.agent().healthz_addr.unwrap().to_string();
+    let (status, body) = http_get(&healthz, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+
+    cluster.write_manifest("node.yaml", &node_manifest(true));
+    let body = wait_for_status(&healthz, "/healthz", 503);
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    assert_eq!(http_get(&healthz, "/livez").0, 200);
+    let served = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
+    assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let status = cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz]);
+    assert!(status.contains("unhealthy"), "{status}");
+    assert!(status.contains("not eligible"), "{status}");
+
+    cluster.write_manifest("node.yaml", &node_manifest(false));
+    let body = wait_for_status(&healthz, "/healthz", 200);
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+}
+
 #[test]
 fn metrics_and_healthz_are_each_turned_off_on_their_own() {
     let mut cluster = Cluster::new(&["pod-a"]);

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, AgentState},
+    api::{self, AgentState, service_health::ServiceHealthServers},
     dataplane::{Dataplane, Limits, bpffs::PinDir, privileges},
     model::ProxyIdentity,
     reconcile::Reconciler,
@@ -83,7 +83,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         maps,
         dataplane.names()?,
         dataplane.service_stats()?,
-        interfaces.serves_outside_traffic(),
+        interfaces
+            .serves_outside_traffic()
+            .then(|| ServiceHealthServers::new(state.clone())),
     );
     record_capacities(&state, &dataplane.capacities());
     *state.counters.lock().expect("counters lock") = Some(pass.counter_reader());
@@ -101,12 +103,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if changed.is_err() {
                     break Ok(());
                 }
-                state.health.lock().expect("health lock").pending_since.get_or_insert(SystemTime::now());
+                state.health.lock().expect("health lock").change_arrived(SystemTime::now());
                 // Coalesce: wait out the minimum interval, then take the latest snapshot.
                 tokio::time::sleep_until(next_sync).await;
                 let Some(snapshot) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
+                state.follow_node_of(&snapshot.objects, &config.identity);
                 pass.run(&snapshot, &state);
                 interfaces.set_primary(pass.node_ip());
                 interfaces.attach_once(&mut dataplane)?;
@@ -173,21 +176,9 @@ async fn start_source(
     let health = kube::SourceHealth::new();
     let client = kube::client(config.kubeconfig.as_deref(), &health).await?;
     tokio::spawn(kube::SourceHealth::log_transitions(health.subscribe()));
-    tokio::spawn(track_staleness(health.subscribe(), state));
+    tokio::spawn(api::health::follow_staleness(health.subscribe(), state));
     let source = kube::watch(client, config.identity.clone(), snapshots, health);
     Ok(tokio::spawn(source))
-}
-
-/// Mirrors the source's staleness into `/healthz` and `lb_source_stale`.
-async fn track_staleness(mut stale: watch::Receiver<bool>, state: Arc<AgentState>) {
-    loop {
-        let now_stale = *stale.borrow_and_update();
-        state.health.lock().expect("health lock").stale = now_stale;
-        state.metrics.source_stale.set(i64::from(now_stale));
-        if stale.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 /// The capacity of each map as the kernel reports it (a `--max-*` flag shows once it took

@@ -51,7 +51,7 @@ impl SyncPass {
         maps: BpfServiceMaps,
         names: NamesMap,
         stats: ServiceStatsMap,
-        serve_health_checks: bool,
+        health_checks: Option<ServiceHealthServers>,
     ) -> Self {
         Self {
             model: Model::new(identity.clone()),
@@ -60,7 +60,7 @@ impl SyncPass {
             names,
             stats: Arc::new(Mutex::new(stats)),
             labels: Arc::default(),
-            health: serve_health_checks.then(ServiceHealthServers::default),
+            health: health_checks,
             synced: false,
             reported: BTreeSet::new(),
         }
@@ -266,9 +266,7 @@ impl SyncPass {
                 .get_or_create(&api::metrics::MapLabels { map: map.into() })
                 .set(entries as i64);
         }
-        let mut health = state.health.lock().expect("health lock");
-        health.last_updated = Some(now);
-        health.pending_since = None;
+        state.health.lock().expect("health lock").synced(now);
     }
 }
 

@@ -10,6 +10,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 
+use crate::model::{self, Objects, ProxyIdentity};
+
 pub use health::Health;
 pub use metrics::Metrics;
 
@@ -32,6 +34,15 @@ impl AgentState {
             health: std::sync::Mutex::new(Health::new(source)),
             counters: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Takes this node's eligibility for `/healthz` from the objects a snapshot holds (see
+    /// [`Health::follow_node`]); the agent calls it for each snapshot it syncs.
+    pub fn follow_node_of(&self, objects: &Objects, identity: &ProxyIdentity) {
+        self.health
+            .lock()
+            .expect("health lock")
+            .follow_node(model::this_node(objects, identity));
     }
 }
 

@@ -11,7 +11,7 @@ pub mod service;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 
 pub use desired::{
     Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
@@ -27,6 +27,9 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The node label naming its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a node it is about to delete (kube-proxy's
+/// `ToBeDeletedTaint`).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 /// The API server's limit for `timeoutSeconds`.
@@ -82,6 +85,26 @@ fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
         node_ip: first_of("InternalIP").or_else(|| first_of("ExternalIP")),
         pod_cidrs,
     }
+}
+
+/// This node's Node object, when the source holds one.
+pub fn this_node<'a>(objects: &'a Objects, identity: &ProxyIdentity) -> Option<&'a Node> {
+    objects.nodes.get(&identity.node_name).map(AsRef::as_ref)
+}
+
+/// Why load balancers should send this node no traffic, or `None` when it is eligible:
+/// kube-proxy's `SyncNode` (pkg/proxy/healthcheck, since 1.28) calls a node ineligible when
+/// its Node has a `deletionTimestamp` or carries the [`TO_BE_DELETED_TAINT`] taint (any
+/// effect, any value).
+pub fn node_ineligible_because(node: &Node) -> Option<&'static str> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("the Node is being deleted (deletionTimestamp)");
+    }
+    let taints = node.spec.as_ref().and_then(|spec| spec.taints.as_ref());
+    if taints.is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)) {
+        return Some("the Node is tainted ToBeDeletedByClusterAutoscaler");
+    }
+    None
 }
 
 /// kube-proxy's watch selector: `!service.kubernetes.io/service-proxy-name` (or `=NAME` when

@@ -2599,3 +2599,58 @@ fn everything_or_nothing_usable_means_no_firewall_and_bad_entries_are_named() {
             .all(|d| d.object == service_ref("default", "web"))
     );
 }
+
+/// kube-proxy's node eligibility: a deletionTimestamp or the autoscaler's taint (whatever
+/// its effect) make a node ineligible; other taints do not. `this_node` finds only this
+/// node's Node.
+#[test]
+fn node_eligibility_follows_deletion_timestamp_and_the_autoscaler_taint() {
+    use k8s_openapi::{api::core::v1::Taint, apimachinery::pkg::apis::meta::v1::Time};
+    let taint = |key: &str, effect: &str| Taint {
+        key: key.into(),
+        effect: effect.into(),
+        value: Some("1700000000".into()),
+        time_added: None,
+    };
+    let with_taints = |taints: Vec<Taint>| {
+        let mut n = node(NODE, None);
+        n.spec.as_mut().unwrap().taints = Some(taints);
+        n
+    };
+
+    assert_eq!(super::node_ineligible_because(&node(NODE, None)), None);
+    let other = with_taints(vec![taint(
+        "node.kubernetes.io/unschedulable",
+        "NoSchedule",
+    )]);
+    assert_eq!(super::node_ineligible_because(&other), None);
+    for effect in ["NoSchedule", "PreferNoSchedule", "NoExecute"] {
+        let tainted = with_taints(vec![
+            taint("node.kubernetes.io/unschedulable", "NoSchedule"),
+            taint(super::TO_BE_DELETED_TAINT, effect),
+        ]);
+        assert!(
+            super::node_ineligible_because(&tainted).is_some_and(|why| why.contains("tainted")),
+            "{effect}"
+        );
+    }
+    let mut deleting = node(NODE, None);
+    deleting.metadata.deletion_timestamp = Some(Time("2025-01-01T00:00:00Z".parse().unwrap()));
+    assert!(super::node_ineligible_because(&deleting).is_some_and(|why| why.contains("deleted")));
+    let mut no_spec = node(NODE, None);
+    no_spec.spec = None;
+    assert_eq!(super::node_ineligible_because(&no_spec), None);
+
+    let mut all = Objects::default();
+    all.nodes
+        .insert("node-b".into(), Arc::new(deleting.clone()));
+    assert!(
+        super::this_node(&all, &identity()).is_none(),
+        "another node's Node"
+    );
+    all.nodes.insert(NODE.into(), Arc::new(node(NODE, None)));
+    assert_eq!(
+        super::this_node(&all, &identity()).and_then(|n| n.metadata.name.as_deref()),
+        Some(NODE)
+    );
+}
