@@ -46,6 +46,7 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// `errno` values the socket programs return through `bpf_set_retval`.
 pub const ECONNREFUSED: i32 = 111;
+pub const EADDRINUSE: i32 = 98;
 
 /// Nanoseconds in a second (`bpf_ktime_get_ns` against timeouts given in seconds).
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;

@@ -139,6 +139,11 @@ struct RunArgs {
     /// --iptables-localhost-nodeports); `--localhost-nodeports=false` turns it off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     localhost_nodeports: bool,
+    /// A process of the node binding a port served to outside traffic (a NodePort on any
+    /// address, an externalIP or LoadBalancer IP at its port, same protocol) gets EADDRINUSE
+    /// (Cilium's bind protection); `--bind-protection=false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    bind_protection: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -225,6 +230,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             addresses: args.nodeport_addresses,
             localhost: args.localhost_nodeports,
         },
+        bind_protection: args.bind_protection,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

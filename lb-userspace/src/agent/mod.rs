@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub kernel_log: bool,
     /// Outside traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
     pub nodeport: NodeportConfig,
+    /// Binding a served NodePort, externalIP or LoadBalancer IP port fails (post_bind4).
+    pub bind_protection: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -112,7 +114,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
-                    for (program, outcome) in dataplane.attach_cgroup(&config.cgroup)? {
+                    let programs =
+                        dataplane.attach_cgroup(&config.cgroup, config.bind_protection)?;
+                    for (program, outcome) in programs {
                         tracing::info!(program, ?outcome, "program in place");
                     }
                     attached = true;

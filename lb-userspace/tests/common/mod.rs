@@ -325,7 +325,7 @@ impl Cluster {
                 bpffs: self.bpffs.path(),
                 healthz,
                 netns: None,
-                links: lb_testkit::agent_links(0),
+                links: lb_testkit::agent_links_for(extra),
             }
             .before_start()
             .expect("reading the links pinned before the agent starts")
