@@ -1428,3 +1428,109 @@ fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run
     );
     assert_eq!(reached.replies.get("pod-a"), Some(&3), "{reached:?}");
 }
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The agent reserves the NodePort range and the SNAT ports in its network namespace's
+/// `ip_local_reserved_ports`, keeping what was there; a namespace the agent does not run in
+/// is left alone.
+#[test]
+fn the_agent_reserves_the_node_port_and_snat_ranges_keeping_the_entries_there() {
+    let mut site = Site::new(&[], true);
+    let read = |netns: &Netns| -> String {
+        netns
+            .run(&["cat", RESERVED_PORTS])
+            .expect("reading ip_local_reserved_ports")
+            .trim()
+            .to_owned()
+    };
+    run(
+        site.node_a.netns(),
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_reserved_ports=12345,20000-20010",
+        ],
+    );
+    let node_b = site.node_b.as_ref().expect("node-b");
+    run(
+        node_b,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_reserved_ports=40000",
+        ],
+    );
+    // Ephemeral ranges that straddle the NodePort range (node-a) and the SNAT range (node-b).
+    run(
+        site.node_a.netns(),
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=32700 32800",
+        ],
+    );
+    run(
+        node_b,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=60950 61050",
+        ],
+    );
+    site.start_agents();
+    let node_b = site.node_b.as_ref().expect("node-b");
+    assert_eq!(
+        read(site.node_a.netns()),
+        "12345,20000-20010,30000-32767,61000-65535",
+        "{}",
+        site.logs()
+    );
+    assert_eq!(
+        read(node_b),
+        "30000-32767,40000,61000-65535",
+        "{}",
+        site.logs()
+    );
+    // The client namespace runs no agent.
+    assert_eq!(read(site.client.netns()), "");
+    // Ephemeral ports skip them now: each node's ephemeral range was narrowed to straddle
+    // one reserved range, and 20 sockets held open at once all got ports outside it.
+    for (netns, reserved) in [
+        (site.node_a.netns(), 30_000..=32_767),
+        (node_b, 61_000..=65_535),
+    ] {
+        let ports: Vec<u16> = in_netns(netns, || {
+            let sockets: Vec<std::net::UdpSocket> = (0..20)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").expect("an ephemeral port"))
+                .collect();
+            sockets
+                .iter()
+                .map(|s| s.local_addr().unwrap().port())
+                .collect()
+        });
+        assert!(
+            ports.iter().all(|p| !reserved.contains(p)),
+            "ephemeral ports in {reserved:?}: {ports:?}"
+        );
+    }
+}
+
+/// A malformed `--nodeport-range` stops the agent before it does anything, naming the flag.
+#[test]
+fn a_bad_nodeport_range_is_refused_naming_the_flag() {
+    for bad in ["32767-30000", "30000", "0-100", "a-b"] {
+        let output = std::process::Command::new(AGENT)
+            .args(["run", "--cgroup", "/nonexistent", "--nodeport-range", bad])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running lb-agent");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad}: {stderr}");
+        assert!(stderr.contains("--nodeport-range"), "{bad}: {stderr}");
+    }
+}
