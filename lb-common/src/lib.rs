@@ -52,6 +52,7 @@ pub const ECONNREFUSED: i32 = 111;
 /// A LoadBalancer IP refused by its `loadBalancerSourceRanges` (what a netfilter drop on
 /// output reports).
 pub const EPERM: i32 = 1;
+pub const EADDRINUSE: i32 = 98;
 
 /// Nanoseconds in a second (`bpf_ktime_get_ns` against timeouts given in seconds).
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;

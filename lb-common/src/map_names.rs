@@ -34,6 +34,3 @@ pub const IFACE_ADDRS_V4: &str = "LB4_IFADDR";
 /// Allowed client ranges of LoadBalancer IPs with `loadBalancerSourceRanges` (LPM trie):
 /// `SourceRange4Key` → 1.
 pub const SOURCE_RANGES_V4: &str = "LB4_SRCRANGE";
-/// The node's network namespace cookie (one-entry array), telling the socket programs a
-/// node process from a pod.
-pub const NODE_NETNS: &str = "LB4_NODE_NETNS";

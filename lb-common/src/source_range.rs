@@ -7,7 +7,7 @@
 //! the kernel has not picked yet, take the answer the agent computed for the node itself
 //! (`frontend_flags::RANGES_ALLOW_NODE`) or for this node's pods
 //! (`frontend_flags::RANGES_ALLOW_PODS`), told apart by the node's network namespace cookie
-//! (`LB4_NODE_NETNS`).
+//! (set in the programs at load).
 
 /// Bits of the key that are always matched: the service id.
 pub const SERVICE_ID_BITS: u32 = 32;

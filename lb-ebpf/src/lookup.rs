@@ -11,9 +11,12 @@ use lb_common::{
     source_range::SERVICE_ID_BITS,
 };
 
-use crate::maps::{
-    LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_NODE_NETNS, LB4_NODEADDR, LB4_SLOTS_V2,
-    LB4_SRCRANGE, LB4_STATS_V2,
+use crate::{
+    maps::{
+        LB4_AFFIN_V2, LB4_BACKEND_V2, LB4_FRONT_V2, LB4_NODEADDR, LB4_SLOTS_V2, LB4_SRCRANGE,
+        LB4_STATS_V2,
+    },
+    netns,
 };
 
 /// What the socket programs should do with a connection to a given address.
@@ -72,8 +75,7 @@ impl InNodeClient {
         if self.source != 0 {
             return source_allowed(found.service_id, self.source);
         }
-        let node = LB4_NODE_NETNS.get(0).copied().unwrap_or(0);
-        let stand_in = if node != 0 && self.netns_cookie == node {
+        let stand_in = if netns::is_node(self.netns_cookie) {
             frontend_flags::RANGES_ALLOW_NODE
         } else {
             frontend_flags::RANGES_ALLOW_PODS

@@ -4,6 +4,7 @@
 //! - `sock.rs`: cgroup socket-address hooks (connect4, sendmsg4, recvmsg4, getpeername4) that
 //!   translate a ClusterIP:port to a backend when the socket connects or sends, so east-west
 //!   traffic pays no per-packet NAT.
+//! - `bind.rs`: a post_bind4 hook refusing binds to the ports served to outside traffic.
 //! - `lookup.rs`: service and backend selection (random, or by session affinity).
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
@@ -12,8 +13,10 @@
 #![no_std]
 #![no_main]
 
+mod bind;
 mod lookup;
 mod maps;
+mod netns;
 mod sock;
 
 mod conntrack;

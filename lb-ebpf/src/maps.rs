@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value,
@@ -57,10 +57,6 @@ pub static LB4_NAMES_V2: HashMap<NameKey, ServiceName> = HashMap::pinned(limits:
 #[map]
 pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value> =
     LruHashMap::pinned(limits::MAX_REVNAT, 0);
-
-/// Entry 0: the node's network namespace cookie (0 until the agent writes it).
-#[map]
-pub static LB4_NODE_NETNS: Array<u64> = Array::pinned(1, 0);
 
 // ---- XDP and tc flows ----
 

@@ -25,7 +25,9 @@ pub use cgroup::{Cgroup, cgroup2_mount};
 pub use command::{command_in, run_checked, spawn_in};
 pub use names::{MAX_NAME_LEN, unique_name};
 pub use netns::Netns;
-pub use ready::{AgentReady, AgentStatus, ReadyWait, agent_links, free_loopback_port};
+pub use ready::{
+    AgentReady, AgentStatus, ReadyWait, agent_links, agent_links_for, free_loopback_port,
+};
 pub use topology::{BRIDGE, BRIDGE_IP, FIRST_POD_HOST, Node, POD_PREFIX_LEN, Pod};
 pub use uplink::{LAN_BRIDGE, Lan, OutsideClient, ROUTER_SYSCTLS, Uplink, make_router, subnet};
 

@@ -20,10 +20,21 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{Netns, command_in, run_checked};
 
-/// The links an agent pins: its four socket programs on the cgroup, and XDP and tc on each
-/// `--nodeport-iface`.
+/// The links an agent pins: its four socket programs and post_bind4 (bind protection) on the
+/// cgroup, and XDP and tc on each `--nodeport-iface`.
 pub fn agent_links(nodeport_ifaces: usize) -> usize {
-    4 + 2 * nodeport_ifaces
+    5 + 2 * nodeport_ifaces
+}
+
+/// [`agent_links`] of an agent started with the arguments `args`: one fewer with
+/// `--bind-protection=false`.
+pub fn agent_links_for<S: AsRef<str>>(args: &[S]) -> usize {
+    let ifaces = args
+        .iter()
+        .filter(|a| a.as_ref() == "--nodeport-iface")
+        .count();
+    let unprotected = args.iter().any(|a| a.as_ref() == "--bind-protection=false");
+    agent_links(ifaces) - usize::from(unprotected)
 }
 
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before:
@@ -223,7 +234,7 @@ fn http_get(address: SocketAddr, path: &str) -> Result<(u16, String)> {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::{agent_links, free_loopback_port};
+    use super::{agent_links, agent_links_for, free_loopback_port};
 
     #[test]
     fn ports_are_not_handed_out_twice() {
@@ -234,7 +245,12 @@ mod tests {
 
     #[test]
     fn links_of_the_socket_programs_and_each_interface() {
-        assert_eq!(agent_links(0), 4);
-        assert_eq!(agent_links(2), 8);
+        assert_eq!(agent_links(0), 5);
+        assert_eq!(agent_links(2), 9);
+        assert_eq!(agent_links_for(&["--nodeport-iface", "lan0"]), 7);
+        assert_eq!(
+            agent_links_for(&["--bind-protection=false", "--nodeport-iface", "a"]),
+            6
+        );
     }
 }

@@ -141,6 +141,22 @@ struct RunArgs {
     /// --iptables-localhost-nodeports); `--localhost-nodeports=false` turns it off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     localhost_nodeports: bool,
+    /// A process of the node binding a port served to outside traffic (a NodePort on any
+    /// address, an externalIP or LoadBalancer IP at its port, same protocol) gets EADDRINUSE
+    /// (Cilium's bind protection); `--bind-protection=false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    bind_protection: bool,
+    /// The cluster's NodePort range (kube-apiserver's --service-node-port-range), reserved
+    /// with the SNAT ports against ephemeral use (see --reserve-ports). A NodePort outside it
+    /// is served all the same.
+    #[arg(long, default_value = "30000-32767", value_name = "A-B")]
+    nodeport_range: lb_agent::agent::reserved_ports::PortRange,
+    /// At start, add --nodeport-range and the SNAT ports (61000-65535) to
+    /// net.ipv4.ip_local_reserved_ports of the agent's network namespace, keeping the entries
+    /// there, so the kernel hands none of them out as ephemeral ports;
+    /// `--reserve-ports=false` leaves the sysctl alone.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    reserve_ports: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -227,6 +243,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             addresses: args.nodeport_addresses,
             localhost: args.localhost_nodeports,
         },
+        bind_protection: args.bind_protection,
+        nodeport_range: args.nodeport_range,
+        reserve_ports: args.reserve_ports,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -198,7 +198,8 @@ impl Site {
                 self.bpffs.push(BpffsDir::new());
             }
         }
-        let ifaces = 1 + extra.iter().filter(|a| **a == "--nodeport-iface").count();
+        let mut args = vec!["--nodeport-iface", LAN_IFACE];
+        args.extend(extra);
         let (metrics, healthz) = (METRICS_ADDR.parse().unwrap(), HEALTHZ_ADDR.parse().unwrap());
         let mut started = Vec::new();
         for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
@@ -208,7 +209,7 @@ impl Site {
                 bpffs: bpffs.path(),
                 healthz,
                 netns: Some(netns),
-                links: lb_testkit::agent_links(ifaces),
+                links: lb_testkit::agent_links_for(&args),
             }
             .before_start()
             .expect("reading the links pinned before the agent starts");
@@ -279,6 +280,10 @@ impl Site {
         let tmp = self.manifests.path().join(format!(".{file}.tmp"));
         std::fs::write(&tmp, yaml).expect("writing a manifest");
         std::fs::rename(&tmp, self.manifests.path().join(file)).expect("renaming a manifest");
+    }
+
+    fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests.path().join(file)).expect("removing a manifest");
     }
 
     fn pod_ip(&self, name: &str) -> String {
@@ -1458,4 +1463,283 @@ fn nodeport_addresses_primary_follows_the_nodes_internal_ip() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!answers(&site, "192.168.60.3"), "the old one no longer");
+}
+
+/// What `lb-probe bind` printed.
+#[derive(Debug, serde::Deserialize)]
+struct BindResult {
+    bound: bool,
+    errno: Option<i32>,
+}
+
+const EADDRINUSE: i32 = 98;
+
+/// `lb-probe bind PROTO ADDRESS` in node-a's agent cgroup (once there is one): from pod
+/// `pod`'s network namespace, or from the node's own with `None`.
+fn bind_in_node(site: &Site, pod: Option<&str>, proto: &str, address: &str) -> BindResult {
+    let netns = match pod {
+        Some(name) => {
+            &site
+                .pods
+                .iter()
+                .find(|p| p.name == name)
+                .expect("pod")
+                .netns
+        }
+        None => site.node_a.netns(),
+    };
+    let child = spawn_in(
+        Some(netns),
+        site.cgroups.first(),
+        &*PROBE,
+        &["bind", proto, address],
+    )
+    .expect("starting lb-probe bind");
+    let output = child.wait_with_output().expect("waiting for lb-probe bind");
+    assert!(
+        output.status.success(),
+        "lb-probe bind {proto} {address}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("lb-probe bind JSON")
+}
+
+fn assert_refused(site: &Site, proto: &str, address: &str) {
+    let result = bind_in_node(site, None, proto, address);
+    assert!(
+        !result.bound && result.errno == Some(EADDRINUSE),
+        "binding {proto} {address} on the node: {result:?} (wanted EADDRINUSE)\n{}",
+        site.logs()
+    );
+}
+
+fn assert_bound(site: &Site, pod: Option<&str>, proto: &str, address: &str) {
+    let result = bind_in_node(site, pod, proto, address);
+    assert!(
+        result.bound,
+        "binding {proto} {address} in {}: {result:?}",
+        pod.unwrap_or("the node")
+    );
+}
+
+/// Bind protection: a process of the node (in the agent's cgroup and network namespace)
+/// cannot bind a served NodePort on any address, nor an externalIP at its port, with the
+/// protocol served; other ports, the other protocol, and pods (their own namespaces) bind as
+/// always; once the service is gone, the port binds again.
+#[test]
+fn binding_a_served_node_port_or_external_ip_fails_with_eaddrinuse_until_the_service_is_gone() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.write_manifest(
+        "web.yaml",
+        &service("web", "10.96.0.10", 30080)
+            .external_ips([EXTERNAL_IP])
+            .to_yaml(),
+    );
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
+    );
+    // The externalIP is an address of the node here, or nothing could bind it at all.
+    run(
+        site.node_a.netns(),
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    // Before the agent, every one of these binds works: the refusals below are the agent's.
+    assert_bound(&site, None, "tcp", "0.0.0.0:30080");
+    assert_bound(&site, None, "udp", "0.0.0.0:30081");
+    site.start_agents();
+
+    // http is TCP nodePort 30080, dns UDP nodePort 30081.
+    for address in [
+        "0.0.0.0:30080",
+        &format!("{NODE_A_IP}:30080"),
+        "127.0.0.1:30080",
+    ] {
+        assert_refused(&site, "tcp", address);
+    }
+    assert_refused(&site, "udp", "0.0.0.0:30081");
+    assert_refused(&site, "udp", &format!("{NODE_A_IP}:30081"));
+    assert_refused(&site, "tcp", &format!("{EXTERNAL_IP}:80"));
+    assert_refused(&site, "udp", &format!("{EXTERNAL_IP}:53"));
+
+    // Not served: another port, the other protocol, the externalIP at another port.
+    assert_bound(&site, None, "tcp", "0.0.0.0:30099");
+    assert_bound(&site, None, "udp", "0.0.0.0:30080");
+    assert_bound(&site, None, "tcp", "0.0.0.0:30081");
+    assert_bound(&site, None, "tcp", &format!("{EXTERNAL_IP}:81"));
+    // A pod has ports of its own: a NodePort number is free there.
+    assert_bound(&site, Some("pod-a"), "tcp", "0.0.0.0:30080");
+    assert_bound(&site, Some("pod-a"), "udp", "0.0.0.0:30081");
+
+    site.remove_manifest("web.yaml");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bind_in_node(&site, None, "tcp", "0.0.0.0:30080").bound {
+        assert!(
+            Instant::now() < deadline,
+            "0.0.0.0:30080 still refused after the service was removed\n{}",
+            site.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_bound(&site, None, "udp", "0.0.0.0:30081");
+    assert_bound(&site, None, "tcp", &format!("{EXTERNAL_IP}:80"));
+}
+
+/// `--bind-protection=false`: the served NodePort binds; the post_bind4 link an earlier agent
+/// (with it on) pinned is removed.
+#[test]
+fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.keep_pins_on_exit = true;
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
+    );
+    site.start_agents();
+    assert_refused(&site, "tcp", "0.0.0.0:30080");
+    let links = |site: &Site| -> Vec<String> {
+        lb_testkit::AgentReady {
+            agent: Path::new(AGENT),
+            bpffs: site.bpffs[0].path(),
+            healthz: HEALTHZ_ADDR.parse().unwrap(),
+            netns: Some(site.node_a.netns()),
+            links: 0,
+        }
+        .status()
+        .expect("lb-agent status")
+        .links
+        .into_iter()
+        .map(|(program, _)| program)
+        .collect()
+    };
+    assert!(links(&site).iter().any(|p| p == "post_bind4"));
+
+    // SIGTERM without --cleanup-on-exit: the links stay pinned, post_bind4 with them.
+    site.agents.clear();
+    assert_refused(&site, "tcp", "0.0.0.0:30080");
+    site.start_agents_with(&["--bind-protection=false"]);
+    let now = links(&site);
+    assert!(!now.iter().any(|p| p == "post_bind4"), "{now:?}");
+    assert_bound(&site, None, "tcp", "0.0.0.0:30080");
+    assert_bound(&site, None, "udp", "0.0.0.0:30081");
+    // The rest of the data path is unchanged: the NodePort still answers.
+    let reached = site.probe_in_node(
+        None,
+        &["tcp", &format!("{NODE_A_IP}:30080"), "--count", "3"],
+    );
+    assert_eq!(reached.replies.get("pod-a"), Some(&3), "{reached:?}");
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The agent reserves the NodePort range and the SNAT ports in its network namespace's
+/// `ip_local_reserved_ports`, keeping what was there; a namespace the agent does not run in
+/// is left alone.
+#[test]
+fn the_agent_reserves_the_node_port_and_snat_ranges_keeping_the_entries_there() {
+    let mut site = Site::new(&[], true);
+    let read = |netns: &Netns| -> String {
+        netns
+            .run(&["cat", RESERVED_PORTS])
+            .expect("reading ip_local_reserved_ports")
+            .trim()
+            .to_owned()
+    };
+    run(
+        site.node_a.netns(),
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_reserved_ports=12345,20000-20010",
+        ],
+    );
+    let node_b = site.node_b.as_ref().expect("node-b");
+    run(
+        node_b,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_reserved_ports=40000",
+        ],
+    );
+    // Ephemeral ranges that straddle the NodePort range (node-a) and the SNAT range (node-b).
+    run(
+        site.node_a.netns(),
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=32700 32800",
+        ],
+    );
+    run(
+        node_b,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=60950 61050",
+        ],
+    );
+    site.start_agents();
+    let node_b = site.node_b.as_ref().expect("node-b");
+    assert_eq!(
+        read(site.node_a.netns()),
+        "12345,20000-20010,30000-32767,61000-65535",
+        "{}",
+        site.logs()
+    );
+    assert_eq!(
+        read(node_b),
+        "30000-32767,40000,61000-65535",
+        "{}",
+        site.logs()
+    );
+    // The client namespace runs no agent.
+    assert_eq!(read(site.client.netns()), "");
+    // Ephemeral ports skip them now: each node's ephemeral range was narrowed to straddle
+    // one reserved range, and 20 sockets held open at once all got ports outside it.
+    for (netns, reserved) in [
+        (site.node_a.netns(), 30_000..=32_767),
+        (node_b, 61_000..=65_535),
+    ] {
+        let ports: Vec<u16> = in_netns(netns, || {
+            let sockets: Vec<std::net::UdpSocket> = (0..20)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").expect("an ephemeral port"))
+                .collect();
+            sockets
+                .iter()
+                .map(|s| s.local_addr().unwrap().port())
+                .collect()
+        });
+        assert!(
+            ports.iter().all(|p| !reserved.contains(p)),
+            "ephemeral ports in {reserved:?}: {ports:?}"
+        );
+    }
+}
+
+/// A malformed `--nodeport-range` stops the agent before it does anything, naming the flag.
+#[test]
+fn a_bad_nodeport_range_is_refused_naming_the_flag() {
+    for bad in ["32767-30000", "30000", "0-100", "a-b"] {
+        let output = std::process::Command::new(AGENT)
+            .args(["run", "--cgroup", "/nonexistent", "--nodeport-range", bad])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running lb-agent");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad}: {stderr}");
+        assert!(stderr.contains("--nodeport-range"), "{bad}: {stderr}");
+    }
 }

@@ -489,7 +489,11 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
     web(&cluster, &["pod-a", "pod-b"]);
     cluster.start_agent();
     let first = cluster.attached_program_ids();
-    assert_eq!(first.len(), 4, "four socket programs linked: {first:?}");
+    assert_eq!(
+        first.len(),
+        5,
+        "four socket programs and post_bind4 linked: {first:?}"
+    );
     let steady = cluster.probe_in_background(&[
         "tcp",
         TCP_VIP,
@@ -511,7 +515,7 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
         first.iter().all(|id| !last.contains(id)),
         "the programs were not replaced: {first:?} then {last:?}"
     );
-    assert_eq!(last.len(), 4, "{last:?}");
+    assert_eq!(last.len(), 5, "{last:?}");
     assert!(steady.attempts > 300, "{steady:?}");
     assert_eq!(
         steady.failures(),
@@ -592,7 +596,7 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     .unwrap();
     assert_eq!(
         status["links"].as_array().map(Vec::len),
-        Some(4),
+        Some(5),
         "{status}"
     );
     let services = status["maps"]

@@ -12,6 +12,10 @@
 //! JSON object: how many attempts, which names answered, which errors
 //! happened and which peer addresses the sockets saw. It exits 0 even when
 //! requests failed; the caller asserts on the JSON.
+//!
+//! `lb-probe bind tcp|udp ADDR:PORT` binds one socket (a TCP listener or a UDP
+//! socket), closes it again and prints `{"bound": true}` or
+//! `{"bound": false, "errno": N, "error": "..."}`; it exits 0 either way.
 
 use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
@@ -47,6 +51,23 @@ enum Command {
     Tcp(TcpArgs),
     /// Send UDP requests and report the answers as JSON.
     Udp(UdpArgs),
+    /// Bind one socket and report whether the bind succeeded, as JSON.
+    Bind(BindArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BindProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Args)]
+struct BindArgs {
+    #[arg(value_enum)]
+    protocol: BindProtocol,
+    /// The address to bind.
+    #[arg(value_name = "ADDR:PORT")]
+    address: SocketAddr,
 }
 
 #[derive(Args)]
@@ -126,6 +147,22 @@ fn main() -> ExitCode {
         },
         Command::Tcp(args) => report(probe_tcp(&args)),
         Command::Udp(args) => report(probe_udp(&args)),
+        Command::Bind(args) => {
+            let outcome = match args.protocol {
+                BindProtocol::Tcp => TcpListener::bind(args.address).map(drop),
+                BindProtocol::Udp => UdpSocket::bind(args.address).map(drop),
+            };
+            let json = match outcome {
+                Ok(()) => serde_json::json!({ "bound": true }),
+                Err(e) => serde_json::json!({
+                    "bound": false,
+                    "errno": e.raw_os_error(),
+                    "error": e.to_string(),
+                }),
+            };
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
     }
 }
 

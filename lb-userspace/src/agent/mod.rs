@@ -3,6 +3,7 @@
 //! state, shut down); [`sync`] is the one pass that programs every frontend kind, and
 //! [`interfaces`] the node's NodePort interfaces.
 pub mod interfaces;
+pub mod reserved_ports;
 pub mod sync;
 
 use std::{
@@ -52,11 +53,23 @@ pub struct RunConfig {
     pub kernel_log: bool,
     /// Outside traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
     pub nodeport: NodeportConfig,
+    /// Binding a served NodePort, externalIP or LoadBalancer IP port fails (post_bind4).
+    pub bind_protection: bool,
+    /// The cluster's NodePort range (the apiserver's `--service-node-port-range`).
+    pub nodeport_range: reserved_ports::PortRange,
+    /// Add the NodePort range and the SNAT ports to `ip_local_reserved_ports` at start.
+    pub reserve_ports: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     privileges::check()?;
     privileges::raise_memlock_limit();
+    if config.reserve_ports {
+        reserved_ports::reserve(
+            std::path::Path::new(reserved_ports::SYSCTL),
+            &[config.nodeport_range, reserved_ports::SNAT_RANGE],
+        );
+    }
     let state = AgentState::new(source_description(&config));
     api::serve(state.clone(), config.metrics_addr, config.healthz_addr).await?;
     let pins = PinDir::prepare(&config.bpffs)?;
@@ -116,7 +129,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees
                     // a half-programmed data path.
-                    for (program, outcome) in dataplane.attach_cgroup(&config.cgroup)? {
+                    let programs =
+                        dataplane.attach_cgroup(&config.cgroup, config.bind_protection)?;
+                    for (program, outcome) in programs {
                         tracing::info!(program, ?outcome, "program in place");
                     }
                     attached = true;

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr,
+    CgroupAttachMode, CgroupSock, CgroupSockAddr,
     links::{FdLink, PinnedLink},
 };
 
@@ -66,6 +66,32 @@ pub fn attach_or_replace(
         let id = program.attach(cgroup, CgroupAttachMode::Single)?;
         Ok(Some(program.take_link(id)?.try_into()?))
     })
+}
+
+/// Like [`attach_or_replace`], for a cgroup sock program (post_bind4).
+pub fn attach_sock_or_replace(
+    program: &mut CgroupSock,
+    name: &str,
+    cgroup: &File,
+    dir: &Path,
+) -> anyhow::Result<Attached> {
+    let program_id = program.info()?.id();
+    let program_fd = program.fd()?.try_clone()?;
+    pinned(&dir.join(name), program_fd.as_fd(), program_id, || {
+        let id = program.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(Some(program.take_link(id)?.try_into()?))
+    })
+}
+
+/// Removes the link pinned at `dir/name`, detaching its program (one a run with a feature
+/// on left behind); whether there was one.
+pub fn remove(dir: &Path, name: &str) -> anyhow::Result<bool> {
+    let pin = dir.join(name);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing link {}", pin.display())),
+    }
 }
 
 /// Makes the link pinned at `pin` run `program`: swaps it in atomically when the pin exists,

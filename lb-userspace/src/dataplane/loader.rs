@@ -4,7 +4,10 @@
 use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, anyhow};
-use aya::{Ebpf, EbpfLoader, programs::CgroupSockAddr};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSock, CgroupSockAddr},
+};
 use lb_common::{limits, map_names};
 
 use super::{
@@ -20,6 +23,10 @@ pub(super) static EBPF_OBJECT: &[u8] =
 
 /// The socket programs, by their attach point.
 pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// The bind-protection program (cgroup post_bind4), attached beside the socket programs
+/// unless `--bind-protection=false`.
+pub const BIND_PROGRAM: &str = "post_bind4";
 
 /// Map capacities; the defaults are the eBPF object's, a flag raises them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +73,37 @@ impl Limits {
     }
 }
 
+/// The cookie of the network namespace this process runs in (`SO_NETNS_COOKIE`, Linux 5.14).
+fn own_netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain arguments; the descriptor returned is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        anyhow::bail!(
+            "a socket to ask for the cookie: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just returned this new descriptor to us.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the socket is open, and cookie and len outlive the call with len its size.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        anyhow::bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The loaded programs and their maps. Programs stay attached through their pinned links and
 /// maps stay pinned after it is dropped, until [`PinDir::remove_all`].
 pub struct Dataplane {
@@ -94,9 +132,19 @@ impl Dataplane {
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
         let max_entries = limits.capacities();
+        // Bind protection and source ranges tell the node's sockets from pods' by it.
+        let node_netns = own_netns_cookie().unwrap_or_else(|error| {
+            tracing::warn!(
+                %error,
+                "cannot read this network namespace's cookie: the programs take the initial \
+                 namespace for the node's"
+            );
+            0
+        });
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .override_global("NODE_NETNS_COOKIE", &node_netns, true)
             .default_map_pin_directory(&map_dir);
         for (name, entries) in &max_entries {
             loader.map_max_entries(name, *entries);
@@ -130,11 +178,13 @@ impl Dataplane {
 
     /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup` through
     /// pinned links: a link an earlier agent pinned gets the new program swapped in atomically.
-    /// Links pinned for another cgroup are removed, as are pinned maps this version does not
-    /// use (an earlier layout), once the new programs are in place.
+    /// With `bind_protection` the post_bind4 program too; without, a link of it an earlier
+    /// agent pinned is removed. Links pinned for another cgroup are removed, as are pinned
+    /// maps this version does not use (an earlier layout), once the new programs are in place.
     pub fn attach_cgroup(
         &mut self,
         cgroup: &Path,
+        bind_protection: bool,
     ) -> anyhow::Result<Vec<(&'static str, Attached)>> {
         let cgroup_dir = File::open(cgroup).with_context(|| {
             format!(
@@ -157,6 +207,25 @@ impl Dataplane {
             let outcome = links::attach_or_replace(program, name, &cgroup_dir, &link_dir)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
             attached.push((name, outcome));
+        }
+        if bind_protection {
+            let program: &mut CgroupSock = self
+                .ebpf
+                .program_mut(BIND_PROGRAM)
+                .ok_or_else(|| anyhow!("program {BIND_PROGRAM} missing from the eBPF object"))?
+                .try_into()
+                .with_context(|| format!("program {BIND_PROGRAM} is not a cgroup sock program"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {BIND_PROGRAM} (the verifier's log follows)"))?;
+            let outcome =
+                links::attach_sock_or_replace(program, BIND_PROGRAM, &cgroup_dir, &link_dir)
+                    .with_context(|| format!("attaching {BIND_PROGRAM} to {}", cgroup.display()))?;
+            attached.push((BIND_PROGRAM, outcome));
+        } else if links::remove(&link_dir, BIND_PROGRAM)? {
+            tracing::info!(
+                "bind protection off: detached the post_bind4 program of an earlier run"
+            );
         }
         for stale in links::remove_others(&self.pins.links(), &link_dir)? {
             tracing::info!(links = %stale.display(), "detached programs of a cgroup no longer served");

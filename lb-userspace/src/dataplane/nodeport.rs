@@ -140,28 +140,16 @@ fn tc_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
 pub struct NodeAddrMaps {
     node_addrs: HashMap<MapData, u32, u32>,
     iface_addrs: HashMap<MapData, u32, u32>,
-    /// Kept open: a map taken out of the object must live until the programs are loaded.
-    _node_netns: aya::maps::Array<MapData, u64>,
 }
 
 impl NodeAddrMaps {
     /// Takes the maps out of a loaded object (before its programs are loaded, as for the
-    /// service maps: the programs keep referring to them), and writes the cookie of the
-    /// network namespace the agent runs in (the node's) to `LB4_NODE_NETNS`.
+    /// service maps: the programs keep referring to them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut netns: aya::maps::Array<MapData, u64> =
-            aya::maps::Array::try_from(take_map(ebpf, map_names::NODE_NETNS)?)?;
-        let cookie = own_netns_cookie().context(
-            "reading the node's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+)",
-        )?;
-        netns
-            .set(0, cookie, 0)
-            .map_err(|e| error(map_names::NODE_NETNS, "insert", e))?;
         let mut take = |name| take_map(ebpf, name);
         Ok(Self {
             node_addrs: HashMap::try_from(take(map_names::NODE_ADDRS_V4)?)?,
             iface_addrs: HashMap::try_from(take(map_names::IFACE_ADDRS_V4)?)?,
-            _node_netns: netns,
         })
     }
 
@@ -186,35 +174,6 @@ impl NodeAddrMaps {
             .collect();
         sync_u32_map(&mut self.iface_addrs, map_names::IFACE_ADDRS_V4, &wanted)
     }
-}
-
-/// The cookie of this process's network namespace, as `bpf_get_netns_cookie` reports it for
-/// the sockets in it.
-fn own_netns_cookie() -> std::io::Result<u64> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    // SAFETY: plain socket(2); the descriptor is owned (and closed) by `OwnedFd` below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that big.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 fn sync_u32_map(

@@ -307,6 +307,11 @@ impl Cluster {
             "--node-name".into(),
             "node-a".into(),
         ];
+        // This agent runs in the test's own network namespace (the host's): its
+        // ip_local_reserved_ports is not the test's to change.
+        if !extra.iter().any(|a| a.starts_with("--reserve-ports")) {
+            args.push("--reserve-ports=false".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         // The agent runs in this network namespace, beside the other tests' agents: `:0`
         // stands for a free loopback port of its own.
@@ -325,7 +330,7 @@ impl Cluster {
                 bpffs: self.bpffs.path(),
                 healthz,
                 netns: None,
-                links: lb_testkit::agent_links(0),
+                links: lb_testkit::agent_links_for(extra),
             }
             .before_start()
             .expect("reading the links pinned before the agent starts")
