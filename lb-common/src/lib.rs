@@ -15,7 +15,8 @@
 //! - [`service`]: frontends, slots, backends, Maglev tables;
 //! - [`affinity`]: session affinity, for socket clients (netns cookie) and outside clients
 //!   (address) alike;
-//! - [`sock`]: reverse translation of connected sockets (recvmsg, getpeername);
+//! - [`sock`]: per socket, the services it reached and their backends (reverse translation for
+//!   recvmsg and getpeername, one backend per unconnected UDP socket);
 //! - [`flow`]: per-packet connection tracking and reverse translation of XDP/tc flows;
 //! - [`source_range`]: the allowed sources of LoadBalancer IPs (`loadBalancerSourceRanges`);
 //! - [`inspect`]: names and counters for operators;
@@ -40,7 +41,7 @@ pub use service::{
     Backend4, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Maglev4Table, Slot4Key, Slot4Value,
     backend_flags, backend_states, frontend_flags, frontend_kinds, scopes,
 };
-pub use sock::{RevNat4Key, RevNat4Value};
+pub use sock::{SOCK_SERVICES, Sock4Value, SockService};
 pub use source_range::SourceRange4Key;
 
 /// IANA protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.

@@ -12,8 +12,9 @@ pub const MAX_SLOTS: u32 = 2 * MAX_BACKENDS;
 pub const MAX_MAGLEV_TABLES: u32 = 16_384;
 /// Session-affinity entries (LRU: the least recently used client is forgotten first).
 pub const MAX_AFFINITY: u32 = 131_072;
-/// Reverse translations for UDP replies and getpeername (LRU, keyed by socket).
-pub const MAX_REVNAT: u32 = 262_144;
+/// Open sockets that reached a service (LRU, keyed by socket; an entry goes with its
+/// socket, so this bounds live sockets, not connections over time).
+pub const MAX_REVNAT: u32 = 131_072;
 /// Most backends one service may have; bounds the slot index. Kubernetes' own
 /// scalability threshold is 250 endpoints per service.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;

@@ -15,8 +15,9 @@ pub const BACKENDS_V4: &str = "LB4_BACKEND_V2";
 pub const MAGLEV_V4: &str = "LB4_MAGLEV_V2";
 /// Session affinity of every client kind: `Affinity4Key` → `Affinity4Value` (LRU).
 pub const AFFINITY_V4: &str = "LB4_AFFIN_V2";
-/// Reverse translation of connected sockets: `RevNat4Key` → `RevNat4Value` (LRU).
-pub const REVNAT_V4: &str = "LB4_REVNAT";
+/// Per socket (cookie), the services it reached and their backends: `u64` → `Sock4Value`
+/// (LRU; deleted when the socket is released).
+pub const REVNAT_V4: &str = "LB4_REVNAT_V2";
 /// Per-CPU counters per service id: `ServiceStats`.
 pub const SERVICE_STATS_V4: &str = "LB4_STATS_V2";
 /// Names of the programmed frontends, for `lb-agent list`: `NameKey` → `ServiceName`.

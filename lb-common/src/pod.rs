@@ -11,8 +11,7 @@ unsafe impl aya::Pod for Backend4 {}
 unsafe impl aya::Pod for Maglev4Table {}
 unsafe impl aya::Pod for Affinity4Key {}
 unsafe impl aya::Pod for Affinity4Value {}
-unsafe impl aya::Pod for RevNat4Key {}
-unsafe impl aya::Pod for RevNat4Value {}
+unsafe impl aya::Pod for Sock4Value {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Value {}
 unsafe impl aya::Pod for Rev4Value {}

@@ -1,28 +1,40 @@
-//! Reverse translation for the socket programs: a connected socket's `getpeername` and its
-//! UDP replies (`recvmsg`) show the service address it asked for, not the backend.
+//! What the socket programs remember per socket (keyed by its cookie, deleted when the socket
+//! is released): the services it reached and the backend each went to. A connected socket's
+//! `getpeername` and its UDP replies (`recvmsg`) show the service address it asked for, not the
+//! backend; an unconnected UDP socket keeps sending a service's datagrams to one backend while
+//! that backend exists (as one 5-tuple stays on one backend through kube-proxy's conntrack).
 
-/// Key of the reverse-translation map: a socket and the backend it was sent to.
+/// How many services one socket remembers: a connected socket has one; an unconnected UDP
+/// socket may send to several (a resolver to its name servers). A further one replaces the
+/// oldest.
+pub const SOCK_SERVICES: usize = 4;
+
+/// One service a socket reached, and where it went.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat4Key {
-    /// `bpf_get_socket_cookie` of the client socket.
-    pub socket_cookie: u64,
-    /// Backend address and port, network byte order.
-    pub backend_addr: u32,
-    pub backend_port: u16,
-    pub pad: u16,
-}
-
-/// Value of the reverse-translation map: the service address the client asked for.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat4Value {
+pub struct SockService {
+    /// The service address and port the socket asked for, network byte order; address 0:
+    /// an unused entry.
     pub service_addr: u32,
     pub service_port: u16,
-    pub pad: u16,
+    /// The backend, network byte order.
+    pub backend_port: u16,
+    pub backend_addr: u32,
+    /// Its id in the backends map (while it exists there, the socket stays on it).
+    pub backend_id: u32,
+}
+
+/// Value of the sockets map (key: `bpf_get_socket_cookie`, `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Sock4Value {
+    pub services: [SockService; SOCK_SERVICES],
+    /// The entry the next service takes when every entry is used (round robin).
+    pub next: u32,
+    pub pad: u32,
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<RevNat4Key>() == 16);
-    assert!(core::mem::size_of::<RevNat4Value>() == 8);
+    assert!(core::mem::size_of::<SockService>() == 16);
+    assert!(core::mem::size_of::<Sock4Value>() == 16 * SOCK_SERVICES + 8);
 };

@@ -27,8 +27,8 @@ pub enum Verdict {
     NoBackend,
     /// A LoadBalancer IP whose `loadBalancerSourceRanges` leave this client out.
     Filtered,
-    /// Send it to this backend.
-    Backend(Backend4),
+    /// Send it to this backend (its id, its value).
+    Backend(u32, Backend4),
 }
 
 /// Copy of the frontend entry for `key`.
@@ -140,11 +140,12 @@ fn random_backend(svc: &Frontend4Value) -> Option<(u32, Backend4)> {
 }
 
 /// Picks the backend for a connection from an in-node client to the frontend at `key`
-/// (scope external; the program never names the scope). A service that changes while we
-/// read it (the agent switching slot generations) is read once more; if it still does not
-/// resolve, the service has no backend.
+/// (scope external; the program never names the scope): `preferred` (the backend this socket
+/// used for this frontend before) while it exists, else by session affinity or at random. A
+/// service that changes while we read it (the agent switching slot generations) is read once
+/// more; if it still does not resolve, the service has no backend.
 #[inline(always)]
-pub fn select(key: &Frontend4Key, client: &InNodeClient) -> Verdict {
+pub fn select(key: &Frontend4Key, client: &InNodeClient, preferred: Option<u32>) -> Verdict {
     let svc = match in_node_frontend(key, client) {
         None => return Verdict::NotAService,
         Some(Reached::Filtered(service_id)) => {
@@ -153,8 +154,14 @@ pub fn select(key: &Frontend4Key, client: &InNodeClient) -> Verdict {
         }
         Some(Reached::Frontend(svc)) => svc,
     };
-    let verdict = choose(key, svc, client);
-    count(svc.service_id, matches!(verdict, Verdict::Backend(_)));
+    let verdict = match preferred
+        .filter(|_| svc.count > 0)
+        .and_then(|id| Some((id, backend(id)?)))
+    {
+        Some((id, found)) => Verdict::Backend(id, found),
+        None => choose(key, svc, client),
+    };
+    count(svc.service_id, matches!(verdict, Verdict::Backend(..)));
     verdict
 }
 
@@ -190,8 +197,8 @@ fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client: &InNodeClient) ->
         } else {
             random_backend(&svc)
         };
-        if let Some((_, backend)) = chosen {
-            return Verdict::Backend(backend);
+        if let Some((id, backend)) = chosen {
+            return Verdict::Backend(id, backend);
         }
         match in_node_frontend(key, client) {
             Some(Reached::Frontend(again)) => svc = again,

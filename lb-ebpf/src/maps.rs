@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value,
-    Maglev4Table, NameKey, Rev4Value, RevNat4Key, RevNat4Value, ServiceName, ServiceStats,
-    Slot4Key, Slot4Value, SourceRange4Key, limits,
+    Maglev4Table, NameKey, Rev4Value, ServiceName, ServiceStats, Slot4Key, Slot4Value, Sock4Value,
+    SourceRange4Key, limits,
 };
 
 // ---- the service table (every attach point) ----
@@ -54,9 +54,10 @@ pub static LB4_NAMES_V2: HashMap<NameKey, ServiceName> = HashMap::pinned(limits:
 
 // ---- the socket programs ----
 
+/// Per socket cookie: the services the socket reached and their backends; deleted when the
+/// socket is released (`sock_release`), LRU as a backstop.
 #[map]
-pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value> =
-    LruHashMap::pinned(limits::MAX_REVNAT, 0);
+pub static LB4_REVNAT_V2: LruHashMap<u64, Sock4Value> = LruHashMap::pinned(limits::MAX_REVNAT, 0);
 
 // ---- XDP and tc flows ----
 

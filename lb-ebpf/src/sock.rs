@@ -1,20 +1,24 @@
-//! cgroup socket-address hooks: translation at connect/send time, reverse translation of
-//! the addresses a socket reports (recvmsg source, getpeername).
+//! cgroup socket hooks: translation at connect/send time, reverse translation of the
+//! addresses a socket reports (recvmsg source, getpeername), and forgetting a socket when it
+//! is released. What a socket reached is kept per socket (`LB4_REVNAT_V2`, see
+//! `lb_common::sock`): a connected socket has one service, an unconnected UDP socket up to
+//! `SOCK_SERVICES`, each on one backend for as long as that backend exists.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    ECONNREFUSED, EPERM, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, RevNat4Key, RevNat4Value, scopes,
+    Backend4, ECONNREFUSED, EPERM, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, SOCK_SERVICES,
+    Sock4Value, SockService, scopes,
 };
 
 use crate::{
     lookup::{InNodeClient, Verdict, select},
-    maps::LB4_REVNAT,
+    maps::LB4_REVNAT_V2,
 };
 
 /// Return value that lets the syscall go on.
@@ -28,7 +32,8 @@ pub fn connect4(mut ctx: SockAddrContext) -> i32 {
     translate(&mut ctx, false)
 }
 
-/// Unconnected UDP (`sendto`/`sendmsg` with an address), translated per datagram.
+/// Unconnected UDP (`sendto`/`sendmsg` with an address): every datagram of one socket to one
+/// service goes to the backend its first one went to, while that backend exists.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(mut ctx: SockAddrContext) -> i32 {
     translate(&mut ctx, true)
@@ -45,6 +50,16 @@ pub fn recvmsg4(mut ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(mut ctx: SockAddrContext) -> i32 {
     reverse(&mut ctx);
+    PROCEED
+}
+
+/// A released socket's entry goes with it, so the map holds live sockets only.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for this call, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Absent for every socket that never reached a service; nothing to do then.
+    let _ = LB4_REVNAT_V2.remove(&cookie);
     PROCEED
 }
 
@@ -68,6 +83,62 @@ fn known_source(sa: &bpf_sock_addr, datagram: bool) -> u32 {
     unsafe { (*sa.__bindgen_anon_1.sk).src_ip4 }
 }
 
+/// The backend this socket's earlier datagrams to `key` went to.
+#[inline(always)]
+fn remembered(socket_cookie: u64, key: &Frontend4Key) -> Option<u32> {
+    // SAFETY: copied out at once; a racing update of the same socket only loses stickiness.
+    let sock = unsafe { LB4_REVNAT_V2.get(&socket_cookie) }.copied()?;
+    for entry in sock.services.iter() {
+        if entry.service_addr == key.addr && entry.service_port == key.port {
+            return Some(entry.backend_id);
+        }
+    }
+    None
+}
+
+/// Records that the socket reached `key` through `backend`: a connected socket has this one
+/// service from now on; a datagram's service takes its earlier entry, a free one, or the
+/// oldest.
+#[inline(always)]
+fn remember(socket_cookie: u64, key: &Frontend4Key, id: u32, backend: &Backend4, datagram: bool) {
+    let entry = SockService {
+        service_addr: key.addr,
+        service_port: key.port,
+        backend_port: backend.port,
+        backend_addr: backend.addr,
+        backend_id: id,
+    };
+    if datagram && let Some(sock) = LB4_REVNAT_V2.get_ptr_mut(&socket_cookie) {
+        // SAFETY: a pointer from the lookup above, valid for this run; the value is plain
+        // integers, so a racing update of the same socket only loses one entry.
+        let sock = unsafe { &mut *sock };
+        let mut slot = SOCK_SERVICES;
+        for (index, used) in sock.services.iter().enumerate() {
+            if used.service_addr == key.addr && used.service_port == key.port {
+                slot = index;
+                break;
+            }
+            if used.service_addr == 0 && slot == SOCK_SERVICES {
+                slot = index;
+            }
+        }
+        if slot == SOCK_SERVICES {
+            slot = sock.next as usize % SOCK_SERVICES;
+            sock.next = sock.next.wrapping_add(1);
+        }
+        if let Some(target) = sock.services.get_mut(slot) {
+            *target = entry;
+        }
+        return;
+    }
+    let mut sock = Sock4Value::default();
+    sock.services[0] = entry;
+    sock.next = 1;
+    // LRU map: when full the least recently used socket's entry goes; only its reported
+    // peer and stickiness suffer.
+    let _ = LB4_REVNAT_V2.insert(&socket_cookie, &sock, 0);
+}
+
 #[inline(always)]
 fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
     let raw = ctx.as_ptr();
@@ -87,7 +158,14 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
         netns_cookie: unsafe { bpf_get_netns_cookie(raw) },
         source: known_source(sa, datagram),
     };
-    match select(&key, &client) {
+    // SAFETY: the context pointer is valid for this call, as the helper requires.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
+    let preferred = if datagram {
+        remembered(socket_cookie, &key)
+    } else {
+        None
+    };
+    match select(&key, &client, preferred) {
         Verdict::NotAService => PROCEED,
         Verdict::Filtered => {
             debug!(
@@ -112,22 +190,11 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             REJECT
         }
-        Verdict::Backend(backend) => {
-            // SAFETY: the context pointer is valid for this call, as the helper requires.
-            let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
-            let rev_key = RevNat4Key {
-                socket_cookie,
-                backend_addr: backend.addr,
-                backend_port: backend.port,
-                pad: 0,
-            };
-            let rev = RevNat4Value {
-                service_addr: key.addr,
-                service_port: key.port,
-                pad: 0,
-            };
-            // LRU map: when full the oldest socket's entry goes; only its reported peer suffers.
-            let _ = LB4_REVNAT.insert(rev_key, rev, 0);
+        Verdict::Backend(id, backend) => {
+            if preferred != Some(id) {
+                remember(socket_cookie, &key, id, &backend, datagram);
+            }
+            let sa = sock_addr(ctx);
             sa.user_ip4 = backend.addr;
             sa.user_port = backend.port as u32;
             debug!(
@@ -146,18 +213,21 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
 #[inline(always)]
 fn reverse(ctx: &mut SockAddrContext) {
     let raw = ctx.as_ptr();
-    let sa = sock_addr(ctx);
     // SAFETY: the context pointer is valid for this call, as the helper requires.
     let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
-    let key = RevNat4Key {
-        socket_cookie,
-        backend_addr: sa.user_ip4,
-        backend_port: sa.user_port as u16,
-        pad: 0,
-    };
     // SAFETY: copied out at once.
-    if let Some(rev) = unsafe { LB4_REVNAT.get(key) }.copied() {
-        sa.user_ip4 = rev.service_addr;
-        sa.user_port = rev.service_port as u32;
+    let Some(sock) = (unsafe { LB4_REVNAT_V2.get(&socket_cookie) }).copied() else {
+        return;
+    };
+    let sa = sock_addr(ctx);
+    for entry in sock.services.iter() {
+        if entry.service_addr != 0
+            && entry.backend_addr == sa.user_ip4
+            && entry.backend_port == sa.user_port as u16
+        {
+            sa.user_ip4 = entry.service_addr;
+            sa.user_port = entry.service_port as u32;
+            return;
+        }
     }
 }

@@ -20,10 +20,10 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{Netns, command_in, run_checked};
 
-/// The links an agent pins: its four socket programs and post_bind4 (bind protection) on the
-/// cgroup, and XDP and tc on each `--nodeport-iface`.
+/// The links an agent pins: its four socket-address programs, sock_release and post_bind4
+/// (bind protection) on the cgroup, and XDP and tc on each `--nodeport-iface`.
 pub fn agent_links(nodeport_ifaces: usize) -> usize {
-    5 + 2 * nodeport_ifaces
+    6 + 2 * nodeport_ifaces
 }
 
 /// [`agent_links`] of an agent started with the arguments `args`: one fewer with
@@ -245,12 +245,12 @@ mod tests {
 
     #[test]
     fn links_of_the_socket_programs_and_each_interface() {
-        assert_eq!(agent_links(0), 5);
-        assert_eq!(agent_links(2), 9);
-        assert_eq!(agent_links_for(&["--nodeport-iface", "lan0"]), 7);
+        assert_eq!(agent_links(0), 6);
+        assert_eq!(agent_links(2), 10);
+        assert_eq!(agent_links_for(&["--nodeport-iface", "lan0"]), 8);
         assert_eq!(
             agent_links_for(&["--bind-protection=false", "--nodeport-iface", "a"]),
-            6
+            7
         );
     }
 }

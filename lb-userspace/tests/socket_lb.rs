@@ -108,20 +108,98 @@ fn dns_cluster() -> Cluster {
     cluster
 }
 
+/// Waits until fresh UDP sockets to the dns service reach `pod` only.
+fn udp_until_only_from(cluster: &Cluster, pod: &str) {
+    let started = Instant::now();
+    loop {
+        let result = cluster.probe(&[
+            "udp",
+            "10.96.0.53:53",
+            "--count",
+            "10",
+            "--new-socket-each",
+            "--timeout-ms",
+            "300",
+        ]);
+        if result.replies.get(pod) == Some(&10) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the dns service does not reach {pod} only: {result:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The dns slice over these backends.
+fn dns_slice(cluster: &Cluster, backends: &[&str]) {
+    let endpoints: Vec<_> = backends.iter().map(|b| (cluster.pod_ip(b), true)).collect();
+    cluster.write_manifest(
+        "dns-slice.yaml",
+        &slice("default", "dns-1", "dns", &endpoints)
+            .port("dns", "UDP", POD_PORT)
+            .to_yaml(),
+    );
+}
+
 #[test]
-fn unconnected_udp_is_balanced_per_datagram_and_replies_come_from_the_cluster_ip() {
+fn an_unconnected_udp_socket_stays_on_one_backend_until_it_goes_and_replies_come_from_the_cluster_ip()
+ {
     let mut cluster = dns_cluster();
     cluster.start_agent();
 
-    let result = cluster.probe(&["udp", "10.96.0.53:53", "--count", "100"]);
-
-    assert_eq!(result.failures(), 0, "{result:?}");
-    assert_eq!(result.replies.len(), 2, "both backends answer: {result:?}");
+    // One socket: every datagram to one backend (as one 5-tuple through kube-proxy's
+    // conntrack), every reply from the ClusterIP.
+    let one = cluster.probe(&["udp", "10.96.0.53:53", "--count", "50"]);
+    assert_eq!(one.failures(), 0, "{one:?}");
+    assert_eq!(one.replies.len(), 1, "one socket, one backend: {one:?}");
     assert_eq!(
-        result.peers.get("10.96.0.53:53"),
-        Some(&100),
-        "recvmsg reports the ClusterIP as the source of every reply: {result:?}"
+        one.peers.get("10.96.0.53:53"),
+        Some(&50),
+        "recvmsg reports the ClusterIP as the source of every reply: {one:?}"
     );
+    // A socket per datagram: spread over both.
+    let many = cluster.probe(&["udp", "10.96.0.53:53", "--count", "60", "--new-socket-each"]);
+    assert_eq!(many.failures(), 0, "{many:?}");
+    assert_eq!(many.replies.len(), 2, "separate sockets spread: {many:?}");
+
+    // A socket on dns-a stays there when dns-b joins ...
+    dns_slice(&cluster, &["dns-a"]);
+    udp_until_only_from(&cluster, "dns-a");
+    let steady = [
+        "udp",
+        "10.96.0.53:53",
+        "--duration-ms",
+        "1600",
+        "--interval-ms",
+        "10",
+        "--timeout-ms",
+        "300",
+    ];
+    let running = cluster.probe_in_background(&steady);
+    std::thread::sleep(Duration::from_millis(600));
+    dns_slice(&cluster, &["dns-a", "dns-b"]);
+    let stayed = finish_probe(running);
+    assert_eq!(stayed.failures(), 0, "{stayed:?}");
+    assert_eq!(
+        stayed.replies.keys().collect::<Vec<_>>(),
+        ["dns-a"],
+        "a backend joining moves no socket: {stayed:?}"
+    );
+    // ... and moves to dns-b when dns-a goes.
+    dns_slice(&cluster, &["dns-a"]);
+    udp_until_only_from(&cluster, "dns-a");
+    let running = cluster.probe_in_background(&steady);
+    std::thread::sleep(Duration::from_millis(600));
+    dns_slice(&cluster, &["dns-b"]);
+    let moved = finish_probe(running);
+    assert!(
+        moved.replies.get("dns-a").is_some_and(|n| *n > 0)
+            && moved.replies.get("dns-b").is_some_and(|n| *n > 0),
+        "the socket moves once its backend is gone: {moved:?}"
+    );
+    assert!(moved.failures() <= 2, "{moved:?}");
 }
 
 #[test]
@@ -491,8 +569,8 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
     let first = cluster.attached_program_ids();
     assert_eq!(
         first.len(),
-        5,
-        "four socket programs and post_bind4 linked: {first:?}"
+        6,
+        "four socket programs, sock_release and post_bind4 linked: {first:?}"
     );
     let steady = cluster.probe_in_background(&[
         "tcp",
@@ -515,7 +593,7 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
         first.iter().all(|id| !last.contains(id)),
         "the programs were not replaced: {first:?} then {last:?}"
     );
-    assert_eq!(last.len(), 5, "{last:?}");
+    assert_eq!(last.len(), 6, "{last:?}");
     assert!(steady.attempts > 300, "{steady:?}");
     assert_eq!(
         steady.failures(),
@@ -596,7 +674,7 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     .unwrap();
     assert_eq!(
         status["links"].as_array().map(Vec::len),
-        Some(5),
+        Some(6),
         "{status}"
     );
     let services = status["maps"]
@@ -903,6 +981,8 @@ fn pinned_maps(cluster: &Cluster) -> Vec<String> {
 fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() {
     let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
     web(&cluster, &["pod-a", "pod-b"]);
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
+    dns_slice(&cluster, &["pod-a"]);
     cluster.start_agent();
     assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 65_536);
     let steady = cluster.probe_in_background(&[
@@ -912,6 +992,17 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
         "4000",
         "--interval-ms",
         "2",
+    ]);
+    // A socket open across the migration: its entry is carried, so its replies keep coming
+    // from the ClusterIP.
+    let open = cluster.probe_in_background(&[
+        "udp",
+        "10.96.0.53:53",
+        "--connected",
+        "--duration-ms",
+        "4000",
+        "--interval-ms",
+        "20",
     ]);
 
     std::thread::sleep(Duration::from_millis(500));
@@ -925,7 +1016,7 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
 
     // The maps the limits size are new, with what the old ones held.
     assert_eq!(pinned_capacity(&cluster, "LB4_FRONT_V2"), 70_000);
-    assert_eq!(pinned_capacity(&cluster, "LB4_REVNAT"), 300_000);
+    assert_eq!(pinned_capacity(&cluster, "LB4_REVNAT_V2"), 300_000);
     assert_eq!(pinned_capacity(&cluster, "LB4_STATS_V2"), 70_000);
     assert_eq!(pinned_capacity(&cluster, "LB4_NAMES_V2"), 70_000);
     assert_eq!(
@@ -943,16 +1034,16 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
         "old and new shape: {migrated}"
     );
     assert!(
-        migrated.contains("1 entries carried over"),
-        "the one frontend: {migrated}"
+        migrated.contains("2 entries carried over"),
+        "the two frontends (web, dns): {migrated}"
     );
     let revnat = log
         .lines()
-        .find(|l| l.contains("map LB4_REVNAT migrated"))
+        .find(|l| l.contains("map LB4_REVNAT_V2 migrated"))
         .unwrap_or_else(|| panic!("no migration logged:\n{log}"));
     assert!(
         revnat.contains("LruHash") && !revnat.contains(" 0 entries carried"),
-        "the sockets' entries: {revnat}"
+        "the open socket's entry: {revnat}"
     );
     assert!(
         !log.contains("map LB4_BACKEND_V2 migrated"),
@@ -1001,6 +1092,13 @@ fn a_raised_max_services_migrates_the_pinned_maps_without_a_failed_connection() 
     );
     assert_eq!(steady.replies.len(), 2, "both backends served: {steady:?}");
     eprintln!("across the migration: {steady:?}");
+    let open = finish_probe(open);
+    assert_eq!(open.failures(), 0, "{open:?}");
+    assert_eq!(
+        open.peers.get("10.96.0.53:53"),
+        Some(&open.attempts),
+        "the open socket's peer stays the ClusterIP: {open:?}"
+    );
 
     // The new maps are the ones programmed from now on.
     web(&cluster, &["pod-b"]);
@@ -1172,4 +1270,55 @@ fn metrics_and_healthz_are_each_turned_off_on_their_own() {
     );
     let served = cluster.probe(&["tcp", TCP_VIP, "--count", "3"]);
     assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
+}
+
+/// Entries of the pinned sockets map.
+fn socket_entries(cluster: &Cluster) -> usize {
+    let path = cluster.bpffs.path().join("maps").join("LB4_REVNAT_V2");
+    let data = aya::maps::MapData::from_pin(&path).expect("the pinned sockets map");
+    let map: aya::maps::HashMap<_, u64, lb_common::Sock4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash");
+    map.keys().filter_map(Result::ok).count()
+}
+
+#[test]
+fn a_closed_socket_leaves_nothing_in_the_sockets_map() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"]);
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
+    dns_slice(&cluster, &["pod-a"]);
+    cluster.start_agent();
+    let baseline = socket_entries(&cluster);
+
+    let tcp = cluster.probe(&["tcp", TCP_VIP, "--count", "10000"]);
+    assert_eq!(tcp.failures(), 0, "{tcp:?}");
+    let udp = cluster.probe(&[
+        "udp",
+        "10.96.0.53:53",
+        "--count",
+        "200",
+        "--new-socket-each",
+    ]);
+    assert_eq!(udp.failures(), 0, "{udp:?}");
+    let after = socket_entries(&cluster);
+    assert_eq!(
+        after, baseline,
+        "10,000 TCP and 200 UDP sockets closed: their entries went with them"
+    );
+
+    // A socket that is still open keeps its entry (getpeername needs it).
+    let open = cluster.probe_in_background(&[
+        "udp",
+        "10.96.0.53:53",
+        "--connected",
+        "--duration-ms",
+        "1500",
+        "--interval-ms",
+        "100",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(socket_entries(&cluster), baseline + 1);
+    let result = finish_probe(open);
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(socket_entries(&cluster), baseline);
 }

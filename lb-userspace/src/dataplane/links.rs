@@ -68,7 +68,7 @@ pub fn attach_or_replace(
     })
 }
 
-/// Like [`attach_or_replace`], for a cgroup sock program (post_bind4).
+/// Like [`attach_or_replace`], for a cgroup sock program (sock_release, post_bind4).
 pub fn attach_sock_or_replace(
     program: &mut CgroupSock,
     name: &str,

@@ -24,6 +24,9 @@ pub(super) static EBPF_OBJECT: &[u8] =
 /// The socket programs, by their attach point.
 pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
+/// Forgets a released socket (cgroup sock_release), attached beside the socket programs.
+pub const RELEASE_PROGRAM: &str = "sock_release";
+
 /// The bind-protection program (cgroup post_bind4), attached beside the socket programs
 /// unless `--bind-protection=false`.
 pub const BIND_PROGRAM: &str = "post_bind4";
@@ -178,8 +181,8 @@ impl Dataplane {
 
     /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup` through
     /// pinned links: a link an earlier agent pinned gets the new program swapped in atomically.
-    /// With `bind_protection` the post_bind4 program too; without, a link of it an earlier
-    /// agent pinned is removed. Links pinned for another cgroup are removed, as are pinned
+    /// The sock_release program always; with `bind_protection` the post_bind4 program too,
+    /// without it a link of post_bind4 an earlier agent pinned is removed. Links pinned for another cgroup are removed, as are pinned
     /// maps this version does not use (an earlier layout), once the new programs are in place.
     pub fn attach_cgroup(
         &mut self,
@@ -208,21 +211,25 @@ impl Dataplane {
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
             attached.push((name, outcome));
         }
+        let mut sock_programs = vec![RELEASE_PROGRAM];
         if bind_protection {
+            sock_programs.push(BIND_PROGRAM);
+        }
+        for name in sock_programs {
             let program: &mut CgroupSock = self
                 .ebpf
-                .program_mut(BIND_PROGRAM)
-                .ok_or_else(|| anyhow!("program {BIND_PROGRAM} missing from the eBPF object"))?
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
                 .try_into()
-                .with_context(|| format!("program {BIND_PROGRAM} is not a cgroup sock program"))?;
+                .with_context(|| format!("program {name} is not a cgroup sock program"))?;
             program
                 .load()
-                .with_context(|| format!("loading {BIND_PROGRAM} (the verifier's log follows)"))?;
-            let outcome =
-                links::attach_sock_or_replace(program, BIND_PROGRAM, &cgroup_dir, &link_dir)
-                    .with_context(|| format!("attaching {BIND_PROGRAM} to {}", cgroup.display()))?;
-            attached.push((BIND_PROGRAM, outcome));
-        } else if links::remove(&link_dir, BIND_PROGRAM)? {
+                .with_context(|| format!("loading {name} (the verifier's log follows)"))?;
+            let outcome = links::attach_sock_or_replace(program, name, &cgroup_dir, &link_dir)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            attached.push((name, outcome));
+        }
+        if !bind_protection && links::remove(&link_dir, BIND_PROGRAM)? {
             tracing::info!(
                 "bind protection off: detached the post_bind4 program of an earlier run"
             );
