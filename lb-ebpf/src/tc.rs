@@ -72,6 +72,6 @@ fn reply_of_live_flow(rev: &Rev4Value, pkt: &parse::Packet, now: u64) -> bool {
     }
     let reopened = pkt.proto == IPPROTO_TCP
         && pkt.tcp_flags & TCP_SYN != 0
-        && ct.flags & ct_flags::CLOSING != 0;
+        && conntrack::closed(ct.flags);
     !reopened && conntrack::alive(&ct, pkt.proto, 0, now)
 }
