@@ -135,9 +135,17 @@ pub mod ct_state {
         if flags & f::RST != 0 {
             t::TCP_CLOSE
         } else if flags & FINS == FINS {
-            if acked { t::TCP_TIME_WAIT } else { t::TCP_LAST_ACK }
+            if acked {
+                t::TCP_TIME_WAIT
+            } else {
+                t::TCP_LAST_ACK
+            }
         } else if flags & FINS != 0 {
-            if acked { t::TCP_CLOSE_WAIT } else { t::TCP_FIN_WAIT }
+            if acked {
+                t::TCP_CLOSE_WAIT
+            } else {
+                t::TCP_FIN_WAIT
+            }
         } else if flags & f::SEEN_REPLY == 0 {
             t::TCP_SYN_SENT
         } else if flags & f::SYN_RECV != 0 {
@@ -407,7 +415,10 @@ mod tests {
         // A refused connection: the SYN answered by an RST.
         let refused = walk(
             IPPROTO_TCP,
-            &[(CLIENT, SYN, t::TCP_SYN_SENT), (BACKEND, RST | ACK, t::TCP_CLOSE)],
+            &[
+                (CLIENT, SYN, t::TCP_SYN_SENT),
+                (BACKEND, RST | ACK, t::TCP_CLOSE),
+            ],
         );
         assert!(ct_state::closed(refused));
     }
@@ -425,7 +436,12 @@ mod tests {
     #[test]
     fn the_snat_bits_are_left_alone() {
         let snat = ct_flags::SNAT | ct_flags::SNAT_OUT;
-        for (tcp, side) in [(SYN, CLIENT), (SYN | ACK, BACKEND), (FIN | ACK, CLIENT), (RST, BACKEND)] {
+        for (tcp, side) in [
+            (SYN, CLIENT),
+            (SYN | ACK, BACKEND),
+            (FIN | ACK, CLIENT),
+            (RST, BACKEND),
+        ] {
             assert_eq!(ct_state::next_flags(snat, tcp, side) & snat, snat);
         }
         // And the state bits are not the SNAT bits.

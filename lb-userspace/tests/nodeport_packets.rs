@@ -1018,24 +1018,90 @@ fn conntrack_lifetimes_follow_the_kernels_timeouts() {
             &[
                 ("SYN seen 119 s ago: alive", 0, 119, ACK, other),
                 ("SYN seen 121 s ago: expired", 0, 121, ACK, maglev),
-                ("SYN-ACK seen 59 s ago: alive", SEEN_REPLY | SYN_RECV, 59, ACK, other),
-                ("SYN-ACK seen 61 s ago: expired", SEEN_REPLY | SYN_RECV, 61, ACK, maglev),
-                ("established, idle 1 day: alive", ESTABLISHED, 86_400, ACK, other),
-                ("established, idle 6 days: expired", ESTABLISHED, 6 * 86_400, ACK, maglev),
+                (
+                    "SYN-ACK seen 59 s ago: alive",
+                    SEEN_REPLY | SYN_RECV,
+                    59,
+                    ACK,
+                    other,
+                ),
+                (
+                    "SYN-ACK seen 61 s ago: expired",
+                    SEEN_REPLY | SYN_RECV,
+                    61,
+                    ACK,
+                    maglev,
+                ),
+                (
+                    "established, idle 1 day: alive",
+                    ESTABLISHED,
+                    86_400,
+                    ACK,
+                    other,
+                ),
+                (
+                    "established, idle 6 days: expired",
+                    ESTABLISHED,
+                    6 * 86_400,
+                    ACK,
+                    maglev,
+                ),
                 ("a FIN, 119 s ago: alive", FIN_WAIT, 119, ACK, other),
                 ("a FIN, 121 s ago: expired", FIN_WAIT, 121, ACK, maglev),
                 ("half-closed, 59 s ago: alive", CLOSE_WAIT, 59, ACK, other),
-                ("half-closed, 61 s ago: expired", CLOSE_WAIT, 61, ACK, maglev),
+                (
+                    "half-closed, 61 s ago: expired",
+                    CLOSE_WAIT,
+                    61,
+                    ACK,
+                    maglev,
+                ),
                 ("FINs both ways, 29 s ago: alive", LAST_ACK, 29, ACK, other),
-                ("FINs both ways, 31 s ago: expired", LAST_ACK, 31, ACK, maglev),
-                ("FINs both ways, ACKed, 119 s ago: alive", TIME_WAIT, 119, ACK, other),
-                ("FINs both ways, ACKed, 121 s ago: expired", TIME_WAIT, 121, ACK, maglev),
+                (
+                    "FINs both ways, 31 s ago: expired",
+                    LAST_ACK,
+                    31,
+                    ACK,
+                    maglev,
+                ),
+                (
+                    "FINs both ways, ACKed, 119 s ago: alive",
+                    TIME_WAIT,
+                    119,
+                    ACK,
+                    other,
+                ),
+                (
+                    "FINs both ways, ACKed, 121 s ago: expired",
+                    TIME_WAIT,
+                    121,
+                    ACK,
+                    maglev,
+                ),
                 ("RST seen 9 s ago: alive", CLOSE, 9, ACK, other),
                 ("RST seen 11 s ago: expired", CLOSE, 11, ACK, maglev),
                 ("reset, port reused by a new SYN", CLOSE, 1, SYN, maglev),
-                ("FINs both ways, port reused by a new SYN", LAST_ACK, 1, SYN, maglev),
-                ("time wait, port reused by a new SYN", TIME_WAIT, 1, SYN, maglev),
-                ("half-closed, a SYN is not a new flow", CLOSE_WAIT, 1, SYN, other),
+                (
+                    "FINs both ways, port reused by a new SYN",
+                    LAST_ACK,
+                    1,
+                    SYN,
+                    maglev,
+                ),
+                (
+                    "time wait, port reused by a new SYN",
+                    TIME_WAIT,
+                    1,
+                    SYN,
+                    maglev,
+                ),
+                (
+                    "half-closed, a SYN is not a new flow",
+                    CLOSE_WAIT,
+                    1,
+                    SYN,
+                    other,
+                ),
             ]
         } else {
             &[
@@ -1153,11 +1219,17 @@ fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
     assert_eq!(lifetime(&mut h, &key), TCP_CLOSE_WAIT);
     for idle in [11, TCP_CLOSE_WAIT / 2, TCP_CLOSE_WAIT - 1] {
         age(&mut h, &key, idle);
-        assert!(backend(&mut h, 47000, ACK), "half-closed, data after {idle} s idle");
+        assert!(
+            backend(&mut h, 47000, ACK),
+            "half-closed, data after {idle} s idle"
+        );
         assert_eq!(lifetime(&mut h, &key), TCP_CLOSE_WAIT);
     }
     age(&mut h, &key, TCP_CLOSE_WAIT + 1);
-    assert!(!backend(&mut h, 47000, ACK), "half-closed beyond close_wait: forgotten");
+    assert!(
+        !backend(&mut h, 47000, ACK),
+        "half-closed beyond close_wait: forgotten"
+    );
 
     // The backend closes too, then the client's last ACK.
     let key = handshake(&mut h, 47001);
@@ -1168,9 +1240,15 @@ fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
     client(&mut h, 47001, ACK);
     assert_eq!(lifetime(&mut h, &key), TCP_TIME_WAIT);
     age(&mut h, &key, TCP_TIME_WAIT - 1);
-    assert!(backend(&mut h, 47001, FIN | ACK), "time_wait: a retransmitted FIN");
+    assert!(
+        backend(&mut h, 47001, FIN | ACK),
+        "time_wait: a retransmitted FIN"
+    );
     age(&mut h, &key, TCP_TIME_WAIT + 1);
-    assert!(!backend(&mut h, 47001, FIN | ACK), "beyond time_wait: forgotten");
+    assert!(
+        !backend(&mut h, 47001, FIN | ACK),
+        "beyond time_wait: forgotten"
+    );
     // FINs both ways without the last ACK: last_ack.
     let key = handshake(&mut h, 47002);
     assert!(backend(&mut h, 47002, FIN | ACK));
@@ -1186,7 +1264,10 @@ fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
     age(&mut h, &key, TCP_CLOSE - 1);
     assert!(backend(&mut h, 47003, RST | ACK), "close: a second RST");
     age(&mut h, &key, TCP_CLOSE + 1);
-    assert!(!backend(&mut h, 47003, RST | ACK), "beyond close: forgotten");
+    assert!(
+        !backend(&mut h, 47003, RST | ACK),
+        "beyond close: forgotten"
+    );
 
     // An ICMP error about a SYN-only flow (its quoted reply never was): translated to the
     // backend, but the flow stays on syn_sent, its last-seen time untouched.
@@ -1207,7 +1288,11 @@ fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
         ),
         "the ICMP error goes to the backend"
     );
-    assert_eq!(ct_map(&mut h).get(&key, 0).unwrap(), before, "ICMP left the flow alone");
+    assert_eq!(
+        ct_map(&mut h).get(&key, 0).unwrap(),
+        before,
+        "ICMP left the flow alone"
+    );
     assert_eq!(lifetime(&mut h, &key), TCP_SYN_SENT);
     age(&mut h, &key, TCP_SYN_SENT + 1);
     assert!(
@@ -1227,7 +1312,10 @@ fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
         let fresh = ct_map(&mut h).get(&key, 0).unwrap();
         assert_eq!(fresh.flags, 0, "{port}: a new flow's flags");
         assert!(fresh.last_seen_ns > closed.last_seen_ns);
-        assert!(backend(&mut h, port, SYN | ACK), "{port}: the new flow's SYN-ACK");
+        assert!(
+            backend(&mut h, port, SYN | ACK),
+            "{port}: the new flow's SYN-ACK"
+        );
         assert_eq!(lifetime(&mut h, &key), TCP_SYN_RECV);
         client(&mut h, port, ACK);
         assert_eq!(lifetime(&mut h, &key), TCP_ESTABLISHED);
