@@ -3,12 +3,17 @@
 //! tuple, SNAT ports, lifetimes, and the flow hash Maglev is indexed with. The backend and
 //! service ids they name are those of the one service table.
 
-/// `Ct4Value::flags` and `Rev4Value::flags`.
+/// `Ct4Value::flags` and `Rev4Value::flags`. The TCP state bits (everything but `SNAT`,
+/// `SNAT_OUT`) are written by [`ct_state::next_flags`] only and read by
+/// [`ct_state::lifetime_secs`].
 pub mod ct_flags {
-    /// A reply was seen (TCP: the connection is established; UDP: a stream).
+    /// A packet from the backend (the reply direction) was seen: TCP past SYN_SENT, UDP a
+    /// stream. ICMP errors about the flow do not set it.
     pub const SEEN_REPLY: u8 = 1 << 0;
-    /// A FIN or RST was seen in either direction.
-    pub const CLOSING: u8 = 1 << 1;
+    /// An RST was seen in either direction: the kernel's CLOSE. (The bit was `CLOSING`, "FIN
+    /// or RST", before the FINs were tracked per direction: an entry left by an older agent
+    /// with it stays on the close lifetime, as it was.)
+    pub const RST: u8 = 1 << 1;
     /// The flow's source was translated to the node's address (`nat_addr`, `nat_port`). On a
     /// reverse entry: the entry of the remote backend's reply to the node's address, whose
     /// destination XDP restores to the client.
@@ -16,21 +21,139 @@ pub mod ct_flags {
     /// On a reverse entry: the entry of the client's packet on its way to the remote backend,
     /// whose source tc egress sets to the node's address and SNAT port.
     pub const SNAT_OUT: u8 = 1 << 3;
+    /// A FIN was seen from the client (the original direction).
+    pub const FIN_CLIENT: u8 = 1 << 4;
+    /// A FIN was seen from the backend (the reply direction).
+    pub const FIN_BACKEND: u8 = 1 << 5;
+    /// A plain ACK went by after the latest first FIN of a direction: the kernel's FIN_WAIT
+    /// becomes CLOSE_WAIT, LAST_ACK becomes TIME_WAIT.
+    pub const FIN_ACKED: u8 = 1 << 6;
+    /// The backend's first reply was a SYN-ACK and the client has not ACKed since: the
+    /// kernel's SYN_RECV (a reply that is not a SYN-ACK, as of a flow picked up mid-stream,
+    /// is established at once, like the kernel's loose pickup).
+    pub const SYN_RECV: u8 = 1 << 7;
 }
 
-/// Connection-tracking lifetimes in seconds, after the kernel's nf_conntrack defaults: an idle
-/// flow is forgotten (and its next packet chooses a backend afresh) after this long.
+/// TCP header flag bits (byte 13 of the header), as `next_flags` takes them.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Connection-tracking lifetimes in seconds: the kernel's nf_conntrack defaults
+/// (`tcp_timeouts[]` in net/netfilter/nf_conntrack_proto_tcp.c, the
+/// `net.netfilter.nf_conntrack_tcp_timeout_*` and `nf_conntrack_udp_timeout*` sysctls). An
+/// idle flow is forgotten (and its next packet chooses a backend afresh) after this long.
+/// Not followed: the kernel's `unacknowledged` (300 s) and `max_retrans` (300 s) caps, which
+/// need sequence numbers this tracker does not keep.
 pub mod ct_timeouts {
-    /// TCP before any reply (kernel: syn_sent 120 s, syn_recv 60 s).
-    pub const TCP_SYN: u64 = 60;
-    /// TCP after a reply (kernel: established, 5 days).
+    /// TCP before any reply (kernel: syn_sent, 2 min).
+    pub const TCP_SYN_SENT: u64 = 120;
+    /// TCP after the backend's SYN-ACK, before the client's ACK (kernel: syn_recv, 60 s).
+    pub const TCP_SYN_RECV: u64 = 60;
+    /// TCP established (kernel: established, 5 days).
     pub const TCP_ESTABLISHED: u64 = 432_000;
-    /// TCP after a FIN or RST (kernel: close 10 s).
-    pub const TCP_CLOSING: u64 = 10;
+    /// TCP after one direction's FIN (kernel: fin_wait, 2 min).
+    pub const TCP_FIN_WAIT: u64 = 120;
+    /// TCP half-closed: one direction's FIN, then an ACK (kernel: close_wait, 60 s). The
+    /// other direction may keep sending: each of its packets restarts this lifetime.
+    pub const TCP_CLOSE_WAIT: u64 = 60;
+    /// TCP after both directions' FINs, before the last ACK (kernel: last_ack, 30 s).
+    pub const TCP_LAST_ACK: u64 = 30;
+    /// TCP after both FINs and the last ACK (kernel: time_wait, 2 min).
+    pub const TCP_TIME_WAIT: u64 = 120;
+    /// TCP after an RST (kernel: close, 10 s).
+    pub const TCP_CLOSE: u64 = 10;
     /// UDP without reply (kernel: udp_timeout 30 s).
     pub const UDP: u64 = 30;
     /// UDP with replies (kernel: udp_timeout_stream 120 s).
     pub const UDP_REPLIED: u64 = 120;
+}
+
+/// The TCP state machine of connection tracking, after nf_conntrack's (`tcp_conntracks[][][]`)
+/// as far as lifetimes go: state bits in `Ct4Value::flags` instead of a state number, FINs
+/// kept per direction. Pure functions, used by the eBPF programs and tested in userspace.
+pub mod ct_state {
+    use super::{ct_flags as f, ct_timeouts as t, tcp_flags as tcp};
+
+    const FINS: u8 = f::FIN_CLIENT | f::FIN_BACKEND;
+
+    /// The flags a flow has after a packet with TCP flags `tcp_flags` (0 for UDP), sent by the
+    /// backend (`from_backend`, the reply direction) or by the client. Only a backend's packet
+    /// marks the flow replied.
+    #[inline(always)]
+    pub const fn next_flags(flags: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+        let kind = tcp_flags & (tcp::SYN | tcp::ACK | tcp::RST);
+        let mut next = flags;
+        if from_backend {
+            if flags & f::SEEN_REPLY == 0 && kind == tcp::SYN | tcp::ACK {
+                next |= f::SYN_RECV;
+            }
+            next |= f::SEEN_REPLY;
+        } else if kind == tcp::ACK {
+            next &= !f::SYN_RECV;
+        }
+        if tcp_flags & tcp::RST != 0 {
+            next |= f::RST;
+        }
+        let fin = if from_backend {
+            f::FIN_BACKEND
+        } else {
+            f::FIN_CLIENT
+        };
+        if tcp_flags & tcp::FIN != 0 && kind & (tcp::SYN | tcp::RST) == 0 {
+            // A retransmitted FIN changes nothing; a direction's first FIN waits for its ACK.
+            if next & fin == 0 {
+                next = (next | fin) & !f::FIN_ACKED;
+            }
+        } else if kind == tcp::ACK && next & FINS != 0 {
+            next |= f::FIN_ACKED;
+        }
+        next
+    }
+
+    /// Whether a TCP flow is over (an RST, or FINs both ways): a new SYN from the client's
+    /// port starts a new flow (the kernel reopens from TIME_WAIT and CLOSE).
+    #[inline(always)]
+    pub const fn closed(flags: u8) -> bool {
+        flags & f::RST != 0 || flags & FINS == FINS
+    }
+
+    /// How long an idle flow with `flags` lives, in seconds.
+    #[inline(always)]
+    pub const fn lifetime_secs(proto: u8, flags: u8) -> u64 {
+        if proto != crate::IPPROTO_TCP {
+            return if flags & f::SEEN_REPLY != 0 {
+                t::UDP_REPLIED
+            } else {
+                t::UDP
+            };
+        }
+        let acked = flags & f::FIN_ACKED != 0;
+        if flags & f::RST != 0 {
+            t::TCP_CLOSE
+        } else if flags & FINS == FINS {
+            if acked {
+                t::TCP_TIME_WAIT
+            } else {
+                t::TCP_LAST_ACK
+            }
+        } else if flags & FINS != 0 {
+            if acked {
+                t::TCP_CLOSE_WAIT
+            } else {
+                t::TCP_FIN_WAIT
+            }
+        } else if flags & f::SEEN_REPLY == 0 {
+            t::TCP_SYN_SENT
+        } else if flags & f::SYN_RECV != 0 {
+            t::TCP_SYN_RECV
+        } else {
+            t::TCP_ESTABLISHED
+        }
+    }
 }
 
 /// Source ports the node uses for SNAT of external flows to remote backends: above the
@@ -163,3 +286,200 @@ const _: () = {
     assert!(core::mem::size_of::<Rev4Value>() == 16);
     assert!((snat_ports::FIRST as u32 + snat_ports::COUNT as u32) <= 65_536);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::{ct_flags, ct_state, ct_timeouts as t, tcp_flags::*};
+    use crate::{IPPROTO_TCP, IPPROTO_UDP};
+
+    const CLIENT: bool = false;
+    const BACKEND: bool = true;
+
+    /// Runs `packets` (direction, TCP flags, lifetime after it) from a new flow's flags (the
+    /// first packet creates the entry, as XDP does); returns the final flags.
+    fn walk(proto: u8, packets: &[(bool, u8, u64)]) -> u8 {
+        let mut flags = 0;
+        for (i, &(from_backend, tcp, lifetime)) in packets.iter().enumerate() {
+            flags = ct_state::next_flags(flags, tcp, from_backend);
+            assert_eq!(
+                ct_state::lifetime_secs(proto, flags),
+                lifetime,
+                "packet {i} ({}, flags {tcp:#04x}) -> ct flags {flags:#010b}",
+                if from_backend { "backend" } else { "client" }
+            );
+        }
+        flags
+    }
+
+    #[test]
+    fn a_handshake_goes_syn_sent_syn_recv_established() {
+        let flags = walk(
+            IPPROTO_TCP,
+            &[
+                (CLIENT, SYN, t::TCP_SYN_SENT),
+                (CLIENT, SYN, t::TCP_SYN_SENT),
+                (BACKEND, SYN | ACK, t::TCP_SYN_RECV),
+                (BACKEND, SYN | ACK, t::TCP_SYN_RECV),
+                (CLIENT, ACK, t::TCP_ESTABLISHED),
+                (BACKEND, SYN | ACK, t::TCP_ESTABLISHED),
+                (CLIENT, ACK, t::TCP_ESTABLISHED),
+            ],
+        );
+        assert!(!ct_state::closed(flags));
+    }
+
+    #[test]
+    fn a_flow_picked_up_mid_stream_is_established_at_the_backends_reply() {
+        walk(
+            IPPROTO_TCP,
+            &[
+                (CLIENT, ACK, t::TCP_SYN_SENT),
+                (BACKEND, ACK, t::TCP_ESTABLISHED),
+            ],
+        );
+    }
+
+    #[test]
+    fn only_the_backend_marks_a_flow_replied() {
+        for tcp in [0, SYN, SYN | ACK, ACK, FIN | ACK, RST, RST | ACK] {
+            let flags = ct_state::next_flags(0, tcp, CLIENT);
+            assert_eq!(flags & ct_flags::SEEN_REPLY, 0, "client {tcp:#04x}");
+            let flags = ct_state::next_flags(0, tcp, BACKEND);
+            assert_ne!(flags & ct_flags::SEEN_REPLY, 0, "backend {tcp:#04x}");
+        }
+    }
+
+    #[test]
+    fn a_half_close_lives_on_fin_wait_then_close_wait_while_the_backend_sends() {
+        let handshake = [
+            (CLIENT, SYN, t::TCP_SYN_SENT),
+            (BACKEND, SYN | ACK, t::TCP_SYN_RECV),
+            (CLIENT, ACK, t::TCP_ESTABLISHED),
+        ];
+        for (closer, other) in [(CLIENT, BACKEND), (BACKEND, CLIENT)] {
+            let mut packets = handshake.to_vec();
+            packets.extend([
+                (closer, FIN | ACK, t::TCP_FIN_WAIT),
+                (closer, FIN | ACK, t::TCP_FIN_WAIT), // retransmitted
+                (other, ACK, t::TCP_CLOSE_WAIT),
+                (other, ACK, t::TCP_CLOSE_WAIT), // data of the open direction
+                (closer, ACK, t::TCP_CLOSE_WAIT),
+                (closer, FIN | ACK, t::TCP_CLOSE_WAIT), // retransmitted once more
+            ]);
+            let half = walk(IPPROTO_TCP, &packets);
+            assert!(!ct_state::closed(half), "half-closed is not closed");
+            packets.extend([
+                (other, FIN | ACK, t::TCP_LAST_ACK),
+                (other, FIN | ACK, t::TCP_LAST_ACK),
+                (closer, ACK, t::TCP_TIME_WAIT),
+                (other, ACK, t::TCP_TIME_WAIT),
+                (closer, FIN | ACK, t::TCP_TIME_WAIT),
+            ]);
+            let both = walk(IPPROTO_TCP, &packets);
+            assert!(ct_state::closed(both), "both FINs: closed");
+        }
+    }
+
+    #[test]
+    fn fins_crossing_go_to_last_ack_then_time_wait() {
+        walk(
+            IPPROTO_TCP,
+            &[
+                (CLIENT, SYN, t::TCP_SYN_SENT),
+                (BACKEND, SYN | ACK, t::TCP_SYN_RECV),
+                (CLIENT, ACK, t::TCP_ESTABLISHED),
+                (CLIENT, FIN | ACK, t::TCP_FIN_WAIT),
+                (BACKEND, FIN | ACK, t::TCP_LAST_ACK),
+                (CLIENT, ACK, t::TCP_TIME_WAIT),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_rst_either_way_closes_at_once_and_for_good() {
+        for side in [CLIENT, BACKEND] {
+            let flags = walk(
+                IPPROTO_TCP,
+                &[
+                    (CLIENT, SYN, t::TCP_SYN_SENT),
+                    (BACKEND, SYN | ACK, t::TCP_SYN_RECV),
+                    (CLIENT, ACK, t::TCP_ESTABLISHED),
+                    (side, RST | ACK, t::TCP_CLOSE),
+                    (CLIENT, ACK, t::TCP_CLOSE),
+                    (BACKEND, ACK, t::TCP_CLOSE),
+                    (CLIENT, FIN | ACK, t::TCP_CLOSE),
+                ],
+            );
+            assert!(ct_state::closed(flags));
+        }
+        // A refused connection: the SYN answered by an RST.
+        let refused = walk(
+            IPPROTO_TCP,
+            &[
+                (CLIENT, SYN, t::TCP_SYN_SENT),
+                (BACKEND, RST | ACK, t::TCP_CLOSE),
+            ],
+        );
+        assert!(ct_state::closed(refused));
+    }
+
+    #[test]
+    fn an_older_agents_closing_bit_keeps_the_close_lifetime() {
+        let closing = 1 << 1; // `CLOSING` (FIN or RST) of the agents before FINs per direction
+        assert_eq!(
+            ct_state::lifetime_secs(IPPROTO_TCP, ct_flags::SEEN_REPLY | closing),
+            t::TCP_CLOSE
+        );
+        assert!(ct_state::closed(closing));
+    }
+
+    #[test]
+    fn the_snat_bits_are_left_alone() {
+        let snat = ct_flags::SNAT | ct_flags::SNAT_OUT;
+        for (tcp, side) in [
+            (SYN, CLIENT),
+            (SYN | ACK, BACKEND),
+            (FIN | ACK, CLIENT),
+            (RST, BACKEND),
+        ] {
+            assert_eq!(ct_state::next_flags(snat, tcp, side) & snat, snat);
+        }
+        // And the state bits are not the SNAT bits.
+        let state = ct_flags::SEEN_REPLY
+            | ct_flags::RST
+            | ct_flags::FIN_CLIENT
+            | ct_flags::FIN_BACKEND
+            | ct_flags::FIN_ACKED
+            | ct_flags::SYN_RECV;
+        assert_eq!(state & snat, 0);
+        assert_eq!(state | snat, u8::MAX);
+    }
+
+    #[test]
+    fn udp_lives_30_s_and_120_s_once_the_backend_replied() {
+        walk(
+            IPPROTO_UDP,
+            &[
+                (CLIENT, 0, t::UDP),
+                (CLIENT, 0, t::UDP),
+                (BACKEND, 0, t::UDP_REPLIED),
+                (CLIENT, 0, t::UDP_REPLIED),
+            ],
+        );
+    }
+
+    /// The kernel's values (`tcp_timeouts[]`, nf_conntrack_proto_tcp.c), spelled as it does.
+    #[test]
+    fn the_timeouts_are_the_kernels_defaults() {
+        const MINS: u64 = 60;
+        const DAYS: u64 = 24 * 60 * MINS;
+        assert_eq!(t::TCP_SYN_SENT, 2 * MINS);
+        assert_eq!(t::TCP_SYN_RECV, 60);
+        assert_eq!(t::TCP_ESTABLISHED, 5 * DAYS);
+        assert_eq!(t::TCP_FIN_WAIT, 2 * MINS);
+        assert_eq!(t::TCP_CLOSE_WAIT, 60);
+        assert_eq!(t::TCP_LAST_ACK, 30);
+        assert_eq!(t::TCP_TIME_WAIT, 2 * MINS);
+        assert_eq!(t::TCP_CLOSE, 10);
+    }
+}

@@ -21,7 +21,7 @@
 //! - [`source_range`]: the allowed sources of LoadBalancer IPs (`loadBalancerSourceRanges`);
 //! - [`inspect`]: names and counters for operators;
 //! - [`map_names`] and [`limits`]: what each map is called and how big it is.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod affinity;
 pub mod flow;
@@ -35,7 +35,9 @@ pub mod sock;
 pub mod source_range;
 
 pub use affinity::{Affinity4Key, Affinity4Value, affinity_clients};
-pub use flow::{Ct4Key, Ct4Value, Rev4Value, ct_flags, ct_timeouts, flow_hash, snat_ports};
+pub use flow::{
+    Ct4Key, Ct4Value, Rev4Value, ct_flags, ct_state, ct_timeouts, flow_hash, snat_ports, tcp_flags,
+};
 pub use inspect::{NameKey, ServiceName, ServiceStats};
 pub use service::{
     Backend4, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Maglev4Table, Slot4Key, Slot4Value,

@@ -20,11 +20,11 @@
 //! exceeded (type 11), quoting TCP or UDP with a 20-byte IP header, not fragmented. Other
 //! ICMP (echo, errors about other packets, errors from remote backends about SNAT flows)
 //! passes untouched.
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP, ct_flags};
 
 use crate::{
-    conntrack, csum,
+    csum,
     maps::{LB4_CT_V2, LB4_FLOWREV_V2},
     parse::{ETH_HLEN, ETH_P_IP_WIRE, Ipv4Hdr, L4_OFF, at},
 };
@@ -207,7 +207,7 @@ fn translate_ingress(start: usize, end: usize) -> Option<()> {
     // The quoted packet is a reply: frontend → client. Its flow is tracked under the client's
     // direction.
     let key = Ct4Key::new(inner_dst, inner_src, dport, sport, e.proto);
-    let entry = LB4_CT_V2.get_ptr_mut(&key)?;
+    let entry = LB4_CT_V2.get_ptr(&key)?;
     // SAFETY: a pointer from the lookup above; copied out at once.
     let ct = unsafe { *entry };
     let (quoted_dst, quoted_dport) = if ct.flags & ct_flags::SNAT != 0 {
@@ -225,8 +225,8 @@ fn translate_ingress(start: usize, end: usize) -> Option<()> {
             dport: quoted_dport,
         },
     );
-    // SAFETY: a helper without arguments.
-    conntrack::touch(entry, 0, true, unsafe { bpf_ktime_get_ns() });
+    // Related to the flow, not a packet of it: the error neither marks the flow replied nor
+    // refreshes it (see `conntrack`).
     Some(())
 }
 

@@ -70,8 +70,7 @@ fn reply_of_live_flow(rev: &Rev4Value, pkt: &parse::Packet, now: u64) -> bool {
     if ct.backend_addr != pkt.saddr || ct.backend_port != pkt.sport {
         return false;
     }
-    let reopened = pkt.proto == IPPROTO_TCP
-        && pkt.tcp_flags & TCP_SYN != 0
-        && ct.flags & ct_flags::CLOSING != 0;
+    let reopened =
+        pkt.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && conntrack::closed(ct.flags);
     !reopened && conntrack::alive(&ct, pkt.proto, 0, now)
 }

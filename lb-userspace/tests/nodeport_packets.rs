@@ -25,7 +25,9 @@ use lb_agent::{
     },
     reconcile::{Reconciler, maglev},
 };
-use lb_common::{Ct4Key, Ct4Value, MAGLEV_SIZE, ct_flags, flow_hash, snat_ports};
+use lb_common::{
+    Ct4Key, Ct4Value, MAGLEV_SIZE, ct_flags, ct_state, ct_timeouts, flow_hash, snat_ports,
+};
 use packet::{ACK, FIN, Headers, Packet, RST, SYN, icmp_error, tcp, udp, verify_checksums};
 
 const XDP_DROP: u32 = 1;
@@ -956,13 +958,15 @@ fn ct_key(p: &Packet) -> Ct4Key {
 }
 
 /// A tracked flow keeps its backend while it lives, with lifetimes after the kernel's
-/// conntrack (TCP: 60 s before a reply, 5 days established, 10 s after FIN/RST; UDP: 30 s,
-/// 120 s with replies), and chooses again when its entry expired, when a closed connection's
-/// port is reused by a new SYN, and when its backend is gone. Entries are aged by rewriting
-/// their last-seen time.
+/// conntrack (`lb_common::ct_timeouts`; TCP: syn_sent 120 s, syn_recv 60 s, established 5
+/// days, fin_wait 120 s, close_wait 60 s, last_ack 30 s, time_wait 120 s, close 10 s; UDP:
+/// 30 s, 120 s with replies), and chooses again when its entry expired, when a closed
+/// connection's port (RST, or FINs both ways) is reused by a new SYN, and when its backend is
+/// gone. Entries are aged by rewriting their last-seen time; their state bits are written as
+/// the programs write them (see `ct_state`).
 #[test]
 fn conntrack_lifetimes_follow_the_kernels_timeouts() {
-    use ct_flags::{CLOSING, SEEN_REPLY};
+    use ct_flags::{FIN_ACKED, FIN_BACKEND, FIN_CLIENT, RST as RST_SEEN, SEEN_REPLY, SYN_RECV};
     let mut h = Harness::new();
     let mut desired = State::default();
     desired.frontends.insert(
@@ -1005,43 +1009,98 @@ fn conntrack_lifetimes_follow_the_kernels_timeouts() {
             .expect("a flow Maglev sends to the other backend");
 
         let cases: &[(&str, u8, u64, u8, &str)] = if proto == "tcp" {
+            const ESTABLISHED: u8 = SEEN_REPLY;
+            const FIN_WAIT: u8 = SEEN_REPLY | FIN_CLIENT;
+            const CLOSE_WAIT: u8 = SEEN_REPLY | FIN_CLIENT | FIN_ACKED;
+            const LAST_ACK: u8 = SEEN_REPLY | FIN_CLIENT | FIN_BACKEND;
+            const TIME_WAIT: u8 = LAST_ACK | FIN_ACKED;
+            const CLOSE: u8 = SEEN_REPLY | RST_SEEN;
             &[
-                ("SYN seen 59 s ago: alive", 0, 59, ACK, other),
-                ("SYN seen 61 s ago: expired", 0, 61, ACK, maglev),
+                ("SYN seen 119 s ago: alive", 0, 119, ACK, other),
+                ("SYN seen 121 s ago: expired", 0, 121, ACK, maglev),
+                (
+                    "SYN-ACK seen 59 s ago: alive",
+                    SEEN_REPLY | SYN_RECV,
+                    59,
+                    ACK,
+                    other,
+                ),
+                (
+                    "SYN-ACK seen 61 s ago: expired",
+                    SEEN_REPLY | SYN_RECV,
+                    61,
+                    ACK,
+                    maglev,
+                ),
                 (
                     "established, idle 1 day: alive",
-                    SEEN_REPLY,
+                    ESTABLISHED,
                     86_400,
                     ACK,
                     other,
                 ),
                 (
                     "established, idle 6 days: expired",
-                    SEEN_REPLY,
+                    ESTABLISHED,
                     6 * 86_400,
                     ACK,
                     maglev,
                 ),
+                ("a FIN, 119 s ago: alive", FIN_WAIT, 119, ACK, other),
+                ("a FIN, 121 s ago: expired", FIN_WAIT, 121, ACK, maglev),
+                ("half-closed, 59 s ago: alive", CLOSE_WAIT, 59, ACK, other),
                 (
-                    "FIN seen 9 s ago: alive",
-                    SEEN_REPLY | CLOSING,
-                    9,
+                    "half-closed, 61 s ago: expired",
+                    CLOSE_WAIT,
+                    61,
+                    ACK,
+                    maglev,
+                ),
+                ("FINs both ways, 29 s ago: alive", LAST_ACK, 29, ACK, other),
+                (
+                    "FINs both ways, 31 s ago: expired",
+                    LAST_ACK,
+                    31,
+                    ACK,
+                    maglev,
+                ),
+                (
+                    "FINs both ways, ACKed, 119 s ago: alive",
+                    TIME_WAIT,
+                    119,
                     ACK,
                     other,
                 ),
                 (
-                    "FIN seen 11 s ago: expired",
-                    SEEN_REPLY | CLOSING,
-                    11,
+                    "FINs both ways, ACKed, 121 s ago: expired",
+                    TIME_WAIT,
+                    121,
                     ACK,
                     maglev,
                 ),
+                ("RST seen 9 s ago: alive", CLOSE, 9, ACK, other),
+                ("RST seen 11 s ago: expired", CLOSE, 11, ACK, maglev),
+                ("reset, port reused by a new SYN", CLOSE, 1, SYN, maglev),
                 (
-                    "closed, port reused by a new SYN",
-                    SEEN_REPLY | CLOSING,
+                    "FINs both ways, port reused by a new SYN",
+                    LAST_ACK,
                     1,
                     SYN,
                     maglev,
+                ),
+                (
+                    "time wait, port reused by a new SYN",
+                    TIME_WAIT,
+                    1,
+                    SYN,
+                    maglev,
+                ),
+                (
+                    "half-closed, a SYN is not a new flow",
+                    CLOSE_WAIT,
+                    1,
+                    SYN,
+                    other,
                 ),
             ]
         } else {
@@ -1078,6 +1137,188 @@ fn conntrack_lifetimes_follow_the_kernels_timeouts() {
             p.clone().with_dst(maglev, backend_port).bytes(),
             "{proto}: backend gone"
         );
+    }
+}
+
+/// Sets the last-seen time of the flow `key` to `secs` ago, its state as the programs left it.
+fn age(h: &mut Harness, key: &Ct4Key, secs: u64) {
+    let mut ct = ct_map(h).get(key, 0).expect("a tracked flow");
+    ct.last_seen_ns = monotonic_ns().wrapping_sub(secs * 1_000_000_000);
+    ct_map(h).insert(key, ct, 0).unwrap();
+}
+
+/// The lifetime the programs left the flow `key` on (`ct_timeouts::*`).
+fn lifetime(h: &mut Harness, key: &Ct4Key) -> u64 {
+    let ct = ct_map(h).get(key, 0).expect("a tracked flow");
+    ct_state::lifetime_secs(lb_common::IPPROTO_TCP, ct.flags)
+}
+
+/// TCP flows through the real programs, packet by packet, the entry aged in between: the
+/// states follow the kernel's conntrack. A FIN from the client only half-closes: the
+/// backend's data keeps leaving from the NodePort after 11 s of idleness (no longer the close
+/// lifetime) and up to fin_wait, then close_wait; FINs both ways go to last_ack, then
+/// time_wait; an RST to close. Only the backend's packets mark a flow replied: an ICMP error
+/// about a SYN-only flow neither does nor refreshes it, so the flow expires on syn_sent. A new
+/// SYN from a closed flow's port starts afresh.
+#[test]
+fn conntrack_follows_tcp_states_half_close_time_wait_reset_and_icmp() {
+    use Hook::{TcEgress, Xdp};
+    use ct_timeouts::*;
+    let mut h = Harness::new();
+    let mut desired = State::default();
+    desired.frontends.insert(
+        frontend(None, 30080, Protocol::Tcp),
+        service("web", &[(POD_A, 8080, true)], false),
+    );
+    h.program(&desired);
+
+    // A packet of the client's: goes to the backend (the flow is tracked).
+    let client = |h: &mut Harness, port: u16, flags: u8| {
+        let p = tcp((CLIENT, port), (NODE, 30080), flags);
+        let (verdict, out, _) = h.run(Xdp, &p.bytes(), 1);
+        assert_eq!(verdict, XDP_PASS);
+        let expected = p.clone().with_dst(POD_A, 8080).bytes();
+        assert!(
+            out == expected,
+            "client {port} flags {flags:#04x}: {}, expected {}",
+            Headers(&out),
+            Headers(&expected)
+        );
+        ct_key(&p)
+    };
+    // A packet of the backend's: whether it left from the NodePort (reverse-translated) or
+    // untouched (the flow is gone); anything else fails.
+    let backend = |h: &mut Harness, port: u16, flags: u8| -> bool {
+        let p = tcp((POD_A, 8080), (CLIENT, port), flags);
+        let (verdict, out, _) = h.run(TcEgress, &p.bytes(), 1);
+        assert_eq!(verdict, TC_ACT_OK);
+        let translated = p.clone().with_src(NODE, 30080).bytes();
+        assert!(
+            out == translated || out == p.bytes(),
+            "backend {port}: {}",
+            Headers(&out)
+        );
+        out == translated
+    };
+    let handshake = |h: &mut Harness, port: u16| {
+        let key = client(h, port, SYN);
+        assert_eq!(lifetime(h, &key), TCP_SYN_SENT);
+        assert!(backend(h, port, SYN | ACK));
+        assert_eq!(lifetime(h, &key), TCP_SYN_RECV);
+        client(h, port, ACK);
+        assert_eq!(lifetime(h, &key), TCP_ESTABLISHED);
+        key
+    };
+
+    // The client shuts down its write side and waits for a long response.
+    let key = handshake(&mut h, 47000);
+    client(&mut h, 47000, FIN | ACK);
+    assert_eq!(lifetime(&mut h, &key), TCP_FIN_WAIT);
+    age(&mut h, &key, TCP_FIN_WAIT - 1);
+    assert!(backend(&mut h, 47000, ACK), "FIN_WAIT: the backend's ACK");
+    assert_eq!(lifetime(&mut h, &key), TCP_CLOSE_WAIT);
+    for idle in [11, TCP_CLOSE_WAIT / 2, TCP_CLOSE_WAIT - 1] {
+        age(&mut h, &key, idle);
+        assert!(
+            backend(&mut h, 47000, ACK),
+            "half-closed, data after {idle} s idle"
+        );
+        assert_eq!(lifetime(&mut h, &key), TCP_CLOSE_WAIT);
+    }
+    age(&mut h, &key, TCP_CLOSE_WAIT + 1);
+    assert!(
+        !backend(&mut h, 47000, ACK),
+        "half-closed beyond close_wait: forgotten"
+    );
+
+    // The backend closes too, then the client's last ACK.
+    let key = handshake(&mut h, 47001);
+    client(&mut h, 47001, FIN | ACK);
+    assert!(backend(&mut h, 47001, FIN | ACK));
+    assert_eq!(lifetime(&mut h, &key), TCP_LAST_ACK);
+    age(&mut h, &key, TCP_LAST_ACK - 1);
+    client(&mut h, 47001, ACK);
+    assert_eq!(lifetime(&mut h, &key), TCP_TIME_WAIT);
+    age(&mut h, &key, TCP_TIME_WAIT - 1);
+    assert!(
+        backend(&mut h, 47001, FIN | ACK),
+        "time_wait: a retransmitted FIN"
+    );
+    age(&mut h, &key, TCP_TIME_WAIT + 1);
+    assert!(
+        !backend(&mut h, 47001, FIN | ACK),
+        "beyond time_wait: forgotten"
+    );
+    // FINs both ways without the last ACK: last_ack.
+    let key = handshake(&mut h, 47002);
+    assert!(backend(&mut h, 47002, FIN | ACK));
+    client(&mut h, 47002, FIN | ACK);
+    assert_eq!(lifetime(&mut h, &key), TCP_LAST_ACK);
+    age(&mut h, &key, TCP_LAST_ACK + 1);
+    assert!(!backend(&mut h, 47002, ACK), "beyond last_ack: forgotten");
+
+    // An RST: close.
+    let key = handshake(&mut h, 47003);
+    assert!(backend(&mut h, 47003, RST | ACK));
+    assert_eq!(lifetime(&mut h, &key), TCP_CLOSE);
+    age(&mut h, &key, TCP_CLOSE - 1);
+    assert!(backend(&mut h, 47003, RST | ACK), "close: a second RST");
+    age(&mut h, &key, TCP_CLOSE + 1);
+    assert!(
+        !backend(&mut h, 47003, RST | ACK),
+        "beyond close: forgotten"
+    );
+
+    // An ICMP error about a SYN-only flow (its quoted reply never was): translated to the
+    // backend, but the flow stays on syn_sent, its last-seen time untouched.
+    let key = client(&mut h, 47004, SYN);
+    age(&mut h, &key, 100);
+    let before = ct_map(&mut h).get(&key, 0).unwrap();
+    let quoted = tcp((NODE, 30080), (CLIENT, 47004), SYN | ACK);
+    let (_, out, _) = h.run(Xdp, &icmp_error(ROUTER, NODE, 3, 4, 1400, &quoted), 1);
+    assert_eq!(
+        out,
+        icmp_error(
+            ROUTER,
+            POD_A,
+            3,
+            4,
+            1400,
+            &tcp((POD_A, 8080), (CLIENT, 47004), SYN | ACK)
+        ),
+        "the ICMP error goes to the backend"
+    );
+    assert_eq!(
+        ct_map(&mut h).get(&key, 0).unwrap(),
+        before,
+        "ICMP left the flow alone"
+    );
+    assert_eq!(lifetime(&mut h, &key), TCP_SYN_SENT);
+    age(&mut h, &key, TCP_SYN_SENT + 1);
+    assert!(
+        !backend(&mut h, 47004, SYN | ACK),
+        "a SYN-only flow expires on syn_sent, ICMP errors or not"
+    );
+
+    // A new SYN from a closed flow's port: a new flow, its state afresh.
+    for (port, close) in [(47005, [FIN | ACK, FIN | ACK]), (47006, [RST, RST])] {
+        let key = handshake(&mut h, port);
+        client(&mut h, port, close[0]);
+        assert!(backend(&mut h, port, close[1]));
+        let closed = ct_map(&mut h).get(&key, 0).unwrap();
+        assert!(ct_state::closed(closed.flags));
+        age(&mut h, &key, 1);
+        client(&mut h, port, SYN);
+        let fresh = ct_map(&mut h).get(&key, 0).unwrap();
+        assert_eq!(fresh.flags, 0, "{port}: a new flow's flags");
+        assert!(fresh.last_seen_ns > closed.last_seen_ns);
+        assert!(
+            backend(&mut h, port, SYN | ACK),
+            "{port}: the new flow's SYN-ACK"
+        );
+        assert_eq!(lifetime(&mut h, &key), TCP_SYN_RECV);
+        client(&mut h, port, ACK);
+        assert_eq!(lifetime(&mut h, &key), TCP_ESTABLISHED);
     }
 }
 
