@@ -157,6 +157,11 @@ struct RunArgs {
     /// `--reserve-ports=false` leaves the sysctl alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     reserve_ports: bool,
+    /// Also destroy TCP connections a socket program sent to a backend that is now gone
+    /// (Cilium's socket termination for TCP); connected UDP sockets of a removed backend are
+    /// always destroyed, as kube-proxy clears their conntrack entries.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    terminate_tcp: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -246,6 +251,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bind_protection: args.bind_protection,
         nodeport_range: args.nodeport_range,
         reserve_ports: args.reserve_ports,
+        terminate_tcp: args.terminate_tcp,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

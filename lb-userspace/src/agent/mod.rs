@@ -5,6 +5,7 @@
 pub mod interfaces;
 pub mod reserved_ports;
 pub mod sync;
+pub mod terminate;
 
 use std::{
     net::SocketAddr,
@@ -59,6 +60,8 @@ pub struct RunConfig {
     pub nodeport_range: reserved_ports::PortRange,
     /// Add the NodePort range and the SNAT ports to `ip_local_reserved_ports` at start.
     pub reserve_ports: bool,
+    /// Destroy TCP connections of removed backends too (connected UDP sockets always).
+    pub terminate_tcp: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -90,6 +93,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Subscribed before the first read, so no change falls between the two.
     let mut address_changes = interfaces::address_changes()?;
     let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
+    let terminator = terminate::SocketTerminator::new(
+        &config.cgroup,
+        pins.maps().join(lb_common::map_names::REVNAT_V4),
+        config.terminate_tcp,
+    );
     let mut pass = SyncPass::new(
         &config.identity,
         reconciler,
@@ -123,7 +131,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                     continue;
                 };
                 state.follow_node_of(&snapshot.objects, &config.identity);
-                pass.run(&snapshot, &state);
+                terminator.spawn(pass.run(&snapshot, &state));
                 interfaces.set_primary(pass.node_ip());
                 interfaces.attach_once(&mut dataplane)?;
                 if !attached {

@@ -86,7 +86,9 @@ impl SyncPass {
         self.model.node().and_then(|node| node.node_ip)
     }
 
-    pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) {
+    /// One pass; returns the backends it removed from the maps (their sockets may be
+    /// terminated).
+    pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) -> Vec<crate::model::Backend> {
         let started = Instant::now();
         let changes = self.model.update(&snapshot.objects);
         let desired = self.model.desired();
@@ -140,6 +142,7 @@ impl SyncPass {
         } else {
             tracing::debug!(frontends, "sync complete, nothing changed");
         }
+        report.backends_removed
     }
 
     /// One line per changed frontend still programmed, naming its service (not on the first

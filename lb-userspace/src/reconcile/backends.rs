@@ -195,6 +195,7 @@ impl Reconciler {
             match maps.remove_backend(id) {
                 Ok(()) => {
                     self.backends.remove(&backend);
+                    report.backends_removed.push(backend);
                 }
                 Err(error) => {
                     tracing::warn!(%backend, id, %error, "could not remove a backend");

@@ -79,6 +79,9 @@ pub struct SyncReport {
     /// Backend sets given a service id, and the ids of sets removed (for the counters).
     pub sets_added: Vec<(SetKey, u32)>,
     pub sets_removed: Vec<(SetKey, u32)>,
+    /// Backends no set keeps any more, removed from the backends map (their sockets may be
+    /// terminated).
+    pub backends_removed: Vec<Backend>,
 }
 
 /// Keeps the maps equal to the desired state, by difference.

@@ -1,0 +1,348 @@
+//! Sockets of removed backends: a connected UDP socket (and, with `--terminate-tcp`, a TCP
+//! connection) that a socket program sent to a backend which is now gone is destroyed, so
+//! the application sees an error and reconnects to a live backend, instead of sending into
+//! the void forever (kube-proxy clears the UDP conntrack entries of removed endpoints for the
+//! same reason; Cilium destroys such sockets).
+//!
+//! How: the sockets map (`LB4_REVNAT_V2`) names, per socket cookie, the backends each socket
+//! reached through a service. For every network namespace with a process in the attached
+//! cgroup, a thread enters it and asks the kernel for its IPv4 sockets (netlink
+//! `SOCK_DIAG_BY_FAMILY`); a socket connected to a removed backend whose cookie the map ties
+//! to it gets `SOCK_DESTROY` (kernels with `CONFIG_INET_DIAG_DESTROY`). Sockets that reach a
+//! pod directly, not through a service, are left alone: their cookie is not in the map.
+//! (Cilium also has a BPF socket-iterator path with the `bpf_sock_destroy` kfunc; aya-ebpf
+//! 0.2 cannot build iterator programs or call kfuncs, so this agent uses netlink only.)
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::{fd::AsRawFd as _, linux::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    message::SockDiagDestroy,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+use crate::model::Backend;
+
+/// What one run destroyed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Terminated {
+    pub namespaces: usize,
+    pub udp: usize,
+    pub tcp: usize,
+    /// Why sockets could not be destroyed (the first error per namespace).
+    pub errors: Vec<String>,
+}
+
+/// Destroys the sockets of removed backends, off the agent's loop.
+#[derive(Clone, Debug)]
+pub struct SocketTerminator {
+    cgroup: PathBuf,
+    sockets_map: PathBuf,
+    tcp: bool,
+}
+
+impl SocketTerminator {
+    pub fn new(cgroup: &Path, sockets_map: PathBuf, tcp: bool) -> Self {
+        tracing::info!(
+            tcp,
+            "sockets of removed backends are destroyed through netlink SOCK_DESTROY (UDP{})",
+            if tcp {
+                " and TCP"
+            } else {
+                "; TCP with --terminate-tcp"
+            }
+        );
+        Self {
+            cgroup: cgroup.to_owned(),
+            sockets_map: sockets_map.to_owned(),
+            tcp,
+        }
+    }
+
+    /// Starts a run for `removed` in a thread of its own; returns at once.
+    pub fn spawn(&self, removed: Vec<Backend>) {
+        if removed.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let done = this.run(&removed.into_iter().collect());
+            if done.udp + done.tcp > 0 {
+                tracing::info!(
+                    udp = done.udp,
+                    tcp = done.tcp,
+                    namespaces = done.namespaces,
+                    "destroyed the sockets of removed backends"
+                );
+            }
+            for error in &done.errors {
+                tracing::warn!(%error, "could not destroy a socket of a removed backend");
+            }
+        });
+    }
+
+    /// One run: the sockets of `removed` in every namespace of the cgroup's processes.
+    pub fn run(&self, removed: &BTreeSet<Backend>) -> Terminated {
+        let mut done = Terminated::default();
+        let cookies = match sockets_of(&self.sockets_map, removed) {
+            Ok(cookies) if cookies.is_empty() => return done,
+            Ok(cookies) => cookies,
+            Err(error) => {
+                done.errors.push(format!("{error:#}"));
+                return done;
+            }
+        };
+        for netns in namespaces(&self.cgroup) {
+            done.namespaces += 1;
+            let tcp = self.tcp;
+            let cookies = cookies.clone();
+            let result = std::thread::spawn(move || -> anyhow::Result<(usize, usize)> {
+                enter(&netns)?;
+                let udp = destroy_in_namespace(IPPROTO_UDP, &cookies)?;
+                let tcp = if tcp {
+                    destroy_in_namespace(IPPROTO_TCP, &cookies)?
+                } else {
+                    0
+                };
+                Ok((udp, tcp))
+            })
+            .join();
+            match result {
+                Ok(Ok((udp, tcp))) => {
+                    done.udp += udp;
+                    done.tcp += tcp;
+                }
+                Ok(Err(error)) => done.errors.push(format!("{error:#}")),
+                Err(_) => done.errors.push("a namespace thread panicked".into()),
+            }
+        }
+        done
+    }
+}
+
+/// Socket cookies and the removed backend each reached, from the pinned sockets map.
+fn sockets_of(
+    map: &Path,
+    removed: &BTreeSet<Backend>,
+) -> anyhow::Result<BTreeMap<u64, BTreeSet<Backend>>> {
+    let data = aya::maps::MapData::from_pin(map)
+        .with_context(|| format!("opening the sockets map {}", map.display()))?;
+    let sockets: aya::maps::HashMap<_, u64, lb_common::Sock4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let mut found: BTreeMap<u64, BTreeSet<Backend>> = BTreeMap::new();
+    for entry in sockets.iter() {
+        let Ok((cookie, value)) = entry else {
+            continue; // evicted while we read
+        };
+        for service in value.services.iter().filter(|s| s.service_addr != 0) {
+            let backend = Backend {
+                ip: Ipv4Addr::from(lb_common::addr_from_map(service.backend_addr)),
+                port: lb_common::port_from_map(service.backend_port),
+            };
+            if removed.contains(&backend) {
+                found.entry(cookie).or_default().insert(backend);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One open namespace file per network namespace of the processes in `cgroup` and below.
+fn namespaces(cgroup: &Path) -> Vec<File> {
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    let mut dirs = vec![cgroup.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let path = format!("/proc/{pid}/ns/net");
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    continue; // exited meanwhile
+                };
+                if seen.insert((meta.st_dev(), meta.st_ino()))
+                    && let Ok(file) = File::open(&path)
+                {
+                    found.push(file);
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
+}
+
+/// Moves this thread into the network namespace `netns`.
+fn enter(netns: &File) -> anyhow::Result<()> {
+    // SAFETY: setns on a namespace file we hold open; it changes this thread only.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).context("entering a network namespace");
+    }
+    Ok(())
+}
+
+/// Destroys this namespace's `protocol` sockets whose cookie `cookies` ties to the backend
+/// they are connected to; returns how many.
+fn destroy_in_namespace(
+    protocol: u8,
+    cookies: &BTreeMap<u64, BTreeSet<Backend>>,
+) -> anyhow::Result<usize> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut doomed = Vec::new();
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family: AF_INET,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId::new_v4(),
+    });
+    send(&socket, request.into(), NLM_F_REQUEST | NLM_F_DUMP)?;
+    receive(&socket, |message: NetlinkMessage<SockDiagMessage>| {
+        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) =
+            message.payload
+        {
+            let id = &response.header.socket_id;
+            let IpAddr::V4(peer) = id.destination_address else {
+                return;
+            };
+            let backend = Backend {
+                ip: peer,
+                port: id.destination_port,
+            };
+            if cookies
+                .get(&cookie_of(&id.cookie))
+                .is_some_and(|backends| backends.contains(&backend))
+            {
+                doomed.push(id.clone());
+            }
+        }
+    })?;
+    let mut destroyed = 0;
+    for socket_id in doomed {
+        let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
+            family: AF_INET,
+            protocol,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        }));
+        send(
+            &socket,
+            NetlinkPayload::from(request),
+            NLM_F_REQUEST | NLM_F_ACK,
+        )?;
+        let mut outcome = Ok(());
+        receive(&socket, |message: NetlinkMessage<SockDiagDestroy>| {
+            if let NetlinkPayload::Error(error) = message.payload
+                && let Some(code) = error.code
+            {
+                outcome = Err(io::Error::from_raw_os_error(-code.get()));
+            }
+        })?;
+        match outcome {
+            Ok(()) => destroyed += 1,
+            // Closed meanwhile: nothing left to destroy.
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                anyhow::bail!(
+                    "the kernel cannot destroy sockets (SOCK_DESTROY needs \
+                     CONFIG_INET_DIAG_DESTROY)"
+                )
+            }
+            Err(error) => return Err(error).context("SOCK_DESTROY"),
+        }
+    }
+    Ok(destroyed)
+}
+
+/// The socket cookie as `bpf_get_socket_cookie` gives it: inet_diag carries it as two
+/// 32-bit halves in host order, the low one first.
+fn cookie_of(bytes: &[u8; 8]) -> u64 {
+    let low = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let high = u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+fn send<T>(socket: &Socket, payload: NetlinkPayload<T>, flags: u16) -> anyhow::Result<()>
+where
+    T: netlink_packet_core::NetlinkSerializable + std::fmt::Debug,
+{
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut message = NetlinkMessage::new(header, payload);
+    message.finalize();
+    let mut buffer = vec![0; message.buffer_len()];
+    message.serialize(&mut buffer);
+    socket
+        .send(&buffer, 0)
+        .context("sending a sock_diag request")?;
+    Ok(())
+}
+
+/// Reads answers until the end of a dump, an acknowledgement or an error, handing each
+/// message to `each`.
+fn receive<T>(socket: &Socket, mut each: impl FnMut(NetlinkMessage<T>)) -> anyhow::Result<()>
+where
+    T: netlink_packet_core::NetlinkDeserializable + std::fmt::Debug,
+{
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket
+            .recv(&mut &mut buffer[..], 0)
+            .context("reading sock_diag answers")?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<T>::deserialize(&buffer[offset..size])
+                .map_err(|e| anyhow::anyhow!("a sock_diag answer that does not parse: {e}"))?;
+            let length = message.header.length as usize;
+            let last = matches!(
+                message.payload,
+                NetlinkPayload::Done(_) | NetlinkPayload::Error(_)
+            );
+            each(message);
+            if last {
+                return Ok(());
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_read_as_the_kernel_writes_them() {
+        let cookie: u64 = 0x0000_0012_3456_789a;
+        let low = (cookie as u32).to_ne_bytes();
+        let high = ((cookie >> 32) as u32).to_ne_bytes();
+        let bytes = [
+            low[0], low[1], low[2], low[3], high[0], high[1], high[2], high[3],
+        ];
+        assert_eq!(cookie_of(&bytes), cookie);
+    }
+}
