@@ -37,3 +37,7 @@ pub const SOURCE_RANGES_V4: &str = "LB4_SRCRANGE";
 /// The node's network namespace cookie (one-entry array), telling the socket programs a
 /// node process from a pod.
 pub const NODE_NETNS: &str = "LB4_NODE_NETNS";
+/// Why XDP and tc dropped or passed each packet: per-CPU counters (`u64`) indexed by
+/// `lb_common::reasons` (per-CPU array of `reasons::COUNT` entries). The reason numbers are
+/// its layout.
+pub const REASONS_V4: &str = "LB4_REASONS_V1";
