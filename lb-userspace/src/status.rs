@@ -144,3 +144,59 @@ pub fn text(status: &Status) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(datapath: Vec<ReasonCount>) -> Status {
+        Status {
+            bpffs: "/sys/fs/bpf/lb".into(),
+            bpffs_mounted: true,
+            links: Vec::new(),
+            maps: Vec::new(),
+            datapath,
+            agent: serde_json::json!({ "running": false, "error": "none" }),
+        }
+    }
+
+    #[test]
+    fn packets_show_the_reasons_that_counted_and_say_when_there_is_nothing() {
+        let counted = |program, reason, packets| ReasonCount {
+            program,
+            reason,
+            packets,
+        };
+        let shown = text(&status(vec![
+            counted("xdp", "forwarded", 12),
+            counted("xdp", "not_a_service", 0),
+            counted("tc", "reply_translated", 7),
+        ]));
+        let packets: Vec<&str> = shown
+            .split("\nPACKETS")
+            .nth(1)
+            .unwrap()
+            .split("\nAGENT")
+            .next()
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .collect();
+        let words: Vec<Vec<&str>> = packets
+            .iter()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            words,
+            [
+                vec!["xdp", "forwarded", "12"],
+                vec!["tc", "reply_translated", "7"]
+            ]
+        );
+        let none = text(&status(vec![counted("xdp", "forwarded", 0)]));
+        assert!(none.contains("(no packet seen)"), "{none}");
+        let unpinned = text(&status(Vec::new()));
+        assert!(unpinned.contains("(no reasons map pinned)"), "{unpinned}");
+    }
+}
