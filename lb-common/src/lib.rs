@@ -20,6 +20,7 @@
 //! - [`flow`]: per-packet connection tracking and reverse translation of XDP/tc flows;
 //! - [`source_range`]: the allowed sources of LoadBalancer IPs (`loadBalancerSourceRanges`);
 //! - [`inspect`]: names and counters for operators;
+//! - [`reasons`]: why the north-south programs dropped or passed a packet;
 //! - [`map_names`] and [`limits`]: what each map is called and how big it is.
 #![cfg_attr(not(test), no_std)]
 
@@ -30,6 +31,7 @@ pub mod limits;
 pub mod map_names;
 #[cfg(feature = "user")]
 mod pod;
+pub mod reasons;
 pub mod service;
 pub mod sock;
 pub mod source_range;

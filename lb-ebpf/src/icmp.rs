@@ -20,8 +20,8 @@
 //! exceeded (type 11), quoting TCP or UDP with a 20-byte IP header, not fragmented. Other
 //! ICMP (echo, errors about other packets, errors from remote backends about SNAT flows)
 //! passes untouched.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP, ct_flags};
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP, ct_flags, reasons};
 
 use crate::{
     csum,
@@ -178,17 +178,22 @@ fn set_outer(e: &IcmpError, saddr: u32, daddr: u32) {
     }
 }
 
-/// XDP: translates an ICMP error about a tracked flow's reply to the backend; XDP_PASS for
-/// everything.
+/// XDP, for a packet that is not TCP or UDP as `parse.rs` understands it: translates an ICMP
+/// error about a tracked flow's reply to the backend. Every packet passes; the reason says
+/// whether it was translated, an ICMP error about no flow of ours, or not understood.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
-    translate_ingress(ctx.data(), ctx.data_end());
-    xdp_action::XDP_PASS
+    let Some(e) = parse(ctx.data(), ctx.data_end()) else {
+        return reasons::XDP_NOT_PARSED;
+    };
+    match translate_ingress(&e) {
+        Some(()) => reasons::XDP_ICMP_TRANSLATED,
+        None => reasons::XDP_ICMP_NOT_TRACKED,
+    }
 }
 
 #[inline(always)]
-fn translate_ingress(start: usize, end: usize) -> Option<()> {
-    let e = parse(start, end)?;
+fn translate_ingress(e: &IcmpError) -> Option<()> {
     // SAFETY: pointers bounds-checked by `parse`.
     let (outer_src, outer_dst, inner_src, inner_dst, sport, dport) = unsafe {
         (
@@ -215,9 +220,9 @@ fn translate_ingress(start: usize, end: usize) -> Option<()> {
     } else {
         (inner_dst, dport)
     };
-    set_outer(&e, outer_src, ct.backend_addr);
+    set_outer(e, outer_src, ct.backend_addr);
     requote(
-        &e,
+        e,
         &Quote {
             saddr: ct.backend_addr,
             sport: ct.backend_port,
@@ -233,11 +238,22 @@ fn translate_ingress(start: usize, end: usize) -> Option<()> {
 /// tc egress: an ICMP error about a client's packet, sent by a local backend (its UDP port
 /// is closed) or by the node itself (the translated packet needs fragmenting on the way to
 /// the pod), on its way to the client: the quoted packet becomes the one the client sent (to
-/// the frontend), and an error from the backend comes from the frontend. Returns whether the
-/// packet was changed. Direct packet writes (the verifier makes the skb head writable).
+/// the frontend), and an error from the backend comes from the frontend. Returns the reason:
+/// translated, an ICMP error about no flow of ours, or not understood. Direct packet writes
+/// (the verifier makes the skb head writable).
 #[inline(always)]
-pub fn egress(start: usize, end: usize) -> Option<()> {
-    let e = parse(start, end)?;
+pub fn egress(start: usize, end: usize) -> u32 {
+    let Some(e) = parse(start, end) else {
+        return reasons::TC_NOT_PARSED;
+    };
+    match translate_egress(&e) {
+        Some(()) => reasons::TC_ICMP_TRANSLATED,
+        None => reasons::TC_ICMP_NOT_TRACKED,
+    }
+}
+
+#[inline(always)]
+fn translate_egress(e: &IcmpError) -> Option<()> {
     // SAFETY: pointers bounds-checked by `parse`.
     let (outer_src, outer_dst, inner_src, inner_dst, sport, dport) = unsafe {
         (
@@ -264,9 +280,9 @@ pub fn egress(start: usize, end: usize) -> Option<()> {
     } else {
         outer_src
     };
-    set_outer(&e, outer_src, outer_dst);
+    set_outer(e, outer_src, outer_dst);
     requote(
-        &e,
+        e,
         &Quote {
             saddr: inner_src,
             sport,

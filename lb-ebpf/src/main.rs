@@ -9,7 +9,8 @@
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
 //!   translated per packet in XDP with replies restored at tc egress; helped by `parse.rs`,
-//!   `csum.rs`, `conntrack.rs` and `nat.rs`.
+//!   `csum.rs`, `conntrack.rs` and `nat.rs`; why each packet was dropped or passed is counted
+//!   in `verdict.rs`.
 #![no_std]
 #![no_main]
 
@@ -25,6 +26,7 @@ mod icmp;
 mod nat;
 mod parse;
 mod tc;
+mod verdict;
 mod xdp;
 
 #[cfg(not(test))]

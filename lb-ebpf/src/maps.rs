@@ -8,12 +8,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value,
     Maglev4Table, NameKey, Rev4Value, ServiceName, ServiceStats, Slot4Key, Slot4Value, Sock4Value,
-    SourceRange4Key, limits,
+    SourceRange4Key, limits, reasons,
 };
 
 // ---- the service table (every attach point) ----
@@ -73,3 +73,8 @@ pub static LB4_NODEADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_NODE_AD
 
 #[map]
 pub static LB4_IFADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_IFACES, 0);
+
+/// Why XDP and tc dropped or passed each packet, by `lb_common::reasons` number (see
+/// `verdict.rs`).
+#[map]
+pub static LB4_REASONS_V1: PerCpuArray<u64> = PerCpuArray::pinned(reasons::COUNT, 0);

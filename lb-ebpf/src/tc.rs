@@ -4,40 +4,39 @@
 //! to; a client's packet forwarded to a backend on another node (eTP Cluster) leaves from
 //! the node's address and the flow's SNAT port, so the reply comes back here. Everything
 //! else leaves untouched. This program never drops a packet it does not understand.
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_ktime_get_ns,
-    macros::classifier,
-    programs::TcContext,
-};
-use lb_common::{IPPROTO_TCP, Rev4Value, ct_flags};
+//!
+//! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
+//! reason gives the verdict.
+use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
+use lb_common::{IPPROTO_TCP, Rev4Value, ct_flags, reasons};
 
 use crate::{
     conntrack, icmp,
     maps::{LB4_CT_V2, LB4_FLOWREV_V2},
     nat,
     parse::{self, TCP_SYN},
+    verdict::tc_verdict,
 };
 
 #[classifier]
 pub fn nodeport_tc(ctx: TcContext) -> i32 {
-    egress(&ctx)
+    tc_verdict(egress(&ctx))
 }
 
+/// Why the packet is dropped or passed (`lb_common::reasons`).
 #[inline(always)]
-fn egress(ctx: &TcContext) -> i32 {
+fn egress(ctx: &TcContext) -> u32 {
     let Some(pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
         // Not TCP/UDP we understand: maybe an ICMP error about a translated flow.
-        icmp::egress(ctx.data(), ctx.data_end());
-        return TC_ACT_OK;
+        return icmp::egress(ctx.data(), ctx.data_end());
     };
     let key = pkt.tuple();
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { LB4_FLOWREV_V2.get(&key) }).copied() else {
-        return TC_ACT_OK;
+        return reasons::TC_NOT_A_FLOW;
     };
     if rev.flags & ct_flags::SNAT != 0 {
-        return TC_ACT_OK; // a remote backend's reply to the node: restored in XDP
+        return reasons::TC_NOT_A_FLOW; // a remote backend's reply to the node: restored in XDP
     }
     let tcp_flags = pkt.tcp_flags;
     // SAFETY: a helper without arguments.
@@ -47,15 +46,16 @@ fn egress(ctx: &TcContext) -> i32 {
         // The tuple belongs to a new connection (say, a client reaching the pod directly from a
         // port an old NodePort flow used): translating it would break that connection.
         let _ = LB4_FLOWREV_V2.remove(&key);
-        return TC_ACT_OK;
+        return reasons::TC_STALE_FLOW;
     }
     if !nat::tc_restore_source(ctx, &pkt, &rev) {
-        return TC_ACT_SHOT;
+        return reasons::TC_DROPPED_REWRITE_FAILED;
     }
-    if reply {
-        conntrack::touch_reply(&rev.client_key(), tcp_flags, now);
+    if !reply {
+        return reasons::TC_SNAT;
     }
-    TC_ACT_OK
+    conntrack::touch_reply(&rev.client_key(), tcp_flags, now);
+    reasons::TC_REPLY_TRANSLATED
 }
 
 /// Whether `pkt`, a packet from a backend, is a reply of the tracked flow `rev` names: the

@@ -30,15 +30,16 @@
 //! balancer's health check moves traffic away); `Cluster` passes the packet untranslated and
 //! the stack refuses it (TCP RST / ICMP port unreachable, no socket listens on a NodePort).
 //! Anything not parsed (see `parse.rs`) passes untouched.
+//!
+//! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
+//! reason gives the verdict.
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
-    helpers::generated::bpf_ktime_get_ns,
-    macros::xdp,
-    programs::XdpContext,
+    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
     Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Rev4Value,
-    backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, scopes, snat_ports,
+    backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, reasons, scopes,
+    snat_ports,
 };
 
 use crate::{
@@ -47,13 +48,15 @@ use crate::{
     maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_IFADDR, LB4_MAGLEV_V2, LB4_NODEADDR},
     nat,
     parse::{self, Packet},
+    verdict::xdp_verdict,
 };
 
 #[xdp]
 pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
-    ingress(&ctx)
+    xdp_verdict(ingress(&ctx))
 }
 
+/// Why the packet is dropped or passed (`lb_common::reasons`).
 #[inline(always)]
 fn ingress(ctx: &XdpContext) -> u32 {
     let Some(pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) else {
@@ -70,14 +73,14 @@ fn ingress(ctx: &XdpContext) -> u32 {
         // ClusterIPs are served at the socket; from outside they are not ours.
         Some(found) if found.kind == frontend_kinds::CLUSTER_IP => {
             forget_reused_tuple(&pkt);
-            return xdp_action::XDP_PASS;
+            return reasons::XDP_CLUSTER_IP;
         }
         Some(found) => found,
         None => {
             // SAFETY: only tested for presence.
             if unsafe { LB4_NODEADDR.get(&pkt.daddr) }.is_none() {
                 forget_reused_tuple(&pkt);
-                return xdp_action::XDP_PASS;
+                return reasons::XDP_NOT_A_SERVICE;
             }
             let nodeport = Frontend4Key { addr: 0, ..key };
             match lookup::frontend(&nodeport) {
@@ -91,7 +94,7 @@ fn ingress(ctx: &XdpContext) -> u32 {
         && !lookup::source_allowed(frontend.service_id, pkt.saddr)
     {
         lookup::count(frontend.service_id, false);
-        return xdp_action::XDP_DROP;
+        return reasons::XDP_DROPPED_SOURCE_RANGE;
     }
     forward(ctx, &pkt, &frontend)
 }
@@ -124,14 +127,14 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
         {
             conntrack::touch(entry, pkt.tcp_flags, false, now);
             nat::xdp_forward(pkt, &ct);
-            return xdp_action::XDP_PASS;
+            return reasons::XDP_FORWARDED;
         }
     }
     let local_only = frontend.flags & frontend_flags::LOCAL_ONLY != 0;
     let no_backend = if local_only {
-        xdp_action::XDP_DROP
+        reasons::XDP_DROPPED_NO_LOCAL_ENDPOINT
     } else {
-        xdp_action::XDP_PASS
+        reasons::XDP_NO_BACKEND
     };
     let hash = if frontend.flags & frontend_flags::AFFINITY != 0 {
         flow_hash(pkt.saddr, 0, 0, 0, 0)
@@ -172,7 +175,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
     // A full LRU map evicts the oldest flow; failing here would leave replies untranslated,
     // so the flow is refused instead.
     if LB4_FLOWREV_V2.insert(&reply_key, &rev, 0).is_err() {
-        return xdp_action::XDP_DROP;
+        return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
     }
     if !local_only && backend.flags & backend_flags::LOCAL == 0 {
         // A remote backend: the reply must come back through this node, so the packet leaves
@@ -181,11 +184,11 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
         // SAFETY: copied out at once.
         let Some(nat_addr) = (unsafe { LB4_IFADDR.get(&ifindex) }).copied() else {
             // No address to translate to on this interface: drop rather than mistranslate.
-            return xdp_action::XDP_DROP;
+            return reasons::XDP_DROPPED_NO_SNAT_ADDRESS;
         };
         rev.flags = ct_flags::SNAT;
         let Some(nat_port) = snat_port(&backend, nat_addr, &rev, hash) else {
-            return xdp_action::XDP_DROP; // every port tried is taken
+            return reasons::XDP_DROPPED_NO_SNAT_PORT; // every port tried is taken
         };
         // tc egress sets the source of the forwarded packet, keyed by its tuple after DNAT.
         let out_key = Ct4Key::new(pkt.saddr, backend.addr, pkt.sport, backend.port, pkt.proto);
@@ -199,17 +202,17 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
             pad: 0,
         };
         if LB4_FLOWREV_V2.insert(&out_key, &out, 0).is_err() {
-            return xdp_action::XDP_DROP;
+            return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
         }
         ct.flags |= ct_flags::SNAT;
         ct.nat_addr = nat_addr;
         ct.nat_port = nat_port;
     }
     if LB4_CT_V2.insert(&ct_key, &ct, 0).is_err() {
-        return xdp_action::XDP_DROP;
+        return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
     }
     nat::xdp_forward(pkt, &ct);
-    xdp_action::XDP_PASS
+    reasons::XDP_FORWARDED
 }
 
 /// Whether backend `id` still exists with this address (it was not removed or replaced). A
@@ -281,18 +284,18 @@ fn snat_reply(pkt: &Packet) -> u32 {
     let port = u16::from_be(pkt.dport) as u32;
     let first = snat_ports::FIRST as u32;
     if !(first..first + snat_ports::COUNT as u32).contains(&port) {
-        return xdp_action::XDP_PASS;
+        return reasons::XDP_NOT_A_SERVICE;
     }
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { LB4_FLOWREV_V2.get(&pkt.tuple()) }).copied() else {
-        return xdp_action::XDP_PASS;
+        return reasons::XDP_NOT_A_SERVICE;
     };
     if rev.flags & ct_flags::SNAT == 0 {
-        return xdp_action::XDP_PASS;
+        return reasons::XDP_NOT_A_SERVICE;
     }
     nat::xdp_reply(pkt, &rev);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     conntrack::touch_reply(&rev.client_key(), pkt.tcp_flags, now);
-    xdp_action::XDP_PASS
+    reasons::XDP_REPLY_TRANSLATED
 }

@@ -1,6 +1,6 @@
-//! `lb-agent status`: what is attached where, how full each map is (both read from the pins,
-//! so it works while no agent runs), and the running agent's source and last sync (from its
-//! `/healthz`).
+//! `lb-agent status`: what is attached where, how full each map is, why XDP and tc passed or
+//! dropped packets (all read from the pins, so it works while no agent runs), and the running
+//! agent's source and last sync (from its `/healthz`).
 use std::{io::Read as _, io::Write as _, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Serialize;
@@ -9,6 +9,7 @@ use crate::dataplane::{
     bpffs::{PinDir, is_bpffs},
     inspect::{self, MapStatus},
     links::{self, PinnedLinkStatus},
+    reasons::{ReasonCount, ReasonCounters},
 };
 
 #[derive(Debug, Serialize)]
@@ -17,6 +18,8 @@ pub struct Status {
     pub bpffs_mounted: bool,
     pub links: Vec<PinnedLinkStatus>,
     pub maps: Vec<MapStatus>,
+    /// Packets of the north-south programs by the reason they gave (empty: no map pinned).
+    pub datapath: Vec<ReasonCount>,
     /// The running agent's `/healthz` answer, or why there is none.
     pub agent: serde_json::Value,
 }
@@ -28,6 +31,9 @@ pub fn collect(bpffs: &Path, healthz: SocketAddr) -> Status {
         bpffs_mounted: is_bpffs(bpffs),
         links: links::list(&pins.links()),
         maps: inspect::pinned_maps(&pins.maps()),
+        datapath: ReasonCounters::open_pinned(&pins.maps())
+            .map(|counters| counters.read())
+            .unwrap_or_default(),
         agent: fetch_healthz(healthz)
             .unwrap_or_else(|error| serde_json::json!({ "running": false, "error": error })),
     }
@@ -94,6 +100,19 @@ pub fn text(status: &Status) -> String {
             map.name, map.kind, map.entries, map.capacity
         ));
     }
+    out.push_str("\nPACKETS (north-south programs, by reason)\n");
+    let counted: Vec<&ReasonCount> = status.datapath.iter().filter(|c| c.packets > 0).collect();
+    if status.datapath.is_empty() {
+        out.push_str("  (no reasons map pinned)\n");
+    } else if counted.is_empty() {
+        out.push_str("  (no packet seen)\n");
+    }
+    for count in counted {
+        out.push_str(&format!(
+            "  {:<4} {:<26} {:>14}\n",
+            count.program, count.reason, count.packets
+        ));
+    }
     out.push_str("\nAGENT\n");
     let agent = &status.agent;
     if agent["running"] == true {
@@ -124,4 +143,60 @@ pub fn text(status: &Status) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(datapath: Vec<ReasonCount>) -> Status {
+        Status {
+            bpffs: "/sys/fs/bpf/lb".into(),
+            bpffs_mounted: true,
+            links: Vec::new(),
+            maps: Vec::new(),
+            datapath,
+            agent: serde_json::json!({ "running": false, "error": "none" }),
+        }
+    }
+
+    #[test]
+    fn packets_show_the_reasons_that_counted_and_say_when_there_is_nothing() {
+        let counted = |program, reason, packets| ReasonCount {
+            program,
+            reason,
+            packets,
+        };
+        let shown = text(&status(vec![
+            counted("xdp", "forwarded", 12),
+            counted("xdp", "not_a_service", 0),
+            counted("tc", "reply_translated", 7),
+        ]));
+        let packets: Vec<&str> = shown
+            .split("\nPACKETS")
+            .nth(1)
+            .unwrap()
+            .split("\nAGENT")
+            .next()
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .collect();
+        let words: Vec<Vec<&str>> = packets
+            .iter()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            words,
+            [
+                vec!["xdp", "forwarded", "12"],
+                vec!["tc", "reply_translated", "7"]
+            ]
+        );
+        let none = text(&status(vec![counted("xdp", "forwarded", 0)]));
+        assert!(none.contains("(no packet seen)"), "{none}");
+        let unpinned = text(&status(Vec::new()));
+        assert!(unpinned.contains("(no reasons map pinned)"), "{unpinned}");
+    }
 }

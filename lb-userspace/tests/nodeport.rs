@@ -568,6 +568,14 @@ fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_
         |r| all_from(r, CLIENT_IP),
     );
     eprintln!("eTP Local, local endpoint: {whoami:?}");
+    assert!(
+        datapath_count(&site, "xdp", "forwarded") >= 10,
+        "XDP translated the probes"
+    );
+    assert!(
+        datapath_count(&site, "tc", "reply_translated") >= 10,
+        "tc restored the replies' source"
+    );
     let (status, body) = site
         .http_get(&health)
         .expect("health-check node port answers");
@@ -598,11 +606,15 @@ fn external_traffic_policy_local_keeps_the_source_drops_without_local_endpoints_
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let dropped_before = datapath_count(&site, "xdp", "dropped_no_local_endpoint");
     let dropped = site.probe(&["tcp", &nodeport, "--count", "2", "--timeout-ms", "500"]);
     assert!(
         dropped.replies.is_empty() && dropped.failures() == 2,
         "{dropped:?}"
     );
+    // Each connection's SYN (and any retransmission) counted as dropped for this reason.
+    let dropped_count = datapath_count(&site, "xdp", "dropped_no_local_endpoint") - dropped_before;
+    assert!(dropped_count >= 2, "counted {dropped_count} drops");
     let first = dropped.first_error.clone().unwrap_or_default();
     assert!(
         !first.contains("refused"),
@@ -1257,6 +1269,20 @@ fn pods_and_the_node_itself_reach_node_ports_at_the_socket() {
 }
 
 const LB_IP: &str = "203.0.113.7";
+
+/// `lb_datapath_packets_total{program, reason}` on node-a's `/metrics`.
+fn datapath_count(site: &Site, program: &str, reason: &str) -> u64 {
+    let (status, text) = in_netns(site.node_a.netns(), || {
+        common::http_get(METRICS_ADDR, "/metrics")
+    });
+    assert_eq!(status, 200, "{text}");
+    let labels = format!("{{program=\"{program}\",reason=\"{reason}\"}}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("lb_datapath_packets_total") && l.contains(&labels))
+        .unwrap_or_else(|| panic!("no lb_datapath_packets_total{labels} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
 
 /// The refused counter of service `name` on node-a's `/metrics`.
 fn refused_count(site: &Site, name: &str) -> u64 {

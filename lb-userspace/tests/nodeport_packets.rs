@@ -18,6 +18,7 @@ use lb_agent::{
         BpfServiceMaps, Dataplane, Limits,
         bpffs::PinDir,
         nodeport::{self, NodeAddrMaps},
+        reasons::ReasonCounters,
     },
     model::{
         Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
@@ -83,6 +84,17 @@ impl Harness {
     fn program_desired(&mut self, desired: &DesiredState) {
         let report = self.reconciler.sync(desired, &mut self.maps);
         assert!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+
+    /// Every reason's packets, summed over CPUs, read from the pin as `lb-agent status` and
+    /// `/metrics` read them.
+    fn reasons(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        ReasonCounters::open_pinned(&self.dataplane.pins().maps())
+            .expect("the reasons map is pinned")
+            .read()
+            .into_iter()
+            .map(|c| ((c.program, c.reason), c.packets))
+            .collect()
     }
 
     fn run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> (u32, Vec<u8>, u128) {
@@ -682,6 +694,216 @@ fn nodeport_external_ip_local_policy_snat_and_replies_packet_by_packet() {
         ),
     ];
     run_cases(&mut h, &cases);
+}
+
+/// Each packet is counted under exactly one reason of its program, the one that says why it
+/// was passed or dropped: the counters move by exactly the expected one and nothing else.
+#[test]
+fn every_packet_is_counted_under_the_reason_of_its_verdict() {
+    use Hook::{TcEgress, Xdp};
+    let mut h = Harness::new();
+    let mut desired = state().desired();
+    // A LoadBalancer IP with source ranges and a ClusterIP, beside the NodePorts of `state`.
+    const LB_IP: &str = "198.51.100.20";
+    let lb = frontend(Some(LB_IP), 80, Protocol::Tcp);
+    let web = desired.frontends[&frontend(None, 30080, Protocol::Tcp)].clone();
+    let mut lb_service = web.clone();
+    lb_service.kind = FrontendKind::LoadBalancer;
+    lb_service.source_ranges = Some(SourceRanges {
+        allowed: ["203.0.113.0/28".parse().unwrap()].into(),
+        allow_node: false,
+        allow_pods: false,
+    });
+    desired.frontends.insert(lb, lb_service);
+    let mut cluster_ip = web;
+    cluster_ip.kind = FrontendKind::ClusterIP;
+    desired.frontends.insert(
+        Frontend::new("10.96.0.80".parse().unwrap(), 80, Protocol::Tcp),
+        cluster_ip,
+    );
+    h.program_desired(&desired);
+
+    let snat_syn = tcp((CLIENT, 40002), (NODE, 30081), SYN);
+    let snat_port = first_snat_port(&snat_syn);
+    let mut steps: Vec<(&str, Hook, Vec<u8>, u32, &str)> = vec![
+        (
+            "a SYN to a NodePort, translated",
+            Xdp,
+            tcp((CLIENT, 40000), (NODE, 30080), SYN).bytes(),
+            XDP_PASS,
+            "forwarded",
+        ),
+        (
+            "the flow's next packet, translated",
+            Xdp,
+            tcp((CLIENT, 40000), (NODE, 30080), ACK).bytes(),
+            XDP_PASS,
+            "forwarded",
+        ),
+        (
+            "the backend's reply, reverse-translated at tc",
+            TcEgress,
+            tcp((POD_A, 8080), (CLIENT, 40000), SYN | ACK).bytes(),
+            TC_ACT_OK,
+            "reply_translated",
+        ),
+        (
+            "eTP Local without a local endpoint",
+            Xdp,
+            tcp((CLIENT, 40003), (NODE, 30090), SYN).bytes(),
+            XDP_DROP,
+            "dropped_no_local_endpoint",
+        ),
+        (
+            "eTP Cluster without endpoints",
+            Xdp,
+            tcp((CLIENT, 40005), (NODE, 30099), SYN).bytes(),
+            XDP_PASS,
+            "no_backend",
+        ),
+        (
+            "another address",
+            Xdp,
+            tcp((CLIENT, 40007), ("192.0.2.1", 30080), SYN).bytes(),
+            XDP_PASS,
+            "not_a_service",
+        ),
+        (
+            "another port of the node",
+            Xdp,
+            tcp((CLIENT, 40006), (NODE, 22), SYN).bytes(),
+            XDP_PASS,
+            "not_a_service",
+        ),
+        (
+            "a ClusterIP from outside",
+            Xdp,
+            tcp((CLIENT, 45000), ("10.96.0.80", 80), SYN).bytes(),
+            XDP_PASS,
+            "cluster_ip",
+        ),
+        (
+            "a LoadBalancer IP from outside its source ranges",
+            Xdp,
+            tcp(("192.0.2.99", 40000), (LB_IP, 80), SYN).bytes(),
+            XDP_DROP,
+            "dropped_source_range",
+        ),
+        (
+            "eTP Cluster to a remote backend",
+            Xdp,
+            snat_syn.bytes(),
+            XDP_PASS,
+            "forwarded",
+        ),
+        (
+            "... SNAT at tc",
+            TcEgress,
+            tcp((CLIENT, 40002), (REMOTE_POD, 8080), SYN).bytes(),
+            TC_ACT_OK,
+            "snat",
+        ),
+        (
+            "... the remote backend's reply gets its client back",
+            Xdp,
+            tcp((REMOTE_POD, 8080), (NODE, snat_port), SYN | ACK).bytes(),
+            XDP_PASS,
+            "reply_translated",
+        ),
+        (
+            "an ICMP error about a tracked reply",
+            Xdp,
+            icmp_error(
+                ROUTER,
+                NODE,
+                3,
+                4,
+                1400,
+                &tcp((NODE, 30080), (CLIENT, 40000), ACK),
+            ),
+            XDP_PASS,
+            "icmp_translated",
+        ),
+        (
+            "an ICMP error about no flow",
+            Xdp,
+            icmp_error(ROUTER, NODE, 3, 3, 0, &udp((NODE, 53), (CLIENT, 5000))),
+            XDP_PASS,
+            "icmp_not_tracked",
+        ),
+        (
+            "UDP to a NodePort",
+            Xdp,
+            udp((CLIENT, 5000), (NODE, 30053)).bytes(),
+            XDP_PASS,
+            "forwarded",
+        ),
+        (
+            "the local backend's port unreachable about it, at tc",
+            TcEgress,
+            icmp_error(POD_A, CLIENT, 3, 3, 0, &udp((CLIENT, 5000), (POD_A, 5353))),
+            TC_ACT_OK,
+            "icmp_translated",
+        ),
+        (
+            "egress of the node's own traffic",
+            TcEgress,
+            udp((NODE, 53), (CLIENT, 5000)).bytes(),
+            TC_ACT_OK,
+            "not_a_flow",
+        ),
+        (
+            "an ICMP error about no flow, at tc",
+            TcEgress,
+            icmp_error(POD_A, CLIENT, 3, 3, 0, &udp((CLIENT, 5999), (POD_A, 5353))),
+            TC_ACT_OK,
+            "icmp_not_tracked",
+        ),
+    ];
+    // Garbage aimed at the tracked flow: never parsed, whatever is wrong with it.
+    let good = tcp((CLIENT, 40000), (NODE, 30080), ACK).bytes();
+    let good_udp = udp((CLIENT, 5000), (NODE, 30053)).bytes();
+    for (name, frame) in garbage(&good, &good_udp) {
+        steps.push((name, Xdp, frame, XDP_PASS, "not_parsed"));
+    }
+    let reply = tcp((POD_A, 8080), (CLIENT, 40000), ACK).bytes();
+    steps.push((
+        "IPv4 options at tc",
+        TcEgress,
+        garbage(&reply, &udp((POD_A, 5353), (CLIENT, 5000)).bytes())
+            .into_iter()
+            .find(|(name, _)| *name == "IPv4 options")
+            .unwrap()
+            .1,
+        TC_ACT_OK,
+        "not_parsed",
+    ));
+
+    let mut failures = Vec::new();
+    for (name, hook, frame, verdict, reason) in steps {
+        let program = match hook {
+            Xdp => "xdp",
+            TcEgress => "tc",
+        };
+        let before = h.reasons();
+        let (got, _, _) = h.run(hook, &frame, 1);
+        let after = h.reasons();
+        let moved: BTreeMap<_, _> = after
+            .iter()
+            .filter(|(key, n)| before.get(*key) != Some(*n))
+            .map(|(key, n)| (*key, n - before.get(key).copied().unwrap_or(0)))
+            .collect();
+        let expected = BTreeMap::from([((program, reason), 1)]);
+        if got != verdict || moved != expected {
+            eprintln!(
+                "FAIL {name}: verdict {got} (expected {verdict}), counted {moved:?} (expected {expected:?})"
+            );
+            failures.push(name);
+        } else {
+            eprintln!("ok   {name}: {program} {reason}");
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
 /// Frames that are malformed, truncated, fragmented or carry IP options, built from packets of

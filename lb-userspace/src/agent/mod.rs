@@ -22,7 +22,7 @@ use tokio::{
 
 use crate::{
     api::{self, AgentState, service_health::ServiceHealthServers},
-    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges},
+    dataplane::{Dataplane, Limits, bpffs::PinDir, privileges, reasons::ReasonCounters},
     model::ProxyIdentity,
     reconcile::Reconciler,
     source::{Snapshot, kube, manifests},
@@ -110,6 +110,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     record_capacities(&state, &dataplane.capacities());
     *state.counters.lock().expect("counters lock") = Some(pass.counter_reader());
+    match ReasonCounters::open_pinned(&pins.maps()) {
+        Ok(counters) => {
+            *state.reasons.lock().expect("reasons lock") = Some(reason_reader(counters))
+        }
+        Err(error) => tracing::warn!(
+            error = %format!("{error:#}"),
+            "lb_datapath_packets_total will not be served"
+        ),
+    }
 
     let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
     let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
@@ -162,6 +171,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     source.abort();
     drop(interfaces);
     state.counters.lock().expect("counters lock").take();
+    state.reasons.lock().expect("reasons lock").take();
     drop(pass);
     drop(dataplane);
     if config.cleanup_on_exit {
@@ -202,6 +212,23 @@ async fn start_source(
     tokio::spawn(api::health::follow_staleness(health.subscribe(), state));
     let source = kube::watch(client, config.identity.clone(), snapshots, health);
     Ok(tokio::spawn(source))
+}
+
+/// Reads why XDP and tc dropped or passed packets, for a `/metrics` scrape.
+fn reason_reader(counters: ReasonCounters) -> api::ReasonReader {
+    Box::new(move || {
+        counters
+            .read()
+            .into_iter()
+            .map(|count| {
+                let labels = api::metrics::DatapathLabels {
+                    program: count.program.into(),
+                    reason: count.reason.into(),
+                };
+                (labels, count.packets)
+            })
+            .collect()
+    })
 }
 
 /// The capacity of each map as the kernel reports it (a `--max-*` flag shows once it took

@@ -30,6 +30,14 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Why a north-south program dropped or passed packets (`lb_common::reasons`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatapathLabels {
+    /// `xdp` or `tc`.
+    pub program: String,
+    pub reason: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -43,6 +51,7 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub forwarded: Family<ServiceLabels, Counter>,
     pub refused: Family<ServiceLabels, Counter>,
+    pub datapath_packets: Family<DatapathLabels, Counter>,
     pub source_stale: Gauge,
 }
 
@@ -66,6 +75,7 @@ impl Metrics {
             errors: Family::default(),
             forwarded: Family::default(),
             refused: Family::default(),
+            datapath_packets: Family::default(),
             source_stale: Gauge::default(),
         };
         registry.register(
@@ -119,6 +129,11 @@ impl Metrics {
             metrics.refused.clone(),
         );
         registry.register(
+            "lb_datapath_packets",
+            "Packets the north-south programs (XDP ingress, tc egress) passed or dropped, by the reason they give",
+            metrics.datapath_packets.clone(),
+        );
+        registry.register(
             "lb_source_stale",
             "1 while the source cannot be reached and the last known state is served",
             metrics.source_stale.clone(),
@@ -128,9 +143,9 @@ impl Metrics {
     }
 
     /// Sets a counter family member to an absolute value read from the kernel.
-    pub fn set_counter(
-        family: &Family<ServiceLabels, Counter>,
-        labels: &ServiceLabels,
+    pub fn set_counter<L: Clone + std::hash::Hash + Eq>(
+        family: &Family<L, Counter>,
+        labels: &L,
         value: u64,
     ) {
         let counter = family.get_or_create(labels);
@@ -167,6 +182,11 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
         for (labels, forwarded, refused) in read() {
             Metrics::set_counter(&state.metrics.forwarded, &labels, forwarded);
             Metrics::set_counter(&state.metrics.refused, &labels, refused);
+        }
+    }
+    if let Some(read) = state.reasons.lock().expect("reasons lock").as_ref() {
+        for (labels, packets) in read() {
+            Metrics::set_counter(&state.metrics.datapath_packets, &labels, packets);
         }
     }
     (

@@ -22,10 +22,15 @@ pub struct AgentState {
     /// Reads the per-service counters when `/metrics` is scraped (nothing is read between
     /// scrapes): labels, forwarded, refused.
     pub counters: std::sync::Mutex<Option<CounterReader>>,
+    /// Reads why the north-south programs dropped or passed packets, when `/metrics` is
+    /// scraped: labels, packets.
+    pub reasons: std::sync::Mutex<Option<ReasonReader>>,
 }
 
 /// See [`AgentState::counters`].
 pub type CounterReader = Box<dyn Fn() -> Vec<(metrics::ServiceLabels, u64, u64)> + Send>;
+/// See [`AgentState::reasons`].
+pub type ReasonReader = Box<dyn Fn() -> Vec<(metrics::DatapathLabels, u64)> + Send>;
 
 impl AgentState {
     pub fn new(source: String) -> Arc<Self> {
@@ -33,6 +38,7 @@ impl AgentState {
             metrics: Metrics::new(),
             health: std::sync::Mutex::new(Health::new(source)),
             counters: std::sync::Mutex::new(None),
+            reasons: std::sync::Mutex::new(None),
         })
     }
 

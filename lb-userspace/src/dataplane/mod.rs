@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod names;
 pub mod nodeport;
 pub mod privileges;
+pub mod reasons;
 pub mod stats;
 mod sys;
 
