@@ -160,7 +160,8 @@ struct RunArgs {
     /// Also destroy TCP connections a socket program sent to a backend that is now gone
     /// (Cilium's socket termination for TCP); connected UDP sockets of a removed backend are
     /// always destroyed, as kube-proxy clears their conntrack entries.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_name = "BOOL")]
     terminate_tcp: bool,
 }
 

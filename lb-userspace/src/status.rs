@@ -136,6 +136,9 @@ pub fn text(status: &Status) -> String {
                 ""
             },
         ));
+        if let Some(how) = agent["socketTermination"].as_str() {
+            out.push_str(&format!("  sockets of removed backends: {how}\n"));
+        }
     } else {
         out.push_str(&format!(
             "  not reachable: {}\n",

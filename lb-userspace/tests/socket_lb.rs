@@ -1322,3 +1322,84 @@ fn a_closed_socket_leaves_nothing_in_the_sockets_map() {
     assert_eq!(result.failures(), 0, "{result:?}");
     assert_eq!(socket_entries(&cluster), baseline);
 }
+
+#[test]
+fn a_connected_udp_socket_of_a_removed_backend_is_destroyed_and_reconnects_to_a_live_one() {
+    let mut cluster = dns_cluster();
+    dns_slice(&cluster, &["dns-a"]);
+    cluster.start_agent();
+    udp_until_only_from(&cluster, "dns-a");
+
+    // One connected socket, reopened after an error as an application would. dns-a leaves
+    // the service but keeps answering at its own address: without the socket's destruction
+    // the socket would stay on it for good.
+    let running = cluster.probe_in_background(&[
+        "udp",
+        "10.96.0.53:53",
+        "--connected",
+        "--reopen-on-error",
+        "--duration-ms",
+        "3000",
+        "--interval-ms",
+        "10",
+        "--timeout-ms",
+        "200",
+    ]);
+    std::thread::sleep(Duration::from_millis(800));
+    dns_slice(&cluster, &["dns-b"]);
+    let result = finish_probe(running);
+    let to_b = result.replies.get("dns-b").copied().unwrap_or(0);
+    assert!(
+        result.replies.get("dns-a").is_some_and(|n| *n > 0) && to_b > 0,
+        "the socket moved: {result:?}\n{}",
+        cluster.agent().log()
+    );
+    // ~2.2 s after the change at one request per ~10 ms: it moved within about a second.
+    assert!(to_b >= 60, "moved late: {result:?}");
+    assert!(
+        cluster
+            .agent()
+            .log()
+            .contains("destroyed the sockets of removed backends"),
+        "{}",
+        cluster.agent().log()
+    );
+    // `lb-agent status` says how.
+    let healthz = cluster.agent().healthz_addr.unwrap().to_string();
+    let bpffs = cluster.bpffs.path().display().to_string();
+    let status = cluster.agent_command(&["status", "--bpffs", &bpffs, "--healthz-addr", &healthz]);
+    assert!(
+        status.contains("sockets of removed backends: destroyed through netlink SOCK_DESTROY"),
+        "{status}"
+    );
+}
+
+/// A TCP connection held open to pod-a while pod-a leaves the service (and keeps serving
+/// at its own address); how it ended.
+fn held_tcp_connection_when_its_backend_goes(extra: &[&str]) -> (common::ProbeResult, String) {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a"]);
+    cluster.start_agent_with(extra);
+    let held = cluster.probe_in_background(&["tcp", TCP_VIP, "--hold-ms", "1500"]);
+    std::thread::sleep(Duration::from_millis(500));
+    web(&cluster, &["pod-b"]);
+    let result = finish_probe(held);
+    let log = cluster.agent().log();
+    (result, log)
+}
+
+#[test]
+fn tcp_connections_of_a_removed_backend_are_destroyed_only_with_terminate_tcp() {
+    let (kept, _) = held_tcp_connection_when_its_backend_goes(&[]);
+    assert_eq!(
+        kept.errors.get("timeout"),
+        Some(&1),
+        "without --terminate-tcp the connection stays: {kept:?}"
+    );
+    let (destroyed, log) = held_tcp_connection_when_its_backend_goes(&["--terminate-tcp"]);
+    assert_eq!(
+        destroyed.errors.get("reset"),
+        Some(&1),
+        "aborted: {destroyed:?}\n{log}"
+    );
+}

@@ -112,6 +112,11 @@ struct TcpArgs {
     /// Where to connect.
     #[arg(value_name = "ADDR:PORT")]
     target: SocketAddr,
+    /// Instead of a request, hold each connection open for H milliseconds without sending,
+    /// and record how it ended: `timeout` when it was still open, `reset` when it was
+    /// aborted or reset, an error `other:closed` when the server closed it.
+    #[arg(long, value_name = "H")]
+    hold_ms: Option<u64>,
     #[command(flatten)]
     run: LoopArgs,
 }
@@ -132,6 +137,10 @@ struct UdpArgs {
     /// picks the source after routing).
     #[arg(long, value_name = "ADDR")]
     source: Option<IpAddr>,
+    /// After an error other than a timeout (the socket was destroyed, say), open a new
+    /// socket for the next request, as an application reconnecting would.
+    #[arg(long)]
+    reopen_on_error: bool,
     #[command(flatten)]
     run: LoopArgs,
 }
@@ -386,10 +395,30 @@ fn probe_tcp(args: &TcpArgs) -> Tally {
     let timeout = Duration::from_millis(args.run.timeout_ms);
     let payload = request_payload(&args.run, true);
     let mut tally = Tally::default();
-    run_loop(&args.run, &mut tally, |tally| {
-        tcp_once(args.target, timeout, payload, tally)
+    run_loop(&args.run, &mut tally, |tally| match args.hold_ms {
+        Some(hold) => tcp_hold(args.target, timeout, Duration::from_millis(hold), tally),
+        None => tcp_once(args.target, timeout, payload, tally),
     });
     tally
+}
+
+/// One connection held open without a request for `hold`; how it ended is recorded.
+fn tcp_hold(target: SocketAddr, timeout: Duration, hold: Duration, tally: &mut Tally) {
+    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(conn) => conn,
+        Err(e) => return tally.error(&format!("connect {target}"), &e),
+    };
+    if let Ok(peer) = conn.peer_addr() {
+        tally.peer(peer);
+    }
+    let mut buf = [0u8; 64];
+    let ended = conn
+        .set_read_timeout(Some(hold.max(Duration::from_millis(1))))
+        .and_then(|()| conn.read(&mut buf));
+    match ended {
+        Ok(_) => tally.error("hold", &io::Error::other("closed")),
+        Err(e) => tally.error("hold", &e),
+    }
 }
 
 /// One connection: connect, send the request, read to EOF, record the body.
@@ -445,8 +474,12 @@ fn probe_udp(args: &UdpArgs) -> Tally {
                 Err(e) => return tally.error(&format!("udp socket for {}", args.target), &e),
             }
         }
-        if let Some(socket) = &shared {
-            udp_once(socket, args, payload, tally);
+        if let Some(socket) = &shared
+            && let Err(kind) = udp_once(socket, args, payload, tally)
+            && args.reopen_on_error
+            && !matches!(kind, ErrorKind::WouldBlock | ErrorKind::TimedOut)
+        {
+            shared = None;
         }
     });
     tally
@@ -468,8 +501,14 @@ fn udp_socket(args: &UdpArgs, timeout: Duration) -> io::Result<UdpSocket> {
 }
 
 /// One request/reply. Unconnected mode records the reply's source address
-/// (what the recvmsg hook rewrites); connected mode records `peer_addr()`.
-fn udp_once(socket: &UdpSocket, args: &UdpArgs, payload: &[u8], tally: &mut Tally) {
+/// (what the recvmsg hook rewrites); connected mode records `peer_addr()`. Returns the
+/// error's kind when it failed.
+fn udp_once(
+    socket: &UdpSocket,
+    args: &UdpArgs,
+    payload: &[u8],
+    tally: &mut Tally,
+) -> Result<(), ErrorKind> {
     drain_stale_replies(socket);
     let mut buf = [0u8; 2048];
     let result = if args.connected {
@@ -486,8 +525,12 @@ fn udp_once(socket: &UdpSocket, args: &UdpArgs, payload: &[u8], tally: &mut Tall
         Ok((n, peer)) => {
             tally.peer(peer);
             tally.reply(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+            Ok(())
         }
-        Err(e) => tally.error(&format!("udp {}", args.target), &e),
+        Err(e) => {
+            tally.error(&format!("udp {}", args.target), &e);
+            Err(e.kind())
+        }
     }
 }
 

@@ -93,6 +93,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Subscribed before the first read, so no change falls between the two.
     let mut address_changes = interfaces::address_changes()?;
     let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
+    state.health.lock().expect("health lock").socket_termination =
+        terminate::SocketTerminator::describe(config.terminate_tcp).to_owned();
     let terminator = terminate::SocketTerminator::new(
         &config.cgroup,
         pins.maps().join(lb_common::map_names::REVNAT_V4),

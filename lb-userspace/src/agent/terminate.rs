@@ -71,6 +71,15 @@ impl SocketTerminator {
         }
     }
 
+    /// How it works, for the log and `lb-agent status`.
+    pub fn describe(tcp: bool) -> &'static str {
+        if tcp {
+            "destroyed through netlink SOCK_DESTROY, UDP and TCP"
+        } else {
+            "destroyed through netlink SOCK_DESTROY, UDP (TCP with --terminate-tcp)"
+        }
+    }
+
     /// Starts a run for `removed` in a thread of its own; returns at once.
     pub fn spawn(&self, removed: Vec<Backend>) {
         if removed.is_empty() {

@@ -58,6 +58,8 @@ pub struct Health {
     pub stale: bool,
     /// Why this node should get no load-balancer traffic; `None`: it is eligible.
     pub node_ineligible: Option<&'static str>,
+    /// How sockets of removed backends are terminated, for `lb-agent status`.
+    pub socket_termination: String,
 }
 
 impl Health {
@@ -68,6 +70,7 @@ impl Health {
             pending_since: None,
             stale: false,
             node_ineligible: None,
+            socket_termination: String::new(),
         }
     }
 
@@ -134,6 +137,9 @@ pub struct HealthzBody {
     pub node_eligible: Option<bool>,
     pub source: String,
     pub stale: bool,
+    /// Ours: how sockets of removed backends are terminated.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub socket_termination: String,
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {
@@ -180,6 +186,7 @@ pub fn answer(health: &Health, now: SystemTime, readiness: bool) -> (StatusCode,
         node_eligible: readiness.then(|| health.node_eligible()),
         source: health.source.clone(),
         stale: health.stale,
+        socket_termination: health.socket_termination.clone(),
     };
     (status, body)
 }
