@@ -159,11 +159,44 @@ pub mod ct_state {
 /// Source ports the node uses for SNAT of external flows to remote backends: above the
 /// kernel's default ephemeral range (32768-60999), so they do not collide with the node's own
 /// connections.
+///
+/// Each (backend address and port, node address, protocol) has the whole range: a new flow
+/// tries `TRIES` ports from one its hash gives (the full tuple, also with session affinity),
+/// then the rest of the range in order ([`probe`]). A port whose flow is over (expired,
+/// closed, or forgotten by the conntrack map) is taken over. After a search of the whole
+/// range found nothing, only the `TRIES` hashed ports are tried for `EXHAUSTED_SECS`, so a
+/// flood of new flows at a full range costs 8 probes a packet, not 4,536.
 pub mod snat_ports {
     pub const FIRST: u16 = 61_000;
     pub const COUNT: u16 = 4_536;
-    /// Ports tried per new flow before it is dropped (port exhaustion).
+    /// Ports tried from the flow's hash before the rest of the range is searched.
     pub const TRIES: u32 = 8;
+    /// How long, after a whole-range search found no port, new flows of that backend and node
+    /// address try only their `TRIES` hashed ports (then are dropped as port exhaustion).
+    pub const EXHAUSTED_SECS: u64 = 1;
+
+    /// The offset into the range a flow with `hash` tries first.
+    #[inline(always)]
+    pub const fn first(hash: u32) -> u16 {
+        ((hash >> 7) % COUNT as u32) as u16
+    }
+
+    /// The port (host byte order) of the `attempt`th probe from offset `first` (< `COUNT`):
+    /// attempts 0..`COUNT` visit every port of the range once.
+    #[inline(always)]
+    pub const fn probe(first: u16, attempt: u32) -> u16 {
+        let mut offset = first as u32 + attempt % COUNT as u32;
+        if offset >= COUNT as u32 {
+            offset -= COUNT as u32;
+        }
+        FIRST + offset as u16
+    }
+
+    /// Whether `port` (host byte order) is an SNAT port.
+    #[inline(always)]
+    pub const fn contains(port: u16) -> bool {
+        port >= FIRST && (port as u32) < FIRST as u32 + COUNT as u32
+    }
 }
 
 /// A flow's tuple as seen on the wire (addresses and ports in network byte order). In
@@ -289,8 +322,32 @@ const _: () = {
 
 #[cfg(test)]
 mod tests {
-    use super::{ct_flags, ct_state, ct_timeouts as t, tcp_flags::*};
+    use super::{ct_flags, ct_state, ct_timeouts as t, snat_ports, tcp_flags::*};
     use crate::{IPPROTO_TCP, IPPROTO_UDP};
+
+    #[test]
+    fn snat_probes_visit_every_port_of_the_range_once_from_any_start() {
+        for first in [0, 1, snat_ports::COUNT / 2, snat_ports::COUNT - 1] {
+            let mut seen = std::collections::BTreeSet::new();
+            for attempt in 0..snat_ports::COUNT as u32 {
+                let port = snat_ports::probe(first, attempt);
+                assert!(snat_ports::contains(port), "{port}");
+                assert!(seen.insert(port), "{port} twice from {first}");
+            }
+            assert_eq!(seen.len(), snat_ports::COUNT as usize);
+            assert_eq!(snat_ports::probe(first, 0), snat_ports::FIRST + first);
+            // The hashed tries are consecutive: the first ones the search makes.
+            assert_eq!(
+                snat_ports::probe(first, 1),
+                snat_ports::FIRST + (first + 1) % snat_ports::COUNT
+            );
+        }
+        for hash in [0, 1 << 7, u32::MAX, 0x9e37_79b9] {
+            assert!(snat_ports::first(hash) < snat_ports::COUNT);
+        }
+        assert!(!snat_ports::contains(snat_ports::FIRST - 1));
+        assert!(!snat_ports::contains(snat_ports::FIRST + snat_ports::COUNT));
+    }
 
     const CLIENT: bool = false;
     const BACKEND: bool = true;

@@ -27,6 +27,9 @@ pub const MAX_FLOW_REPLIES: u32 = 3 * MAX_FLOWS;
 /// Allowed source ranges over all LoadBalancer frontends (one entry per range per service
 /// id, plus each LB IP of a service whose ranges hold the node).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// (Backend, node address) pairs whose SNAT range was found full (LRU; a forgotten one costs
+/// one more search of its range).
+pub const MAX_SNAT_EXHAUSTED: u32 = 4_096;
 pub const MAX_NODE_ADDRS: u32 = 256;
 pub const MAX_IFACES: u32 = 64;
 

@@ -28,6 +28,10 @@ pub const FLOWS_V4: &str = "LB4_CT_V2";
 /// Reverse translation of XDP flows, keyed by the reply's tuple: `Ct4Key` → `Rev4Value`
 /// (LRU).
 pub const FLOW_REPLIES_V4: &str = "LB4_FLOWREV_V2";
+/// SNAT port exhaustion, per (backend address, node address, backend port, 0, protocol) as a
+/// `Ct4Key`: when a search of the whole SNAT range last found no port (`u64`,
+/// `bpf_ktime_get_ns`; LRU, a hint only).
+pub const SNAT_EXHAUSTED_V4: &str = "LB4_SNATFULL_V1";
 /// This node's addresses NodePorts answer on: address → 1.
 pub const NODE_ADDRS_V4: &str = "LB4_NODEADDR";
 /// Source address for SNAT per ingress interface: ifindex → address.

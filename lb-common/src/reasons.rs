@@ -35,7 +35,8 @@ pub const XDP_DROPPED_NO_LOCAL_ENDPOINT: u32 = 8;
 pub const XDP_DROPPED_SOURCE_RANGE: u32 = 9;
 /// A new SNAT flow, but the ingress interface has no address to SNAT to.
 pub const XDP_DROPPED_NO_SNAT_ADDRESS: u32 = 10;
-/// A new SNAT flow, but every SNAT port tried is taken.
+/// A new SNAT flow, but every SNAT port of its backend and node address is held by a live
+/// flow (port exhaustion; see `snat_ports`).
 pub const XDP_DROPPED_NO_SNAT_PORT: u32 = 11;
 /// A new flow the conntrack or reverse map refused.
 pub const XDP_DROPPED_FLOW_TABLE_FULL: u32 = 12;
