@@ -9,7 +9,7 @@
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
 //!   translated per packet in XDP with replies restored at tc egress; helped by `parse.rs`,
-//!   `csum.rs`, `conntrack.rs` and `nat.rs`; why each packet was dropped or passed is counted
+//!   `csum.rs`, `conntrack.rs`, `nat.rs` and `snat.rs` (SNAT ports); why each packet was dropped or passed is counted
 //!   in `verdict.rs`.
 #![no_std]
 #![no_main]
@@ -25,6 +25,7 @@ mod csum;
 mod icmp;
 mod nat;
 mod parse;
+mod snat;
 mod tc;
 mod verdict;
 mod xdp;

@@ -68,6 +68,11 @@ pub static LB4_CT_V2: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(limits::
 pub static LB4_FLOWREV_V2: LruHashMap<Ct4Key, Rev4Value> =
     LruHashMap::pinned(limits::MAX_FLOW_REPLIES, 0);
 
+/// When the SNAT range of a (backend, node address) pair was last found full (see `snat.rs`).
+#[map]
+pub static LB4_SNATFULL_V1: LruHashMap<Ct4Key, u64> =
+    LruHashMap::pinned(limits::MAX_SNAT_EXHAUSTED, 0);
+
 #[map]
 pub static LB4_NODEADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);
 

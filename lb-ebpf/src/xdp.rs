@@ -11,8 +11,8 @@
 //! 3. the destination becomes the backend (DNAT); the reverse translation is recorded under
 //!    the reply's tuple (`LB4_FLOWREV_V2`);
 //! 4. for a remote backend of an `externalTrafficPolicy: Cluster` service the flow also gets
-//!    an SNAT port of the node (`lb_common::snat_ports`), and an entry telling tc egress to
-//!    give the forwarded packet the node's address and that port as source;
+//!    an SNAT port of the node (`lb_common::snat_ports`, `snat.rs`), and an entry telling tc
+//!    egress to give the forwarded packet the node's address and that port as source;
 //! 5. the packet goes on to the node's stack (XDP_PASS), which routes it to the pod: over
 //!    the bridge to a local pod, or to the node that owns a remote pod. Passing keeps the
 //!    forwarding decisions (routes, neighbours, bridge, veth) with the kernel; a redirect
@@ -33,9 +33,7 @@
 //!
 //! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
 //! reason gives the verdict.
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use lb_common::{
     Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Rev4Value,
     backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, reasons, scopes,
@@ -48,6 +46,7 @@ use crate::{
     maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_IFADDR, LB4_MAGLEV_V2, LB4_NODEADDR},
     nat,
     parse::{self, Packet},
+    snat,
     verdict::xdp_verdict,
 };
 
@@ -129,6 +128,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
             nat::xdp_forward(pkt, &ct);
             return reasons::XDP_FORWARDED;
         }
+        // The flow is over (or its backend gone): a new one replaces it, its port goes back.
+        snat::release(&ct_key, &ct);
     }
     let local_only = frontend.flags & frontend_flags::LOCAL_ONLY != 0;
     let no_backend = if local_only {
@@ -184,11 +185,22 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
         // SAFETY: copied out at once.
         let Some(nat_addr) = (unsafe { LB4_IFADDR.get(&ifindex) }).copied() else {
             // No address to translate to on this interface: drop rather than mistranslate.
+            let _ = LB4_FLOWREV_V2.remove(&reply_key);
             return reasons::XDP_DROPPED_NO_SNAT_ADDRESS;
         };
         rev.flags = ct_flags::SNAT;
-        let Some(nat_port) = snat_port(&backend, nat_addr, &rev, hash) else {
-            return reasons::XDP_DROPPED_NO_SNAT_PORT; // every port tried is taken
+        // Affinity pins the backend, not the port: the port search starts from the whole
+        // tuple's hash.
+        let snat_hash = if frontend.flags & frontend_flags::AFFINITY != 0 {
+            flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
+        } else {
+            hash
+        };
+        let Some(nat_port) =
+            snat::claim(backend.addr, backend.port, nat_addr, &rev, snat_hash, now)
+        else {
+            let _ = LB4_FLOWREV_V2.remove(&reply_key);
+            return reasons::XDP_DROPPED_NO_SNAT_PORT; // every port is a live flow's
         };
         // tc egress sets the source of the forwarded packet, keyed by its tuple after DNAT.
         let out_key = Ct4Key::new(pkt.saddr, backend.addr, pkt.sport, backend.port, pkt.proto);
@@ -201,14 +213,16 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
             proto: pkt.proto,
             pad: 0,
         };
-        if LB4_FLOWREV_V2.insert(&out_key, &out, 0).is_err() {
-            return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
-        }
         ct.flags |= ct_flags::SNAT;
         ct.nat_addr = nat_addr;
         ct.nat_port = nat_port;
+        if LB4_FLOWREV_V2.insert(&out_key, &out, 0).is_err() {
+            snat::release(&ct_key, &ct);
+            return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
+        }
     }
     if LB4_CT_V2.insert(&ct_key, &ct, 0).is_err() {
+        snat::release(&ct_key, &ct);
         return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
     }
     nat::xdp_forward(pkt, &ct);
@@ -254,36 +268,11 @@ fn select(frontend: &Frontend4Value, client: u32, hash: u32, now: u64) -> Option
     Some((backend_id, backend))
 }
 
-/// Claims a source port for an SNAT flow: the reply tuple (backend → node address, port)
-/// must be free, or already this client's. Probes `TRIES` ports from one derived from the
-/// flow hash.
-#[inline(always)]
-fn snat_port(backend: &Backend4, nat_addr: u32, rev: &Rev4Value, hash: u32) -> Option<u16> {
-    let first = (hash >> 7) % snat_ports::COUNT as u32;
-    for attempt in 0..snat_ports::TRIES {
-        let offset = (first + attempt) % snat_ports::COUNT as u32;
-        let port = (snat_ports::FIRST + offset as u16).to_be();
-        let key = Ct4Key::new(backend.addr, nat_addr, backend.port, port, rev.proto);
-        if LB4_FLOWREV_V2.insert(&key, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(port);
-        }
-        // SAFETY: copied out at once.
-        if let Some(taken) = unsafe { LB4_FLOWREV_V2.get(&key) }.copied()
-            && taken == *rev
-        {
-            return Some(port);
-        }
-    }
-    None
-}
-
 /// A packet to a node address that no frontend claims: a remote backend's reply to an SNAT
 /// flow, or not ours.
 #[inline(always)]
 fn snat_reply(pkt: &Packet) -> u32 {
-    let port = u16::from_be(pkt.dport) as u32;
-    let first = snat_ports::FIRST as u32;
-    if !(first..first + snat_ports::COUNT as u32).contains(&port) {
+    if !snat_ports::contains(u16::from_be(pkt.dport)) {
         return reasons::XDP_NOT_A_SERVICE;
     }
     // SAFETY: copied out at once.

@@ -1,0 +1,243 @@
+//! SNAT ports of external flows to remote backends (`externalTrafficPolicy: Cluster`): the
+//! node's address of the ingress interface and a port of `lb_common::snat_ports` become the
+//! forwarded packet's source, so the backend's reply comes back to this node.
+//!
+//! A port is claimed by inserting the reply's tuple (backend → node address, port) into
+//! `LB4_FLOWREV_V2` with `BPF_NOEXIST`; the claim is the reverse translation of the replies.
+//! Each (backend address and port, node address, protocol) has the whole range: `TRIES`
+//! ports from the flow's hash, then the rest of the range in order (`bpf_loop`, so the
+//! verifier checks one probe, not 4,536). A port whose claim names a flow that is over (the
+//! flow's conntrack entry expired, closed by an RST or FINs both ways, forgotten by the LRU,
+//! or now naming another port) is taken over: the port comes back when its flow ends, not
+//! only when the LRU evicts the claim. When a packet finds its flow's conntrack entry dead and
+//! replaces it, the old flow's entries go ([`release`]).
+//!
+//! A search of the whole range that finds nothing is recorded (`LB4_SNATFULL_V1`): for
+//! `EXHAUSTED_SECS` after, new flows of that pair try only their hashed ports, so a flood at a
+//! full range costs `TRIES` probes a packet. Exhaustion is counted as
+//! `xdp dropped_no_snat_port`.
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop};
+use lb_common::{Ct4Key, Ct4Value, IPPROTO_TCP, NANOS_PER_SEC, Rev4Value, ct_flags, snat_ports};
+
+use crate::{
+    conntrack,
+    maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_SNATFULL_V1},
+};
+
+/// The state of one port search, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct Search {
+    now: u64,
+    /// The claim's value: the flow's client and frontend, `ct_flags::SNAT`.
+    rev: Rev4Value,
+    backend_addr: u32,
+    nat_addr: u32,
+    backend_port: u16,
+    /// Offset of the first port tried.
+    first: u16,
+    /// Probes before this search (its attempts continue from there).
+    done: u32,
+    /// The port claimed (network byte order), 0 while none.
+    found: u16,
+}
+
+/// Claims a source port (network byte order) on `nat_addr` for the flow `rev` (its client
+/// and frontend, `ct_flags::SNAT`) to `backend_addr:backend_port`, from the flow's `hash`.
+/// `None`: every port is held by a live flow (or was, less than `EXHAUSTED_SECS` ago, and the
+/// hashed ones still are).
+#[inline(always)]
+pub fn claim(
+    backend_addr: u32,
+    backend_port: u16,
+    nat_addr: u32,
+    rev: &Rev4Value,
+    hash: u32,
+    now: u64,
+) -> Option<u16> {
+    let mut search = Search {
+        now,
+        rev: *rev,
+        backend_addr,
+        nat_addr,
+        backend_port,
+        first: snat_ports::first(hash),
+        done: 0,
+        found: 0,
+    };
+    if run(&mut search, snat_ports::TRIES) {
+        return Some(search.found);
+    }
+    let exhausted_key = Ct4Key::new(backend_addr, nat_addr, backend_port, 0, rev.proto);
+    // SAFETY: copied out at once.
+    if let Some(at) = unsafe { LB4_SNATFULL_V1.get(&exhausted_key) }.copied()
+        && now.wrapping_sub(at) < snat_ports::EXHAUSTED_SECS * NANOS_PER_SEC
+    {
+        return None;
+    }
+    search.done = snat_ports::TRIES;
+    if run(&mut search, snat_ports::COUNT as u32 - snat_ports::TRIES) {
+        return Some(search.found);
+    }
+    let _ = LB4_SNATFULL_V1.insert(&exhausted_key, &now, 0);
+    None
+}
+
+/// Probes `count` ports after `search.done`; whether one was claimed (`search.found`).
+#[inline(always)]
+fn run(search: &mut Search, count: u32) -> bool {
+    // SAFETY: the callback is a function of this program taking the context given; the
+    // context lives on this stack frame for the call.
+    unsafe {
+        bpf_loop(
+            count,
+            probe as *mut c_void,
+            (search as *mut Search).cast(),
+            0,
+        );
+    }
+    search.found != 0
+}
+
+/// `bpf_loop` callback: tries the search's next port; 1 (stop) once one is claimed.
+extern "C" fn probe(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `run` passes its `Search` as the context.
+    let search = unsafe { &mut *(ctx as *mut Search) };
+    let attempt = search.done.wrapping_add(index as u32);
+    let port = snat_ports::probe(search.first, attempt).to_be();
+    let key = Ct4Key::new(
+        search.backend_addr,
+        search.nat_addr,
+        search.backend_port,
+        port,
+        search.rev.proto,
+    );
+    if try_port(&key, &search.rev, search.now) {
+        search.found = port;
+        1
+    } else {
+        0
+    }
+}
+
+/// Claims the port of `key` (the reply's tuple) for `rev`: free, already this flow's, or held
+/// by a flow that is over. Map values are read in place: the callback's stack adds to the
+/// program's (512 bytes for both).
+#[inline(always)]
+fn try_port(key: &Ct4Key, rev: &Rev4Value, now: u64) -> bool {
+    // Looked up before inserting: an LRU map takes a free node (evicting if it must) before
+    // it finds the key exists, so a failed insert is slow and may evict another flow's entry.
+    let Some(taken) = LB4_FLOWREV_V2.get_ptr(key) else {
+        // NOEXIST: of two CPUs claiming the port at once, one wins.
+        return LB4_FLOWREV_V2.insert(key, rev, BPF_NOEXIST as u64).is_ok();
+    };
+    // SAFETY: a value of the lookup above, valid for this run; plain integers.
+    let taken = unsafe { &*taken };
+    if *taken == *rev {
+        return true;
+    }
+    if taken.flags & ct_flags::SNAT == 0 {
+        return false;
+    }
+    let client = taken.client_key();
+    if let Some(ct) = LB4_CT_V2.get_ptr(&client) {
+        // SAFETY: as above.
+        let ct = unsafe { &*ct };
+        if names_claim(ct, key) {
+            let live = conntrack::alive(ct, key.proto, 0, now)
+                && !(key.proto == IPPROTO_TCP && conntrack::closed(ct.flags));
+            if live {
+                return false;
+            }
+            let _ = LB4_CT_V2.remove(&client);
+        }
+    }
+    // The claim's flow is over: its entries go, and the port is claimed afresh (NOEXIST, so
+    // of two CPUs taking it over at once one wins).
+    release_entries(&client, key.saddr, key.sport, key.daddr, key.dport);
+    LB4_FLOWREV_V2.insert(key, rev, BPF_NOEXIST as u64).is_ok()
+}
+
+/// Whether the flow `ct` is SNATed to the port of the claim `key` (backend → node address,
+/// port).
+#[inline(always)]
+fn names_claim(ct: &Ct4Value, key: &Ct4Key) -> bool {
+    ct.flags & ct_flags::SNAT != 0
+        && ct.nat_addr == key.daddr
+        && ct.nat_port == key.dport
+        && ct.backend_addr == key.saddr
+        && ct.backend_port == key.sport
+}
+
+/// Gives back the SNAT port of the flow `ct` (client tuple `ct_key`) that is over: its claim,
+/// its entry for tc egress and its reply entry go, each only while it still names this flow.
+/// A function of its own (a BPF-to-BPF call): its keys stay off the stack the port search's
+/// callback adds to.
+#[inline(never)]
+pub fn release(ct_key: &Ct4Key, ct: &Ct4Value) {
+    if ct.flags & ct_flags::SNAT != 0 {
+        release_entries(
+            ct_key,
+            ct.backend_addr,
+            ct.backend_port,
+            ct.nat_addr,
+            ct.nat_port,
+        );
+    }
+}
+
+/// Removes the reverse entries of the SNAT flow from `client` (its client tuple) to the
+/// backend on the node's `nat_addr:nat_port` that still name it.
+#[inline(always)]
+fn release_entries(
+    client: &Ct4Key,
+    backend_addr: u32,
+    backend_port: u16,
+    nat_addr: u32,
+    nat_port: u16,
+) {
+    let proto = client.proto;
+    // One key, rewritten: the callback's stack adds to the program's.
+    let mut key = Ct4Key::new(backend_addr, nat_addr, backend_port, nat_port, proto);
+    if names_client(&key, client, ct_flags::SNAT) {
+        let _ = LB4_FLOWREV_V2.remove(&key);
+    }
+    key = Ct4Key::new(
+        client.saddr,
+        backend_addr,
+        client.sport,
+        backend_port,
+        proto,
+    );
+    if let Some(rev) = LB4_FLOWREV_V2.get_ptr(&key) {
+        // SAFETY: a value of the lookup above, valid for this run.
+        let rev = unsafe { &*rev };
+        if rev.flags & ct_flags::SNAT_OUT != 0
+            && rev.frontend_addr == nat_addr
+            && rev.frontend_port == nat_port
+        {
+            let _ = LB4_FLOWREV_V2.remove(&key);
+        }
+    }
+    key = Ct4Key::new(
+        backend_addr,
+        client.saddr,
+        backend_port,
+        client.sport,
+        proto,
+    );
+    if names_client(&key, client, 0) {
+        let _ = LB4_FLOWREV_V2.remove(&key);
+    }
+}
+
+/// Whether the reverse entry `key` exists, has exactly the SNAT bits `snat` and belongs to the
+/// flow from `client`.
+#[inline(always)]
+fn names_client(key: &Ct4Key, client: &Ct4Key, snat: u8) -> bool {
+    let Some(rev) = LB4_FLOWREV_V2.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: a value of the lookup above, valid for this run.
+    let rev = unsafe { &*rev };
+    rev.flags & (ct_flags::SNAT | ct_flags::SNAT_OUT) == snat && rev.client_key() == *client
+}
