@@ -27,7 +27,8 @@ use lb_agent::{
     reconcile::{Reconciler, maglev},
 };
 use lb_common::{
-    Ct4Key, Ct4Value, MAGLEV_SIZE, ct_flags, ct_state, ct_timeouts, flow_hash, snat_ports,
+    Ct4Key, Ct4Value, MAGLEV_SIZE, Rev4Value, ct_flags, ct_state, ct_timeouts, flow_hash,
+    snat_ports,
 };
 use packet::{ACK, FIN, Headers, Packet, RST, SYN, icmp_error, tcp, udp, verify_checksums};
 
@@ -1124,6 +1125,10 @@ fn xdp_cost_per_packet_hit_and_miss() {
         frontend(Some("198.51.100.2"), 8080, Protocol::Tcp),
         service("pong", &[("198.51.100.1", 80, true)], false),
     );
+    desired.frontends.insert(
+        frontend(None, 30081, Protocol::Tcp),
+        service("remote", &[(REMOTE_POD, 8080, false)], false),
+    );
     h.program(&desired);
     const REPEAT: u32 = 1_000_000;
     let hit = tcp((CLIENT, 44000), ("198.51.100.1", 80), ACK).bytes();
@@ -1146,6 +1151,27 @@ fn xdp_cost_per_packet_hit_and_miss() {
             best = best.min(ns);
         }
         eprintln!("XDP {name}: {best} ns/packet (best of 3 x {REPEAT})");
+    }
+    // A repeated frame is one flow: new SNAT flows (a remote backend, eTP Cluster) are single
+    // runs of distinct client ports, and so are their next packets, for comparison.
+    const FLOWS: u16 = 1_000;
+    for (name, flags) in [
+        ("new SNAT flow (SYN, a free port)", SYN),
+        ("tracked SNAT flow (ACK)", ACK),
+    ] {
+        let mut ns: Vec<u128> = (0..FLOWS)
+            .map(|i| {
+                let p = tcp((CLIENT, 10_000 + i), (NODE, 30081), flags);
+                let (verdict, _, ns) = h.run(Hook::Xdp, &p.bytes(), 1);
+                assert_eq!(verdict, XDP_PASS, "{name}");
+                ns
+            })
+            .collect();
+        ns.sort_unstable();
+        eprintln!(
+            "XDP {name}: {} ns/packet (median of {FLOWS} single runs)",
+            ns[ns.len() / 2]
+        );
     }
 }
 
@@ -1786,4 +1812,395 @@ fn source_ranges_drop_packets_from_outside_them_at_load_balancer_ips_only() {
             ack.with_dst(POD_A, 8080),
         )],
     );
+}
+
+// ---- SNAT ports ----
+
+const SNAT_NODEPORT: u16 = 30081;
+
+/// One remote backend behind a NodePort (eTP Cluster): every flow is SNATed to the node's
+/// address, all on the one (backend, node address) pair whose range is `snat_ports::COUNT`.
+fn snat_state(affinity: bool) -> State {
+    let mut state = State::default();
+    let mut remote = service("remote", &[(REMOTE_POD, 8080, false)], false);
+    if affinity {
+        remote.affinity_timeout_secs = Some(10_800);
+    }
+    state
+        .frontends
+        .insert(frontend(None, SNAT_NODEPORT, Protocol::Tcp), remote);
+    state
+}
+
+fn flowrev_map(h: &mut Harness) -> aya::maps::HashMap<&mut aya::maps::MapData, Ct4Key, Rev4Value> {
+    let map = h
+        .dataplane
+        .ebpf_mut()
+        .map_mut(lb_common::map_names::FLOW_REPLIES_V4)
+        .expect("reverse map");
+    aya::maps::HashMap::try_from(map).expect("reverse map type")
+}
+
+/// The client tuple of the SNAT flow from `CLIENT:port`.
+fn snat_client(port: u16) -> Ct4Key {
+    ct_key(&tcp((CLIENT, port), (NODE, SNAT_NODEPORT), SYN))
+}
+
+/// The tc egress entry of the SNAT flow from `CLIENT:port` (client → backend): its SNAT port.
+fn snat_out_port(h: &mut Harness, port: u16) -> Option<u16> {
+    let key = ct_key(&tcp((CLIENT, port), (REMOTE_POD, 8080), SYN));
+    let out = flowrev_map(h).get(&key, 0).ok()?;
+    assert_ne!(out.flags & ct_flags::SNAT_OUT, 0, "an SNAT_OUT entry");
+    assert_eq!(out.frontend_addr, wire_addr(NODE.parse().unwrap()));
+    Some(u16::from_be(out.frontend_port))
+}
+
+/// The claim of SNAT port `port`: the reply's tuple (backend → node address, port).
+fn snat_claim_key(port: u16) -> Ct4Key {
+    ct_key(&tcp((REMOTE_POD, 8080), (NODE, port), SYN | ACK))
+}
+
+/// A client's packet of the SNAT flow from `CLIENT:port`: returns the XDP verdict and, when
+/// passed, the SNAT port its flow holds. A passed packet must be DNATed to the backend.
+fn snat_client_packet(h: &mut Harness, port: u16, flags: u8) -> (u32, Option<u16>, u128) {
+    let p = tcp((CLIENT, port), (NODE, SNAT_NODEPORT), flags);
+    let (verdict, out, ns) = h.run(Hook::Xdp, &p.bytes(), 1);
+    if verdict != XDP_PASS {
+        assert_eq!(out, p.bytes(), "a dropped packet is untouched");
+        return (verdict, None, ns);
+    }
+    assert_eq!(out, p.with_dst(REMOTE_POD, 8080).bytes(), "DNAT of {port}");
+    (verdict, snat_out_port(h, port), ns)
+}
+
+/// A new SNAT flow from `CLIENT:port`; its SNAT port, `None` when the SYN was dropped.
+fn snat_syn(h: &mut Harness, port: u16) -> (Option<u16>, u128) {
+    let (verdict, snat, ns) = snat_client_packet(h, port, SYN);
+    match verdict {
+        XDP_PASS => (Some(snat.expect("an SNAT port")), ns),
+        XDP_DROP => (None, ns),
+        other => panic!("verdict {other}"),
+    }
+}
+
+/// The remote backend's packet to the node's SNAT `port`, reverse-translated to its client.
+fn snat_backend_packet(h: &mut Harness, snat_port: u16, client_port: u16, flags: u8) {
+    let p = tcp((REMOTE_POD, 8080), (NODE, snat_port), flags);
+    let (verdict, out, _) = h.run(Hook::Xdp, &p.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        p.with_dst(CLIENT, client_port).bytes(),
+        "the reply to {snat_port} goes to its client"
+    );
+}
+
+/// Counters that moved between two readings of the reasons map.
+fn reason_delta(
+    before: &BTreeMap<(&'static str, &'static str), u64>,
+    after: &BTreeMap<(&'static str, &'static str), u64>,
+) -> BTreeMap<(&'static str, &'static str), u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d != 0).then_some((*k, d))
+        })
+        .collect()
+}
+
+/// Makes the whole-range search of the (backend, node address) pair allowed again, as it is
+/// `snat_ports::EXHAUSTED_SECS` after it last found no port.
+fn forget_exhaustion(h: &mut Harness) {
+    let map = h
+        .dataplane
+        .ebpf_mut()
+        .map_mut(lb_common::map_names::SNAT_EXHAUSTED_V4)
+        .expect("exhaustion map");
+    let mut map: aya::maps::HashMap<_, Ct4Key, u64> = aya::maps::HashMap::try_from(map).unwrap();
+    let key = Ct4Key::new(
+        wire_addr(REMOTE_POD.parse().unwrap()),
+        wire_addr(NODE.parse().unwrap()),
+        8080u16.to_be(),
+        0,
+        lb_common::IPPROTO_TCP,
+    );
+    let at = map.get(&key, 0).expect("exhaustion recorded");
+    let aged = monotonic_ns().wrapping_sub((snat_ports::EXHAUSTED_SECS + 1) * 1_000_000_000);
+    assert!(at > aged);
+    map.insert(key, aged, 0).unwrap();
+}
+
+/// Session affinity pins one client to one backend, not to 8 SNAT ports: 10,000 flows from
+/// ONE client address through SNAT to one remote backend all get a port. The first
+/// `snat_ports::COUNT` fill the whole range (all distinct); each later one gets the port of a
+/// flow that just ended: an RST from the client, an RST from the backend, or FINs both ways
+/// and the last ACK, the closed flow's entries gone (its conntrack entry, its tc entry).
+/// Then, with every port held by a live flow, the next SYN is dropped, counted as
+/// `dropped_no_snat_port` and leaves no entry behind.
+#[test]
+fn snat_ports_one_affinity_client_gets_the_whole_range_and_closed_flows_give_theirs_back() {
+    let mut h = Harness::new();
+    h.program(&snat_state(true));
+    const FLOWS: u16 = 10_000;
+    const BASE: u16 = 20_000;
+    let count = snat_ports::COUNT;
+    // The live flows: client port -> SNAT port.
+    let mut live: BTreeMap<u16, u16> = BTreeMap::new();
+    let mut fill_ns = Vec::new();
+    for i in 0..count {
+        let port = BASE + i;
+        let (snat, ns) = snat_syn(&mut h, port);
+        let snat = snat.unwrap_or_else(|| panic!("flow {i} got no port"));
+        assert!(snat_ports::contains(snat), "{snat}");
+        live.insert(port, snat);
+        fill_ns.push(ns);
+    }
+    let ports: BTreeSet<u16> = live.values().copied().collect();
+    assert_eq!(
+        ports.len(),
+        count as usize,
+        "every port once: the whole range"
+    );
+    eprintln!(
+        "{count} flows of one affinity client: {count} distinct ports; XDP new SNAT flow while \
+         filling: median {} ns",
+        median(&mut fill_ns)
+    );
+
+    let mut reuse_ns = Vec::new();
+    for i in count..FLOWS {
+        // End the oldest live flow, three ways in turn.
+        let (&old, &old_snat) = live.iter().next().unwrap();
+        match i % 3 {
+            0 => {
+                snat_client_packet(&mut h, old, RST | ACK);
+            }
+            1 => snat_backend_packet(&mut h, old_snat, old, RST | ACK),
+            _ => {
+                snat_backend_packet(&mut h, old_snat, old, SYN | ACK);
+                snat_client_packet(&mut h, old, ACK);
+                snat_client_packet(&mut h, old, FIN | ACK);
+                snat_backend_packet(&mut h, old_snat, old, FIN | ACK);
+                snat_client_packet(&mut h, old, ACK);
+                assert_eq!(
+                    lifetime(&mut h, &snat_client(old)),
+                    ct_timeouts::TCP_TIME_WAIT
+                );
+            }
+        }
+        live.remove(&old);
+        let port = BASE + i;
+        let (snat, ns) = snat_syn(&mut h, port);
+        assert_eq!(
+            snat,
+            Some(old_snat),
+            "flow {i}: the only port not held by a live flow is the closed one's"
+        );
+        reuse_ns.push(ns);
+        // The closed flow is gone with its entries.
+        assert!(
+            ct_map(&mut h).get(&snat_client(old), 0).is_err(),
+            "{old}'s entry"
+        );
+        assert_eq!(snat_out_port(&mut h, old), None, "{old}'s tc entry");
+        let claim = flowrev_map(&mut h)
+            .get(&snat_claim_key(old_snat), 0)
+            .unwrap();
+        assert_eq!(
+            claim.client_key(),
+            snat_client(port),
+            "the claim is the new flow's"
+        );
+        live.insert(port, old_snat);
+    }
+    assert_eq!(live.len(), count as usize);
+    eprintln!(
+        "{} flows in all from one client got a port; XDP new SNAT flow taking over a closed \
+         flow's port in a full range: median {} ns",
+        FLOWS,
+        median(&mut reuse_ns)
+    );
+
+    // Every port is a live flow's: the next SYN is dropped and counted, nothing left behind.
+    let before = h.reasons();
+    let extra = BASE + FLOWS;
+    let (snat, scan_ns) = snat_syn(&mut h, extra);
+    assert_eq!(snat, None, "more flows than ports: dropped");
+    let (snat, hinted_ns) = snat_syn(&mut h, extra + 1);
+    assert_eq!(snat, None);
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("xdp", "dropped_no_snat_port"), 2)])
+    );
+    for port in [extra, extra + 1] {
+        assert!(ct_map(&mut h).get(&snat_client(port), 0).is_err());
+        assert_eq!(snat_out_port(&mut h, port), None);
+        let reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
+        assert!(
+            flowrev_map(&mut h).get(&reply, 0).is_err(),
+            "no reply entry leaks"
+        );
+    }
+    eprintln!(
+        "XDP SYN at a full range: {scan_ns} ns (a search of the whole range), then {hinted_ns} \
+         ns (the {} hashed ports only, for {} s)",
+        snat_ports::TRIES,
+        snat_ports::EXHAUSTED_SECS
+    );
+    // Live flows keep their ports: every one still translates.
+    for (&port, &snat) in live.iter().take(100) {
+        assert_eq!(snat_client_packet(&mut h, port, ACK).1, Some(snat));
+    }
+}
+
+/// A claim whose flow is over is taken over by a new flow: a handshake-less SYN aged past
+/// syn_sent (120 s), a flow the conntrack map forgot (LRU eviction), an established flow idle
+/// past its lifetime; a live flow's never is, even idle for a day. After a search of the
+/// whole range found nothing, new flows try only their hashed ports for
+/// `snat_ports::EXHAUSTED_SECS`.
+#[test]
+fn snat_claims_of_dead_flows_are_taken_over() {
+    let mut h = Harness::new();
+    h.program(&snat_state(false));
+    const BASE: u16 = 20_000;
+    let count = snat_ports::COUNT;
+    let mut live: BTreeMap<u16, u16> = BTreeMap::new();
+    for i in 0..count {
+        let (snat, _) = snat_syn(&mut h, BASE + i);
+        live.insert(BASE + i, snat.unwrap_or_else(|| panic!("flow {i}")));
+    }
+    // Half-open flows (the backend's SYN-ACK, no ACK) and established ones, idle a day.
+    let syn_only = BASE;
+    let syn_recv = BASE + 1;
+    let evicted = BASE + 2;
+    let established = BASE + 3;
+    let idle_day = BASE + 4;
+    snat_backend_packet(&mut h, live[&syn_recv], syn_recv, SYN | ACK);
+    for port in [established, idle_day] {
+        snat_backend_packet(&mut h, live[&port], port, SYN | ACK);
+        snat_client_packet(&mut h, port, ACK);
+    }
+    age(&mut h, &snat_client(idle_day), 86_400);
+    let mut next = BASE + count;
+    let before = h.reasons();
+    assert_eq!(snat_syn(&mut h, next).0, None, "every port live: dropped");
+    next += 1;
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("xdp", "dropped_no_snat_port"), 1)])
+    );
+
+    let cases: [(&str, u16, Box<dyn Fn(&mut Harness)>); 4] = [
+        (
+            "a SYN without reply, 121 s ago",
+            syn_only,
+            Box::new(move |h| age(h, &snat_client(syn_only), ct_timeouts::TCP_SYN_SENT + 1)),
+        ),
+        (
+            "a SYN-ACK without ACK, 61 s ago",
+            syn_recv,
+            Box::new(move |h| age(h, &snat_client(syn_recv), ct_timeouts::TCP_SYN_RECV + 1)),
+        ),
+        (
+            "a flow the conntrack map forgot",
+            evicted,
+            Box::new(move |h| ct_map(h).remove(&snat_client(evicted)).unwrap()),
+        ),
+        (
+            "an established flow idle 6 days",
+            established,
+            Box::new(move |h| age(h, &snat_client(established), 6 * 86_400)),
+        ),
+    ];
+    for (name, old, end) in cases {
+        let old_snat = live.remove(&old).unwrap();
+        end(&mut h);
+        // Within a second of a failed search only the hashed ports are tried: a flow whose
+        // hashed ports are others is dropped.
+        next = (next..u16::MAX)
+            .find(|&p| !hashed_ports(p).contains(&old_snat))
+            .unwrap();
+        assert_eq!(
+            snat_syn(&mut h, next).0,
+            None,
+            "{name}: right after exhaustion"
+        );
+        next += 1;
+        forget_exhaustion(&mut h);
+        let (snat, _) = snat_syn(&mut h, next);
+        assert_eq!(snat, Some(old_snat), "{name}: its port is taken over");
+        assert_eq!(
+            snat_out_port(&mut h, old),
+            None,
+            "{name}: its tc entry went"
+        );
+        assert!(ct_map(&mut h).get(&snat_client(old), 0).is_err(), "{name}");
+        live.insert(next, old_snat);
+        next += 1;
+        // The range is full again.
+        assert_eq!(snat_syn(&mut h, next).0, None, "{name}: full again");
+        next += 1;
+        eprintln!("ok   {name}: its port {old_snat} taken over");
+    }
+    // The flow idle for a day lives on, with its port.
+    assert_eq!(
+        snat_client_packet(&mut h, idle_day, ACK).1,
+        Some(live[&idle_day])
+    );
+    assert_eq!(live.len(), count as usize);
+}
+
+/// A flow that finds its conntrack entry dead replaces it and gives its old port back first:
+/// the same client tuple, its backend replaced by another remote one, leaves no claim of the
+/// old backend behind.
+#[test]
+fn snat_a_replaced_flow_gives_its_old_port_back() {
+    let mut h = Harness::new();
+    let mut state = snat_state(false);
+    h.program(&state);
+    let port = 20_000;
+    let (snat, _) = snat_syn(&mut h, port);
+    let snat = snat.unwrap();
+    assert!(flowrev_map(&mut h).get(&snat_claim_key(snat), 0).is_ok());
+    age(&mut h, &snat_client(port), ct_timeouts::TCP_SYN_SENT + 1);
+    // The backend moves: the flow's next SYN finds its entry expired and chooses again.
+    const OTHER: &str = "10.244.2.10";
+    state.frontends.insert(
+        frontend(None, SNAT_NODEPORT, Protocol::Tcp),
+        service("remote", &[(OTHER, 8080, false)], false),
+    );
+    h.program(&state);
+    let p = tcp((CLIENT, port), (NODE, SNAT_NODEPORT), SYN);
+    let (verdict, out, _) = h.run(Hook::Xdp, &p.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, p.with_dst(OTHER, 8080).bytes());
+    assert!(
+        flowrev_map(&mut h).get(&snat_claim_key(snat), 0).is_err(),
+        "the old backend's claim went"
+    );
+    assert_eq!(
+        snat_out_port(&mut h, port),
+        None,
+        "the old backend's tc entry went"
+    );
+    let old_reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
+    assert!(
+        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+        "the old reply entry went"
+    );
+}
+
+/// The ports a new SNAT flow from `CLIENT:client_port` tries first, from its hash.
+fn hashed_ports(client_port: u16) -> Vec<u16> {
+    let p = tcp((CLIENT, client_port), (NODE, SNAT_NODEPORT), SYN);
+    let first = first_snat_port(&p) - snat_ports::FIRST;
+    (0..snat_ports::TRIES)
+        .map(|attempt| snat_ports::probe(first, attempt))
+        .collect()
+}
+
+fn median(values: &mut [u128]) -> u128 {
+    values.sort_unstable();
+    values[values.len() / 2]
 }
