@@ -2091,7 +2091,8 @@ fn snat_claims_of_dead_flows_are_taken_over() {
         BTreeMap::from([(("xdp", "dropped_no_snat_port"), 1)])
     );
 
-    let cases: [(&str, u16, Box<dyn Fn(&mut Harness)>); 4] = [
+    type End = Box<dyn Fn(&mut Harness)>;
+    let cases: [(&str, u16, End); 4] = [
         (
             "a SYN without reply, 121 s ago",
             syn_only,
