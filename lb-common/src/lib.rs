@@ -18,6 +18,7 @@
 //! - [`sock`]: per socket, the services it reached and their backends (reverse translation for
 //!   recvmsg and getpeername, one backend per unconnected UDP socket);
 //! - [`flow`]: per-packet connection tracking and reverse translation of XDP/tc flows;
+//! - [`frag`]: the ports of fragmented datagrams, for their later fragments;
 //! - [`source_range`]: the allowed sources of LoadBalancer IPs (`loadBalancerSourceRanges`);
 //! - [`inspect`]: names and counters for operators;
 //! - [`reasons`]: why the north-south programs dropped or passed a packet;
@@ -26,6 +27,7 @@
 
 pub mod affinity;
 pub mod flow;
+pub mod frag;
 pub mod inspect;
 pub mod limits;
 pub mod map_names;
@@ -40,6 +42,7 @@ pub use affinity::{Affinity4Key, Affinity4Value, affinity_clients};
 pub use flow::{
     Ct4Key, Ct4Value, Rev4Value, ct_flags, ct_state, ct_timeouts, flow_hash, snat_ports, tcp_flags,
 };
+pub use frag::{Frag4Key, Frag4Ports};
 pub use inspect::{NameKey, ServiceName, ServiceStats};
 pub use service::{
     Backend4, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Maglev4Table, Slot4Key, Slot4Value,

@@ -24,6 +24,9 @@ pub const MAX_FLOWS: u32 = 131_072;
 /// reply to the node, the forwarded packet, the reply to the client), so the reverse map does
 /// not evict the entries of flows the conntrack map still holds.
 pub const MAX_FLOW_REPLIES: u32 = 3 * MAX_FLOWS;
+/// Fragmented datagrams in flight whose first fragment XDP or tc translated (LRU: an entry
+/// is needed only until the datagram's last fragment went by, so the oldest go first).
+pub const MAX_FRAGS: u32 = 8_192;
 /// Allowed source ranges over all LoadBalancer frontends (one entry per range per service
 /// id, plus each LB IP of a service whose ranges hold the node).
 pub const MAX_SOURCE_RANGES: u32 = 16_384;

@@ -39,6 +39,9 @@ pub const IFACE_ADDRS_V4: &str = "LB4_IFADDR";
 /// Allowed client ranges of LoadBalancer IPs with `loadBalancerSourceRanges` (LPM trie):
 /// `SourceRange4Key` → 1.
 pub const SOURCE_RANGES_V4: &str = "LB4_SRCRANGE";
+/// The ports of fragmented datagrams XDP or tc translated, for their later fragments:
+/// `Frag4Key` → `Frag4Ports` (LRU).
+pub const FRAGS_V4: &str = "LB4_FRAGS_V1";
 /// Why XDP and tc dropped or passed each packet: per-CPU counters (`u64`) indexed by
 /// `lb_common::reasons` (per-CPU array of `reasons::COUNT` entries). The reason numbers are
 /// its layout.

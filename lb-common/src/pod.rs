@@ -15,6 +15,8 @@ unsafe impl aya::Pod for Sock4Value {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Value {}
 unsafe impl aya::Pod for Rev4Value {}
+unsafe impl aya::Pod for Frag4Key {}
+unsafe impl aya::Pod for Frag4Ports {}
 unsafe impl aya::Pod for NameKey {}
 unsafe impl aya::Pod for ServiceName {}
 unsafe impl aya::Pod for ServiceStats {}

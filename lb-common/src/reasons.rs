@@ -22,8 +22,8 @@ pub const XDP_ICMP_TRANSLATED: u32 = 2;
 pub const XDP_NOT_A_SERVICE: u32 = 3;
 /// To a ClusterIP: served at the socket only, not from outside.
 pub const XDP_CLUSTER_IP: u32 = 4;
-/// Not IPv4 TCP/UDP or an ICMP error as parsed (other EtherTypes, IP options, fragments,
-/// truncated or inconsistent headers, other protocols and ICMP types).
+/// Not IPv4 TCP/UDP or an ICMP error as parsed (other EtherTypes, IP options, truncated or
+/// inconsistent headers, other protocols and ICMP types, fragments of anything but TCP/UDP).
 pub const XDP_NOT_PARSED: u32 = 5;
 /// An ICMP error about no tracked flow.
 pub const XDP_ICMP_NOT_TRACKED: u32 = 6;
@@ -61,8 +61,23 @@ pub const TC_ICMP_NOT_TRACKED: u32 = 19;
 /// A rewrite helper failed: dropped rather than leak the backend's address.
 pub const TC_DROPPED_REWRITE_FAILED: u32 = 20;
 
+// ---- added later (numbers follow the order of addition, not the program) ----
+
+/// A later fragment (offset > 0) of a datagram whose first fragment XDP translated (to the
+/// flow's backend, or a remote backend's reply to its client): given the same destination.
+/// A first fragment counts as a whole packet would (`forwarded`, `reply_translated`).
+pub const XDP_FRAGMENT_TRANSLATED: u32 = 21;
+/// A later fragment whose first fragment XDP did not translate (not ours, or the first
+/// fragment lost or not yet come): passed untouched.
+pub const XDP_FRAGMENT_NOT_TRACKED: u32 = 22;
+/// A later fragment of a datagram whose first fragment tc translated (a reply, or a packet to
+/// a remote backend): given the same source address.
+pub const TC_FRAGMENT_TRANSLATED: u32 = 23;
+/// A later fragment whose first fragment tc did not translate: passed untouched.
+pub const TC_FRAGMENT_NOT_TRACKED: u32 = 24;
+
 /// Number of reasons: the map's `max_entries`.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 25;
 
 /// `(program, reason)` label values, by reason number.
 pub const NAMES: [(&str, &str); COUNT as usize] = [
@@ -87,6 +102,10 @@ pub const NAMES: [(&str, &str); COUNT as usize] = [
     ("tc", "not_parsed"),
     ("tc", "icmp_not_tracked"),
     ("tc", "dropped_rewrite_failed"),
+    ("xdp", "fragment_translated"),
+    ("xdp", "fragment_not_tracked"),
+    ("tc", "fragment_translated"),
+    ("tc", "fragment_not_tracked"),
 ];
 
 /// The `(program, reason)` labels of `reason`.
@@ -139,41 +158,52 @@ mod tests {
     #[test]
     fn the_constants_number_the_names_in_order() {
         let numbered = [
-            (XDP_FORWARDED, "forwarded"),
-            (XDP_REPLY_TRANSLATED, "reply_translated"),
-            (XDP_ICMP_TRANSLATED, "icmp_translated"),
-            (XDP_NOT_A_SERVICE, "not_a_service"),
-            (XDP_CLUSTER_IP, "cluster_ip"),
-            (XDP_NOT_PARSED, "not_parsed"),
-            (XDP_ICMP_NOT_TRACKED, "icmp_not_tracked"),
-            (XDP_NO_BACKEND, "no_backend"),
-            (XDP_DROPPED_NO_LOCAL_ENDPOINT, "dropped_no_local_endpoint"),
-            (XDP_DROPPED_SOURCE_RANGE, "dropped_source_range"),
-            (XDP_DROPPED_NO_SNAT_ADDRESS, "dropped_no_snat_address"),
-            (XDP_DROPPED_NO_SNAT_PORT, "dropped_no_snat_port"),
-            (XDP_DROPPED_FLOW_TABLE_FULL, "dropped_flow_table_full"),
-            (TC_REPLY_TRANSLATED, "reply_translated"),
-            (TC_SNAT, "snat"),
-            (TC_ICMP_TRANSLATED, "icmp_translated"),
-            (TC_NOT_A_FLOW, "not_a_flow"),
-            (TC_STALE_FLOW, "stale_flow"),
-            (TC_NOT_PARSED, "not_parsed"),
-            (TC_ICMP_NOT_TRACKED, "icmp_not_tracked"),
-            (TC_DROPPED_REWRITE_FAILED, "dropped_rewrite_failed"),
+            (XDP_FORWARDED, "xdp", "forwarded"),
+            (XDP_REPLY_TRANSLATED, "xdp", "reply_translated"),
+            (XDP_ICMP_TRANSLATED, "xdp", "icmp_translated"),
+            (XDP_NOT_A_SERVICE, "xdp", "not_a_service"),
+            (XDP_CLUSTER_IP, "xdp", "cluster_ip"),
+            (XDP_NOT_PARSED, "xdp", "not_parsed"),
+            (XDP_ICMP_NOT_TRACKED, "xdp", "icmp_not_tracked"),
+            (XDP_NO_BACKEND, "xdp", "no_backend"),
+            (
+                XDP_DROPPED_NO_LOCAL_ENDPOINT,
+                "xdp",
+                "dropped_no_local_endpoint",
+            ),
+            (XDP_DROPPED_SOURCE_RANGE, "xdp", "dropped_source_range"),
+            (
+                XDP_DROPPED_NO_SNAT_ADDRESS,
+                "xdp",
+                "dropped_no_snat_address",
+            ),
+            (XDP_DROPPED_NO_SNAT_PORT, "xdp", "dropped_no_snat_port"),
+            (
+                XDP_DROPPED_FLOW_TABLE_FULL,
+                "xdp",
+                "dropped_flow_table_full",
+            ),
+            (TC_REPLY_TRANSLATED, "tc", "reply_translated"),
+            (TC_SNAT, "tc", "snat"),
+            (TC_ICMP_TRANSLATED, "tc", "icmp_translated"),
+            (TC_NOT_A_FLOW, "tc", "not_a_flow"),
+            (TC_STALE_FLOW, "tc", "stale_flow"),
+            (TC_NOT_PARSED, "tc", "not_parsed"),
+            (TC_ICMP_NOT_TRACKED, "tc", "icmp_not_tracked"),
+            (TC_DROPPED_REWRITE_FAILED, "tc", "dropped_rewrite_failed"),
+            (XDP_FRAGMENT_TRANSLATED, "xdp", "fragment_translated"),
+            (XDP_FRAGMENT_NOT_TRACKED, "xdp", "fragment_not_tracked"),
+            (TC_FRAGMENT_TRANSLATED, "tc", "fragment_translated"),
+            (TC_FRAGMENT_NOT_TRACKED, "tc", "fragment_not_tracked"),
         ];
         assert_eq!(
             numbered.len(),
             COUNT as usize,
             "a constant without a test row"
         );
-        for (reason, label) in numbered {
+        for (reason, expected, label) in numbered {
             let (program, named) = name(reason).unwrap();
             assert_eq!(named, label, "reason {reason}");
-            let expected = if reason < TC_REPLY_TRANSLATED {
-                "xdp"
-            } else {
-                "tc"
-            };
             assert_eq!(program, expected, "reason {reason}");
         }
     }

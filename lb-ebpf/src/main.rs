@@ -9,8 +9,8 @@
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
 //!   translated per packet in XDP with replies restored at tc egress; helped by `parse.rs`,
-//!   `csum.rs`, `conntrack.rs`, `nat.rs` and `snat.rs` (SNAT ports); why each packet was dropped or passed is counted
-//!   in `verdict.rs`.
+//!   `csum.rs`, `conntrack.rs`, `nat.rs`, `snat.rs` (SNAT ports) and `frag.rs` (IPv4
+//!   fragments); why each packet was dropped or passed is counted in `verdict.rs`.
 #![no_std]
 #![no_main]
 
@@ -22,6 +22,7 @@ mod sock;
 
 mod conntrack;
 mod csum;
+mod frag;
 mod icmp;
 mod nat;
 mod parse;

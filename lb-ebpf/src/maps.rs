@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value,
-    Maglev4Table, NameKey, Rev4Value, ServiceName, ServiceStats, Slot4Key, Slot4Value, Sock4Value,
-    SourceRange4Key, limits, reasons,
+    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key,
+    Frontend4Value, Maglev4Table, NameKey, Rev4Value, ServiceName, ServiceStats, Slot4Key,
+    Slot4Value, Sock4Value, SourceRange4Key, limits, reasons,
 };
 
 // ---- the service table (every attach point) ----
@@ -72,6 +72,12 @@ pub static LB4_FLOWREV_V2: LruHashMap<Ct4Key, Rev4Value> =
 #[map]
 pub static LB4_SNATFULL_V1: LruHashMap<Ct4Key, u64> =
     LruHashMap::pinned(limits::MAX_SNAT_EXHAUSTED, 0);
+
+/// The ports of fragmented datagrams whose first fragment XDP or tc translated, keyed by the
+/// fragments' identity as the program saw it (`frag.rs`).
+#[map]
+pub static LB4_FRAGS_V1: LruHashMap<Frag4Key, Frag4Ports> =
+    LruHashMap::pinned(limits::MAX_FRAGS, 0);
 
 #[map]
 pub static LB4_NODEADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);

@@ -6,7 +6,8 @@
 //! checksum helpers, once the stack has routed the packet: a reply gets the frontend the
 //! client used, a packet to a remote backend the node's address and SNAT port. (Rewriting a
 //! source to one of the node's addresses in XDP would make the stack drop the packet as a
-//! martian.)
+//! martian.) A later IPv4 fragment has no L4 header: only its addresses and IP checksum
+//! change (the L4 checksum, over the whole datagram, is updated in the first fragment).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -33,9 +34,27 @@ pub fn xdp_reply(pkt: &Packet, rev: &Rev4Value) {
     rewrite(pkt, pkt.saddr, pkt.sport, rev.client_addr, rev.client_port);
 }
 
-/// Sets the packet's addresses and ports, updating the IP and L4 checksums.
+/// Sets the packet's addresses and ports, updating the IP and L4 checksums. A later fragment
+/// has no L4 header: its addresses and IP checksum only.
 #[inline(always)]
 fn rewrite(pkt: &Packet, saddr: u32, sport: u16, daddr: u32, dport: u16) {
+    if !pkt.has_l4() {
+        // SAFETY: the IP header was bounds-checked by `parse` and is unchanged since.
+        unsafe {
+            let ip = pkt.ip;
+            let mut ip_check = (*ip).check;
+            if saddr != pkt.saddr {
+                ip_check = csum::replace4(ip_check, pkt.saddr, saddr);
+                (*ip).saddr = saddr;
+            }
+            if daddr != pkt.daddr {
+                ip_check = csum::replace4(ip_check, pkt.daddr, daddr);
+                (*ip).daddr = daddr;
+            }
+            (*ip).check = ip_check;
+        }
+        return;
+    }
     // SAFETY: the pointers were bounds-checked by `parse` and the packet is unchanged since.
     unsafe {
         let ip = pkt.ip;
@@ -90,6 +109,14 @@ pub fn tc_restore_source(ctx: &TcContext, pkt: &Packet, rev: &Rev4Value) -> bool
     let check_off = pkt.check_off;
     let (old_addr, new_addr) = (pkt.saddr, rev.frontend_addr);
     let (old_port, new_port) = (pkt.sport, rev.frontend_port);
+    if !pkt.has_l4() {
+        // A later fragment: the address and the IP checksum only.
+        return old_addr == new_addr
+            || (ctx
+                .l3_csum_replace(IP_CHECK_OFF, old_addr as u64, new_addr as u64, 4)
+                .is_ok()
+                && ctx.store(SADDR_OFF, &new_addr, 0).is_ok());
+    }
     if old_addr != new_addr {
         if ctx
             .l4_csum_replace(

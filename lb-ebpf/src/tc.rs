@@ -4,6 +4,8 @@
 //! to; a client's packet forwarded to a backend on another node (eTP Cluster) leaves from
 //! the node's address and the flow's SNAT port, so the reply comes back here. Everything
 //! else leaves untouched. This program never drops a packet it does not understand.
+//! Fragments of TCP/UDP: the first one goes down this path like a whole packet, the later
+//! ones with its ports, and get the same source address (`frag.rs`).
 //!
 //! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
 //! reason gives the verdict.
@@ -11,7 +13,7 @@ use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::classifier, program
 use lb_common::{IPPROTO_TCP, Rev4Value, ct_flags, reasons};
 
 use crate::{
-    conntrack, icmp,
+    conntrack, frag, icmp,
     maps::{LB4_CT_V2, LB4_FLOWREV_V2},
     nat,
     parse::{self, TCP_SYN},
@@ -26,10 +28,22 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
 /// Why the packet is dropped or passed (`lb_common::reasons`).
 #[inline(always)]
 fn egress(ctx: &TcContext) -> u32 {
-    let Some(pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
+    let Some(mut pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
         // Not TCP/UDP we understand: maybe an ICMP error about a translated flow.
         return icmp::egress(ctx.data(), ctx.data_end());
     };
+    // A later fragment takes its first fragment's ports and decision (`frag.rs`).
+    if pkt.frag == parse::FRAG_LATER && !frag::fill_ports(&mut pkt) {
+        return reasons::TC_FRAGMENT_NOT_TRACKED;
+    }
+    let reason = translate(ctx, &pkt);
+    let translated = reason == reasons::TC_REPLY_TRANSLATED || reason == reasons::TC_SNAT;
+    frag::finish(&pkt, reason, translated, reasons::TC_FRAGMENT_TRANSLATED)
+}
+
+/// The path of a TCP/UDP packet (a later fragment with its first fragment's ports).
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &parse::Packet) -> u32 {
     let key = pkt.tuple();
     // SAFETY: copied out at once.
     let Some(rev) = (unsafe { LB4_FLOWREV_V2.get(&key) }).copied() else {
@@ -42,13 +56,13 @@ fn egress(ctx: &TcContext) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = rev.flags & ct_flags::SNAT_OUT == 0;
-    if reply && !reply_of_live_flow(&rev, &pkt, now) {
+    if reply && !reply_of_live_flow(&rev, pkt, now) {
         // The tuple belongs to a new connection (say, a client reaching the pod directly from a
         // port an old NodePort flow used): translating it would break that connection.
         let _ = LB4_FLOWREV_V2.remove(&key);
         return reasons::TC_STALE_FLOW;
     }
-    if !nat::tc_restore_source(ctx, &pkt, &rev) {
+    if !nat::tc_restore_source(ctx, pkt, &rev) {
         return reasons::TC_DROPPED_REWRITE_FAILED;
     }
     if !reply {

@@ -29,7 +29,8 @@
 //! No backend: `externalTrafficPolicy: Local` drops (as kube-proxy does, so the external load
 //! balancer's health check moves traffic away); `Cluster` passes the packet untranslated and
 //! the stack refuses it (TCP RST / ICMP port unreachable, no socket listens on a NodePort).
-//! Anything not parsed (see `parse.rs`) passes untouched.
+//! Anything not parsed (see `parse.rs`) passes untouched. Fragments of TCP/UDP: the first
+//! one goes down this path like a whole packet, the later ones with its ports (`frag.rs`).
 //!
 //! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
 //! reason gives the verdict.
@@ -41,7 +42,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, icmp,
+    conntrack, frag, icmp,
     lookup::{self, AffinityClient},
     maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_IFADDR, LB4_MAGLEV_V2, LB4_NODEADDR},
     nat,
@@ -58,10 +59,23 @@ pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
 /// Why the packet is dropped or passed (`lb_common::reasons`).
 #[inline(always)]
 fn ingress(ctx: &XdpContext) -> u32 {
-    let Some(pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) else {
+    let Some(mut pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data())
+    else {
         // Not TCP/UDP we understand: maybe an ICMP error about a translated flow.
         return icmp::ingress(ctx);
     };
+    // A later fragment takes its first fragment's ports and decision (`frag.rs`).
+    if pkt.frag == parse::FRAG_LATER && !frag::fill_ports(&mut pkt) {
+        return reasons::XDP_FRAGMENT_NOT_TRACKED;
+    }
+    let reason = translate(ctx, &pkt);
+    let translated = reason == reasons::XDP_FORWARDED || reason == reasons::XDP_REPLY_TRANSLATED;
+    frag::finish(&pkt, reason, translated, reasons::XDP_FRAGMENT_TRANSLATED)
+}
+
+/// The path of a TCP/UDP packet (a later fragment with its first fragment's ports).
+#[inline(always)]
+fn translate(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let key = Frontend4Key {
         addr: pkt.daddr,
         port: pkt.dport,
@@ -71,20 +85,20 @@ fn ingress(ctx: &XdpContext) -> u32 {
     let frontend = match lookup::frontend(&key) {
         // ClusterIPs are served at the socket; from outside they are not ours.
         Some(found) if found.kind == frontend_kinds::CLUSTER_IP => {
-            forget_reused_tuple(&pkt);
+            forget_reused_tuple(pkt);
             return reasons::XDP_CLUSTER_IP;
         }
         Some(found) => found,
         None => {
             // SAFETY: only tested for presence.
             if unsafe { LB4_NODEADDR.get(&pkt.daddr) }.is_none() {
-                forget_reused_tuple(&pkt);
+                forget_reused_tuple(pkt);
                 return reasons::XDP_NOT_A_SERVICE;
             }
             let nodeport = Frontend4Key { addr: 0, ..key };
             match lookup::frontend(&nodeport) {
                 Some(found) if found.kind == frontend_kinds::NODE_PORT => found,
-                _ => return snat_reply(&pkt),
+                _ => return snat_reply(pkt),
             }
         }
     };
@@ -95,7 +109,7 @@ fn ingress(ctx: &XdpContext) -> u32 {
         lookup::count(frontend.service_id, false);
         return reasons::XDP_DROPPED_SOURCE_RANGE;
     }
-    forward(ctx, &pkt, &frontend)
+    forward(ctx, pkt, &frontend)
 }
 
 /// A new TCP connection that is not for a frontend (a client reaching a pod directly) may

@@ -712,6 +712,89 @@ fn external_traffic_policy_cluster_reaches_a_pod_on_another_node_through_snat() 
     );
 }
 
+/// `--size` and `--reply-size` of 3000 bytes: above the LAN's (and the pods') MTU of 1500.
+const BIG_DATAGRAM: &str = "3000";
+
+/// UDP datagrams of 3000 bytes, past the MTU of 1500, fragment on the way: XDP translates the
+/// client's fragments (the first like a whole datagram, the later ones by its ports) and tc
+/// the pod's fragmented reply, to a local pod and, through SNAT, to a pod on another node.
+#[test]
+fn fragmented_udp_datagrams_reach_a_nodeport_and_fragmented_replies_come_back_from_it() {
+    let mut site = Site::new(&["pod-a"], true);
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
+    );
+    site.start_agents();
+    let timeout = Duration::from_secs(10);
+    let udp_nodeport = format!("{NODE_A_IP}:30081");
+    let small = site.probe_until(&["udp", &udp_nodeport, "--count", "1"], timeout, |r| {
+        r.replies.get("pod-a") == Some(&1)
+    });
+    eprintln!("UDP NodePort: {small:?}");
+
+    // A big request: the pod answers, seeing the client's address.
+    let request = ["udp", &udp_nodeport, "--count", "5", "--whoami"];
+    let big_request = site.probe(&[&request[..], &["--size", BIG_DATAGRAM]].concat());
+    assert!(
+        all_from(&big_request, CLIENT_IP),
+        "{big_request:?}\n{}",
+        site.logs()
+    );
+    // A big reply (to a small and to a big request), from the NodePort's address.
+    for size in [None, Some(BIG_DATAGRAM)] {
+        let mut args = vec!["udp", &udp_nodeport, "--count", "5"];
+        args.extend(["--reply-size", BIG_DATAGRAM]);
+        if let Some(size) = size {
+            args.extend(["--size", size]);
+        }
+        let big_reply = site.probe(&args);
+        assert_eq!(
+            big_reply.replies.get("pod-a"),
+            Some(&5),
+            "request size {size:?}: {big_reply:?}\n{}",
+            site.logs()
+        );
+        assert_eq!(
+            big_reply.peers.get(&udp_nodeport),
+            Some(&5),
+            "reply source: {big_reply:?}"
+        );
+    }
+    let xdp_fragments = datapath_count(&site, "xdp", "fragment_translated");
+    let tc_fragments = datapath_count(&site, "tc", "fragment_translated");
+    // 3000 bytes at an MTU of 1500: three fragments, two of them later ones.
+    assert!(
+        xdp_fragments >= 2 * 10,
+        "xdp fragment_translated {xdp_fragments}"
+    );
+    assert!(
+        tc_fragments >= 2 * 10,
+        "tc fragment_translated {tc_fragments}"
+    );
+
+    // eTP Cluster to the pod on node-b: fragments get the node's address and SNAT port at
+    // tc; the pod's fragmented reply gets the client back in XDP, the NodePort at tc.
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(REMOTE_POD_IP, "node-b")]).to_yaml(),
+    );
+    let args = [
+        &request[..],
+        &["--size", BIG_DATAGRAM, "--reply-size", BIG_DATAGRAM],
+    ]
+    .concat();
+    let snat = site.probe_until(&args, timeout, |r| all_from(r, NODE_A_IP));
+    assert_eq!(
+        snat.peers.get(&udp_nodeport),
+        Some(&5),
+        "reply source: {snat:?}"
+    );
+    eprintln!("eTP Cluster, remote endpoint, 3000 bytes both ways: {snat:?}");
+    assert!(datapath_count(&site, "tc", "fragment_translated") > tc_fragments);
+}
+
 #[test]
 fn nodeport_addresses_narrow_the_addresses_node_ports_answer_on() {
     let mut site = Site::new(&["pod-a"], false);

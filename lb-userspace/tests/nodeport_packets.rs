@@ -30,7 +30,9 @@ use lb_common::{
     Ct4Key, Ct4Value, MAGLEV_SIZE, Rev4Value, ct_flags, ct_state, ct_timeouts, flow_hash,
     snat_ports,
 };
-use packet::{ACK, FIN, Headers, Packet, RST, SYN, icmp_error, tcp, udp, verify_checksums};
+use packet::{
+    ACK, FIN, Headers, Packet, RST, SYN, fragments, icmp_error, tcp, udp, verify_checksums,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -861,6 +863,55 @@ fn every_packet_is_counted_under_the_reason_of_its_verdict() {
             "icmp_not_tracked",
         ),
     ];
+    // Fragments: a later one without its first, a datagram's first and later ones, both ways.
+    let frag_in = fragments(&big_udp((CLIENT, 5200), (NODE, 30053), 0x0f01, 24), &[16]);
+    let frag_reply = fragments(&big_udp((POD_A, 5353), (CLIENT, 5200), 0x0f02, 24), &[16]);
+    for (name, hook, frame, verdict, reason) in [
+        (
+            "a later fragment whose first was not seen",
+            Xdp,
+            frag_in[1].clone(),
+            XDP_PASS,
+            "fragment_not_tracked",
+        ),
+        (
+            "a first fragment to a NodePort",
+            Xdp,
+            frag_in[0].clone(),
+            XDP_PASS,
+            "forwarded",
+        ),
+        (
+            "... its later fragment",
+            Xdp,
+            frag_in[1].clone(),
+            XDP_PASS,
+            "fragment_translated",
+        ),
+        (
+            "a later fragment of a reply before its first, at tc",
+            TcEgress,
+            frag_reply[1].clone(),
+            TC_ACT_OK,
+            "fragment_not_tracked",
+        ),
+        (
+            "the reply's first fragment",
+            TcEgress,
+            frag_reply[0].clone(),
+            TC_ACT_OK,
+            "reply_translated",
+        ),
+        (
+            "... its later fragment",
+            TcEgress,
+            frag_reply[1].clone(),
+            TC_ACT_OK,
+            "fragment_translated",
+        ),
+    ] {
+        steps.push((name, hook, frame, verdict, reason));
+    }
     // Garbage aimed at the tracked flow: never parsed, whatever is wrong with it.
     let good = tcp((CLIENT, 40000), (NODE, 30080), ACK).bytes();
     let good_udp = udp((CLIENT, 5000), (NODE, 30053)).bytes();
@@ -907,8 +958,8 @@ fn every_packet_is_counted_under_the_reason_of_its_verdict() {
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
 
-/// Frames that are malformed, truncated, fragmented or carry IP options, built from packets of
-/// tracked flows (XDP: the client's; tc: the backend's reply): every one passes untouched
+/// Frames that are malformed, truncated or carry IP options (fragments too), built from
+/// packets of tracked flows (XDP: the client's; tc: the backend's reply): every one passes untouched
 /// (the stack drops or refuses it), none is translated.
 #[test]
 fn garbage_passes_untouched_and_is_never_translated() {
@@ -955,10 +1006,18 @@ fn garbage(good: &[u8], good_udp: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ("IPv4 header cut short", good[..24].to_vec()),
         ("TCP header cut short", good[..40].to_vec()),
         ("UDP header cut short", good_udp[..38].to_vec()),
-        ("IPv4 options", with_options),
-        ("first fragment (MF)", edit(good, &|b| b[20] |= 0x20)),
-        ("later fragment (offset)", edit(good, &|b| b[21] = 0x10)),
-        ("UDP fragment", edit(good_udp, &|b| b[20] |= 0x20)),
+        ("IPv4 options", with_options.clone()),
+        (
+            "first fragment with IPv4 options",
+            edit(&with_options, &|b| b[20] |= 0x20),
+        ),
+        (
+            "first UDP fragment cut short",
+            edit(&good_udp[..38], &|b| {
+                b[20] |= 0x20;
+                b[17] = 24
+            }),
+        ),
         (
             "TCP data offset below 5",
             edit(good, &|b| b[34 + 12] = 4 << 4),
@@ -1005,6 +1064,158 @@ fn garbage(good: &[u8], good_udp: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("ARP", arp),
     ]
+}
+
+/// A UDP datagram of `len` payload bytes (a recognisable pattern) with IP id `id`.
+fn big_udp(src: (&str, u16), dst: (&str, u16), id: u16, len: usize) -> Packet {
+    let mut p = udp(src, dst);
+    p.id = id;
+    p.payload = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    p
+}
+
+/// Each fragment of `input` in, each fragment of `output` out (`sizes` as `fragments` takes
+/// them), in order: first, middle, last.
+fn fragment_cases(
+    name: &'static str,
+    hook: Hook,
+    input: &Packet,
+    verdict: u32,
+    output: &Packet,
+) -> Vec<Case> {
+    const SIZES: [usize; 2] = [24, 24];
+    let names = ["first", "middle", "last"];
+    fragments(input, &SIZES)
+        .into_iter()
+        .zip(fragments(output, &SIZES))
+        .zip(names)
+        .map(|((input, output), which)| Case {
+            name: Box::leak(format!("{name}: {which} fragment").into_boxed_str()),
+            hook,
+            input,
+            verdict,
+            output,
+            check_checksums: true,
+        })
+        .collect()
+}
+
+/// IPv4 fragments, Cilium's way: the first fragment (with the UDP header) is translated like
+/// a whole datagram and its ports remembered; the middle and last ones (no UDP header) get
+/// the same addresses, with the IP checksum updated and the UDP checksum, over the whole
+/// datagram, right in the first. Every frame out is exact. A later fragment whose first
+/// fragment was not seen passes untouched (and stays so: reassembly fails, the datagram is
+/// lost, as it would be dropped); those after its first are translated.
+#[test]
+fn fragments_of_a_udp_datagram_are_translated_in_xdp_and_tc() {
+    use Hook::{TcEgress, Xdp};
+    let mut h = Harness::new();
+    h.program(&state());
+    // 8 + 56 bytes of UDP: fragments of 24, 24 and 16 bytes.
+    let request = big_udp((CLIENT, 5100), (NODE, 30053), 0x0a01, 56);
+    let reply = big_udp((POD_A, 5353), (CLIENT, 5100), 0x0b01, 56);
+    // SNAT: to the remote backend, the node's source; its reply, back to the client.
+    let snat = big_udp((CLIENT, 5102), (NODE, 30082), 0x0a02, 56);
+    let snat_port = first_snat_port(&snat);
+    let remote_reply = big_udp((REMOTE_POD, 5353), (NODE, snat_port), 0x0c01, 56);
+    // The later fragment comes before its first.
+    let late_first = big_udp((CLIENT, 5104), (NODE, 30053), 0x0a03, 56);
+    let late_frags = fragments(&late_first, &[24, 24]);
+
+    let mut cases = vec![untouched(
+        "a middle fragment before its first passes untouched",
+        Xdp,
+        late_frags[1].clone(),
+    )];
+    cases.extend(fragment_cases(
+        "UDP to a NodePort, local backend",
+        Xdp,
+        &request,
+        XDP_PASS,
+        &request.clone().with_dst(POD_A, 5353),
+    ));
+    cases.extend(fragment_cases(
+        "the local backend's fragmented reply leaves from the NodePort (tc)",
+        TcEgress,
+        &reply,
+        TC_ACT_OK,
+        &reply.clone().with_src(NODE, 30053),
+    ));
+    cases.extend(fragment_cases(
+        "UDP to a NodePort, remote backend: DNAT in XDP",
+        Xdp,
+        &snat,
+        XDP_PASS,
+        &snat.clone().with_dst(REMOTE_POD, 5353),
+    ));
+    cases.extend(fragment_cases(
+        "... the node's address and SNAT port as source at tc",
+        TcEgress,
+        &snat.clone().with_dst(REMOTE_POD, 5353),
+        TC_ACT_OK,
+        &snat
+            .clone()
+            .with_dst(REMOTE_POD, 5353)
+            .with_src(NODE, snat_port),
+    ));
+    cases.extend(fragment_cases(
+        "... the remote backend's fragmented reply gets its client back in XDP",
+        Xdp,
+        &remote_reply,
+        XDP_PASS,
+        &remote_reply.clone().with_dst(CLIENT, 5102),
+    ));
+    cases.extend(fragment_cases(
+        "... and the NodePort as source at tc",
+        TcEgress,
+        &remote_reply.clone().with_dst(CLIENT, 5102),
+        TC_ACT_OK,
+        &remote_reply
+            .clone()
+            .with_dst(CLIENT, 5102)
+            .with_src(NODE, 30082),
+    ));
+    let late_out = fragments(&late_first.clone().with_dst(POD_A, 5353), &[24, 24]);
+    cases.push(raw_case(
+        "the late first fragment is translated",
+        Xdp,
+        late_frags[0].clone(),
+        XDP_PASS,
+        late_out[0].clone(),
+    ));
+    cases.push(raw_case(
+        "... and the fragment after it",
+        Xdp,
+        late_frags[2].clone(),
+        XDP_PASS,
+        late_out[2].clone(),
+    ));
+    cases.push(untouched(
+        "a later fragment of the node's own traffic leaves untouched (tc)",
+        TcEgress,
+        fragments(&big_udp((NODE, 53), (CLIENT, 5000), 0x0d01, 56), &[24, 24])[1].clone(),
+    ));
+    // TCP: the first fragment needs the whole TCP header; a tracked flow's fragments follow it.
+    let mut tcp_in = tcp((CLIENT, 41100), (NODE, 30080), SYN);
+    tcp_in.id = 0x0e01;
+    tcp_in.payload = (0..40).collect();
+    cases.extend(fragment_cases(
+        "TCP to a NodePort",
+        Xdp,
+        &tcp_in,
+        XDP_PASS,
+        &tcp_in.clone().with_dst(POD_A, 8080),
+    ));
+    run_cases(&mut h, &cases);
+
+    let reasons = h.reasons();
+    let count = |program, reason| reasons.get(&(program, reason)).copied().unwrap_or(0);
+    // Later fragments translated: 2 each of the local request, the SNAT request and the
+    // remote reply, 1 of the late datagram, 2 of TCP (XDP); 2 each at tc of the three.
+    assert_eq!(count("xdp", "fragment_translated"), 9);
+    assert_eq!(count("xdp", "fragment_not_tracked"), 1);
+    assert_eq!(count("tc", "fragment_translated"), 6);
+    assert_eq!(count("tc", "fragment_not_tracked"), 1);
 }
 
 /// The backend the kernel picks is the one the agent's Maglev table names for the flow's

@@ -5,8 +5,10 @@
 //! request with a minimal HTTP response whose body is `NAME\n` (so
 //! `curl http://ClusterIP/` works, like Kubernetes' serve_hostname image) and
 //! every UDP datagram with `NAME\n`. A request starting with `WHOAMI` gets the
-//! client's address as the server sees it (`IP:PORT\n`) instead. It prints
-//! `ready` once all sockets are bound and runs until killed.
+//! client's address as the server sees it (`IP:PORT\n`) instead. A UDP request whose
+//! first line is `BIG N` gets its answer (to the rest) padded with spaces to N bytes, so
+//! a reply can be made big enough to fragment. It prints `ready` once all sockets are
+//! bound and runs until killed.
 //!
 //! `lb-probe tcp|udp ADDR:PORT ...` makes a series of requests and prints one
 //! JSON object: how many attempts, which names answered, which errors
@@ -35,6 +37,8 @@ const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the TCP client sends unless asked for WHOAMI.
 const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 const WHOAMI: &[u8] = b"WHOAMI";
+/// A UDP request's first line `BIG N`: pad the reply to N bytes.
+const BIG: &[u8] = b"BIG ";
 
 #[derive(Parser)]
 #[command(name = "lb-probe", about = "Traffic probe and name-answering server")]
@@ -141,6 +145,13 @@ struct UdpArgs {
     /// socket for the next request, as an application reconnecting would.
     #[arg(long)]
     reopen_on_error: bool,
+    /// Pad each request with spaces to N bytes (a datagram bigger than the MTU fragments).
+    #[arg(long, value_name = "N")]
+    size: Option<usize>,
+    /// Ask the server for replies of N bytes (`BIG N`); a reply of another size counts as
+    /// the error `other:reply size`.
+    #[arg(long, value_name = "N")]
+    reply_size: Option<usize>,
     #[command(flatten)]
     run: LoopArgs,
 }
@@ -276,12 +287,30 @@ fn reply_body(request: &[u8], peer: SocketAddr, name: &str) -> String {
     }
 }
 
+/// The answer to a UDP request: `reply_body`, padded to N bytes after a `BIG N` line.
+fn udp_reply(request: &[u8], peer: SocketAddr, name: &str) -> Vec<u8> {
+    let Some(rest) = request.strip_prefix(BIG) else {
+        return reply_body(request, peer, name).into_bytes();
+    };
+    let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let size: usize = String::from_utf8_lossy(&rest[..line_end])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let body = rest.get(line_end + 1..).unwrap_or_default();
+    let mut reply = reply_body(body, peer, name).into_bytes();
+    if reply.len() < size {
+        reply.resize(size.min(65_507), b' ');
+    }
+    reply
+}
+
 fn serve_udp(socket: &UdpSocket, name: &str) {
     let mut buf = vec![0u8; 65536];
     loop {
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                let _ = socket.send_to(reply_body(&buf[..n], peer, name).as_bytes(), peer);
+                let _ = socket.send_to(&udp_reply(&buf[..n], peer, name), peer);
             }
             Err(_) => thread::sleep(Duration::from_millis(1)),
         }
@@ -461,7 +490,15 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn probe_udp(args: &UdpArgs) -> Tally {
     let timeout = Duration::from_millis(args.run.timeout_ms);
-    let payload = request_payload(&args.run, false);
+    let mut payload = Vec::new();
+    if let Some(size) = args.reply_size {
+        payload.extend(format!("BIG {size}\n").as_bytes());
+    }
+    payload.extend(request_payload(&args.run, false));
+    if let Some(size) = args.size {
+        payload.resize(payload.len().max(size), b' ');
+    }
+    let payload = &payload[..];
     let mut tally = Tally::default();
     let mut shared: Option<UdpSocket> = None;
     run_loop(&args.run, &mut tally, |tally| {
@@ -510,7 +547,7 @@ fn udp_once(
     tally: &mut Tally,
 ) -> Result<(), ErrorKind> {
     drain_stale_replies(socket);
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     let result = if args.connected {
         socket
             .send(payload)
@@ -522,6 +559,12 @@ fn udp_once(
             .and_then(|_| socket.recv_from(&mut buf))
     };
     match result {
+        Ok((n, peer)) if args.reply_size.is_some_and(|size| size != n) => {
+            tally.peer(peer);
+            let e = io::Error::other("reply size");
+            tally.error(&format!("udp {}: a reply of {n} bytes", args.target), &e);
+            Err(e.kind())
+        }
         Ok((n, peer)) => {
             tally.peer(peer);
             tally.reply(String::from_utf8_lossy(&buf[..n]).trim().to_string());

@@ -172,6 +172,42 @@ impl Packet {
     }
 }
 
+/// The datagram `p` cut into IPv4 fragments: the first `sizes` are the L4 bytes (header and
+/// payload, from the first byte of the L4 header) each fragment carries, multiples of 8; the
+/// last fragment carries the rest. Each fragment keeps `p`'s IP id, has MF set but the last,
+/// no DF, and its own IP checksum; the L4 checksum (in the first fragment) covers the whole
+/// datagram.
+pub fn fragments(p: &Packet, sizes: &[usize]) -> Vec<Vec<u8>> {
+    let whole = p.bytes();
+    let l4 = &whole[34..];
+    let mut frames = Vec::new();
+    let mut offset = 0;
+    for (i, size) in sizes
+        .iter()
+        .chain([&(l4.len() - sizes.iter().sum::<usize>())])
+        .enumerate()
+    {
+        assert!(
+            i == sizes.len() || size % 8 == 0,
+            "a fragment's data must be a multiple of 8"
+        );
+        let more = i < sizes.len();
+        let mut ip = whole[14..34].to_vec();
+        ip[2..4].copy_from_slice(&((20 + size) as u16).to_be_bytes());
+        let frag_off = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        ip[6..8].copy_from_slice(&frag_off.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(&ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut frame = ETH.to_vec();
+        frame.extend(ip);
+        frame.extend(&l4[offset..offset + size]);
+        frames.push(frame);
+        offset += size;
+    }
+    frames
+}
+
 pub const ICMP: u8 = 1;
 
 /// An ICMP error (`kind`, `code`, the 4 bytes after the checksum: e.g. the next-hop MTU of
@@ -237,6 +273,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             ip[10], ip[11]
         ));
     }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        // A fragment: the L4 checksum covers the whole datagram (compare frames instead).
+        return Ok(());
+    }
     let l4 = &frame[34..14 + total];
     if ip[9] == ICMP {
         let icmp = &frame[34..14 + total];
@@ -286,7 +326,18 @@ impl fmt::Display for Headers<'_> {
             ip[10],
             ip[11]
         )?;
-        if b.len() >= 42 {
+        let frag_off = u16::from_be_bytes([ip[6], ip[7]]);
+        if frag_off & 0x3fff != 0 {
+            write!(
+                f,
+                " id {:02x}{:02x} fragment at {}{}",
+                ip[4],
+                ip[5],
+                (frag_off & 0x1fff) * 8,
+                if frag_off & 0x2000 != 0 { " MF" } else { "" }
+            )?;
+        }
+        if b.len() >= 42 && frag_off & 0x1fff == 0 {
             let l4 = &b[34..];
             let (sport, dport) = (
                 u16::from_be_bytes([l4[0], l4[1]]),
