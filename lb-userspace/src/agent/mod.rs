@@ -2,6 +2,7 @@
 //! loop (load, adopt, start the source, coalesce changes, attach once the maps hold the first
 //! state, shut down); [`sync`] is the one pass that programs every frontend kind, and
 //! [`interfaces`] the node's NodePort interfaces.
+pub mod drops;
 pub mod interfaces;
 pub mod reserved_ports;
 pub mod sync;
@@ -122,6 +123,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ),
     }
 
+    let drops = tokio::spawn(drops::warn_on_drops(pins.maps()));
     let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
     let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -171,6 +173,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     source.abort();
+    drops.abort();
     drop(interfaces);
     state.counters.lock().expect("counters lock").take();
     state.reasons.lock().expect("reasons lock").take();
