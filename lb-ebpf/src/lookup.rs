@@ -27,8 +27,12 @@ pub enum Verdict {
     NoBackend,
     /// A LoadBalancer IP whose `loadBalancerSourceRanges` leave this client out.
     Filtered,
-    /// Send it to this backend (its id, its value).
-    Backend(u32, Backend4),
+    /// Send it to this backend (its id, its value); `kept`: the one the socket used before.
+    Backend {
+        id: u32,
+        backend: Backend4,
+        kept: bool,
+    },
 }
 
 /// Copy of the frontend entry for `key`.
@@ -140,12 +144,17 @@ fn random_backend(svc: &Frontend4Value) -> Option<(u32, Backend4)> {
 }
 
 /// Picks the backend for a connection from an in-node client to the frontend at `key`
-/// (scope external; the program never names the scope): `preferred` (the backend this socket
-/// used for this frontend before) while it exists, else by session affinity or at random. A
-/// service that changes while we read it (the agent switching slot generations) is read once
-/// more; if it still does not resolve, the service has no backend.
+/// (scope external; the program never names the scope): `preferred()` (the backend this
+/// socket used for this frontend before, asked only once `key` is known to be a service)
+/// while it exists, else by session affinity or at random. A service that changes while we
+/// read it (the agent switching slot generations) is read once more; if it still does not
+/// resolve, the service has no backend.
 #[inline(always)]
-pub fn select(key: &Frontend4Key, client: &InNodeClient, preferred: Option<u32>) -> Verdict {
+pub fn select(
+    key: &Frontend4Key,
+    client: &InNodeClient,
+    preferred: impl FnOnce() -> Option<u32>,
+) -> Verdict {
     let svc = match in_node_frontend(key, client) {
         None => return Verdict::NotAService,
         Some(Reached::Filtered(service_id)) => {
@@ -154,14 +163,20 @@ pub fn select(key: &Frontend4Key, client: &InNodeClient, preferred: Option<u32>)
         }
         Some(Reached::Frontend(svc)) => svc,
     };
-    let verdict = match preferred
-        .filter(|_| svc.count > 0)
-        .and_then(|id| Some((id, backend(id)?)))
-    {
-        Some((id, found)) => Verdict::Backend(id, found),
+    let kept = if svc.count > 0 {
+        preferred().and_then(|id| Some((id, backend(id)?)))
+    } else {
+        None
+    };
+    let verdict = match kept {
+        Some((id, backend)) => Verdict::Backend {
+            id,
+            backend,
+            kept: true,
+        },
         None => choose(key, svc, client),
     };
-    count(svc.service_id, matches!(verdict, Verdict::Backend(..)));
+    count(svc.service_id, matches!(verdict, Verdict::Backend { .. }));
     verdict
 }
 
@@ -198,7 +213,11 @@ fn choose(key: &Frontend4Key, mut svc: Frontend4Value, client: &InNodeClient) ->
             random_backend(&svc)
         };
         if let Some((id, backend)) = chosen {
-            return Verdict::Backend(id, backend);
+            return Verdict::Backend {
+                id,
+                backend,
+                kept: false,
+            };
         }
         match in_node_frontend(key, client) {
             Some(Reached::Frontend(again)) => svc = again,

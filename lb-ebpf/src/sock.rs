@@ -158,12 +158,15 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
         netns_cookie: unsafe { bpf_get_netns_cookie(raw) },
         source: known_source(sa, datagram),
     };
+    // Asked only for a service's frontend: other connects and sends pay nothing for it.
     // SAFETY: the context pointer is valid for this call, as the helper requires.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(raw) };
-    let preferred = if datagram {
-        remembered(socket_cookie, &key)
-    } else {
-        None
+    let socket_cookie = || unsafe { bpf_get_socket_cookie(raw) };
+    let preferred = || {
+        if datagram {
+            remembered(socket_cookie(), &key)
+        } else {
+            None
+        }
     };
     match select(&key, &client, preferred) {
         Verdict::NotAService => PROCEED,
@@ -190,9 +193,9 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             REJECT
         }
-        Verdict::Backend(id, backend) => {
-            if preferred != Some(id) {
-                remember(socket_cookie, &key, id, &backend, datagram);
+        Verdict::Backend { id, backend, kept } => {
+            if !kept {
+                remember(socket_cookie(), &key, id, &backend, datagram);
             }
             let sa = sock_addr(ctx);
             sa.user_ip4 = backend.addr;

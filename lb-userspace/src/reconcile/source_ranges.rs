@@ -40,11 +40,12 @@ impl ProgrammedRanges {
     ) -> Vec<MapError> {
         let mut failed = Vec::new();
         let programmed = self.by_id.entry(service_id).or_default();
-        for range in wanted.difference(&programmed.clone()) {
+        let missing: Vec<Cidr> = wanted.difference(programmed).copied().collect();
+        for range in missing {
             report.map_writes += 1;
-            match maps.put_source_range(service_id, *range) {
+            match maps.put_source_range(service_id, range) {
                 Ok(()) => {
-                    programmed.insert(*range);
+                    programmed.insert(range);
                 }
                 Err(error) => failed.push(error),
             }
