@@ -95,16 +95,7 @@ fn tcp_connections_spread_over_every_backend_and_getpeername_reports_the_cluster
 fn dns_cluster() -> Cluster {
     let cluster = Cluster::new(&["dns-a", "dns-b"]);
     cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
-    let endpoints = [
-        (cluster.pod_ip("dns-a"), true),
-        (cluster.pod_ip("dns-b"), true),
-    ];
-    cluster.write_manifest(
-        "dns-slice.yaml",
-        &slice("default", "dns-1", "dns", &endpoints)
-            .port("dns", "UDP", POD_PORT)
-            .to_yaml(),
-    );
+    dns_slice(&cluster, &["dns-a", "dns-b"]);
     cluster
 }
 
