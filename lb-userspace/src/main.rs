@@ -157,6 +157,19 @@ struct RunArgs {
     /// `--reserve-ports=false` leaves the sysctl alone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     reserve_ports: bool,
+    /// The ip_local_reserved_ports sysctl file --reserve-ports writes. A container's /proc/sys
+    /// is read-only unless it is privileged: the DaemonSet mounts the node's /proc/sys/net
+    /// elsewhere and names the file there.
+    #[arg(
+        long,
+        default_value = lb_agent::agent::reserved_ports::SYSCTL,
+        value_name = "PATH"
+    )]
+    reserved_ports_sysctl: PathBuf,
+    /// Start even when capabilities the agent needs are missing, so the kernel's own refusal
+    /// shows where it comes (the capability trials of tests/least_privilege.rs).
+    #[arg(long, hide = true)]
+    skip_capability_check: bool,
     /// Also destroy TCP connections a socket program sent to a backend that is now gone
     /// (Cilium's socket termination for TCP); connected UDP sockets of a removed backend are
     /// always destroyed, as kube-proxy clears their conntrack entries.
@@ -252,6 +265,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bind_protection: args.bind_protection,
         nodeport_range: args.nodeport_range,
         reserve_ports: args.reserve_ports,
+        reserved_ports_sysctl: args.reserved_ports_sysctl,
+        check_capabilities: !args.skip_capability_check,
         terminate_tcp: args.terminate_tcp,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

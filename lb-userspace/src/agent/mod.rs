@@ -61,16 +61,22 @@ pub struct RunConfig {
     pub nodeport_range: reserved_ports::PortRange,
     /// Add the NodePort range and the SNAT ports to `ip_local_reserved_ports` at start.
     pub reserve_ports: bool,
+    /// The `ip_local_reserved_ports` file to write ([`reserved_ports::SYSCTL`] by default).
+    pub reserved_ports_sysctl: PathBuf,
+    /// Refuse to start, naming them, when capabilities of [`privileges::NEEDED`] are missing.
+    pub check_capabilities: bool,
     /// Destroy TCP connections of removed backends too (connected UDP sockets always).
     pub terminate_tcp: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    privileges::check()?;
+    if config.check_capabilities {
+        privileges::check()?;
+    }
     privileges::raise_memlock_limit();
     if config.reserve_ports {
         reserved_ports::reserve(
-            std::path::Path::new(reserved_ports::SYSCTL),
+            &config.reserved_ports_sysctl,
             &[config.nodeport_range, reserved_ports::SNAT_RANGE],
         );
     }

@@ -1,44 +1,94 @@
 //! What the agent needs from the kernel, checked up front so a missing capability is named
-//! instead of surfacing as an EPERM from deep inside a bpf() call.
+//! with what it is for, instead of surfacing as an EPERM from deep inside a bpf() call or as
+//! sockets of removed backends silently left alone.
+//!
+//! The list is the outcome of running the real agent with one capability taken away at a time
+//! (tests/least_privilege.rs, docs/reliability.md "Least privilege"); manifests/deploy's
+//! DaemonSet grants exactly these.
 use anyhow::{Context as _, bail};
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
+/// One capability the agent cannot do without, and what breaks without it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needed {
+    /// The capability's number (linux/capability.h).
+    pub number: u32,
+    pub name: &'static str,
+    pub used_for: &'static str,
+}
 
-/// Fails with the list of missing capabilities, if any: CAP_BPF (or CAP_SYS_ADMIN on kernels
-/// before 5.8) to load programs and maps, CAP_NET_ADMIN to attach them, CAP_SYS_ADMIN to mount
-/// bpffs and attach to cgroups.
-pub fn check() -> anyhow::Result<()> {
+/// CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE. CAP_BPF and CAP_PERFMON are not listed:
+/// the kernel grants what they grant (bpf(2), and the verifier's trust in pointer arithmetic
+/// and bounded speculation) to CAP_SYS_ADMIN too, which the agent needs anyway for setns(2).
+pub const NEEDED: &[Needed] = &[
+    Needed {
+        number: 12,
+        name: "CAP_NET_ADMIN",
+        used_for: "loading and attaching the network programs (cgroup connect/sendmsg/bind \
+                   hooks, XDP, tc) and destroying sockets of removed backends (SOCK_DESTROY)",
+    },
+    Needed {
+        number: 21,
+        name: "CAP_SYS_ADMIN",
+        used_for: "bpf(2) itself (maps, programs, pins; CAP_BPF+CAP_PERFMON would do for that \
+                   alone), entering the network namespaces of pods (setns) to destroy sockets \
+                   of removed backends, and mounting bpffs where none is mounted",
+    },
+    Needed {
+        number: 19,
+        name: "CAP_SYS_PTRACE",
+        used_for: "opening /proc/PID/ns/net of processes that run under another uid or with \
+                   capabilities the agent lacks (every pod), to destroy their sockets of \
+                   removed backends",
+    },
+];
+
+/// The capabilities of `needed` missing from the effective set `effective` (a CapEff mask).
+pub fn missing(effective: u64, needed: &[Needed]) -> Vec<Needed> {
+    needed
+        .iter()
+        .filter(|cap| effective & (1u64 << cap.number) == 0)
+        .copied()
+        .collect()
+}
+
+/// The message naming each capability of `missing` and what the agent needs it for.
+pub fn describe_missing(missing: &[Needed]) -> String {
+    let names: Vec<&str> = missing.iter().map(|cap| cap.name).collect();
+    let reasons: Vec<String> = missing
+        .iter()
+        .map(|cap| format!("{} for {}", cap.name, cap.used_for))
+        .collect();
+    format!(
+        "lb-agent lacks the capabilities {}: it needs {}. Grant them (the DaemonSet's \
+         securityContext.capabilities.add in manifests/deploy/daemonset.yaml) or run it as root",
+        names.join(", "),
+        reasons.join("; ")
+    )
+}
+
+/// This process's effective capabilities (CapEff of /proc/self/status).
+pub fn effective() -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let effective = status
+    status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .context("no CapEff line in /proc/self/status")?;
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF");
-    }
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN");
-    }
-    if !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_SYS_ADMIN");
-    }
+        .context("no CapEff line in /proc/self/status")
+}
+
+/// Fails naming every capability of [`NEEDED`] this process lacks and what it is for.
+pub fn check() -> anyhow::Result<()> {
+    let missing = missing(effective()?, NEEDED);
     if !missing.is_empty() {
-        bail!(
-            "lb-agent needs {} (it loads eBPF programs, attaches them to a cgroup and mounts bpffs); \
-             run it as root or in a privileged container",
-            missing.join(", ")
-        );
+        bail!("{}", describe_missing(&missing));
     }
     Ok(())
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large maps load.
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large maps load. Lifting
+/// the hard limit needs CAP_SYS_RESOURCE, which the DaemonSet does not grant: later kernels
+/// charge maps to the memory cgroup instead and ignore the limit.
 pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -50,6 +100,54 @@ pub fn raise_memlock_limit() {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
             "could not lift RLIMIT_MEMLOCK (only matters before kernel 5.11)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: u64 = u64::MAX;
+
+    fn without(names: &[&str]) -> u64 {
+        NEEDED
+            .iter()
+            .filter(|cap| names.contains(&cap.name))
+            .fold(ALL, |mask, cap| mask & !(1u64 << cap.number))
+    }
+
+    #[test]
+    fn nothing_is_missing_with_every_capability() {
+        assert!(missing(ALL, NEEDED).is_empty());
+    }
+
+    #[test]
+    fn the_message_names_each_missing_capability_and_what_it_is_for() {
+        let gone = missing(without(&["CAP_SYS_PTRACE", "CAP_NET_ADMIN"]), NEEDED);
+        let names: Vec<&str> = gone.iter().map(|cap| cap.name).collect();
+        assert_eq!(names, ["CAP_NET_ADMIN", "CAP_SYS_PTRACE"]);
+        let message = describe_missing(&gone);
+        assert!(
+            message.contains("lacks the capabilities CAP_NET_ADMIN, CAP_SYS_PTRACE"),
+            "{message}"
+        );
+        assert!(message.contains("CAP_SYS_PTRACE for opening /proc/PID/ns/net"));
+        assert!(message.contains("CAP_NET_ADMIN for loading and attaching"));
+        assert!(!message.contains("CAP_SYS_ADMIN for"), "{message}");
+    }
+
+    #[test]
+    fn the_numbers_are_the_kernels() {
+        // linux/capability.h
+        let numbers: Vec<(&str, u32)> = NEEDED.iter().map(|c| (c.name, c.number)).collect();
+        assert_eq!(
+            numbers,
+            [
+                ("CAP_NET_ADMIN", 12),
+                ("CAP_SYS_ADMIN", 21),
+                ("CAP_SYS_PTRACE", 19)
+            ]
         );
     }
 }

@@ -102,6 +102,29 @@ impl Agent {
         }
     }
 
+    /// Like [`Agent::wait_ready`], but a start that fails is the caller's to judge: `Err`
+    /// holds why and the agent's log.
+    pub fn try_wait_ready(&mut self, ready: &ReadyWait, timeout: Duration) -> Result<(), String> {
+        ready
+            .wait(&mut self.child, timeout)
+            .map(|_| ())
+            .map_err(|error| format!("{error:#}; the agent's log:\n{}", self.log()))
+    }
+
+    /// Waits (bounded) for the agent to exit on its own; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The agent's log so far, for assertion messages.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
