@@ -113,7 +113,9 @@ impl SocketTerminator {
                 return done;
             }
         };
-        for netns in namespaces(&self.cgroup) {
+        let (found, refused) = namespaces(&self.cgroup);
+        done.errors.extend(refused);
+        for netns in found {
             done.namespaces += 1;
             let tcp = self.tcp;
             let cookies = cookies.clone();
@@ -168,22 +170,38 @@ fn sockets_of(
     Ok(found)
 }
 
-/// One open namespace file per network namespace of the processes in `cgroup` and below.
-fn namespaces(cgroup: &Path) -> Vec<File> {
+/// One open namespace file per network namespace of the processes in `cgroup` and below, and
+/// why some could not be opened (the first refusal only: one cause, e.g. no CAP_SYS_PTRACE,
+/// refuses them all).
+fn namespaces(cgroup: &Path) -> (Vec<File>, Option<String>) {
     let mut seen = BTreeSet::new();
     let mut found = Vec::new();
+    let mut refused = None;
     let mut dirs = vec![cgroup.to_owned()];
     while let Some(dir) = dirs.pop() {
         if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines() {
                 let path = format!("/proc/{pid}/ns/net");
-                let Ok(meta) = std::fs::metadata(&path) else {
-                    continue; // exited meanwhile
+                // Reaching another process's namespace is a ptrace-read check: another uid, or
+                // capabilities this process lacks, need CAP_SYS_PTRACE.
+                let opened = std::fs::metadata(&path)
+                    .and_then(|meta| Ok((seen.insert((meta.st_dev(), meta.st_ino())), meta)));
+                let outcome = match opened {
+                    Ok((false, _)) => continue, // a namespace already found
+                    Ok((true, _)) => File::open(&path),
+                    Err(error) => Err(error),
                 };
-                if seen.insert((meta.st_dev(), meta.st_ino()))
-                    && let Ok(file) = File::open(&path)
-                {
-                    found.push(file);
+                match outcome {
+                    Ok(file) => found.push(file),
+                    Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                        refused.get_or_insert_with(|| {
+                            format!(
+                                "reaching {path}: {error} (needs CAP_SYS_PTRACE); sockets in \
+                                 that network namespace are left alone"
+                            )
+                        });
+                    }
+                    Err(_) => {} // exited meanwhile
                 }
             }
         }
@@ -196,7 +214,7 @@ fn namespaces(cgroup: &Path) -> Vec<File> {
             );
         }
     }
-    found
+    (found, refused)
 }
 
 /// Moves this thread into the network namespace `netns`.

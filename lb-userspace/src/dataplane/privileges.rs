@@ -17,21 +17,23 @@ pub struct Needed {
 }
 
 /// CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE. CAP_BPF and CAP_PERFMON are not listed:
-/// the kernel grants what they grant (bpf(2), and the verifier's trust in pointer arithmetic
-/// and bounded speculation) to CAP_SYS_ADMIN too, which the agent needs anyway for setns(2).
+/// the kernel grants what they grant (bpf(2), the verifier's trust in pointer arithmetic and
+/// bounded speculation, network program types) to CAP_SYS_ADMIN too, which the agent needs
+/// anyway for setns(2).
 pub const NEEDED: &[Needed] = &[
     Needed {
         number: 12,
         name: "CAP_NET_ADMIN",
-        used_for: "loading and attaching the network programs (cgroup connect/sendmsg/bind \
-                   hooks, XDP, tc) and destroying sockets of removed backends (SOCK_DESTROY)",
+        used_for: "destroying sockets of removed backends (netlink SOCK_DESTROY; the program \
+                   loads and attaches take CAP_SYS_ADMIN as well)",
     },
     Needed {
         number: 21,
         name: "CAP_SYS_ADMIN",
-        used_for: "bpf(2) itself (maps, programs, pins; CAP_BPF+CAP_PERFMON would do for that \
-                   alone), entering the network namespaces of pods (setns) to destroy sockets \
-                   of removed backends, and mounting bpffs where none is mounted",
+        used_for: "bpf(2): creating the maps, loading and attaching the programs \
+                   (CAP_BPF+CAP_PERFMON would do for that alone), entering pods' network \
+                   namespaces (setns) to destroy sockets of removed backends, and mounting \
+                   bpffs where none is mounted",
     },
     Needed {
         number: 19,
@@ -133,7 +135,7 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("CAP_SYS_PTRACE for opening /proc/PID/ns/net"));
-        assert!(message.contains("CAP_NET_ADMIN for loading and attaching"));
+        assert!(message.contains("CAP_NET_ADMIN for destroying sockets"));
         assert!(!message.contains("CAP_SYS_ADMIN for"), "{message}");
     }
 
