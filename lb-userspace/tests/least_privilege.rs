@@ -366,6 +366,29 @@ fn without_a_needed_capability_the_agent_refuses_to_start_naming_it() {
     }
 }
 
+#[test]
+fn a_namespace_the_agent_may_not_reach_is_warned_about_not_skipped_silently() {
+    let site = Site::new(true);
+    let caps: Vec<String> = daemonset_capabilities()
+        .into_iter()
+        .filter(|c| c != "CAP_SYS_PTRACE")
+        .collect();
+    let (agent, outcome) = site.start(&caps, 0, &["--skip-capability-check"]);
+    if let Err(log) = outcome {
+        panic!("did not start without CAP_SYS_PTRACE and the check off:\n{log}");
+    }
+    assert!(site.tcp().is_ok(), "{}", agent.log());
+    let moved = site.udp_socket_moves();
+    assert!(
+        moved.is_err(),
+        "the socket was destroyed all the same: {moved:?}"
+    );
+    agent.wait_for_log(
+        "(needs CAP_SYS_PTRACE); sockets in that network namespace are left alone",
+        Duration::from_secs(5),
+    );
+}
+
 /// What one trial showed.
 struct Trial {
     removed: String,
@@ -460,5 +483,14 @@ fn capability_trials() {
     println!("\n| removed | outcome |\n|---|---|");
     for row in &rows {
         println!("| {} | {} |", row.removed, row.outcome.replace('|', "/"));
+    }
+    for whole in ["none", "all but the DaemonSet's"] {
+        let row = rows.iter().find(|r| r.removed == whole).unwrap();
+        assert!(
+            row.outcome.contains("destroyed: yes; warnings: ")
+                && row.outcome.ends_with("warnings: "),
+            "{whole}: {}",
+            row.outcome
+        );
     }
 }
