@@ -245,6 +245,35 @@ impl Site {
     }
 }
 
+/// A bind mount made by the test (in its own mount namespace, the host's), unmounted and its
+/// directory removed on drop.
+struct BindMount(PathBuf);
+
+impl BindMount {
+    fn new(source: &str) -> BindMount {
+        let target = Path::new("/run/lb-test").join(lb_testkit::unique_name("sysnet"));
+        std::fs::create_dir_all(&target).expect("creating a mount point");
+        let mount = BindMount(target);
+        let status = std::process::Command::new("mount")
+            .args(["--bind", source])
+            .arg(&mount.0)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "bind-mounting {source}");
+        mount
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// The agent's warnings and errors, for the trial table.
 fn complaints(log: &str) -> Vec<String> {
     log.lines()
@@ -279,9 +308,15 @@ fn why_it_stopped(log: &str) -> String {
 #[test]
 fn the_daemonsets_capabilities_program_serve_and_destroy_sockets_as_uid_0_and_as_nobody() {
     let caps = daemonset_capabilities();
+    // As the DaemonSet does: /proc/sys/net seen elsewhere (there a hostPath, since the
+    // container's /proc/sys is read-only), written through --reserved-ports-sysctl. Network
+    // sysctls are the writer's namespace's: the node namespace's here.
+    let proc_sys_net = BindMount::new("/proc/sys/net");
+    let sysctl = proc_sys_net.0.join("ipv4/ip_local_reserved_ports");
+    let sysctl_flag = format!("--reserved-ports-sysctl={}", sysctl.display());
     for uid in [0, NOBODY] {
         let site = Site::new(true);
-        let (mut agent, outcome) = site.start(&caps, uid, &[]);
+        let (mut agent, outcome) = site.start(&caps, uid, &[&sysctl_flag]);
         if let Err(log) = outcome {
             panic!("uid {uid} with {caps:?}: the agent did not start:\n{log}");
         }
@@ -299,6 +334,21 @@ fn the_daemonsets_capabilities_program_serve_and_destroy_sockets_as_uid_0_and_as
             Duration::from_secs(5),
         );
         assert!(moved.is_ok(), "uid {uid}: {moved:?}\n{}", agent.log());
+        let reserved = site
+            .cluster
+            .node
+            .netns()
+            .run(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+            .expect("reading the node's reserved ports");
+        agent.wait_for_log(
+            &format!("sysctl={}", sysctl.display()),
+            Duration::from_secs(5),
+        );
+        assert!(
+            reserved.contains("30000-32767"),
+            "uid {uid}: the node namespace's reserved ports: {reserved:?}\n{}",
+            agent.log()
+        );
         let log = agent.log();
         assert!(
             complaints(&log).is_empty(),
@@ -459,7 +509,7 @@ fn capability_trials() {
     ));
     for (removed, caps, uid, mount) in cases {
         let site = Site::new(mount);
-        let (mut agent, started) = site.start(&caps, uid, &["--skip-capability-check"]);
+        let (agent, started) = site.start(&caps, uid, &["--skip-capability-check"]);
         let outcome = match started {
             Err(log) => format!("did not start: {}", why_it_stopped(&log)),
             Ok(()) => {

@@ -184,11 +184,11 @@ fn namespaces(cgroup: &Path) -> (Vec<File>, Option<String>) {
                 let path = format!("/proc/{pid}/ns/net");
                 // Reaching another process's namespace is a ptrace-read check: another uid, or
                 // capabilities this process lacks, need CAP_SYS_PTRACE.
-                let opened = std::fs::metadata(&path)
-                    .and_then(|meta| Ok((seen.insert((meta.st_dev(), meta.st_ino())), meta)));
-                let outcome = match opened {
-                    Ok((false, _)) => continue, // a namespace already found
-                    Ok((true, _)) => File::open(&path),
+                let is_new = std::fs::metadata(&path)
+                    .map(|meta| seen.insert((meta.st_dev(), meta.st_ino())));
+                let outcome = match is_new {
+                    Ok(false) => continue, // a namespace already found
+                    Ok(true) => File::open(&path),
                     Err(error) => Err(error),
                 };
                 match outcome {
