@@ -944,7 +944,10 @@ fn tc_filters(site: &Site) -> Vec<String> {
 fn filter_program_id(line: &str) -> u32 {
     let mut words = line.split_whitespace();
     words.find(|w| *w == "id");
-    words.next().and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("no id in {line}"))
+    words
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {line}"))
 }
 
 #[test]
@@ -985,7 +988,11 @@ fn netlink_tc_restarts_replace_the_one_filter_and_cleanup_removes_it() {
         assert!(!tc_pin.exists(), "a tcx link pinned on the netlink path");
         program_ids.push(filter_program_id(&filters[0]));
         let log = site.logs();
-        let expected = if round == 0 { "Filter" } else { "ReplacedFilter" };
+        let expected = if round == 0 {
+            "Filter"
+        } else {
+            "ReplacedFilter"
+        };
         assert!(
             log.contains(&format!("tc={expected} {{")),
             "round {round}: {expected} not logged:
@@ -996,14 +1003,21 @@ fn netlink_tc_restarts_replace_the_one_filter_and_cleanup_removes_it() {
         }
     }
     let distinct: std::collections::BTreeSet<_> = program_ids.iter().collect();
-    assert_eq!(distinct.len(), 4, "each agent's own program ran: {program_ids:?}");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each agent's own program ran: {program_ids:?}"
+    );
 
     // Back on tcx (auto on 6.18): the filter goes, the tcx link is pinned.
     site.start_agents();
     assert_eq!(tc_filters(&site), Vec::<String>::new());
     assert!(site.bpffs[0].path().join("links/iface-lan0/tc").exists());
     let answered = site.probe(&["tcp", &nodeport, "--count", "5", "--whoami"]);
-    assert!(all_from(&answered, CLIENT_IP) && answered.failures() == 0, "{answered:?}");
+    assert!(
+        all_from(&answered, CLIENT_IP) && answered.failures() == 0,
+        "{answered:?}"
+    );
     for agent in &mut site.agents {
         assert!(agent.terminate().success());
     }

@@ -20,7 +20,7 @@ fn web(cluster: &Cluster, backends: &[&str]) {
     let slice = backends
         .iter()
         .fold(SliceManifest::new("default", "web-1", "web"), |s, b| {
-            s.endpoint(&cluster.pod_ip(b)).on_node("node-a").ready(true)
+            s.endpoint(cluster.pod_ip(b)).on_node("node-a").ready(true)
         })
         .port("http", "TCP", POD_PORT);
     cluster.write_manifest("web-slice.yaml", &slice.to_yaml());
@@ -40,10 +40,15 @@ fn a_second_agent_on_the_same_pin_directory_fails_at_once_naming_the_first() {
     let first_pid = cluster.agent().pid();
     let programmed = list(&cluster);
 
+    let started = std::time::Instant::now();
     let mut second = cluster.spawn_another_agent(&[]);
     let status = second
         .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("the second agent kept running:\n{}", second.log()));
+    eprintln!(
+        "a second agent exited {:?} after it started",
+        started.elapsed()
+    );
     let log = second.log();
     assert!(!status.success(), "the second agent exited 0:\n{log}");
     assert!(

@@ -100,7 +100,7 @@ impl NodeInterfaces {
             let dir = crate::dataplane::links::dir_for_interface(&links_root, iface);
             let (mode, xdp, tc) =
                 nodeport::attach(dataplane.ebpf_mut(), iface, &dir, self.config.tc_attach)
-                .with_context(|| format!("attaching the north-south programs to {iface}"))?;
+                    .with_context(|| format!("attaching the north-south programs to {iface}"))?;
             let mode = mode.map_or("unchanged".to_owned(), |m| m.to_string());
             tracing::info!(
                 iface = %iface,

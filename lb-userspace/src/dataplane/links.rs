@@ -203,7 +203,9 @@ pub fn remove_tc_filters_of(iface: &str) {
     match super::nodeport::remove_tc_filters(iface) {
         Ok(true) => tracing::info!(%iface, "removed the tc egress filter"),
         Ok(false) => {}
-        Err(error) => tracing::warn!(%iface, error = %format!("{error:#}"), "tc filters not removed"),
+        Err(error) => {
+            tracing::warn!(%iface, error = %format!("{error:#}"), "tc filters not removed")
+        }
     }
 }
 

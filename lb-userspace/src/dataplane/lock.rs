@@ -232,7 +232,11 @@ mod tests {
             panic!("a second lock on the same directory was granted");
         };
         assert_eq!(holder.pid, Some(std::process::id()));
-        assert!(holder.to_string().starts_with(&format!("pid {}", std::process::id())));
+        assert!(
+            holder
+                .to_string()
+                .starts_with(&format!("pid {}", std::process::id()))
+        );
         let mut reported = 0;
         let Err(LockError::TimedOut { waited, .. }) =
             DirLock::acquire(&dir, Duration::from_millis(300), |_| reported += 1)

@@ -118,7 +118,9 @@ pub enum TcAttach {
 impl TcAttach {
     fn uses_tcx(self) -> bool {
         match self {
-            TcAttach::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
             TcAttach::Tcx => true,
             TcAttach::Netlink => false,
         }
@@ -189,7 +191,11 @@ fn attach_tc(
                 classid: None,
             };
             let id = tc
-                .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::Netlink(options))
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(options),
+                )
                 .with_context(|| {
                     format!("attaching {TC_PROGRAM} to {iface} egress (netlink filter)")
                 })?;

@@ -103,9 +103,15 @@ mod tests {
     #[test]
     fn hands_out_every_id_once_then_says_the_space_is_full() {
         let mut ids = IdSpace::new(1, 1000);
-        let handed: Vec<u32> = (0..1000).map(|_| ids.allocate().expect("a free id")).collect();
+        let handed: Vec<u32> = (0..1000)
+            .map(|_| ids.allocate().expect("a free id"))
+            .collect();
         assert_eq!(handed, (1..=1000).collect::<Vec<_>>());
-        assert_eq!(ids.allocate(), None, "the space is full: no id wraps into a used one");
+        assert_eq!(
+            ids.allocate(),
+            None,
+            "the space is full: no id wraps into a used one"
+        );
         assert_eq!(ids.in_use(), 1000);
         ids.release(500);
         assert_eq!(ids.allocate(), Some(500), "the only free id");

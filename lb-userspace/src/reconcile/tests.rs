@@ -927,7 +927,11 @@ fn when_every_service_id_is_in_use_only_the_service_needing_one_is_refused() {
     ]);
     sync(&mut reconciler, &two, &mut maps);
     let mut three = two.clone();
-    insert(&mut three, api(), desired_service("api", &[backend(3, 443)], None));
+    insert(
+        &mut three,
+        api(),
+        desired_service("api", &[backend(3, 443)], None),
+    );
 
     let report = counted_sync(&mut reconciler, &three, &mut maps);
     assert_eq!(
@@ -968,16 +972,27 @@ fn when_every_backend_id_is_in_use_only_the_set_needing_one_is_refused() {
     )
     .unwrap();
     let full = state(vec![
-        (web(), desired_service("web", &[backend(1, 80), backend(2, 80)], None)),
+        (
+            web(),
+            desired_service("web", &[backend(1, 80), backend(2, 80)], None),
+        ),
         (dns(), desired_service("dns", &[backend(3, 53)], None)),
     ]);
     sync(&mut reconciler, &full, &mut maps);
 
     // api needs a fourth backend id; a backend shared with web needs none.
     let mut more = full.clone();
-    insert(&mut more, api(), desired_service("api", &[backend(9, 443)], None));
+    insert(
+        &mut more,
+        api(),
+        desired_service("api", &[backend(9, 443)], None),
+    );
     let shared = frontend("10.96.0.30", 80, Protocol::Tcp);
-    insert(&mut more, shared, desired_service("mirror", &[backend(1, 80)], None));
+    insert(
+        &mut more,
+        shared,
+        desired_service("mirror", &[backend(1, 80)], None),
+    );
     let report = counted_sync(&mut reconciler, &more, &mut maps);
     assert_eq!(
         report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
@@ -985,7 +1000,9 @@ fn when_every_backend_id_is_in_use_only_the_set_needing_one_is_refused() {
         "{report:?}"
     );
     assert!(
-        report.failed[0].1.contains("every backend id is in use (3 of 3)"),
+        report.failed[0]
+            .1
+            .contains("every backend id is in use (3 of 3)"),
         "{report:?}"
     );
     let mut served = more.clone();
@@ -1019,11 +1036,21 @@ fn churn_through_a_small_id_space_many_times_never_gives_a_live_id_twice() {
         let name = format!("svc-{round}");
         let first = (round % 200) as u8 + 1;
         let backends = [backend(first, 80), backend(first.wrapping_add(50), 80)];
-        live.push(desired_service(&name, &backends[..1 + (round % 2) as usize], None));
+        live.push(desired_service(
+            &name,
+            &backends[..1 + (round % 2) as usize],
+            None,
+        ));
         if live.len() > 3 {
             live.remove(0);
         }
-        let desired = state(frontends.iter().copied().zip(live.iter().cloned()).collect());
+        let desired = state(
+            frontends
+                .iter()
+                .copied()
+                .zip(live.iter().cloned())
+                .collect(),
+        );
         let report = counted_sync(&mut reconciler, &desired, &mut maps);
         assert!(report.failed.is_empty(), "round {round}: {report:?}");
         assert_exact(&maps, &desired);
@@ -1035,7 +1062,11 @@ fn churn_through_a_small_id_space_many_times_never_gives_a_live_id_twice() {
         assert!(contents.backends.keys().all(|id| (1..=8).contains(id)));
         seen_service_ids.extend(ids);
     }
-    assert_eq!(seen_service_ids, (1..=4).collect(), "every id was used in turn");
+    assert_eq!(
+        seen_service_ids,
+        (1..=4).collect(),
+        "every id was used in turn"
+    );
 }
 
 #[test]
