@@ -1025,6 +1025,15 @@ fn netlink_tc_restarts_replace_the_one_filter_and_cleanup_removes_it() {
     // On netlink once more, then cleanup: nothing of the agent is left on the interface.
     site.start_agents_with(&netlink);
     assert_eq!(tc_filters(&site).len(), 1);
+    assert!(
+        !site.bpffs[0].path().join("links/iface-lan0/tc").exists(),
+        "the tcx link of the run before stayed"
+    );
+    let answered = site.probe(&["tcp", &nodeport, "--count", "5", "--whoami"]);
+    assert!(
+        all_from(&answered, CLIENT_IP) && answered.failures() == 0,
+        "{answered:?}"
+    );
     for agent in &mut site.agents {
         assert!(agent.terminate().success());
     }

@@ -136,7 +136,7 @@ pub const TC_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 /// Attaches `nodeport_tc` to `iface` egress: through the tcx link pinned at `link_dir/tc`
 /// (swapping the program in when a previous agent pinned one), or as the netlink filter at
-/// [`TC_FILTER_PRIORITY`], replaced in place when there is one. Each way first removes what the
+/// [`TC_FILTER_PRIORITY`], replaced in place when there is one. Each way then removes what the
 /// other way left there, so the program runs once per packet.
 fn attach_tc(
     tc: &mut SchedClassifier,
@@ -145,11 +145,8 @@ fn attach_tc(
     how: TcAttach,
 ) -> anyhow::Result<Attached> {
     if how.uses_tcx() {
-        if remove_tc_filters(iface)? {
-            tracing::info!(%iface, "removed netlink tc filters of {TC_PROGRAM}: tcx is used");
-        }
         let (tc_id, tc_fd) = (tc.info()?.id(), tc.fd()?.try_clone()?);
-        return links::pinned(&link_dir.join("tc"), tc_fd.as_fd(), tc_id, || {
+        let attached = links::pinned(&link_dir.join("tc"), tc_fd.as_fd(), tc_id, || {
             let id = tc
                 .attach_with_options(
                     iface,
@@ -158,10 +155,13 @@ fn attach_tc(
                 )
                 .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress (tcx)"))?;
             Ok(FdLink::try_from(tc.take_link(id)?).ok())
-        });
-    }
-    if links::remove(link_dir, "tc")? {
-        tracing::info!(%iface, "removed the tcx link of {TC_PROGRAM}: netlink is used");
+        })?;
+        // After the attach: tcx runs before the filters, so there is no gap and no packet
+        // sees both (the program's verdict ends the packet's way through tc).
+        if remove_tc_filters(iface)? {
+            tracing::info!(%iface, "removed netlink tc filters of {TC_PROGRAM}: tcx is used");
+        }
+        return Ok(attached);
     }
     if let Err(e) = tc::qdisc_add_clsact(iface) {
         tracing::debug!(%iface, error = %e, "clsact qdisc not added (it exists)");
@@ -205,6 +205,10 @@ fn attach_tc(
     // The filter stays when this process ends (the next agent replaces its program, cleanup
     // removes it): dropping the link would not detach it, forgetting it says so.
     std::mem::forget(tc.take_link(id)?);
+    // A tcx link of an earlier run goes once the filter is in place (no gap).
+    if links::remove(link_dir, "tc")? {
+        tracing::info!(%iface, "removed the tcx link of {TC_PROGRAM}: netlink is used");
+    }
     Ok(if replaced {
         Attached::ReplacedFilter { program_id }
     } else {
