@@ -175,8 +175,13 @@ fn cleanup_refuses_while_an_agent_runs() {
     assert_eq!(served.replies.get("pod-a"), Some(&5), "{served:?}");
     assert!(cluster.bpffs.is_mounted());
 
-    // Read-only commands need no lock.
+    // Read-only commands need no lock; status names who holds it.
     assert_eq!(list(&cluster).as_array().map(Vec::len), Some(1));
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.agent_command(&["status", "--bpffs", &bpffs, "-o", "json"]))
+            .expect("status -o json");
+    let locked_by = status["locked_by"].as_str().unwrap_or_default();
+    assert!(locked_by.starts_with(&format!("pid {pid} (")), "{status}");
 
     cluster.agent().terminate();
     cluster.agent_command(&["cleanup", "--bpffs", &bpffs]);

@@ -145,6 +145,14 @@ impl DirLock {
     }
 }
 
+/// Who holds the lock on `path`, without taking it (for `lb-agent status`); `None` when no one
+/// does, or `path` is no directory.
+pub fn holder(path: &Path) -> Option<Holder> {
+    let dir = open_dir(path).ok()?;
+    let holder = holder_of(&dir);
+    holder.pid.is_some().then_some(holder)
+}
+
 fn open_dir(path: &Path) -> Result<File, LockError> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -232,6 +240,11 @@ mod tests {
             panic!("a second lock on the same directory was granted");
         };
         assert_eq!(holder.pid, Some(std::process::id()));
+        assert_eq!(
+            super::holder(&dir),
+            Some(holder.clone()),
+            "status reads it too"
+        );
         assert!(
             holder
                 .to_string()
@@ -254,6 +267,7 @@ mod tests {
         assert!(second.still_names(&dir));
         release.join().unwrap();
         drop(second);
+        assert_eq!(super::holder(&dir), None);
         std::fs::remove_dir(&dir).unwrap();
     }
 }
