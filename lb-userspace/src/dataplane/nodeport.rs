@@ -111,7 +111,7 @@ pub enum TcAttach {
     Auto,
     /// A tcx bpf link, pinned under the interface's link directory.
     Tcx,
-    /// A cls_bpf filter on the clsact qdisc, at [`TC_FILTER_PRIORITY`] and [`TC_FILTER_HANDLE`].
+    /// A cls_bpf filter on the clsact qdisc at a fixed priority (19522) and handle (1).
     Netlink,
 }
 
