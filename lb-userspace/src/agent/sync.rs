@@ -121,6 +121,14 @@ impl SyncPass {
             &mut self.reported,
             state,
         );
+        for (set, backends) in &report.truncated {
+            tracing::warn!(
+                service = %set.name,
+                backends,
+                used = lb_common::limits::MAX_BACKENDS_PER_SERVICE,
+                "more backends than one service may have; the rest get no connections"
+            );
+        }
         for (frontend, error) in &report.failed {
             tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
         }

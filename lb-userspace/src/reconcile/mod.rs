@@ -85,6 +85,9 @@ pub struct SyncReport {
     /// Backends no set keeps any more, removed from the backends map (their sockets may be
     /// terminated).
     pub backends_removed: Vec<Backend>,
+    /// Sets with more ready backends than one set may have (`MAX_BACKENDS_PER_SERVICE`), with
+    /// how many they have: only the first that many are used.
+    pub truncated: Vec<(SetKey, usize)>,
 }
 
 impl SyncReport {
@@ -99,6 +102,7 @@ impl SyncReport {
         self.sets_added.extend(retry.sets_added);
         self.sets_removed.extend(retry.sets_removed);
         self.backends_removed.extend(retry.backends_removed);
+        self.truncated.extend(retry.truncated);
     }
 }
 
@@ -515,12 +519,14 @@ impl Reconciler {
         maps: &mut impl ServiceMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapError> {
-        let picks: Vec<Backend> = wanted
-            .backends
-            .iter()
-            .take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize)
-            .copied()
-            .collect();
+        // The slot index has room for this many; the rest are left out, and said so.
+        let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+        if wanted.backends.len() > limit {
+            report
+                .truncated
+                .push((set_key.clone(), wanted.backends.len()));
+        }
+        let picks: Vec<Backend> = wanted.backends.iter().take(limit).copied().collect();
         let members: BTreeMap<Backend, Opinion> = picks
             .iter()
             .chain(&wanted.draining)

@@ -1018,6 +1018,28 @@ fn when_every_backend_id_is_in_use_only_the_set_needing_one_is_refused() {
 }
 
 #[test]
+fn a_set_with_more_backends_than_the_slot_index_holds_uses_the_first_and_says_so() {
+    let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+    let many: Vec<Backend> = (0..limit + 2)
+        .map(|i| Backend {
+            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32),
+            port: 80,
+        })
+        .collect();
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::default();
+    let desired = state(vec![(web(), desired_service("web", &many, None))]);
+    let report = reconciler.sync(&desired, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.truncated.len(), 1);
+    assert_eq!(report.truncated[0].0.name.to_string(), "default/web:http");
+    assert_eq!(report.truncated[0].1, limit + 2);
+    let value = maps.contents.frontends.values().next().unwrap();
+    assert_eq!(usize::from(value.count), limit);
+    assert_eq!(maps.contents.slots.len(), limit);
+}
+
+#[test]
 fn churn_through_a_small_id_space_many_times_never_gives_a_live_id_twice() {
     // 4 service ids and 8 backend ids: up to 3 services of up to 2 backends live at once, one
     // more while a sync replaces one (the old set goes after the new one is written); 200
