@@ -27,14 +27,19 @@ pub fn agent_links(nodeport_ifaces: usize) -> usize {
 }
 
 /// [`agent_links`] of an agent started with the arguments `args`: one fewer with
-/// `--bind-protection=false`.
+/// `--bind-protection=false`, and one fewer per interface with `--tc-attach netlink`.
 pub fn agent_links_for<S: AsRef<str>>(args: &[S]) -> usize {
     let ifaces = args
         .iter()
         .filter(|a| a.as_ref() == "--nodeport-iface")
         .count();
     let unprotected = args.iter().any(|a| a.as_ref() == "--bind-protection=false");
-    agent_links(ifaces) - usize::from(unprotected)
+    // A netlink tc filter is no link: one pin fewer per interface.
+    let netlink_tc = args.iter().any(|a| a.as_ref() == "--tc-attach=netlink")
+        || args
+            .windows(2)
+            .any(|w| w[0].as_ref() == "--tc-attach" && w[1].as_ref() == "netlink");
+    agent_links(ifaces) - usize::from(unprotected) - if netlink_tc { ifaces } else { 0 }
 }
 
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before:

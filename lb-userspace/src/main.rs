@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     agent::{self, RunConfig},
-    dataplane::Limits,
+    dataplane::{Limits, nodeport::TcAttach},
     list,
     model::ProxyIdentity,
 };
@@ -46,11 +46,14 @@ enum Command {
         output: Format,
     },
     /// Detach every program and remove every pin the agent made (run on a node after the
-    /// agent is stopped, to remove it for good).
+    /// agent is stopped, to remove it for good). Refuses while an agent runs on the directory.
     Cleanup {
         /// bpffs directory the agent pins under.
         #[arg(long, default_value = "/sys/fs/bpf/lb")]
         bpffs: PathBuf,
+        /// How long to wait for a running agent to exit (it holds the directory's lock).
+        #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+        lock_wait: Duration,
     },
 }
 
@@ -176,6 +179,24 @@ struct RunArgs {
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, value_name = "BOOL")]
     terminate_tcp: bool,
+    /// When another agent holds the --bpffs directory (one agent per node: a second one would
+    /// cross-wire services), wait this long for it to exit, then take over; e.g. `60s` in a
+    /// DaemonSet, where the old pod may still be terminating. `0s`: fail at once, naming it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    lock_wait: Duration,
+    /// How the tc egress program is attached: `tcx` (a bpf link, pinned; kernel 6.6+),
+    /// `netlink` (a clsact filter at a fixed priority and handle, replaced in place by the next
+    /// agent), or `auto` (tcx where the kernel has it).
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto, value_name = "MODE")]
+    tc_attach: TcAttach,
+}
+
+/// A duration as `60s`, `2m`, `1m30s` or `500ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let span: jiff::SignedDuration = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a duration like 60s or 2m: {e}"))?;
+    Duration::try_from(span).map_err(|_| format!("{text:?}: a duration may not be negative"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -219,7 +240,18 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { bpffs } => {
+        Command::Cleanup { bpffs, lock_wait } => {
+            // Not beside a live agent: it would recreate what is removed, or lose its maps.
+            let _lock = if bpffs.is_dir() {
+                Some(
+                    lb_agent::dataplane::lock::DirLock::acquire(&bpffs, lock_wait, |holder| {
+                        tracing::warn!(%holder, "an agent holds the pin directory; waiting")
+                    })
+                    .context("cleanup refused")?,
+                )
+            } else {
+                None
+            };
             lb_agent::dataplane::bpffs::PinDir::at(&bpffs).remove_all()?;
             eprintln!(
                 "removed every link and map pinned under {}",
@@ -261,6 +293,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             interfaces: args.nodeport_ifaces,
             addresses: args.nodeport_addresses,
             localhost: args.localhost_nodeports,
+            tc_attach: args.tc_attach,
         },
         bind_protection: args.bind_protection,
         nodeport_range: args.nodeport_range,
@@ -268,6 +301,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         reserved_ports_sysctl: args.reserved_ports_sysctl,
         check_capabilities: !args.skip_capability_check,
         terminate_tcp: args.terminate_tcp,
+        lock_wait: args.lock_wait,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

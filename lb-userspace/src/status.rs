@@ -16,6 +16,9 @@ use crate::dataplane::{
 pub struct Status {
     pub bpffs: String,
     pub bpffs_mounted: bool,
+    /// The process holding the pin directory's lock (the running agent), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_by: Option<String>,
     pub links: Vec<PinnedLinkStatus>,
     pub maps: Vec<MapStatus>,
     /// Packets of the north-south programs by the reason they gave (empty: no map pinned).
@@ -29,6 +32,7 @@ pub fn collect(bpffs: &Path, healthz: SocketAddr) -> Status {
     Status {
         bpffs: bpffs.display().to_string(),
         bpffs_mounted: is_bpffs(bpffs),
+        locked_by: crate::dataplane::lock::holder(bpffs).map(|holder| holder.to_string()),
         links: links::list(&pins.links()),
         maps: inspect::pinned_maps(&pins.maps()),
         datapath: ReasonCounters::open_pinned(&pins.maps())
@@ -72,6 +76,9 @@ pub fn text(status: &Status) -> String {
             "not bpffs: nothing pinned"
         }
     );
+    if let Some(holder) = &status.locked_by {
+        out.push_str(&format!("locked by: {holder}\n"));
+    }
     out.push_str("\nATTACHED\n");
     if status.links.is_empty() {
         out.push_str("  (no pinned links: no programs attached by lb-agent)\n");
@@ -156,6 +163,7 @@ mod tests {
         Status {
             bpffs: "/sys/fs/bpf/lb".into(),
             bpffs_mounted: true,
+            locked_by: None,
             links: Vec::new(),
             maps: Vec::new(),
             datapath,

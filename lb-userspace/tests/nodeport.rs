@@ -927,6 +927,136 @@ fn nodeports_keep_serving_while_the_agent_is_down_and_a_new_agent_takes_over_the
     );
 }
 
+/// The netlink tc filters of `nodeport_tc` on node-a's `lan0` egress, as `tc filter show`
+/// prints them (one line each).
+fn tc_filters(site: &Site) -> Vec<String> {
+    site.node_a
+        .netns()
+        .run(&["tc", "filter", "show", "dev", LAN_IFACE, "egress"])
+        .expect("tc filter show")
+        .lines()
+        .filter(|l| l.contains("nodeport_tc"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The program id in a `tc filter show` line (`... id 123 tag ...`).
+fn filter_program_id(line: &str) -> u32 {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "id");
+    words
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {line}"))
+}
+
+#[test]
+fn netlink_tc_restarts_replace_the_one_filter_and_cleanup_removes_it() {
+    let mut site = Site::new(&["pod-a"], false);
+    site.keep_pins_on_exit = true;
+    site.write_manifest("web.yaml", &service("web", "10.96.0.10", 30080).to_yaml());
+    site.write_manifest(
+        "web-slice.yaml",
+        &slice("web", &[(&site.pod_ip("pod-a"), "node-a")]).to_yaml(),
+    );
+    let nodeport = format!("{NODE_A_IP}:30080");
+    let netlink = ["--tc-attach", "netlink"];
+    let mut program_ids = Vec::new();
+    // A first start and three restarts, on the netlink path this 6.18 kernel would not take.
+    for round in 0..4 {
+        site.start_agents_with(&netlink);
+        let tc_pin = site.bpffs[0].path().join("links/iface-lan0/tc");
+        // Replies leave through tc egress: a NodePort answering the client proves it runs.
+        let answered = site.probe_until(
+            &["tcp", &nodeport, "--count", "5", "--whoami"],
+            Duration::from_secs(10),
+            |r| r.replies.values().sum::<u64>() == 5,
+        );
+        assert!(all_from(&answered, CLIENT_IP), "{answered:?}");
+        let filters = tc_filters(&site);
+        assert_eq!(
+            filters.len(),
+            1,
+            "round {round}: one filter, not one per start: {filters:?}
+{}",
+            site.logs()
+        );
+        assert!(
+            filters[0].contains("pref 19522") && filters[0].contains("handle 0x1"),
+            "{filters:?}"
+        );
+        assert!(!tc_pin.exists(), "a tcx link pinned on the netlink path");
+        program_ids.push(filter_program_id(&filters[0]));
+        let log = site.logs();
+        let expected = if round == 0 {
+            "Filter"
+        } else {
+            "ReplacedFilter"
+        };
+        assert!(
+            log.contains(&format!("tc={expected} {{")),
+            "round {round}: {expected} not logged:
+{log}"
+        );
+        for agent in &mut site.agents {
+            assert!(agent.terminate().success());
+        }
+    }
+    let distinct: std::collections::BTreeSet<_> = program_ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each agent's own program ran: {program_ids:?}"
+    );
+
+    // Back on tcx (auto on 6.18): the filter goes, the tcx link is pinned.
+    site.start_agents();
+    assert_eq!(tc_filters(&site), Vec::<String>::new());
+    assert!(site.bpffs[0].path().join("links/iface-lan0/tc").exists());
+    let answered = site.probe(&["tcp", &nodeport, "--count", "5", "--whoami"]);
+    assert!(
+        all_from(&answered, CLIENT_IP) && answered.failures() == 0,
+        "{answered:?}"
+    );
+    for agent in &mut site.agents {
+        assert!(agent.terminate().success());
+    }
+
+    // On netlink once more, then cleanup: nothing of the agent is left on the interface.
+    site.start_agents_with(&netlink);
+    assert_eq!(tc_filters(&site).len(), 1);
+    assert!(
+        !site.bpffs[0].path().join("links/iface-lan0/tc").exists(),
+        "the tcx link of the run before stayed"
+    );
+    let answered = site.probe(&["tcp", &nodeport, "--count", "5", "--whoami"]);
+    assert!(
+        all_from(&answered, CLIENT_IP) && answered.failures() == 0,
+        "{answered:?}"
+    );
+    for agent in &mut site.agents {
+        assert!(agent.terminate().success());
+    }
+    let bpffs = site.bpffs[0].path().display().to_string();
+    let cleanup = command_in(Some(site.node_a.netns()), None, AGENT)
+        .expect("cleanup command")
+        .args(["cleanup", "--bpffs", &bpffs])
+        .output()
+        .expect("lb-agent cleanup");
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    assert_eq!(
+        tc_filters(&site),
+        Vec::<String>::new(),
+        "cleanup left the tc filter"
+    );
+    let gone = site.probe(&["tcp", &nodeport, "--count", "1", "--timeout-ms", "300"]);
+    assert!(gone.replies.is_empty(), "{gone:?}");
+}
+
 #[test]
 fn direct_connections_reusing_the_ports_of_nodeport_flows_are_left_untouched() {
     let mut site = Site::new(&["pod-a"], false);

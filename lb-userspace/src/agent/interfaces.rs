@@ -49,6 +49,8 @@ pub struct NodeportConfig {
     /// kube-proxy's `--iptables-localhost-nodeports`: in-node clients reach NodePorts at
     /// 127.0.0.1 too.
     pub localhost: bool,
+    /// How the tc egress program is attached.
+    pub tc_attach: nodeport::TcAttach,
 }
 
 /// The node's NodePort addresses and interfaces, and what the agent wrote for them.
@@ -96,8 +98,9 @@ impl NodeInterfaces {
         let mut kept = Vec::new();
         for iface in &self.config.interfaces {
             let dir = crate::dataplane::links::dir_for_interface(&links_root, iface);
-            let (mode, xdp, tc) = nodeport::attach(dataplane.ebpf_mut(), iface, &dir)
-                .with_context(|| format!("attaching the north-south programs to {iface}"))?;
+            let (mode, xdp, tc) =
+                nodeport::attach(dataplane.ebpf_mut(), iface, &dir, self.config.tc_attach)
+                    .with_context(|| format!("attaching the north-south programs to {iface}"))?;
             let mode = mode.map_or("unchanged".to_owned(), |m| m.to_string());
             tracing::info!(
                 iface = %iface,

@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub check_capabilities: bool,
     /// Destroy TCP connections of removed backends too (connected UDP sockets always).
     pub terminate_tcp: bool,
+    /// How long to wait for another agent holding the pin directory's lock to exit.
+    pub lock_wait: Duration,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -74,6 +76,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         privileges::check()?;
     }
     privileges::raise_memlock_limit();
+    // One agent per pin directory, before anything of the node is touched (the ports to
+    // reserve and serve on too: an old agent still running holds them).
+    let (pins, _lock) = tokio::task::block_in_place(|| {
+        PinDir::prepare_locked(&config.bpffs, config.lock_wait, |holder| {
+            tracing::warn!(
+                bpffs = %config.bpffs.display(),
+                %holder,
+                wait = ?config.lock_wait,
+                "another agent holds the pin directory; waiting for it to exit"
+            )
+        })
+    })?;
+    tracing::info!(bpffs = %pins.root().display(), "pin directory locked");
     if config.reserve_ports {
         reserved_ports::reserve(
             &config.reserved_ports_sysctl,
@@ -82,7 +97,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     let state = AgentState::new(source_description(&config));
     api::serve(state.clone(), config.metrics_addr, config.healthz_addr).await?;
-    let pins = PinDir::prepare(&config.bpffs)?;
     let mut dataplane = Dataplane::load_with_log(pins.clone(), config.limits, config.kernel_log)?;
     if config.kernel_log {
         dataplane.start_kernel_log()?;

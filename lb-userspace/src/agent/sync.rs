@@ -42,6 +42,8 @@ pub struct SyncPass {
     synced: bool,
     /// Problems already logged (a bad file is not re-reported on every sync).
     reported: BTreeSet<String>,
+    /// Frontends the last pass could not program (a full map, no free id): tried again.
+    refused: BTreeSet<Frontend>,
 }
 
 impl SyncPass {
@@ -63,6 +65,7 @@ impl SyncPass {
             health: health_checks,
             synced: false,
             reported: BTreeSet::new(),
+            refused: BTreeSet::new(),
         }
     }
 
@@ -90,14 +93,27 @@ impl SyncPass {
     /// terminated).
     pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) -> Vec<crate::model::Backend> {
         let started = Instant::now();
-        let changes = self.model.update(&snapshot.objects);
+        let mut changes = self.model.update(&snapshot.objects);
+        changes.frontends.extend(std::mem::take(&mut self.refused));
         let desired = self.model.desired();
-        let report = if self.synced {
+        let mut report = if self.synced {
             self.reconciler
                 .sync_changes(desired, &changes.frontends, &changes.sets, &mut self.maps)
         } else {
             self.reconciler.sync(desired, &mut self.maps)
         };
+        // What the pass removed (sets, backends: their ids and map room) may be what a refused
+        // frontend lacked; they were written before the removals, so once more.
+        if !report.failed.is_empty()
+            && (!report.sets_removed.is_empty() || !report.backends_removed.is_empty())
+        {
+            let again: BTreeSet<Frontend> = report.failed.iter().map(|(f, _)| *f).collect();
+            let retry =
+                self.reconciler
+                    .sync_changes(desired, &again, &BTreeSet::new(), &mut self.maps);
+            report.absorb_retry(retry);
+        }
+        self.refused = report.failed.iter().map(|(f, _)| *f).collect();
         let took = started.elapsed();
         report_new_problems(
             snapshot,
@@ -105,6 +121,14 @@ impl SyncPass {
             &mut self.reported,
             state,
         );
+        for (set, backends) in &report.truncated {
+            tracing::warn!(
+                service = %set.name,
+                backends,
+                used = lb_common::limits::MAX_BACKENDS_PER_SERVICE,
+                "more backends than one service may have; the rest get no connections"
+            );
+        }
         for (frontend, error) in &report.failed {
             tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
         }

@@ -4,11 +4,16 @@ use std::{
     ffi::CString,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
+use super::lock::{DirLock, Holder};
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// How long mounting bpffs waits for another agent mounting it at the same path.
+const MOUNT_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The agent's directory on bpffs: `maps/` holds the pinned maps, `links/` the pinned program
 /// links.
@@ -18,6 +23,32 @@ pub struct PinDir {
 }
 
 impl PinDir {
+    /// [`PinDir::prepare`], then the exclusive lock on the directory (see [`super::lock`]),
+    /// waiting up to `wait` for another agent holding it (`waiting` hears who that is). When
+    /// the directory was removed meanwhile (`lb-agent cleanup`), it is prepared again.
+    pub fn prepare_locked(
+        root: &Path,
+        wait: Duration,
+        mut waiting: impl FnMut(&Holder),
+    ) -> anyhow::Result<(Self, DirLock)> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let dir = Self::prepare(root)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let lock = DirLock::acquire(root, left, &mut waiting)?;
+            if lock.still_names(root) && is_bpffs(root) {
+                return Ok((dir, lock));
+            }
+            if left.is_zero() {
+                bail!(
+                    "{} changed while it was being locked (removed or remounted); try again",
+                    root.display()
+                );
+            }
+            tracing::info!(path = %root.display(), "pin directory changed while waiting; again");
+        }
+    }
+
     /// Makes sure `root` is a directory on bpffs: uses it if it is, creates it if its parent
     /// is on bpffs, and otherwise mounts a bpffs instance at `root`.
     pub fn prepare(root: &Path) -> anyhow::Result<Self> {
@@ -39,6 +70,14 @@ impl PinDir {
                 root.display()
             )
         })?;
+        // Two agents starting at once must not both mount (each would lock its own instance):
+        // the check and the mount are one step under a lock on the parent directory.
+        let parent = root.parent().unwrap_or(Path::new("/"));
+        let _mounting = DirLock::acquire(parent, MOUNT_LOCK_WAIT, |_| {})
+            .with_context(|| format!("waiting to mount bpffs at {}", root.display()))?;
+        if is_bpffs(root) {
+            return Ok(dir);
+        }
         mount_bpffs(root)?;
         tracing::info!(path = %root.display(), "mounted bpffs");
         Ok(dir)
@@ -86,9 +125,14 @@ impl PinDir {
         Ok(removed)
     }
 
-    /// Removes everything pinned here: links first (detaching the programs), then maps; and
+    /// Removes everything pinned here: netlink tc filters and links first (detaching the
+    /// programs), then maps; and
     /// unmounts bpffs if the directory is a bpffs mount of its own (one the agent made).
     pub fn remove_all(&self) -> anyhow::Result<()> {
+        // Netlink tc filters are not pinned: found by the interfaces that have links here.
+        for iface in super::links::interfaces(&self.links()) {
+            super::links::remove_tc_filters_of(&iface);
+        }
         for dir in [self.links(), self.maps()] {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)

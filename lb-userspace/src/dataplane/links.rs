@@ -31,8 +31,13 @@ pub enum Attached {
         old_program_id: u32,
         program_id: u32,
     },
-    /// Attached without a bpf link (an older kernel): not pinned, detached with the agent.
+    /// Attached without a bpf link (an older kernel): not pinned.
     Unpinned { program_id: u32 },
+    /// A netlink tc filter at the agent's fixed priority and handle was made (no bpf link:
+    /// it stays after the agent, and `cleanup` removes it).
+    Filter { program_id: u32 },
+    /// The netlink tc filter a previous agent left at that place runs this program now.
+    ReplacedFilter { program_id: u32 },
 }
 
 /// The directory holding the links of the programs attached to `cgroup`.
@@ -168,12 +173,40 @@ pub fn remove_others(links_root: &Path, keep: &Path) -> anyhow::Result<Vec<PathB
 }
 
 /// Removes the interface link directories under `links_root` other than `keep` (interfaces
-/// no longer given with `--nodeport-iface`).
+/// no longer given with `--nodeport-iface`), and the netlink tc filters on those interfaces.
 pub fn remove_other_interfaces(
     links_root: &Path,
     keep: &[PathBuf],
 ) -> anyhow::Result<Vec<PathBuf>> {
+    for iface in interfaces(links_root) {
+        if !keep.contains(&dir_for_interface(links_root, &iface)) {
+            remove_tc_filters_of(&iface);
+        }
+    }
     remove_stale(links_root, IFACE_PREFIX, keep)
+}
+
+/// The interfaces with a link directory under `links_root` (those the agent attached to).
+pub fn interfaces(links_root: &Path) -> Vec<String> {
+    read_dir_sorted(links_root)
+        .iter()
+        .filter_map(|dir| {
+            let name = dir.file_name()?.to_string_lossy().into_owned();
+            Some(name.strip_prefix(IFACE_PREFIX)?.to_owned())
+        })
+        .collect()
+}
+
+/// Removes the netlink tc filters of the agent on `iface` (a tcx link goes with its pin); a
+/// failure (the interface is gone, say) is only logged.
+pub fn remove_tc_filters_of(iface: &str) {
+    match super::nodeport::remove_tc_filters(iface) {
+        Ok(true) => tracing::info!(%iface, "removed the tc egress filter"),
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%iface, error = %format!("{error:#}"), "tc filters not removed")
+        }
+    }
 }
 
 fn remove_stale(links_root: &Path, prefix: &str, keep: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {

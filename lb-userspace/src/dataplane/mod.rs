@@ -4,6 +4,7 @@ pub mod bpffs;
 pub mod inspect;
 pub mod links;
 pub mod loader;
+pub mod lock;
 pub mod maps;
 pub mod migrate;
 pub mod names;

@@ -19,7 +19,12 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    util::KernelVersion,
 };
 use lb_common::map_names;
 
@@ -72,6 +77,7 @@ pub fn attach(
     ebpf: &mut Ebpf,
     iface: &str,
     link_dir: &Path,
+    tc_attach: TcAttach,
 ) -> anyhow::Result<(Option<XdpAttach>, Attached, Attached)> {
     load_programs(ebpf)?;
     let mut mode = None;
@@ -93,19 +99,132 @@ pub fn attach(
         };
         Ok(FdLink::try_from(xdp.take_link(id)?).ok())
     })?;
-    let tc = tc_mut(ebpf)?;
-    let (tc_id, tc_fd) = (tc.info()?.id(), tc.fd()?.try_clone()?);
-    let tc_link = links::pinned(&link_dir.join("tc"), tc_fd.as_fd(), tc_id, || {
-        // tcx (6.6+) needs no qdisc; older kernels need clsact, which may already be there.
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
-            tracing::debug!(%iface, error = %e, "clsact qdisc not added (exists, or tcx is used)");
-        }
-        let id = tc
-            .attach(iface, TcAttachType::Egress)
-            .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress"))?;
-        Ok(FdLink::try_from(tc.take_link(id)?).ok())
-    })?;
+    let tc_link = attach_tc(tc_mut(ebpf)?, iface, link_dir, tc_attach)?;
     Ok((mode, xdp_link, tc_link))
+}
+
+/// How the tc egress program is attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// tcx where the kernel has it (6.6+), else netlink.
+    #[default]
+    Auto,
+    /// A tcx bpf link, pinned under the interface's link directory.
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc at a fixed priority (19522) and handle (1).
+    Netlink,
+}
+
+impl TcAttach {
+    fn uses_tcx(self) -> bool {
+        match self {
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
+            TcAttach::Tcx => true,
+            TcAttach::Netlink => false,
+        }
+    }
+}
+
+/// Where the netlink filter of `nodeport_tc` sits on an interface's egress (`tc filter show dev
+/// IFACE egress` shows it as `pref 19522 bpf ... handle 0x1 nodeport_tc`). A fixed place, so
+/// the next agent replaces the program in that filter instead of adding a filter beside it
+/// (a netlink filter cannot be pinned), and `cleanup` finds it. 0x4c42 is "LB".
+pub const TC_FILTER_PRIORITY: u16 = 0x4c42;
+pub const TC_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Attaches `nodeport_tc` to `iface` egress: through the tcx link pinned at `link_dir/tc`
+/// (swapping the program in when a previous agent pinned one), or as the netlink filter at
+/// [`TC_FILTER_PRIORITY`], replaced in place when there is one. Each way then removes what the
+/// other way left there, so the program runs once per packet.
+fn attach_tc(
+    tc: &mut SchedClassifier,
+    iface: &str,
+    link_dir: &Path,
+    how: TcAttach,
+) -> anyhow::Result<Attached> {
+    if how.uses_tcx() {
+        let (tc_id, tc_fd) = (tc.info()?.id(), tc.fd()?.try_clone()?);
+        let attached = links::pinned(&link_dir.join("tc"), tc_fd.as_fd(), tc_id, || {
+            let id = tc
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {TC_PROGRAM} to {iface} egress (tcx)"))?;
+            Ok(FdLink::try_from(tc.take_link(id)?).ok())
+        })?;
+        // After the attach: tcx runs before the filters, so there is no gap and no packet
+        // sees both (the program's verdict ends the packet's way through tc).
+        if remove_tc_filters(iface)? {
+            tracing::info!(%iface, "removed netlink tc filters of {TC_PROGRAM}: tcx is used");
+        }
+        return Ok(attached);
+    }
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        tracing::debug!(%iface, error = %e, "clsact qdisc not added (it exists)");
+    }
+    let program_id = tc.info()?.id();
+    let ours = SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Egress,
+        TC_FILTER_PRIORITY,
+        TC_FILTER_HANDLE,
+        None,
+    )
+    .with_context(|| format!("no interface {iface}"))?;
+    // The filter a previous agent left at our place: its program is swapped atomically.
+    let (id, replaced) = match tc.attach_to_link(ours) {
+        Ok(id) => (id, true),
+        Err(replace) => {
+            tracing::debug!(%iface, error = %replace, "no tc filter of ours to replace");
+            // Filters of this program elsewhere were added by agents before the fixed place
+            // (one more at each restart); they go before ours is made.
+            if remove_tc_filters(iface)? {
+                tracing::warn!(%iface, "removed tc filters of {TC_PROGRAM} left by earlier agents");
+            }
+            let options = NlOptions {
+                priority: TC_FILTER_PRIORITY,
+                handle: TC_FILTER_HANDLE,
+                classid: None,
+            };
+            let id = tc
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(options),
+                )
+                .with_context(|| {
+                    format!("attaching {TC_PROGRAM} to {iface} egress (netlink filter)")
+                })?;
+            (id, false)
+        }
+    };
+    // The filter stays when this process ends (the next agent replaces its program, cleanup
+    // removes it): dropping the link would not detach it, forgetting it says so.
+    std::mem::forget(tc.take_link(id)?);
+    // A tcx link of an earlier run goes once the filter is in place (no gap).
+    if links::remove(link_dir, "tc")? {
+        tracing::info!(%iface, "removed the tcx link of {TC_PROGRAM}: netlink is used");
+    }
+    Ok(if replaced {
+        Attached::ReplacedFilter { program_id }
+    } else {
+        Attached::Filter { program_id }
+    })
+}
+
+/// Removes every netlink filter of `nodeport_tc` on `iface` egress (aya finds them by the
+/// program name the filter carries); whether there was one.
+pub fn remove_tc_filters(iface: &str) -> anyhow::Result<bool> {
+    match tc::qdisc_detach_program(iface, TcAttachType::Egress, TC_PROGRAM) {
+        Ok(()) => Ok(true),
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("removing the tc filters of {TC_PROGRAM} from {iface}")),
+    }
 }
 
 pub fn xdp_program(ebpf: &Ebpf) -> anyhow::Result<&Xdp> {

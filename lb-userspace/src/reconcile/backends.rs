@@ -120,10 +120,18 @@ impl Reconciler {
                     }
                 }
                 None => {
-                    let id = self.next_backend_id;
+                    let id = self.backend_ids.allocate().ok_or_else(|| {
+                        MapError::ids_exhausted(
+                            lb_common::map_names::BACKENDS_V4,
+                            "backend",
+                            &self.backend_ids,
+                        )
+                    })?;
                     report.map_writes += 1;
-                    maps.put_backend(id, value)?;
-                    self.next_backend_id += 1;
+                    if let Err(error) = maps.put_backend(id, value) {
+                        self.backend_ids.release(id);
+                        return Err(error);
+                    }
                     created.push(*backend);
                     self.backends
                         .insert(*backend, ProgrammedBackend { id, value });
@@ -170,6 +178,7 @@ impl Reconciler {
             if let Some(programmed) = self.backends.remove(backend) {
                 report.map_writes += 1;
                 let _ = maps.remove_backend(programmed.id);
+                self.backend_ids.release(programmed.id);
             }
         }
     }
@@ -195,6 +204,7 @@ impl Reconciler {
             match maps.remove_backend(id) {
                 Ok(()) => {
                     self.backends.remove(&backend);
+                    self.backend_ids.release(id);
                     report.backends_removed.push(backend);
                 }
                 Err(error) => {

@@ -38,6 +38,21 @@ pub struct MapError {
     pub cause: String,
 }
 
+impl MapError {
+    /// No id left for a new set (`what` = "service") or backend: every id of `space` is in use.
+    pub fn ids_exhausted(map: &'static str, what: &str, space: &super::IdSpace) -> Self {
+        Self {
+            map,
+            operation: "allocating an id",
+            cause: format!(
+                "every {what} id is in use ({} of {}); this one is refused until others go",
+                space.in_use(),
+                space.size()
+            ),
+        }
+    }
+}
+
 /// The raw contents of the service maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {

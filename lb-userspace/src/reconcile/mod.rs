@@ -11,12 +11,14 @@
 //!
 //! Ids are recovered from the pinned maps at start ([`Reconciler::adopt`]), so a restarted
 //! agent keeps every set on its service id and every backend on its id: tracked flows and
-//! affinity entries keep naming what they named. Ids are never handed out twice while the
-//! maps live (see [`Reconciler::reserve_ids`]).
+//! affinity entries keep naming what they named. An id is never handed out while it is in use,
+//! and a freed one only after every other (see [`ids`] and [`Reconciler::reserve_ids`]); when
+//! no id is free, the one set or backend that needs it is refused and the rest keep serving.
 //!
 //! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the same
 //! code drives the BPF maps and the in-memory maps of the model tests.
 mod backends;
+pub mod ids;
 pub mod maglev;
 mod maps;
 pub mod memory;
@@ -29,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, Slot4Value, frontend_flags};
 
 use backends::{Keepers, Opinion, ProgrammedBackend};
+use ids::IdSpace;
 pub use maps::{
     FrontendView, MapContents, MapError, ServiceMaps, backend_of, frontend_key, frontend_of,
     source_range_key, source_range_of,
@@ -82,6 +85,25 @@ pub struct SyncReport {
     /// Backends no set keeps any more, removed from the backends map (their sockets may be
     /// terminated).
     pub backends_removed: Vec<Backend>,
+    /// Sets with more ready backends than one set may have (`MAX_BACKENDS_PER_SERVICE`), with
+    /// how many they have: only the first that many are used.
+    pub truncated: Vec<(SetKey, usize)>,
+}
+
+impl SyncReport {
+    /// Adds what a second attempt at this sync's failed frontends did; its failures are the
+    /// ones left.
+    pub fn absorb_retry(&mut self, retry: SyncReport) {
+        self.added += retry.added;
+        self.updated += retry.updated;
+        self.removed += retry.removed;
+        self.map_writes += retry.map_writes;
+        self.failed = retry.failed;
+        self.sets_added.extend(retry.sets_added);
+        self.sets_removed.extend(retry.sets_removed);
+        self.backends_removed.extend(retry.backends_removed);
+        self.truncated.extend(retry.truncated);
+    }
 }
 
 /// Keeps the maps equal to the desired state, by difference.
@@ -105,8 +127,8 @@ pub struct Reconciler {
     adopted_frontends: BTreeMap<Frontend4Key, Frontend4Value>,
     /// Allowed sources of LoadBalancer IPs with `loadBalancerSourceRanges`.
     source_ranges: ProgrammedRanges,
-    next_service_id: u32,
-    next_backend_id: u32,
+    service_ids: IdSpace,
+    backend_ids: IdSpace,
 }
 
 impl Reconciler {
@@ -115,10 +137,19 @@ impl Reconciler {
     /// to the service id its frontends name, and each backend to its id by address, so
     /// nothing is renumbered; it then removes what is left over.
     pub fn adopt(maps: &mut impl ServiceMaps) -> Result<Self, MapError> {
+        Self::adopt_with_ids(maps, IdSpace::default(), IdSpace::default())
+    }
+
+    /// [`Reconciler::adopt`] with these id spaces (smaller ones, in tests).
+    pub fn adopt_with_ids(
+        maps: &mut impl ServiceMaps,
+        service_ids: IdSpace,
+        backend_ids: IdSpace,
+    ) -> Result<Self, MapError> {
         let contents = maps.dump()?;
         let mut reconciler = Reconciler {
-            next_service_id: 1,
-            next_backend_id: 1,
+            service_ids,
+            backend_ids,
             ..Default::default()
         };
         for (id, value) in &contents.backends {
@@ -133,14 +164,14 @@ impl Reconciler {
             reconciler
                 .pinned
                 .insert(backend_of(value), Opinion::pinned(value));
-            reconciler.next_backend_id = reconciler.next_backend_id.max(id.saturating_add(1));
+            reconciler.backend_ids.mark_used(*id);
+            reconciler.backend_ids.skip_through(*id);
         }
         let pinned = reconciler.pinned.clone();
         reconciler.keep(&pinned);
         for (key, value) in &contents.frontends {
-            reconciler.next_service_id = reconciler
-                .next_service_id
-                .max(value.service_id.saturating_add(1));
+            reconciler.service_ids.mark_used(value.service_id);
+            reconciler.service_ids.skip_through(value.service_id);
             reconciler
                 .adopted
                 .entry(value.service_id)
@@ -157,13 +188,13 @@ impl Reconciler {
                 .frontends
                 .push(*key);
         }
-        for slot in contents.slots.keys() {
-            reconciler.next_service_id = reconciler
-                .next_service_id
-                .max(slot.service_id.saturating_add(1));
-        }
-        for id in &contents.maglev {
-            reconciler.next_service_id = reconciler.next_service_id.max(id.saturating_add(1));
+        // Ids that only leftovers name: not in use, handed out last.
+        let leftovers = contents.slots.keys().map(|slot| slot.service_id);
+        let leftovers = leftovers
+            .chain(contents.maglev.iter().copied())
+            .chain(contents.source_ranges.iter().map(|(id, _)| *id));
+        for id in leftovers {
+            reconciler.service_ids.skip_through(id);
         }
         reconciler.adopted_frontends = contents.frontends.clone();
         reconciler.source_ranges = ProgrammedRanges::adopt(&contents.source_ranges);
@@ -187,13 +218,10 @@ impl Reconciler {
 
     /// Keeps ids up to these from being handed out again: session-affinity and conntrack
     /// entries outlive the sets and backends they name, and must never come to name another.
+    /// They are handed out last: once every other id has been used since.
     pub fn reserve_ids(&mut self, highest_service_id: u32, highest_backend_id: u32) {
-        self.next_service_id = self
-            .next_service_id
-            .max(highest_service_id.saturating_add(1));
-        self.next_backend_id = self
-            .next_backend_id
-            .max(highest_backend_id.saturating_add(1));
+        self.service_ids.skip_through(highest_service_id);
+        self.backend_ids.skip_through(highest_backend_id);
     }
 
     /// The service id of every programmed backend set.
@@ -258,6 +286,7 @@ impl Reconciler {
             }
         }
         for (id, set) in std::mem::take(&mut self.adopted) {
+            self.service_ids.release(id);
             remove_slots(id, set.generation, set.slots.len(), maps, &mut report);
             if set.maglev {
                 report.map_writes += 1;
@@ -447,6 +476,7 @@ impl Reconciler {
             let unused = self.users.get(set_key).is_none_or(BTreeSet::is_empty);
             if unused && let Some(set) = self.sets.remove(set_key) {
                 self.users.remove(set_key);
+                self.service_ids.release(set.service_id);
                 remove_slots(
                     set.service_id,
                     set.generation,
@@ -489,12 +519,14 @@ impl Reconciler {
         maps: &mut impl ServiceMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapError> {
-        let picks: Vec<Backend> = wanted
-            .backends
-            .iter()
-            .take(lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize)
-            .copied()
-            .collect();
+        // The slot index has room for this many; the rest are left out, and said so.
+        let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+        if wanted.backends.len() > limit {
+            report
+                .truncated
+                .push((set_key.clone(), wanted.backends.len()));
+        }
+        let picks: Vec<Backend> = wanted.backends.iter().take(limit).copied().collect();
         let members: BTreeMap<Backend, Opinion> = picks
             .iter()
             .chain(&wanted.draining)
@@ -628,7 +660,9 @@ impl Reconciler {
         maps: &mut impl ServiceMaps,
         report: &mut SyncReport,
     ) -> Result<(), MapError> {
-        let service_id = self.next_service_id;
+        let service_id = self.service_ids.allocate().ok_or_else(|| {
+            MapError::ids_exhausted(lb_common::map_names::SLOTS_V4, "service", &self.service_ids)
+        })?;
         let written = write_slots(service_id, 0, ids, maps, report).and_then(|()| {
             if maglev && !ids.is_empty() {
                 report.map_writes += 1;
@@ -638,9 +672,9 @@ impl Reconciler {
         });
         if let Err(error) = written {
             remove_slots(service_id, 0, ids.len(), maps, report);
+            self.service_ids.release(service_id);
             return Err(error);
         }
-        self.next_service_id += 1;
         self.sets.insert(
             set_key.clone(),
             ProgrammedSet {

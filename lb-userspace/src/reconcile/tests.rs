@@ -885,6 +885,212 @@ fn reserved_ids_are_never_handed_out_again() {
     );
 }
 
+/// What the agent's pass does after a sync that refused frontends: tries them once more.
+fn retry_failed(
+    reconciler: &mut Reconciler,
+    desired: &DesiredState,
+    mut report: SyncReport,
+    maps: &mut CheckedMaps,
+) -> SyncReport {
+    let again: BTreeSet<Frontend> = report.failed.iter().map(|(f, _)| *f).collect();
+    let before = maps.attempts;
+    let retry = reconciler.sync_changes(desired, &again, &BTreeSet::new(), maps);
+    assert_eq!(retry.map_writes, maps.attempts - before, "{retry:?}");
+    report.absorb_retry(retry);
+    report
+}
+
+/// The service ids the frontends of `maps` name, by set name.
+fn service_ids_by_name(maps: &CheckedMaps, desired: &DesiredState) -> BTreeMap<String, u32> {
+    desired
+        .frontends
+        .iter()
+        .filter_map(|(frontend, service)| {
+            let value = maps.contents().frontends.get(&frontend_key(frontend))?;
+            Some((service.name.to_string(), value.service_id))
+        })
+        .collect()
+}
+
+#[test]
+fn when_every_service_id_is_in_use_only_the_service_needing_one_is_refused() {
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt_with_ids(
+        &mut maps,
+        super::ids::IdSpace::new(1, 2),
+        super::ids::IdSpace::default(),
+    )
+    .unwrap();
+    let two = state(vec![
+        (web(), desired_service("web", &[backend(1, 80)], None)),
+        (dns(), desired_service("dns", &[backend(2, 53)], None)),
+    ]);
+    sync(&mut reconciler, &two, &mut maps);
+    let mut three = two.clone();
+    insert(
+        &mut three,
+        api(),
+        desired_service("api", &[backend(3, 443)], None),
+    );
+
+    let report = counted_sync(&mut reconciler, &three, &mut maps);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        vec![api()],
+        "{report:?}"
+    );
+    let error = &report.failed[0].1;
+    assert!(
+        error.contains("default/api") && error.contains("every service id is in use (2 of 2)"),
+        "{error}"
+    );
+    // The others serve as before; nothing of api is in the maps.
+    assert_exact(&maps, &two);
+    let before = service_ids_by_name(&maps, &two);
+
+    // dns goes: its id is free once the sync removed its set, and api gets it when tried
+    // again (the agent's pass does that at once when a sync freed something).
+    let mut without_dns = three.clone();
+    without_dns.frontends.remove(&dns());
+    let report = counted_sync(&mut reconciler, &without_dns, &mut maps);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let report = retry_failed(&mut reconciler, &without_dns, report, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_exact(&maps, &without_dns);
+    let after = service_ids_by_name(&maps, &without_dns);
+    assert_eq!(after["default/web:http"], before["default/web:http"]);
+    assert_eq!(after["default/api:http"], before["default/dns:http"]);
+}
+
+#[test]
+fn when_every_backend_id_is_in_use_only_the_set_needing_one_is_refused() {
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt_with_ids(
+        &mut maps,
+        super::ids::IdSpace::default(),
+        super::ids::IdSpace::new(1, 3),
+    )
+    .unwrap();
+    let full = state(vec![
+        (
+            web(),
+            desired_service("web", &[backend(1, 80), backend(2, 80)], None),
+        ),
+        (dns(), desired_service("dns", &[backend(3, 53)], None)),
+    ]);
+    sync(&mut reconciler, &full, &mut maps);
+
+    // api needs a fourth backend id; a backend shared with web needs none.
+    let mut more = full.clone();
+    insert(
+        &mut more,
+        api(),
+        desired_service("api", &[backend(9, 443)], None),
+    );
+    let shared = frontend("10.96.0.30", 80, Protocol::Tcp);
+    insert(
+        &mut more,
+        shared,
+        desired_service("mirror", &[backend(1, 80)], None),
+    );
+    let report = counted_sync(&mut reconciler, &more, &mut maps);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        vec![api()],
+        "{report:?}"
+    );
+    assert!(
+        report.failed[0]
+            .1
+            .contains("every backend id is in use (3 of 3)"),
+        "{report:?}"
+    );
+    let mut served = more.clone();
+    served.frontends.remove(&api());
+    assert_exact(&maps, &served);
+
+    // dns goes with its backend: api fits, tried again.
+    more.frontends.remove(&dns());
+    let report = counted_sync(&mut reconciler, &more, &mut maps);
+    let report = retry_failed(&mut reconciler, &more, report, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_exact(&maps, &more);
+}
+
+#[test]
+fn a_set_with_more_backends_than_the_slot_index_holds_uses_the_first_and_says_so() {
+    let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
+    let many: Vec<Backend> = (0..limit + 2)
+        .map(|i| Backend {
+            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32),
+            port: 80,
+        })
+        .collect();
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::default();
+    let desired = state(vec![(web(), desired_service("web", &many, None))]);
+    let report = reconciler.sync(&desired, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.truncated.len(), 1);
+    assert_eq!(report.truncated[0].0.name.to_string(), "default/web:http");
+    assert_eq!(report.truncated[0].1, limit + 2);
+    let value = maps.contents.frontends.values().next().unwrap();
+    assert_eq!(usize::from(value.count), limit);
+    assert_eq!(maps.contents.slots.len(), limit);
+}
+
+#[test]
+fn churn_through_a_small_id_space_many_times_never_gives_a_live_id_twice() {
+    // 4 service ids and 8 backend ids: up to 3 services of up to 2 backends live at once, one
+    // more while a sync replaces one (the old set goes after the new one is written); 200
+    // rounds go round both spaces many times.
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt_with_ids(
+        &mut maps,
+        super::ids::IdSpace::new(1, 4),
+        super::ids::IdSpace::new(1, 8),
+    )
+    .unwrap();
+    let frontends = [web(), dns(), api()];
+    let mut live: Vec<Entry> = Vec::new();
+    let mut seen_service_ids = BTreeSet::new();
+    for round in 0..200u32 {
+        let name = format!("svc-{round}");
+        let first = (round % 200) as u8 + 1;
+        let backends = [backend(first, 80), backend(first.wrapping_add(50), 80)];
+        live.push(desired_service(
+            &name,
+            &backends[..1 + (round % 2) as usize],
+            None,
+        ));
+        if live.len() > 3 {
+            live.remove(0);
+        }
+        let desired = state(
+            frontends
+                .iter()
+                .copied()
+                .zip(live.iter().cloned())
+                .collect(),
+        );
+        let report = counted_sync(&mut reconciler, &desired, &mut maps);
+        assert!(report.failed.is_empty(), "round {round}: {report:?}");
+        assert_exact(&maps, &desired);
+        let contents = maps.contents();
+        let ids: Vec<u32> = contents.frontends.values().map(|v| v.service_id).collect();
+        let distinct: BTreeSet<u32> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "round {round}: {ids:?}");
+        assert!(ids.iter().all(|id| (1..=4).contains(id)), "{ids:?}");
+        assert!(contents.backends.keys().all(|id| (1..=8).contains(id)));
+        seen_service_ids.extend(ids);
+    }
+    assert_eq!(
+        seen_service_ids,
+        (1..=4).collect(),
+        "every id was used in turn"
+    );
+}
+
 #[test]
 fn adopt_of_empty_maps_then_sync() {
     let mut maps = CheckedMaps::default();

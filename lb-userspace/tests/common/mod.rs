@@ -217,6 +217,22 @@ impl Agent {
         found
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the agent to exit on its own; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .try_wait()
@@ -319,23 +335,7 @@ impl Cluster {
         healthz: &str,
         extra: &[&str],
     ) -> &mut Agent {
-        let mut args = vec![
-            "run".to_owned(),
-            "--manifests".into(),
-            self.manifests.path().display().to_string(),
-            "--cgroup".into(),
-            self.cgroup.path().display().to_string(),
-            "--bpffs".into(),
-            self.bpffs.path().display().to_string(),
-            "--node-name".into(),
-            "node-a".into(),
-        ];
-        // This agent runs in the test's own network namespace (the host's): its
-        // ip_local_reserved_ports is not the test's to change.
-        if !extra.iter().any(|a| a.starts_with("--reserve-ports")) {
-            args.push("--reserve-ports=false".into());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = self.run_args(extra);
         // The agent runs in this network namespace, beside the other tests' agents: `:0`
         // stands for a free loopback port of its own.
         let address = |spec: &str| match spec {
@@ -368,6 +368,51 @@ impl Cluster {
         }
         self.agent = Some(agent);
         self.agent.as_mut().unwrap()
+    }
+
+    /// Starts another `lb-agent run` on this cluster (same pin directory, cgroup and
+    /// manifests) with `extra` flags, on free loopback ports, without waiting for anything.
+    pub fn spawn_another_agent(&self, extra: &[&str]) -> Agent {
+        let mut command = std::process::Command::new(AGENT);
+        command.args(self.run_args(extra));
+        let port = || SocketAddr::from((Ipv4Addr::LOCALHOST, lb_testkit::free_loopback_port()));
+        Agent::spawn(command, Some(port()), Some(port()))
+    }
+
+    /// The arguments of `lb-agent run` for this cluster, then `extra`.
+    pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "run".to_owned(),
+            "--manifests".into(),
+            self.manifests.path().display().to_string(),
+            "--cgroup".into(),
+            self.cgroup.path().display().to_string(),
+            "--bpffs".into(),
+            self.bpffs.path().display().to_string(),
+            "--node-name".into(),
+            "node-a".into(),
+        ];
+        // This agent runs in the test's own network namespace (the host's): its
+        // ip_local_reserved_ports is not the test's to change.
+        if !extra.iter().any(|a| a.starts_with("--reserve-ports")) {
+            args.push("--reserve-ports=false".into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Runs `lb-agent ARGS` to completion and returns how it ended: (success, stdout, stderr).
+    pub fn agent_command_outcome(&self, args: &[&str]) -> (bool, String, String) {
+        let output = std::process::Command::new(AGENT)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running lb-agent");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     /// Runs `lb-agent ARGS` to completion (list, status, cleanup) and returns its stdout.
