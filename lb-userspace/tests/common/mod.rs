@@ -4,6 +4,8 @@
 //! removed on drop, also when the test fails.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod fake_api;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
