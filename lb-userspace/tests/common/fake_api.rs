@@ -335,6 +335,11 @@ impl FakeApiServer {
             .broadcast(line);
     }
 
+    /// Moves the resource version on, as changes to resources nobody here watches do.
+    pub fn change_elsewhere(&self) {
+        self.state().version += 1;
+    }
+
     /// Forgets history: watches from before now get `410 Gone`.
     pub fn compact(&self) {
         let mut state = self.state();
