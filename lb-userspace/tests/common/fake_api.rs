@@ -340,6 +340,14 @@ impl FakeApiServer {
         self.state().version += 1;
     }
 
+    /// How many watches of `kind` are open (their client still reading).
+    pub fn open_watches(&self, kind: Watched) -> usize {
+        let mut state = self.state();
+        let watches = &mut state.resources.entry(kind).or_default().watches;
+        watches.retain(|watch| !watch.is_closed());
+        watches.len()
+    }
+
     /// Forgets history: watches from before now get `410 Gone`.
     pub fn compact(&self) {
         let mut state = self.state();
