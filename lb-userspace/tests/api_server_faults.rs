@@ -32,7 +32,12 @@ fn web_service() -> ServiceManifest {
 fn web_slice(cluster: &Cluster, backends: &[&str]) -> String {
     let slice = backends.iter().fold(
         SliceManifest::new("default", "web-1", "web"),
-        |slice, pod| slice.endpoint(cluster.pod_ip(pod)).on_node(NODE).ready(true),
+        |slice, pod| {
+            slice
+                .endpoint(cluster.pod_ip(pod))
+                .on_node(NODE)
+                .ready(true)
+        },
     );
     slice.port("http", "TCP", POD_PORT).to_yaml()
 }
@@ -165,7 +170,10 @@ fn connections_survive_api_server_faults_and_changes_flow_after_them() {
         "a re-list answered with garbage",
         &both,
         || {
-            server.list_body(Watched::EndpointSlices, Some("<html>502 Bad Gateway</html>"));
+            server.list_body(
+                Watched::EndpointSlices,
+                Some("<html>502 Bad Gateway</html>"),
+            );
             server.change_elsewhere();
             server.compact();
             server.end_watches(Watched::EndpointSlices);
@@ -190,7 +198,10 @@ fn connections_survive_api_server_faults_and_changes_flow_after_them() {
     // Not JSON in the services' watch, once it is open again.
     let started = Instant::now();
     while server.open_watches(Watched::Services) == 0 {
-        assert!(started.elapsed() < RECOVERY_BOUND, "the services' watch never reopened");
+        assert!(
+            started.elapsed() < RECOVERY_BOUND,
+            "the services' watch never reopened"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     through_fault(
@@ -219,7 +230,10 @@ fn connections_survive_api_server_faults_and_changes_flow_after_them() {
     server.end_watches(Watched::EndpointSlices);
     let started = Instant::now();
     while server.seen(Watched::EndpointSlices, false).len() < lists + 3 {
-        assert!(started.elapsed() < RECOVERY_BOUND, "three re-lists after 410");
+        assert!(
+            started.elapsed() < RECOVERY_BOUND,
+            "three re-lists after 410"
+        );
         assert_eq!(staleness(&mut cluster).0, false, "410 made the agent stale");
         std::thread::sleep(Duration::from_millis(50));
     }

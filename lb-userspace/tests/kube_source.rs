@@ -738,7 +738,10 @@ impl Harness {
     /// reaches the published state; returns the time to recover.
     async fn recovers(&mut self, fault: &str) -> Duration {
         let recovered = self.time_until_health(false).await;
-        eprintln!("{fault}: not stale {} ms after the server was back", recovered.as_millis());
+        eprintln!(
+            "{fault}: not stale {} ms after the server was back",
+            recovered.as_millis()
+        );
         let port = 7000 + self.server.seen(Watched::Services, false).len() as i32;
         self.server
             .apply(Watched::Services, &service("web", "10.96.0.10", port));
@@ -770,7 +773,8 @@ async fn error_statuses_keep_the_state_and_recover_within_the_backoff() {
         }
         let stale_after = h.time_until_health(true).await;
         // The first reconnection and one retry after a backoff both get the status.
-        h.wait_for_requests(Watched::Services, true, watches, 2).await;
+        h.wait_for_requests(Watched::Services, true, watches, 2)
+            .await;
         h.assert_still(&before, &format!("{code}"));
         eprintln!("{code}: stale after {} ms", stale_after.as_millis());
 
@@ -821,8 +825,20 @@ async fn garbage_lists_keep_the_state_and_the_source_stale() {
         h.server.compact();
         h.server.end_watches(Watched::Services);
         h.time_until_health(true).await;
-        h.wait_for_requests(Watched::Services, false, lists, 2).await;
-        assert!(h.health.is_stale(), "{what}: a retry made the source look healthy");
+        let contact = h.health.last_success();
+        h.wait_for_requests(Watched::Services, false, lists, 2)
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            h.health.is_stale(),
+            "{what}: a retry made the source look healthy"
+        );
+        // Nor for a moment: a re-list's start or a `200 OK` that does not parse is no contact.
+        assert_eq!(
+            h.health.last_success(),
+            contact,
+            "{what}: a failed list counted"
+        );
         h.assert_still(&before, what);
 
         h.server.list_body(Watched::Services, None);
@@ -874,7 +890,9 @@ async fn garbage_in_a_watch_stream_changes_nothing() {
             .apply(Watched::Services, &service(&name, "10.96.0.30", 80));
         let snapshot = h
             .snapshot(&format!("{name} arrives after {what}"), |s| {
-                s.objects.services.contains_key(&ObjectKey::new("default", &name))
+                s.objects
+                    .services
+                    .contains_key(&ObjectKey::new("default", &name))
             })
             .await;
         let names = service_names(&snapshot);
@@ -901,7 +919,9 @@ async fn a_watch_cut_mid_event_resumes_and_gets_the_whole_event() {
             .apply_cut_mid_event(Watched::Services, &service(&name, "10.96.0.40", 80), reset);
         let snapshot = h
             .snapshot(&format!("{name} arrives whole (reset: {reset})"), |s| {
-                s.objects.services.contains_key(&ObjectKey::new("default", &name))
+                s.objects
+                    .services
+                    .contains_key(&ObjectKey::new("default", &name))
             })
             .await;
         assert!(service_names(&snapshot).contains(&"web".to_owned()));
@@ -914,7 +934,11 @@ async fn a_watch_cut_mid_event_resumes_and_gets_the_whole_event() {
         );
         assert!(h.server.seen(Watched::Services, true).len() > watches);
     }
-    assert_eq!(h.server.seen(Watched::Services, false).len(), 1, "no re-list");
+    assert_eq!(
+        h.server.seen(Watched::Services, false).len(),
+        1,
+        "no re-list"
+    );
     h.wait_for_health(false).await;
 }
 
@@ -934,7 +958,8 @@ async fn a_list_slower_than_the_timeout_fails_and_keeps_the_state() {
     let stale_after = h.time_until_health(true).await;
     eprintln!("trickling list: stale after {} ms", stale_after.as_millis());
     assert!(stale_after >= FAULT_TIMEOUT.0 / 2, "{stale_after:?}");
-    h.wait_for_requests(Watched::Services, false, lists, 2).await;
+    h.wait_for_requests(Watched::Services, false, lists, 2)
+        .await;
     h.assert_still(&before, "a trickling list");
     assert!(h.health.is_stale());
 
@@ -957,7 +982,8 @@ async fn repeated_410_gone_relists_each_time_with_backoff() {
     h.server.end_watches(Watched::Services);
     h.server
         .apply(Watched::Services, &service("during", "10.96.0.50", 80));
-    h.wait_for_requests(Watched::Services, false, lists, TIMES).await;
+    h.wait_for_requests(Watched::Services, false, lists, TIMES)
+        .await;
     let snapshot = h
         .snapshot("the last re-list is published", |s| {
             s.objects
@@ -965,13 +991,22 @@ async fn repeated_410_gone_relists_each_time_with_backoff() {
                 .contains_key(&ObjectKey::new("default", "during"))
         })
         .await;
-    h.wait_for_watches(Watched::Services, h.server.seen(Watched::Services, true).len())
-        .await;
+    h.wait_for_watches(
+        Watched::Services,
+        h.server.seen(Watched::Services, true).len(),
+    )
+    .await;
     let took = started.elapsed();
-    eprintln!("{TIMES} x 410 Gone: {TIMES} re-lists in {} ms", took.as_millis());
+    eprintln!(
+        "{TIMES} x 410 Gone: {TIMES} re-lists in {} ms",
+        took.as_millis()
+    );
     assert_eq!(service_names(&snapshot), ["during", "web"]);
     // Backoff of at least 0.8 s, doubling: 0.8 + 1.6 s before the third re-list.
-    assert!(took >= Duration::from_millis(2000), "re-listed without backoff: {took:?}");
+    assert!(
+        took >= Duration::from_millis(2000),
+        "re-listed without backoff: {took:?}"
+    );
     assert!(took < RECOVERY_BOUND, "{took:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -981,7 +1016,10 @@ async fn repeated_410_gone_relists_each_time_with_backoff() {
     );
     for published in published.lock().unwrap().iter() {
         let names = service_names(published);
-        assert!(names.contains(&"web".to_owned()), "a re-list lost web: {names:?}");
+        assert!(
+            names.contains(&"web".to_owned()),
+            "a re-list lost web: {names:?}"
+        );
     }
     assert!(!health.has_changed().unwrap(), "410 made the source stale");
 }
@@ -1014,7 +1052,11 @@ async fn bookmarks_only_publish_nothing_and_keep_the_resource_version_fresh() {
         Some(&last.to_string()),
         "resumed from the last bookmark"
     );
-    assert_eq!(h.server.seen(Watched::Services, false).len(), 1, "no re-list");
+    assert_eq!(
+        h.server.seen(Watched::Services, false).len(),
+        1,
+        "no re-list"
+    );
     h.recovers("bookmarks only").await;
 }
 
@@ -1029,14 +1071,18 @@ async fn a_server_that_never_answers_is_stale_within_the_timeout() {
         h.server.break_watches(kind);
     }
     let stale_after = h.time_until_health(true).await;
-    eprintln!("never answering: stale after {} ms", stale_after.as_millis());
+    eprintln!(
+        "never answering: stale after {} ms",
+        stale_after.as_millis()
+    );
     assert!(
         stale_after < FAULT_TIMEOUT.0 + Duration::from_secs(3),
         "{stale_after:?}"
     );
     let watches = h.server.seen(Watched::Services, true).len();
     // A retry after the backoff goes unanswered too.
-    h.wait_for_requests(Watched::Services, true, watches, 1).await;
+    h.wait_for_requests(Watched::Services, true, watches, 1)
+        .await;
     h.assert_still(&before, "the silence");
     assert!(h.health.is_stale());
 

@@ -251,7 +251,10 @@ impl FakeApiServer {
 
     /// [`Self::apply_value`] for a k8s-openapi object.
     pub fn apply(&self, kind: Watched, object: &impl serde::Serialize) -> u64 {
-        self.apply_value(kind, serde_json::to_value(object).expect("fixtures serialize"))
+        self.apply_value(
+            kind,
+            serde_json::to_value(object).expect("fixtures serialize"),
+        )
     }
 
     /// [`Self::apply_value`] for a YAML manifest.
@@ -563,7 +566,11 @@ fn key_of(object: &Value) -> String {
     }
 }
 
-fn status_response(code: StatusCode, retry_after: Option<u32>, message: &str) -> Response<ChannelBody> {
+fn status_response(
+    code: StatusCode,
+    retry_after: Option<u32>,
+    message: &str,
+) -> Response<ChannelBody> {
     let status = json!({
         "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
         "message": message, "code": code.as_u16(),
