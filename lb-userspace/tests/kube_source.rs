@@ -792,6 +792,48 @@ async fn error_statuses_keep_the_state_and_recover_within_the_backoff() {
     }
 }
 
+/// A 429 with `Retry-After` is retried inside the kube client (kube-rs 5's default retry
+/// policy for 429, 503 and 504), no sooner than it asks; those retries hide the fault until
+/// the request's timeout ends them, and only then is the source stale: the timeout bounds
+/// how long a throttled API server goes unreported.
+#[tokio::test]
+async fn a_retry_after_is_waited_out_and_the_timeout_bounds_it() {
+    const TIMEOUT: Duration = Duration::from_secs(4);
+    let mut h = Harness::with_timeout(None, None, ApiTimeout(TIMEOUT)).await;
+    h.snapshot("web is there", |s| s.objects.services.contains_key(&web()))
+        .await;
+    h.wait_for_watches(Watched::Services, 1).await;
+    let watches = h.server.seen(Watched::Services, true).len();
+    h.server.fail_retry_after(
+        Watched::Services,
+        Some(StatusCode::TOO_MANY_REQUESTS),
+        Some(2),
+    );
+    h.server.break_watches(Watched::Services);
+    let stale_after = h.time_until_health(true).await;
+    let seen = h.server.seen(Watched::Services, true);
+    let gap = seen[watches + 1].at - seen[watches].at;
+    eprintln!(
+        "429 Retry-After: 2: retried after {} ms, stale after {} ms (timeout {TIMEOUT:?})",
+        gap.as_millis(),
+        stale_after.as_millis()
+    );
+    assert!(
+        gap >= Duration::from_millis(1950),
+        "Retry-After ignored: {gap:?}"
+    );
+    assert!(
+        stale_after >= TIMEOUT - Duration::from_millis(500),
+        "{stale_after:?}"
+    );
+    assert!(
+        stale_after < TIMEOUT + Duration::from_secs(3),
+        "{stale_after:?}"
+    );
+    h.server.fail(Watched::Services, None);
+    h.recovers("429 Retry-After: 2").await;
+}
+
 /// A re-list answered `200 OK` with a body that is not a list of the kind (not JSON, a list
 /// of another kind, a truncated list) fails: the store keeps its objects, the source is
 /// stale (it must not look healthy at each retry), and a good list brings the server's state.

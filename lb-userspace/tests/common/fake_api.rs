@@ -89,6 +89,8 @@ pub struct Seen {
     /// Refused while the server was unreachable.
     pub refused: bool,
     pub query: HashMap<String, String>,
+    /// When it came.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -189,6 +191,7 @@ impl FakeApiServer {
             watch,
             refused,
             query: query.clone(),
+            at: std::time::Instant::now(),
         });
         if refused {
             let _ = respond.send(Err(io::Error::new(
