@@ -65,7 +65,9 @@ const MAX_BATCH: usize = 1024;
 
 /// How long the API server may take: to begin answering any request, and to deliver a whole
 /// list. A watch, once answered, may stay quiet as long as it likes (the watcher has its own
-/// idle timeout past the server-side one).
+/// idle timeout past the server-side one). It also ends the kube client's own retries of
+/// 429, 503 and 504 (which wait out `Retry-After`, up to 15 times): the watcher sees no error
+/// while they go on, so without this a throttled server would not be reported stale.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApiTimeout(pub Duration);
 
