@@ -74,6 +74,11 @@ struct RunArgs {
     /// KUBECONFIG or ~/.kube/config.
     #[arg(long, conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
+    /// Milliseconds the API server may take to begin answering a request, or to deliver a
+    /// whole list; past that the request fails, the source is stale, and it is retried with
+    /// backoff.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    api_timeout_ms: u64,
     /// cgroup v2 directory whose processes get Service load balancing (a node's root cgroup
     /// in production, e.g. /sys/fs/cgroup).
     #[arg(long)]
@@ -270,6 +275,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = RunConfig {
         manifests: args.manifests,
         kubeconfig: args.kubeconfig,
+        api_timeout: lb_agent::source::kube::ApiTimeout(Duration::from_millis(args.api_timeout_ms)),
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         identity: ProxyIdentity {

@@ -1,20 +1,16 @@
-//! The API server source against a fake API server: a `tower_test` mock service behind a real
-//! `kube::Client` (the pattern kube-rs documents for its users), answering list and watch
-//! requests with JSON made from k8s-openapi objects. The fake keeps a resource version and an
-//! event log like etcd does, so a watch resumed from a resource version replays what it
-//! missed, and a compacted log answers with `410 Gone`.
+//! The API server source against a fake API server (tests/common/fake_api.rs: real HTTP on
+//! 127.0.0.1) through the agent's own client, answering list and watch requests with JSON
+//! made from k8s-openapi objects. The fake keeps a resource version and an event log like
+//! etcd does, so a watch resumed from a resource version replays what it missed, and a
+//! compacted log answers with `410 Gone`.
+mod common;
 use std::{
-    collections::{BTreeMap, HashMap},
-    io,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body::Frame;
+use common::fake_api::FakeApiServer;
+use http::StatusCode;
 use k8s_openapi::{
     api::{
         core::v1::{Node, NodeSpec, Service, ServicePort, ServiceSpec, Taint},
@@ -27,374 +23,17 @@ use lb_agent::{
     model::{self, ObjectKey, ProxyIdentity},
     source::{
         Snapshot,
-        kube::{SourceHealth, Watched},
+        kube::{ApiTimeout, SourceHealth, Watched},
     },
 };
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
-use tower::Layer as _;
+use serde_json::Value;
+use tokio::sync::watch;
 
 const NODE: &str = "node-1";
 /// Longest wait for anything the source should do; backoffs after errors are about 1-3 s.
 const PATIENCE: Duration = Duration::from_secs(20);
 
 type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
-
-// ---------------------------------------------------------------------------------------
-// The fake API server.
-
-/// A response body fed from a channel: a watch's events; dropping the sender ends the body
-/// (the server closed the connection), sending an error breaks it.
-struct ChannelBody(mpsc::UnboundedReceiver<Result<Bytes, io::Error>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data)))
-    }
-}
-
-fn body(chunks: impl IntoIterator<Item = String>) -> ChannelBody {
-    let (tx, rx) = mpsc::unbounded_channel();
-    for chunk in chunks {
-        let _ = tx.send(Ok(Bytes::from(chunk)));
-    }
-    ChannelBody(rx)
-}
-
-type Respond = tower_test::mock::SendResponse<Response<ChannelBody>>;
-type Handle = tower_test::mock::Handle<Request<kube::client::Body>, Response<ChannelBody>>;
-type Line = mpsc::UnboundedSender<Result<Bytes, io::Error>>;
-
-/// One resource (services, endpointslices or nodes) of the fake server.
-#[derive(Default)]
-struct Resource {
-    /// By `namespace/name`.
-    objects: BTreeMap<String, Value>,
-    /// Event lines by the resource version they made.
-    log: Vec<(u64, String)>,
-    /// Watches from before this resource version get `410 Gone`.
-    compacted: u64,
-    watches: Vec<Line>,
-    /// While set, requests get this error status.
-    fail: Option<StatusCode>,
-    /// While set, requests wait in `held`.
-    hold: bool,
-    held: Vec<(Request<kube::client::Body>, Respond)>,
-}
-
-/// A request as the fake saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    kind: Watched,
-    watch: bool,
-    /// Refused while the server was unreachable.
-    refused: bool,
-    query: HashMap<String, String>,
-}
-
-#[derive(Default)]
-struct State {
-    /// The last resource version handed out; one counter for all kinds, as etcd's.
-    version: u64,
-    resources: HashMap<Watched, Resource>,
-    unreachable: bool,
-    seen: Vec<Seen>,
-}
-
-#[derive(Clone, Default)]
-struct FakeApiServer(Arc<Mutex<State>>);
-
-impl FakeApiServer {
-    /// A client talking to a new fake server, with `health` observing it as in production.
-    fn start(health: &SourceHealth) -> (Self, kube::Client) {
-        let (service, handle) = tower_test::mock::pair();
-        let server = Self::default();
-        tokio::spawn(server.clone().serve(handle));
-        let client = kube::Client::new(health.layer().layer(service), "default");
-        (server, client)
-    }
-
-    async fn serve(self, mut handle: Handle) {
-        while let Some((request, respond)) = handle.next_request().await {
-            self.answer(request, respond);
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn answer(&self, request: Request<kube::client::Body>, respond: Respond) {
-        let mut state = self.state();
-        let Some(kind) = Watched::of_path(request.uri().path()) else {
-            respond.send_response(status_response(StatusCode::NOT_FOUND, "no such resource"));
-            return;
-        };
-        let query = parse_query(request.uri().query().unwrap_or_default());
-        let watch = query.get("watch").is_some_and(|w| w == "true");
-        let refused = state.unreachable;
-        state.seen.push(Seen {
-            kind,
-            watch,
-            refused,
-            query: query.clone(),
-        });
-        if refused {
-            respond.send_error(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "connection refused",
-            ));
-            return;
-        }
-        let version = state.version;
-        let resource = state.resources.entry(kind).or_default();
-        if let Some(code) = resource.fail {
-            respond.send_response(status_response(code, "injected failure"));
-        } else if resource.hold {
-            resource.held.push((request, respond));
-        } else if watch {
-            let since = query
-                .get("resourceVersion")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            respond.send_response(Response::new(resource.watch(since)));
-        } else {
-            respond.send_response(Response::new(body([resource.list(kind, version)])));
-        }
-    }
-
-    /// Creates or replaces an object, as `kubectl apply` would.
-    fn apply(&self, kind: Watched, object: &impl serde::Serialize) {
-        let mut state = self.state();
-        state.version += 1;
-        let version = state.version;
-        let mut object = serde_json::to_value(object).expect("fixtures serialize");
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let key = key_of(&object);
-        let resource = state.resources.entry(kind).or_default();
-        let event = if resource.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        resource.record(version, event, &object);
-        resource.objects.insert(key, object);
-    }
-
-    fn delete(&self, kind: Watched, key: &str) {
-        let mut state = self.state();
-        state.version += 1;
-        let version = state.version;
-        let resource = state.resources.entry(kind).or_default();
-        let mut object = resource.objects.remove(key).expect("deleting what exists");
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        resource.record(version, "DELETED", &object);
-    }
-
-    /// Sends a BOOKMARK at the current resource version to `kind`'s open watches; returns it.
-    fn bookmark(&self, kind: Watched) -> u64 {
-        let mut state = self.state();
-        let version = state.version;
-        let line = event_line(
-            "BOOKMARK",
-            &json!({
-                "apiVersion": api_version(kind),
-                "kind": kind.kind(),
-                "metadata": {"resourceVersion": version.to_string()},
-            }),
-        );
-        state.resources.entry(kind).or_default().broadcast(&line);
-        version
-    }
-
-    /// Forgets history: watches from before now get `410 Gone`.
-    fn compact(&self) {
-        let mut state = self.state();
-        let version = state.version;
-        for resource in state.resources.values_mut() {
-            resource.compacted = version;
-            resource.log.retain(|(v, _)| *v > version);
-        }
-    }
-
-    /// Closes `kind`'s open watches cleanly, as the server does at a watch's timeout.
-    fn end_watches(&self, kind: Watched) {
-        self.state()
-            .resources
-            .entry(kind)
-            .or_default()
-            .watches
-            .clear();
-    }
-
-    /// While unreachable, open connections break and new ones are refused.
-    fn set_unreachable(&self, unreachable: bool) {
-        let mut state = self.state();
-        state.unreachable = unreachable;
-        if unreachable {
-            for resource in state.resources.values_mut() {
-                for watch in resource.watches.drain(..) {
-                    let _ = watch.send(Err(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "connection reset by peer",
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Answers `kind`'s requests with an error status while `code` is set.
-    fn fail(&self, kind: Watched, code: Option<StatusCode>) {
-        self.state().resources.entry(kind).or_default().fail = code;
-    }
-
-    /// Holds `kind`'s requests unanswered until [`Self::release`].
-    fn hold(&self, kind: Watched) {
-        self.state().resources.entry(kind).or_default().hold = true;
-    }
-
-    fn release(&self, kind: Watched) {
-        let held = {
-            let mut state = self.state();
-            let resource = state.resources.entry(kind).or_default();
-            resource.hold = false;
-            std::mem::take(&mut resource.held)
-        };
-        for (request, respond) in held {
-            self.answer(request, respond);
-        }
-    }
-
-    fn seen(&self, kind: Watched, watch: bool) -> Vec<Seen> {
-        let state = self.state();
-        let seen = state.seen.iter();
-        seen.filter(|s| s.kind == kind && s.watch == watch && !s.refused)
-            .cloned()
-            .collect()
-    }
-
-    fn refused(&self, kind: Watched) -> usize {
-        let state = self.state();
-        state
-            .seen
-            .iter()
-            .filter(|s| s.kind == kind && s.refused)
-            .count()
-    }
-}
-
-impl Resource {
-    fn record(&mut self, version: u64, event: &str, object: &Value) {
-        let line = event_line(event, object);
-        self.log.push((version, line.clone()));
-        self.broadcast(&line);
-    }
-
-    fn broadcast(&mut self, line: &str) {
-        self.watches
-            .retain(|watch| watch.send(Ok(Bytes::from(line.to_owned()))).is_ok());
-    }
-
-    fn list(&self, kind: Watched, version: u64) -> String {
-        let list = json!({
-            "apiVersion": api_version(kind),
-            "kind": format!("{}List", kind.kind()),
-            "metadata": {"resourceVersion": version.to_string()},
-            "items": self.objects.values().collect::<Vec<_>>(),
-        });
-        list.to_string()
-    }
-
-    /// A watch from `since`: what happened after it, then live events; or `410 Gone`.
-    fn watch(&mut self, since: u64) -> ChannelBody {
-        if since < self.compacted {
-            let gone = json!({
-                "apiVersion": "v1",
-                "kind": "Status",
-                "metadata": {},
-                "status": "Failure",
-                "message": format!("too old resource version: {since} ({})", self.compacted),
-                "reason": "Expired",
-                "code": 410,
-            });
-            return body([event_line("ERROR", &gone)]);
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        for (_, line) in self.log.iter().filter(|(v, _)| *v > since) {
-            let _ = tx.send(Ok(Bytes::from(line.clone())));
-        }
-        self.watches.push(tx);
-        ChannelBody(rx)
-    }
-}
-
-fn event_line(event: &str, object: &Value) -> String {
-    format!("{}\n", json!({"type": event, "object": object}))
-}
-
-fn api_version(kind: Watched) -> &'static str {
-    match kind {
-        Watched::EndpointSlices => "discovery.k8s.io/v1",
-        Watched::Services | Watched::Nodes => "v1",
-    }
-}
-
-fn key_of(object: &Value) -> String {
-    let meta = &object["metadata"];
-    let name = meta["name"].as_str().unwrap_or_default();
-    match meta["namespace"].as_str() {
-        Some(namespace) => format!("{namespace}/{name}"),
-        None => name.to_owned(),
-    }
-}
-
-fn status_response(code: StatusCode, message: &str) -> Response<ChannelBody> {
-    let status = json!({
-        "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-        "message": message, "code": code.as_u16(),
-    });
-    let mut response = Response::new(body([status.to_string()]));
-    *response.status_mut() = code;
-    response
-}
-
-fn parse_query(query: &str) -> HashMap<String, String> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(key), decode(value))
-        })
-        .collect()
-}
-
-/// `application/x-www-form-urlencoded` decoding, enough for selectors.
-fn decode(text: &str) -> String {
-    let mut out = Vec::with_capacity(text.len());
-    let mut bytes = text.bytes();
-    while let Some(byte) = bytes.next() {
-        match byte {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
-                out.push(u8::from_str_radix(&hex, 16).unwrap_or(b'?'));
-            }
-            other => out.push(other),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 // ---------------------------------------------------------------------------------------
 // Objects.
@@ -487,10 +126,20 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(hold: Option<Watched>, service_proxy_name: Option<&str>) -> Self {
+    async fn new(hold: Option<Watched>, service_proxy_name: Option<&str>) -> Self {
+        Self::with_timeout(hold, service_proxy_name, ApiTimeout::DEFAULT).await
+    }
+
+    /// [`Self::new`] with a client whose requests time out after `timeout`.
+    async fn with_timeout(
+        hold: Option<Watched>,
+        service_proxy_name: Option<&str>,
+        timeout: ApiTimeout,
+    ) -> Self {
         init_logs();
         let health = SourceHealth::new();
-        let (server, client) = FakeApiServer::start(&health);
+        let server = FakeApiServer::start().await;
+        let client = server.client(&health, timeout).await;
         server.apply(Watched::Services, &service("web", "10.96.0.10", 80));
         server.apply(Watched::EndpointSlices, &slice("web", "10.0.0.1"));
         server.apply(Watched::Nodes, &node("zone-a"));
@@ -594,7 +243,7 @@ fn service_names(snapshot: &Snapshot) -> Vec<String> {
 /// requests carry kube-proxy's selectors.
 #[tokio::test]
 async fn publishes_once_all_three_kinds_have_listed() {
-    let mut h = Harness::new(Some(Watched::Nodes), None);
+    let mut h = Harness::new(Some(Watched::Nodes), None).await;
     h.wait_for_watches(Watched::Services, 1).await;
     h.wait_for_watches(Watched::EndpointSlices, 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -636,7 +285,7 @@ async fn publishes_once_all_three_kinds_have_listed() {
 /// With `--service-proxy-name`, services and slices are selected by that name.
 #[tokio::test]
 async fn selects_by_service_proxy_name() {
-    let mut h = Harness::new(None, Some("lb"));
+    let mut h = Harness::new(None, Some("lb")).await;
     h.snapshot("anything is published", |_| true).await;
     let labels = "!service.kubernetes.io/headless,service.kubernetes.io/service-proxy-name=lb";
     for kind in [Watched::Services, Watched::EndpointSlices] {
@@ -655,7 +304,7 @@ async fn selects_by_service_proxy_name() {
 /// publishes nothing; the model computes state from the published objects.
 #[tokio::test]
 async fn watch_events_add_replace_and_remove() {
-    let mut h = Harness::new(None, None);
+    let mut h = Harness::new(None, None).await;
     h.snapshot("web is there", |s| s.objects.services.contains_key(&web()))
         .await;
 
@@ -719,7 +368,7 @@ async fn watch_events_add_replace_and_remove() {
 /// without an error and without losing what happened in between.
 #[tokio::test]
 async fn resumes_a_dropped_watch_from_the_last_bookmark() {
-    let mut h = Harness::new(None, None);
+    let mut h = Harness::new(None, None).await;
     h.snapshot("web is there", |s| s.objects.services.contains_key(&web()))
         .await;
     h.wait_for_watches(Watched::Services, 1).await;
@@ -755,7 +404,7 @@ async fn resumes_a_dropped_watch_from_the_last_bookmark() {
 /// the published state is then exactly the server's; expiry is routine, not staleness.
 #[tokio::test]
 async fn relists_after_410_gone_to_exactly_the_servers_state() {
-    let mut h = Harness::new(None, None);
+    let mut h = Harness::new(None, None).await;
     h.server
         .apply(Watched::Services, &service("old", "10.96.0.20", 80));
     h.snapshot("web and old are there", |s| s.objects.services.len() == 2)
@@ -805,7 +454,7 @@ async fn relists_after_410_gone_to_exactly_the_servers_state() {
 /// (a watch resumed from its resource version sends no event), and changes flow again.
 #[tokio::test]
 async fn keeps_the_last_snapshot_while_the_api_server_is_unreachable() {
-    let mut h = Harness::new(None, None);
+    let mut h = Harness::new(None, None).await;
     let before = h
         .snapshot("web is there", |s| s.objects.services.contains_key(&web()))
         .await;
@@ -854,7 +503,8 @@ async fn keeps_the_last_snapshot_while_the_api_server_is_unreachable() {
 async fn a_failing_kind_holds_back_publishing_and_keeps_the_source_stale() {
     init_logs();
     let health = SourceHealth::new();
-    let (server, client) = FakeApiServer::start(&health);
+    let server = FakeApiServer::start().await;
+    let client = server.client(&health, ApiTimeout::DEFAULT).await;
     server.apply(Watched::Services, &service("web", "10.96.0.10", 80));
     server.apply(Watched::Nodes, &node("zone-a"));
     server.fail(Watched::Nodes, Some(StatusCode::FORBIDDEN));
@@ -967,7 +617,7 @@ fn node_marked(taint: bool, deleting: bool) -> Node {
 /// autoscaler's taint or a deletion timestamp; `/livez` stays 200 throughout.
 #[tokio::test]
 async fn healthz_stays_ok_while_stale_and_fails_for_a_node_marked_for_deletion() {
-    let h = Harness::new(None, None);
+    let h = Harness::new(None, None).await;
     let state = AgentState::new("kubernetes".into());
     tokio::spawn(api::health::follow_staleness(
         h.health.subscribe(),
@@ -1014,4 +664,504 @@ async fn healthz_stays_ok_while_stale_and_fails_for_a_node_marked_for_deletion()
     let deleting = wait_for_answer(addr, "/healthz", 503, |_| true).await;
     assert_eq!(deleting["nodeEligible"], false, "{deleting}");
     assert_eq!(get(addr, "/livez").await.0, 200);
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults: whatever the API server does wrong, the published state keeps every object the
+// server still has, health says stale, and once the server behaves the state is the
+// server's again within the watcher's backoff.
+
+/// The requests of these tests time out this fast (`--api-timeout-ms`).
+const FAULT_TIMEOUT: ApiTimeout = ApiTimeout(Duration::from_secs(1));
+/// Recovery must come within the watcher's longest backoff (30 s) plus a request timeout
+/// plus a margin; in practice it is the backoff reached during the fault, a few seconds.
+const RECOVERY_BOUND: Duration = Duration::from_secs(30 + 1 + 5);
+
+impl Harness {
+    /// A harness whose first snapshot (web, its slice, this node) is published and whose
+    /// three watches are open.
+    async fn synced() -> (Self, Arc<Snapshot>) {
+        let mut h = Self::with_timeout(None, None, FAULT_TIMEOUT).await;
+        let first = h
+            .snapshot("web is there", |s| s.objects.services.contains_key(&web()))
+            .await;
+        for kind in Watched::ALL {
+            h.wait_for_watches(kind, 1).await;
+        }
+        (h, first)
+    }
+
+    /// Asserts that nothing was published since `before`.
+    fn assert_still(&mut self, before: &Arc<Snapshot>, during: &str) {
+        let current = self.snapshots.borrow_and_update();
+        let current = current.as_ref().expect("a snapshot stays published");
+        assert!(Arc::ptr_eq(current, before), "published during {during}");
+    }
+
+    /// Waits until `count` more requests (watches or lists) of `kind` than `since` came;
+    /// retries wait out a backoff of up to 30 s each.
+    async fn wait_for_requests(&self, kind: Watched, watch: bool, since: usize, count: usize) {
+        let wait = async {
+            while self.server.seen(kind, watch).len() < since + count {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let bound = RECOVERY_BOUND * count as u32;
+        tokio::time::timeout(bound, wait).await.unwrap_or_else(|_| {
+            panic!("not {count} more requests for {kind} (watch: {watch}) in {bound:?}")
+        });
+    }
+
+    /// Waits (bounded by RECOVERY_BOUND) for health to say `stale`; returns how long it took.
+    async fn time_until_health(&self, stale: bool) -> Duration {
+        let started = std::time::Instant::now();
+        let mut changes = self.health.subscribe();
+        tokio::time::timeout(RECOVERY_BOUND, changes.wait_for(|s| *s == stale))
+            .await
+            .unwrap_or_else(|_| panic!("health not stale={stale} within {RECOVERY_BOUND:?}"))
+            .expect("health is alive");
+        started.elapsed()
+    }
+
+    /// Every snapshot published from now on, for checks that none lost an object.
+    fn record_published(&self) -> Arc<std::sync::Mutex<Vec<Arc<Snapshot>>>> {
+        let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut snapshots = self.snapshots.clone();
+        snapshots.borrow_and_update();
+        let sink = published.clone();
+        tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                if let Some(snapshot) = snapshots.borrow_and_update().clone() {
+                    sink.lock().unwrap().push(snapshot);
+                }
+            }
+        });
+        published
+    }
+
+    /// After a fault: health recovers within RECOVERY_BOUND and a change made on the server
+    /// reaches the published state; returns the time to recover.
+    async fn recovers(&mut self, fault: &str) -> Duration {
+        let recovered = self.time_until_health(false).await;
+        eprintln!(
+            "{fault}: not stale {} ms after the server was back",
+            recovered.as_millis()
+        );
+        let port = 7000 + self.server.seen(Watched::Services, false).len() as i32;
+        self.server
+            .apply(Watched::Services, &service("web", "10.96.0.10", port));
+        self.snapshot(&format!("a change after {fault} arrives"), |s| {
+            port_of(s, &web()) == Some(port)
+        })
+        .await;
+        assert!(!self.health.is_stale(), "stale again after {fault}");
+        recovered
+    }
+}
+
+/// 500, 429 and 503 (these two with `Retry-After`) on every request: the state stays, the
+/// source is stale while they last and recovers within the backoff once they stop.
+#[tokio::test]
+async fn error_statuses_keep_the_state_and_recover_within_the_backoff() {
+    let (mut h, mut before) = Harness::synced().await;
+    for (code, retry_after) in [
+        (StatusCode::INTERNAL_SERVER_ERROR, None),
+        (StatusCode::TOO_MANY_REQUESTS, Some(1)),
+        (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+    ] {
+        for kind in Watched::ALL {
+            h.server.fail_retry_after(kind, Some(code), retry_after);
+        }
+        let watches = h.server.seen(Watched::Services, true).len();
+        for kind in Watched::ALL {
+            h.server.break_watches(kind);
+        }
+        let stale_after = h.time_until_health(true).await;
+        // Stale: the reconnection got the status.
+        h.wait_for_requests(Watched::Services, true, watches, 1)
+            .await;
+        h.assert_still(&before, &format!("{code}"));
+        eprintln!("{code}: stale after {} ms", stale_after.as_millis());
+
+        for kind in Watched::ALL {
+            h.server.fail(kind, None);
+        }
+        h.recovers(&format!("{code}")).await;
+        before = h.snapshots.borrow_and_update().clone().unwrap();
+        assert_eq!(service_names(&before), ["web"]);
+    }
+}
+
+/// A 429 with `Retry-After` is retried inside the kube client (kube-rs 5's default retry
+/// policy for 429, 503 and 504), no sooner than it asks; those retries hide the fault until
+/// the request's timeout ends them, and only then is the source stale: the timeout bounds
+/// how long a throttled API server goes unreported.
+#[tokio::test]
+async fn a_retry_after_is_waited_out_and_the_timeout_bounds_it() {
+    const TIMEOUT: Duration = Duration::from_secs(4);
+    let mut h = Harness::with_timeout(None, None, ApiTimeout(TIMEOUT)).await;
+    h.snapshot("web is there", |s| s.objects.services.contains_key(&web()))
+        .await;
+    h.wait_for_watches(Watched::Services, 1).await;
+    let watches = h.server.seen(Watched::Services, true).len();
+    h.server.fail_retry_after(
+        Watched::Services,
+        Some(StatusCode::TOO_MANY_REQUESTS),
+        Some(2),
+    );
+    h.server.break_watches(Watched::Services);
+    let stale_after = h.time_until_health(true).await;
+    let seen = h.server.seen(Watched::Services, true);
+    let gap = seen[watches + 1].at - seen[watches].at;
+    eprintln!(
+        "429 Retry-After: 2: retried after {} ms, stale after {} ms (timeout {TIMEOUT:?})",
+        gap.as_millis(),
+        stale_after.as_millis()
+    );
+    assert!(
+        gap >= Duration::from_millis(1950),
+        "Retry-After ignored: {gap:?}"
+    );
+    assert!(
+        stale_after >= TIMEOUT - Duration::from_millis(500),
+        "{stale_after:?}"
+    );
+    assert!(
+        stale_after < TIMEOUT + Duration::from_secs(3),
+        "{stale_after:?}"
+    );
+    h.server.fail(Watched::Services, None);
+    h.recovers("429 Retry-After: 2").await;
+}
+
+/// A re-list answered `200 OK` with a body that is not a list of the kind (not JSON, a list
+/// of another kind, a truncated list) fails: the store keeps its objects, the source is
+/// stale (it must not look healthy at each retry), and a good list brings the server's state.
+#[tokio::test]
+async fn garbage_lists_keep_the_state_and_the_source_stale() {
+    let (mut h, mut before) = Harness::synced().await;
+    let real_list = {
+        let mut list = serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceList",
+            "metadata": {"resourceVersion": "999"},
+            "items": [service("web", "10.96.0.10", 80)],
+        })
+        .to_string();
+        list.truncate(list.len() / 2);
+        list
+    };
+    let garbage = [
+        ("not JSON", "<html>502 Bad Gateway</html>".to_owned()),
+        (
+            "another kind",
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": "999"},
+                "items": [{"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": "web", "namespace": "default"}}],
+            })
+            .to_string(),
+        ),
+        ("a truncated list", real_list),
+    ];
+    for (what, body) in garbage {
+        h.server.list_body(Watched::Services, Some(&body));
+        let lists = h.server.seen(Watched::Services, false).len();
+        // Force a re-list: the watch's history is gone.
+        h.server.change_elsewhere();
+        h.server.compact();
+        h.server.end_watches(Watched::Services);
+        h.time_until_health(true).await;
+        let contact = h.health.last_success();
+        h.wait_for_requests(Watched::Services, false, lists, 2)
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            h.health.is_stale(),
+            "{what}: a retry made the source look healthy"
+        );
+        // Nor for a moment: a re-list's start or a `200 OK` that does not parse is no contact.
+        assert_eq!(
+            h.health.last_success(),
+            contact,
+            "{what}: a failed list counted"
+        );
+        h.assert_still(&before, what);
+
+        h.server.list_body(Watched::Services, None);
+        h.recovers(what).await;
+        before = h.snapshots.borrow_and_update().clone().unwrap();
+        assert_eq!(service_names(&before), ["web"], "{what}");
+    }
+}
+
+/// Lines in a watch stream that are not an event of the kind (not JSON, an object of
+/// another kind, a truncated object): nothing of them enters the state, and valid events go
+/// on arriving. Not JSON and another kind are watch errors: the source is stale until the
+/// server next says something valid. A truncated object is dropped by kube-rs without an
+/// error (it takes any incomplete JSON for the tail of a cut stream), so it is no staleness.
+#[tokio::test]
+async fn garbage_in_a_watch_stream_changes_nothing() {
+    let (mut h, mut before) = Harness::synced().await;
+    let lines = [
+        ("not JSON", true, "this is not JSON\n".to_owned()),
+        (
+            "another kind",
+            true,
+            common::fake_api::event_line(
+                "ADDED",
+                &serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "intruder", "namespace": "default",
+                                 "resourceVersion": "100000"}}),
+            ),
+        ),
+        (
+            "a truncated object",
+            false,
+            "{\"type\":\"ADDED\",\"object\":{\"apiVersion\":\"v1\",\"kind\":\"Service\",\
+             \"metadata\":{\"name\":\"trunc\"\n"
+                .to_owned(),
+        ),
+    ];
+    for (i, (what, stale, line)) in lines.into_iter().enumerate() {
+        h.server.inject(Watched::Services, &line);
+        if stale {
+            h.time_until_health(true).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.health.is_stale(), stale, "{what}");
+        h.assert_still(&before, what);
+
+        let name = format!("after-{i}");
+        h.server
+            .apply(Watched::Services, &service(&name, "10.96.0.30", 80));
+        let snapshot = h
+            .snapshot(&format!("{name} arrives after {what}"), |s| {
+                s.objects
+                    .services
+                    .contains_key(&ObjectKey::new("default", &name))
+            })
+            .await;
+        let names = service_names(&snapshot);
+        assert!(names.contains(&"web".to_owned()), "{what}: {names:?}");
+        assert!(
+            !names.iter().any(|n| n == "intruder" || n == "trunc"),
+            "{what}: {names:?}"
+        );
+        h.wait_for_health(false).await;
+        before = snapshot;
+    }
+}
+
+/// A watch whose connection ends (cleanly, or reset) halfway through an event line: the half
+/// event is dropped, the watch resumes from the last resource version without a re-list, and
+/// the whole event arrives then.
+#[tokio::test]
+async fn a_watch_cut_mid_event_resumes_and_gets_the_whole_event() {
+    let (mut h, _) = Harness::synced().await;
+    for (i, reset) in [false, true].into_iter().enumerate() {
+        let watches = h.server.seen(Watched::Services, true).len();
+        let name = format!("cut-{i}");
+        h.server
+            .apply_cut_mid_event(Watched::Services, &service(&name, "10.96.0.40", 80), reset);
+        let snapshot = h
+            .snapshot(&format!("{name} arrives whole (reset: {reset})"), |s| {
+                s.objects
+                    .services
+                    .contains_key(&ObjectKey::new("default", &name))
+            })
+            .await;
+        assert!(service_names(&snapshot).contains(&"web".to_owned()));
+        assert_eq!(
+            snapshot.objects.services[&ObjectKey::new("default", &name)]
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.as_deref()),
+            Some("10.96.0.40")
+        );
+        assert!(h.server.seen(Watched::Services, true).len() > watches);
+    }
+    assert_eq!(
+        h.server.seen(Watched::Services, false).len(),
+        1,
+        "no re-list"
+    );
+    h.wait_for_health(false).await;
+}
+
+/// A re-list that trickles in more slowly than the request timeout fails at the timeout
+/// (kube-rs sets no read timeout: without ours it would take as long as the server likes):
+/// the state stays, the source is stale, and a prompt list recovers.
+#[tokio::test]
+async fn a_list_slower_than_the_timeout_fails_and_keeps_the_state() {
+    let (mut h, before) = Harness::synced().await;
+    // About 700 bytes, 16 every 100 ms: four times the timeout.
+    h.server
+        .trickle_lists(Watched::Services, Some(Duration::from_millis(100)));
+    let lists = h.server.seen(Watched::Services, false).len();
+    h.server.change_elsewhere();
+    h.server.compact();
+    h.server.end_watches(Watched::Services);
+    let stale_after = h.time_until_health(true).await;
+    eprintln!("trickling list: stale after {} ms", stale_after.as_millis());
+    assert!(stale_after >= FAULT_TIMEOUT.0 / 2, "{stale_after:?}");
+    h.wait_for_requests(Watched::Services, false, lists, 2)
+        .await;
+    h.assert_still(&before, "a trickling list");
+    assert!(h.health.is_stale());
+
+    h.server.trickle_lists(Watched::Services, None);
+    h.recovers("a trickling list").await;
+}
+
+/// Every watch answered `410 Gone`, N times in a row: each is followed by one re-list, after
+/// a growing backoff (no hot loop), no snapshot loses an object, the source is never stale
+/// (expiry is routine), and the state ends up the server's.
+#[tokio::test]
+async fn repeated_410_gone_relists_each_time_with_backoff() {
+    const TIMES: usize = 3;
+    let (mut h, _) = Harness::synced().await;
+    let published = h.record_published();
+    let health = h.health.subscribe();
+    let lists = h.server.seen(Watched::Services, false).len();
+    let started = std::time::Instant::now();
+    h.server.gone_watches(Watched::Services, TIMES);
+    h.server.end_watches(Watched::Services);
+    h.server
+        .apply(Watched::Services, &service("during", "10.96.0.50", 80));
+    h.wait_for_requests(Watched::Services, false, lists, TIMES)
+        .await;
+    let snapshot = h
+        .snapshot("the last re-list is published", |s| {
+            s.objects
+                .services
+                .contains_key(&ObjectKey::new("default", "during"))
+        })
+        .await;
+    h.wait_for_watches(
+        Watched::Services,
+        h.server.seen(Watched::Services, true).len(),
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "{TIMES} x 410 Gone: {TIMES} re-lists in {} ms",
+        took.as_millis()
+    );
+    assert_eq!(service_names(&snapshot), ["during", "web"]);
+    // Backoff of at least 0.8 s, doubling: 0.8 + 1.6 s before the third re-list.
+    assert!(
+        took >= Duration::from_millis(2000),
+        "re-listed without backoff: {took:?}"
+    );
+    assert!(took < RECOVERY_BOUND, "{took:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        h.server.seen(Watched::Services, false).len(),
+        lists + TIMES,
+        "one re-list per 410"
+    );
+    for published in published.lock().unwrap().iter() {
+        let names = service_names(published);
+        assert!(
+            names.contains(&"web".to_owned()),
+            "a re-list lost web: {names:?}"
+        );
+    }
+    assert!(!health.has_changed().unwrap(), "410 made the source stale");
+}
+
+/// Watches that only ever bring bookmarks: nothing is published, the source is not stale,
+/// and a watch resumed afterwards starts from the last bookmark (no re-list, nothing lost).
+#[tokio::test]
+async fn bookmarks_only_publish_nothing_and_keep_the_resource_version_fresh() {
+    let (mut h, before) = Harness::synced().await;
+    let mut last = 0;
+    for _ in 0..10 {
+        // Other kinds' changes move the resource version on; only bookmarks tell services.
+        h.server.apply(Watched::Nodes, &node("zone-a"));
+        for kind in [Watched::Services, Watched::EndpointSlices] {
+            last = h.server.bookmark(kind);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before_nodes = before.objects.nodes.len();
+    let current = h.snapshots.borrow_and_update().clone().unwrap();
+    assert_eq!(service_names(&current), ["web"]);
+    assert_eq!(current.objects.nodes.len(), before_nodes);
+    assert!(!h.health.is_stale());
+
+    h.server.end_watches(Watched::Services);
+    h.wait_for_watches(Watched::Services, 2).await;
+    let resumed = h.server.seen(Watched::Services, true)[1].clone();
+    assert_eq!(
+        resumed.query.get("resourceVersion"),
+        Some(&last.to_string()),
+        "resumed from the last bookmark"
+    );
+    assert_eq!(
+        h.server.seen(Watched::Services, false).len(),
+        1,
+        "no re-list"
+    );
+    h.recovers("bookmarks only").await;
+}
+
+/// A server that accepts connections and never answers: without a timeout of our own a
+/// watcher would wait forever, not stale. With it, the source is stale within the timeout
+/// plus the first backoff, nothing is published, and it recovers once the server answers.
+#[tokio::test]
+async fn a_server_that_never_answers_is_stale_within_the_timeout() {
+    let (mut h, before) = Harness::synced().await;
+    h.server.set_silent(true);
+    for kind in Watched::ALL {
+        h.server.break_watches(kind);
+    }
+    let stale_after = h.time_until_health(true).await;
+    eprintln!(
+        "never answering: stale after {} ms",
+        stale_after.as_millis()
+    );
+    assert!(
+        stale_after < FAULT_TIMEOUT.0 + Duration::from_secs(3),
+        "{stale_after:?}"
+    );
+    let watches = h.server.seen(Watched::Services, true).len();
+    // A retry after the backoff goes unanswered too.
+    h.wait_for_requests(Watched::Services, true, watches, 1)
+        .await;
+    h.assert_still(&before, "the silence");
+    assert!(h.health.is_stale());
+
+    h.server.set_silent(false);
+    h.recovers("a server that never answered").await;
+}
+
+/// The same from the start: a first list never answered holds back the first snapshot and
+/// makes the source stale; once answered, the whole state is published.
+#[tokio::test]
+async fn a_first_list_never_answered_is_stale_and_publishes_nothing() {
+    init_logs();
+    let health = SourceHealth::new();
+    let server = FakeApiServer::start().await;
+    server.apply(Watched::Services, &service("web", "10.96.0.10", 80));
+    server.apply(Watched::EndpointSlices, &slice("web", "10.0.0.1"));
+    server.apply(Watched::Nodes, &node("zone-a"));
+    server.set_silent(true);
+    let client = server.client(&health, FAULT_TIMEOUT).await;
+    let (tx, snapshots) = watch::channel(None);
+    let source = lb_agent::source::kube::watch(client, identity(None), tx, health.clone());
+    let mut h = Harness {
+        server,
+        health,
+        snapshots,
+        _source: tokio::spawn(source),
+    };
+    h.time_until_health(true).await;
+    assert!(h.snapshots.borrow().is_none(), "published without a list");
+
+    h.server.set_silent(false);
+    let first = h.snapshot("anything is published", |_| true).await;
+    assert_eq!(service_names(&first), ["web"]);
+    h.time_until_health(false).await;
 }

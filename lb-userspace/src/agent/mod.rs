@@ -38,6 +38,8 @@ pub struct RunConfig {
     pub manifests: Option<PathBuf>,
     /// The API server's kubeconfig; `None` is in-cluster, then `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
+    /// How long the API server may take to begin an answer, or to deliver a whole list.
+    pub api_timeout: kube::ApiTimeout,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub identity: ProxyIdentity,
@@ -232,7 +234,7 @@ async fn start_source(
         return Ok(tokio::spawn(manifests::watch(dir.clone(), snapshots)));
     }
     let health = kube::SourceHealth::new();
-    let client = kube::client(config.kubeconfig.as_deref(), &health).await?;
+    let client = kube::client(config.kubeconfig.as_deref(), &health, config.api_timeout).await?;
     tokio::spawn(kube::SourceHealth::log_transitions(health.subscribe()));
     tokio::spawn(api::health::follow_staleness(health.subscribe(), state));
     let source = kube::watch(client, config.identity.clone(), snapshots, health);

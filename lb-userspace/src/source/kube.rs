@@ -19,6 +19,12 @@
 //! the API server is unreachable the last snapshot stays published (fail static) and
 //! [`SourceHealth`] says the state is stale. A re-list replaces a store only when it is
 //! complete, so a snapshot never holds half a list.
+//!
+//! kube-rs sets no read timeout, so a server that accepts a connection and never answers
+//! (or trickles a list forever) would hang a watcher without an error. The client's
+//! [`HealthLayer`] bounds both with [`ApiTimeout`]: every answer must begin within it and a
+//! list must be complete within it; past that the request fails, the kind is stale, and the
+//! watcher retries with its backoff.
 use std::{
     collections::BTreeMap,
     fmt,
@@ -56,6 +62,33 @@ use crate::model::{HEADLESS_LABEL, ObjectKey, Objects, ProxyIdentity, SERVICE_PR
 
 /// At most this many ready events are folded into one snapshot.
 const MAX_BATCH: usize = 1024;
+
+/// How long the API server may take: to begin answering any request, and to deliver a whole
+/// list. A watch, once answered, may stay quiet as long as it likes (the watcher has its own
+/// idle timeout past the server-side one). It also ends the kube client's own retries of
+/// 429, 503 and 504 (which wait out `Retry-After`, up to 15 times): the watcher sees no error
+/// while they go on, so without this a throttled server would not be reported stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiTimeout(pub Duration);
+
+impl ApiTimeout {
+    pub const DEFAULT: Self = Self(Duration::from_secs(60));
+}
+
+impl Default for ApiTimeout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A request that ran past its [`ApiTimeout`].
+#[derive(Debug, thiserror::Error)]
+pub enum TimedOut {
+    #[error("the API server did not answer within {0:?}")]
+    Answer(Duration),
+    #[error("the API server's list was not complete within {0:?}")]
+    List(Duration),
+}
 
 /// The kinds this source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -162,11 +195,15 @@ impl SourceHealth {
         self.inner.stale.subscribe()
     }
 
-    /// A tower layer for the API client that counts successful answers as contact. Without
-    /// it a watch that reconnects with nothing new to say would leave the source stale.
-    pub fn layer(&self) -> HealthLayer {
+    /// A tower layer for the API client that counts a watch's successful answer as contact
+    /// (without it a watch that reconnects with nothing new to say would leave the source
+    /// stale) and bounds every request by `timeout`. A list counts as contact only through
+    /// the objects the watcher got out of it: an answer `200 OK` with a body that does not
+    /// parse is no contact.
+    pub fn layer(&self, timeout: ApiTimeout) -> HealthLayer {
         HealthLayer {
             health: self.clone(),
+            timeout,
         }
     }
 
@@ -217,6 +254,7 @@ impl SourceHealth {
 #[derive(Clone, Debug)]
 pub struct HealthLayer {
     health: SourceHealth,
+    timeout: ApiTimeout,
 }
 
 impl<S> tower::Layer<S> for HealthLayer {
@@ -226,6 +264,7 @@ impl<S> tower::Layer<S> for HealthLayer {
         HealthService {
             inner,
             health: self.health.clone(),
+            timeout: self.timeout,
         }
     }
 }
@@ -235,36 +274,113 @@ impl<S> tower::Layer<S> for HealthLayer {
 pub struct HealthService<S> {
     inner: S,
     health: SourceHealth,
+    timeout: ApiTimeout,
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for HealthService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
-    S::Error: 'static,
-    ResBody: 'static,
+    S::Error: Into<BoxError> + 'static,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Response = http::Response<DeadlineBody<ResBody>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let kind = Watched::of_path(request.uri().path());
+        let watch = is_watch(request.uri().query().unwrap_or_default());
         let health = self.health.clone();
-        self.inner
-            .call(request)
-            .inspect(move |result| {
-                if let (Some(kind), Ok(response)) = (kind, result)
+        let ApiTimeout(timeout) = self.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = self.inner.call(request);
+        async move {
+            let response = tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| TimedOut::Answer(timeout))?
+                .map_err(Into::into)?;
+            if watch {
+                if let Some(kind) = kind
                     && response.status().is_success()
                 {
                     health.record_success(kind);
                 }
-            })
-            .boxed()
+                return Ok(response.map(DeadlineBody::unbounded));
+            }
+            Ok(response.map(|body| DeadlineBody::until(body, deadline, timeout)))
+        }
+        .boxed()
+    }
+}
+
+/// Whether a request's query asks for a watch (`watch=true`, or `watch=1`).
+fn is_watch(query: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| matches!(pair, "watch=true" | "watch=1"))
+}
+
+/// A response body that fails once its deadline has passed: a list that trickles in more
+/// slowly than [`ApiTimeout`] is an error, not a hang. Hand-rolled: tower-http's body
+/// timeout limits the gap between frames, not the whole body.
+pub struct DeadlineBody<B> {
+    inner: B,
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+}
+
+impl<B> DeadlineBody<B> {
+    fn unbounded(inner: B) -> Self {
+        Self {
+            inner,
+            deadline: None,
+        }
+    }
+
+    fn until(inner: B, deadline: tokio::time::Instant, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some((Box::pin(tokio::time::sleep_until(deadline)), timeout)),
+        }
+    }
+}
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some((sleep, timeout)) = &mut self.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            let timeout = *timeout;
+            return Poll::Ready(Some(Err(TimedOut::List(timeout).into())));
+        }
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -274,11 +390,15 @@ where
 /// In a cluster, `KUBERNETES_SERVICE_HOST` must name the API server itself (as kubeadm's
 /// kube-proxy kubeconfig does), not the `kubernetes` ClusterIP: that address is served by this
 /// agent and does not work before it has synced once.
-pub async fn client(kubeconfig: Option<&Path>, health: &SourceHealth) -> anyhow::Result<Client> {
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    health: &SourceHealth,
+    timeout: ApiTimeout,
+) -> anyhow::Result<Client> {
     let config = config(kubeconfig).await?;
-    tracing::info!(server = %config.cluster_url, "reading objects from the API server");
+    tracing::info!(server = %config.cluster_url, ?timeout, "reading objects from the API server");
     let builder = ClientBuilder::try_from(config).context("building the API client")?;
-    Ok(builder.with_layer(&health.layer()).build())
+    Ok(builder.with_layer(&health.layer(timeout)).build())
 }
 
 async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<Config> {
@@ -440,7 +560,11 @@ fn handle(update: Update, health: &SourceHealth, listed: &mut u8) -> bool {
             return false;
         }
     };
-    health.record_success(kind);
+    // The watcher announces a (re-)list before it asks for it: that is no answer yet, and
+    // counting it would make a kind whose list keeps failing look healthy at every retry.
+    if !matches!(change, Change::Relisting) {
+        health.record_success(kind);
+    }
     match change {
         Change::Applied(name) => tracing::debug!(%kind, object = %name, "applied"),
         Change::Deleted(name) => tracing::debug!(%kind, object = %name, "deleted"),
@@ -595,18 +719,27 @@ contexts:
 current-context: test
 "#;
         std::fs::write(&path, kubeconfig).expect("writing a temporary file");
-        let built = client(Some(&path), &SourceHealth::new()).await;
+        let built = client(Some(&path), &SourceHealth::new(), ApiTimeout::DEFAULT).await;
         let _ = std::fs::remove_file(&path);
         // Building the client also proves TLS has a crypto provider.
         assert_eq!(built.expect("a client").default_namespace(), "lb");
 
         let missing = Path::new("/nonexistent/kubeconfig");
-        let error = client(Some(missing), &SourceHealth::new()).await;
+        let error = client(Some(missing), &SourceHealth::new(), ApiTimeout::DEFAULT).await;
         let Err(error) = error else {
             panic!("a client from a missing kubeconfig")
         };
         let message = format!("{error:#}");
         assert!(message.contains("/nonexistent/kubeconfig"), "{message}");
+    }
+
+    #[test]
+    fn watch_requests_are_told_from_lists() {
+        assert!(is_watch("labelSelector=a&watch=true&resourceVersion=5"));
+        assert!(is_watch("watch=1"));
+        assert!(!is_watch("labelSelector=a&limit=500"));
+        assert!(!is_watch("watch=false"));
+        assert!(!is_watch(""));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! removed on drop, also when the test fails.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod fake_api;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
@@ -381,17 +383,20 @@ impl Cluster {
 
     /// The arguments of `lb-agent run` for this cluster, then `extra`.
     pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "run".to_owned(),
-            "--manifests".into(),
-            self.manifests.path().display().to_string(),
+        let mut args = vec!["run".to_owned()];
+        // `--kubeconfig` in `extra` reads an API server instead of the manifest directory.
+        if !extra.contains(&"--kubeconfig") {
+            args.push("--manifests".into());
+            args.push(self.manifests.path().display().to_string());
+        }
+        args.extend([
             "--cgroup".into(),
             self.cgroup.path().display().to_string(),
             "--bpffs".into(),
             self.bpffs.path().display().to_string(),
             "--node-name".into(),
             "node-a".into(),
-        ];
+        ]);
         // This agent runs in the test's own network namespace (the host's): its
         // ip_local_reserved_ports is not the test's to change.
         if !extra.iter().any(|a| a.starts_with("--reserve-ports")) {
