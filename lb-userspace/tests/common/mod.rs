@@ -223,18 +223,6 @@ impl Agent {
         self.child.id()
     }
 
-    /// Waits (bounded) for the agent to exit on its own; `None` if it still runs.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
     pub fn is_running(&mut self) -> bool {
         self.child
             .try_wait()
