@@ -59,6 +59,9 @@ enum Format {
     Table,
     Json,
     Yaml,
+    /// `list` only: the maps without ids (frontends, backend sets, leaks), for comparing two
+    /// pin directories.
+    Description,
 }
 
 #[derive(clap::Args)]
@@ -185,11 +188,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::List { bpffs, output } => {
+            if let Format::Description = output {
+                let description = lb_agent::describe::describe(&bpffs)?;
+                println!("{}", serde_json::to_string_pretty(&description)?);
+                return Ok(());
+            }
             let rows = list::rows(&bpffs)?;
             match output {
-                Format::Table => println!("{}", list::table(&rows)),
+                Format::Table => {
+                    println!("{}", list::table(&rows));
+                    for leak in lb_agent::describe::describe(&bpffs)?.leaks {
+                        eprintln!("warning: the maps hold what no frontend reaches: {leak}");
+                    }
+                }
                 Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&rows)?),
+                Format::Description => unreachable!("printed above"),
             }
             Ok(())
         }
@@ -203,6 +217,7 @@ fn main() -> anyhow::Result<()> {
                 Format::Table => print!("{}", lb_agent::status::text(&status)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&status)?),
+                Format::Description => anyhow::bail!("`-o description` is for `list` only"),
             }
             Ok(())
         }
