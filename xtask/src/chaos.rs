@@ -53,6 +53,7 @@ pub fn chaos(args: &ChaosArgs) -> Result<()> {
         limit_changes: (args.iterations / 20).max(1),
         seed: seed(args.seed),
         verbose: true,
+        keep_logs: true,
     };
     println!("chaos: seed {}", config.seed);
     let report = lb_testkit::chaos::run(&config)?;

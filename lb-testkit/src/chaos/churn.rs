@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 
 use super::site::POD_PORT;
-use crate::objects::{ServiceManifest, SliceManifest};
+use crate::objects::{ManifestList, ServiceManifest, SliceManifest};
 
 pub const WEB_IP: &str = "10.96.0.10";
 pub const STICKY_IP: &str = "10.96.0.11";
@@ -16,6 +16,9 @@ const EXTRA_IP: &str = "10.96.0.12";
 pub const WEB_TCP_NODE_PORT: u16 = 30080;
 pub const WEB_UDP_NODE_PORT: u16 = 30081;
 const EXTRA_NODE_PORT: u16 = 30090;
+/// Services without traffic whose endpoints all change at every step (in one file), so that a
+/// sync writes for a while and kills land in the middle of it.
+const BULK_SERVICES: u8 = 30;
 
 /// An endpoint's state in a slice.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -57,6 +60,16 @@ impl Churn {
         self.write("web-slice.yaml", &web.to_yaml())?;
         let sticky = self.slice("sticky", rng, true);
         self.write("sticky-slice.yaml", &sticky.to_yaml())?;
+        let mut bulk = ManifestList::new();
+        for n in 0..BULK_SERVICES {
+            let name = format!("bulk-{n}");
+            bulk.push(
+                ServiceManifest::cluster_ip("default", &name, format!("10.96.1.{n}"))
+                    .port("http", "TCP", 80, POD_PORT),
+            );
+            bulk.push(self.slice(&name, rng, false));
+        }
+        self.write("bulk.yaml", &bulk.to_yaml())?;
         if rng.u8(0..5) == 0 {
             self.extra = !self.extra;
         }

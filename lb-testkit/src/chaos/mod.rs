@@ -38,6 +38,8 @@ pub struct Config {
     pub seed: u64,
     /// Print a line per restart.
     pub verbose: bool,
+    /// Keep the agents' logs (in a directory under the temp dir, printed) also on success.
+    pub keep_logs: bool,
 }
 
 /// How a restart stops the agent.
@@ -52,7 +54,7 @@ enum Stop {
 /// The limits restarts cycle through: smaller, bigger, then back to the defaults.
 const LIMITS: [&[&str]; 4] = [
     &["--max-services", "256", "--max-backends", "1024"],
-    &["--max-services", "64", "--max-backends", "128"],
+    &["--max-services", "96", "--max-backends", "256"],
     &["--max-services", "4096", "--max-backends", "8192"],
     &[],
 ];
@@ -76,13 +78,19 @@ pub struct Report {
     /// SIGTERMs the agent did not exit cleanly from.
     pub unclean_exits: u32,
     pub elapsed: Duration,
+    /// How long the first start took until ready (the range of the kills during a start).
+    pub start_ms: u64,
+    /// The agents' syncs that changed something (their `sync complete` lines): how many,
+    /// median and longest time in microseconds.
+    pub syncs: (usize, u64, u64),
 }
 
 impl Report {
     pub fn text(&self) -> String {
         let mut text = format!(
             "chaos: {} restarts ({} kill -9, {} of them during the first sync after a start; {} \
-             SIGTERM; {} limit changes), {} manifest changes, {} fresh agents compared, {:.0}s\n\
+             SIGTERM; {} limit changes), {} manifest changes, {} fresh agents compared, {:.0}s \
+             (a start takes {} ms; {} syncs logged, median {} us, longest {} us)\n\
              requests: {} attempted, {} failed; mismatches after restart: {}; unclean SIGTERM \
              exits: {}\n",
             self.restarts,
@@ -93,6 +101,10 @@ impl Report {
             self.manifest_changes,
             self.fresh_agents,
             self.elapsed.as_secs_f64(),
+            self.start_ms,
+            self.syncs.0,
+            self.syncs.1,
+            self.syncs.2,
             self.attempts,
             self.failures,
             self.mismatches.len(),
@@ -154,6 +166,7 @@ fn flows(site: &Site) -> Vec<Flow<'_>> {
 pub fn run(config: &Config) -> Result<Report> {
     let started = Instant::now();
     let mut rng = fastrand::Rng::with_seed(config.seed);
+    let mut report = Report::default();
     let mut work = WorkDir::new()?;
     let site = Site::new(4, &config.probe)?;
     let pods: Vec<(String, String)> = site
@@ -176,7 +189,11 @@ pub fn run(config: &Config) -> Result<Report> {
         log: &log,
         extra: limits.iter().map(|s| s.to_string()).collect(),
     };
+    let first_start = Instant::now();
     let mut agent = spec(limits).start().context("the first start")?;
+    // Kills "during the first sync" strike within this long after a start.
+    let start_ms = (first_start.elapsed().as_millis() as u64).max(50);
+    report.start_ms = start_ms;
     let tally = Tally::default();
     let names = site.pod_names();
     let mut schedule: Vec<Stop> = std::iter::repeat_n(Stop::Kill, config.kills as usize)
@@ -184,7 +201,6 @@ pub fn run(config: &Config) -> Result<Report> {
         .chain(std::iter::repeat_n(Stop::Limits, config.limit_changes as usize))
         .collect();
     rng.shuffle(&mut schedule);
-    let mut report = Report::default();
     // Warm the traffic up before the first restart, and let the traffic threads borrow the
     // site for the whole run.
     let flows = flows(&site);
@@ -197,8 +213,10 @@ pub fn run(config: &Config) -> Result<Report> {
             std::thread::sleep(Duration::from_secs(2));
             for (n, stop) in schedule.iter().enumerate() {
                 churn.step(&mut rng)?;
-                // Somewhere in the sync of that change (the agent coalesces for 50 ms).
-                std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+                // Somewhere in the sync of that change (the agent coalesces for 50 ms and
+                // writes in a few more), or a while after.
+                let delay = if rng.bool() { 100 } else { 300 };
+                std::thread::sleep(Duration::from_millis(rng.u64(0..delay)));
                 if !agent.is_running() {
                     bail!("the agent exited on its own before restart {}", n + 1);
                 }
@@ -225,7 +243,7 @@ pub fn run(config: &Config) -> Result<Report> {
                 // One kill in three also strikes during the first full sync of the next start.
                 if *stop == Stop::Kill && rng.u8(0..3) == 0 {
                     let mut early = spec(limits).spawn()?;
-                    std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+                    std::thread::sleep(Duration::from_millis(rng.u64(0..start_ms)));
                     early.kill();
                     report.kills_during_start += 1;
                 }
@@ -263,6 +281,7 @@ pub fn run(config: &Config) -> Result<Report> {
     report.attempts = tally.attempts();
     report.failures = tally.failures();
     report.elapsed = started.elapsed();
+    report.syncs = sync_times(&log);
     if let Err(e) = outcome {
         work.keep = true;
         bail!(
@@ -271,7 +290,7 @@ pub fn run(config: &Config) -> Result<Report> {
             report.text()
         );
     }
-    if !report.passed() {
+    if !report.passed() || config.keep_logs {
         work.keep = true;
         eprintln!("chaos: logs kept in {}", work.path.display());
     }
@@ -322,4 +341,20 @@ fn differences(seen: &serde_json::Value, wanted: &serde_json::Value) -> String {
         out.push(format!("leaks: {} (fresh: {})", seen["leaks"], wanted["leaks"]));
     }
     out.join("; ")
+}
+
+/// The `sync_us` of every `sync complete` line in the agent's log: count, median, longest.
+fn sync_times(log: &std::path::Path) -> (usize, u64, u64) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut times: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("sync complete"))
+        .filter_map(|l| {
+            let rest = &l[l.find("sync_us=")? + "sync_us=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect();
+    times.sort_unstable();
+    let median = times.get(times.len() / 2).copied().unwrap_or(0);
+    (times.len(), median, times.last().copied().unwrap_or(0))
 }
