@@ -96,8 +96,7 @@ pub fn of_contents(
     let mut live_slots = BTreeSet::new();
     let mut named_backends = BTreeSet::new();
     let mut service_ids = BTreeSet::new();
-    let mut keyed: Vec<(String, &lb_common::Frontend4Key, &lb_common::Frontend4Value)> =
-        Vec::new();
+    let mut keyed: Vec<(String, &lb_common::Frontend4Key, &lb_common::Frontend4Value)> = Vec::new();
     for (key, value) in &contents.frontends {
         let Some(frontend) = frontend_of(key) else {
             leaks.push(format!(
@@ -167,7 +166,11 @@ pub fn of_contents(
         .keys()
         .filter(|k| !live_slots.contains(k))
         .count();
-    count_leak(&mut leaks, stray_slots, "slots outside every frontend's live generation");
+    count_leak(
+        &mut leaks,
+        stray_slots,
+        "slots outside every frontend's live generation",
+    );
     let mut addresses: BTreeMap<String, usize> = BTreeMap::new();
     for (id, backend) in &contents.backends {
         let address = backend_of(backend).to_string();
@@ -179,9 +182,8 @@ pub fn of_contents(
     for (address, ids) in addresses.into_iter().filter(|(_, ids)| *ids > 1) {
         leaks.push(format!("backend {address} has {ids} ids"));
     }
-    let unused = |ids: &mut dyn Iterator<Item = &u32>| {
-        ids.filter(|id| !service_ids.contains(id)).count()
-    };
+    let unused =
+        |ids: &mut dyn Iterator<Item = &u32>| ids.filter(|id| !service_ids.contains(id)).count();
     count_leak(
         &mut leaks,
         unused(&mut contents.maglev.iter()),

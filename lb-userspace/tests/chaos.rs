@@ -27,7 +27,11 @@ fn restarts_at_random_points_keep_every_request_answered_and_the_maps_equal_a_fr
     .expect("the chaos run");
     eprint!("{}", report.text());
     assert_eq!(report.restarts, 13, "{}", report.text());
-    assert!(report.attempts > 1000, "too little traffic: {}", report.text());
+    assert!(
+        report.attempts > 1000,
+        "too little traffic: {}",
+        report.text()
+    );
     assert!(report.passed(), "seed {seed}: {}", report.text());
 }
 

@@ -37,7 +37,9 @@ fn seed(given: Option<u64>) -> u64 {
 
 fn require_root(what: &str) -> Result<()> {
     if !host::is_root() {
-        bail!("`cargo xtask {what}` must run as root: it creates namespaces and loads BPF programs");
+        bail!(
+            "`cargo xtask {what}` must run as root: it creates namespaces and loads BPF programs"
+        );
     }
     Ok(())
 }

@@ -110,7 +110,10 @@ impl Churn {
         for ((ip, name), state) in self.pods.iter().zip(states) {
             slice = match state {
                 State::Absent => continue,
-                State::Ready => slice.endpoint(ip).on_node(super::site::NODE_NAME).ready(true),
+                State::Ready => slice
+                    .endpoint(ip)
+                    .on_node(super::site::NODE_NAME)
+                    .ready(true),
                 State::Terminating => slice
                     .endpoint(ip)
                     .on_node(super::site::NODE_NAME)
@@ -165,12 +168,18 @@ pub fn snapshot(dir: &Path) -> Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     let mut text = String::new();
     for file in files {
-        text.push_str(&format!("--- {}\n", file.file_name().unwrap_or_default().to_string_lossy()));
+        text.push_str(&format!(
+            "--- {}\n",
+            file.file_name().unwrap_or_default().to_string_lossy()
+        ));
         text.push_str(&std::fs::read_to_string(&file)?);
     }
     Ok(text)

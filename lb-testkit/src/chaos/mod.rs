@@ -147,9 +147,18 @@ fn flows(site: &Site) -> Vec<Flow<'_>> {
     };
     let target = |proto: &str, to: String| vec![proto.to_owned(), to];
     vec![
-        inside("ClusterIP TCP", &target("tcp", format!("{}:80", churn::WEB_IP))),
-        inside("ClusterIP UDP", &target("udp", format!("{}:53", churn::WEB_IP))),
-        inside("affinity TCP", &target("tcp", format!("{}:80", churn::STICKY_IP))),
+        inside(
+            "ClusterIP TCP",
+            &target("tcp", format!("{}:80", churn::WEB_IP)),
+        ),
+        inside(
+            "ClusterIP UDP",
+            &target("udp", format!("{}:53", churn::WEB_IP)),
+        ),
+        inside(
+            "affinity TCP",
+            &target("tcp", format!("{}:80", churn::STICKY_IP)),
+        ),
         outside(
             "NodePort TCP",
             &target("tcp", format!("{NODE_IP}:{}", churn::WEB_TCP_NODE_PORT)),
@@ -198,7 +207,10 @@ pub fn run(config: &Config) -> Result<Report> {
     let names = site.pod_names();
     let mut schedule: Vec<Stop> = std::iter::repeat_n(Stop::Kill, config.kills as usize)
         .chain(std::iter::repeat_n(Stop::Term, config.sigterms as usize))
-        .chain(std::iter::repeat_n(Stop::Limits, config.limit_changes as usize))
+        .chain(std::iter::repeat_n(
+            Stop::Limits,
+            config.limit_changes as usize,
+        ))
         .collect();
     rng.shuffle(&mut schedule);
     // Warm the traffic up before the first restart, and let the traffic threads borrow the
@@ -252,9 +264,10 @@ pub fn run(config: &Config) -> Result<Report> {
                     .with_context(|| format!("restart {} ({stop:?})", n + 1))?;
                 report.restarts += 1;
                 if let Some(mismatch) = compare(config, &bpffs, &manifests, &mut reference)? {
-                    report
-                        .mismatches
-                        .push(format!("restart {} ({stop:?}, {limits:?}): {mismatch}", n + 1));
+                    report.mismatches.push(format!(
+                        "restart {} ({stop:?}, {limits:?}): {mismatch}",
+                        n + 1
+                    ));
                 }
                 if config.verbose {
                     eprintln!(
@@ -338,7 +351,10 @@ fn differences(seen: &serde_json::Value, wanted: &serde_json::Value) -> String {
         }
     }
     if seen["leaks"] != wanted["leaks"] {
-        out.push(format!("leaks: {} (fresh: {})", seen["leaks"], wanted["leaks"]));
+        out.push(format!(
+            "leaks: {} (fresh: {})",
+            seen["leaks"], wanted["leaks"]
+        ));
     }
     out.join("; ")
 }
@@ -351,7 +367,10 @@ fn sync_times(log: &std::path::Path) -> (usize, u64, u64) {
         .filter(|l| l.contains("sync complete"))
         .filter_map(|l| {
             let rest = &l[l.find("sync_us=")? + "sync_us=".len()..];
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         })
         .collect();
     times.sort_unstable();

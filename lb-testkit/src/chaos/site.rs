@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    AgentReady, BpffsDir, Cgroup, Netns, Node, OutsideClient, Pod, Uplink, command_in,
-    make_router, spawn_in, unique_name,
+    AgentReady, BpffsDir, Cgroup, Netns, Node, OutsideClient, Pod, Uplink, command_in, make_router,
+    spawn_in, unique_name,
 };
 
 /// The port every pod answers on, TCP and UDP.
@@ -121,8 +121,7 @@ fn serve(pod: &Pod, probe: &Path) -> Result<Child> {
     let args = ["serve", "--name", &pod.name, "--tcp", &port, "--udp", &port];
     let mut server = spawn_in(Some(&pod.netns), None, probe, &args)?;
     let mut first = String::new();
-    BufReader::new(server.stdout.take().context("the server's stdout")?)
-        .read_line(&mut first)?;
+    BufReader::new(server.stdout.take().context("the server's stdout")?).read_line(&mut first)?;
     if first.trim() != "ready" {
         bail!("the server of {} did not start: {first:?}", pod.name);
     }

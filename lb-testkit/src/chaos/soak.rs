@@ -150,9 +150,16 @@ fn rss_kib(pid: u32) -> Result<u64> {
 fn map_entries(agent: &Path, bpffs: &Path) -> Result<BTreeMap<String, u64>> {
     let mut cmd = std::process::Command::new(agent);
     // The agent's /healthz is in its node's namespace: only the maps are wanted here.
-    cmd.args(["status", "-o", "json", "--healthz-addr", "127.0.0.1:1", "--bpffs"])
-        .arg(bpffs)
-        .env("RUST_BACKTRACE", "0");
+    cmd.args([
+        "status",
+        "-o",
+        "json",
+        "--healthz-addr",
+        "127.0.0.1:1",
+        "--bpffs",
+    ])
+    .arg(bpffs)
+    .env("RUST_BACKTRACE", "0");
     let json: serde_json::Value = serde_json::from_str(&crate::run_checked(&mut cmd)?)?;
     Ok(json["maps"]
         .as_array()
@@ -184,7 +191,10 @@ fn row(sample: &Sample) -> String {
         sample.fds
     );
     for (name, _) in SHOWN {
-        line.push_str(&format!(" {:>8}", sample.maps.get(name).copied().unwrap_or(0)));
+        line.push_str(&format!(
+            " {:>8}",
+            sample.maps.get(name).copied().unwrap_or(0)
+        ));
     }
     line
 }

@@ -41,7 +41,10 @@ const KEPT_FAILURES: usize = 10;
 
 impl Tally {
     pub fn counts(&self) -> BTreeMap<&'static str, Counts> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn failures(&self) -> u64 {
@@ -75,7 +78,12 @@ impl Tally {
             let mut cmd = match command_in(Some(flow.netns), flow.cgroup, probe) {
                 Ok(cmd) => cmd,
                 Err(e) => {
-                    self.add(flow.label, 1, 1, Some(format!("cannot run lb-probe: {e:#}")));
+                    self.add(
+                        flow.label,
+                        1,
+                        1,
+                        Some(format!("cannot run lb-probe: {e:#}")),
+                    );
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
