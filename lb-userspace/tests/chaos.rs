@@ -86,7 +86,7 @@ fn the_description_shows_entries_no_frontend_reaches_and_missing_backends() {
     assert_eq!(
         broken.leaks,
         [
-            format!("10.96.0.10:80/TCP: live slot 0 names a missing backend"),
+            "10.96.0.10:80/TCP: live slot 0 names a missing backend".to_string(),
             format!("backend {pod}:256 is named by no live slot"),
         ],
         "{broken:#?}"
