@@ -17,6 +17,9 @@ pub struct ChaosArgs {
     /// Seed of the random choices (default: the time); printed, to run the same again.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Keep the agents' logs (a directory under the temp dir, printed) also when all passed.
+    #[arg(long)]
+    pub keep_logs: bool,
 }
 
 #[derive(clap::Args)]
@@ -55,7 +58,7 @@ pub fn chaos(args: &ChaosArgs) -> Result<()> {
         limit_changes: (args.iterations / 20).max(1),
         seed: seed(args.seed),
         verbose: true,
-        keep_logs: true,
+        keep_logs: args.keep_logs,
     };
     println!("chaos: seed {}", config.seed);
     let report = lb_testkit::chaos::run(&config)?;
