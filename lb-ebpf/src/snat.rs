@@ -168,10 +168,12 @@ fn names_claim(ct: &Ct4Value, key: &Ct4Key) -> bool {
         && ct.backend_port == key.sport
 }
 
-/// Gives back the SNAT port of the flow `ct` (client tuple `ct_key`) that is over: its claim,
-/// its entry for tc egress and its reply entry go, each only while it still names this flow.
-/// A function of its own (a BPF-to-BPF call): its keys stay off the stack the port search's
-/// callback adds to.
+/// Forgets the flow `ct` (client tuple `ct_key`) that is over: a SNAT flow gives back its
+/// port (its claim, its entry for tc egress and its reply entry go), a flow to a local backend
+/// its reply entry; each only while it still names this flow. Without the latter, a flow whose
+/// tuple a new flow takes over with another backend left its reply entry in the LRU map until
+/// evicted. A function of its own (a BPF-to-BPF call): its keys stay off the stack the port
+/// search's callback adds to.
 #[inline(never)]
 pub fn release(ct_key: &Ct4Key, ct: &Ct4Value) {
     if ct.flags & ct_flags::SNAT != 0 {
@@ -182,6 +184,17 @@ pub fn release(ct_key: &Ct4Key, ct: &Ct4Value) {
             ct.nat_addr,
             ct.nat_port,
         );
+        return;
+    }
+    let reply = Ct4Key::new(
+        ct.backend_addr,
+        ct_key.saddr,
+        ct.backend_port,
+        ct_key.sport,
+        ct_key.proto,
+    );
+    if names_client(&reply, ct_key, 0) {
+        let _ = LB4_FLOWREV_V2.remove(&reply);
     }
 }
 

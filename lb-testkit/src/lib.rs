@@ -11,7 +11,9 @@
 //! `lb-agent` is waited for with [`AgentReady`] (its `/healthz` and `lb-agent status`).
 
 mod bins;
+mod bpffs;
 mod cgroup;
+pub mod chaos;
 mod command;
 mod names;
 mod netns;
@@ -21,6 +23,7 @@ mod topology;
 mod uplink;
 
 pub use bins::bin_path;
+pub use bpffs::BpffsDir;
 pub use cgroup::{Cgroup, cgroup2_mount};
 pub use command::{command_in, run_checked, spawn_in};
 pub use names::{MAX_NAME_LEN, unique_name};

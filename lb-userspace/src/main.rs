@@ -62,6 +62,9 @@ enum Format {
     Table,
     Json,
     Yaml,
+    /// `list` only: the maps without ids (frontends, backend sets, leaks), for comparing two
+    /// pin directories.
+    Description,
 }
 
 #[derive(clap::Args)]
@@ -224,11 +227,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::List { bpffs, output } => {
+            if let Format::Description = output {
+                let description = lb_agent::describe::describe(&bpffs)?;
+                println!("{}", serde_json::to_string_pretty(&description)?);
+                return Ok(());
+            }
             let rows = list::rows(&bpffs)?;
             match output {
-                Format::Table => println!("{}", list::table(&rows)),
+                Format::Table => {
+                    println!("{}", list::table(&rows));
+                    for leak in lb_agent::describe::describe(&bpffs)?.leaks {
+                        eprintln!("warning: the maps hold what no frontend reaches: {leak}");
+                    }
+                }
                 Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&rows)?),
+                Format::Description => unreachable!("printed above"),
             }
             Ok(())
         }
@@ -242,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                 Format::Table => print!("{}", lb_agent::status::text(&status)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
                 Format::Yaml => print!("{}", serde_yaml::to_string(&status)?),
+                Format::Description => anyhow::bail!("`-o description` is for `list` only"),
             }
             Ok(())
         }

@@ -2403,6 +2403,43 @@ fn snat_a_replaced_flow_gives_its_old_port_back() {
     );
 }
 
+/// A flow to a local backend (no SNAT) that is over and replaced by a new flow on the same
+/// client tuple that picks another backend leaves no reply entry of its old backend behind
+/// (found by the soak: `LB4_FLOWREV_V2` grew past the conntrack map under NodePort churn).
+#[test]
+fn a_replaced_local_flow_leaves_no_reply_entry_of_its_old_backend() {
+    let mut h = Harness::new();
+    let mut state = State::default();
+    state.frontends.insert(
+        frontend(None, 30080, Protocol::Tcp),
+        service("web", &[(POD_A, 8080, true)], false),
+    );
+    h.program(&state);
+    let port = 21_000;
+    let syn = tcp((CLIENT, port), (NODE, 30080), SYN);
+    let (verdict, out, _) = h.run(Hook::Xdp, &syn.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn.clone().with_dst(POD_A, 8080).bytes());
+    let old_reply = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    assert!(flowrev_map(&mut h).get(&old_reply, 0).is_ok());
+    age(&mut h, &ct_key(&syn), ct_timeouts::TCP_SYN_SENT + 1);
+    // The endpoints change: the next SYN on this tuple finds its entry over and picks POD_B.
+    state.frontends.insert(
+        frontend(None, 30080, Protocol::Tcp),
+        service("web", &[(POD_B, 8080, true)], false),
+    );
+    h.program(&state);
+    let (verdict, out, _) = h.run(Hook::Xdp, &syn.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn.with_dst(POD_B, 8080).bytes());
+    let new_reply = ct_key(&tcp((POD_B, 8080), (CLIENT, port), SYN | ACK));
+    assert!(flowrev_map(&mut h).get(&new_reply, 0).is_ok());
+    assert!(
+        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+        "the old backend's reply entry stayed"
+    );
+}
+
 /// The ports a new SNAT flow from `CLIENT:client_port` tries first, from its hash.
 fn hashed_ports(client_port: u16) -> Vec<u16> {
     let p = tcp((CLIENT, client_port), (NODE, SNAT_NODEPORT), SYN);

@@ -3,6 +3,7 @@
 //! One module per command; `cmd` and `host` are the helpers they share.
 
 mod bench;
+mod chaos;
 mod cmd;
 mod host;
 mod run;
@@ -36,6 +37,13 @@ enum Command {
     /// namespaces it makes and removes: connection cost, UDP, hook cost, programming time and
     /// latency, churn, XDP, memory. `--quick` for CI. As root.
     Bench(bench::Args),
+    /// Kill -9, SIGTERM and limit-changing restarts of the agent at random points of its
+    /// syncs, under traffic and endpoint churn; after each, its maps must equal a fresh
+    /// agent's, and no request may fail. As root.
+    Chaos(chaos::ChaosArgs),
+    /// The chaos node for `--minutes`, with traffic, churn and restarts: the agent's memory,
+    /// descriptors and map entries sampled each minute (table and CSV). As root.
+    Soak(chaos::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,8 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Chaos(args) => chaos::chaos(&args),
+        Command::Soak(args) => chaos::soak(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -120,7 +120,7 @@ fn refuse_inside_sandbox() -> Result<()> {
 
 /// `cargo build -p lb-userspace --bin lb-agent -p lb-testkit --bin lb-probe`: the agent (whose
 /// build script compiles the eBPF programs) and the probe.
-fn build() -> Result<Binaries> {
+pub(crate) fn build() -> Result<Binaries> {
     println!(
         "run: building lb-agent and lb-probe (debug; the build compiles the eBPF programs too, \
          which takes a few minutes the first time)"
@@ -152,7 +152,7 @@ fn build() -> Result<Binaries> {
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR`, else `target` in the workspace.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let root = host::workspace_root();
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),

@@ -534,39 +534,8 @@ impl Drop for TempDir {
     }
 }
 
-/// The agent's `--bpffs` directory: a fresh path the agent mounts bpffs on. On drop, whatever
-/// is still mounted there (an agent killed before its teardown) is unmounted and removed.
-pub struct BpffsDir(PathBuf);
-
-impl BpffsDir {
-    pub fn new() -> BpffsDir {
-        BpffsDir(Path::new("/run/lb-test").join(unique_name("bpf")))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn is_mounted(&self) -> bool {
-        std::fs::read_to_string("/proc/self/mounts")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(&*self.0.to_string_lossy()))
-    }
-}
-
-impl Drop for BpffsDir {
-    fn drop(&mut self) {
-        while self.is_mounted() {
-            let path = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
-            // SAFETY: a NUL-terminated path.
-            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                break;
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// The agent's `--bpffs` directory (unmounted and removed on drop).
+pub use lb_testkit::BpffsDir;
 
 /// A plain HTTP/1.0 GET on loopback: (status code, body).
 pub fn http_get(address: &str, path: &str) -> (u16, String) {
