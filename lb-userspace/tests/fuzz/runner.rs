@@ -1,0 +1,500 @@
+//! Loads the real XDP and tc programs once, writes each episode's random services with the
+//! agent's reconciler, runs every generated frame through `BPF_PROG_TEST_RUN` and through the
+//! model, and diffs verdict, frame, reason counter and the map entries the packet touched;
+//! at the end of each episode the whole conntrack, reverse, fragment and affinity maps and
+//! every reason counter. Attaches nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{HashMap as BpfHash, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{TestRun as _, TestRunOptions},
+};
+use lb_agent::{
+    dataplane::{
+        BpfServiceMaps, Dataplane, Limits,
+        bpffs::PinDir,
+        nodeport::{self, NodeAddrMaps},
+    },
+    reconcile::Reconciler,
+};
+use lb_common::{
+    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key,
+    Frontend4Value, Maglev4Table, Rev4Value, SourceRange4Key, affinity_clients, map_names,
+    reasons,
+};
+
+use super::{
+    generator::{Gen, wire_addr},
+    model::{Config, Hook, Model, Oracle, parses},
+    wire::hex,
+};
+
+/// `BPF_PROG_TEST_RUN` runs XDP on the loopback device's queue: ifindex 1.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+pub struct Mismatch {
+    pub seed: u64,
+    pub index: u64,
+    pub report: String,
+    pub fixture: Option<PathBuf>,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub packets: u64,
+    pub episodes: u64,
+    pub refused_by_kernel: u64,
+    pub elapsed: Duration,
+    pub mismatches: Vec<Mismatch>,
+    pub by_kind: BTreeMap<&'static str, u64>,
+    pub by_reason: BTreeMap<&'static str, u64>,
+}
+
+impl Report {
+    pub fn packets_per_sec(&self) -> f64 {
+        self.packets as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+pub struct Runner {
+    dataplane: Dataplane,
+    maps: BpfServiceMaps,
+    addrs: NodeAddrMaps,
+    reconciler: Reconciler,
+    pins: PathBuf,
+    _bpffs: crate::common::BpffsDir,
+}
+
+struct KernelCt<'a>(&'a mut Dataplane);
+
+impl Oracle for KernelCt<'_> {
+    fn ct(&mut self, key: &Ct4Key) -> Option<Ct4Value> {
+        ct_map(self.0).get(key, 0).ok()
+    }
+}
+
+fn ct_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Ct4Key, Ct4Value> {
+    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FLOWS_V4).expect("conntrack map"))
+        .expect("conntrack map type")
+}
+
+fn rev_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Ct4Key, Rev4Value> {
+    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FLOW_REPLIES_V4).expect("reverse map"))
+        .expect("reverse map type")
+}
+
+fn frag_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Frag4Key, Frag4Ports> {
+    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FRAGS_V4).expect("fragments map"))
+        .expect("fragments map type")
+}
+
+fn affinity_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Affinity4Key, Affinity4Value> {
+    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::AFFINITY_V4).expect("affinity map"))
+        .expect("affinity map type")
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(mut m: BpfHash<&mut MapData, K, V>) {
+    let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = m.remove(&k);
+    }
+}
+
+fn ct_eq(a: &Ct4Value, b: &Ct4Value) -> bool {
+    Ct4Value {
+        last_seen_ns: 0,
+        ..*a
+    } == Ct4Value {
+        last_seen_ns: 0,
+        ..*b
+    }
+}
+
+impl Runner {
+    pub fn new() -> Runner {
+        lb_testkit::require_root().expect("the packet fuzzer loads eBPF programs: run as root");
+        let bpffs = crate::common::BpffsDir::new();
+        let pins = PinDir::prepare(bpffs.path()).expect("preparing bpffs");
+        let mut dataplane = Dataplane::load(pins, Limits::default()).expect("loading the object");
+        let mut maps = dataplane.service_maps().expect("service maps");
+        let addrs = NodeAddrMaps::take(dataplane.ebpf_mut()).expect("address maps");
+        let reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
+        nodeport::load_programs(dataplane.ebpf_mut()).expect("loading the programs");
+        let pins = dataplane.pins().maps();
+        Runner {
+            dataplane,
+            maps,
+            addrs,
+            reconciler,
+            pins,
+            _bpffs: bpffs,
+        }
+    }
+
+    fn run_frame(&mut self, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        let mut out = vec![0u8; 2048];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let ebpf = self.dataplane.ebpf_mut();
+        let result = match hook {
+            Hook::Xdp => nodeport::xdp_program(ebpf).unwrap().test_run(opts),
+            Hook::Tc => nodeport::tc_program(ebpf).unwrap().test_run(opts),
+        }
+        .map_err(|e| e.to_string())?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    fn reason_count(&mut self, reason: u32) -> u64 {
+        let map = self
+            .dataplane
+            .ebpf_mut()
+            .map_mut(map_names::REASONS_V4)
+            .expect("reasons map");
+        let counters: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map).expect("type");
+        counters
+            .get(&reason, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    fn open(&self, name: &str) -> MapData {
+        MapData::from_pin(self.pins.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}"))
+    }
+
+    /// The service maps as the programs see them.
+    fn read_config(&self, ep: &super::generator::Episode) -> Config {
+        let frontends: BpfHash<MapData, Frontend4Key, Frontend4Value> =
+            BpfHash::try_from(Map::HashMap(self.open(map_names::FRONTENDS_V4))).unwrap();
+        let backends: BpfHash<MapData, u32, Backend4> =
+            BpfHash::try_from(Map::HashMap(self.open(map_names::BACKENDS_V4))).unwrap();
+        let maglev: BpfHash<MapData, u32, Maglev4Table> =
+            BpfHash::try_from(Map::HashMap(self.open(map_names::MAGLEV_V4))).unwrap();
+        let ranges: LpmTrie<MapData, SourceRange4Key, u8> =
+            LpmTrie::try_from(Map::LpmTrie(self.open(map_names::SOURCE_RANGES_V4))).unwrap();
+        Config {
+            node_addrs: ep.node_addrs.iter().map(|a| wire_addr(*a)).collect(),
+            snat_addr: ep.snat_addr.map(wire_addr),
+            frontends: frontends.iter().map(Result::unwrap).collect(),
+            backends: backends.iter().map(Result::unwrap).collect(),
+            maglev: maglev
+                .iter()
+                .map(Result::unwrap)
+                .map(|(id, t)| (id, t.backend_ids.to_vec()))
+                .collect(),
+            source_ranges: ranges
+                .keys()
+                .map(Result::unwrap)
+                .map(|k| {
+                    let d = k.data();
+                    (
+                        d.service_id(),
+                        d.addr,
+                        (k.prefix_len() - lb_common::source_range::SERVICE_ID_BITS) as u8,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn start_episode(&mut self, generator: &mut Gen, model: &mut Model) {
+        let ep = generator.episode();
+        let report = self.reconciler.sync(&ep.desired, &mut self.maps);
+        assert!(report.failed.is_empty(), "reconciler: {:?}", report.failed);
+        self.addrs.set_node_addrs(&ep.node_addrs).unwrap();
+        let ifaddrs: BTreeMap<u32, _> = ep.snat_addr.map(|a| (TEST_RUN_IFINDEX, a)).into_iter().collect();
+        self.addrs.set_iface_addrs(&ifaddrs).unwrap();
+        clear(ct_map(&mut self.dataplane));
+        clear(rev_map(&mut self.dataplane));
+        clear(frag_map(&mut self.dataplane));
+        clear(affinity_map(&mut self.dataplane));
+        let snatfull: BpfHash<&mut MapData, [u8; 16], u64> = BpfHash::try_from(
+            self.dataplane.ebpf_mut().map_mut(map_names::SNAT_EXHAUSTED_V4).unwrap(),
+        )
+        .unwrap();
+        let _ = snatfull; // (a key of another size would fail above; the map stays empty here)
+        let cfg = self.read_config(&ep);
+        model.reset_flows(cfg);
+    }
+
+    /// Compares the whole flow state at the end of an episode.
+    fn compare_all(&mut self, model: &Model, baseline: &[u64]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let kernel_ct: BTreeMap<Ct4Key, Ct4Value> =
+            ct_map(&mut self.dataplane).iter().filter_map(Result::ok).collect();
+        for (k, flow) in &model.flows {
+            match kernel_ct.get(k) {
+                Some(v) if ct_eq(v, &flow.ct) => {}
+                other => problems.push(format!("LB4_CT_V2 {k:?}: expected {:?}, got {other:?}", flow.ct)),
+            }
+        }
+        for (k, v) in &kernel_ct {
+            if !model.flows.contains_key(k) {
+                problems.push(format!("LB4_CT_V2 {k:?}: unexpected entry {v:?}"));
+            }
+        }
+        let kernel_rev: BTreeMap<Ct4Key, Rev4Value> =
+            rev_map(&mut self.dataplane).iter().filter_map(Result::ok).collect();
+        let model_rev: BTreeMap<Ct4Key, Rev4Value> =
+            model.revs.iter().map(|(k, (v, _))| (*k, *v)).collect();
+        if kernel_rev != model_rev {
+            for (k, v) in &model_rev {
+                if kernel_rev.get(k) != Some(v) {
+                    problems.push(format!("LB4_FLOWREV_V2 {k:?}: expected {v:?}, got {:?}", kernel_rev.get(k)));
+                }
+            }
+            for (k, v) in &kernel_rev {
+                if !model_rev.contains_key(k) {
+                    problems.push(format!("LB4_FLOWREV_V2 {k:?}: unexpected entry {v:?}"));
+                }
+            }
+        }
+        let flat = |k: &Frag4Key, v: &Frag4Ports| (k.saddr, k.daddr, k.id, k.proto, v.sport, v.dport);
+        let kernel_frags: BTreeSet<_> = frag_map(&mut self.dataplane)
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| flat(&k, &v))
+            .collect();
+        let model_frags: BTreeSet<_> = model.frags.iter().map(|(k, v)| flat(k, v)).collect();
+        if kernel_frags != model_frags {
+            problems.push(format!(
+                "LB4_FRAGS_V1: expected {model_frags:?}, got {kernel_frags:?}"
+            ));
+        }
+        let kernel_aff: BTreeMap<(u32, u32), u32> = affinity_map(&mut self.dataplane)
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.client_kind == affinity_clients::ADDRESS)
+            .map(|(k, v)| ((k.client as u32, k.service_id), v.backend_id))
+            .collect();
+        if kernel_aff != model.affinity {
+            problems.push(format!(
+                "LB4_AFFIN_V2: expected {:?}, got {kernel_aff:?}",
+                model.affinity
+            ));
+        }
+        for reason in 0..reasons::COUNT {
+            let got = self.reason_count(reason) - baseline[reason as usize];
+            if got != model.reasons[reason as usize] {
+                problems.push(format!(
+                    "reason {:?}: {got} packets, expected {}",
+                    reasons::name(reason),
+                    model.reasons[reason as usize]
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Runs `packets` frames from `seed`; stops at the first mismatch when `stop_at_first`.
+    pub fn run(&mut self, seed: u64, packets: u64, stop_at_first: bool) -> Report {
+        let mut generator = Gen::new(seed);
+        let mut model = Model::default();
+        let baseline: Vec<u64> = (0..reasons::COUNT).map(|r| self.reason_count(r)).collect();
+        let mut report = Report::default();
+        let start = Instant::now();
+        let mut left_in_episode = 0u64;
+        let mut index = 0u64;
+        while index < packets {
+            if left_in_episode == 0 {
+                if report.episodes > 0 {
+                    let problems = self.compare_all(&model, &baseline);
+                    if !problems.is_empty() {
+                        report.mismatches.push(Mismatch {
+                            seed,
+                            index,
+                            report: format!(
+                                "end of episode {} (before packet {index}):\n  {}",
+                                report.episodes,
+                                problems.join("\n  ")
+                            ),
+                            fixture: None,
+                        });
+                        if stop_at_first {
+                            break;
+                        }
+                        // Start the next episode from the kernel's state of things.
+                    }
+                }
+                self.start_episode(&mut generator, &mut model);
+                report.episodes += 1;
+                left_in_episode = 50 + generator.rng.u64(..400);
+            }
+            left_in_episode -= 1;
+            let (hook, frame, kind) = generator.packet(&model);
+            *report.by_kind.entry(kind).or_default() += 1;
+            if let Some(problem) = self.one(&mut model, hook, &frame, &baseline, &mut report) {
+                let fixture = write_fixture(seed, index, hook, kind, &frame, &problem);
+                report.mismatches.push(Mismatch {
+                    seed,
+                    index,
+                    report: format!(
+                        "seed {seed} packet {index} ({kind}, {hook:?}), episode {}:\n  frame {}\n  {problem}",
+                        report.episodes,
+                        hex(&frame)
+                    ),
+                    fixture,
+                });
+                if stop_at_first {
+                    index += 1;
+                    break;
+                }
+                // Resynchronise: a fresh episode.
+                left_in_episode = 0;
+            }
+            index += 1;
+        }
+        if report.mismatches.is_empty() || !stop_at_first {
+            let problems = self.compare_all(&model, &baseline);
+            if !problems.is_empty() {
+                report.mismatches.push(Mismatch {
+                    seed,
+                    index,
+                    report: format!("end of run:\n  {}", problems.join("\n  ")),
+                    fixture: None,
+                });
+            }
+        }
+        report.packets = index;
+        report.elapsed = start.elapsed();
+        for (r, n) in model.reasons.iter().enumerate() {
+            if *n > 0 {
+                let (p, name) = reasons::name(r as u32).unwrap();
+                report.by_reason.insert(if p == "xdp" { name_xdp(name) } else { name_tc(name) }, *n);
+            }
+        }
+        report
+    }
+
+    /// One frame through the kernel and the model; a description of what differs.
+    fn one(
+        &mut self,
+        model: &mut Model,
+        hook: Hook,
+        frame: &[u8],
+        baseline: &[u64],
+        report: &mut Report,
+    ) -> Option<String> {
+        let got = match self.run_frame(hook, frame) {
+            Ok(got) => got,
+            Err(e) => {
+                if parses(frame) {
+                    return Some(format!("the kernel refused a frame the model parses: {e}"));
+                }
+                report.refused_by_kernel += 1;
+                return None;
+            }
+        };
+        let expect = match model.step(hook, frame, &mut KernelCt(&mut self.dataplane)) {
+            Ok(e) => e,
+            Err(e) => return Some(format!("invalid kernel choice: {e}")),
+        };
+        let mut problems = String::new();
+        if got.0 != expect.verdict {
+            let _ = write!(problems, "verdict: expected {}, got {}; ", expect.verdict, got.0);
+        }
+        if got.1 != expect.frame {
+            let _ = write!(
+                problems,
+                "frame out differs:\n    expected {}\n    got      {}\n  ",
+                hex(&expect.frame),
+                hex(&got.1)
+            );
+        }
+        let count = self.reason_count(expect.reason) - baseline[expect.reason as usize];
+        if count != model.reasons[expect.reason as usize] {
+            let _ = write!(
+                problems,
+                "reason {:?} not counted (kernel {count}, model {}); ",
+                reasons::name(expect.reason),
+                model.reasons[expect.reason as usize]
+            );
+        }
+        let touched_ct = model.touched_ct.clone();
+        let ct = ct_map(&mut self.dataplane);
+        for k in &touched_ct {
+            let kernel = ct.get(k, 0).ok();
+            let wanted = model.flows.get(k).map(|f| f.ct);
+            let same = match (&kernel, &wanted) {
+                (Some(a), Some(b)) => ct_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                let _ = write!(problems, "LB4_CT_V2 {k:?}: expected {wanted:?}, got {kernel:?}; ");
+            }
+        }
+        let touched_rev = model.touched_rev.clone();
+        let rev = rev_map(&mut self.dataplane);
+        for k in &touched_rev {
+            let kernel = rev.get(k, 0).ok();
+            let wanted = model.revs.get(k).map(|(v, _)| *v);
+            if kernel != wanted {
+                let _ = write!(problems, "LB4_FLOWREV_V2 {k:?}: expected {wanted:?}, got {kernel:?}; ");
+            }
+        }
+        if problems.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "expected reason {:?}\n  {problems}",
+                reasons::name(expect.reason)
+            ))
+        }
+    }
+}
+
+fn name_xdp(n: &'static str) -> &'static str {
+    Box::leak(format!("xdp/{n}").into_boxed_str())
+}
+
+fn name_tc(n: &'static str) -> &'static str {
+    Box::leak(format!("tc/{n}").into_boxed_str())
+}
+
+/// Where mismatching frames are written (`LB_FUZZ_FIXTURES`, else the packet tests' fixtures
+/// directory, which the replay test reads).
+pub fn fixture_dir() -> PathBuf {
+    std::env::var_os("LB_FUZZ_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/packet_fuzz"))
+}
+
+fn write_fixture(
+    seed: u64,
+    index: u64,
+    hook: Hook,
+    kind: &str,
+    frame: &[u8],
+    problem: &str,
+) -> Option<PathBuf> {
+    let dir = fixture_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(format!("seed-{seed}-packet-{index}.txt"));
+    let mut text = String::new();
+    let _ = writeln!(text, "seed = {seed}\npacket = {index}\nhook = {hook:?}\nkind = {kind}\nframe = {}", hex(frame));
+    for line in problem.lines() {
+        let _ = writeln!(text, "# {line}");
+    }
+    std::fs::write(&path, text).ok()?;
+    Some(path)
+}
+
+/// A fixture file's seed and packet index.
+pub fn read_fixture(text: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix('=')?.trim().parse().ok())
+    };
+    Some((field("seed")?, field("packet")?))
+}
