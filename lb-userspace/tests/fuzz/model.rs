@@ -131,7 +131,7 @@ fn parse(f: &[u8]) -> Parsed {
     let proto = f[IP + 9];
     let saddr = addr_at(f, IP + 12);
     let daddr = addr_at(f, IP + 16);
-    let id = be16(f, IP + 4);
+    let id = port_at(f, IP + 4); // network order, as `Frag4Key` keeps it
     if offset != 0 {
         return if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
             Parsed::LaterFragment {
@@ -166,12 +166,18 @@ fn parse(f: &[u8]) -> Parsed {
             }
         }
         IPPROTO_ICMP => {
+            // An ICMP error (destination unreachable, time exceeded), not fragmented, whose
+            // total length holds the quoted IPv4 header (no options) and the quoted packet's
+            // first 8 bytes; the quoted packet TCP or UDP, its first fragment or whole.
             if more || l4_len < 8 + 20 + 8 || !matches!(f[l4], 3 | 11) {
                 return Parsed::NotParsed;
             }
             let inner = l4 + 8;
             let qproto = f[inner + 9];
-            if f[inner] != 0x45 || (qproto != IPPROTO_TCP && qproto != IPPROTO_UDP) {
+            if f[inner] != 0x45
+                || be16(f, inner + 6) & 0x1fff != 0
+                || (qproto != IPPROTO_TCP && qproto != IPPROTO_UDP)
+            {
                 return Parsed::NotParsed;
             }
             let q = Ct4Key::new(
@@ -335,6 +341,11 @@ impl Model {
         }
     }
 
+    fn forget_rev(&mut self, key: &Ct4Key) {
+        self.touched_rev.push(*key);
+        self.revs.remove(key);
+    }
+
     fn add_rev(&mut self, key: Ct4Key, value: Rev4Value, owner: Ct4Key) {
         self.touched_rev.push(key);
         self.revs.insert(key, (value, owner));
@@ -388,10 +399,15 @@ impl Model {
             }
             Parsed::IcmpError {
                 saddr: _,
-                daddr: _,
+                daddr,
                 inner,
                 q,
-            } => Ok(self.xdp_icmp(f, inner, q)),
+            } => Ok(if daddr == q.saddr {
+                self.xdp_icmp(f, inner, q)
+            } else {
+                // Not addressed to the frontend the quoted reply came from.
+                (r::XDP_ICMP_NOT_TRACKED, false)
+            }),
         }
     }
 
@@ -411,33 +427,60 @@ impl Model {
         let key = Ct4Key::new(saddr, daddr, sport, dport, proto);
         let l4p = l4.map(|o| (o, proto));
         self.touched_rev.push(key);
-        let Some(fe) = self.frontend(daddr, dport, proto) else {
-            // A remote backend's reply to an SNAT flow?
-            if let Some((rev, owner)) = self.revs.get(&key).copied()
-                && rev.flags & ct_flags::SNAT != 0
-                && rev.flags & ct_flags::SNAT_OUT == 0
-            {
-                self.touched_ct.push(owner);
-                if let Some(flow) = self.flows.get_mut(&owner) {
-                    flow.ct.flags = ct_state::next_flags(flow.ct.flags, tcp, true);
+        let exact = self.cfg.frontends.get(&Frontend4Key {
+            addr: daddr,
+            port: dport,
+            proto,
+            scope: scopes::EXTERNAL,
+        });
+        // A new TCP connection (SYN without ACK) to an address that is not ours may reuse the
+        // tuple of an old flow to the same backend (a client reaching a pod directly): the old
+        // reverse entry goes, so its replies are not taken for the old flow's.
+        let plain_syn = proto == IPPROTO_TCP && tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+        let fe = match exact {
+            Some(fe) if fe.kind == frontend_kinds::CLUSTER_IP => {
+                if plain_syn {
+                    self.forget_rev(&key.reversed());
                 }
-                rewrite(f, l4p, Rewrite::Dst(rev.client_addr, rev.client_port));
-                return Ok((r::XDP_REPLY_TRANSLATED, true));
+                return Ok((r::XDP_CLUSTER_IP, false));
             }
-            return Ok((r::XDP_NOT_A_SERVICE, false));
+            Some(fe) => *fe,
+            None if !self.cfg.node_addrs.contains(&daddr) => {
+                if plain_syn {
+                    self.forget_rev(&key.reversed());
+                }
+                return Ok((r::XDP_NOT_A_SERVICE, false));
+            }
+            None => match self.frontend(daddr, dport, proto) {
+                Some(fe) if fe.kind == frontend_kinds::NODE_PORT => fe,
+                _ => {
+                    // A node address, no NodePort: a remote backend's reply to an SNAT flow?
+                    if let Some((rev, owner)) = self.revs.get(&key).copied()
+                        && snat_ports::contains(u16::from_be(dport))
+                        && rev.flags & ct_flags::SNAT != 0
+                    {
+                        self.touched_ct.push(owner);
+                        if let Some(flow) = self.flows.get_mut(&owner) {
+                            flow.ct.flags = ct_state::next_flags(flow.ct.flags, tcp, true);
+                        }
+                        rewrite(f, l4p, Rewrite::Dst(rev.client_addr, rev.client_port));
+                        return Ok((r::XDP_REPLY_TRANSLATED, true));
+                    }
+                    return Ok((r::XDP_NOT_A_SERVICE, false));
+                }
+            },
         };
-        if fe.kind == frontend_kinds::CLUSTER_IP {
-            return Ok((r::XDP_CLUSTER_IP, false));
-        }
         if fe.flags & frontend_flags::SOURCE_RANGES != 0
             && !self.source_allowed(fe.service_id, saddr)
         {
             return Ok((r::XDP_DROPPED_SOURCE_RANGE, false));
         }
         self.touched_ct.push(key);
-        let syn = tcp & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
+        // A SYN without ACK (whatever else it has: FIN, RST) reopens a closed flow.
+        let syn = tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
         let tracked = self.flows.get(&key).is_some_and(|flow| {
-            self.backend_usable(&flow.ct)
+            flow.ct.service_id == fe.service_id
+                && self.backend_usable(&flow.ct)
                 && !(proto == IPPROTO_TCP && syn && ct_state::closed(flow.ct.flags))
         });
         if tracked {
@@ -474,7 +517,7 @@ impl Model {
             Some(id) => id,
             None => {
                 let hash = if affinity {
-                    flow_hash(saddr, 0, 0, 0, proto)
+                    flow_hash(saddr, 0, 0, 0, 0)
                 } else {
                     flow_hash(saddr, daddr, sport, dport, proto)
                 };
@@ -483,6 +526,11 @@ impl Model {
                 })?
             }
         };
+        // The client's backend is remembered when it is chosen, whatever becomes of the
+        // packet afterwards (no SNAT address, no port).
+        if affinity {
+            self.affinity.insert((saddr, fe.service_id), backend_id);
+        }
         let backend = *self
             .cfg
             .backends
@@ -507,17 +555,23 @@ impl Model {
                 return Err(format!("SNAT port {port} outside the SNAT range"));
             }
             let reply = Ct4Key::new(backend.addr, nat_addr, backend.port, chosen.nat_port, proto);
-            if let Some((_, owner)) = self.revs.get(&reply) {
-                return Err(format!(
-                    "SNAT port {port} already held by the live flow {owner:?}"
-                ));
+            if let Some((_, owner)) = self.revs.get(&reply).copied() {
+                // A port held by a flow that is over (closed: an RST or FINs both ways) is
+                // taken over, the old flow's entries removed; a live flow's never.
+                let closed = self.flows.get(&owner).is_none_or(|old| {
+                    proto == IPPROTO_TCP && ct_state::closed(old.ct.flags)
+                });
+                if !closed {
+                    return Err(format!(
+                        "SNAT port {port} already held by the live flow {owner:?}"
+                    ));
+                }
+                self.touched_ct.push(owner);
+                self.remove_flow(&owner);
             }
             ct.flags = ct_flags::SNAT;
             ct.nat_addr = nat_addr;
             ct.nat_port = chosen.nat_port;
-        }
-        if affinity {
-            self.affinity.insert((saddr, fe.service_id), backend_id);
         }
         ct.flags = ct_state::next_flags(ct.flags, tcp, false);
         self.flows.insert(key, Flow { ct, revs: vec![] });
@@ -635,10 +689,17 @@ impl Model {
             }
             Parsed::IcmpError {
                 saddr,
-                daddr: _,
+                daddr,
                 inner,
                 q,
-            } => self.tc_icmp(f, saddr, inner, q),
+            } => {
+                if daddr == q.saddr {
+                    self.tc_icmp(f, saddr, inner, q)
+                } else {
+                    // Not addressed to the quoted packet's sender.
+                    (r::TC_ICMP_NOT_TRACKED, false)
+                }
+            }
         }
     }
 
@@ -661,14 +722,21 @@ impl Model {
         };
         self.touched_ct.push(owner);
         let l4p = l4.map(|o| (o, proto));
+        if rev.flags & ct_flags::SNAT != 0 {
+            // A remote backend's reply to the node's address: XDP's to restore.
+            return (r::TC_NOT_A_FLOW, false);
+        }
         let out = rev.flags & ct_flags::SNAT_OUT != 0;
-        let alive = self.flows.get(&owner).is_some_and(|flow| {
-            if out {
-                flow.ct.backend_addr == daddr && flow.ct.backend_port == dport
-            } else {
-                flow.ct.backend_addr == saddr && flow.ct.backend_port == sport
-            }
-        });
+        // A backend's packet is a reply only while its flow lives, goes to that backend, and is
+        // not a SYN (or SYN-ACK) reusing the tuple of a closed TCP flow.
+        let alive = out
+            || self.flows.get(&owner).is_some_and(|flow| {
+                flow.ct.backend_addr == saddr
+                    && flow.ct.backend_port == sport
+                    && !(proto == IPPROTO_TCP
+                        && tcp & tcp_flags::SYN != 0
+                        && ct_state::closed(flow.ct.flags))
+            });
         if !alive {
             self.revs.remove(&key);
             return (r::TC_STALE_FLOW, false);

@@ -235,12 +235,12 @@ impl Runner {
         for (k, flow) in &model.flows {
             match kernel_ct.get(k) {
                 Some(v) if ct_eq(v, &flow.ct) => {}
-                other => problems.push(format!("LB4_CT_V2 {k:?}: expected {:?}, got {other:?}", flow.ct)),
+                other => problems.push(format!("LB4_CT_V2 {}: expected {:?}, got {other:?}", tuple(k), flow.ct)),
             }
         }
         for (k, v) in &kernel_ct {
             if !model.flows.contains_key(k) {
-                problems.push(format!("LB4_CT_V2 {k:?}: unexpected entry {v:?}"));
+                problems.push(format!("LB4_CT_V2 {}: unexpected entry {v:?}", tuple(k)));
             }
         }
         let kernel_rev: BTreeMap<Ct4Key, Rev4Value> =
@@ -250,12 +250,12 @@ impl Runner {
         if kernel_rev != model_rev {
             for (k, v) in &model_rev {
                 if kernel_rev.get(k) != Some(v) {
-                    problems.push(format!("LB4_FLOWREV_V2 {k:?}: expected {v:?}, got {:?}", kernel_rev.get(k)));
+                    problems.push(format!("LB4_FLOWREV_V2 {}: expected {v:?}, got {:?}", tuple(k), kernel_rev.get(k)));
                 }
             }
             for (k, v) in &kernel_rev {
                 if !model_rev.contains_key(k) {
-                    problems.push(format!("LB4_FLOWREV_V2 {k:?}: unexpected entry {v:?}"));
+                    problems.push(format!("LB4_FLOWREV_V2 {}: unexpected entry {v:?}", tuple(k)));
                 }
             }
         }
@@ -304,6 +304,7 @@ impl Runner {
         let mut report = Report::default();
         let start = Instant::now();
         let mut left_in_episode = 0u64;
+        let mut history: std::collections::VecDeque<String> = Default::default();
         let mut index = 0u64;
         while index < packets {
             if left_in_episode == 0 {
@@ -327,13 +328,24 @@ impl Runner {
                     }
                 }
                 self.start_episode(&mut generator, &mut model);
+                history.clear();
                 report.episodes += 1;
                 left_in_episode = 50 + generator.rng.u64(..400);
             }
             left_in_episode -= 1;
             let (hook, frame, kind) = generator.packet(&model);
             *report.by_kind.entry(kind).or_default() += 1;
-            if let Some(problem) = self.one(&mut model, hook, &frame, &baseline, &mut report) {
+            let outcome = self.one(&mut model, hook, &frame, &baseline, &mut report);
+            if history.len() == 12 {
+                history.pop_front();
+            }
+            history.push_back(format!("{index} {hook:?} {kind}: {}", summary(&frame)));
+            if let Some(problem) = outcome {
+                let problem = format!(
+                    "{problem}\n  services: {:?}\n  recent packets:\n    {}",
+                    model.cfg.frontends.iter().map(|(k, v)| format!("{}:{}/{} id {} n {} flags {:#x} kind {}", ipv4(k.addr), u16::from_be(k.port), k.proto, v.service_id, v.count, v.flags, v.kind)).collect::<Vec<_>>(),
+                    history.iter().cloned().collect::<Vec<_>>().join("\n    ")
+                );
                 let fixture = write_fixture(seed, index, hook, kind, &frame, &problem);
                 report.mismatches.push(Mismatch {
                     seed,
@@ -431,7 +443,7 @@ impl Runner {
                 _ => false,
             };
             if !same {
-                let _ = write!(problems, "LB4_CT_V2 {k:?}: expected {wanted:?}, got {kernel:?}; ");
+                let _ = write!(problems, "LB4_CT_V2 {}: expected {wanted:?}, got {kernel:?}; ", tuple(k));
             }
         }
         let touched_rev = model.touched_rev.clone();
@@ -440,12 +452,17 @@ impl Runner {
             let kernel = rev.get(k, 0).ok();
             let wanted = model.revs.get(k).map(|(v, _)| *v);
             if kernel != wanted {
-                let _ = write!(problems, "LB4_FLOWREV_V2 {k:?}: expected {wanted:?}, got {kernel:?}; ");
+                let _ = write!(problems, "LB4_FLOWREV_V2 {}: expected {wanted:?}, got {kernel:?}; ", tuple(k));
             }
         }
         if problems.is_empty() {
             None
         } else {
+            let moved: Vec<_> = (0..reasons::COUNT)
+                .filter(|&r| self.reason_count(r) - baseline[r as usize] != model.reasons[r as usize])
+                .map(|r| reasons::name(r))
+                .collect();
+            let _ = write!(problems, "reasons the kernel counted otherwise: {moved:?}");
             Some(format!(
                 "expected reason {:?}\n  {problems}",
                 reasons::name(expect.reason)
@@ -497,4 +514,30 @@ pub fn read_fixture(text: &str) -> Option<(u64, u64)> {
             .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix('=')?.trim().parse().ok())
     };
     Some((field("seed")?, field("packet")?))
+}
+
+fn ipv4(wire: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(wire.to_ne_bytes())
+}
+
+/// One line for a frame: addresses, ports, protocol, TCP flags, fragment bits.
+pub fn summary(f: &[u8]) -> String {
+    use super::wire::{be16, port_at};
+    if f.len() < 34 || f[12..14] != [8, 0] {
+        return format!("{} bytes, not IPv4", f.len());
+    }
+    let a = |at: usize| ipv4(u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]));
+    let mut s = format!("{} -> {} proto {} ihl {} len {} frag {:#06x}", a(26), a(30), f[23], f[14] & 15, be16(f, 16), be16(f, 20));
+    if f.len() >= 38 {
+        s += &format!(" ports {} -> {}", u16::from_be(port_at(f, 34)), u16::from_be(port_at(f, 36)));
+    }
+    if f[23] == 6 && f.len() >= 48 {
+        s += &format!(" tcp {:#04x}", f[47]);
+    }
+    s
+}
+
+/// A tuple as addresses and ports.
+pub fn tuple(k: &Ct4Key) -> String {
+    format!("{}:{} -> {}:{}/{}", ipv4(k.saddr), u16::from_be(k.sport), ipv4(k.daddr), u16::from_be(k.dport), k.proto)
 }
