@@ -21,6 +21,11 @@ fn print(report: &Report, seed: u64) {
         report.refused_by_kernel,
         report.mismatches.len()
     );
+    eprintln!(
+        "  episode setup {:.1} s, whole-map comparisons {:.1} s",
+        report.setup.as_secs_f64(),
+        report.compare.as_secs_f64()
+    );
     eprintln!("  frames: {:?}", report.by_kind);
     eprintln!("  reasons: {:?}", report.by_reason);
     for m in report.mismatches.iter().take(10) {
@@ -66,15 +71,12 @@ fn fuzz_fixtures_replay_without_mismatch() {
     for entry in entries {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
-        let (seed, index) = read_fixture(&text)
-            .unwrap_or_else(|| panic!("{}: no seed and packet fields", path.display()));
-        let report = runner.run(seed, index + 1, true);
-        print(&report, seed);
-        assert!(
-            report.mismatches.is_empty(),
-            "fixture {} mismatches again",
-            path.display()
-        );
+        let (eseed, frames) = read_fixture(&text)
+            .unwrap_or_else(|| panic!("{}: no episode_seed field", path.display()));
+        if let Err(e) = runner.replay(eseed, &frames) {
+            panic!("fixture {} mismatches again: {e}", path.display());
+        }
+        eprintln!("ok {} ({} frames)", path.display(), frames.len());
         replayed += 1;
     }
     eprintln!("{replayed} fixtures replayed");
@@ -85,7 +87,12 @@ fn fuzz_fixtures_replay_without_mismatch() {
 #[test]
 #[ignore = "long: run by `cargo xtask fuzz`"]
 fn fuzz_run() {
-    let env = |name: &str| std::env::var(name).ok().map(|v| v.parse::<u64>().unwrap_or_else(|e| panic!("{name}={v}: {e}")));
+    let env = |name: &str| {
+        std::env::var(name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|e| panic!("{name}={v}: {e}"))
+        })
+    };
     let packets = env("LB_FUZZ_PACKETS").unwrap_or(10_000_000);
     let seed = env("LB_FUZZ_SEED").unwrap_or_else(|| fastrand::u64(..));
     let stop = std::env::var("LB_FUZZ_KEEP_GOING").is_err();

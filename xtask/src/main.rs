@@ -4,6 +4,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod host;
 mod run;
 mod setup;
@@ -36,6 +37,10 @@ enum Command {
     /// namespaces it makes and removes: connection cost, UDP, hook cost, programming time and
     /// latency, churn, XDP, memory. `--quick` for CI. As root.
     Bench(bench::Args),
+    /// Differential packet fuzzing: random and mutated frames through the real XDP and tc
+    /// programs (BPF_PROG_TEST_RUN) against a model of docs/nodeport.md; every verdict, byte
+    /// and touched map entry compared. `--packets N` (default 10,000,000), `--seed S`. As root.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_agent::model::{
-    Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
-    Protocol, ServicePortName, SetKey, SourceRanges,
+    Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind, Protocol,
+    ServicePortName, SetKey, SourceRanges,
 };
 use lb_common::{ct_flags, tcp_flags as t};
 
@@ -148,7 +148,14 @@ pub fn eth(datagram: &[u8]) -> Vec<u8> {
 }
 
 /// An ICMP error from `src` to `dst` quoting `quoted` (an IP datagram), `quote_len` bytes.
-pub fn icmp_error(src: [u8; 4], dst: [u8; 4], kind: u8, code: u8, quoted: &[u8], quote_len: usize) -> Vec<u8> {
+pub fn icmp_error(
+    src: [u8; 4],
+    dst: [u8; 4],
+    kind: u8,
+    code: u8,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
     let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
     icmp.extend_from_slice(&quoted[..quote_len.min(quoted.len())]);
     let c = checksum(&icmp);
@@ -175,7 +182,11 @@ pub fn fragments(datagram: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
         let more = i + 1 < all.len();
         let mut h = datagram[..20].to_vec();
         put16(&mut h, 2, (20 + size) as u16);
-        put16(&mut h, 6, (offset / 8) as u16 | if more { 0x2000 } else { 0 });
+        put16(
+            &mut h,
+            6,
+            (offset / 8) as u16 | if more { 0x2000 } else { 0 },
+        );
         put16(&mut h, 10, 0);
         let c = checksum(&h);
         put16(&mut h, 10, c);
@@ -260,7 +271,9 @@ impl Gen {
                     FrontendKind::ExternalIp => {
                         Frontend::new(ip(self.pick(&EXTERNAL_IPS)), sport, protocol)
                     }
-                    FrontendKind::LoadBalancer => Frontend::new(ip(self.pick(&LB_IPS)), sport, protocol),
+                    FrontendKind::LoadBalancer => {
+                        Frontend::new(ip(self.pick(&LB_IPS)), sport, protocol)
+                    }
                     FrontendKind::ClusterIP => {
                         Frontend::new(ip(self.pick(&CLUSTER_IPS)), sport, protocol)
                     }
@@ -302,7 +315,11 @@ impl Gen {
                         backends: backends.keys().copied().collect(),
                         terminating: BTreeSet::new(),
                         draining: BTreeSet::new(),
-                        local: backends.iter().filter(|(_, l)| **l).map(|(b, _)| *b).collect(),
+                        local: backends
+                            .iter()
+                            .filter(|(_, l)| **l)
+                            .map(|(b, _)| *b)
+                            .collect(),
                     },
                 );
             }
@@ -357,7 +374,13 @@ impl Gen {
         match self.rng.u8(..20) {
             0 => dst = self.pick(&NODE_ADDRS),
             1 => dport = self.pick(&NODE_PORTS),
-            2 => proto = if proto == IPPROTO_TCP { IPPROTO_UDP } else { IPPROTO_TCP },
+            2 => {
+                proto = if proto == IPPROTO_TCP {
+                    IPPROTO_UDP
+                } else {
+                    IPPROTO_TCP
+                }
+            }
             3 => dst = self.pick(&CLIENTS),
             _ => {}
         }
@@ -455,7 +478,11 @@ impl Gen {
             66..74 => self.icmp(model),
             74..78 => {
                 let (h, f) = self.any_frame(model);
-                (h, with_options(&f.bytes(), self.rng.usize(1..=10)), "ip_options")
+                (
+                    h,
+                    with_options(&f.bytes(), self.rng.usize(1..=10)),
+                    "ip_options",
+                )
             }
             78..84 => {
                 let (h, f) = self.any_frame(model);
@@ -546,7 +573,11 @@ impl Gen {
 
     fn icmp(&mut self, model: &Model) -> (Hook, Vec<u8>, &'static str) {
         let kind = self.pick(&[3u8, 3, 11, 0, 5]);
-        let code = if kind == 3 { self.pick(&[3u8, 4, 1]) } else { 0 };
+        let code = if kind == 3 {
+            self.pick(&[3u8, 4, 1])
+        } else {
+            0
+        };
         let quote_len = self.pick(&[28usize, 28, 28, 40, 27]);
         let flow = (!model.flows.is_empty() && self.rng.u8(..4) != 0).then(|| {
             let i = self.rng.usize(..model.flows.len());
@@ -594,7 +625,14 @@ impl Gen {
                 } else {
                     from_wire(ct.backend_addr)
                 };
-                let b = icmp_error(from, from_wire(key.saddr), kind, code, &quoted.datagram(), quote_len);
+                let b = icmp_error(
+                    from,
+                    from_wire(key.saddr),
+                    kind,
+                    code,
+                    &quoted.datagram(),
+                    quote_len,
+                );
                 (Hook::Tc, b, "icmp_about_flow")
             }
             _ => {

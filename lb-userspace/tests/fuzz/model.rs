@@ -235,7 +235,11 @@ fn rewrite(f: &mut [u8], l4: Option<(usize, u8)>, rw: Rewrite) {
         put_port(f, l4 + port_off, port);
         let mut new = new_addr.clone();
         new.extend_from_slice(&f[l4 + port_off..l4 + port_off + 2]);
-        let at = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+        let at = if proto == IPPROTO_TCP {
+            l4 + 16
+        } else {
+            l4 + 6
+        };
         let c = be16(f, at);
         if proto == IPPROTO_UDP && c == 0 {
             return;
@@ -364,7 +368,10 @@ impl Model {
                 id,
                 proto,
             } => {
-                let Some(ports) = self.frags.get(&Frag4Key::new(saddr, daddr, id, proto)).copied()
+                let Some(ports) = self
+                    .frags
+                    .get(&Frag4Key::new(saddr, daddr, id, proto))
+                    .copied()
                 else {
                     return Ok((r::XDP_FRAGMENT_NOT_TRACKED, false));
                 };
@@ -436,7 +443,8 @@ impl Model {
         // A new TCP connection (SYN without ACK) to an address that is not ours may reuse the
         // tuple of an old flow to the same backend (a client reaching a pod directly): the old
         // reverse entry goes, so its replies are not taken for the old flow's.
-        let plain_syn = proto == IPPROTO_TCP && tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+        let plain_syn =
+            proto == IPPROTO_TCP && tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
         let fe = match exact {
             Some(fe) if fe.kind == frontend_kinds::CLUSTER_IP => {
                 if plain_syn {
@@ -522,7 +530,10 @@ impl Model {
                     flow_hash(saddr, daddr, sport, dport, proto)
                 };
                 self.maglev_pick(fe.service_id, hash).ok_or_else(|| {
-                    format!("service id {} has backends but no Maglev table", fe.service_id)
+                    format!(
+                        "service id {} has backends but no Maglev table",
+                        fe.service_id
+                    )
                 })?
             }
         };
@@ -531,11 +542,10 @@ impl Model {
         if affinity {
             self.affinity.insert((saddr, fe.service_id), backend_id);
         }
-        let backend = *self
-            .cfg
-            .backends
-            .get(&backend_id)
-            .ok_or_else(|| format!("Maglev names backend id {backend_id}, not in LB4_BACKEND"))?;
+        let backend =
+            *self.cfg.backends.get(&backend_id).ok_or_else(|| {
+                format!("Maglev names backend id {backend_id}, not in LB4_BACKEND")
+            })?;
         let local = backend.flags & lb_common::backend_flags::LOCAL != 0;
         let snat = !local && fe.flags & frontend_flags::LOCAL_ONLY == 0;
         let mut ct = Ct4Value {
@@ -549,7 +559,9 @@ impl Model {
             let Some(nat_addr) = self.cfg.snat_addr else {
                 return Ok((r::XDP_DROPPED_NO_SNAT_ADDRESS, false));
             };
-            let chosen = k.ct(&key).ok_or("a new SNAT flow left no conntrack entry")?;
+            let chosen = k
+                .ct(&key)
+                .ok_or("a new SNAT flow left no conntrack entry")?;
             let port = u16::from_be(chosen.nat_port);
             if !snat_ports::contains(port) {
                 return Err(format!("SNAT port {port} outside the SNAT range"));
@@ -558,9 +570,10 @@ impl Model {
             if let Some((_, owner)) = self.revs.get(&reply).copied() {
                 // A port held by a flow that is over (closed: an RST or FINs both ways) is
                 // taken over, the old flow's entries removed; a live flow's never.
-                let closed = self.flows.get(&owner).is_none_or(|old| {
-                    proto == IPPROTO_TCP && ct_state::closed(old.ct.flags)
-                });
+                let closed = self
+                    .flows
+                    .get(&owner)
+                    .is_none_or(|old| proto == IPPROTO_TCP && ct_state::closed(old.ct.flags));
                 if !closed {
                     return Err(format!(
                         "SNAT port {port} already held by the live flow {owner:?}"
@@ -655,7 +668,10 @@ impl Model {
                 id,
                 proto,
             } => {
-                let Some(ports) = self.frags.get(&Frag4Key::new(saddr, daddr, id, proto)).copied()
+                let Some(ports) = self
+                    .frags
+                    .get(&Frag4Key::new(saddr, daddr, id, proto))
+                    .copied()
                 else {
                     return (r::TC_FRAGMENT_NOT_TRACKED, false);
                 };
@@ -678,7 +694,8 @@ impl Model {
                 first_fragment,
                 id,
             } => {
-                let (reason, done) = self.tc_l4(f, Some(l4), proto, saddr, daddr, sport, dport, tcp);
+                let (reason, done) =
+                    self.tc_l4(f, Some(l4), proto, saddr, daddr, sport, dport, tcp);
                 if done && first_fragment {
                     self.frags.insert(
                         Frag4Key::new(saddr, daddr, id, proto),

@@ -25,8 +25,7 @@ use lb_agent::{
 };
 use lb_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key,
-    Frontend4Value, Maglev4Table, Rev4Value, SourceRange4Key, affinity_clients, map_names,
-    reasons,
+    Frontend4Value, Maglev4Table, Rev4Value, SourceRange4Key, affinity_clients, map_names, reasons,
 };
 
 use super::{
@@ -51,6 +50,10 @@ pub struct Report {
     pub episodes: u64,
     pub refused_by_kernel: u64,
     pub elapsed: Duration,
+    /// Of `elapsed`, writing each episode's services and reading them back.
+    pub setup: Duration,
+    /// Of `elapsed`, the whole-map comparisons at the end of each episode.
+    pub compare: Duration,
     pub mismatches: Vec<Mismatch>,
     pub by_kind: BTreeMap<&'static str, u64>,
     pub by_reason: BTreeMap<&'static str, u64>,
@@ -80,23 +83,39 @@ impl Oracle for KernelCt<'_> {
 }
 
 fn ct_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Ct4Key, Ct4Value> {
-    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FLOWS_V4).expect("conntrack map"))
-        .expect("conntrack map type")
+    BpfHash::try_from(
+        d.ebpf_mut()
+            .map_mut(map_names::FLOWS_V4)
+            .expect("conntrack map"),
+    )
+    .expect("conntrack map type")
 }
 
 fn rev_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Ct4Key, Rev4Value> {
-    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FLOW_REPLIES_V4).expect("reverse map"))
-        .expect("reverse map type")
+    BpfHash::try_from(
+        d.ebpf_mut()
+            .map_mut(map_names::FLOW_REPLIES_V4)
+            .expect("reverse map"),
+    )
+    .expect("reverse map type")
 }
 
 fn frag_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Frag4Key, Frag4Ports> {
-    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::FRAGS_V4).expect("fragments map"))
-        .expect("fragments map type")
+    BpfHash::try_from(
+        d.ebpf_mut()
+            .map_mut(map_names::FRAGS_V4)
+            .expect("fragments map"),
+    )
+    .expect("fragments map type")
 }
 
 fn affinity_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Affinity4Key, Affinity4Value> {
-    BpfHash::try_from(d.ebpf_mut().map_mut(map_names::AFFINITY_V4).expect("affinity map"))
-        .expect("affinity map type")
+    BpfHash::try_from(
+        d.ebpf_mut()
+            .map_mut(map_names::AFFINITY_V4)
+            .expect("affinity map"),
+    )
+    .expect("affinity map type")
 }
 
 fn clear<K: aya::Pod, V: aya::Pod>(mut m: BpfHash<&mut MapData, K, V>) {
@@ -212,14 +231,21 @@ impl Runner {
         let report = self.reconciler.sync(&ep.desired, &mut self.maps);
         assert!(report.failed.is_empty(), "reconciler: {:?}", report.failed);
         self.addrs.set_node_addrs(&ep.node_addrs).unwrap();
-        let ifaddrs: BTreeMap<u32, _> = ep.snat_addr.map(|a| (TEST_RUN_IFINDEX, a)).into_iter().collect();
+        let ifaddrs: BTreeMap<u32, _> = ep
+            .snat_addr
+            .map(|a| (TEST_RUN_IFINDEX, a))
+            .into_iter()
+            .collect();
         self.addrs.set_iface_addrs(&ifaddrs).unwrap();
         clear(ct_map(&mut self.dataplane));
         clear(rev_map(&mut self.dataplane));
         clear(frag_map(&mut self.dataplane));
         clear(affinity_map(&mut self.dataplane));
         let snatfull: BpfHash<&mut MapData, [u8; 16], u64> = BpfHash::try_from(
-            self.dataplane.ebpf_mut().map_mut(map_names::SNAT_EXHAUSTED_V4).unwrap(),
+            self.dataplane
+                .ebpf_mut()
+                .map_mut(map_names::SNAT_EXHAUSTED_V4)
+                .unwrap(),
         )
         .unwrap();
         let _ = snatfull; // (a key of another size would fail above; the map stays empty here)
@@ -230,12 +256,18 @@ impl Runner {
     /// Compares the whole flow state at the end of an episode.
     fn compare_all(&mut self, model: &Model, baseline: &[u64]) -> Vec<String> {
         let mut problems = Vec::new();
-        let kernel_ct: BTreeMap<Ct4Key, Ct4Value> =
-            ct_map(&mut self.dataplane).iter().filter_map(Result::ok).collect();
+        let kernel_ct: BTreeMap<Ct4Key, Ct4Value> = ct_map(&mut self.dataplane)
+            .iter()
+            .filter_map(Result::ok)
+            .collect();
         for (k, flow) in &model.flows {
             match kernel_ct.get(k) {
                 Some(v) if ct_eq(v, &flow.ct) => {}
-                other => problems.push(format!("LB4_CT_V2 {}: expected {:?}, got {other:?}", tuple(k), flow.ct)),
+                other => problems.push(format!(
+                    "LB4_CT_V2 {}: expected {:?}, got {other:?}",
+                    tuple(k),
+                    flow.ct
+                )),
             }
         }
         for (k, v) in &kernel_ct {
@@ -243,23 +275,33 @@ impl Runner {
                 problems.push(format!("LB4_CT_V2 {}: unexpected entry {v:?}", tuple(k)));
             }
         }
-        let kernel_rev: BTreeMap<Ct4Key, Rev4Value> =
-            rev_map(&mut self.dataplane).iter().filter_map(Result::ok).collect();
+        let kernel_rev: BTreeMap<Ct4Key, Rev4Value> = rev_map(&mut self.dataplane)
+            .iter()
+            .filter_map(Result::ok)
+            .collect();
         let model_rev: BTreeMap<Ct4Key, Rev4Value> =
             model.revs.iter().map(|(k, (v, _))| (*k, *v)).collect();
         if kernel_rev != model_rev {
             for (k, v) in &model_rev {
                 if kernel_rev.get(k) != Some(v) {
-                    problems.push(format!("LB4_FLOWREV_V2 {}: expected {v:?}, got {:?}", tuple(k), kernel_rev.get(k)));
+                    problems.push(format!(
+                        "LB4_FLOWREV_V2 {}: expected {v:?}, got {:?}",
+                        tuple(k),
+                        kernel_rev.get(k)
+                    ));
                 }
             }
             for (k, v) in &kernel_rev {
                 if !model_rev.contains_key(k) {
-                    problems.push(format!("LB4_FLOWREV_V2 {}: unexpected entry {v:?}", tuple(k)));
+                    problems.push(format!(
+                        "LB4_FLOWREV_V2 {}: unexpected entry {v:?}",
+                        tuple(k)
+                    ));
                 }
             }
         }
-        let flat = |k: &Frag4Key, v: &Frag4Ports| (k.saddr, k.daddr, k.id, k.proto, v.sport, v.dport);
+        let flat =
+            |k: &Frag4Key, v: &Frag4Ports| (k.saddr, k.daddr, k.id, k.proto, v.sport, v.dport);
         let kernel_frags: BTreeSet<_> = frag_map(&mut self.dataplane)
             .iter()
             .filter_map(Result::ok)
@@ -297,95 +339,129 @@ impl Runner {
     }
 
     /// Runs `packets` frames from `seed`; stops at the first mismatch when `stop_at_first`.
+    /// Each episode has a generator of its own, seeded from `seed` and its number, so a
+    /// mismatch's fixture (the episode's seed and frames) replays without the rest.
     pub fn run(&mut self, seed: u64, packets: u64, stop_at_first: bool) -> Report {
-        let mut generator = Gen::new(seed);
         let mut model = Model::default();
         let baseline: Vec<u64> = (0..reasons::COUNT).map(|r| self.reason_count(r)).collect();
         let mut report = Report::default();
         let start = Instant::now();
-        let mut left_in_episode = 0u64;
-        let mut history: std::collections::VecDeque<String> = Default::default();
         let mut index = 0u64;
+        let mut episode = 0u64;
         while index < packets {
-            if left_in_episode == 0 {
-                if report.episodes > 0 {
-                    let problems = self.compare_all(&model, &baseline);
-                    if !problems.is_empty() {
-                        report.mismatches.push(Mismatch {
-                            seed,
-                            index,
-                            report: format!(
-                                "end of episode {} (before packet {index}):\n  {}",
-                                report.episodes,
-                                problems.join("\n  ")
-                            ),
-                            fixture: None,
-                        });
-                        if stop_at_first {
-                            break;
-                        }
-                        // Start the next episode from the kernel's state of things.
-                    }
+            let eseed = episode_seed(seed, episode);
+            let mut generator = Gen::new(eseed);
+            let t = Instant::now();
+            self.start_episode(&mut generator, &mut model);
+            report.setup += t.elapsed();
+            report.episodes += 1;
+            let len = 200 + generator.rng.u64(..1800);
+            let mut frames: Vec<(Hook, Vec<u8>)> = Vec::new();
+            let mut history: std::collections::VecDeque<String> = Default::default();
+            let mut problem = None;
+            for _ in 0..len {
+                if index >= packets {
+                    break;
                 }
-                self.start_episode(&mut generator, &mut model);
-                history.clear();
-                report.episodes += 1;
-                left_in_episode = 50 + generator.rng.u64(..400);
+                let (hook, frame, kind) = generator.packet(&model);
+                *report.by_kind.entry(kind).or_default() += 1;
+                frames.push((hook, frame.clone()));
+                let outcome = self.one(&mut model, hook, &frame, &baseline, &mut report);
+                if history.len() == 12 {
+                    history.pop_front();
+                }
+                history.push_back(format!("{index} {hook:?} {kind}: {}", summary(&frame)));
+                index += 1;
+                if let Some(p) = outcome {
+                    problem = Some(format!(
+                        "seed {seed} episode {episode} packet {} ({kind}, {hook:?}):\n  frame {}\n  {p}\n  services: {:?}\n  recent packets:\n    {}",
+                        index - 1,
+                        hex(&frame),
+                        model
+                            .cfg
+                            .frontends
+                            .iter()
+                            .map(|(k, v)| format!(
+                                "{}:{}/{} id {} n {} flags {:#x} kind {}",
+                                ipv4(k.addr),
+                                u16::from_be(k.port),
+                                k.proto,
+                                v.service_id,
+                                v.count,
+                                v.flags,
+                                v.kind
+                            ))
+                            .collect::<Vec<_>>(),
+                        history.iter().cloned().collect::<Vec<_>>().join("\n    ")
+                    ));
+                    break;
+                }
             }
-            left_in_episode -= 1;
-            let (hook, frame, kind) = generator.packet(&model);
-            *report.by_kind.entry(kind).or_default() += 1;
-            let outcome = self.one(&mut model, hook, &frame, &baseline, &mut report);
-            if history.len() == 12 {
-                history.pop_front();
+            if problem.is_none() {
+                let t = Instant::now();
+                let problems = self.compare_all(&model, &baseline);
+                report.compare += t.elapsed();
+                if !problems.is_empty() {
+                    problem = Some(format!(
+                        "seed {seed} episode {episode}, at its end (packet {index}):\n  {}",
+                        problems.join("\n  ")
+                    ));
+                }
             }
-            history.push_back(format!("{index} {hook:?} {kind}: {}", summary(&frame)));
-            if let Some(problem) = outcome {
-                let problem = format!(
-                    "{problem}\n  services: {:?}\n  recent packets:\n    {}",
-                    model.cfg.frontends.iter().map(|(k, v)| format!("{}:{}/{} id {} n {} flags {:#x} kind {}", ipv4(k.addr), u16::from_be(k.port), k.proto, v.service_id, v.count, v.flags, v.kind)).collect::<Vec<_>>(),
-                    history.iter().cloned().collect::<Vec<_>>().join("\n    ")
-                );
-                let fixture = write_fixture(seed, index, hook, kind, &frame, &problem);
+            if let Some(p) = problem {
+                let fixture = write_fixture(seed, episode, eseed, index - 1, &frames, &p);
                 report.mismatches.push(Mismatch {
                     seed,
-                    index,
-                    report: format!(
-                        "seed {seed} packet {index} ({kind}, {hook:?}), episode {}:\n  frame {}\n  {problem}",
-                        report.episodes,
-                        hex(&frame)
-                    ),
+                    index: index - 1,
+                    report: p,
                     fixture,
                 });
                 if stop_at_first {
-                    index += 1;
                     break;
                 }
-                // Resynchronise: a fresh episode.
-                left_in_episode = 0;
+                // The model and the kernel parted: go on from the kernel's counts.
+                for r in 0..reasons::COUNT {
+                    model.reasons[r as usize] = self.reason_count(r) - baseline[r as usize];
+                }
             }
-            index += 1;
-        }
-        if report.mismatches.is_empty() || !stop_at_first {
-            let problems = self.compare_all(&model, &baseline);
-            if !problems.is_empty() {
-                report.mismatches.push(Mismatch {
-                    seed,
-                    index,
-                    report: format!("end of run:\n  {}", problems.join("\n  ")),
-                    fixture: None,
-                });
-            }
+            episode += 1;
         }
         report.packets = index;
         report.elapsed = start.elapsed();
         for (r, n) in model.reasons.iter().enumerate() {
             if *n > 0 {
                 let (p, name) = reasons::name(r as u32).unwrap();
-                report.by_reason.insert(if p == "xdp" { name_xdp(name) } else { name_tc(name) }, *n);
+                report.by_reason.insert(
+                    if p == "xdp" {
+                        name_xdp(name)
+                    } else {
+                        name_tc(name)
+                    },
+                    *n,
+                );
             }
         }
         report
+    }
+
+    /// Replays a fixture: the episode of `eseed` (its services) and exactly `frames`.
+    pub fn replay(&mut self, eseed: u64, frames: &[(Hook, Vec<u8>)]) -> Result<(), String> {
+        let mut model = Model::default();
+        let baseline: Vec<u64> = (0..reasons::COUNT).map(|r| self.reason_count(r)).collect();
+        let mut generator = Gen::new(eseed);
+        self.start_episode(&mut generator, &mut model);
+        let mut report = Report::default();
+        for (i, (hook, frame)) in frames.iter().enumerate() {
+            if let Some(p) = self.one(&mut model, *hook, frame, &baseline, &mut report) {
+                return Err(format!("frame {i} ({hook:?} {}): {p}", summary(frame)));
+            }
+        }
+        let problems = self.compare_all(&model, &baseline);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 
     /// One frame through the kernel and the model; a description of what differs.
@@ -413,7 +489,11 @@ impl Runner {
         };
         let mut problems = String::new();
         if got.0 != expect.verdict {
-            let _ = write!(problems, "verdict: expected {}, got {}; ", expect.verdict, got.0);
+            let _ = write!(
+                problems,
+                "verdict: expected {}, got {}; ",
+                expect.verdict, got.0
+            );
         }
         if got.1 != expect.frame {
             let _ = write!(
@@ -443,7 +523,11 @@ impl Runner {
                 _ => false,
             };
             if !same {
-                let _ = write!(problems, "LB4_CT_V2 {}: expected {wanted:?}, got {kernel:?}; ", tuple(k));
+                let _ = write!(
+                    problems,
+                    "LB4_CT_V2 {}: expected {wanted:?}, got {kernel:?}; ",
+                    tuple(k)
+                );
             }
         }
         let touched_rev = model.touched_rev.clone();
@@ -452,14 +536,20 @@ impl Runner {
             let kernel = rev.get(k, 0).ok();
             let wanted = model.revs.get(k).map(|(v, _)| *v);
             if kernel != wanted {
-                let _ = write!(problems, "LB4_FLOWREV_V2 {}: expected {wanted:?}, got {kernel:?}; ", tuple(k));
+                let _ = write!(
+                    problems,
+                    "LB4_FLOWREV_V2 {}: expected {wanted:?}, got {kernel:?}; ",
+                    tuple(k)
+                );
             }
         }
         if problems.is_empty() {
             None
         } else {
             let moved: Vec<_> = (0..reasons::COUNT)
-                .filter(|&r| self.reason_count(r) - baseline[r as usize] != model.reasons[r as usize])
+                .filter(|&r| {
+                    self.reason_count(r) - baseline[r as usize] != model.reasons[r as usize]
+                })
                 .map(|r| reasons::name(r))
                 .collect();
             let _ = write!(problems, "reasons the kernel counted otherwise: {moved:?}");
@@ -484,36 +574,75 @@ fn name_tc(n: &'static str) -> &'static str {
 pub fn fixture_dir() -> PathBuf {
     std::env::var_os("LB_FUZZ_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/packet_fuzz"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/packet_fuzz")
+        })
 }
 
 fn write_fixture(
     seed: u64,
+    episode: u64,
+    eseed: u64,
     index: u64,
-    hook: Hook,
-    kind: &str,
-    frame: &[u8],
+    frames: &[(Hook, Vec<u8>)],
     problem: &str,
 ) -> Option<PathBuf> {
     let dir = fixture_dir();
     std::fs::create_dir_all(&dir).ok()?;
     let path = dir.join(format!("seed-{seed}-packet-{index}.txt"));
     let mut text = String::new();
-    let _ = writeln!(text, "seed = {seed}\npacket = {index}\nhook = {hook:?}\nkind = {kind}\nframe = {}", hex(frame));
+    let _ = writeln!(
+        text,
+        "# A mismatch of the packet fuzzer: `episode_seed` gives the services, then every frame\n\
+         # of the episode up to the mismatching one, in order (hook, frame in hex).\n\
+         seed = {seed}\nepisode = {episode}\nepisode_seed = {eseed}\npacket = {index}"
+    );
     for line in problem.lines() {
         let _ = writeln!(text, "# {line}");
+    }
+    for (hook, frame) in frames {
+        let _ = writeln!(
+            text,
+            "{} {}",
+            if *hook == Hook::Xdp { "xdp" } else { "tc" },
+            hex(frame)
+        );
     }
     std::fs::write(&path, text).ok()?;
     Some(path)
 }
 
-/// A fixture file's seed and packet index.
-pub fn read_fixture(text: &str) -> Option<(u64, u64)> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim_start().strip_prefix('=')?.trim().parse().ok())
-    };
-    Some((field("seed")?, field("packet")?))
+/// A fixture file's episode seed and frames.
+pub fn read_fixture(text: &str) -> Option<(u64, Vec<(Hook, Vec<u8>)>)> {
+    let eseed = text.lines().find_map(|l| {
+        l.strip_prefix("episode_seed")?
+            .trim_start()
+            .strip_prefix('=')?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    let frames = text
+        .lines()
+        .filter_map(|l| {
+            let (hook, frame) = l.split_once(' ')?;
+            let hook = match hook {
+                "xdp" => Hook::Xdp,
+                "tc" => Hook::Tc,
+                _ => return None,
+            };
+            Some((hook, super::wire::unhex(frame.trim())))
+        })
+        .collect();
+    Some((eseed, frames))
+}
+
+/// The seed of episode `episode` of a run from `seed` (splitmix64's mix).
+pub fn episode_seed(seed: u64, episode: u64) -> u64 {
+    let mut z = seed.wrapping_add(episode.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn ipv4(wire: u32) -> std::net::Ipv4Addr {
@@ -527,9 +656,21 @@ pub fn summary(f: &[u8]) -> String {
         return format!("{} bytes, not IPv4", f.len());
     }
     let a = |at: usize| ipv4(u32::from_ne_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]));
-    let mut s = format!("{} -> {} proto {} ihl {} len {} frag {:#06x}", a(26), a(30), f[23], f[14] & 15, be16(f, 16), be16(f, 20));
+    let mut s = format!(
+        "{} -> {} proto {} ihl {} len {} frag {:#06x}",
+        a(26),
+        a(30),
+        f[23],
+        f[14] & 15,
+        be16(f, 16),
+        be16(f, 20)
+    );
     if f.len() >= 38 {
-        s += &format!(" ports {} -> {}", u16::from_be(port_at(f, 34)), u16::from_be(port_at(f, 36)));
+        s += &format!(
+            " ports {} -> {}",
+            u16::from_be(port_at(f, 34)),
+            u16::from_be(port_at(f, 36))
+        );
     }
     if f[23] == 6 && f.len() >= 48 {
         s += &format!(" tcp {:#04x}", f[47]);
@@ -539,5 +680,12 @@ pub fn summary(f: &[u8]) -> String {
 
 /// A tuple as addresses and ports.
 pub fn tuple(k: &Ct4Key) -> String {
-    format!("{}:{} -> {}:{}/{}", ipv4(k.saddr), u16::from_be(k.sport), ipv4(k.daddr), u16::from_be(k.dport), k.proto)
+    format!(
+        "{}:{} -> {}:{}/{}",
+        ipv4(k.saddr),
+        u16::from_be(k.sport),
+        ipv4(k.daddr),
+        u16::from_be(k.dport),
+        k.proto
+    )
 }
