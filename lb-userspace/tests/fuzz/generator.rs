@@ -458,6 +458,17 @@ impl Gen {
         (Hook::Xdp, self.to_frontend())
     }
 
+    /// A frame to truncate or mutate: a TCP/UDP one, or (1 in 4) an ICMP error.
+    fn base_frame(&mut self, model: &Model) -> (Hook, Vec<u8>) {
+        if self.rng.u8(..4) == 0 {
+            let (h, b, _) = self.icmp(model);
+            (h, b)
+        } else {
+            let (h, f) = self.any_frame(model);
+            (h, f.bytes())
+        }
+    }
+
     fn random_hook(&mut self) -> Hook {
         if self.rng.bool() { Hook::Xdp } else { Hook::Tc }
     }
@@ -485,15 +496,13 @@ impl Gen {
                 )
             }
             78..84 => {
-                let (h, f) = self.any_frame(model);
-                let mut b = f.bytes();
+                let (h, mut b) = self.base_frame(model);
                 let cut = self.rng.usize(..b.len());
                 b.truncate(cut);
                 (h, b, "truncated")
             }
             84..93 => {
-                let (h, f) = self.any_frame(model);
-                let mut b = f.bytes();
+                let (h, mut b) = self.base_frame(model);
                 for _ in 0..self.rng.usize(1..=3) {
                     let at = self.rng.usize(12..b.len().min(64));
                     b[at] ^= 1 << self.rng.u8(..8);
