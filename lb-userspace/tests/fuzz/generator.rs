@@ -352,7 +352,7 @@ impl Gen {
     }
 
     /// A client's packet to a frontend (or near one).
-    fn to_frontend(&mut self) -> Frame {
+    fn client_to_frontend(&mut self) -> Frame {
         let ep = self.episode.as_ref().expect("an episode");
         let n = ep.frontends.len();
         let node_addrs: Vec<Ipv4Addr> = ep.node_addrs.iter().copied().collect();
@@ -455,7 +455,7 @@ impl Gen {
         {
             return x;
         }
-        (Hook::Xdp, self.to_frontend())
+        (Hook::Xdp, self.client_to_frontend())
     }
 
     /// A frame to truncate or mutate: a TCP/UDP one, or (1 in 4) an ICMP error.
@@ -480,7 +480,7 @@ impl Gen {
         }
         let roll = self.rng.u8(..100);
         match roll {
-            0..30 => (Hook::Xdp, self.to_frontend().bytes(), "to_frontend"),
+            0..30 => (Hook::Xdp, self.client_to_frontend().bytes(), "to_frontend"),
             30..58 => {
                 let (h, f) = self.any_frame(model);
                 (h, f.bytes(), "flow")

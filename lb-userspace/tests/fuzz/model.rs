@@ -79,7 +79,7 @@ pub struct Model {
 
 /// A parsed frame, as the spec's "What is passed or dropped" reads it.
 #[derive(Clone, Copy, Debug)]
-enum Parsed {
+enum Headers {
     NotParsed,
     L4 {
         l4: usize,
@@ -111,19 +111,19 @@ const IP: usize = ETH_LEN;
 
 /// Whether the model parses `f` as anything it may translate.
 pub fn parses(f: &[u8]) -> bool {
-    !matches!(parse(f), Parsed::NotParsed)
+    !matches!(parse(f), Headers::NotParsed)
 }
 
-fn parse(f: &[u8]) -> Parsed {
+fn parse(f: &[u8]) -> Headers {
     if f.len() < ETH_LEN || be16(f, 12) != ETH_P_IP || f.len() < IP + 20 {
-        return Parsed::NotParsed;
+        return Headers::NotParsed;
     }
     if f[IP] != 0x45 {
-        return Parsed::NotParsed; // not version 4, or IP options
+        return Headers::NotParsed; // not version 4, or IP options
     }
     let total = be16(f, IP + 2) as usize;
     if total > f.len() - IP || total < 20 {
-        return Parsed::NotParsed;
+        return Headers::NotParsed;
     }
     let frag = be16(f, IP + 6);
     let offset = frag & 0x1fff;
@@ -134,14 +134,14 @@ fn parse(f: &[u8]) -> Parsed {
     let id = port_at(f, IP + 4); // network order, as `Frag4Key` keeps it
     if offset != 0 {
         return if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-            Parsed::LaterFragment {
+            Headers::LaterFragment {
                 saddr,
                 daddr,
                 id,
                 proto,
             }
         } else {
-            Parsed::NotParsed
+            Headers::NotParsed
         };
     }
     let l4 = IP + 20;
@@ -149,20 +149,20 @@ fn parse(f: &[u8]) -> Parsed {
     match proto {
         IPPROTO_TCP => {
             if l4_len < 20 {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
             let doff = (f[l4 + 12] >> 4) as usize;
             if doff < 5 || doff * 4 > l4_len {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
         }
         IPPROTO_UDP => {
             if l4_len < 8 {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
             let ulen = be16(f, l4 + 4) as usize;
             if ulen < 8 || (!more && ulen > l4_len) {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
         }
         IPPROTO_ICMP => {
@@ -170,7 +170,7 @@ fn parse(f: &[u8]) -> Parsed {
             // total length holds the quoted IPv4 header (no options) and the quoted packet's
             // first 8 bytes; the quoted packet TCP or UDP, its first fragment or whole.
             if more || l4_len < 8 + 20 + 8 || !matches!(f[l4], 3 | 11) {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
             let inner = l4 + 8;
             let qproto = f[inner + 9];
@@ -178,7 +178,7 @@ fn parse(f: &[u8]) -> Parsed {
                 || be16(f, inner + 6) & 0x1fff != 0
                 || (qproto != IPPROTO_TCP && qproto != IPPROTO_UDP)
             {
-                return Parsed::NotParsed;
+                return Headers::NotParsed;
             }
             let q = Ct4Key::new(
                 addr_at(f, inner + 12),
@@ -187,16 +187,16 @@ fn parse(f: &[u8]) -> Parsed {
                 port_at(f, inner + 22),
                 qproto,
             );
-            return Parsed::IcmpError {
+            return Headers::IcmpError {
                 saddr,
                 daddr,
                 inner,
                 q,
             };
         }
-        _ => return Parsed::NotParsed,
+        _ => return Headers::NotParsed,
     }
-    Parsed::L4 {
+    Headers::L4 {
         l4,
         proto,
         saddr,
@@ -361,8 +361,8 @@ impl Model {
     /// XDP: (reason, whether the frame was rewritten).
     fn xdp(&mut self, f: &mut [u8], k: &mut dyn Oracle) -> Result<(u32, bool), String> {
         match parse(f) {
-            Parsed::NotParsed => Ok((r::XDP_NOT_PARSED, false)),
-            Parsed::LaterFragment {
+            Headers::NotParsed => Ok((r::XDP_NOT_PARSED, false)),
+            Headers::LaterFragment {
                 saddr,
                 daddr,
                 id,
@@ -383,7 +383,7 @@ impl Model {
                     (reason, false)
                 })
             }
-            Parsed::L4 {
+            Headers::L4 {
                 l4,
                 proto,
                 saddr,
@@ -404,7 +404,7 @@ impl Model {
                 }
                 Ok((reason, done))
             }
-            Parsed::IcmpError {
+            Headers::IcmpError {
                 saddr: _,
                 daddr,
                 inner,
@@ -630,7 +630,7 @@ impl Model {
             return (r::XDP_ICMP_NOT_TRACKED, false);
         };
         let ct = flow.ct;
-        let mut quoted_src = Some((ct.backend_addr, ct.backend_port));
+        let quoted_src = (ct.backend_addr, ct.backend_port);
         let quoted_dst = (ct.flags & ct_flags::SNAT != 0).then_some((ct.nat_addr, ct.nat_port));
         let old = f[inner..inner + 28].to_vec();
         // The quoted packet: its source, and for SNAT flows its destination.
@@ -641,9 +641,7 @@ impl Model {
             let mut quoted = vec![0u8; ETH_LEN];
             quoted.extend_from_slice(&q_bytes[qi..]);
             let l4 = Some((IP + 20, q.proto));
-            if let Some((a, p)) = quoted_src.take() {
-                rewrite_quoted(&mut quoted, l4, Rewrite::Src(a, p));
-            }
+            rewrite_quoted(&mut quoted, l4, Rewrite::Src(quoted_src.0, quoted_src.1));
             if let Some((a, p)) = quoted_dst {
                 rewrite_quoted(&mut quoted, l4, Rewrite::Dst(a, p));
             }
@@ -661,8 +659,8 @@ impl Model {
     /// tc egress: (reason, whether the frame was rewritten).
     fn tc(&mut self, f: &mut [u8]) -> (u32, bool) {
         match parse(f) {
-            Parsed::NotParsed => (r::TC_NOT_PARSED, false),
-            Parsed::LaterFragment {
+            Headers::NotParsed => (r::TC_NOT_PARSED, false),
+            Headers::LaterFragment {
                 saddr,
                 daddr,
                 id,
@@ -683,7 +681,7 @@ impl Model {
                     (reason, false)
                 }
             }
-            Parsed::L4 {
+            Headers::L4 {
                 l4,
                 proto,
                 saddr,
@@ -704,7 +702,7 @@ impl Model {
                 }
                 (reason, done)
             }
-            Parsed::IcmpError {
+            Headers::IcmpError {
                 saddr,
                 daddr,
                 inner,

@@ -56,7 +56,7 @@ pub struct Report {
     pub compare: Duration,
     pub mismatches: Vec<Mismatch>,
     pub by_kind: BTreeMap<&'static str, u64>,
-    pub by_reason: BTreeMap<&'static str, u64>,
+    pub by_reason: BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -241,14 +241,6 @@ impl Runner {
         clear(rev_map(&mut self.dataplane));
         clear(frag_map(&mut self.dataplane));
         clear(affinity_map(&mut self.dataplane));
-        let snatfull: BpfHash<&mut MapData, [u8; 16], u64> = BpfHash::try_from(
-            self.dataplane
-                .ebpf_mut()
-                .map_mut(map_names::SNAT_EXHAUSTED_V4)
-                .unwrap(),
-        )
-        .unwrap();
-        let _ = snatfull; // (a key of another size would fail above; the map stays empty here)
         let cfg = self.read_config(&ep);
         model.reset_flows(cfg);
     }
@@ -431,14 +423,7 @@ impl Runner {
         for (r, n) in model.reasons.iter().enumerate() {
             if *n > 0 {
                 let (p, name) = reasons::name(r as u32).unwrap();
-                report.by_reason.insert(
-                    if p == "xdp" {
-                        name_xdp(name)
-                    } else {
-                        name_tc(name)
-                    },
-                    *n,
-                );
+                report.by_reason.insert(format!("{p}/{name}"), *n);
             }
         }
         report
@@ -561,14 +546,6 @@ impl Runner {
     }
 }
 
-fn name_xdp(n: &'static str) -> &'static str {
-    Box::leak(format!("xdp/{n}").into_boxed_str())
-}
-
-fn name_tc(n: &'static str) -> &'static str {
-    Box::leak(format!("tc/{n}").into_boxed_str())
-}
-
 /// Where mismatching frames are written (`LB_FUZZ_FIXTURES`, else the packet tests' fixtures
 /// directory, which the replay test reads).
 pub fn fixture_dir() -> PathBuf {
@@ -612,8 +589,11 @@ fn write_fixture(
     Some(path)
 }
 
+/// Frames in order, each with the hook it goes to.
+pub type Frames = Vec<(Hook, Vec<u8>)>;
+
 /// A fixture file's episode seed and frames.
-pub fn read_fixture(text: &str) -> Option<(u64, Vec<(Hook, Vec<u8>)>)> {
+pub fn read_fixture(text: &str) -> Option<(u64, Frames)> {
     let eseed = text.lines().find_map(|l| {
         l.strip_prefix("episode_seed")?
             .trim_start()
