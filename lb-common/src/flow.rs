@@ -286,7 +286,8 @@ impl Rev4Value {
 
 /// The flow hash that indexes Maglev tables, the same on every node and in the agent's
 /// tests. Inputs as on the wire (network byte order). With session affinity only the client
-/// address is hashed (`sport`, `daddr`, `dport` passed as 0).
+/// address is hashed (`sport`, `daddr`, `dport` and `proto` passed as 0: the XDP program calls
+/// `flow_hash(client, 0, 0, 0, 0)`, so one client's TCP and UDP flows of a backend set hash alike).
 pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
     h = mix(h, saddr);

@@ -63,7 +63,7 @@ struct IcmpError {
 }
 
 #[inline(always)]
-fn parse(start: usize, end: usize) -> Option<IcmpError> {
+fn parse(start: usize, end: usize, frame_len: usize) -> Option<IcmpError> {
     let eth_proto: *mut u16 = at(start, end, 12)?;
     // SAFETY (all accesses): every pointer was bounds-checked against `end` by `at`.
     if unsafe { *eth_proto } != ETH_P_IP_WIRE {
@@ -74,9 +74,14 @@ fn parse(start: usize, end: usize) -> Option<IcmpError> {
     let inner: *mut Ipv4Hdr = at(start, end, INNER_IP_OFF)?;
     let ports: *mut Quoted = at(start, end, INNER_L4_OFF)?;
     unsafe {
+        // As for TCP/UDP (`parse.rs`): a total length beyond the frame or below the headers
+        // read (here the quoted IP header and 8 bytes) is not understood, and passes untouched.
+        let tot_len = u16::from_be((*ip).tot_len) as usize;
         if (*ip).vhl != 0x45
             || u16::from_be((*ip).frag_off) & 0x3fff != 0
             || (*ip).proto != IPPROTO_ICMP
+            || tot_len + ETH_HLEN > frame_len
+            || tot_len + ETH_HLEN < INNER_L4_OFF + 8
         {
             return None;
         }
@@ -183,7 +188,7 @@ fn set_outer(e: &IcmpError, saddr: u32, daddr: u32) {
 /// whether it was translated, an ICMP error about no flow of ours, or not understood.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
-    let Some(e) = parse(ctx.data(), ctx.data_end()) else {
+    let Some(e) = parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) else {
         return reasons::XDP_NOT_PARSED;
     };
     match translate_ingress(&e) {
@@ -242,8 +247,8 @@ fn translate_ingress(e: &IcmpError) -> Option<()> {
 /// translated, an ICMP error about no flow of ours, or not understood. Direct packet writes
 /// (the verifier makes the skb head writable).
 #[inline(always)]
-pub fn egress(start: usize, end: usize) -> u32 {
-    let Some(e) = parse(start, end) else {
+pub fn egress(start: usize, end: usize, frame_len: usize) -> u32 {
+    let Some(e) = parse(start, end, frame_len) else {
         return reasons::TC_NOT_PARSED;
     };
     match translate_egress(&e) {

@@ -30,7 +30,7 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
 fn egress(ctx: &TcContext) -> u32 {
     let Some(mut pkt) = parse::parse(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
         // Not TCP/UDP we understand: maybe an ICMP error about a translated flow.
-        return icmp::egress(ctx.data(), ctx.data_end());
+        return icmp::egress(ctx.data(), ctx.data_end(), ctx.len() as usize);
     };
     // A later fragment takes its first fragment's ports and decision (`frag.rs`).
     if pkt.frag == parse::FRAG_LATER && !frag::fill_ports(&mut pkt) {

@@ -2453,3 +2453,127 @@ fn median(values: &mut [u128]) -> u128 {
     values.sort_unstable();
     values[values.len() / 2]
 }
+
+/// An IPv4 frame with its total length set to `total` (the IP header checksum fixed).
+fn with_total_length(mut frame: Vec<u8>, total: u16) -> Vec<u8> {
+    frame[16..18].copy_from_slice(&total.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let sum: u32 = frame[14..34]
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let check = !((folded & 0xffff) + (folded >> 16)) as u16;
+    frame[24..26].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// Rules the differential fuzzer (`cargo xtask fuzz`, tests/packet_fuzz.rs) pinned down, one
+/// case each (docs/reliability.md, "Differential packet fuzzing"): ICMP errors whose total
+/// length is below the quoted headers or beyond the frame pass untouched (they were
+/// translated: a kernel fix); an ICMP error not addressed to the quoted packet's sender is
+/// not ours; a backend's SYN-ACK reusing the tuple of a closed flow is left untouched (stale).
+#[test]
+fn fuzz_findings_icmp_lengths_addressing_and_stale_syn_acks() {
+    use Hook::{TcEgress, Xdp};
+    let mut h = Harness::new();
+    h.program(&state());
+    let about_reply = icmp_error(
+        ROUTER,
+        NODE,
+        3,
+        4,
+        1400,
+        &tcp((NODE, 30080), (CLIENT, 41000), ACK),
+    );
+    let about_client = icmp_error(POD_A, CLIENT, 3, 3, 0, &udp((CLIENT, 5100), (POD_A, 5353)));
+    run_cases(
+        &mut h,
+        &[
+            case(
+                "a flow for the ICMP errors to be about",
+                Xdp,
+                tcp((CLIENT, 41000), (NODE, 30080), SYN),
+                XDP_PASS,
+                tcp((CLIENT, 41000), (POD_A, 8080), SYN),
+            ),
+            case(
+                "a UDP flow too",
+                Xdp,
+                udp((CLIENT, 5100), (NODE, 30053)),
+                XDP_PASS,
+                udp((CLIENT, 5100), (POD_A, 5353)),
+            ),
+            untouched(
+                "XDP: an ICMP error whose total length stops inside the quoted header",
+                Xdp,
+                with_total_length(about_reply.clone(), 40),
+            ),
+            untouched(
+                "XDP: an ICMP error whose total length is beyond the frame",
+                Xdp,
+                with_total_length(about_reply.clone(), 1400),
+            ),
+            untouched(
+                "tc: an ICMP error whose total length stops inside the quoted ports",
+                TcEgress,
+                with_total_length(about_client.clone(), 52),
+            ),
+            untouched(
+                "XDP: an ICMP error addressed to another address than the quoted frontend",
+                Xdp,
+                icmp_error(
+                    ROUTER,
+                    EXTERNAL_IP,
+                    3,
+                    4,
+                    1400,
+                    &tcp((NODE, 30080), (CLIENT, 41000), ACK),
+                ),
+            ),
+            untouched(
+                "tc: an ICMP error addressed to another address than the quoted client",
+                TcEgress,
+                icmp_error(POD_A, ROUTER, 3, 3, 0, &udp((CLIENT, 5100), (POD_A, 5353))),
+            ),
+            raw_case(
+                "the same errors with their lengths right are translated (XDP)",
+                Xdp,
+                about_reply,
+                XDP_PASS,
+                icmp_error(
+                    ROUTER,
+                    POD_A,
+                    3,
+                    4,
+                    1400,
+                    &tcp((POD_A, 8080), (CLIENT, 41000), ACK),
+                ),
+            ),
+            raw_case(
+                "... and (tc)",
+                TcEgress,
+                about_client,
+                TC_ACT_OK,
+                icmp_error(NODE, CLIENT, 3, 3, 0, &udp((CLIENT, 5100), (NODE, 30053))),
+            ),
+            case(
+                "the client resets the TCP flow: closed",
+                Xdp,
+                tcp((CLIENT, 41000), (NODE, 30080), RST),
+                XDP_PASS,
+                tcp((CLIENT, 41000), (POD_A, 8080), RST),
+            ),
+            untouched(
+                "tc: the backend's SYN-ACK on the closed flow's tuple is a new connection's",
+                TcEgress,
+                tcp((POD_A, 8080), (CLIENT, 41000), SYN | ACK).bytes(),
+            ),
+            untouched(
+                "... and its reverse entry went with it: the next reply is not a flow of ours",
+                TcEgress,
+                tcp((POD_A, 8080), (CLIENT, 41000), ACK).bytes(),
+            ),
+        ],
+    );
+}

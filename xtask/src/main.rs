@@ -5,6 +5,7 @@
 mod bench;
 mod chaos;
 mod cmd;
+mod fuzz;
 mod host;
 mod run;
 mod setup;
@@ -44,6 +45,10 @@ enum Command {
     /// The chaos node for `--minutes`, with traffic, churn and restarts: the agent's memory,
     /// descriptors and map entries sampled each minute (table and CSV). As root.
     Soak(chaos::SoakArgs),
+    /// Differential packet fuzzing: random and mutated frames through the real XDP and tc
+    /// programs (BPF_PROG_TEST_RUN) against a model of docs/nodeport.md; every verdict, byte
+    /// and touched map entry compared. `--packets N` (default 10,000,000), `--seed S`. As root.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Chaos(args) => chaos::chaos(&args),
         Command::Soak(args) => chaos::soak(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
