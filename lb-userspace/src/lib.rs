@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod cidr;
 pub mod dataplane;
+pub mod fuzzing;
 pub mod list;
 pub mod model;
 pub mod reconcile;
