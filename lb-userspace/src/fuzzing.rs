@@ -30,7 +30,10 @@ pub fn manifest(bytes: &[u8]) {
             assert!(why.starts_with(name), "a problem names its file: {why}");
         }
         for problem in &parsed.problems {
-            assert!(problem.starts_with(name), "a problem names its file: {problem}");
+            assert!(
+                problem.starts_with(name),
+                "a problem names its file: {problem}"
+            );
         }
         let objects = &parsed.objects;
         assert!(
@@ -111,7 +114,10 @@ fn check_desired(desired: &model::DesiredState) {
             .get(&service.set())
             .unwrap_or_else(|| panic!("{frontend} names a set that does not exist"));
         for backend in set.members() {
-            assert_ne!(backend.port, 0, "{frontend}: backend {backend:?} has port 0");
+            assert_ne!(
+                backend.port, 0,
+                "{frontend}: backend {backend:?} has port 0"
+            );
             assert!(
                 !backend.ip.is_unspecified(),
                 "{frontend}: backend {backend:?} has no address"

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz_inputs;
 mod host;
 mod run;
 mod setup;
@@ -36,6 +37,9 @@ enum Command {
     /// namespaces it makes and removes: connection cost, UDP, hook cost, programming time and
     /// latency, churn, XDP, memory. `--quick` for CI. As root.
     Bench(bench::Args),
+    /// Fuzz the agent's input side (cargo-fuzz, nightly): manifest files through the parser,
+    /// or object events through the model and the reconciler. Installs cargo-fuzz if missing.
+    FuzzInputs(fuzz_inputs::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::FuzzInputs(args) => fuzz_inputs::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

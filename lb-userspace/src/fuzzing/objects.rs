@@ -7,9 +7,9 @@ use arbitrary::{Arbitrary as _, Result, Unstructured};
 use k8s_openapi::{
     api::{
         core::v1::{
-            LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec, NodeStatus,
-            Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
-            ClientIPConfig,
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec,
+            NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+            Taint,
         },
         discovery::v1::{
             Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
@@ -24,8 +24,8 @@ use k8s_openapi::{
 
 use super::shared;
 use crate::model::{
-    HEADLESS_LABEL, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, TO_BE_DELETED_TAINT,
-    ZONE_LABEL, endpoints::SERVICE_NAME_LABEL,
+    HEADLESS_LABEL, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, TO_BE_DELETED_TAINT, ZONE_LABEL,
+    endpoints::SERVICE_NAME_LABEL,
 };
 
 /// The node the model runs as.
@@ -48,7 +48,14 @@ const IPS: &[&str] = &[
     "fd00::1",
     "10.96.0.300",
 ];
-const CIDRS: &[&str] = &["10.244.1.0/24", "0.0.0.0/0", "192.168.1.10/32", "fd00::/64", " 10.0.0.0/8 ", "bad"];
+const CIDRS: &[&str] = &[
+    "10.244.1.0/24",
+    "0.0.0.0/0",
+    "192.168.1.10/32",
+    "fd00::/64",
+    " 10.0.0.0/8 ",
+    "bad",
+];
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP", "tcp"];
 const PORT_NAMES: &[&str] = &["", "http", "dns"];
 const TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
@@ -70,11 +77,18 @@ impl Event {
         Ok(match u.int_in_range(0..=4)? {
             0 | 1 => {
                 let key = key(u)?;
-                let service = if delete { None } else { Some(service(u, &key)?) };
+                let service = if delete {
+                    None
+                } else {
+                    Some(service(u, &key)?)
+                };
                 Event::Service(key, service)
             }
             2 | 3 => {
-                let key = ObjectKey::new(pick(u, NAMESPACES)?, format!("{}-{}", pick(u, NAMES)?, u.int_in_range(0..=2)?));
+                let key = ObjectKey::new(
+                    pick(u, NAMESPACES)?,
+                    format!("{}-{}", pick(u, NAMES)?, u.int_in_range(0..=2)?),
+                );
                 let slice = if delete { None } else { Some(slice(u, &key)?) };
                 Event::Slice(key, slice)
             }
@@ -110,7 +124,11 @@ fn maybe<T>(
     u: &mut Unstructured<'_>,
     make: impl FnOnce(&mut Unstructured<'_>) -> Result<T>,
 ) -> Result<Option<T>> {
-    if bool::arbitrary(u)? { Ok(Some(make(u)?)) } else { Ok(None) }
+    if bool::arbitrary(u)? {
+        Ok(Some(make(u)?))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Up to `max` values.
@@ -148,7 +166,10 @@ fn service(u: &mut Unstructured<'_>, key: &ObjectKey) -> Result<Service> {
         labels.insert(HEADLESS_LABEL.to_owned(), String::new());
     }
     if u.ratio(1, 6)? {
-        labels.insert(SERVICE_PROXY_NAME_LABEL.to_owned(), pick(u, &["ours", "theirs"])?);
+        labels.insert(
+            SERVICE_PROXY_NAME_LABEL.to_owned(),
+            pick(u, &["ours", "theirs"])?,
+        );
     }
     let ports = some(u, 3, |u| {
         Ok(ServicePort {
@@ -243,10 +264,18 @@ fn slice(u: &mut Unstructured<'_>, key: &ObjectKey) -> Result<EndpointSlice> {
             hints: maybe(u, |u| {
                 Ok(EndpointHints {
                     for_zones: maybe(u, |u| {
-                        some(u, 2, |u| Ok(ForZone { name: pick(u, ZONES)? }))
+                        some(u, 2, |u| {
+                            Ok(ForZone {
+                                name: pick(u, ZONES)?,
+                            })
+                        })
                     })?,
                     for_nodes: maybe(u, |u| {
-                        some(u, 2, |u| Ok(ForNode { name: pick(u, NODES)? }))
+                        some(u, 2, |u| {
+                            Ok(ForNode {
+                                name: pick(u, NODES)?,
+                            })
+                        })
                     })?,
                 })
             })?,
@@ -277,7 +306,11 @@ fn node(u: &mut Unstructured<'_>, name: &str) -> Result<Node> {
         ..Default::default()
     };
     if u.ratio(1, 2)? {
-        metadata.labels = Some([(ZONE_LABEL.to_owned(), pick(u, ZONES)?)].into_iter().collect());
+        metadata.labels = Some(
+            [(ZONE_LABEL.to_owned(), pick(u, ZONES)?)]
+                .into_iter()
+                .collect(),
+        );
     }
     if u.ratio(1, 8)? {
         metadata.deletion_timestamp = Some(Time(Default::default()));

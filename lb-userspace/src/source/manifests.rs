@@ -132,7 +132,10 @@ impl ManifestCache {
     }
 
     /// The same cache, with listings and reads failing where `fault` says (tests).
-    pub fn with_fault(mut self, fault: impl Fn(&Path) -> Option<std::io::Error> + Send + Sync + 'static) -> Self {
+    pub fn with_fault(
+        mut self,
+        fault: impl Fn(&Path) -> Option<std::io::Error> + Send + Sync + 'static,
+    ) -> Self {
         self.fault = Box::new(fault);
         self
     }
@@ -284,7 +287,7 @@ impl ManifestCache {
         }
     }
 
-/// Mirrors the v1 Endpoints of selector-less services into slices, as Kubernetes'
+    /// Mirrors the v1 Endpoints of selector-less services into slices, as Kubernetes'
     /// mirroring controller does, reusing the slices of Endpoints that did not change.
     fn mirror_endpoints(
         &mut self,

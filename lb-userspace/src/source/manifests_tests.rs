@@ -188,8 +188,14 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
     // before the error: a half-written file is not a smaller file).
     let broken = problems_with(&snapshot, "10-broken.yaml");
     assert_eq!(broken.len(), 1, "{problems:#?}");
-    assert!(broken[0].contains("document 2 does not parse"), "{broken:?}");
-    assert!(broken[0].contains("nothing from it is served"), "{broken:?}");
+    assert!(
+        broken[0].contains("document 2 does not parse"),
+        "{broken:?}"
+    );
+    assert!(
+        broken[0].contains("nothing from it is served"),
+        "{broken:?}"
+    );
     assert!(broken[0].contains(&dir.join("10-broken.yaml").display().to_string()));
 
     // A malformed object: file and object named, the other objects of the file read.
@@ -210,11 +216,7 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
     // directories are.
     assert_eq!(
         keys(&snapshot.objects.services),
-        vec![
-            "default/fine",
-            "default/good",
-            "default/nested"
-        ]
+        vec!["default/fine", "default/good", "default/nested"]
     );
     assert_eq!(
         keys(&snapshot.objects.endpoint_slices),
@@ -427,7 +429,11 @@ fn a_directory_symlink_loop_is_not_followed_and_each_file_is_read_once() {
         cache.read(&dir.0).is_none(),
         "nothing changed: no new snapshot"
     );
-    assert_eq!(opened.load(Ordering::Relaxed), 3, "unchanged files are not read again");
+    assert_eq!(
+        opened.load(Ordering::Relaxed),
+        3,
+        "unchanged files are not read again"
+    );
 }
 
 #[test]
@@ -458,7 +464,10 @@ fn a_failed_listing_keeps_the_objects_of_the_files_it_did_not_see() {
     let failing = Arc::new(Mutex::new(false));
     let mut cache = faulty_cache("sub", Arc::clone(&failing));
     let first = read(&mut cache, &dir);
-    assert_eq!(keys(&first.objects.services), vec!["default/a", "default/b", "default/c"]);
+    assert_eq!(
+        keys(&first.objects.services),
+        vec!["default/a", "default/b", "default/c"]
+    );
 
     *failing.lock().unwrap() = true;
     dir.write("a.yaml", &service_yaml("a", 11));
@@ -474,14 +483,20 @@ fn a_failed_listing_keeps_the_objects_of_the_files_it_did_not_see() {
     assert!(problems[0].contains(&dir.0.join("sub").display().to_string()));
     // The file that was seen did change.
     let a = &failed.objects.services[&ObjectKey::new("default", "a")];
-    assert_eq!(a.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.90.11"));
+    assert_eq!(
+        a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.11")
+    );
 
     // Once the listing works again, files really gone go.
     *failing.lock().unwrap() = false;
     std::fs::remove_file(dir.0.join("sub/b.yaml")).unwrap();
     let healed = read(&mut cache, &dir);
     assert_eq!(healed.problems, Vec::<String>::new());
-    assert_eq!(keys(&healed.objects.services), vec!["default/a", "default/c"]);
+    assert_eq!(
+        keys(&healed.objects.services),
+        vec!["default/a", "default/c"]
+    );
     // A whole directory removed takes its files' objects with it.
     std::fs::remove_dir_all(dir.0.join("sub")).unwrap();
     let removed = read(&mut cache, &dir);
@@ -499,9 +514,15 @@ fn a_file_that_cannot_be_read_keeps_its_last_good_objects() {
     *failing.lock().unwrap() = true;
     dir.write("b.yaml", &service_yaml("b", 22));
     let snapshot = read(&mut cache, &dir);
-    assert_eq!(keys(&snapshot.objects.services), vec!["default/a", "default/b"]);
+    assert_eq!(
+        keys(&snapshot.objects.services),
+        vec!["default/a", "default/b"]
+    );
     let b = &snapshot.objects.services[&ObjectKey::new("default", "b")];
-    assert_eq!(b.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.90.2"));
+    assert_eq!(
+        b.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.2")
+    );
     assert_eq!(snapshot.problems.len(), 1, "{:#?}", snapshot.problems);
     assert!(snapshot.problems[0].contains("b.yaml: cannot read"));
     assert!(snapshot.problems[0].contains("last good version is kept"));
@@ -512,7 +533,10 @@ fn a_file_that_cannot_be_read_keeps_its_last_good_objects() {
     let healed = read(&mut cache, &dir);
     assert_eq!(healed.problems, Vec::<String>::new());
     let b = &healed.objects.services[&ObjectKey::new("default", "b")];
-    assert_eq!(b.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.90.22"));
+    assert_eq!(
+        b.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.22")
+    );
 }
 
 #[test]
@@ -524,10 +548,17 @@ fn a_half_written_file_keeps_its_last_good_objects_until_it_parses_again() {
     read(&mut cache, &dir);
 
     // Cut in the middle of the second document's flow sequence.
-    let half = format!("{}---\n{}", service_yaml("a", 11), "apiVersion: v1\nkind: Service\nspec:\n  ports: [ {port: 80");
+    let half = format!(
+        "{}---\n{}",
+        service_yaml("a", 11),
+        "apiVersion: v1\nkind: Service\nspec:\n  ports: [ {port: 80"
+    );
     dir.write("app.yaml", &half);
     let snapshot = read(&mut cache, &dir);
-    assert_eq!(keys(&snapshot.objects.services), vec!["default/a", "default/b"]);
+    assert_eq!(
+        keys(&snapshot.objects.services),
+        vec!["default/a", "default/b"]
+    );
     let a = &snapshot.objects.services[&ObjectKey::new("default", "a")];
     assert_eq!(
         a.spec.as_ref().unwrap().cluster_ip.as_deref(),
@@ -536,7 +567,10 @@ fn a_half_written_file_keeps_its_last_good_objects_until_it_parses_again() {
     );
     assert_eq!(snapshot.problems.len(), 1, "{:#?}", snapshot.problems);
     let problem = &snapshot.problems[0];
-    assert!(problem.contains(&dir.0.join("app.yaml").display().to_string()), "{problem}");
+    assert!(
+        problem.contains(&dir.0.join("app.yaml").display().to_string()),
+        "{problem}"
+    );
     assert!(problem.contains("document 2 does not parse"), "{problem}");
     assert!(problem.contains("last good version is kept"), "{problem}");
 
@@ -571,7 +605,10 @@ fn a_file_over_the_size_limit_is_reported_and_keeps_its_last_good_objects() {
     let snapshot = read(&mut cache, &dir);
     assert_eq!(keys(&snapshot.objects.services), vec!["default/a"]);
     let a = &snapshot.objects.services[&ObjectKey::new("default", "a")];
-    assert_eq!(a.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.90.1"));
+    assert_eq!(
+        a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.1")
+    );
     assert_eq!(snapshot.problems.len(), 2, "{:#?}", snapshot.problems);
     for (problem, kept) in snapshot
         .problems
