@@ -34,20 +34,6 @@ pub struct FileObjects {
     origins: BTreeMap<ObjectRef, PathBuf>,
 }
 
-impl FileObjects {
-    /// How many objects the file holds.
-    pub fn len(&self) -> usize {
-        self.objects.services.len()
-            + self.objects.endpoint_slices.len()
-            + self.objects.nodes.len()
-            + self.endpoints.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Parses the contents of one file; `name` is used in problems and decides the syntax
 /// (`*.json` as JSON, anything else as YAML).
 pub fn parse_file(name: &Path, bytes: &[u8]) -> FileObjects {
