@@ -471,14 +471,17 @@ fn a_manifest_directory_with_loops_half_written_and_oversize_files_keeps_what_it
     cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
         r.replies.contains_key("pod-a")
     });
-    cluster.agent().wait_for_log("x.yaml: cannot read", Duration::from_secs(3));
+    cluster
+        .agent()
+        .wait_for_log("x.yaml: cannot read", Duration::from_secs(3));
 
     // Half-written in place (no rename), as a slow writer leaves it.
     let half = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [ {port: 80";
     std::fs::write(dir.join("web.yaml"), half).unwrap();
-    cluster
-        .agent()
-        .wait_for_log("web.yaml: document 1 does not parse", Duration::from_secs(3));
+    cluster.agent().wait_for_log(
+        "web.yaml: document 1 does not parse",
+        Duration::from_secs(3),
+    );
     cluster
         .agent()
         .wait_for_log("its last good version is kept", Duration::from_secs(3));

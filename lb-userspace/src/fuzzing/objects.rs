@@ -1,7 +1,7 @@
 //! Object events from fuzz bytes: Services, EndpointSlices and Nodes whose fields are drawn
 //! mostly from small sets of meaningful values (so that objects meet: a slice names a service
 //! that exists, two services claim one address) and now and then arbitrary text or numbers.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use arbitrary::{Arbitrary as _, Result, Unstructured};
 use k8s_openapi::{
@@ -66,9 +66,9 @@ const PORTS: &[i32] = &[80, 53, 8080, 30080, 30081, 0, 65535, 65536, -1];
 /// One change to the objects.
 #[derive(Debug)]
 pub enum Event {
-    Service(ObjectKey, Option<Service>),
-    Slice(ObjectKey, Option<EndpointSlice>),
-    Node(String, Option<Node>),
+    Service(ObjectKey, Option<Arc<Service>>),
+    Slice(ObjectKey, Option<Arc<EndpointSlice>>),
+    Node(String, Option<Arc<Node>>),
 }
 
 impl Event {
@@ -80,7 +80,7 @@ impl Event {
                 let service = if delete {
                     None
                 } else {
-                    Some(service(u, &key)?)
+                    Some(shared(service(u, &key)?))
                 };
                 Event::Service(key, service)
             }
@@ -89,12 +89,20 @@ impl Event {
                     pick(u, NAMESPACES)?,
                     format!("{}-{}", pick(u, NAMES)?, u.int_in_range(0..=2)?),
                 );
-                let slice = if delete { None } else { Some(slice(u, &key)?) };
+                let slice = if delete {
+                    None
+                } else {
+                    Some(shared(slice(u, &key)?))
+                };
                 Event::Slice(key, slice)
             }
             _ => {
                 let name = pick(u, NODES)?;
-                let node = if delete { None } else { Some(node(u, &name)?) };
+                let node = if delete {
+                    None
+                } else {
+                    Some(shared(node(u, &name)?))
+                };
                 Event::Node(name, node)
             }
         })
@@ -102,11 +110,11 @@ impl Event {
 
     pub fn apply(self, objects: &mut Objects) {
         match self {
-            Event::Service(key, Some(s)) => drop(objects.services.insert(key, shared(s))),
+            Event::Service(key, Some(s)) => drop(objects.services.insert(key, s)),
             Event::Service(key, None) => drop(objects.services.remove(&key)),
-            Event::Slice(key, Some(s)) => drop(objects.endpoint_slices.insert(key, shared(s))),
+            Event::Slice(key, Some(s)) => drop(objects.endpoint_slices.insert(key, s)),
             Event::Slice(key, None) => drop(objects.endpoint_slices.remove(&key)),
-            Event::Node(name, Some(n)) => drop(objects.nodes.insert(name, shared(n))),
+            Event::Node(name, Some(n)) => drop(objects.nodes.insert(name, n)),
             Event::Node(name, None) => drop(objects.nodes.remove(&name)),
         }
     }
