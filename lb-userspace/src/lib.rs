@@ -7,6 +7,7 @@ pub mod api;
 pub mod cidr;
 pub mod dataplane;
 pub mod describe;
+pub mod fuzzing;
 pub mod list;
 pub mod model;
 pub mod reconcile;

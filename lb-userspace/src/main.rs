@@ -73,6 +73,10 @@ struct RunArgs {
     /// instead of the API server's objects.
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// Manifest files larger than this many bytes are reported and not read (their last good
+    /// version is kept).
+    #[arg(long, default_value_t = lb_agent::source::manifests::DEFAULT_MAX_FILE_BYTES, requires = "manifests")]
+    manifest_max_bytes: u64,
     /// kubeconfig for the API server. Without it: the in-cluster service account, then
     /// KUBECONFIG or ~/.kube/config.
     #[arg(long, conflicts_with = "manifests")]
@@ -289,6 +293,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = RunConfig {
         manifests: args.manifests,
+        manifest_max_bytes: args.manifest_max_bytes,
         kubeconfig: args.kubeconfig,
         api_timeout: lb_agent::source::kube::ApiTimeout(Duration::from_millis(args.api_timeout_ms)),
         cgroup: args.cgroup,

@@ -459,6 +459,56 @@ fn bad_manifests_are_reported_and_do_not_disturb_what_is_programmed() {
 }
 
 #[test]
+fn a_manifest_directory_with_loops_half_written_and_oversize_files_keeps_what_it_serves() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a"]);
+    let dir = cluster.manifests.path().to_owned();
+    // A directory loop and a file loop: neither may slow the source down or go unreported.
+    std::os::unix::fs::symlink(".", dir.join("loop")).unwrap();
+    std::os::unix::fs::symlink("y.yaml", dir.join("x.yaml")).unwrap();
+    std::os::unix::fs::symlink("x.yaml", dir.join("y.yaml")).unwrap();
+    cluster.start_agent_with(&["--manifest-max-bytes", "4096"]);
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-a")
+    });
+    cluster
+        .agent()
+        .wait_for_log("x.yaml: cannot read", Duration::from_secs(3));
+
+    // Half-written in place (no rename), as a slow writer leaves it.
+    let half = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [ {port: 80";
+    std::fs::write(dir.join("web.yaml"), half).unwrap();
+    cluster.agent().wait_for_log(
+        "web.yaml: document 1 does not parse",
+        Duration::from_secs(3),
+    );
+    cluster
+        .agent()
+        .wait_for_log("its last good version is kept", Duration::from_secs(3));
+    // Over the size limit: reported, the slice's last good version still served.
+    let endpoints = [(cluster.pod_ip("pod-b"), true)];
+    let slice = slice("default", "web-1", "web", &endpoints).port("http", "TCP", POD_PORT);
+    let padded = format!("{}# {}\n", slice.to_yaml(), "x".repeat(5000));
+    cluster.write_manifest("web-slice.yaml", &padded);
+    cluster
+        .agent()
+        .wait_for_log("over the limit of 4096", Duration::from_secs(3));
+    let still = cluster.probe(&["tcp", TCP_VIP, "--count", "10"]);
+    assert_eq!(still.replies.get("pod-a"), Some(&10), "{still:?}");
+
+    // Whole again: the new version is served at once, the loop notwithstanding.
+    cluster.write_manifest("web-slice.yaml", &slice.to_yaml());
+    let took = cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| {
+        r.replies.contains_key("pod-b")
+    });
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // A file really gone takes its objects with it (the broken web.yaml's last good Service).
+    cluster.remove_manifest("web.yaml");
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(2), |r| r.replies.is_empty());
+    assert!(cluster.agent().is_running());
+}
+
+#[test]
 fn sigterm_with_cleanup_on_exit_detaches_the_programs_and_removes_the_pins() {
     let mut cluster = Cluster::new(&["pod-a"]);
     web(&cluster, &["pod-a"]);

@@ -6,6 +6,7 @@ mod bench;
 mod chaos;
 mod cmd;
 mod fuzz;
+mod fuzz_inputs;
 mod host;
 mod run;
 mod setup;
@@ -49,6 +50,9 @@ enum Command {
     /// programs (BPF_PROG_TEST_RUN) against a model of docs/nodeport.md; every verdict, byte
     /// and touched map entry compared. `--packets N` (default 10,000,000), `--seed S`. As root.
     Fuzz(fuzz::Args),
+    /// Fuzz the agent's input side (cargo-fuzz, nightly): manifest files through the parser,
+    /// or object events through the model and the reconciler. Installs cargo-fuzz if missing.
+    FuzzInputs(fuzz_inputs::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Chaos(args) => chaos::chaos(&args),
         Command::Soak(args) => chaos::soak(&args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::FuzzInputs(args) => fuzz_inputs::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

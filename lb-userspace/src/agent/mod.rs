@@ -36,6 +36,8 @@ use sync::SyncPass;
 pub struct RunConfig {
     /// Serve this manifest directory; `None` reads the API server.
     pub manifests: Option<PathBuf>,
+    /// Manifest files larger than this are reported and not read.
+    pub manifest_max_bytes: u64,
     /// The API server's kubeconfig; `None` is in-cluster, then `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
     /// How long the API server may take to begin an answer, or to deliver a whole list.
@@ -231,7 +233,11 @@ async fn start_source(
         if !dir.is_dir() {
             bail!("--manifests {} is not a directory", dir.display());
         }
-        return Ok(tokio::spawn(manifests::watch(dir.clone(), snapshots)));
+        return Ok(tokio::spawn(manifests::watch(
+            dir.clone(),
+            config.manifest_max_bytes,
+            snapshots,
+        )));
     }
     let health = kube::SourceHealth::new();
     let client = kube::client(config.kubeconfig.as_deref(), &health, config.api_timeout).await?;

@@ -116,7 +116,13 @@ pub fn collect(
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };
-            let Ok(ip) = address.parse::<Ipv4Addr>() else {
+            // 0.0.0.0 as a backend would reach the client's own host (the API server refuses
+            // it too; found by the `model` fuzz target).
+            let Some(ip) = address
+                .parse::<Ipv4Addr>()
+                .ok()
+                .filter(|ip| !ip.is_unspecified())
+            else {
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: ObjectRef {
@@ -124,7 +130,7 @@ pub fn collect(
                         key: key.clone(),
                     },
                     message: format!(
-                        "endpoint address {address:?} is not an IPv4 address; skipped"
+                        "endpoint address {address:?} is not a usable IPv4 address; skipped"
                     ),
                 });
                 continue;

@@ -349,12 +349,8 @@ fn addresses(
     }
     let mut cluster_ips = Vec::new();
     for text in &cluster_ip_texts {
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => cluster_ips.push(ip),
-            Ok(IpAddr::V6(ip)) => report.info(format!(
-                "ClusterIP {ip} is IPv6, which this data path does not serve yet"
-            )),
-            Err(_) => report.warn(format!("ClusterIP {text:?} is not an IP address; skipped")),
+        if let Some(ip) = ipv4_address(text, "ClusterIP", report) {
+            cluster_ips.push(ip);
         }
     }
     if cluster_ips.is_empty() {
@@ -396,6 +392,14 @@ fn addresses(
 
 fn ipv4_address(text: &str, what: &str, report: &mut Reporter) -> Option<Ipv4Addr> {
     match text.parse::<IpAddr>() {
+        // In the maps 0.0.0.0 is every NodePort address: as a service's own address it would
+        // turn its port into a NodePort (found by the `model` fuzz target).
+        Ok(IpAddr::V4(ip)) if ip.is_unspecified() => {
+            report.warn(format!(
+                "{what} {ip} is not a usable address (0.0.0.0 stands for the NodePorts); skipped"
+            ));
+            None
+        }
         Ok(IpAddr::V4(ip)) => Some(ip),
         Ok(IpAddr::V6(ip)) => {
             report.info(format!(

@@ -1094,6 +1094,30 @@ fn invalid_cluster_ip_is_warned() {
 }
 
 #[test]
+fn the_unspecified_address_is_no_service_address() {
+    // 0.0.0.0 is every NodePort address in the maps: as a ClusterIP or externalIP it would
+    // make the port a NodePort (found by the `model` fuzz target).
+    let zero = service("default", "zero", "0.0.0.0", &[("http", 30081, "TCP")]);
+    let mut external = service("default", "ext", "10.96.0.12", &[("http", 30082, "TCP")]);
+    spec(&mut external).external_ips = Some(vec!["0.0.0.0".into()]);
+    let (state, diagnostics) = build_default(&objects(vec![zero, external], vec![]));
+    assert_eq!(
+        state.frontends.keys().copied().collect::<Vec<_>>(),
+        vec![tcp("10.96.0.12", 30082)]
+    );
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:?}");
+    for diagnostic in &diagnostics {
+        assert_eq!(diagnostic.severity, Severity::Warning);
+        assert!(
+            diagnostic
+                .message
+                .contains("0.0.0.0 is not a usable address"),
+            "{diagnostic:?}"
+        );
+    }
+}
+
+#[test]
 fn service_without_a_cluster_ip_is_warned() {
     let mut svc = web();
     spec(&mut svc).cluster_ip = None;

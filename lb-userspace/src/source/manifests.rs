@@ -2,28 +2,41 @@
 //! `kubectl apply -f` takes them or `kubectl get -o yaml` prints them, one or many documents
 //! per file, `kind: List` included. The directory is watched (inotify, with a slow poll as a
 //! backstop) and every change produces a fresh snapshot.
+//!
+//! What a snapshot holds of each file ([`ManifestCache`]): the objects of its last version
+//! that could be used. A version that cannot be read, is over the size limit or does not
+//! parse (a half-written file) is reported by name and the last good one is kept (a file with
+//! no good version yet gives nothing); a file is dropped only when it is really gone: a
+//! listing of its directory that completed did not hold it, or opening it said ENOENT. So a
+//! failed listing never removes the services of files it did not see. Within a file that
+//! parses, a malformed object is reported and skipped, and the file's other objects are used.
+//! How the directory is walked (symlinks, loops) is in [`walk`].
+mod parse;
+mod walk;
+
+pub use parse::{FileObjects, parse_file};
+
 use std::{
     collections::BTreeMap,
+    io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Service},
+    core::v1::Endpoints,
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::Watcher as _;
-use serde::Deserialize as _;
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 
 use super::Snapshot;
 use crate::model::{ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL};
 
-/// Files with these extensions are read; others (READMEs, editor backups) are ignored.
-const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+/// Files larger than this are not read (`--manifest-max-bytes`).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
 /// Changes arriving this close together are read as one.
 const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A re-read even without inotify events (network filesystems, missed events).
@@ -33,7 +46,7 @@ const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
 /// Reads every manifest under `dir` into one snapshot; problems are collected, never fatal.
 pub fn read_dir(dir: &Path) -> Snapshot {
-    ManifestCache::default()
+    ManifestCache::new(DEFAULT_MAX_FILE_BYTES)
         .read(dir)
         .unwrap_or_else(|| unreachable!("a first read always yields a snapshot"))
 }
@@ -42,24 +55,62 @@ pub fn read_dir(dir: &Path) -> Snapshot {
 /// editor's or `kubectl get > f`'s atomic replace makes a new inode).
 type FileStamp = (u64, i128, u64);
 
-fn stamp(path: &Path) -> Option<FileStamp> {
+fn stamp(meta: &std::fs::Metadata) -> FileStamp {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((
+    (
         meta.len(),
         i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
         meta.ino(),
-    ))
+    )
+}
+
+/// What is known of one file.
+#[derive(Default)]
+struct FileEntry {
+    /// The version last read, when it need not be read again (`None`: read it next time).
+    stamp: Option<FileStamp>,
+    /// The objects of the last version that could be used; `None` until one could.
+    good: Option<Arc<FileObjects>>,
+    /// Why the version last looked at could not be used.
+    failure: Option<String>,
+}
+
+/// Which listings and reads fail on purpose, with what error (tests inject failures that
+/// root cannot be made to meet on a real filesystem: a listing that fails, an I/O error).
+pub type Fault = dyn Fn(&Path) -> Option<std::io::Error> + Send + Sync;
+
+fn no_fault(_: &Path) -> Option<std::io::Error> {
+    None
+}
+
+/// What a failed version means for the file's objects, for its problem line.
+fn kept(entry: &FileEntry) -> &'static str {
+    if entry.good.is_some() {
+        "its last good version is kept"
+    } else {
+        "nothing from it is served (no version of it could be used yet)"
+    }
+}
+
+/// Why a file's current version gives no objects.
+enum Unread {
+    /// Opening it said ENOENT: the file is gone.
+    Gone,
+    /// Anything else; `retry` when the same version should be read again (an I/O error),
+    /// not when the content is the trouble (too large, does not parse).
+    Failed { why: String, retry: bool },
 }
 
 /// The parsed contents of every file, kept between reads: a file whose stamp did not change
 /// is not read again and keeps its objects' `Arc`s, so the model recomputes only the services
 /// whose files changed.
-#[derive(Default)]
 pub struct ManifestCache {
-    files: BTreeMap<PathBuf, (FileStamp, Arc<Reader>)>,
+    max_file_bytes: u64,
+    files: BTreeMap<PathBuf, FileEntry>,
     mirrors: BTreeMap<ObjectKey, Mirrored>,
-    listed: bool,
+    /// The source-level problems of the last snapshot (walk and file failures).
+    published_failures: Option<Vec<String>>,
+    fault: Box<Fault>,
 }
 
 /// The slices mirrored from one v1 Endpoints object.
@@ -69,35 +120,132 @@ struct Mirrored {
 }
 
 impl ManifestCache {
-    /// A snapshot of `dir`, or `None` when no file changed since the last call.
-    pub fn read(&mut self, dir: &Path) -> Option<Snapshot> {
-        let mut problems = Vec::new();
-        let files = manifest_files(dir).unwrap_or_else(|error| {
-            problems.push(format!(
-                "{}: cannot list the directory: {error}",
-                dir.display()
-            ));
-            Vec::new()
-        });
-        let mut changed = !self.listed || files.len() != self.files.len();
-        let mut next = BTreeMap::new();
-        for file in files {
-            let Some(stamp) = stamp(&file) else { continue };
-            let parsed = match self.files.remove(&file) {
-                Some((old, parsed)) if old == stamp => parsed,
-                _ => {
-                    changed = true;
-                    let mut reader = Reader::default();
-                    reader.read_file(&file);
-                    Arc::new(reader)
-                }
-            };
-            next.insert(file, (stamp, parsed));
+    /// A cache that reads files of at most `max_file_bytes`.
+    pub fn new(max_file_bytes: u64) -> Self {
+        Self {
+            max_file_bytes,
+            files: BTreeMap::new(),
+            mirrors: BTreeMap::new(),
+            published_failures: None,
+            fault: Box::new(no_fault),
         }
-        changed |= !self.files.is_empty();
-        self.files = next;
-        self.listed = true;
-        changed.then(|| self.merge(problems))
+    }
+
+    /// The same cache, with listings and reads failing where `fault` says (tests).
+    pub fn with_fault(
+        mut self,
+        fault: impl Fn(&Path) -> Option<std::io::Error> + Send + Sync + 'static,
+    ) -> Self {
+        self.fault = Box::new(fault);
+        self
+    }
+
+    /// A snapshot of `dir`, or `None` when neither its objects nor its problems changed
+    /// since the last call.
+    pub fn read(&mut self, dir: &Path) -> Option<Snapshot> {
+        let walk = walk::walk(dir, &*self.fault);
+        let mut failures = walk.problems.clone();
+        let mut changed = false;
+        let mut previous = std::mem::take(&mut self.files);
+        for (path, meta) in &walk.files {
+            let mut entry = previous.remove(path).unwrap_or_default();
+            let now = stamp(meta);
+            if entry.stamp != Some(now) {
+                match self.read_file(path, meta) {
+                    Ok(objects) => {
+                        entry.good = Some(Arc::new(objects));
+                        entry.failure = None;
+                        entry.stamp = Some(now);
+                        changed = true;
+                    }
+                    Err(Unread::Gone) => {
+                        changed |= entry.good.is_some();
+                        continue;
+                    }
+                    Err(Unread::Failed { why, retry }) => {
+                        entry.failure = Some(format!("{why}; {}", kept(&entry)));
+                        entry.stamp = (!retry).then_some(now);
+                    }
+                }
+            }
+            failures.extend(entry.failure.clone());
+            self.files.insert(path.clone(), entry);
+        }
+        for (path, error) in &walk.unreadable {
+            let mut entry = previous.remove(path).unwrap_or_default();
+            if error.kind() == std::io::ErrorKind::NotFound {
+                // A dangling symlink: what it named is gone, and so are its objects.
+                failures.push(format!(
+                    "{}: cannot read: {error} (a dangling symlink?); skipped",
+                    path.display()
+                ));
+                changed |= entry.good.is_some();
+                continue;
+            }
+            entry.stamp = None;
+            entry.failure = Some(format!(
+                "{}: cannot read: {error}; {}",
+                path.display(),
+                kept(&entry)
+            ));
+            failures.extend(entry.failure.clone());
+            self.files.insert(path.clone(), entry);
+        }
+        // Files this walk did not see: gone, or under a directory it could not list.
+        for (path, entry) in previous {
+            if walk.is_gone(&path) {
+                changed |= entry.good.is_some();
+            } else {
+                failures.extend(entry.failure.clone());
+                self.files.insert(path, entry);
+            }
+        }
+        changed |= self.published_failures.as_ref() != Some(&failures);
+        self.published_failures = Some(failures.clone());
+        changed.then(|| self.merge(failures))
+    }
+
+    /// The objects of the current version of `path`.
+    fn read_file(&self, path: &Path, meta: &std::fs::Metadata) -> Result<FileObjects, Unread> {
+        let too_large = |size: u64| Unread::Failed {
+            why: format!(
+                "{}: is {size} bytes, over the limit of {} (--manifest-max-bytes)",
+                path.display(),
+                self.max_file_bytes
+            ),
+            retry: false,
+        };
+        if meta.len() > self.max_file_bytes {
+            return Err(too_large(meta.len()));
+        }
+        let io_failure = |error: std::io::Error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                Unread::Gone
+            } else {
+                Unread::Failed {
+                    why: format!("{}: cannot read: {error}", path.display()),
+                    retry: true,
+                }
+            }
+        };
+        if let Some(error) = (self.fault)(path) {
+            return Err(io_failure(error));
+        }
+        let file = std::fs::File::open(path).map_err(io_failure)?;
+        let mut bytes = Vec::new();
+        // One byte over the limit tells a file that grew since `stat`.
+        file.take(self.max_file_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(io_failure)?;
+        let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        if size > self.max_file_bytes {
+            return Err(too_large(size));
+        }
+        let objects = parse_file(path, &bytes);
+        match objects.unusable {
+            Some(why) => Err(Unread::Failed { why, retry: false }),
+            None => Ok(objects),
+        }
     }
 
     /// All files' objects in one snapshot; later files win over earlier ones.
@@ -105,7 +253,8 @@ impl ManifestCache {
         let mut objects = Objects::default();
         let mut endpoints = BTreeMap::new();
         let mut origins = BTreeMap::new();
-        for (file, (_, parsed)) in &self.files {
+        for (file, entry) in &self.files {
+            let Some(parsed) = &entry.good else { continue };
             problems.extend(parsed.problems.iter().cloned());
             let mut merge = Merge {
                 file,
@@ -215,290 +364,6 @@ impl Merge<'_> {
     }
 }
 
-fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_owned()];
-    while let Some(current) = pending.pop() {
-        for entry in std::fs::read_dir(&current)? {
-            let path = entry?.path();
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if hidden {
-                continue;
-            }
-            if path.is_dir() {
-                pending.push(path);
-            } else if path
-                .extension()
-                .is_some_and(|ext| EXTENSIONS.iter().any(|e| ext == *e))
-            {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// One file's objects and problems.
-#[derive(Default)]
-struct Reader {
-    objects: Objects,
-    endpoints: BTreeMap<ObjectKey, Arc<Endpoints>>,
-    origins: BTreeMap<ObjectRef, PathBuf>,
-    problems: Vec<String>,
-}
-
-impl Reader {
-    fn read_file(&mut self, file: &Path) {
-        let text = match std::fs::read_to_string(file) {
-            Ok(text) => text,
-            Err(error) => {
-                self.problems
-                    .push(format!("{}: cannot read: {error}", file.display()));
-                return;
-            }
-        };
-        if file.extension().is_some_and(|e| e == "json") {
-            // JSON is YAML too, but serde_json reads it several times faster, and straight into
-            // the typed objects: no tree of the whole file in between.
-            for (index, document) in serde_json::Deserializer::from_str(&text)
-                .into_iter::<&RawValue>()
-                .enumerate()
-            {
-                match document {
-                    Ok(raw) => self.add_document(file, Document::Raw(raw)),
-                    Err(error) => return self.unparsable(file, index, &error),
-                }
-            }
-            return;
-        }
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            // Straight into the JSON tree the typed objects are read from: one tree, not two.
-            match serde_json::Value::deserialize(document) {
-                Ok(serde_json::Value::Null) => {}
-                Ok(value) => self.add_document(file, Document::Tree(value)),
-                // After a syntax error the YAML stream cannot be resynchronised.
-                Err(error) => return self.unparsable(file, index, &error),
-            }
-        }
-    }
-
-    /// Document `index` of `file` does not parse: the rest of the file is skipped.
-    fn unparsable(&mut self, file: &Path, index: usize, error: &dyn std::fmt::Display) {
-        self.problems.push(format!(
-            "{}: document {} does not parse: {error}; the rest of the file is skipped",
-            file.display(),
-            index + 1
-        ));
-    }
-
-    fn add_document(&mut self, file: &Path, document: Document<'_>) {
-        let header = match document.header() {
-            Ok(header) => header,
-            Err(error) => {
-                self.problems.push(format!(
-                    "{}: a document is malformed: {error}; skipped",
-                    file.display()
-                ));
-                return;
-            }
-        };
-        let name = header.name.as_deref().unwrap_or("(no name)").to_owned();
-        match (header.api_version.as_deref(), header.kind.as_deref()) {
-            (_, Some(list)) if list == "List" || list.ends_with("List") => {
-                for item in document.items(header.items) {
-                    self.add_document(file, item);
-                }
-            }
-            (Some("v1"), Some("Service")) => {
-                self.add(file, "Service", &name, document, |r, key, s: Service| {
-                    r.objects.services.insert(key, Arc::new(s)).is_some()
-                })
-            }
-            (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => self.add(
-                file,
-                "EndpointSlice",
-                &name,
-                document,
-                |r, key, s: EndpointSlice| {
-                    r.objects.endpoint_slices.insert(key, Arc::new(s)).is_some()
-                },
-            ),
-            (Some("v1"), Some("Endpoints")) => self.add(
-                file,
-                "Endpoints",
-                &name,
-                document,
-                |r, key, e: Endpoints| r.endpoints.insert(key, Arc::new(e)).is_some(),
-            ),
-            (Some("v1"), Some("Node")) => {
-                self.add(file, "Node", &name, document, |r, key, n: Node| {
-                    r.objects.nodes.insert(key.name, Arc::new(n)).is_some()
-                })
-            }
-            (None, _) | (_, None) => self.problems.push(format!(
-                "{}: object {name} has no apiVersion or kind; skipped",
-                file.display()
-            )),
-            // Deployments, ConfigMaps and the like often share a file with a Service.
-            _ => {}
-        }
-    }
-
-    /// Deserializes one object and stores it with `insert`, which says whether it replaced one.
-    fn add<T: serde::de::DeserializeOwned + HasMeta>(
-        &mut self,
-        file: &Path,
-        kind: &'static str,
-        name: &str,
-        document: Document<'_>,
-        insert: impl FnOnce(&mut Self, ObjectKey, T) -> bool,
-    ) {
-        let mut object: T = match document.parse() {
-            Ok(object) => object,
-            Err(error) => {
-                self.problems.push(format!(
-                    "{}: {kind} {name} is malformed: {error}; skipped",
-                    file.display()
-                ));
-                return;
-            }
-        };
-        trim(object.meta_mut());
-        if object.meta().name.as_deref().unwrap_or_default().is_empty() {
-            self.problems.push(format!(
-                "{}: a {kind} has no metadata.name; skipped",
-                file.display()
-            ));
-            return;
-        }
-        let key = ObjectKey::of(object.meta());
-        let reference = ObjectRef {
-            kind,
-            key: key.clone(),
-        };
-        if insert(self, key, object)
-            && let Some(earlier) = self.origins.get(&reference)
-        {
-            self.problems.push(format!(
-                "{}: {reference} is also defined in {}; the later file wins",
-                file.display(),
-                earlier.display()
-            ));
-        }
-        self.origins.insert(reference, file.to_owned());
-    }
-}
-
-/// One manifest document: a JSON tree (from YAML), or the raw text of a JSON document, which
-/// is read straight into its typed object.
-enum Document<'a> {
-    Tree(serde_json::Value),
-    Raw(&'a RawValue),
-}
-
-/// The fields that say what a document is.
-#[derive(serde::Deserialize)]
-struct Header<'a> {
-    #[serde(rename = "apiVersion")]
-    api_version: Option<String>,
-    kind: Option<String>,
-    #[serde(skip)]
-    name: Option<String>,
-    #[serde(default)]
-    metadata: Option<HeaderMeta>,
-    /// The items of a `kind: List` (raw documents only).
-    #[serde(borrow, default)]
-    items: Option<Vec<&'a RawValue>>,
-}
-
-#[derive(serde::Deserialize)]
-struct HeaderMeta {
-    name: Option<String>,
-}
-
-impl<'a> Document<'a> {
-    fn header(&self) -> Result<Header<'a>, serde_json::Error> {
-        match self {
-            Document::Tree(json) => {
-                let text = |key: &str| json.get(key).and_then(|v| v.as_str()).map(str::to_owned);
-                Ok(Header {
-                    api_version: text("apiVersion"),
-                    kind: text("kind"),
-                    name: json
-                        .get("metadata")
-                        .and_then(|m| m.get("name"))
-                        .and_then(|n| n.as_str())
-                        .map(str::to_owned),
-                    metadata: None,
-                    items: None,
-                })
-            }
-            Document::Raw(raw) => {
-                let mut header: Header<'a> = serde_json::from_str(raw.get())?;
-                header.name = header.metadata.take().and_then(|m| m.name);
-                Ok(header)
-            }
-        }
-    }
-
-    /// The items of a List document.
-    fn items(self, raw_items: Option<Vec<&'a RawValue>>) -> Vec<Document<'a>> {
-        match self {
-            Document::Tree(mut json) => match json.get_mut("items").map(serde_json::Value::take) {
-                Some(serde_json::Value::Array(items)) => {
-                    items.into_iter().map(Document::Tree).collect()
-                }
-                _ => Vec::new(),
-            },
-            Document::Raw(_) => raw_items
-                .unwrap_or_default()
-                .into_iter()
-                .map(Document::Raw)
-                .collect(),
-        }
-    }
-
-    fn parse<T: serde::de::DeserializeOwned>(self) -> Result<T, serde_json::Error> {
-        match self {
-            Document::Tree(json) => serde_json::from_value(json),
-            Document::Raw(raw) => serde_json::from_str(raw.get()),
-        }
-    }
-}
-
-trait HasMeta {
-    fn meta(&self) -> &ObjectMeta;
-    fn meta_mut(&mut self) -> &mut ObjectMeta;
-}
-
-macro_rules! has_meta {
-    ($($t:ty),*) => {$(
-        impl HasMeta for $t {
-            fn meta(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    )*};
-}
-
-/// `kubectl get -o yaml` output carries managedFields and often a copy of the whole object in
-/// the last-applied annotation; neither is read, and together they can triple what is kept.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-fn trim(meta: &mut ObjectMeta) {
-    meta.managed_fields = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove(LAST_APPLIED);
-    }
-}
-has_meta!(Service, EndpointSlice, Endpoints, Node);
-
 /// What Kubernetes' EndpointSlice mirroring controller makes of a v1 Endpoints object of a
 /// selector-less service: one IPv4 slice per subset.
 fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSlice)> {
@@ -567,17 +432,22 @@ fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSli
 /// is gone. A snapshot's `changed_at` is when the change was noticed.
 pub async fn watch(
     dir: PathBuf,
+    max_file_bytes: u64,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
 ) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Any event (or error) just means "read again".
-        let _ = events_tx.send(event.is_ok());
-    })?;
+    // Any event (or error) just means "read again". Symlinked directories are not walked, so
+    // not watched either.
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |event: notify::Result<notify::Event>| {
+            let _ = events_tx.send(event.is_ok());
+        },
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::Recursive) {
         tracing::warn!(dir = %dir.display(), %error, "cannot watch the manifest directory; polling every {POLL:?}");
     }
-    let mut cache = ManifestCache::default();
+    let mut cache = ManifestCache::new(max_file_bytes);
     let mut noticed_at = Instant::now();
     loop {
         if let Some(mut snapshot) = cache.read(&dir) {

@@ -184,10 +184,18 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
     let snapshot = read_dir(&dir);
     let problems = &snapshot.problems;
 
-    // A file that does not parse: named; the documents before the error are kept.
+    // A file that does not parse: named, and nothing from it is used (not even the documents
+    // before the error: a half-written file is not a smaller file).
     let broken = problems_with(&snapshot, "10-broken.yaml");
     assert_eq!(broken.len(), 1, "{problems:#?}");
-    assert!(broken[0].contains("does not parse"), "{broken:?}");
+    assert!(
+        broken[0].contains("document 2 does not parse"),
+        "{broken:?}"
+    );
+    assert!(
+        broken[0].contains("nothing from it is served"),
+        "{broken:?}"
+    );
     assert!(broken[0].contains(&dir.join("10-broken.yaml").display().to_string()));
 
     // A malformed object: file and object named, the other objects of the file read.
@@ -208,12 +216,7 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
     // directories are.
     assert_eq!(
         keys(&snapshot.objects.services),
-        vec![
-            "default/before-error",
-            "default/fine",
-            "default/good",
-            "default/nested"
-        ]
+        vec!["default/fine", "default/good", "default/nested"]
     );
     assert_eq!(
         keys(&snapshot.objects.endpoint_slices),
@@ -229,7 +232,7 @@ fn problems_name_the_file_and_object_and_the_rest_is_read() {
         state.backends_of(&frontend("10.96.60.21", 80, Protocol::Tcp)),
         backends(&[("10.244.6.1", 8080)])
     );
-    assert_eq!(state.frontends.len(), 4);
+    assert_eq!(state.frontends.len(), 3);
 }
 
 #[test]
@@ -322,4 +325,300 @@ fn a_missing_directory_is_a_problem_not_a_panic() {
     assert_eq!(snapshot.problems.len(), 1);
     assert!(snapshot.problems[0].contains("does-not-exist"));
     assert!(snapshot.objects.services.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The directory rules, on directories made for each test.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use super::ManifestCache;
+
+/// A directory of its own under the temp dir, removed on drop (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-manifests-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.0.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Service manifest named `name` with ClusterIP 10.96.90.`last`.
+fn service_yaml(name: &str, last: u8) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: 10.96.90.{last}\n  ports:\n  - port: 80\n"
+    )
+}
+
+fn read(cache: &mut ManifestCache, dir: &TempDir) -> Snapshot {
+    cache.read(&dir.0).expect("a changed snapshot")
+}
+
+fn cache() -> ManifestCache {
+    ManifestCache::new(super::DEFAULT_MAX_FILE_BYTES)
+}
+
+/// A cache whose reads of the file or listings of the directory named `needle` fail with
+/// EIO while `failing` is set.
+fn faulty_cache(needle: &'static str, failing: Arc<Mutex<bool>>) -> ManifestCache {
+    cache().with_fault(move |path| {
+        (*failing.lock().unwrap() && path.ends_with(needle))
+            .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+    })
+}
+
+#[test]
+fn a_directory_symlink_loop_is_not_followed_and_each_file_is_read_once() {
+    let dir = TempDir::new("dirloop");
+    dir.write("a.yaml", &service_yaml("a", 1));
+    dir.write("sub/b.yaml", &service_yaml("b", 2));
+    std::os::unix::fs::symlink(".", dir.0.join("loop")).unwrap();
+    std::os::unix::fs::symlink("..", dir.0.join("sub/up")).unwrap();
+    // A symlink to a directory with a manifest's extension is not followed either.
+    std::os::unix::fs::symlink("sub", dir.0.join("sub-link.yaml")).unwrap();
+    // Symlinks to files are followed; two names for one file read it once.
+    let outside = TempDir::new("dirloop-outside");
+    let c = outside.write("c.yaml", &service_yaml("c", 3));
+    std::os::unix::fs::symlink(&c, dir.0.join("c.yaml")).unwrap();
+    std::os::unix::fs::symlink("a.yaml", dir.0.join("z-alias.yaml")).unwrap();
+
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&opened);
+    let mut cache = cache().with_fault(move |path| {
+        if path.extension().is_some_and(|e| e == "yaml") {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    });
+    let started = std::time::Instant::now();
+    let snapshot = read(&mut cache, &dir);
+    let took = started.elapsed();
+    assert_eq!(snapshot.problems, Vec::<String>::new());
+    assert_eq!(
+        keys(&snapshot.objects.services),
+        vec!["default/a", "default/b", "default/c"]
+    );
+    // a.yaml, sub/b.yaml and c.yaml: three files, three reads, in well under a second.
+    assert_eq!(opened.load(Ordering::Relaxed), 3);
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    assert!(
+        cache.read(&dir.0).is_none(),
+        "nothing changed: no new snapshot"
+    );
+    assert_eq!(
+        opened.load(Ordering::Relaxed),
+        3,
+        "unchanged files are not read again"
+    );
+}
+
+#[test]
+fn looping_and_dangling_file_symlinks_are_reported_by_name() {
+    let dir = TempDir::new("fileloop");
+    dir.write("good.yaml", &service_yaml("good", 1));
+    std::os::unix::fs::symlink("y.yaml", dir.0.join("x.yaml")).unwrap();
+    std::os::unix::fs::symlink("x.yaml", dir.0.join("y.yaml")).unwrap();
+    std::os::unix::fs::symlink("nowhere.yaml", dir.0.join("dangling.yaml")).unwrap();
+    let snapshot = read(&mut cache(), &dir);
+    assert_eq!(keys(&snapshot.objects.services), vec!["default/good"]);
+    for name in ["x.yaml", "y.yaml", "dangling.yaml"] {
+        let path = dir.0.join(name).display().to_string();
+        let problems = problems_with(&snapshot, &path);
+        assert_eq!(problems.len(), 1, "{name}: {:#?}", snapshot.problems);
+        assert!(problems[0].contains("cannot read"), "{problems:?}");
+    }
+    assert!(problems_with(&snapshot, "x.yaml")[0].contains("symbolic links"));
+    assert_eq!(snapshot.problems.len(), 3, "{:#?}", snapshot.problems);
+}
+
+#[test]
+fn a_failed_listing_keeps_the_objects_of_the_files_it_did_not_see() {
+    let dir = TempDir::new("listing");
+    dir.write("a.yaml", &service_yaml("a", 1));
+    dir.write("sub/b.yaml", &service_yaml("b", 2));
+    dir.write("sub/deeper/c.yaml", &service_yaml("c", 3));
+    let failing = Arc::new(Mutex::new(false));
+    let mut cache = faulty_cache("sub", Arc::clone(&failing));
+    let first = read(&mut cache, &dir);
+    assert_eq!(
+        keys(&first.objects.services),
+        vec!["default/a", "default/b", "default/c"]
+    );
+
+    *failing.lock().unwrap() = true;
+    dir.write("a.yaml", &service_yaml("a", 11));
+    let failed = read(&mut cache, &dir);
+    assert_eq!(
+        keys(&failed.objects.services),
+        vec!["default/a", "default/b", "default/c"],
+        "{:#?}",
+        failed.problems
+    );
+    let problems = problems_with(&failed, "cannot list the directory");
+    assert_eq!(problems.len(), 1, "{:#?}", failed.problems);
+    assert!(problems[0].contains(&dir.0.join("sub").display().to_string()));
+    // The file that was seen did change.
+    let a = &failed.objects.services[&ObjectKey::new("default", "a")];
+    assert_eq!(
+        a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.11")
+    );
+
+    // Once the listing works again, files really gone go.
+    *failing.lock().unwrap() = false;
+    std::fs::remove_file(dir.0.join("sub/b.yaml")).unwrap();
+    let healed = read(&mut cache, &dir);
+    assert_eq!(healed.problems, Vec::<String>::new());
+    assert_eq!(
+        keys(&healed.objects.services),
+        vec!["default/a", "default/c"]
+    );
+    // A whole directory removed takes its files' objects with it.
+    std::fs::remove_dir_all(dir.0.join("sub")).unwrap();
+    let removed = read(&mut cache, &dir);
+    assert_eq!(keys(&removed.objects.services), vec!["default/a"]);
+}
+
+#[test]
+fn a_file_that_cannot_be_read_keeps_its_last_good_objects() {
+    let dir = TempDir::new("eio");
+    dir.write("a.yaml", &service_yaml("a", 1));
+    dir.write("b.yaml", &service_yaml("b", 2));
+    let failing = Arc::new(Mutex::new(false));
+    let mut cache = faulty_cache("b.yaml", Arc::clone(&failing));
+    read(&mut cache, &dir);
+    *failing.lock().unwrap() = true;
+    dir.write("b.yaml", &service_yaml("b", 22));
+    let snapshot = read(&mut cache, &dir);
+    assert_eq!(
+        keys(&snapshot.objects.services),
+        vec!["default/a", "default/b"]
+    );
+    let b = &snapshot.objects.services[&ObjectKey::new("default", "b")];
+    assert_eq!(
+        b.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.2")
+    );
+    assert_eq!(snapshot.problems.len(), 1, "{:#?}", snapshot.problems);
+    assert!(snapshot.problems[0].contains("b.yaml: cannot read"));
+    assert!(snapshot.problems[0].contains("last good version is kept"));
+    // The same problem again is no new snapshot; the read is retried, and once it works the
+    // new version is served.
+    assert!(cache.read(&dir.0).is_none());
+    *failing.lock().unwrap() = false;
+    let healed = read(&mut cache, &dir);
+    assert_eq!(healed.problems, Vec::<String>::new());
+    let b = &healed.objects.services[&ObjectKey::new("default", "b")];
+    assert_eq!(
+        b.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.22")
+    );
+}
+
+#[test]
+fn a_half_written_file_keeps_its_last_good_objects_until_it_parses_again() {
+    let dir = TempDir::new("halfwritten");
+    let two = format!("{}---\n{}", service_yaml("a", 1), service_yaml("b", 2));
+    dir.write("app.yaml", &two);
+    let mut cache = cache();
+    read(&mut cache, &dir);
+
+    // Cut in the middle of the second document's flow sequence.
+    let half = format!(
+        "{}---\n{}",
+        service_yaml("a", 11),
+        "apiVersion: v1\nkind: Service\nspec:\n  ports: [ {port: 80"
+    );
+    dir.write("app.yaml", &half);
+    let snapshot = read(&mut cache, &dir);
+    assert_eq!(
+        keys(&snapshot.objects.services),
+        vec!["default/a", "default/b"]
+    );
+    let a = &snapshot.objects.services[&ObjectKey::new("default", "a")];
+    assert_eq!(
+        a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.1"),
+        "the whole last good version, not the documents before the error"
+    );
+    assert_eq!(snapshot.problems.len(), 1, "{:#?}", snapshot.problems);
+    let problem = &snapshot.problems[0];
+    assert!(
+        problem.contains(&dir.0.join("app.yaml").display().to_string()),
+        "{problem}"
+    );
+    assert!(problem.contains("document 2 does not parse"), "{problem}");
+    assert!(problem.contains("last good version is kept"), "{problem}");
+
+    dir.write("app.yaml", &service_yaml("c", 3));
+    let fixed = read(&mut cache, &dir);
+    assert_eq!(fixed.problems, Vec::<String>::new());
+    assert_eq!(keys(&fixed.objects.services), vec!["default/c"]);
+
+    // A file that never parsed gives nothing, and says so.
+    dir.write("new.yaml", "kind: Service\nmetadata: {name: [");
+    let never = read(&mut cache, &dir);
+    assert_eq!(keys(&never.objects.services), vec!["default/c"]);
+    assert_eq!(never.problems.len(), 1, "{:#?}", never.problems);
+    assert!(never.problems[0].contains("new.yaml"));
+    assert!(never.problems[0].contains("nothing from it is served"));
+    // Removed, it is forgotten, problem and all.
+    std::fs::remove_file(dir.0.join("new.yaml")).unwrap();
+    let removed = read(&mut cache, &dir);
+    assert_eq!(removed.problems, Vec::<String>::new());
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_reported_and_keeps_its_last_good_objects() {
+    let dir = TempDir::new("oversize");
+    dir.write("a.yaml", &service_yaml("a", 1));
+    let limit = 400;
+    let mut cache = ManifestCache::new(limit);
+    read(&mut cache, &dir);
+    let big = format!("{}# {}\n", service_yaml("a", 11), "x".repeat(500));
+    dir.write("a.yaml", &big);
+    dir.write("b.yaml", &big.replace("name: a", "name: b"));
+    let snapshot = read(&mut cache, &dir);
+    assert_eq!(keys(&snapshot.objects.services), vec!["default/a"]);
+    let a = &snapshot.objects.services[&ObjectKey::new("default", "a")];
+    assert_eq!(
+        a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.1")
+    );
+    assert_eq!(snapshot.problems.len(), 2, "{:#?}", snapshot.problems);
+    for (problem, kept) in snapshot
+        .problems
+        .iter()
+        .zip(["last good version is kept", "nothing from it is served"])
+    {
+        assert!(problem.contains("over the limit of 400"), "{problem}");
+        assert!(problem.contains("--manifest-max-bytes"), "{problem}");
+        assert!(problem.contains(kept), "{problem}");
+    }
+    assert!(snapshot.problems[0].contains("a.yaml"));
+    assert!(snapshot.problems[1].contains("b.yaml"));
 }
