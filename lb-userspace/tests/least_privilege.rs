@@ -364,7 +364,7 @@ fn the_daemonsets_capabilities_program_serve_and_destroy_sockets_as_uid_0_and_as
         let granted = granted_capabilities("cleanup/daemonset.yaml", "initContainers", "cleanup");
         assert_eq!(
             granted,
-            ["NET_ADMIN"],
+            ["CAP_NET_ADMIN"],
             "the cleanup DaemonSet grants NET_ADMIN only"
         );
         let cleanup_caps: Vec<String> = Vec::new();
