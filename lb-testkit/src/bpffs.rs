@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use crate::names::unique_name;
 
 /// A fresh path under `/run/lb-test` for an agent's `--bpffs`. On drop, whatever is still
-/// mounted there (an agent killed before its teardown left its pins) is unmounted, which
+/// mounted there or below it (an agent killed before its teardown left its pins; an agent
+/// given a subdirectory mounts bpffs there itself) is unmounted, deepest first, which
 /// releases the pinned links and maps, and the directory is removed.
 #[derive(Debug)]
 pub struct BpffsDir(PathBuf);
@@ -20,10 +21,20 @@ impl BpffsDir {
     }
 
     pub fn is_mounted(&self) -> bool {
-        std::fs::read_to_string("/proc/self/mounts")
+        self.mounts().iter().any(|m| *m == self.0)
+    }
+
+    /// Mount points at this path or below it, deepest first.
+    fn mounts(&self) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mounts")
             .unwrap_or_default()
             .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(&*self.0.to_string_lossy()))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(PathBuf::from)
+            .filter(|m| m.starts_with(&self.0))
+            .collect();
+        found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        found
     }
 }
 
@@ -35,8 +46,13 @@ impl Default for BpffsDir {
 
 impl Drop for BpffsDir {
     fn drop(&mut self) {
-        while self.is_mounted() {
-            let Ok(path) = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()) else {
+        // Bounded: each round unmounts at least one mount or stops.
+        for _ in 0..16 {
+            let mounts = self.mounts();
+            let Some(deepest) = mounts.first() else {
+                break;
+            };
+            let Ok(path) = std::ffi::CString::new(deepest.to_string_lossy().as_bytes()) else {
                 break;
             };
             // SAFETY: a NUL-terminated path that lives across the call.
