@@ -21,7 +21,7 @@ impl BpffsDir {
     }
 
     pub fn is_mounted(&self) -> bool {
-        self.mounts().iter().any(|m| *m == self.0)
+        self.mounts().contains(&self.0)
     }
 
     /// Mount points at this path or below it, deepest first.
