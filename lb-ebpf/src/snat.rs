@@ -184,17 +184,8 @@ pub fn release(ct_key: &Ct4Key, ct: &Ct4Value) {
             ct.nat_addr,
             ct.nat_port,
         );
-        return;
-    }
-    let reply = Ct4Key::new(
-        ct.backend_addr,
-        ct_key.saddr,
-        ct.backend_port,
-        ct_key.sport,
-        ct_key.proto,
-    );
-    if names_client(&reply, ct_key, 0) {
-        let _ = LB4_FLOWREV_V2.remove(&reply);
+    } else {
+        release_reply(ct_key, ct.backend_addr, ct.backend_port);
     }
 }
 
@@ -231,12 +222,19 @@ fn release_entries(
             let _ = LB4_FLOWREV_V2.remove(&key);
         }
     }
-    key = Ct4Key::new(
+    release_reply(client, backend_addr, backend_port);
+}
+
+/// Removes the reply entry (backend → client, no SNAT bits) of the flow from `client` while it
+/// still names that flow.
+#[inline(always)]
+fn release_reply(client: &Ct4Key, backend_addr: u32, backend_port: u16) {
+    let key = Ct4Key::new(
         backend_addr,
         client.saddr,
         backend_port,
         client.sport,
-        proto,
+        client.proto,
     );
     if names_client(&key, client, 0) {
         let _ = LB4_FLOWREV_V2.remove(&key);
