@@ -12,9 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuHashMap};
-use lb_common::{
-    NameKey, ServiceStats, Slot4Key, backend_flags, backend_states, frontend_flags, map_names,
-};
+use lb_common::{NameKey, ServiceStats, Slot4Key, frontend_flags, map_names};
 use serde::Serialize;
 
 use crate::{
@@ -47,7 +45,7 @@ pub struct FrontendDescription {
     /// The backend set, numbered by first appearance over the frontends in order: frontends
     /// with equal numbers share one service id.
     pub backend_set: usize,
-    /// `IP:port`, with ` local` / ` terminating` where they apply, sorted.
+    /// `IP:port`, as `lb-agent list` prints it (` (local)`, ` (terminating)`), sorted.
     pub backends: Vec<String>,
     pub maglev_table: bool,
     pub counters: bool,
@@ -135,7 +133,7 @@ pub fn of_contents(
                 continue;
             };
             named_backends.insert(id);
-            backends.push(backend_text(backend));
+            backends.push(crate::list::backend_text(backend));
         }
         backends.sort();
         let source_ranges = contents
@@ -213,25 +211,6 @@ pub fn of_contents(
         node_address_entries: BTreeMap::new(),
         leaks,
     }
-}
-
-/// `IP:port`, then ` local` and ` terminating` where they apply, and any other state or flag
-/// bits as numbers.
-fn backend_text(backend: &lb_common::Backend4) -> String {
-    let mut text = backend_of(backend).to_string();
-    if backend.flags & backend_flags::LOCAL != 0 {
-        text.push_str(" local");
-    }
-    let other_flags = backend.flags & !backend_flags::LOCAL;
-    if other_flags != 0 {
-        text.push_str(&format!(" flags={other_flags}"));
-    }
-    match backend.state {
-        backend_states::ACTIVE => {}
-        backend_states::TERMINATING => text.push_str(" terminating"),
-        other => text.push_str(&format!(" state={other}")),
-    }
-    text
 }
 
 fn count_leak(leaks: &mut Vec<String>, count: usize, what: &str) {

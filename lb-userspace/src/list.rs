@@ -50,16 +50,7 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
         let kind = FrontendKind::from_number(value.kind);
         let backends = contents
             .live_backends(value)
-            .map(|(_, b)| {
-                let mut text = backend_of(b).to_string();
-                if b.flags & backend_flags::LOCAL != 0 {
-                    text.push_str(" (local)");
-                }
-                if b.state == backend_states::TERMINATING {
-                    text.push_str(" (terminating)");
-                }
-                text
-            })
+            .map(|(_, b)| backend_text(b))
             .collect();
         let external = kind.is_some_and(FrontendKind::is_external);
         rows.push(Row {
@@ -106,6 +97,25 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
             ))
     });
     Ok(rows)
+}
+
+/// `IP:port`, then ` (local)` and ` (terminating)` where they apply, and any other flag or
+/// state bits as numbers (` (flags=N)`, ` (state=N)`): one text for `list` and `describe`.
+pub fn backend_text(backend: &lb_common::Backend4) -> String {
+    let mut text = backend_of(backend).to_string();
+    if backend.flags & backend_flags::LOCAL != 0 {
+        text.push_str(" (local)");
+    }
+    let other_flags = backend.flags & !backend_flags::LOCAL;
+    if other_flags != 0 {
+        text.push_str(&format!(" (flags={other_flags})"));
+    }
+    match backend.state {
+        backend_states::ACTIVE => {}
+        backend_states::TERMINATING => text.push_str(" (terminating)"),
+        other => text.push_str(&format!(" (state={other})")),
+    }
+    text
 }
 
 /// A table like `kubectl get` prints.

@@ -66,7 +66,7 @@ fn the_description_shows_entries_no_frontend_reaches_and_missing_backends() {
     assert!(clean.leaks.is_empty(), "{:?}", clean.leaks);
     assert_eq!(
         clean.frontends["10.96.0.10:80/TCP"].backends,
-        [format!("{pod}:8080 local")]
+        [format!("{pod}:8080 (local)")]
     );
     assert_eq!(
         clean.frontends["10.96.0.10:80/TCP"].service.as_deref(),
