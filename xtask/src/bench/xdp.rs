@@ -58,7 +58,7 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
         name: "measure-np".into(),
         port_name: "http".into(),
         protocol: "TCP",
-        vip: Ipv4Addr::new(10, 100, 0, 9),
+        vip: Ipv4Addr::new(10, 100, 0, 9).into(),
         port: SERVICE_PORT,
         target_port: POD_PORT,
         endpoints: backends.clone(),
