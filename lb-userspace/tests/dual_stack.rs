@@ -334,7 +334,11 @@ fn client_ip_affinity_holds_per_family_and_a_mapped_socket_shares_the_ipv4_choic
     );
     // The IPv4 slice did not change: IPv4 keeps its pod, whichever IPv6 lost.
     let v4_after = cluster.probe(&["tcp", &at(DUAL4, 80), "--count", "10"]);
-    assert_eq!(v4_after.replies, one(&chosen[0], 10), "IPv4 kept its pod: {v4_after:?}");
+    assert_eq!(
+        v4_after.replies,
+        one(&chosen[0], 10),
+        "IPv4 kept its pod: {v4_after:?}"
+    );
 }
 
 #[test]
