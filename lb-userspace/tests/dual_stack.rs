@@ -357,7 +357,9 @@ fn lb_agent_list_shows_the_frontends_and_backends_of_both_families() {
         &web_slice(&cluster, "web", "IPv6", &["pod-a"]),
     );
     cluster.start_agent();
-    cluster.probe_until(&["tcp", &at(DUAL6, 80), "--count", "1"], TIMEOUT, |r| {
+    // Programmed (through the IPv4 ClusterIP: the listing needs the agent's maps, not the
+    // IPv6 socket hooks).
+    cluster.probe_until(&["tcp", &at(DUAL4, 80), "--count", "1"], TIMEOUT, |r| {
         r.replies.get("pod-a") == Some(&1)
     });
     let bpffs = cluster.bpffs.path().display().to_string();
