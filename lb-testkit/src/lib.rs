@@ -4,6 +4,11 @@
 //! and spawning processes inside them. Everything is removed on drop, also when
 //! a test panics, and names are unique so tests can run in parallel. Needs root.
 //!
+//! Dual-stack is opt-in: [`Node::dual_stack`] (and [`Node::dual_stack_in_subnet`] for a second
+//! node), [`Lan::plug_dual_stack`] and [`OutsideClient::on_lan_dual_stack`] add IPv6 addresses
+//! (ULA: pods fd00:10:244::/64, the LAN of the tests fd00:172::/64) beside the IPv4 ones,
+//! usable at once ([`ipv6_without_dad`], `nodad`); the plain constructors stay IPv4-only.
+//!
 //! The Services and EndpointSlices they serve are written with [`objects`].
 //!
 //! The package's binaries, `lb-probe` (a traffic probe and name-answering server) and
