@@ -129,7 +129,7 @@ impl Lan {
 
     /// Joins `member` (a node's namespace, or a client's) to the LAN: a veth pair with a unique
     /// name on the bridge and `iface` in `member`, which gets `ip/prefix_len` and is brought up.
-    /// A second address (the other family's) is added with [`Lan::add_address`].
+    /// For both families use [`Lan::plug_dual_stack`].
     pub fn plug(
         &self,
         member: &Netns,
