@@ -342,6 +342,33 @@ fn client_ip_affinity_holds_per_family_and_a_mapped_socket_shares_the_ipv4_choic
 }
 
 #[test]
+fn pods_reach_an_ipv6_external_ip_and_load_balancer_ip_at_the_socket() {
+    let mut cluster = Cluster::dual_stack(&["pod-a"]);
+    let external = Ipv6Addr::new(0xfd00, 0x198, 0x51, 0x100, 0, 0, 0, 0x10);
+    let ingress = Ipv6Addr::new(0xfd00, 0x203, 0, 0x113, 0, 0, 0, 7);
+    let lb = service("default", "web6", &[v6(WEB6)], "SingleStack")
+        .service_type("LoadBalancer")
+        .port("http", "TCP", 80, POD_PORT)
+        .node_port(30080)
+        .external_ips([external])
+        .load_balancer_ingress(ingress);
+    cluster.write_manifest("web6.yaml", &lb.to_yaml());
+    cluster.write_manifest(
+        "web6-slice.yaml",
+        &web_slice(&cluster, "web6", "IPv6", &["pod-a"]),
+    );
+    cluster.start_agent();
+
+    // Neither address is on any interface or routed: only the connect hook reaches the pod.
+    for ip in [external, ingress] {
+        let target = at(ip, 80);
+        let tcp = cluster.probe(&["tcp", &target, "--count", "5"]);
+        assert_eq!(tcp.replies, one("pod-a", 5), "{target}: {tcp:?}");
+        assert_eq!(tcp.peers, one(&target, 5), "{target}: getpeername: {tcp:?}");
+    }
+}
+
+#[test]
 fn lb_agent_list_shows_the_frontends_and_backends_of_both_families() {
     let mut cluster = Cluster::dual_stack(&["pod-a"]);
     // IPv6 the primary family: clusterIP is the IPv6 address.
