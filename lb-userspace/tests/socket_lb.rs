@@ -610,8 +610,8 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
     let first = cluster.attached_program_ids();
     assert_eq!(
         first.len(),
-        6,
-        "four socket programs, sock_release and post_bind4 linked: {first:?}"
+        11,
+        "eight socket programs, sock_release, post_bind4 and post_bind6 linked: {first:?}"
     );
     let steady = cluster.probe_in_background(&[
         "tcp",
@@ -634,7 +634,7 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
         first.iter().all(|id| !last.contains(id)),
         "the programs were not replaced: {first:?} then {last:?}"
     );
-    assert_eq!(last.len(), 6, "{last:?}");
+    assert_eq!(last.len(), 11, "{last:?}");
     assert!(steady.attempts > 300, "{steady:?}");
     assert_eq!(
         steady.failures(),
