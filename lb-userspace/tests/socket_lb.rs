@@ -1453,3 +1453,89 @@ fn tcp_connections_of_a_removed_backend_are_destroyed_only_with_terminate_tcp() 
         "aborted: {destroyed:?}\n{log}"
     );
 }
+
+// ---- AF_INET6 sockets: IPv4 services through IPv4-mapped addresses ----
+
+/// `addr` (IP:PORT) as an `AF_INET6` socket names it: `[::ffff:IP]:PORT`.
+fn mapped(addr: &str) -> String {
+    let addr: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 IP:PORT");
+    std::net::SocketAddrV6::new(addr.ip().to_ipv6_mapped(), addr.port(), 0, 0).to_string()
+}
+
+#[test]
+fn an_af_inet6_tcp_socket_reaches_an_ipv4_service_at_its_mapped_address_and_sees_it_mapped() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"]);
+    cluster.start_agent();
+
+    let target = mapped(TCP_VIP);
+    let result = cluster.probe(&["tcp", &target, "--count", "40", "--timeout-ms", "2000"]);
+
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(result.replies.values().sum::<u64>(), 40, "{result:?}");
+    assert_eq!(result.replies.len(), 2, "both backends answer: {result:?}");
+    assert_eq!(
+        result.peers.get(&target),
+        Some(&40),
+        "getpeername shows the mapped ClusterIP: {result:?}"
+    );
+    // The pod saw the client's own IPv4 address: the connection went out as IPv4.
+    let whoami = cluster.probe(&["tcp", &target, "--whoami"]);
+    let seen = whoami.replies.keys().next().expect("a reply");
+    assert!(
+        seen.starts_with(&format!("{}:", cluster.client.ip)),
+        "{whoami:?}"
+    );
+}
+
+#[test]
+fn af_inet6_udp_sockets_reach_an_ipv4_service_at_its_mapped_address_and_replies_show_it_mapped()
+ {
+    let mut cluster = dns_cluster();
+    cluster.start_agent();
+    let target = mapped("10.96.0.53:53");
+
+    // Connected: connect6 translates, getpeername6 shows the service.
+    let connected = cluster.probe(&["udp", &target, "--connected", "--count", "20"]);
+    assert_eq!(connected.failures(), 0, "{connected:?}");
+    assert_eq!(connected.replies.len(), 1, "one socket, one backend: {connected:?}");
+    assert_eq!(connected.peers.get(&target), Some(&20), "{connected:?}");
+
+    // Unconnected: the kernel runs sendmsg4 for a mapped destination, recvmsg6 shows the
+    // reply's source as the mapped service; one socket stays on one backend.
+    let one = cluster.probe(&["udp", &target, "--count", "20"]);
+    assert_eq!(one.failures(), 0, "{one:?}");
+    assert_eq!(one.replies.len(), 1, "one socket, one backend: {one:?}");
+    assert_eq!(
+        one.peers.get(&target),
+        Some(&20),
+        "recvfrom shows the mapped ClusterIP: {one:?}"
+    );
+    let many = cluster.probe(&["udp", &target, "--count", "60", "--new-socket-each"]);
+    assert_eq!(many.failures(), 0, "{many:?}");
+    assert_eq!(many.replies.len(), 2, "separate sockets spread: {many:?}");
+    assert_eq!(many.peers.get(&target), Some(&60), "{many:?}");
+}
+
+#[test]
+fn an_ipv4_service_without_endpoints_refuses_af_inet6_sockets_at_its_mapped_address() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    cluster.write_manifest("web.yaml", &web_service().to_yaml());
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
+    cluster.start_agent();
+
+    let started = Instant::now();
+    let tcp = cluster.probe(&["tcp", &mapped(TCP_VIP), "--count", "3", "--timeout-ms", "3000"]);
+    let target = mapped("10.96.0.53:53");
+    let connected = cluster.probe(&["udp", &target, "--connected", "--count", "3"]);
+    let unconnected = cluster.probe(&["udp", &target, "--count", "3", "--timeout-ms", "3000"]);
+    let elapsed = started.elapsed();
+
+    assert_eq!(tcp.errors.get("refused"), Some(&3), "TCP: {tcp:?}");
+    assert_eq!(connected.errors.get("refused"), Some(&3), "{connected:?}");
+    assert_eq!(unconnected.errors.get("refused"), Some(&3), "{unconnected:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "refusals must not wait for a timeout: {elapsed:?}"
+    );
+}
