@@ -47,8 +47,7 @@ pub fn post_bind6(ctx: SockContext) -> i32 {
         match v4_of_mapped(&addr) {
             Some(v4) => served::<V4>(v4, port, proto),
             None => {
-                served::<V6>(addr, port, proto)
-                    || (addr.is_zero() && served::<V4>(0, port, proto))
+                served::<V6>(addr, port, proto) || (addr.is_zero() && served::<V4>(0, port, proto))
             }
         }
     })

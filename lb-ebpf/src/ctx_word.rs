@@ -21,7 +21,12 @@ pub fn set(field: &mut u32, value: u32) {
 /// An IPv6 address field, word by word.
 #[inline(always)]
 pub fn get6(field: &[u32; 4]) -> Addr6 {
-    [get(&field[0]), get(&field[1]), get(&field[2]), get(&field[3])]
+    [
+        get(&field[0]),
+        get(&field[1]),
+        get(&field[2]),
+        get(&field[3]),
+    ]
 }
 
 /// Stores an IPv6 address field, word by word.
