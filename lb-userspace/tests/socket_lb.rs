@@ -1322,11 +1322,19 @@ fn metrics_and_healthz_are_each_turned_off_on_their_own() {
     assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
 }
 
-/// Entries of the pinned sockets map.
+/// Entries of the pinned IPv4 sockets map.
 fn socket_entries(cluster: &Cluster) -> usize {
-    let path = cluster.bpffs.path().join("maps").join("LB4_REVNAT_V2");
+    socket_entries_of::<lb_common::Addr4>(cluster, lb_common::map_names::REVNAT_V4)
+}
+
+/// Entries of the pinned sockets map `name` of the family of `A`.
+fn socket_entries_of<A>(cluster: &Cluster, name: &str) -> usize
+where
+    lb_common::SockValue<A>: aya::Pod,
+{
+    let path = cluster.bpffs.path().join("maps").join(name);
     let data = aya::maps::MapData::from_pin(&path).expect("the pinned sockets map");
-    let map: aya::maps::HashMap<_, u64, lb_common::Sock4Value> =
+    let map: aya::maps::HashMap<_, u64, lb_common::SockValue<A>> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash");
     map.keys().filter_map(Result::ok).count()
 }
@@ -1892,4 +1900,49 @@ fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
         Some(&2),
         "in the ranges: {bound:?}"
     );
+}
+
+#[test]
+fn closed_af_inet6_sockets_leave_nothing_in_either_sockets_map() {
+    let (cluster, _servers) = ipv6_cluster(&["pod-a"]);
+    let mut maps = Maps6::open(&cluster);
+    let backends = backends6(&cluster, &["pod-a"]);
+    maps.cluster_ip(SERVICE6_ID, 80, lb_common::IPPROTO_TCP, &backends);
+    web(&cluster, &["pod-a"]);
+    let mapped_vip = mapped(TCP_VIP);
+    cluster.tcp_until(&mapped_vip, Duration::from_secs(10), |r| {
+        r.replies.contains_key("pod-a")
+    });
+    let entries = || {
+        (
+            socket_entries(&cluster),
+            socket_entries_of::<lb_common::Addr6>(&cluster, lb_common::map_names::REVNAT_V6),
+        )
+    };
+    let baseline = entries();
+
+    let v6 = cluster.probe(&["tcp", &at6(VIP6, 80), "--count", "1000"]);
+    assert_eq!(v6.failures(), 0, "{v6:?}");
+    let v4 = cluster.probe(&["tcp", &mapped_vip, "--count", "1000"]);
+    assert_eq!(v4.failures(), 0, "{v4:?}");
+    assert_eq!(
+        entries(),
+        baseline,
+        "1,000 IPv6 and 1,000 IPv4-mapped connections closed: their entries went with them"
+    );
+
+    // Open sockets keep theirs: an IPv6 one in the IPv6 map, a mapped one in the IPv4 map.
+    let open = |target: &str| cluster.probe_in_background(&["tcp", target, "--hold-ms", "1200"]);
+    let (held6, held4) = (open(&at6(VIP6, 80)), open(&mapped_vip));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(entries(), (baseline.0 + 1, baseline.1 + 1));
+    for held in [held6, held4] {
+        let result = finish_probe(held);
+        assert_eq!(
+            result.errors.get("timeout"),
+            Some(&1),
+            "held open: {result:?}"
+        );
+    }
+    assert_eq!(entries(), baseline);
 }
