@@ -441,6 +441,8 @@ const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Each agent runs alone in its node's network namespace: kube-proxy's ports on loopback.
 const METRICS_ADDR: &str = "127.0.0.1:10249";
 const HEALTHZ_ADDR: &str = "127.0.0.1:10256";
+/// The `healthCheckNodePort` of the eTP Local Service.
+const HEALTH_CHECK_PORT: u16 = 32100;
 /// The first port of the agents' SNAT range.
 const SNAT_PORTS_FROM: u16 = 61_000;
 
@@ -740,7 +742,10 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
     let mut site = Site::new(&["pod-a"]);
     site.write_manifest(
         "web.yaml",
-        &dual_node_port().external_traffic_policy("Local").to_yaml(),
+        &dual_node_port()
+            .external_traffic_policy("Local")
+            .health_check_node_port(HEALTH_CHECK_PORT)
+            .to_yaml(),
     );
     site.write_slices("web", &["pod-a"]);
     site.start_agents();
@@ -751,6 +756,21 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
         |r| all_from(r, CLIENT_IP),
     );
     eprintln!("IPv4 NodePort: {ipv4:?}");
+    // The health-check node port answers on the node's IPv4 and IPv6 addresses (any path:
+    // lb-probe's `GET /`), counting node-a's one local endpoint; node-b's has none.
+    for (node, local_endpoints) in [(v4(NODE_A_IP), 1), (v6(NODE_A_IP6), 1), (v6(NODE_B_IP6), 0)] {
+        let health = at(node, HEALTH_CHECK_PORT);
+        let answer = site.probe_until(&["tcp", &health, "--count", "1"], |r| r.replies.len() == 1);
+        let body = answer.replies.keys().next().unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{health}: {e}: {body}"));
+        assert_eq!(
+            json,
+            serde_json::json!({"service": {"namespace": "default", "name": "web"},
+                "localEndpoints": local_endpoints, "serviceProxyHealthy": true}),
+            "{health}"
+        );
+    }
 
     let nodeport = at(NODE_A_IP6, 30080);
     let tcp = site.probe_until(&["tcp", &nodeport, "--count", "10", "--whoami"], |r| {
