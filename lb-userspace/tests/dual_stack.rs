@@ -681,6 +681,20 @@ impl Site {
         serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
     }
 
+    /// `lb-probe ARGS` inside node-a, in its agent's cgroup (where the socket programs apply):
+    /// from pod `pod`'s network namespace, or from the node's own with `None`.
+    fn probe_in_node(&self, pod: Option<&str>, args: &[&str]) -> ProbeResult {
+        let netns = pod.map_or(self.node_a.netns(), |name| &self.pod(name).netns);
+        let child = spawn_in(Some(netns), Some(&self.cgroups[0]), &*PROBE, args).expect("lb-probe");
+        let output = child.wait_with_output().expect("waiting for lb-probe");
+        assert!(
+            output.status.success(),
+            "lb-probe {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
+    }
+
     /// Repeats `probe(args)` until `done` holds, or fails after [`TIMEOUT`] with the logs.
     fn probe_until(&self, args: &[&str], done: impl Fn(&ProbeResult) -> bool) -> ProbeResult {
         let started = Instant::now();
@@ -804,6 +818,39 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
         !first.contains("refused"),
         "dropped, not refused: {dropped:?}"
     );
+}
+
+#[test]
+fn pods_and_the_node_itself_reach_an_ipv6_node_port_at_the_socket() {
+    let mut site = Site::new(&["pod-a", "pod-b"]);
+    site.write_manifest("web.yaml", &dual_node_port().to_yaml());
+    site.write_slices("web", &["pod-a", "pod-b"]);
+    site.start_agents();
+
+    // From a pod: both pods answer (pod-a itself too), getpeername shows the NodePort.
+    let nodeport = at(NODE_A_IP6, 30080);
+    let tcp = site.probe_in_node(Some("pod-a"), &["tcp", &nodeport, "--count", "40"]);
+    assert_eq!(tcp.failures(), 0, "{tcp:?}\n{}", site.logs());
+    assert_eq!(tcp.replies.len(), 2, "both pods answer: {tcp:?}");
+    assert_eq!(tcp.peers, one(&nodeport, 40), "getpeername: {tcp:?}");
+    let udp_port = at(NODE_A_IP6, 30081);
+    let udp = site.probe_in_node(Some("pod-b"), &["udp", &udp_port, "--count", "20"]);
+    assert_eq!(udp.failures(), 0, "{udp:?}");
+    assert_eq!(
+        udp.peers,
+        one(&udp_port, 20),
+        "UDP replies from the NodePort: {udp:?}"
+    );
+
+    // The node itself, at its IPv6 address and at ::1; an AF_INET6 socket at the node's IPv4
+    // address, mapped, takes the IPv4 NodePort.
+    let mapped = at(NODE_A_IP.to_ipv6_mapped(), 30080);
+    for target in [nodeport.as_str(), "[::1]:30080", mapped.as_str()] {
+        let node = site.probe_in_node(None, &["tcp", target, "--count", "10"]);
+        assert_eq!(node.failures(), 0, "the node itself to {target}: {node:?}");
+        assert_eq!(answered(&node), 10, "{node:?}");
+        assert_eq!(node.peers, one(target, 10), "getpeername: {node:?}");
+    }
 }
 
 #[test]
