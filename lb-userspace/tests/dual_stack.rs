@@ -751,6 +751,56 @@ fn dual_node_port() -> ServiceManifest {
         .node_port(30081)
 }
 
+/// `lb-probe tcp TARGET` once from `netns` (no cgroup: no load balancer involved).
+fn direct(netns: &Netns, target: &str) -> ProbeResult {
+    let child =
+        spawn_in(Some(netns), None, &*PROBE, &["tcp", target, "--count", "1"]).expect("lb-probe");
+    serde_json::from_slice(&child.wait_with_output().expect("lb-probe").stdout)
+        .expect("lb-probe JSON")
+}
+
+#[test]
+fn the_site_routes_both_families_between_client_nodes_and_pods_without_an_agent() {
+    let mut site = Site::new(&["pod-a"]);
+    // A server where the SNAT path's replies end: node-a's LAN address.
+    site.servers.push(serve(site.node_a.netns(), "node-a"));
+    let pod_a = site.pod("pod-a");
+    let pod_r = site.pod("pod-r");
+    // A local pod routes its replies to the outside client via its node (eTP Local's reply
+    // path; the client itself routes nothing to the pods).
+    for client in [v6(CLIENT_IP6), v4(CLIENT_IP)] {
+        let route = pod_a
+            .netns
+            .run(&["ip", "route", "get", &client.to_string()])
+            .expect("ip route get");
+        let via = match client {
+            IpAddr::V6(_) => site.node_a.bridge_ip6().unwrap().to_string(),
+            IpAddr::V4(_) => site.node_a.bridge_ip().to_string(),
+        };
+        assert!(route.contains(&format!("via {via} dev eth0")), "{route}");
+    }
+    // node-a reaches node-b's pod (eTP Cluster through SNAT), which answers node-a.
+    let paths: [(&Netns, IpAddr, &str); 4] = [
+        (site.node_a.netns(), v6(pod_r.ip6.unwrap()), "pod-r"),
+        (site.node_a.netns(), v4(pod_r.ip), "pod-r"),
+        (&pod_r.netns, v6(NODE_A_IP6), "node-a"),
+        (&pod_r.netns, v4(NODE_A_IP), "node-a"),
+    ];
+    for (from, to, name) in paths {
+        let target = at(to, POD_PORT);
+        let answer = direct(from, &target);
+        assert_eq!(
+            answer.replies,
+            one(name, 1),
+            "{} to {target}: {answer:?}",
+            from.name()
+        );
+    }
+    // Nothing else is routed: the client has no route to the pods.
+    let unrouted = direct(site.client.netns(), &at(pod_a.ip6.unwrap(), POD_PORT));
+    assert_eq!(unrouted.errors.get("unreachable"), Some(&1), "{unrouted:?}");
+}
+
 #[test]
 fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address() {
     let mut site = Site::new(&["pod-a"]);
