@@ -1571,76 +1571,21 @@ fn an_ipv4_service_without_endpoints_refuses_af_inet6_sockets_at_its_mapped_addr
 
 /// The IPv6 ClusterIP of the tests' IPv6 services.
 const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
-/// The port the pods answer on over IPv6 (their IPv4 servers hold `POD_PORT` on 0.0.0.0).
-const POD_PORT6: u16 = 8086;
 /// Service and backend ids far above the ones the agent hands out to the manifests' services.
 const SERVICE6_ID: u32 = 40_000;
-
-/// The IPv6 address of the pod (or the node's bridge) at IPv4 address 10.244.0.N:
-/// fd00:10:244::N (the pod network's ULA twin).
-fn ip6_of(v4: Ipv4Addr) -> std::net::Ipv6Addr {
-    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, v4.octets()[3].into())
-}
 
 /// `[addr]:port`.
 fn at6(addr: std::net::Ipv6Addr, port: u16) -> String {
     std::net::SocketAddrV6::new(addr, port, 0, 0).to_string()
 }
 
-/// Servers a test started, killed and reaped on drop.
-struct Servers(Vec<std::process::Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for server in &mut self.0 {
-            let _ = server.kill();
-            let _ = server.wait();
-        }
-    }
-}
-
-/// A cluster whose node bridge, client and backend pods also have their IPv6 addresses
-/// (no duplicate address detection, so they are usable at once), each backend answering
-/// with its name on `[::]:POD_PORT6`, TCP and UDP, and the agent started with no services.
-fn ipv6_cluster(backends: &[&str]) -> (Cluster, Servers) {
-    let mut cluster = Cluster::new(backends);
-    let add = |netns: &lb_testkit::Netns, dev: &str, v4: Ipv4Addr| {
-        let cidr = format!("{}/64", ip6_of(v4));
-        netns
-            .run(&["ip", "-6", "addr", "add", &cidr, "dev", dev, "nodad"])
-            .expect("adding an IPv6 address");
-    };
-    add(
-        cluster.node.netns(),
-        lb_testkit::BRIDGE,
-        lb_testkit::BRIDGE_IP,
-    );
-    add(&cluster.client.netns, "eth0", cluster.client.ip);
-    let mut servers = Servers(Vec::new());
-    for pod in &cluster.pods {
-        add(&pod.netns, "eth0", pod.ip);
-        let port = POD_PORT6.to_string();
-        let args = [
-            "serve", "--name", &pod.name, "--bind", "::", "--tcp", &port, "--udp", &port,
-        ];
-        let mut server = lb_testkit::spawn_in(Some(&pod.netns), None, &*common::PROBE, &args)
-            .expect("starting an IPv6 server");
-        let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(server.stdout.take().expect("piped stdout")),
-            &mut ready,
-        )
-        .expect("reading the server's ready line");
-        assert_eq!(
-            ready.trim(),
-            "ready",
-            "the IPv6 server of {} did not start",
-            pod.name
-        );
-        servers.0.push(server);
-    }
+/// A dual-stack cluster (`Cluster::dual_stack`: the node bridge, client and backend pods have
+/// IPv6 addresses too, each backend answering with its name on both families), the agent
+/// started with no services.
+fn ipv6_cluster(backends: &[&str]) -> Cluster {
+    let mut cluster = Cluster::dual_stack(backends);
     cluster.start_agent();
-    (cluster, servers)
+    cluster
 }
 
 /// The pinned IPv6 service maps of a cluster's agent, written as the agent will.
@@ -1674,7 +1619,7 @@ impl Maps6 {
     }
 
     /// Service `id` at `addr`:`port`/`proto`, a frontend of `kind` with `flags`, over the
-    /// backends `(id, address)` at `POD_PORT6`.
+    /// backends `(id, address)` at `POD_PORT`.
     #[allow(clippy::too_many_arguments)]
     fn service(
         &mut self,
@@ -1690,7 +1635,7 @@ impl Maps6 {
         for (index, (backend_id, backend)) in backends.iter().enumerate() {
             let value = lb_common::Backend6 {
                 addr: lb_common::Addr6::from_ip(*backend),
-                port: lb_common::port_to_map(POD_PORT6),
+                port: lb_common::port_to_map(POD_PORT),
                 state: lb_common::backend_states::ACTIVE,
                 flags: 0,
             };
@@ -1739,13 +1684,13 @@ impl Maps6 {
 fn backends6(cluster: &Cluster, pods: &[&str]) -> Vec<(u32, std::net::Ipv6Addr)> {
     pods.iter()
         .enumerate()
-        .map(|(i, pod)| (SERVICE6_ID + 100 + i as u32, ip6_of(cluster.pod_ip(pod))))
+        .map(|(i, pod)| (SERVICE6_ID + 100 + i as u32, cluster.pod_ip6(pod)))
         .collect()
 }
 
 #[test]
 fn ipv6_tcp_and_udp_sockets_reach_an_ipv6_cluster_ip_and_see_it_as_their_peer() {
-    let (cluster, _servers) = ipv6_cluster(&["pod-a", "pod-b"]);
+    let cluster = ipv6_cluster(&["pod-a", "pod-b"]);
     let mut maps = Maps6::open(&cluster);
     let backends = backends6(&cluster, &["pod-a", "pod-b"]);
     maps.cluster_ip(SERVICE6_ID, 80, lb_common::IPPROTO_TCP, &backends);
@@ -1757,7 +1702,7 @@ fn ipv6_tcp_and_udp_sockets_reach_an_ipv6_cluster_ip_and_see_it_as_their_peer() 
     assert_eq!(tcp.replies.len(), 2, "both backends answer: {tcp:?}");
     assert_eq!(tcp.peers.get(&tcp_vip), Some(&40), "getpeername: {tcp:?}");
     let whoami = cluster.probe(&["tcp", &tcp_vip, "--whoami"]);
-    let client = format!("[{}]:", ip6_of(cluster.client.ip));
+    let client = format!("[{}]:", cluster.client_ip6());
     assert!(
         whoami.replies.keys().all(|seen| seen.starts_with(&client)),
         "the pod sees the client's own IPv6 address: {whoami:?}"
@@ -1801,7 +1746,7 @@ fn bind_on_node(cluster: &Cluster, proto: &str, address: &str) -> Bound {
 
 #[test]
 fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
-    let (cluster, _servers) = ipv6_cluster(&["pod-a"]);
+    let cluster = ipv6_cluster(&["pod-a"]);
     let mut maps = Maps6::open(&cluster);
     let backends = backends6(&cluster, &["pod-a"]);
     let node_port: u16 = 30_000 + (std::process::id() % 2_000) as u16;
@@ -1841,7 +1786,7 @@ fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
 
     // A NodePort at the node's IPv6 address (LB6_NODEADDR), from a pod.
     use lb_common::MapAddr as _;
-    let node = ip6_of(lb_testkit::BRIDGE_IP);
+    let node = lb_testkit::BRIDGE_IP6;
     maps.node_addrs
         .insert(lb_common::Addr6::from_ip(node), 1, 0)
         .unwrap();
@@ -1881,7 +1826,7 @@ fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
     let target = at6(lb_ip, 53);
     let filtered = cluster.probe(&["udp", &target, "--count", "2"]);
     assert_eq!(filtered.errors.get("permission"), Some(&2), "{filtered:?}");
-    let client = ip6_of(cluster.client.ip);
+    let client = cluster.client_ip6();
     let source = client.to_string();
     let bound = cluster.probe(&["udp", &target, "--source", &source, "--count", "2"]);
     assert_eq!(
@@ -1904,7 +1849,7 @@ fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
 
 #[test]
 fn closed_af_inet6_sockets_leave_nothing_in_either_sockets_map() {
-    let (cluster, _servers) = ipv6_cluster(&["pod-a"]);
+    let cluster = ipv6_cluster(&["pod-a"]);
     let mut maps = Maps6::open(&cluster);
     let backends = backends6(&cluster, &["pod-a"]);
     maps.cluster_ip(SERVICE6_ID, 80, lb_common::IPPROTO_TCP, &backends);
