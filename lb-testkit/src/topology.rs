@@ -80,6 +80,12 @@ impl Node {
         Node::build(netns, 0, true)
     }
 
+    /// A node whose pods are in subnet `subnet`: bridge 10.244.S.1/24, pods 10.244.S.N (a
+    /// second node beside one of subnet 0; the caller routes between them).
+    pub fn in_subnet(netns: Netns, subnet: u8) -> Result<Node> {
+        Node::build(netns, subnet, false)
+    }
+
     /// A dual-stack node whose pods are in subnet `subnet`: bridge 10.244.S.1/24 and
     /// fd00:10:244:S::1/64, pods 10.244.S.N and fd00:10:244:S::N (a second node beside one of
     /// subnet 0; the caller routes between them).

@@ -22,19 +22,16 @@
 //! `IPv6`).
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::dual_stack::{NODE, all_from, at, service, slice, whoami_ip};
-use common::{AGENT, Agent, BpffsDir, Cluster, POD_PORT, PROBE, ProbeResult, TempDir};
-use lb_testkit::objects::ServiceManifest;
-use lb_testkit::{
-    AgentReady, Cgroup, Lan, Netns, Node, OutsideClient, Pod, command_in, make_dual_stack_router,
-    spawn_in,
+use common::site::{
+    CLIENT_IP, CLIENT_IP6, EXTERNAL_IP6, NODE_A_IP, NODE_A_IP6, NODE_B_IP6, Site, serve,
 };
+use common::{Cluster, POD_PORT, PROBE, ProbeResult};
+use lb_testkit::objects::ServiceManifest;
+use lb_testkit::{Netns, spawn_in};
 
 const WEB4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
@@ -425,319 +422,36 @@ fn lb_agent_list_shows_the_frontends_and_backends_of_both_families() {
 
 // ---------------------------------------------------------------- north-south
 
-const LAN_IFACE: &str = "lan0";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
-const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
-const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
-const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 0, 0x100);
-const NODE_A_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 0, 1);
-const NODE_B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 0, 2);
-const LAN_PREFIX_LEN: u8 = 24;
-const LAN_PREFIX_LEN6: u8 = 64;
-/// On no interface; the client routes them via node-a.
-const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x51, 0x100, 0, 0, 0, 0x10);
+/// On no interface; the LoadBalancer test's client routes it via node-a.
 const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x203, 0, 0x113, 0, 0, 0, 7);
-const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Each agent runs alone in its node's network namespace: kube-proxy's ports on loopback.
-const METRICS_ADDR: &str = "127.0.0.1:10249";
-const HEALTHZ_ADDR: &str = "127.0.0.1:10256";
 /// The `healthCheckNodePort` of the eTP Local Service.
 const HEALTH_CHECK_PORT: u16 = 32100;
 /// The first port of the agents' SNAT range.
 const SNAT_PORTS_FROM: u16 = 61_000;
 
-/// The outside client, two dual-stack nodes on a LAN, their pods and agents. Fields drop in
-/// order: agents, servers, namespaces, then directories.
-struct Site {
-    agents: Vec<Agent>,
-    servers: Vec<Child>,
-    pods: Vec<Pod>,
-    client: OutsideClient,
-    node_b: Node,
-    node_a: Node,
-    /// Held for its drop: the bridge every member is plugged into.
-    _lan: Lan,
-    cgroups: Vec<Cgroup>,
-    manifests: TempDir,
-    bpffs: Vec<BpffsDir>,
-}
-
-impl Site {
-    /// The client, node-a with the pods `local`, node-b with the pod `pod-r`, every pod
-    /// answering with its name on both families.
-    fn new(local: &[&str]) -> Site {
-        lb_testkit::require_root().expect("the kernel tests need root");
-        let lan = Lan::new().expect("the LAN");
-        let client = OutsideClient::on_lan_dual_stack(
-            Netns::new("cli").expect("client namespace"),
-            &lan,
-            LAN_IFACE,
-            (CLIENT_IP, LAN_PREFIX_LEN),
-            (CLIENT_IP6, LAN_PREFIX_LEN6),
-        )
-        .expect("the outside client on the LAN");
-        for destination in [EXTERNAL_IP6, LB_IP6] {
-            client
-                .route(&format!("{destination}/128"), NODE_A_IP6)
-                .expect("the client's route via node-a");
-        }
-        let node_a = Node::dual_stack().expect("node-a");
-        let node_b =
-            Node::dual_stack_in_subnet(Netns::new("nodeb").expect("node-b"), 1).expect("node-b");
-        for (node, ip, ip6) in [
-            (&node_a, NODE_A_IP, NODE_A_IP6),
-            (&node_b, NODE_B_IP, NODE_B_IP6),
-        ] {
-            lan.plug_dual_stack(
-                node.netns(),
-                LAN_IFACE,
-                (ip, LAN_PREFIX_LEN),
-                (ip6, LAN_PREFIX_LEN6),
-            )
-            .expect("a node on the LAN");
-            make_dual_stack_router(node.netns()).expect("a node routes");
-        }
-        // Each node reaches the other's pods via the other.
-        for (from, to, via, via6) in [
-            (&node_a, &node_b, NODE_B_IP, NODE_B_IP6),
-            (&node_b, &node_a, NODE_A_IP, NODE_A_IP6),
-        ] {
-            run(
-                from.netns(),
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    &to.pod_subnet(),
-                    "via",
-                    &via.to_string(),
-                ],
-            );
-            run(
-                from.netns(),
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    &to.pod_subnet6().unwrap(),
-                    "via",
-                    &via6.to_string(),
-                ],
-            );
-        }
-        let mut site = Site {
-            agents: Vec::new(),
-            servers: Vec::new(),
-            pods: Vec::new(),
-            client,
-            node_b,
-            node_a,
-            _lan: lan,
-            cgroups: Vec::new(),
-            manifests: TempDir::new("lbds-manifests"),
-            bpffs: Vec::new(),
-        };
-        for name in local {
-            let pod = site.node_a.add_pod(name).expect("a pod on node-a");
-            site.pod_routes(&pod, &site.node_a);
-            site.servers.push(serve(&pod.netns, name));
-            site.pods.push(pod);
-        }
-        let pod = site.node_b.add_pod("pod-r").expect("a pod on node-b");
-        site.pod_routes(&pod, &site.node_b);
-        site.servers.push(serve(&pod.netns, "pod-r"));
-        site.pods.push(pod);
-        site
-    }
-
-    /// The pod routes the LAN (both families) via its node.
-    fn pod_routes(&self, pod: &Pod, node: &Node) {
-        let lan = lb_testkit::subnet(NODE_A_IP, LAN_PREFIX_LEN);
-        let lan6 = lb_testkit::subnet(NODE_A_IP6, LAN_PREFIX_LEN6);
-        run(
-            &pod.netns,
-            &[
-                "ip",
-                "route",
-                "add",
-                &lan,
-                "via",
-                &node.bridge_ip().to_string(),
-            ],
-        );
-        run(
-            &pod.netns,
-            &[
-                "ip",
-                "route",
-                "add",
-                &lan6,
-                "via",
-                &node.bridge_ip6().unwrap().to_string(),
-            ],
-        );
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).expect("a pod")
-    }
-
-    /// Starts an agent in each node (`--nodeport-iface lan0`, `--cleanup-on-exit`) and waits
-    /// until both are ready: `/healthz` answers 200 and every program is linked.
-    fn start_agents(&mut self) {
-        let nodes = [
-            (self.node_a.netns(), "node-a"),
-            (self.node_b.netns(), "node-b"),
-        ];
-        let args = ["--nodeport-iface", LAN_IFACE];
-        let (metrics, healthz) = (METRICS_ADDR.parse().unwrap(), HEALTHZ_ADDR.parse().unwrap());
-        for _ in &nodes {
-            self.cgroups.push(Cgroup::new("lbds").expect("test cgroup"));
-            self.bpffs.push(BpffsDir::new());
-        }
-        let mut started = Vec::new();
-        for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
-            let (cgroup, bpffs) = (&self.cgroups[index], &self.bpffs[index]);
-            let ready = AgentReady {
-                agent: Path::new(AGENT),
-                bpffs: bpffs.path(),
-                healthz,
-                netns: Some(netns),
-                links: lb_testkit::agent_links_for(&args),
-            }
-            .before_start()
-            .expect("reading the links pinned before the agent starts");
-            let mut cmd = command_in(Some(netns), None, AGENT).expect("agent command");
-            cmd.args([
-                "run",
-                "--manifests",
-                &self.manifests.path().display().to_string(),
-                "--cgroup",
-                &cgroup.path().display().to_string(),
-                "--bpffs",
-                &bpffs.path().display().to_string(),
-                "--node-name",
-                node_name,
-                "--cleanup-on-exit",
-            ])
-            .args(args);
-            started.push((Agent::spawn(cmd, Some(metrics), Some(healthz)), ready));
-        }
-        for (agent, ready) in &mut started {
-            agent.wait_ready(ready, AGENT_START_TIMEOUT);
-        }
-        self.agents = started.into_iter().map(|(agent, _)| agent).collect();
-    }
-
-    fn logs(&self) -> String {
-        self.agents
+/// The slices (one per family) of `service` over these pods (on their nodes), with the
+/// ports of [`with_web_ports`].
+fn write_slices(site: &Site, service: &str, pods: &[&str]) {
+    let node_of = |pod: &str| if pod == "pod-r" { "node-b" } else { "node-a" };
+    for family in ["IPv4", "IPv6"] {
+        let endpoints: Vec<(IpAddr, &str)> = pods
             .iter()
-            .zip(["node-a", "node-b"])
-            .map(|(agent, node)| format!("--- agent of {node}:\n{}", agent.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
+            .map(|name| {
+                let pod = site.pod(name);
+                let ip = match family {
+                    "IPv6" => v6(pod.ip6.expect("a dual-stack pod")),
+                    _ => v4(pod.ip),
+                };
+                (ip, node_of(name))
+            })
+            .collect();
+        let yaml = slice("default", service, &endpoints)
+            .address_type(family)
+            .port("http", "TCP", POD_PORT)
+            .port("dns", "UDP", POD_PORT)
+            .to_yaml();
+        site.write_manifest(&format!("{service}-{family}.yaml"), &yaml);
     }
-
-    fn write_manifest(&self, file: &str, yaml: &str) {
-        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).expect("writing a manifest");
-        std::fs::rename(&tmp, self.manifests.path().join(file)).expect("renaming a manifest");
-    }
-
-    /// The slices (one per family) of `service` over these pods (on their nodes), with the
-    /// ports of [`with_web_ports`].
-    fn write_slices(&self, service: &str, pods: &[&str]) {
-        let node_of = |pod: &str| if pod == "pod-r" { "node-b" } else { "node-a" };
-        for family in ["IPv4", "IPv6"] {
-            let endpoints: Vec<(IpAddr, &str)> = pods
-                .iter()
-                .map(|name| {
-                    let pod = self.pod(name);
-                    let ip = match family {
-                        "IPv6" => v6(pod.ip6.expect("a dual-stack pod")),
-                        _ => v4(pod.ip),
-                    };
-                    (ip, node_of(name))
-                })
-                .collect();
-            let yaml = slice("default", service, &endpoints)
-                .address_type(family)
-                .port("http", "TCP", POD_PORT)
-                .port("dns", "UDP", POD_PORT)
-                .to_yaml();
-            self.write_manifest(&format!("{service}-{family}.yaml"), &yaml);
-        }
-    }
-
-    /// `lb-probe ARGS` from the outside client.
-    fn probe(&self, args: &[&str]) -> ProbeResult {
-        let child = spawn_in(Some(self.client.netns()), None, &*PROBE, args).expect("lb-probe");
-        let output = child.wait_with_output().expect("waiting for lb-probe");
-        assert!(
-            output.status.success(),
-            "lb-probe {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
-    }
-
-    /// `lb-probe ARGS` inside node-a, in its agent's cgroup (where the socket programs apply):
-    /// from pod `pod`'s network namespace, or from the node's own with `None`.
-    fn probe_in_node(&self, pod: Option<&str>, args: &[&str]) -> ProbeResult {
-        let netns = pod.map_or(self.node_a.netns(), |name| &self.pod(name).netns);
-        let child = spawn_in(Some(netns), Some(&self.cgroups[0]), &*PROBE, args).expect("lb-probe");
-        let output = child.wait_with_output().expect("waiting for lb-probe");
-        assert!(
-            output.status.success(),
-            "lb-probe {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
-    }
-
-    /// Repeats `probe(args)` until `done` holds, or fails after [`TIMEOUT`] with the logs.
-    fn probe_until(&self, args: &[&str], done: impl Fn(&ProbeResult) -> bool) -> ProbeResult {
-        let started = Instant::now();
-        loop {
-            let result = self.probe(args);
-            if done(&result) {
-                return result;
-            }
-            assert!(
-                started.elapsed() < TIMEOUT,
-                "not reached within {TIMEOUT:?}: {args:?} -> {result:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn run(netns: &Netns, args: &[&str]) {
-    netns
-        .run(args)
-        .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
-}
-
-/// `lb-probe serve` on POD_PORT, both families.
-fn serve(netns: &Netns, name: &str) -> Child {
-    let port = POD_PORT.to_string();
-    let mut server = spawn_in(
-        Some(netns),
-        None,
-        &*PROBE,
-        &[
-            "serve", "--name", name, "--tcp", &port, "--udp", &port, "--bind", "0.0.0.0", "--bind",
-            "::",
-        ],
-    )
-    .expect("starting a backend server");
-    let mut first = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("server ready line");
-    assert_eq!(first.trim(), "ready");
-    server
 }
 
 /// A RequireDualStack NodePort Service `web` at [`WEB4`] and [`WEB6`]: http (TCP 80, nodePort
@@ -761,9 +475,10 @@ fn direct(netns: &Netns, target: &str) -> ProbeResult {
 
 #[test]
 fn the_site_routes_both_families_between_client_nodes_and_pods_without_an_agent() {
-    let mut site = Site::new(&["pod-a"]);
+    let mut site = Site::dual_stack(&["pod-a"]);
     // A server where the SNAT path's replies end: node-a's LAN address.
-    site.servers.push(serve(site.node_a.netns(), "node-a"));
+    site.servers
+        .push(serve(site.node_a.netns(), "node-a", true));
     let pod_a = site.pod("pod-a");
     let pod_r = site.pod("pod-r");
     // A local pod routes its replies to the outside client via its node (eTP Local's reply
@@ -803,7 +518,7 @@ fn the_site_routes_both_families_between_client_nodes_and_pods_without_an_agent(
 
 #[test]
 fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address() {
-    let mut site = Site::new(&["pod-a"]);
+    let mut site = Site::dual_stack(&["pod-a"]);
     site.write_manifest(
         "web.yaml",
         &dual_node_port()
@@ -811,12 +526,13 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
             .health_check_node_port(HEALTH_CHECK_PORT)
             .to_yaml(),
     );
-    site.write_slices("web", &["pod-a"]);
+    write_slices(&site, "web", &["pod-a"]);
     site.start_agents();
 
     // IPv4 first: the same Service's other family, through the same topology.
     let ipv4 = site.probe_until(
         &["tcp", &at(NODE_A_IP, 30080), "--count", "5", "--whoami"],
+        TIMEOUT,
         |r| all_from(r, CLIENT_IP),
     );
     eprintln!("IPv4 NodePort: {ipv4:?}");
@@ -824,7 +540,9 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
     // lb-probe's `GET /`), counting node-a's one local endpoint; node-b's has none.
     for (node, local_endpoints) in [(v4(NODE_A_IP), 1), (v6(NODE_A_IP6), 1), (v6(NODE_B_IP6), 0)] {
         let health = at(node, HEALTH_CHECK_PORT);
-        let answer = site.probe_until(&["tcp", &health, "--count", "1"], |r| r.replies.len() == 1);
+        let answer = site.probe_until(&["tcp", &health, "--count", "1"], TIMEOUT, |r| {
+            r.replies.len() == 1
+        });
         let body = answer.replies.keys().next().unwrap();
         let json: serde_json::Value =
             serde_json::from_str(body).unwrap_or_else(|e| panic!("{health}: {e}: {body}"));
@@ -837,9 +555,11 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
     }
 
     let nodeport = at(NODE_A_IP6, 30080);
-    let tcp = site.probe_until(&["tcp", &nodeport, "--count", "10", "--whoami"], |r| {
-        all_from(r, CLIENT_IP6)
-    });
+    let tcp = site.probe_until(
+        &["tcp", &nodeport, "--count", "10", "--whoami"],
+        TIMEOUT,
+        |r| all_from(r, CLIENT_IP6),
+    );
     eprintln!("IPv6 NodePort, eTP Local: {tcp:?}");
     let names = site.probe(&["tcp", &nodeport, "--count", "5"]);
     assert_eq!(names.replies, one("pod-a", 5), "{names:?}\n{}", site.logs());
@@ -872,9 +592,9 @@ fn an_ipv6_node_port_with_external_traffic_policy_local_keeps_the_client_address
 
 #[test]
 fn pods_and_the_node_itself_reach_an_ipv6_node_port_at_the_socket() {
-    let mut site = Site::new(&["pod-a", "pod-b"]);
+    let mut site = Site::dual_stack(&["pod-a", "pod-b"]);
     site.write_manifest("web.yaml", &dual_node_port().to_yaml());
-    site.write_slices("web", &["pod-a", "pod-b"]);
+    write_slices(&site, "web", &["pod-a", "pod-b"]);
     site.start_agents();
 
     // From a pod: both pods answer (pod-a itself too), getpeername shows the NodePort.
@@ -906,16 +626,18 @@ fn pods_and_the_node_itself_reach_an_ipv6_node_port_at_the_socket() {
 #[test]
 fn an_ipv6_node_port_with_external_traffic_policy_cluster_reaches_a_pod_on_the_second_node_through_snat()
  {
-    let mut site = Site::new(&["pod-a"]);
+    let mut site = Site::dual_stack(&["pod-a"]);
     site.write_manifest("web.yaml", &dual_node_port().to_yaml());
-    site.write_slices("web", &["pod-r"]);
+    write_slices(&site, "web", &["pod-r"]);
     site.start_agents();
 
     // Through node-a to node-b's pod: the pod sees node-a's IPv6 address, on an SNAT port.
     let nodeport = at(NODE_A_IP6, 30080);
-    let whoami = site.probe_until(&["tcp", &nodeport, "--count", "20", "--whoami"], |r| {
-        all_from(r, NODE_A_IP6)
-    });
+    let whoami = site.probe_until(
+        &["tcp", &nodeport, "--count", "20", "--whoami"],
+        TIMEOUT,
+        |r| all_from(r, NODE_A_IP6),
+    );
     for seen in whoami.replies.keys() {
         let port = seen
             .parse::<std::net::SocketAddr>()
@@ -935,6 +657,7 @@ fn an_ipv6_node_port_with_external_traffic_policy_cluster_reaches_a_pod_on_the_s
     // The same Service through node-b, where the pod is local: no SNAT.
     let via_b = site.probe_until(
         &["tcp", &at(NODE_B_IP6, 30080), "--count", "10", "--whoami"],
+        TIMEOUT,
         |r| all_from(r, CLIENT_IP6),
     );
     eprintln!("IPv6 eTP Cluster via node-b: {via_b:?}");
@@ -943,7 +666,7 @@ fn an_ipv6_node_port_with_external_traffic_policy_cluster_reaches_a_pod_on_the_s
 #[test]
 fn an_ipv6_external_ip_and_load_balancer_ip_are_reached_from_outside_with_the_client_address_kept()
 {
-    let mut site = Site::new(&["pod-a"]);
+    let mut site = Site::dual_stack(&["pod-a"]);
     let lb = service("default", "web", &[v6(WEB6)], "SingleStack")
         .service_type("LoadBalancer")
         .port("http", "TCP", 80, POD_PORT)
@@ -952,15 +675,20 @@ fn an_ipv6_external_ip_and_load_balancer_ip_are_reached_from_outside_with_the_cl
         .node_port(30081)
         .external_ips([EXTERNAL_IP6])
         .load_balancer_ingress(LB_IP6);
+    site.client
+        .route(&format!("{LB_IP6}/128"), NODE_A_IP6)
+        .expect("the client's route to the load balancer IP");
     site.write_manifest("web.yaml", &lb.to_yaml());
-    site.write_slices("web", &["pod-a"]);
+    write_slices(&site, "web", &["pod-a"]);
     site.start_agents();
 
     for ip in [EXTERNAL_IP6, LB_IP6] {
         let tcp_target = at(ip, 80);
-        let tcp = site.probe_until(&["tcp", &tcp_target, "--count", "10", "--whoami"], |r| {
-            all_from(r, CLIENT_IP6)
-        });
+        let tcp = site.probe_until(
+            &["tcp", &tcp_target, "--count", "10", "--whoami"],
+            TIMEOUT,
+            |r| all_from(r, CLIENT_IP6),
+        );
         eprintln!("{tcp_target}: {tcp:?}");
         let udp_target = at(ip, 53);
         let udp = site.probe(&["udp", &udp_target, "--count", "10"]);
