@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use common::dual_stack::{NODE, all_from, at, service, slice, whoami_ip};
 use common::site::{
-    CLIENT_IP, CLIENT_IP6, EXTERNAL_IP6, NODE_A_IP, NODE_A_IP6, NODE_B_IP6, Site, serve,
+    CLIENT_IP, CLIENT_IP6, EXTERNAL_IP6, NODE_A_IP, NODE_A_IP6, NODE_B_IP6, Site, probe_in, serve,
 };
-use common::{Cluster, POD_PORT, PROBE, ProbeResult};
+use common::{Cluster, POD_PORT, ProbeResult};
+use lb_testkit::Netns;
 use lb_testkit::objects::ServiceManifest;
-use lb_testkit::{Netns, spawn_in};
 
 const WEB4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
@@ -467,10 +467,7 @@ fn dual_node_port() -> ServiceManifest {
 
 /// `lb-probe tcp TARGET` once from `netns` (no cgroup: no load balancer involved).
 fn direct(netns: &Netns, target: &str) -> ProbeResult {
-    let child =
-        spawn_in(Some(netns), None, &*PROBE, &["tcp", target, "--count", "1"]).expect("lb-probe");
-    serde_json::from_slice(&child.wait_with_output().expect("lb-probe").stdout)
-        .expect("lb-probe JSON")
+    probe_in(netns, None, &["tcp", target, "--count", "1"])
 }
 
 #[test]
