@@ -92,7 +92,7 @@ fn examples_node_port_is_the_only_external_frontend() {
         .collect();
     assert_eq!(
         frontends,
-        [Frontend::node_port(30080, Protocol::Tcp)],
+        [Frontend::node_port(Family::V4, 30080, Protocol::Tcp)],
         "{state:#?}"
     );
     let desired = &state.frontends[&frontends[0]];

@@ -268,6 +268,7 @@ impl State {
                 *frontend,
                 DesiredService {
                     name: name.clone(),
+                    family: Family::V4,
                     kind: if frontend.is_node_port() {
                         FrontendKind::NodePort
                     } else {
@@ -302,7 +303,7 @@ impl State {
 fn frontend(ip: Option<&str>, port: u16, protocol: Protocol) -> Frontend {
     match ip {
         Some(ip) => Frontend::new(ip.parse().unwrap(), port, protocol),
-        None => Frontend::node_port(port, protocol),
+        None => Frontend::node_port(Family::V4, port, protocol),
     }
 }
 

@@ -148,7 +148,7 @@ impl NodeInterfaces {
         let allowed = |ip: &Ipv4Addr| {
             self.config.addresses.is_empty()
                 || self.config.addresses.iter().any(|entry| match entry {
-                    NodePortAddress::Cidr(cidr) => cidr.contains(*ip),
+                    NodePortAddress::Cidr(cidr) => cidr.contains((*ip).into()),
                     NodePortAddress::Primary => self.primary == Some(*ip),
                 })
         };

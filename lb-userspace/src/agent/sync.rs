@@ -86,7 +86,10 @@ impl SyncPass {
     /// One pass: snapshot → desired state → map writes, logging and recording what changed.
     /// kube-proxy's node IP, as the last snapshot's Node says.
     pub fn node_ip(&self) -> Option<std::net::Ipv4Addr> {
-        self.model.node().and_then(|node| node.node_ip)
+        match self.model.node()?.node_ip(crate::model::Family::V4)? {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        }
     }
 
     /// One pass; returns the backends it removed from the maps (their sockets may be

@@ -159,7 +159,7 @@ fn sockets_of(
         };
         for service in value.services.iter().filter(|s| s.service_addr != 0) {
             let backend = Backend {
-                ip: Ipv4Addr::from(lb_common::addr_from_map(service.backend_addr)),
+                ip: Ipv4Addr::from(lb_common::addr_from_map(service.backend_addr)).into(),
                 port: lb_common::port_from_map(service.backend_port),
             };
             if removed.contains(&backend) {
@@ -253,7 +253,7 @@ fn destroy_in_namespace(
                 return;
             };
             let backend = Backend {
-                ip: peer,
+                ip: peer.into(),
                 port: id.destination_port,
             };
             if cookies

@@ -85,7 +85,7 @@ impl Reconciler {
     pub(super) fn backend_value(&self, backend: &Backend) -> Backend4 {
         let keepers = self.keepers.get(backend).copied().unwrap_or_default();
         Backend4 {
-            addr: lb_common::addr_to_map(u32::from(backend.ip)),
+            addr: lb_common::addr_to_map(u32::from(super::maps::ipv4_of(backend.ip))),
             port: lb_common::port_to_map(backend.port),
             state: if keepers.terminating > 0 {
                 backend_states::TERMINATING

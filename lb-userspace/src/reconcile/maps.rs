@@ -117,10 +117,19 @@ impl MapContents {
     }
 }
 
+/// The IPv4 address of a model address. Interim, until the IPv6 maps exist: the reconciler
+/// refuses IPv6 frontends before it computes a key.
+pub(super) fn ipv4_of(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::BROADCAST),
+    }
+}
+
 /// The map key of a frontend.
 pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
     Frontend4Key {
-        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
+        addr: lb_common::addr_to_map(u32::from(ipv4_of(frontend.ip))),
         port: lb_common::port_to_map(frontend.port),
         proto: frontend.protocol.number(),
         scope: frontend.scope.number(),
@@ -130,7 +139,7 @@ pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
 /// The frontend of a map key, if its protocol and scope are ones we write.
 pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
     Some(Frontend {
-        ip: lb_common::addr_from_map(key.addr).into(),
+        ip: std::net::Ipv4Addr::from(lb_common::addr_from_map(key.addr)).into(),
         port: lb_common::port_from_map(key.port),
         protocol: Protocol::from_number(key.proto)?,
         scope: Scope::from_number(key.scope)?,
@@ -140,7 +149,7 @@ pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
 /// The backend a map value names.
 pub fn backend_of(value: &Backend4) -> Backend {
     Backend {
-        ip: lb_common::addr_from_map(value.addr).into(),
+        ip: std::net::Ipv4Addr::from(lb_common::addr_from_map(value.addr)).into(),
         port: lb_common::port_from_map(value.port),
     }
 }
@@ -155,7 +164,7 @@ pub fn source_range_key(
         lb_common::source_range::SERVICE_ID_BITS + network.prefix as u32,
         lb_common::SourceRange4Key::new(
             service_id,
-            lb_common::addr_to_map(u32::from(network.addr)),
+            lb_common::addr_to_map(u32::from(ipv4_of(network.addr))),
         ),
     )
 }
@@ -169,6 +178,9 @@ pub fn source_range_of(key: &aya::maps::lpm_trie::Key<lb_common::SourceRange4Key
         .min(32) as u8;
     (
         data.service_id(),
-        Cidr::new(lb_common::addr_from_map(data.addr).into(), prefix),
+        Cidr::new(
+            std::net::Ipv4Addr::from(lb_common::addr_from_map(data.addr)).into(),
+            prefix,
+        ),
     )
 }

@@ -315,6 +315,21 @@ impl Reconciler {
         maps: &mut impl ServiceMaps,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        // Interim, until the IPv6 maps exist: IPv6 frontends are refused.
+        let (frontends, ipv6): (BTreeSet<Frontend>, BTreeSet<Frontend>) = frontends
+            .iter()
+            .partition(|f| f.family() == crate::model::Family::V4);
+        let frontends = &frontends;
+        for frontend in ipv6.iter().filter(|f| desired.frontends.contains_key(f)) {
+            report
+                .failed
+                .push((*frontend, "IPv6 frontends are not programmed yet".into()));
+        }
+        let sets: BTreeSet<SetKey> = sets
+            .iter()
+            .filter(|s| s.family == crate::model::Family::V4)
+            .cloned()
+            .collect();
         // The sets to look at: those that changed and those of the frontends that changed.
         let mut affected: BTreeSet<SetKey> = sets.clone();
         // Removals first, so a frontend that moves frees map room before others take it.

@@ -14,7 +14,7 @@ use lb_common::{
 };
 use proptest::prelude::*;
 
-use crate::cidr::Cidr;
+use crate::{cidr::Cidr, model::Family};
 
 use super::{
     MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of, frontend_key,
@@ -272,6 +272,7 @@ fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> E
     (
         DesiredService {
             name: port_name(name),
+            family: Family::V4,
             kind: FrontendKind::ClusterIP,
             endpoints: Endpoints::All,
             affinity_timeout_secs: affinity,
@@ -408,11 +409,11 @@ fn add_programs_exactly_the_desired_state() {
     assert_eq!(key.scope, scopes::EXTERNAL);
     assert_eq!(frontend_of(&key), Some(web()));
     // A NodePort's key has address 0.
-    let key = frontend_key(&Frontend::node_port(30080, Protocol::Tcp));
+    let key = frontend_key(&Frontend::node_port(Family::V4, 30080, Protocol::Tcp));
     assert_eq!((key.addr, key.port), (0, 30080u16.to_be()));
     assert_eq!(
         frontend_of(&key),
-        Some(Frontend::node_port(30080, Protocol::Tcp))
+        Some(Frontend::node_port(Family::V4, 30080, Protocol::Tcp))
     );
 }
 
@@ -1022,7 +1023,7 @@ fn a_set_with_more_backends_than_the_slot_index_holds_uses_the_first_and_says_so
     let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
     let many: Vec<Backend> = (0..limit + 2)
         .map(|i| Backend {
-            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32),
+            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32).into(),
             port: 80,
         })
         .collect();
@@ -1108,7 +1109,7 @@ fn adopt_of_empty_maps_then_sync() {
 // NodePorts, externalIPs and load-balancer IPs: one table, shared sets, Maglev, draining
 
 fn np() -> Frontend {
-    Frontend::node_port(30080, Protocol::Tcp)
+    Frontend::node_port(Family::V4, 30080, Protocol::Tcp)
 }
 
 /// The NodePort 30080/TCP of `default/web` with `backends` (last octet, whether local). With
@@ -1129,6 +1130,7 @@ fn node_port_state(backends: &[(u8, bool)], local_only: bool) -> DesiredState {
     };
     let service = DesiredService {
         name: port_name("web"),
+        family: Family::V4,
         kind: FrontendKind::NodePort,
         endpoints: if local_only {
             Endpoints::Local
@@ -2210,7 +2212,7 @@ fn source_ranges_follow_the_service_and_survive_a_restart() {
     );
     assert_ne!(maps.frontend(lb).flags & frontend_flags::SOURCE_RANGES, 0);
     // The NodePort shares the id and is not filtered.
-    let np = Frontend::node_port(30080, Protocol::Tcp);
+    let np = Frontend::node_port(Family::V4, 30080, Protocol::Tcp);
     assert_eq!(maps.frontend(np).service_id, id);
     assert_eq!(maps.frontend(np).flags & frontend_flags::SOURCE_RANGES, 0);
 

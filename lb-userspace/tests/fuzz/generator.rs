@@ -267,7 +267,9 @@ impl Gen {
             for kind in kinds {
                 let sport = self.pick(&SERVICE_PORTS);
                 let frontend = match kind {
-                    FrontendKind::NodePort => Frontend::node_port(self.pick(&NODE_PORTS), protocol),
+                    FrontendKind::NodePort => {
+                        Frontend::node_port(Family::V4, self.pick(&NODE_PORTS), protocol)
+                    }
                     FrontendKind::ExternalIp => {
                         Frontend::new(ip(self.pick(&EXTERNAL_IPS)), sport, protocol)
                     }
@@ -293,6 +295,7 @@ impl Gen {
                     frontend,
                     DesiredService {
                         name: name.clone(),
+                        family: Family::V4,
                         kind,
                         endpoints: if kind == FrontendKind::ClusterIP {
                             Endpoints::All
@@ -359,7 +362,10 @@ impl Gen {
         let (fe, _) = if n > 0 {
             ep.frontends[self.rng.usize(..n)].clone()
         } else {
-            (Frontend::node_port(30080, Protocol::Tcp), vec![])
+            (
+                Frontend::node_port(Family::V4, 30080, Protocol::Tcp),
+                vec![],
+            )
         };
         let mut dst = if fe.ip.is_unspecified() {
             node_addrs[self.rng.usize(..node_addrs.len())].octets()
