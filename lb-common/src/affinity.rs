@@ -5,25 +5,31 @@
 pub mod affinity_clients {
     /// `bpf_get_netns_cookie` of the client socket (the socket programs).
     pub const NETNS_COOKIE: u8 = 1;
-    /// The client's IPv4 address, network byte order, in the low 32 bits (XDP).
+    /// The client's address, network byte order (XDP): IPv4 in the low 32 bits.
     pub const ADDRESS: u8 = 2;
 }
 
-/// Key of the session-affinity map: one client and one service id.
+use crate::addr::{Addr4, Addr6, MapAddr};
+
+/// Key of the session-affinity map of family `A`: one client and one service id
+/// (`MapAddr::Client` holds a cookie or an address of the family).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Affinity4Key {
-    pub client: u64,
+pub struct AffinityKey<A: MapAddr> {
+    pub client: A::Client,
     pub service_id: u32,
     /// `affinity_clients::*`.
     pub client_kind: u8,
     pub pad: [u8; 3],
 }
 
-/// Value of the session-affinity map.
+pub type Affinity4Key = AffinityKey<Addr4>;
+pub type Affinity6Key = AffinityKey<Addr6>;
+
+/// Value of the session-affinity map (both families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Affinity4Value {
+pub struct AffinityValue {
     /// `bpf_ktime_get_ns` at the last connection that used this entry.
     pub last_used_ns: u64,
     pub backend_id: u32,
@@ -32,5 +38,6 @@ pub struct Affinity4Value {
 
 const _: () = {
     assert!(core::mem::size_of::<Affinity4Key>() == 16);
-    assert!(core::mem::size_of::<Affinity4Value>() == 16);
+    assert!(core::mem::size_of::<Affinity6Key>() == 24);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
 };

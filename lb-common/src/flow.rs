@@ -3,7 +3,9 @@
 //! tuple, SNAT ports, lifetimes, and the flow hash Maglev is indexed with. The backend and
 //! service ids they name are those of the one service table.
 
-/// `Ct4Value::flags` and `Rev4Value::flags`. The TCP state bits (everything but `SNAT`,
+use crate::addr::{Addr4, Addr6, MapAddr};
+
+/// `CtValue::flags` and `RevValue::flags`. The TCP state bits (everything but `SNAT`,
 /// `SNAT_OUT`) are written by [`ct_state::next_flags`] only and read by
 /// [`ct_state::lifetime_secs`].
 pub mod ct_flags {
@@ -204,17 +206,21 @@ pub mod snat_ports {
 /// (backend → client, or backend → node address and SNAT port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct4Key {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub pad: [u8; 3],
 }
 
-impl Ct4Key {
-    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+pub type Ct4Key = CtKey<Addr4>;
+pub type Ct6Key = CtKey<Addr6>;
+
+impl<A: Copy> CtKey<A> {
+    #[inline(always)]
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             saddr,
             daddr,
@@ -226,23 +232,24 @@ impl Ct4Key {
     }
 
     /// The tuple of a packet going the other way.
+    #[inline(always)]
     pub const fn reversed(&self) -> Self {
         Self::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
     }
 }
 
-/// Value of the connection-tracking map.
+/// Value of the connection-tracking map of family `A`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct4Value {
+pub struct CtValue<A> {
     /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
     pub last_seen_ns: u64,
-    pub backend_addr: u32,
+    pub backend_addr: A,
     pub backend_port: u16,
     /// SNAT source port (with `ct_flags::SNAT`).
     pub nat_port: u16,
     /// SNAT source address (with `ct_flags::SNAT`).
-    pub nat_addr: u32,
+    pub nat_addr: A,
     /// The backend id it was chosen as; the flow keeps it while the backend exists (also
     /// while it is terminating), and chooses again once it is gone.
     pub backend_id: u32,
@@ -259,9 +266,9 @@ pub struct Ct4Value {
 /// (`client_addr`, `client_port`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Rev4Value {
-    pub client_addr: u32,
-    pub frontend_addr: u32,
+pub struct RevValue<A> {
+    pub client_addr: A,
+    pub frontend_addr: A,
     pub client_port: u16,
     pub frontend_port: u16,
     /// `ct_flags::SNAT` when the reply comes back to the node's address and must also have
@@ -271,10 +278,16 @@ pub struct Rev4Value {
     pub pad: u16,
 }
 
-impl Rev4Value {
+pub type Ct4Value = CtValue<Addr4>;
+pub type Ct6Value = CtValue<Addr6>;
+pub type Rev4Value = RevValue<Addr4>;
+pub type Rev6Value = RevValue<Addr6>;
+
+impl<A: Copy> RevValue<A> {
     /// The conntrack key of the client's direction of the flow this entry belongs to.
-    pub const fn client_key(&self) -> Ct4Key {
-        Ct4Key::new(
+    #[inline(always)]
+    pub const fn client_key(&self) -> CtKey<A> {
+        CtKey::new(
             self.client_addr,
             self.frontend_addr,
             self.client_port,
@@ -288,10 +301,12 @@ impl Rev4Value {
 /// tests. Inputs as on the wire (network byte order). With session affinity only the client
 /// address is hashed (`sport`, `daddr`, `dport` and `proto` passed as 0: the XDP program calls
 /// `flow_hash(client, 0, 0, 0, 0)`, so one client's TCP and UDP flows of a backend set hash alike).
-pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+/// An IPv6 address mixes in its four words in order.
+#[inline(always)]
+pub fn flow_hash<A: MapAddr>(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h: u32 = 0x9e37_79b9;
-    h = mix(h, saddr);
-    h = mix(h, daddr);
+    h = saddr.hash_into(h);
+    h = daddr.hash_into(h);
     h = mix(h, ((sport as u32) << 16) | dport as u32);
     h = mix(h, proto as u32);
     // murmur3 finaliser
@@ -303,7 +318,8 @@ pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8
     h
 }
 
-const fn mix(h: u32, k: u32) -> u32 {
+#[inline(always)]
+pub(crate) const fn mix(h: u32, k: u32) -> u32 {
     let k = k
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)
@@ -318,6 +334,9 @@ const _: () = {
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<Ct4Value>() == 32);
     assert!(core::mem::size_of::<Rev4Value>() == 16);
+    assert!(core::mem::size_of::<Ct6Key>() == 40);
+    assert!(core::mem::size_of::<Ct6Value>() == 56);
+    assert!(core::mem::size_of::<Rev6Value>() == 40);
     assert!((snat_ports::FIRST as u32 + snat_ports::COUNT as u32) <= 65_536);
 };
 

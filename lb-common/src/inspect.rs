@@ -1,14 +1,21 @@
 //! For operators: the names of the programmed frontends (`lb-agent list` without a running
 //! agent) and per-service counters (read at `/metrics` scrape time).
 
-use crate::service::Frontend4Key;
+use crate::{
+    addr::{Addr4, Addr6},
+    service::FrontendKey,
+};
 
-/// Key of the names map: a frontend as programmed. The programs never read this map.
+/// Key of the names map of family `A`: a frontend as programmed. The programs never read
+/// this map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NameKey {
-    pub frontend: Frontend4Key,
+pub struct NameKey<A> {
+    pub frontend: FrontendKey<A>,
 }
+
+pub type NameKey4 = NameKey<Addr4>;
+pub type NameKey6 = NameKey<Addr6>;
 
 /// Value of the names map: `namespace/name:port` (UTF-8, cut at 124 bytes).
 #[repr(C)]
@@ -54,7 +61,8 @@ pub struct ServiceStats {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<NameKey>() == 8);
+    assert!(core::mem::size_of::<NameKey4>() == 8);
+    assert!(core::mem::size_of::<NameKey6>() == 20);
     assert!(core::mem::size_of::<ServiceName>() == 128);
     assert!(core::mem::size_of::<ServiceStats>() == 16);
 };

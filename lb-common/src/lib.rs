@@ -7,6 +7,11 @@
 //! hands them to the programs (`bpf_sock_addr.user_ip4`, `user_port`, packet headers), so the
 //! data path never converts. The agent converts with the helpers at the bottom of this file.
 //!
+//! Both address families from one definition (see `addr`): a map whose key or value holds an
+//! address is a generic type with an alias per family (`Frontend4Key`, `Frontend6Key`) and
+//! one map per family (`LB4_*`, `LB6_*`); maps without addresses serve both, and service and
+//! backend ids are one id space over both families.
+//!
 //! One service table serves every frontend kind (Cilium's layout, see `service`): a frontend
 //! (address, port, protocol, scope) names a service id (one backend set of one Service port),
 //! a backend count and a generation; slots `(service id, generation, index)` name backend ids;
@@ -25,6 +30,7 @@
 //! - [`map_names`] and [`limits`]: what each map is called and how big it is.
 #![cfg_attr(not(test), no_std)]
 
+pub mod addr;
 pub mod affinity;
 pub mod flow;
 pub mod frag;
@@ -38,22 +44,27 @@ pub mod service;
 pub mod sock;
 pub mod source_range;
 
-pub use affinity::{Affinity4Key, Affinity4Value, affinity_clients};
+pub use addr::{Addr4, Addr6, MapAddr, families, v4_mapped, v4_of_mapped};
+pub use affinity::{Affinity4Key, Affinity6Key, AffinityKey, AffinityValue, affinity_clients};
 pub use flow::{
-    Ct4Key, Ct4Value, Rev4Value, ct_flags, ct_state, ct_timeouts, flow_hash, snat_ports, tcp_flags,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue, Rev4Value, Rev6Value, RevValue, ct_flags,
+    ct_state, ct_timeouts, flow_hash, snat_ports, tcp_flags,
 };
-pub use frag::{Frag4Key, Frag4Ports};
-pub use inspect::{NameKey, ServiceName, ServiceStats};
+pub use frag::{Frag4Key, Frag6Key, FragKey, FragPorts};
+pub use inspect::{NameKey, NameKey4, NameKey6, ServiceName, ServiceStats};
 pub use service::{
-    Backend4, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Maglev4Table, Slot4Key, Slot4Value,
-    backend_flags, backend_states, frontend_flags, frontend_kinds, scopes,
+    Backend, Backend4, Backend6, Frontend4Key, Frontend6Key, FrontendKey, FrontendValue,
+    MAGLEV_SIZE, MaglevTable, SlotKey, SlotValue, backend_flags, backend_states, frontend_flags,
+    frontend_kinds, scopes,
 };
-pub use sock::{SOCK_SERVICES, Sock4Value, SockService};
-pub use source_range::SourceRange4Key;
+pub use sock::{SOCK_SERVICES, Sock4Value, Sock6Value, SockService, SockValue};
+pub use source_range::{SourceRange4Key, SourceRange6Key, SourceRangeKey};
 
 /// IANA protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// `errno` values the socket programs return through `bpf_set_retval`.
 pub const ECONNREFUSED: i32 = 111;

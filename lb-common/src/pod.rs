@@ -3,21 +3,35 @@ use crate::*;
 
 // SAFETY (all): #[repr(C)], only integer fields, no implicit padding (size asserts beside
 // each type).
-unsafe impl aya::Pod for Frontend4Key {}
-unsafe impl aya::Pod for Frontend4Value {}
-unsafe impl aya::Pod for Slot4Key {}
-unsafe impl aya::Pod for Slot4Value {}
-unsafe impl aya::Pod for Backend4 {}
-unsafe impl aya::Pod for Maglev4Table {}
-unsafe impl aya::Pod for Affinity4Key {}
-unsafe impl aya::Pod for Affinity4Value {}
-unsafe impl aya::Pod for Sock4Value {}
-unsafe impl aya::Pod for Ct4Key {}
-unsafe impl aya::Pod for Ct4Value {}
-unsafe impl aya::Pod for Rev4Value {}
-unsafe impl aya::Pod for Frag4Key {}
-unsafe impl aya::Pod for Frag4Ports {}
-unsafe impl aya::Pod for NameKey {}
+unsafe impl aya::Pod for FrontendValue {}
+unsafe impl aya::Pod for SlotKey {}
+unsafe impl aya::Pod for SlotValue {}
+unsafe impl aya::Pod for MaglevTable {}
+unsafe impl aya::Pod for AffinityValue {}
+unsafe impl aya::Pod for FragPorts {}
 unsafe impl aya::Pod for ServiceName {}
 unsafe impl aya::Pod for ServiceStats {}
-unsafe impl aya::Pod for SourceRange4Key {}
+
+/// The per-family types, for both families.
+macro_rules! pod_per_family {
+    ($($ty:ident),*) => {
+        $(
+            // SAFETY: as above, for either address type (integers and integer arrays).
+            unsafe impl aya::Pod for $ty<Addr4> {}
+            // SAFETY: as above.
+            unsafe impl aya::Pod for $ty<Addr6> {}
+        )*
+    };
+}
+pod_per_family!(
+    FrontendKey,
+    Backend,
+    AffinityKey,
+    SockValue,
+    CtKey,
+    CtValue,
+    RevValue,
+    FragKey,
+    NameKey,
+    SourceRangeKey
+);

@@ -11,6 +11,8 @@
 //! entry of the set in one map update each, then deletes the old slots, so a connection in
 //! flight never sees a half-written backend set.
 
+use crate::addr::{Addr4, Addr6};
+
 /// Maglev lookup table size (a prime): a backend set reached from outside has one table of
 /// this many backend ids; a flow picks entry `flow_hash % MAGLEV_SIZE`.
 pub const MAGLEV_SIZE: u32 = 16_381;
@@ -24,7 +26,7 @@ pub mod scopes {
     pub const INTERNAL: u8 = 1;
 }
 
-/// `Frontend4Value::kind`.
+/// `FrontendValue::kind`.
 pub mod frontend_kinds {
     /// A ClusterIP: served at the socket only.
     pub const CLUSTER_IP: u8 = 1;
@@ -36,7 +38,7 @@ pub mod frontend_kinds {
     pub const LOAD_BALANCER: u8 = 4;
 }
 
-/// `Frontend4Value::flags`.
+/// `FrontendValue::flags`.
 pub mod frontend_flags {
     /// `sessionAffinity: ClientIP`.
     pub const AFFINITY: u8 = 1 << 0;
@@ -56,12 +58,12 @@ pub mod frontend_flags {
     pub const RANGES_ALLOW_PODS: u8 = 1 << 5;
 }
 
-/// Key of the frontends map.
+/// Key of the frontends map of family `A` (`LB4_FRONT_V2`, `LB6_FRONT_V1`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend4Key {
-    /// IPv4 address, network byte order; 0 for a NodePort.
-    pub addr: u32,
+pub struct FrontendKey<A> {
+    /// Address, network byte order; the unspecified address (0, `::`) for a NodePort.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
@@ -70,10 +72,13 @@ pub struct Frontend4Key {
     pub scope: u8,
 }
 
-/// Value of the frontends map.
+pub type Frontend4Key = FrontendKey<Addr4>;
+pub type Frontend6Key = FrontendKey<Addr6>;
+
+/// Value of the frontends map (both families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Frontend4Value {
+pub struct FrontendValue {
     /// The backend set; never reused while affinity or conntrack entries may name it.
     pub service_id: u32,
     /// Number of backend slots of the current generation; 0 means no backend (the socket
@@ -93,9 +98,9 @@ pub struct Frontend4Value {
 /// Key of the slots map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Slot4Key {
+pub struct SlotKey {
     pub service_id: u32,
-    /// 0-based index, below `Frontend4Value::count`.
+    /// 0-based index, below `FrontendValue::count`.
     pub index: u16,
     pub generation: u8,
     pub pad: u8,
@@ -104,7 +109,7 @@ pub struct Slot4Key {
 /// Value of the slots map: a backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Slot4Value {
+pub struct SlotValue {
     pub backend_id: u32,
 }
 
@@ -124,13 +129,14 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// Value of the backends map (key: backend id, `u32`). One id per pod address and port,
-/// shared by every service that uses it.
+/// Value of the backends map of family `A` (key: backend id, `u32`; `LB4_BACKEND_V2`,
+/// `LB6_BACKEND_V1`). One id per pod address and port, shared by every service that uses it;
+/// backend ids are one space over both families.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend4 {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct Backend<A> {
+    /// Address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     /// `backend_states::*`.
@@ -139,15 +145,18 @@ pub struct Backend4 {
     pub flags: u8,
 }
 
+pub type Backend4 = Backend<Addr4>;
+pub type Backend6 = Backend<Addr6>;
+
 /// A Maglev table: `backend_ids[i]` names the backend of entry `i`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Maglev4Table {
+pub struct MaglevTable {
     pub backend_ids: [u32; MAGLEV_SIZE as usize],
     pub pad: u32,
 }
 
-impl Default for Maglev4Table {
+impl Default for MaglevTable {
     fn default() -> Self {
         Self {
             backend_ids: [0; MAGLEV_SIZE as usize],
@@ -158,9 +167,11 @@ impl Default for Maglev4Table {
 
 const _: () = {
     assert!(core::mem::size_of::<Frontend4Key>() == 8);
-    assert!(core::mem::size_of::<Frontend4Value>() == 16);
-    assert!(core::mem::size_of::<Slot4Key>() == 8);
-    assert!(core::mem::size_of::<Slot4Value>() == 4);
+    assert!(core::mem::size_of::<Frontend6Key>() == 20);
+    assert!(core::mem::size_of::<FrontendValue>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<SlotValue>() == 4);
     assert!(core::mem::size_of::<Backend4>() == 8);
-    assert!(core::mem::size_of::<Maglev4Table>() == 4 * MAGLEV_SIZE as usize + 4);
+    assert!(core::mem::size_of::<Backend6>() == 20);
+    assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_SIZE as usize + 4);
 };

@@ -9,6 +9,8 @@
 //! (`frontend_flags::RANGES_ALLOW_PODS`), told apart by the node's network namespace cookie
 //! (set in the programs at load).
 
+use crate::addr::{Addr4, Addr6};
+
 /// Bits of the key that are always matched: the service id.
 pub const SERVICE_ID_BITS: u32 = 32;
 
@@ -16,15 +18,19 @@ pub const SERVICE_ID_BITS: u32 = 32;
 /// are matched, the service id first, so the ranges of one service never match another's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange4Key {
+pub struct SourceRangeKey<A> {
     /// Big-endian (the trie matches bytes from the first one on).
     pub service_id_be: u32,
     /// Client address, network byte order.
-    pub addr: u32,
+    pub addr: A,
 }
 
-impl SourceRange4Key {
-    pub const fn new(service_id: u32, addr: u32) -> Self {
+pub type SourceRange4Key = SourceRangeKey<Addr4>;
+pub type SourceRange6Key = SourceRangeKey<Addr6>;
+
+impl<A: Copy> SourceRangeKey<A> {
+    #[inline(always)]
+    pub const fn new(service_id: u32, addr: A) -> Self {
         Self {
             service_id_be: service_id.to_be(),
             addr,
@@ -36,4 +42,7 @@ impl SourceRange4Key {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SourceRange4Key>() == 8);
+const _: () = {
+    assert!(core::mem::size_of::<SourceRange4Key>() == 8);
+    assert!(core::mem::size_of::<SourceRange6Key>() == 20);
+};

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use lb_common::{EADDRINUSE, Frontend4Key, IPPROTO_TCP, IPPROTO_UDP, frontend_kinds, scopes};
 
-use crate::{lookup::frontend, maps::LB4_NODEADDR, netns};
+use crate::{family::V4, lookup::frontend, maps::LB4_NODEADDR, netns};
 
 /// Return value that lets the syscall go on.
 const PROCEED: i32 = 1;
@@ -49,7 +49,7 @@ fn taken(ctx: &SockContext) -> bool {
         proto,
         scope: scopes::EXTERNAL,
     };
-    if let Some(found) = frontend(&key) {
+    if let Some(found) = frontend::<V4>(&key) {
         // Address 0 (INADDR_ANY) finds the NodePort itself.
         return matches!(
             found.kind,
@@ -62,5 +62,5 @@ fn taken(ctx: &SockContext) -> bool {
         return false;
     }
     let node_port = Frontend4Key { addr: 0, ..key };
-    frontend(&node_port).is_some_and(|f| f.kind == frontend_kinds::NODE_PORT)
+    frontend::<V4>(&node_port).is_some_and(|f| f.kind == frontend_kinds::NODE_PORT)
 }

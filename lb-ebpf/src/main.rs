@@ -15,6 +15,7 @@
 #![no_main]
 
 mod bind;
+mod family;
 mod lookup;
 mod maps;
 mod netns;

@@ -4,26 +4,30 @@
 //! path survives agent restarts.
 //!
 //! One service table for every frontend kind: the socket programs and XDP read the same
-//! frontends, slots, backends and affinity entries.
+//! frontends, slots, backends and affinity entries. A map whose key or value holds an
+//! address exists once per family (`LB4_*`, `LB6_*`, one generic layout in lb-common; the
+//! programs reach them through `family::Family`); slots, Maglev tables and counters serve
+//! both families.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key,
-    Frontend4Value, Maglev4Table, NameKey, Rev4Value, ServiceName, ServiceStats, Slot4Key,
-    Slot4Value, Sock4Value, SourceRange4Key, limits, reasons,
+    Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
+    Ct6Value, Frag4Key, Frag6Key, FragPorts, Frontend4Key, Frontend6Key, FrontendValue,
+    MaglevTable, NameKey4, NameKey6, Rev4Value, Rev6Value, ServiceName, ServiceStats, SlotKey,
+    SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key, limits, reasons,
 };
 
 // ---- the service table (every attach point) ----
 
 #[map]
-pub static LB4_FRONT_V2: HashMap<Frontend4Key, Frontend4Value> =
+pub static LB4_FRONT_V2: HashMap<Frontend4Key, FrontendValue> =
     HashMap::pinned(limits::MAX_SERVICES, 0);
 
 #[map]
-pub static LB4_SLOTS_V2: HashMap<Slot4Key, Slot4Value> = HashMap::pinned(limits::MAX_SLOTS, 0);
+pub static LB4_SLOTS_V2: HashMap<SlotKey, SlotValue> = HashMap::pinned(limits::MAX_SLOTS, 0);
 
 #[map]
 pub static LB4_BACKEND_V2: HashMap<u32, Backend4> = HashMap::pinned(limits::MAX_BACKENDS, 0);
@@ -31,11 +35,11 @@ pub static LB4_BACKEND_V2: HashMap<u32, Backend4> = HashMap::pinned(limits::MAX_
 /// 64 KiB per table: allocated on insert, not up front. An update replaces a table whole, so
 /// a packet reads either the old or the new one.
 #[map]
-pub static LB4_MAGLEV_V2: HashMap<u32, Maglev4Table> =
+pub static LB4_MAGLEV_V2: HashMap<u32, MaglevTable> =
     HashMap::pinned(limits::MAX_MAGLEV_TABLES, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static LB4_AFFIN_V2: LruHashMap<Affinity4Key, Affinity4Value> =
+pub static LB4_AFFIN_V2: LruHashMap<Affinity4Key, AffinityValue> =
     LruHashMap::pinned(limits::MAX_AFFINITY, 0);
 
 #[map]
@@ -50,7 +54,7 @@ pub static LB4_SRCRANGE: LpmTrie<SourceRange4Key, u8> =
 
 /// Written by the agent for `lb-agent list`; no program reads it.
 #[map]
-pub static LB4_NAMES_V2: HashMap<NameKey, ServiceName> = HashMap::pinned(limits::MAX_SERVICES, 0);
+pub static LB4_NAMES_V2: HashMap<NameKey4, ServiceName> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
 // ---- the socket programs ----
 
@@ -76,8 +80,7 @@ pub static LB4_SNATFULL_V1: LruHashMap<Ct4Key, u64> =
 /// The ports of fragmented datagrams whose first fragment XDP or tc translated, keyed by the
 /// fragments' identity as the program saw it (`frag.rs`).
 #[map]
-pub static LB4_FRAGS_V1: LruHashMap<Frag4Key, Frag4Ports> =
-    LruHashMap::pinned(limits::MAX_FRAGS, 0);
+pub static LB4_FRAGS_V2: LruHashMap<Frag4Key, FragPorts> = LruHashMap::pinned(limits::MAX_FRAGS, 0);
 
 #[map]
 pub static LB4_NODEADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);
@@ -89,3 +92,46 @@ pub static LB4_IFADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_IFACES, 0
 /// `verdict.rs`).
 #[map]
 pub static LB4_REASONS_V1: PerCpuArray<u64> = PerCpuArray::pinned(reasons::COUNT, 0);
+
+// ---- IPv6: the per-family maps above, over `Addr6` ----
+
+#[map]
+pub static LB6_FRONT_V1: HashMap<Frontend6Key, FrontendValue> =
+    HashMap::pinned(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static LB6_BACKEND_V1: HashMap<u32, Backend6> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+
+#[map]
+pub static LB6_AFFIN_V1: LruHashMap<Affinity6Key, AffinityValue> =
+    LruHashMap::pinned(limits::MAX_AFFINITY, 0);
+
+#[map]
+pub static LB6_SRCRANGE: LpmTrie<SourceRange6Key, u8> =
+    LpmTrie::pinned(limits::MAX_SOURCE_RANGES, 0);
+
+#[map]
+pub static LB6_NAMES_V1: HashMap<NameKey6, ServiceName> = HashMap::pinned(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static LB6_REVNAT_V1: LruHashMap<u64, Sock6Value> = LruHashMap::pinned(limits::MAX_REVNAT, 0);
+
+#[map]
+pub static LB6_CT_V1: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(limits::MAX_FLOWS, 0);
+
+#[map]
+pub static LB6_FLOWREV_V1: LruHashMap<Ct6Key, Rev6Value> =
+    LruHashMap::pinned(limits::MAX_FLOW_REPLIES, 0);
+
+#[map]
+pub static LB6_SNATFULL_V1: LruHashMap<Ct6Key, u64> =
+    LruHashMap::pinned(limits::MAX_SNAT_EXHAUSTED, 0);
+
+#[map]
+pub static LB6_FRAGS_V1: LruHashMap<Frag6Key, FragPorts> = LruHashMap::pinned(limits::MAX_FRAGS, 0);
+
+#[map]
+pub static LB6_NODEADDR: HashMap<Addr6, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);
+
+#[map]
+pub static LB6_IFADDR: HashMap<u32, Addr6> = HashMap::pinned(limits::MAX_IFACES, 0);

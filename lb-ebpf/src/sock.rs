@@ -17,6 +17,7 @@ use lb_common::{
 };
 
 use crate::{
+    family::V4,
     lookup::{InNodeClient, Verdict, select},
     maps::LB4_REVNAT_V2,
 };
@@ -168,7 +169,7 @@ fn translate(ctx: &mut SockAddrContext, datagram: bool) -> i32 {
             None
         }
     };
-    match select(&key, &client, preferred) {
+    match select::<V4>(&key, &client, preferred) {
         Verdict::NotAService => PROCEED,
         Verdict::Filtered => {
             debug!(

@@ -36,13 +36,14 @@
 //! reason gives the verdict.
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, Frontend4Key, Frontend4Value, MAGLEV_SIZE, Rev4Value,
-    backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, reasons, scopes,
-    snat_ports,
+    Backend4, Ct4Key, Ct4Value, Frontend4Key, FrontendValue, MAGLEV_SIZE, Rev4Value, backend_flags,
+    ct_flags, flow_hash, frontend_flags, frontend_kinds, reasons, scopes, snat_ports,
 };
 
 use crate::{
-    conntrack, frag, icmp,
+    conntrack,
+    family::V4,
+    frag, icmp,
     lookup::{self, AffinityClient},
     maps::{LB4_CT_V2, LB4_FLOWREV_V2, LB4_IFADDR, LB4_MAGLEV_V2, LB4_NODEADDR},
     nat,
@@ -82,7 +83,7 @@ fn translate(ctx: &XdpContext, pkt: &Packet) -> u32 {
         proto: pkt.proto,
         scope: scopes::EXTERNAL,
     };
-    let frontend = match lookup::frontend(&key) {
+    let frontend = match lookup::frontend::<V4>(&key) {
         // ClusterIPs are served at the socket; from outside they are not ours.
         Some(found) if found.kind == frontend_kinds::CLUSTER_IP => {
             forget_reused_tuple(pkt);
@@ -96,7 +97,7 @@ fn translate(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 return reasons::XDP_NOT_A_SERVICE;
             }
             let nodeport = Frontend4Key { addr: 0, ..key };
-            match lookup::frontend(&nodeport) {
+            match lookup::frontend::<V4>(&nodeport) {
                 Some(found) if found.kind == frontend_kinds::NODE_PORT => found,
                 _ => return snat_reply(pkt),
             }
@@ -104,7 +105,7 @@ fn translate(ctx: &XdpContext, pkt: &Packet) -> u32 {
     };
     // Every packet, not only a flow's first: a narrowed range cuts the flows it leaves out.
     if frontend.flags & frontend_flags::SOURCE_RANGES != 0
-        && !lookup::source_allowed(frontend.service_id, pkt.saddr)
+        && !lookup::source_allowed::<V4>(frontend.service_id, pkt.saddr)
     {
         lookup::count(frontend.service_id, false);
         return reasons::XDP_DROPPED_SOURCE_RANGE;
@@ -127,7 +128,7 @@ fn forget_reused_tuple(pkt: &Packet) {
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
+fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &FrontendValue) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let ct_key = pkt.tuple();
@@ -247,7 +248,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, frontend: &Frontend4Value) -> u32 {
 /// terminating backend still exists: its flows drain.
 #[inline(always)]
 fn backend_is(id: u32, addr: u32, port: u16) -> bool {
-    match lookup::backend(id) {
+    match lookup::backend::<V4>(id) {
         Some(b) => b.addr == addr && b.port == port,
         None => false,
     }
@@ -256,9 +257,9 @@ fn backend_is(id: u32, addr: u32, port: u16) -> bool {
 /// Maglev: entry `hash % MAGLEV_SIZE` of the service's table; with session affinity the
 /// client's last backend while the affinity lasts.
 #[inline(always)]
-fn select(frontend: &Frontend4Value, client: u32, hash: u32, now: u64) -> Option<(u32, Backend4)> {
+fn select(frontend: &FrontendValue, client: u32, hash: u32, now: u64) -> Option<(u32, Backend4)> {
     let affinity = (frontend.flags & frontend_flags::AFFINITY != 0)
-        .then(|| AffinityClient::address(client, frontend.service_id));
+        .then(|| AffinityClient::<V4>::address(client, frontend.service_id));
     if let Some(client) = &affinity
         && let Some(found) = client.remembered(frontend, now)
     {
@@ -275,7 +276,7 @@ fn select(frontend: &Frontend4Value, client: u32, hash: u32, now: u64) -> Option
     }
     // SAFETY: `index` < MAGLEV_SIZE, the table's length; the map value lives for this run.
     let backend_id = unsafe { *(table as *const u32).add(index as usize) };
-    let backend = lookup::backend(backend_id)?;
+    let backend = lookup::backend::<V4>(backend_id)?;
     if let Some(client) = &affinity {
         client.remember(backend_id, now);
     }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuHashMap};
-use lb_common::{NameKey, ServiceStats, Slot4Key, frontend_flags, map_names};
+use lb_common::{NameKey4, ServiceStats, SlotKey, frontend_flags, map_names};
 use serde::Serialize;
 
 use crate::{
@@ -86,7 +86,7 @@ fn counter_ids(maps_dir: &Path) -> anyhow::Result<BTreeSet<u32>> {
 /// The description of map contents (the service table, names and counter ids).
 pub fn of_contents(
     contents: &MapContents,
-    names: &BTreeMap<NameKey, String>,
+    names: &BTreeMap<NameKey4, String>,
     counters: &BTreeSet<u32>,
 ) -> Description {
     let mut leaks = Vec::new();
@@ -94,7 +94,7 @@ pub fn of_contents(
     let mut live_slots = BTreeSet::new();
     let mut named_backends = BTreeSet::new();
     let mut service_ids = BTreeSet::new();
-    let mut keyed: Vec<(String, &lb_common::Frontend4Key, &lb_common::Frontend4Value)> = Vec::new();
+    let mut keyed: Vec<(String, &lb_common::Frontend4Key, &lb_common::FrontendValue)> = Vec::new();
     for (key, value) in &contents.frontends {
         let Some(frontend) = frontend_of(key) else {
             leaks.push(format!(
@@ -117,7 +117,7 @@ pub fn of_contents(
         let backend_set = *set_numbers.entry(value.service_id).or_insert(next);
         let mut backends = Vec::new();
         for index in 0..value.count {
-            let slot = Slot4Key {
+            let slot = SlotKey {
                 service_id: value.service_id,
                 index,
                 generation: value.generation,
@@ -145,7 +145,7 @@ pub fn of_contents(
         frontends.insert(
             text,
             FrontendDescription {
-                service: names.get(&NameKey { frontend: *key }).cloned(),
+                service: names.get(&NameKey4 { frontend: *key }).cloned(),
                 kind: FrontendKind::from_number(value.kind)
                     .map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
                 flags: value.flags,
@@ -221,7 +221,7 @@ fn count_leak(leaks: &mut Vec<String>, count: usize, what: &str) {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{Backend4, Frontend4Key, Frontend4Value, Slot4Value};
+    use lb_common::{Backend4, Frontend4Key, FrontendValue, SlotValue};
 
     use super::*;
 
@@ -235,21 +235,21 @@ mod tests {
         };
         contents.frontends.insert(
             key,
-            Frontend4Value {
+            FrontendValue {
                 service_id,
                 count: 1,
                 kind: lb_common::frontend_kinds::CLUSTER_IP,
-                ..Frontend4Value::default()
+                ..FrontendValue::default()
             },
         );
         contents.slots.insert(
-            Slot4Key {
+            SlotKey {
                 service_id,
                 index: 0,
                 generation: 0,
                 pad: 0,
             },
-            Slot4Value { backend_id },
+            SlotValue { backend_id },
         );
         contents.backends.insert(
             backend_id,
@@ -281,13 +281,13 @@ mod tests {
         let orphan = leaky.backends[&7];
         leaky.backends.insert(8, orphan);
         leaky.slots.insert(
-            Slot4Key {
+            SlotKey {
                 service_id: 1,
                 index: 0,
                 generation: 1,
                 pad: 0,
             },
-            Slot4Value { backend_id: 8 },
+            SlotValue { backend_id: 8 },
         );
         leaky.maglev.insert(5);
         let description = of_contents(&leaky, &BTreeMap::new(), &BTreeSet::from([1, 5]));

@@ -4,7 +4,7 @@
 //! and the backends new connections may pick.
 use std::path::Path;
 
-use lb_common::{NameKey, backend_flags, backend_states, frontend_flags};
+use lb_common::{NameKey4, backend_flags, backend_states, frontend_flags};
 use serde::Serialize;
 
 use crate::{
@@ -55,7 +55,7 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
         let external = kind.is_some_and(FrontendKind::is_external);
         rows.push(Row {
             service: names
-                .get(&NameKey {
+                .get(&NameKey4 {
                     frontend: frontend_key(&frontend),
                 })
                 .cloned(),

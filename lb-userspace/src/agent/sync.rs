@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_common::NameKey;
+use lb_common::NameKey4;
 
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
@@ -195,7 +195,7 @@ impl SyncPass {
     /// service it had there.
     fn record_names(&mut self, touched: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         let desired = &self.model.desired().frontends;
-        let key = |frontend: &Frontend| NameKey {
+        let key = |frontend: &Frontend| NameKey4 {
             frontend: frontend_key(frontend),
         };
         if !self.synced {

@@ -59,8 +59,8 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The capacity of every map this sets, by map name.
-    pub fn capacities(&self) -> [(&'static str, u32); 10] {
+    /// The capacity of every map this sets, by map name: a limit holds for each family's map.
+    pub fn capacities(&self) -> [(&'static str, u32); 17] {
         [
             (map_names::FRONTENDS_V4, self.max_services),
             (map_names::SLOTS_V4, self.max_backends.saturating_mul(2)),
@@ -72,6 +72,13 @@ impl Limits {
             (map_names::SERVICE_NAMES_V4, self.max_services),
             (map_names::FLOWS_V4, self.max_flows),
             (map_names::FLOW_REPLIES_V4, self.max_flows.saturating_mul(3)),
+            (map_names::FRONTENDS_V6, self.max_services),
+            (map_names::BACKENDS_V6, self.max_backends),
+            (map_names::AFFINITY_V6, self.max_affinity),
+            (map_names::REVNAT_V6, self.max_revnat),
+            (map_names::SERVICE_NAMES_V6, self.max_services),
+            (map_names::FLOWS_V6, self.max_flows),
+            (map_names::FLOW_REPLIES_V6, self.max_flows.saturating_mul(3)),
         ]
     }
 }
@@ -264,7 +271,7 @@ impl Dataplane {
                 .map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
-        let affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
+        let affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::AffinityValue> =
             aya::maps::HashMap::try_from(map(map_names::AFFINITY_V4)?)?;
         let flows: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
             aya::maps::HashMap::try_from(map(map_names::FLOWS_V4)?)?;

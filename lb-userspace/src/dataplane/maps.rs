@@ -8,7 +8,7 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData},
 };
 use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, SourceRange4Key,
+    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, SourceRange4Key,
     map_names,
 };
 
@@ -18,10 +18,10 @@ use crate::{
 };
 
 pub struct BpfServiceMaps {
-    frontends: HashMap<MapData, Frontend4Key, Frontend4Value>,
-    slots: HashMap<MapData, Slot4Key, Slot4Value>,
+    frontends: HashMap<MapData, Frontend4Key, FrontendValue>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend4>,
-    maglev: HashMap<MapData, u32, Maglev4Table>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
     source_ranges: LpmTrie<MapData, SourceRange4Key, u8>,
 }
 
@@ -82,7 +82,7 @@ pub(crate) fn error(
 }
 
 impl ServiceMaps for BpfServiceMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
         self.frontends
             .insert(key, value, 0)
             .map_err(|e| error(map_names::FRONTENDS_V4, "insert", e))
@@ -94,13 +94,13 @@ impl ServiceMaps for BpfServiceMaps {
             .map_err(|e| error(map_names::FRONTENDS_V4, "delete", e))
     }
 
-    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
+    fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError> {
         self.slots
             .insert(key, value, 0)
             .map_err(|e| error(map_names::SLOTS_V4, "insert", e))
     }
 
-    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError> {
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), MapError> {
         self.slots
             .remove(key)
             .map_err(|e| error(map_names::SLOTS_V4, "delete", e))
@@ -118,7 +118,7 @@ impl ServiceMaps for BpfServiceMaps {
             .map_err(|e| error(map_names::BACKENDS_V4, "delete", e))
     }
 
-    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError> {
         self.maglev
             .insert(service_id, table, 0)
             .map_err(|e| error(map_names::MAGLEV_V4, "insert", e))

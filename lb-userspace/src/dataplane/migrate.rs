@@ -645,7 +645,7 @@ mod tests {
         );
         assert_eq!(
             services.value_size as usize,
-            size_of::<lb_common::Frontend4Value>()
+            size_of::<lb_common::FrontendValue>()
         );
         assert_eq!(
             shapes[map_names::BACKENDS_V4].max_entries,
@@ -655,7 +655,9 @@ mod tests {
         assert_eq!(shapes[map_names::REVNAT_V4].kind(), Some(MapType::LruHash));
         // Only maps pinned by name: not the log ring buffer nor the globals.
         assert!(
-            shapes.keys().all(|name| name.starts_with("LB4_")),
+            shapes
+                .keys()
+                .all(|name| name.starts_with("LB4_") || name.starts_with("LB6_")),
             "{shapes:?}"
         );
     }

@@ -8,10 +8,10 @@ use aya::{
 };
 
 use super::maps::{open_pinned_hash, take_map};
-use lb_common::{NameKey, ServiceName, map_names};
+use lb_common::{NameKey4, ServiceName, map_names};
 
 pub struct NamesMap {
-    map: HashMap<MapData, NameKey, ServiceName>,
+    map: HashMap<MapData, NameKey4, ServiceName>,
 }
 
 impl NamesMap {
@@ -27,25 +27,25 @@ impl NamesMap {
         })
     }
 
-    pub fn put(&mut self, key: NameKey, name: &str) -> anyhow::Result<()> {
+    pub fn put(&mut self, key: NameKey4, name: &str) -> anyhow::Result<()> {
         self.map.insert(key, ServiceName::new(name), 0)?;
         Ok(())
     }
 
     /// Removes a name and returns it (`None` when there was none).
-    pub fn take_name(&mut self, key: &NameKey) -> Option<String> {
+    pub fn take_name(&mut self, key: &NameKey4) -> Option<String> {
         let name = self.map.get(key, 0).ok().map(|n| n.as_str().to_owned());
         self.remove(key);
         name
     }
 
     /// Removes a name; one that is not there is fine.
-    pub fn remove(&mut self, key: &NameKey) {
+    pub fn remove(&mut self, key: &NameKey4) {
         let _ = self.map.remove(key);
     }
 
     /// Every name, by frontend.
-    pub fn all(&self) -> BTreeMap<NameKey, String> {
+    pub fn all(&self) -> BTreeMap<NameKey4, String> {
         self.map
             .iter()
             .filter_map(Result::ok)
@@ -55,7 +55,7 @@ impl NamesMap {
 
     /// Makes the map hold exactly `wanted` (after a restart: what an earlier agent wrote is
     /// read and corrected).
-    pub fn sync_all(&mut self, wanted: &BTreeMap<NameKey, String>) -> anyhow::Result<()> {
+    pub fn sync_all(&mut self, wanted: &BTreeMap<NameKey4, String>) -> anyhow::Result<()> {
         let had = self.all();
         for key in had.keys().filter(|k| !wanted.contains_key(k)) {
             self.remove(key);

@@ -2562,7 +2562,7 @@ pub(crate) fn expected_view(desired: &DesiredState) -> BTreeMap<Frontend, Meanin
 /// its state and locality; a Maglev table, naming the set's backends, exactly for the sets
 /// with backends that outside traffic reaches; nothing else.
 pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), String> {
-    use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, backend_flags, backend_states};
+    use lb_common::{Frontend4Key, FrontendValue, SlotKey, backend_flags, backend_states};
 
     use crate::reconcile::{backend_of, frontend_key, maglev};
     let contents = &maps.contents;
@@ -2577,7 +2577,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
     }
     // Each programmed set: its entry (every frontend of the set must agree on it) and
     // whether outside traffic reaches it.
-    let mut programmed: BTreeMap<SetKey, (Frontend4Value, bool)> = BTreeMap::new();
+    let mut programmed: BTreeMap<SetKey, (FrontendValue, bool)> = BTreeMap::new();
     let mut owners: BTreeMap<u32, SetKey> = BTreeMap::new();
     for (frontend, service) in &desired.frontends {
         let value = contents.frontends[&frontend_key(frontend)];
@@ -2650,7 +2650,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
         let mut picks = Vec::new();
         let mut picked_ids = Vec::new();
         for index in 0..value.count {
-            let slot = Slot4Key {
+            let slot = SlotKey {
                 service_id: value.service_id,
                 index,
                 generation: value.generation,

@@ -5,16 +5,16 @@
 //! of names, so every node builds the same table, and a change of one backend moves few
 //! entries (measured in the tests below).
 
-use lb_common::{MAGLEV_SIZE, Maglev4Table};
+use lb_common::{MAGLEV_SIZE, MaglevTable};
 
 use crate::model::Backend;
 
 /// The Maglev table of a backend set: `picks` (sorted, so every node builds the same table)
 /// with their backend ids.
-pub fn table_for(picks: &[Backend], ids: &[u32]) -> Box<Maglev4Table> {
+pub fn table_for(picks: &[Backend], ids: &[u32]) -> Box<MaglevTable> {
     let names: Vec<String> = picks.iter().map(Backend::to_string).collect();
     let entries = table(&names, MAGLEV_SIZE);
-    let mut table = Box::<Maglev4Table>::default();
+    let mut table = Box::<MaglevTable>::default();
     for (slot, entry) in table.backend_ids.iter_mut().zip(entries) {
         *slot = ids[entry as usize];
     }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, frontend_flags,
+    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, frontend_flags,
 };
 
 use crate::{
@@ -14,13 +14,13 @@ use crate::{
 
 /// Writes and reads of the service maps.
 pub trait ServiceMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError>;
+    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError>;
     fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError>;
-    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError>;
-    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError>;
+    fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError>;
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), MapError>;
     fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError>;
     fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
-    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError>;
+    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError>;
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
     /// An allowed source range of a LoadBalancer frontend's service id.
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
@@ -56,8 +56,8 @@ impl MapError {
 /// The raw contents of the service maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub frontends: BTreeMap<Frontend4Key, Frontend4Value>,
-    pub slots: BTreeMap<Slot4Key, Slot4Value>,
+    pub frontends: BTreeMap<Frontend4Key, FrontendValue>,
+    pub slots: BTreeMap<SlotKey, SlotValue>,
     pub backends: BTreeMap<u32, Backend4>,
     /// Service ids that have a Maglev table.
     pub maglev: BTreeSet<u32>,
@@ -102,10 +102,10 @@ impl MapContents {
     /// The backends the live generation of a frontend entry names, with their ids.
     pub fn live_backends<'a>(
         &'a self,
-        value: &'a Frontend4Value,
+        value: &'a FrontendValue,
     ) -> impl Iterator<Item = (u32, &'a Backend4)> {
         (0..value.count).filter_map(move |index| {
-            let slot = Slot4Key {
+            let slot = SlotKey {
                 service_id: value.service_id,
                 index,
                 generation: value.generation,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, map_names,
+    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, map_names,
 };
 
 use super::{MapContents, MapError, ServiceMaps};
@@ -13,7 +13,7 @@ use crate::cidr::Cidr;
 pub struct MemoryMaps {
     pub contents: MapContents,
     /// The Maglev tables themselves (`contents.maglev` has their ids).
-    pub tables: BTreeMap<u32, Box<Maglev4Table>>,
+    pub tables: BTreeMap<u32, Box<MaglevTable>>,
     pub max_services: usize,
     pub max_slots: usize,
     pub max_backends: usize,
@@ -75,7 +75,7 @@ fn remove<K: Ord, V>(
 }
 
 impl ServiceMaps for MemoryMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
         let max = self.max_services;
         put(
             &mut self.contents.frontends,
@@ -90,7 +90,7 @@ impl ServiceMaps for MemoryMaps {
         remove(&mut self.contents.frontends, map_names::FRONTENDS_V4, key)
     }
 
-    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
+    fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError> {
         let max = self.max_slots;
         put(
             &mut self.contents.slots,
@@ -101,7 +101,7 @@ impl ServiceMaps for MemoryMaps {
         )
     }
 
-    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError> {
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), MapError> {
         remove(&mut self.contents.slots, map_names::SLOTS_V4, key)
     }
 
@@ -120,7 +120,7 @@ impl ServiceMaps for MemoryMaps {
         remove(&mut self.contents.backends, map_names::BACKENDS_V4, &id)
     }
 
-    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError> {
         let max = self.max_tables;
         put(
             &mut self.tables,

@@ -28,7 +28,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Frontend4Key, Frontend4Value, Slot4Key, Slot4Value, frontend_flags};
+use lb_common::{Frontend4Key, FrontendValue, SlotKey, SlotValue, frontend_flags};
 
 use backends::{Keepers, Opinion, ProgrammedBackend};
 use ids::IdSpace;
@@ -109,7 +109,7 @@ impl SyncReport {
 /// Keeps the maps equal to the desired state, by difference.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    frontends: BTreeMap<Frontend4Key, (Frontend4Value, SetKey)>,
+    frontends: BTreeMap<Frontend4Key, (FrontendValue, SetKey)>,
     sets: BTreeMap<SetKey, ProgrammedSet>,
     /// The frontends naming each programmed set.
     users: BTreeMap<SetKey, BTreeSet<Frontend4Key>>,
@@ -124,7 +124,7 @@ pub struct Reconciler {
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
-    adopted_frontends: BTreeMap<Frontend4Key, Frontend4Value>,
+    adopted_frontends: BTreeMap<Frontend4Key, FrontendValue>,
     /// Allowed sources of LoadBalancer IPs with `loadBalancerSourceRanges`.
     source_ranges: ProgrammedRanges,
     service_ids: IdSpace,
@@ -758,7 +758,7 @@ impl Reconciler {
         // so nothing names the old one; a frontend the switch fails for keeps the old one, so
         // the old slots stay.
         let mut switch_failed = None;
-        let programmed: Vec<(Frontend4Key, Frontend4Value)> = self
+        let programmed: Vec<(Frontend4Key, FrontendValue)> = self
             .users
             .get(set_key)
             .into_iter()
@@ -770,7 +770,7 @@ impl Reconciler {
                 frontend_of(&key).and_then(|frontend| users.iter().find(|(f, _)| *f == frontend));
             let value = match staying {
                 Some((_, service)) => frontend_value(&next, service),
-                None => Frontend4Value {
+                None => FrontendValue {
                     count: next.slots.len() as u16,
                     generation: next.generation,
                     ..before
@@ -816,14 +816,14 @@ fn write_slots(
     report: &mut SyncReport,
 ) -> Result<(), MapError> {
     for (index, id) in ids.iter().enumerate() {
-        let slot = Slot4Key {
+        let slot = SlotKey {
             service_id,
             index: index as u16,
             generation,
             pad: 0,
         };
         report.map_writes += 1;
-        maps.put_slot(slot, Slot4Value { backend_id: *id })?;
+        maps.put_slot(slot, SlotValue { backend_id: *id })?;
     }
     Ok(())
 }
@@ -838,7 +838,7 @@ fn remove_slots(
 ) {
     for index in 0..count {
         report.map_writes += 1;
-        let _ = maps.remove_slot(&Slot4Key {
+        let _ = maps.remove_slot(&SlotKey {
             service_id,
             index: index as u16,
             generation,
@@ -847,7 +847,7 @@ fn remove_slots(
     }
 }
 
-fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Value {
+fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> FrontendValue {
     let mut flags = 0;
     let timeout = match service.affinity_timeout_secs {
         Some(secs) => {
@@ -871,7 +871,7 @@ fn frontend_value(set: &ProgrammedSet, service: &DesiredService) -> Frontend4Val
             flags |= frontend_flags::RANGES_ALLOW_PODS;
         }
     }
-    Frontend4Value {
+    FrontendValue {
         service_id: set.service_id,
         count: set.slots.len() as u16,
         generation: set.generation,

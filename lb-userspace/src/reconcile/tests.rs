@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, Frontend4Key, Frontend4Value, Maglev4Table, Slot4Key, Slot4Value, backend_flags,
+    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, backend_flags,
     backend_states, frontend_flags, frontend_kinds, scopes,
 };
 use proptest::prelude::*;
@@ -40,10 +40,10 @@ use crate::model::{
 /// One successful map operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
-    PutFrontend(Frontend4Key, Frontend4Value),
+    PutFrontend(Frontend4Key, FrontendValue),
     RemoveFrontend(Frontend4Key),
-    PutSlot(Slot4Key, u32),
-    RemoveSlot(Slot4Key),
+    PutSlot(SlotKey, u32),
+    RemoveSlot(SlotKey),
     PutBackend(u32),
     RemoveBackend(u32),
     PutMaglev(u32),
@@ -104,7 +104,7 @@ impl CheckedMaps {
             .collect()
     }
 
-    fn frontend(&self, frontend: Frontend) -> Frontend4Value {
+    fn frontend(&self, frontend: Frontend) -> FrontendValue {
         *self
             .contents()
             .frontends
@@ -114,7 +114,7 @@ impl CheckedMaps {
 }
 
 impl ServiceMaps for CheckedMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: Frontend4Value) -> Result<(), MapError> {
+    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
         let result = self.maps.put_frontend(key, value);
         self.record(result, Op::PutFrontend(key, value))
     }
@@ -124,12 +124,12 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveFrontend(*key))
     }
 
-    fn put_slot(&mut self, key: Slot4Key, value: Slot4Value) -> Result<(), MapError> {
+    fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError> {
         let result = self.maps.put_slot(key, value);
         self.record(result, Op::PutSlot(key, value.backend_id))
     }
 
-    fn remove_slot(&mut self, key: &Slot4Key) -> Result<(), MapError> {
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), MapError> {
         let result = self.maps.remove_slot(key);
         self.record(result, Op::RemoveSlot(*key))
     }
@@ -144,7 +144,7 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveBackend(id))
     }
 
-    fn put_maglev(&mut self, service_id: u32, table: &Maglev4Table) -> Result<(), MapError> {
+    fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError> {
         let result = self.maps.put_maglev(service_id, table);
         self.record(result, Op::PutMaglev(service_id))
     }
@@ -187,7 +187,7 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
             ));
         }
         for index in 0..value.count {
-            let slot = Slot4Key {
+            let slot = SlotKey {
                 service_id: value.service_id,
                 index,
                 generation: value.generation,
@@ -451,7 +451,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
     let id_c = id_of(maps.contents(), c);
     // The kept backend keeps its id (its affinity entries stay valid); only c is new.
     assert_eq!(id_of(maps.contents(), b), id_b);
-    let slot = |generation, index| Slot4Key {
+    let slot = |generation, index| SlotKey {
         service_id: before.service_id,
         index,
         generation,
@@ -758,30 +758,30 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     }
     for index in 0..2u16 {
         leftovers.slots.insert(
-            Slot4Key {
+            SlotKey {
                 service_id: web_value.service_id,
                 index,
                 generation: 1 - web_value.generation,
                 pad: 0,
             },
-            Slot4Value {
+            SlotValue {
                 backend_id: top + 1 + index as u32,
             },
         );
     }
     leftovers.slots.insert(
-        Slot4Key {
+        SlotKey {
             service_id: 999,
             index: 0,
             generation: 0,
             pad: 0,
         },
-        Slot4Value {
+        SlotValue {
             backend_id: top + 2,
         },
     );
     leftovers.backends.insert(top + 3, Backend4::default());
-    maps.maps.put_maglev(999, &Maglev4Table::default()).unwrap();
+    maps.maps.put_maglev(999, &MaglevTable::default()).unwrap();
     let view = maps.contents().view();
 
     maps.ops.clear();
@@ -1155,8 +1155,8 @@ fn node_port_state(backends: &[(u8, bool)], local_only: bool) -> DesiredState {
     state(entries)
 }
 
-fn slot(service_id: u32, generation: u8, index: u16) -> Slot4Key {
-    Slot4Key {
+fn slot(service_id: u32, generation: u8, index: u16) -> SlotKey {
+    SlotKey {
         service_id,
         index,
         generation,

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key, Frontend4Value, MAGLEV_SIZE,
+    Backend4, Ct4Key, Ct4Value, Frag4Key, FragPorts, Frontend4Key, FrontendValue, MAGLEV_SIZE,
     Rev4Value, backend_states, ct_flags, ct_state, flow_hash, frontend_flags, frontend_kinds,
     reasons as r, scopes, snat_ports, tcp_flags,
 };
@@ -33,7 +33,7 @@ pub struct Config {
     pub node_addrs: BTreeSet<u32>,
     /// `LB4_IFADDR` of the test-run interface: the SNAT address.
     pub snat_addr: Option<u32>,
-    pub frontends: HashMap<Frontend4Key, Frontend4Value>,
+    pub frontends: HashMap<Frontend4Key, FrontendValue>,
     pub backends: HashMap<u32, Backend4>,
     pub maglev: HashMap<u32, Vec<u32>>,
     /// `LB4_SRCRANGE`: (service id, network-order address, prefix length).
@@ -67,7 +67,7 @@ pub struct Model {
     pub cfg: Config,
     pub flows: BTreeMap<Ct4Key, Flow>,
     pub revs: BTreeMap<Ct4Key, (Rev4Value, Ct4Key)>,
-    pub frags: HashMap<Frag4Key, Frag4Ports>,
+    pub frags: HashMap<Frag4Key, FragPorts>,
     /// (client address, service id) → backend id.
     pub affinity: BTreeMap<(u32, u32), u32>,
     pub reasons: [u64; r::COUNT as usize],
@@ -294,7 +294,7 @@ impl Model {
         })
     }
 
-    fn frontend(&self, daddr: u32, dport: u16, proto: u8) -> Option<Frontend4Value> {
+    fn frontend(&self, daddr: u32, dport: u16, proto: u8) -> Option<FrontendValue> {
         let key = |addr| Frontend4Key {
             addr,
             port: dport,
@@ -370,7 +370,7 @@ impl Model {
             } => {
                 let Some(ports) = self
                     .frags
-                    .get(&Frag4Key::new(saddr, daddr, id, proto))
+                    .get(&Frag4Key::new(saddr, daddr, id as u32, proto))
                     .copied()
                 else {
                     return Ok((r::XDP_FRAGMENT_NOT_TRACKED, false));
@@ -398,8 +398,8 @@ impl Model {
                     self.xdp_l4(f, Some(l4), proto, saddr, daddr, sport, dport, tcp, k)?;
                 if done && first_fragment {
                     self.frags.insert(
-                        Frag4Key::new(saddr, daddr, id, proto),
-                        Frag4Ports { sport, dport },
+                        Frag4Key::new(saddr, daddr, id as u32, proto),
+                        FragPorts { sport, dport },
                     );
                 }
                 Ok((reason, done))
@@ -668,7 +668,7 @@ impl Model {
             } => {
                 let Some(ports) = self
                     .frags
-                    .get(&Frag4Key::new(saddr, daddr, id, proto))
+                    .get(&Frag4Key::new(saddr, daddr, id as u32, proto))
                     .copied()
                 else {
                     return (r::TC_FRAGMENT_NOT_TRACKED, false);
@@ -696,8 +696,8 @@ impl Model {
                     self.tc_l4(f, Some(l4), proto, saddr, daddr, sport, dport, tcp);
                 if done && first_fragment {
                     self.frags.insert(
-                        Frag4Key::new(saddr, daddr, id, proto),
-                        Frag4Ports { sport, dport },
+                        Frag4Key::new(saddr, daddr, id as u32, proto),
+                        FragPorts { sport, dport },
                     );
                 }
                 (reason, done)

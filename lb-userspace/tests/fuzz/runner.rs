@@ -24,8 +24,8 @@ use lb_agent::{
     reconcile::Reconciler,
 };
 use lb_common::{
-    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Frag4Key, Frag4Ports, Frontend4Key,
-    Frontend4Value, Maglev4Table, Rev4Value, SourceRange4Key, affinity_clients, map_names, reasons,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Frag4Key, FragPorts, Frontend4Key,
+    FrontendValue, MaglevTable, Rev4Value, SourceRange4Key, affinity_clients, map_names, reasons,
 };
 
 use super::{
@@ -100,7 +100,7 @@ fn rev_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Ct4Key, Rev4Value> {
     .expect("reverse map type")
 }
 
-fn frag_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Frag4Key, Frag4Ports> {
+fn frag_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Frag4Key, FragPorts> {
     BpfHash::try_from(
         d.ebpf_mut()
             .map_mut(map_names::FRAGS_V4)
@@ -109,7 +109,7 @@ fn frag_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Frag4Key, Frag4Ports> {
     .expect("fragments map type")
 }
 
-fn affinity_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Affinity4Key, Affinity4Value> {
+fn affinity_map(d: &mut Dataplane) -> BpfHash<&mut MapData, Affinity4Key, AffinityValue> {
     BpfHash::try_from(
         d.ebpf_mut()
             .map_mut(map_names::AFFINITY_V4)
@@ -193,11 +193,11 @@ impl Runner {
 
     /// The service maps as the programs see them.
     fn read_config(&self, ep: &super::generator::Episode) -> Config {
-        let frontends: BpfHash<MapData, Frontend4Key, Frontend4Value> =
+        let frontends: BpfHash<MapData, Frontend4Key, FrontendValue> =
             BpfHash::try_from(Map::HashMap(self.open(map_names::FRONTENDS_V4))).unwrap();
         let backends: BpfHash<MapData, u32, Backend4> =
             BpfHash::try_from(Map::HashMap(self.open(map_names::BACKENDS_V4))).unwrap();
-        let maglev: BpfHash<MapData, u32, Maglev4Table> =
+        let maglev: BpfHash<MapData, u32, MaglevTable> =
             BpfHash::try_from(Map::HashMap(self.open(map_names::MAGLEV_V4))).unwrap();
         let ranges: LpmTrie<MapData, SourceRange4Key, u8> =
             LpmTrie::try_from(Map::LpmTrie(self.open(map_names::SOURCE_RANGES_V4))).unwrap();
@@ -293,7 +293,7 @@ impl Runner {
             }
         }
         let flat =
-            |k: &Frag4Key, v: &Frag4Ports| (k.saddr, k.daddr, k.id, k.proto, v.sport, v.dport);
+            |k: &Frag4Key, v: &FragPorts| (k.saddr, k.daddr, k.id, k.proto, v.sport, v.dport);
         let kernel_frags: BTreeSet<_> = frag_map(&mut self.dataplane)
             .iter()
             .filter_map(Result::ok)
@@ -302,7 +302,7 @@ impl Runner {
         let model_frags: BTreeSet<_> = model.frags.iter().map(|(k, v)| flat(k, v)).collect();
         if kernel_frags != model_frags {
             problems.push(format!(
-                "LB4_FRAGS_V1: expected {model_frags:?}, got {kernel_frags:?}"
+                "LB4_FRAGS_V2: expected {model_frags:?}, got {kernel_frags:?}"
             ));
         }
         let kernel_aff: BTreeMap<(u32, u32), u32> = affinity_map(&mut self.dataplane)
