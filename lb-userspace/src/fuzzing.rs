@@ -14,7 +14,7 @@ use arbitrary::{Arbitrary as _, Unstructured};
 
 use crate::{
     model::{self, Model, Objects, ProxyIdentity},
-    reconcile::{Reconciler, frontend_of, memory::MemoryMaps},
+    reconcile::{Reconciler, memory::MemoryMaps},
     source::manifests::parse_file,
 };
 
@@ -137,7 +137,7 @@ fn check_maps(
     failed: &BTreeSet<model::Frontend>,
 ) {
     let contents = &maps.contents;
-    let programmed: BTreeSet<_> = contents.frontends.keys().filter_map(frontend_of).collect();
+    let programmed: BTreeSet<_> = contents.frontends.keys().copied().collect();
     let wanted: BTreeSet<_> = desired
         .frontends
         .keys()
@@ -149,8 +149,8 @@ fn check_maps(
         "desired frontends missing from the maps: {:?}",
         wanted.difference(&programmed).collect::<Vec<_>>()
     );
-    for (key, value) in &contents.frontends {
-        let frontend = frontend_of(key).expect("a frontend key the maps hold reads back");
+    for (frontend, value) in &contents.frontends {
+        let frontend = *frontend;
         assert_ne!(value.service_id, 0, "{frontend}: service id 0");
         assert!(
             desired.frontends.contains_key(&frontend) || failed.contains(&frontend),
@@ -165,10 +165,7 @@ fn check_maps(
         if failed.contains(&frontend) {
             continue;
         }
-        let backends: BTreeSet<_> = live
-            .into_iter()
-            .map(|(_, b)| crate::reconcile::backend_of(b))
-            .collect();
+        let backends: BTreeSet<_> = live.into_iter().map(|(_, b)| b.backend).collect();
         assert_eq!(
             backends,
             desired.backends_of(&frontend),

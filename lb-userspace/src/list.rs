@@ -4,13 +4,13 @@
 //! and the backends new connections may pick.
 use std::path::Path;
 
-use lb_common::{NameKey4, backend_flags, backend_states, frontend_flags};
+use lb_common::{backend_flags, backend_states, frontend_flags};
 use serde::Serialize;
 
 use crate::{
     dataplane::{BpfServiceMaps, names::NamesMap},
     model::{FrontendKind, Scope},
-    reconcile::{ServiceMaps as _, backend_of, frontend_key, frontend_of},
+    reconcile::{BackendEntry, ServiceMaps as _},
 };
 
 /// One programmed frontend as `list` shows it.
@@ -21,7 +21,8 @@ pub struct Row {
     /// ClusterIP, NodePort, ExternalIP or LoadBalancer.
     #[serde(rename = "type")]
     pub kind: String,
-    /// `IP:port`, or `<node>:port` for a NodePort (every NodePort address of the node).
+    /// `IP:port` (`[IPv6]:port`), or `<node>:port` for an IPv4 NodePort (every IPv4 NodePort
+    /// address of the node) and `[<node>]:port` for an IPv6 one.
     pub frontend: String,
     pub protocol: String,
     /// The entry in-node clients use instead of the frontend's own (a `Local` policy).
@@ -43,10 +44,7 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
     let maps = BpfServiceMaps::open_pinned(&maps_dir)?;
     let contents = maps.dump()?;
     let mut rows = Vec::new();
-    for (key, value) in &contents.frontends {
-        let Some(frontend) = frontend_of(key) else {
-            continue;
-        };
+    for (frontend, value) in &contents.frontends {
         let kind = FrontendKind::from_number(value.kind);
         let backends = contents
             .live_backends(value)
@@ -54,17 +52,9 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
             .collect();
         let external = kind.is_some_and(FrontendKind::is_external);
         rows.push(Row {
-            service: names
-                .get(&NameKey4 {
-                    frontend: frontend_key(&frontend),
-                })
-                .cloned(),
+            service: names.get(frontend).cloned(),
             kind: kind.map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
-            frontend: if frontend.is_node_port() {
-                format!("<node>:{}", frontend.port)
-            } else {
-                format!("{}:{}", frontend.ip, frontend.port)
-            },
+            frontend: frontend.address_text(),
             protocol: frontend.protocol.to_string(),
             in_node_clients: frontend.scope == Scope::Internal,
             service_id: value.service_id,
@@ -99,10 +89,11 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// `IP:port`, then ` (local)` and ` (terminating)` where they apply, and any other flag or
-/// state bits as numbers (` (flags=N)`, ` (state=N)`): one text for `list` and `describe`.
-pub fn backend_text(backend: &lb_common::Backend4) -> String {
-    let mut text = backend_of(backend).to_string();
+/// `IP:port` (`[IPv6]:port`), then ` (local)` and ` (terminating)` where they apply, and any
+/// other flag or state bits as numbers (` (flags=N)`, ` (state=N)`): one text for `list` and
+/// `describe`.
+pub fn backend_text(backend: &BackendEntry) -> String {
+    let mut text = backend.backend.to_string();
     if backend.flags & backend_flags::LOCAL != 0 {
         text.push_str(" (local)");
     }

@@ -8,13 +8,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_common::NameKey4;
-
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
     dataplane::{BpfServiceMaps, names::NamesMap, stats::ServiceStatsMap},
     model::{Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, SetKey, Severity},
-    reconcile::{Reconciler, SyncReport, frontend_key},
+    reconcile::{Reconciler, SyncReport},
     source::Snapshot,
 };
 
@@ -195,14 +193,11 @@ impl SyncPass {
     /// service it had there.
     fn record_names(&mut self, touched: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         let desired = &self.model.desired().frontends;
-        let key = |frontend: &Frontend| NameKey4 {
-            frontend: frontend_key(frontend),
-        };
         if !self.synced {
             let wanted = desired
                 .iter()
                 .filter(|(f, _)| self.reconciler.service_id(f).is_some())
-                .map(|(frontend, service)| (key(frontend), service.name.to_string()))
+                .map(|(frontend, service)| (*frontend, service.name.to_string()))
                 .collect();
             return self.names.sync_all(&wanted);
         }
@@ -211,9 +206,9 @@ impl SyncPass {
                 .get(frontend)
                 .filter(|_| self.reconciler.service_id(frontend).is_some())
             {
-                Some(service) => self.names.put(key(frontend), &service.name.to_string())?,
+                Some(service) => self.names.put(frontend, &service.name.to_string())?,
                 None => {
-                    if let Some(was) = self.names.take_name(&key(frontend)) {
+                    if let Some(was) = self.names.take_name(frontend) {
                         tracing::info!(service = %was, %frontend, "service removed");
                     }
                 }

@@ -2562,12 +2562,12 @@ pub(crate) fn expected_view(desired: &DesiredState) -> BTreeMap<Frontend, Meanin
 /// its state and locality; a Maglev table, naming the set's backends, exactly for the sets
 /// with backends that outside traffic reaches; nothing else.
 pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), String> {
-    use lb_common::{Frontend4Key, FrontendValue, SlotKey, backend_flags, backend_states};
+    use lb_common::{FrontendValue, SlotKey, backend_flags, backend_states};
 
-    use crate::reconcile::{backend_of, frontend_key, maglev};
+    use crate::reconcile::maglev;
     let contents = &maps.contents;
-    let wanted: BTreeSet<Frontend4Key> = desired.frontends.keys().map(frontend_key).collect();
-    let present: BTreeSet<Frontend4Key> = contents.frontends.keys().copied().collect();
+    let wanted: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
+    let present: BTreeSet<Frontend> = contents.frontends.keys().copied().collect();
     if wanted != present {
         return Err(format!(
             "frontend entries differ from the desired frontends: missing {:?}, extra {:?}",
@@ -2580,7 +2580,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
     let mut programmed: BTreeMap<SetKey, (FrontendValue, bool)> = BTreeMap::new();
     let mut owners: BTreeMap<u32, SetKey> = BTreeMap::new();
     for (frontend, service) in &desired.frontends {
-        let value = contents.frontends[&frontend_key(frontend)];
+        let value = contents.frontends[frontend];
         let key = service.set();
         let Some(set) = desired.sets.get(&key) else {
             return Err(format!(
@@ -2623,7 +2623,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
         .iter()
         .filter_map(|(frontend, service)| Some((frontend, service.source_ranges.as_ref()?)))
         .flat_map(|(frontend, ranges)| {
-            let id = contents.frontends[&frontend_key(frontend)].service_id;
+            let id = contents.frontends[frontend].service_id;
             ranges.allowed.iter().map(move |range| (id, *range))
         })
         .collect();
@@ -2635,10 +2635,10 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
     }
     let mut ids = BTreeMap::new();
     for (id, value) in &contents.backends {
-        if let Some(other) = ids.insert(backend_of(value), *id) {
+        if let Some(other) = ids.insert(value.backend, *id) {
             return Err(format!(
                 "backend {} has two ids, {other} and {id}",
-                backend_of(value)
+                value.backend
             ));
         }
     }
@@ -2666,7 +2666,13 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
                 .backends
                 .get(&id)
                 .ok_or(format!("{key}: slot {slot:?} names missing backend {id}"))?;
-            picks.push(backend_of(backend));
+            if backend.backend.family() != key.family {
+                return Err(format!(
+                    "{key}: slot {slot:?} names {}, of the other family",
+                    backend.backend
+                ));
+            }
+            picks.push(backend.backend);
             picked_ids.push(id);
         }
         if picks.iter().copied().collect::<BTreeSet<_>>() != set.backends

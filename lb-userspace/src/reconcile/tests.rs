@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, backend_flags,
+    Frontend4Key, Frontend6Key, FrontendValue, MaglevTable, SlotKey, SlotValue, backend_flags,
     backend_states, frontend_flags, frontend_kinds, scopes,
 };
 use proptest::prelude::*;
@@ -17,8 +17,8 @@ use proptest::prelude::*;
 use crate::{cidr::Cidr, model::Family};
 
 use super::{
-    MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of, frontend_key,
-    frontend_of, memory::MemoryMaps,
+    BackendEntry, MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of,
+    frontend_key, frontend_of, memory::MemoryMaps,
 };
 use k8s_openapi::api::{
     core::v1::Service,
@@ -40,8 +40,8 @@ use crate::model::{
 /// One successful map operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
-    PutFrontend(Frontend4Key, FrontendValue),
-    RemoveFrontend(Frontend4Key),
+    PutFrontend(Frontend, FrontendValue),
+    RemoveFrontend(Frontend),
     PutSlot(SlotKey, u32),
     RemoveSlot(SlotKey),
     PutBackend(u32),
@@ -100,7 +100,7 @@ impl CheckedMaps {
         self.contents()
             .backends
             .iter()
-            .map(|(id, b)| (backend_of(b), *id))
+            .map(|(id, b)| (b.backend, *id))
             .collect()
     }
 
@@ -108,18 +108,18 @@ impl CheckedMaps {
         *self
             .contents()
             .frontends
-            .get(&frontend_key(&frontend))
+            .get(&frontend)
             .unwrap_or_else(|| panic!("{frontend} is not in the maps"))
     }
 }
 
 impl ServiceMaps for CheckedMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
+    fn put_frontend(&mut self, key: Frontend, value: FrontendValue) -> Result<(), MapError> {
         let result = self.maps.put_frontend(key, value);
         self.record(result, Op::PutFrontend(key, value))
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
+    fn remove_frontend(&mut self, key: &Frontend) -> Result<(), MapError> {
         let result = self.maps.remove_frontend(key);
         self.record(result, Op::RemoveFrontend(*key))
     }
@@ -134,13 +134,13 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveSlot(*key))
     }
 
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError> {
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError> {
         let result = self.maps.put_backend(id, backend);
         self.record(result, Op::PutBackend(id))
     }
 
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        let result = self.maps.remove_backend(id);
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+        let result = self.maps.remove_backend(id, family);
         self.record(result, Op::RemoveBackend(id))
     }
 
@@ -170,7 +170,8 @@ impl ServiceMaps for CheckedMaps {
 }
 
 /// What the data path relies on at every instant: a frontend entry's live generation is
-/// whole (slots `0..count` exist and name existing backends); a Maglev table present for a
+/// whole (slots `0..count` exist and name existing backends of the frontend's family, in the
+/// backends map the kernel looks in for it); a Maglev table present for a
 /// service id some entry names with backends names only existing backends; and a frontend
 /// outside traffic reaches (XDP picks through the table) has its table while it has backends.
 fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
@@ -196,7 +197,11 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
             let Some(target) = contents.slots.get(&slot) else {
                 return Err(format!("{key:?} {value:?}: slot {slot:?} is missing"));
             };
-            if !contents.backends.contains_key(&target.backend_id) {
+            if !contents
+                .backends
+                .get(&target.backend_id)
+                .is_some_and(|b| b.backend.family() == key.family())
+            {
                 return Err(format!(
                     "{key:?} {value:?}: slot {slot:?} names missing backend {}",
                     target.backend_id
@@ -208,17 +213,18 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
         }
         match maps.tables.get(&value.service_id) {
             Some(table) => {
-                if let Some(id) = table
-                    .backend_ids
-                    .iter()
-                    .find(|id| !contents.backends.contains_key(id))
-                {
+                if let Some(id) = table.backend_ids.iter().find(|id| {
+                    !contents
+                        .backends
+                        .get(id)
+                        .is_some_and(|b| b.backend.family() == key.family())
+                }) {
                     return Err(format!(
                         "{key:?} {value:?}: the Maglev table names missing backend {id}"
                     ));
                 }
             }
-            None if key.scope == scopes::EXTERNAL && value.kind != frontend_kinds::CLUSTER_IP => {
+            None if key.scope == Scope::External && value.kind != frontend_kinds::CLUSTER_IP => {
                 return Err(format!(
                     "{key:?} {value:?}: reached from outside, with backends, without a Maglev \
                      table"
@@ -402,19 +408,51 @@ fn add_programs_exactly_the_desired_state() {
     assert!(maps.maps.tables.is_empty());
     assert_eq!(reconciler.len(), 3);
     // Keys and values are in network byte order, as the kernel hands them to the programs.
-    let key = frontend_key(&web());
+    let key: Frontend4Key = frontend_key(&web()).unwrap();
     assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
     assert_eq!(key.port.to_ne_bytes(), 80u16.to_be_bytes());
     assert_eq!(key.proto, lb_common::IPPROTO_TCP);
     assert_eq!(key.scope, scopes::EXTERNAL);
     assert_eq!(frontend_of(&key), Some(web()));
     // A NodePort's key has address 0.
-    let key = frontend_key(&Frontend::node_port(Family::V4, 30080, Protocol::Tcp));
+    let key: Frontend4Key =
+        frontend_key(&Frontend::node_port(Family::V4, 30080, Protocol::Tcp)).unwrap();
     assert_eq!((key.addr, key.port), (0, 30080u16.to_be()));
     assert_eq!(
         frontend_of(&key),
         Some(Frontend::node_port(Family::V4, 30080, Protocol::Tcp))
     );
+    // IPv6: the 16 address bytes in network order, `::` for a NodePort; an address of the
+    // other family has no key in a family's map.
+    let v6 = frontend("fd00:10:96::a", 80, Protocol::Tcp);
+    let key: Frontend6Key = frontend_key(&v6).unwrap();
+    let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    assert_eq!(
+        bytes,
+        "fd00:10:96::a"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+    );
+    assert_eq!(key.port.to_ne_bytes(), 80u16.to_be_bytes());
+    assert_eq!(frontend_of(&key), Some(v6));
+    assert_eq!(frontend_key::<lb_common::Addr4>(&v6), None);
+    assert_eq!(frontend_key::<lb_common::Addr6>(&web()), None);
+    let key: Frontend6Key =
+        frontend_key(&Frontend::node_port(Family::V6, 30080, Protocol::Udp)).unwrap();
+    assert_eq!(key.addr, [0; 4]);
+    // Backends likewise.
+    let entry = BackendEntry {
+        backend: Backend {
+            ip: "fd00:10:244::5".parse().unwrap(),
+            port: 8080,
+        },
+        state: backend_states::TERMINATING,
+        flags: backend_flags::LOCAL,
+    };
+    let value: lb_common::Backend6 = super::backend_value(&entry).unwrap();
+    assert_eq!(backend_of(&value), entry);
+    assert_eq!(super::backend_value::<lb_common::Addr4>(&entry), None);
 }
 
 #[test]
@@ -432,7 +470,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         contents
             .backends
             .iter()
-            .find(|(_, b)| super::backend_of(b) == wanted)
+            .find(|(_, b)| b.backend == wanted)
             .map(|(id, _)| *id)
             .unwrap()
     };
@@ -464,7 +502,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
             Op::PutBackend(id_c),
             Op::PutSlot(slot(new, 0), id_b),
             Op::PutSlot(slot(new, 1), id_c),
-            Op::PutFrontend(frontend_key(&web()), after),
+            Op::PutFrontend(web(), after),
             Op::RemoveSlot(slot(old, 0)),
             Op::RemoveSlot(slot(old, 1)),
             Op::RemoveBackend(id_a),
@@ -485,7 +523,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         maps.ops,
         vec![
             Op::PutSlot(slot(old, 0), id_c),
-            Op::PutFrontend(frontend_key(&web()), last),
+            Op::PutFrontend(web(), last),
             Op::RemoveSlot(slot(new, 0)),
             Op::RemoveSlot(slot(new, 1)),
             Op::RemoveBackend(id_b),
@@ -546,7 +584,7 @@ fn remove_deletes_the_entry_first_then_everything_it_used() {
     )]);
     let report = sync(&mut reconciler, &only_api, &mut maps);
     assert_eq!((report.added, report.updated, report.removed), (0, 0, 1));
-    assert_eq!(maps.ops[0], Op::RemoveFrontend(frontend_key(&web())));
+    assert_eq!(maps.ops[0], Op::RemoveFrontend(web()));
     assert_eq!(maps.ops.len(), 5, "{:?}", maps.ops);
     let report = sync(&mut reconciler, &DesiredState::default(), &mut maps);
     assert_eq!(report.removed, 1);
@@ -596,7 +634,7 @@ fn affinity_only_change_is_one_service_write() {
         assert_eq!(report.map_writes, 1, "{affinity:?}");
         assert_eq!(report.updated, 1);
         let value = maps.frontend(web());
-        assert_eq!(maps.ops, vec![Op::PutFrontend(frontend_key(&web()), value)]);
+        assert_eq!(maps.ops, vec![Op::PutFrontend(web(), value)]);
         // Same id and generation: affinity entries and slots stay valid.
         assert_eq!(
             (value.service_id, value.generation, value.count),
@@ -742,15 +780,14 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     // The earlier agent died in the middle of an update of web: new backends and the idle
     // generation's slots written, the switch not yet made. Plus an orphan backend with the
     // highest id, and the slots and Maglev table of a service that no longer exists.
-    let web_value = clean.frontends[&frontend_key(&web())];
+    let web_value = clean.frontends[&web()];
     let top = *clean.backends.keys().max().unwrap();
     let leftovers = &mut maps.maps.contents;
     for (offset, last) in [(1, 7u8), (2, 8)] {
         leftovers.backends.insert(
             top + offset,
-            Backend4 {
-                addr: lb_common::addr_to_map(u32::from_be_bytes([10, 244, 0, last])),
-                port: lb_common::port_to_map(8080),
+            BackendEntry {
+                backend: backend(last, 8080),
                 state: backend_states::ACTIVE,
                 flags: 0,
             },
@@ -780,7 +817,17 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
             backend_id: top + 2,
         },
     );
-    leftovers.backends.insert(top + 3, Backend4::default());
+    leftovers.backends.insert(
+        top + 3,
+        BackendEntry {
+            backend: Backend {
+                ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                port: 0,
+            },
+            state: 0,
+            flags: 0,
+        },
+    );
     maps.maps.put_maglev(999, &MaglevTable::default()).unwrap();
     let view = maps.contents().view();
 
@@ -907,7 +954,7 @@ fn service_ids_by_name(maps: &CheckedMaps, desired: &DesiredState) -> BTreeMap<S
         .frontends
         .iter()
         .filter_map(|(frontend, service)| {
-            let value = maps.contents().frontends.get(&frontend_key(frontend))?;
+            let value = maps.contents().frontends.get(frontend)?;
             Some((service.name.to_string(), value.service_id))
         })
         .collect()
@@ -1180,7 +1227,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
             Op::PutSlot(slot(1, 0, 0), 1),
             Op::PutSlot(slot(1, 0, 1), 2),
             Op::PutMaglev(1),
-            Op::PutFrontend(frontend_key(&np()), value),
+            Op::PutFrontend(np(), value),
         ]
     );
     assert_eq!(value.kind, frontend_kinds::NODE_PORT);
@@ -1213,7 +1260,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
             Op::PutSlot(slot(1, 1, 0), 1),
             Op::PutSlot(slot(1, 1, 1), 3),
             Op::PutMaglev(1),
-            Op::PutFrontend(frontend_key(&np()), after),
+            Op::PutFrontend(np(), after),
             Op::RemoveSlot(slot(1, 0, 0)),
             Op::RemoveSlot(slot(1, 0, 1)),
             Op::RemoveBackend(2),
@@ -1246,7 +1293,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
     let moved = maps
         .ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend(key, v) if *key == frontend_key(&np()) && v.service_id == 2))
+        .position(|op| matches!(op, Op::PutFrontend(key, v) if *key == np() && v.service_id == 2))
         .expect("the NodePort moves");
     let dropped = maps
         .ops
@@ -1497,10 +1544,7 @@ fn a_restarted_agent_keeps_every_service_id_and_backend_id() {
     let sets_before: BTreeMap<SetKey, u32> =
         earlier.set_ids().map(|(k, id)| (k.clone(), id)).collect();
     assert!(
-        frontends_before
-            .keys()
-            .filter_map(frontend_of)
-            .any(|f| f.is_node_port()),
+        frontends_before.keys().any(|f| f.is_node_port()),
         "{frontends_before:?}"
     );
 
