@@ -2825,6 +2825,98 @@ fn cluster_ip_change_moves_the_frontend() {
     ]);
 }
 
+/// A Service going from IPv4 to dual-stack and to IPv6 only, its IPv6 slice arriving after
+/// it and the node's IPv6 address changing: the incremental model and the maps it drives
+/// end where a fresh build does at every step.
+#[test]
+fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
+    let v4_slice = web_slice(vec![ep("10.244.1.1"), ep("10.244.1.2")]);
+    let v6_slice = || web_slice6(vec![ep("fd00:10:244::1")]);
+    let dual = || {
+        with_node_ports(
+            web_dual("RequireDualStack"),
+            "NodePort",
+            &[30080],
+            "Cluster",
+        )
+    };
+    let v6_only = || {
+        with_node_ports(
+            with_families(web(), "SingleStack", &["fd00:10:96::a"], &["IPv6"]),
+            "NodePort",
+            &[30080],
+            "Local",
+        )
+    };
+    let v4_node_port = || with_node_ports(web(), "NodePort", &[30080], "Cluster");
+    let mut current = objects(vec![v4_node_port()], vec![v4_slice.clone()]);
+    let mut steps = vec![(
+        current.clone(),
+        objects(vec![v4_node_port()], vec![v4_slice.clone()]),
+    )];
+    // Dual-stack, before its IPv6 slice exists: the IPv6 frontends refuse.
+    current
+        .services
+        .insert(ObjectKey::new("default", "web"), Arc::new(dual()));
+    steps.push((
+        current.clone(),
+        objects(vec![dual()], vec![v4_slice.clone()]),
+    ));
+    let (state, _) = build_default(&current);
+    assert_eq!(
+        backends_of(&state, tcp("fd00:10:96::a", 80)),
+        BTreeSet::new()
+    );
+    // The IPv6 slice arrives.
+    let slice = v6_slice();
+    current
+        .endpoint_slices
+        .insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
+    steps.push((
+        current.clone(),
+        objects(vec![dual()], vec![v4_slice.clone(), v6_slice()]),
+    ));
+    // This node gets an IPv6 endpoint and an IPv6 address (every service is recomputed).
+    let local = web_slice6(vec![
+        ep("fd00:10:244::1"),
+        ep("fd00:10:244::9").on_node(NODE),
+    ]);
+    current
+        .endpoint_slices
+        .insert(ObjectKey::of(&local.metadata), Arc::new(local.clone()));
+    let mut this_node = node(NODE, None);
+    this_node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+            type_: "InternalIP".into(),
+            address: "fd00:60::2".into(),
+        }]),
+        ..Default::default()
+    });
+    current
+        .nodes
+        .insert(NODE.into(), Arc::new(this_node.clone()));
+    let mut fresh = objects(vec![dual()], vec![v4_slice.clone(), local.clone()]);
+    fresh.nodes.insert(NODE.into(), Arc::new(this_node.clone()));
+    steps.push((current.clone(), fresh));
+    // IPv6 only, Local policy: the IPv4 frontends and set go.
+    current
+        .services
+        .insert(ObjectKey::new("default", "web"), Arc::new(v6_only()));
+    let mut fresh = objects(vec![v6_only()], vec![v4_slice.clone(), local]);
+    fresh.nodes.insert(NODE.into(), Arc::new(this_node));
+    steps.push((current.clone(), fresh));
+    let (state, _) = build_default(&current);
+    assert!(
+        state.frontends.keys().all(|f| f.family() == Family::V6),
+        "{state:#?}"
+    );
+    assert_eq!(
+        backends_of(&state, node_port6(30080, Protocol::Tcp)),
+        backends(&[("fd00:10:244::9", 8080)])
+    );
+    converges(&steps);
+}
+
 #[test]
 fn ports_added_and_removed() {
     let key = ObjectKey::new("default", "web");

@@ -30,7 +30,7 @@ use crate::model::{
     ObjectKey, Objects, Protocol, Scope, ServicePortName, SetKey,
     tests::{
         EndpointExt as _, ep, exact, expected_view, identity, node, objects, service, slice,
-        view_without_ids, with_ingress, with_node_ports,
+        slice6, view_without_ids, with_families, with_ingress, with_node_ports,
     },
 };
 
@@ -1767,14 +1767,19 @@ const PORT_NAMES: [&str; 2] = ["", "http"];
 const SERVICE_PORTS: [i32; 3] = [53, 80, 443];
 const TARGET_PORTS: [i32; 3] = [53, 8080, 8443];
 const CLUSTER_IPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+/// The IPv6 ClusterIP of a dual-stack or IPv6 service with the same index.
+const CLUSTER_IPS_V6: [&str; 3] = ["fd00:10:96::a", "fd00:10:96::b", "fd00:10:96::c"];
 const NODE_PORTS: [i32; 3] = [30000, 30001, 30002];
 const HEALTH_CHECK_PORTS: [i32; 2] = [32000, 32001];
-/// externalIPs and load-balancer IPs; the last is a ClusterIP of the pool.
-const EXTERNAL_IPS: [&str; 4] = [
+/// externalIPs and load-balancer IPs of both families; `10.96.0.10` and `fd00:10:96::a` are
+/// ClusterIPs of the pool.
+const EXTERNAL_IPS: [&str; 6] = [
     "198.51.100.10",
     "198.51.100.11",
     "203.0.113.7",
     "10.96.0.10",
+    "2001:db8::10",
+    "fd00:10:96::a",
 ];
 const NODES: [&str; 3] = [crate::model::tests::NODE, "node-b", "node-c"];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
@@ -1786,6 +1791,17 @@ enum Kind {
     LoadBalancer,
     Headless,
     ExternalName,
+}
+
+/// A service's `ipFamilies`.
+#[derive(Clone, Copy, Debug)]
+enum Families {
+    V4,
+    V6,
+    /// IPv4 then IPv6.
+    Dual,
+    /// IPv6 then IPv4.
+    DualV6First,
 }
 
 #[derive(Clone, Debug)]
@@ -1824,6 +1840,7 @@ enum Event {
     PutService {
         which: usize,
         kind: Kind,
+        families: Families,
         ip: usize,
         ports: Vec<PortSpec>,
         affinity: Option<i32>,
@@ -1835,6 +1852,8 @@ enum Event {
     PutSlice {
         which: usize,
         service: usize,
+        /// An IPv6 slice (`addressType: IPv6`, endpoints `fd00:10:244::N`).
+        v6: bool,
         other_namespace: bool,
         ports: Vec<PortSpec>,
         endpoints: Vec<EndpointSpec>,
@@ -1921,9 +1940,15 @@ fn event() -> impl Strategy<Value = Event> {
         1 => Just(Some(10_800)),
         1 => prop_oneof![Just(0), Just(60), Just(125), Just(90_000)].prop_map(Some),
     ];
+    let families = prop_oneof![
+        3 => Just(Families::V4),
+        1 => Just(Families::V6),
+        2 => Just(Families::Dual),
+        1 => Just(Families::DualV6First),
+    ];
     prop_oneof![
         3 => (
-            0..SERVICES,
+            (0..SERVICES, families),
             kind,
             0..CLUSTER_IPS.len(),
             prop::collection::vec(port_spec(SERVICE_PORTS.len()), 1..=3),
@@ -1933,10 +1958,11 @@ fn event() -> impl Strategy<Value = Event> {
             external_spec(),
         )
             .prop_map(
-                |(which, kind, ip, ports, affinity, local, publish_not_ready, external)| {
+                |((which, families), kind, ip, ports, affinity, local, publish_not_ready, external)| {
                     Event::PutService {
                         which,
                         kind,
+                        families,
                         ip,
                         ports,
                         affinity,
@@ -1948,16 +1974,17 @@ fn event() -> impl Strategy<Value = Event> {
             ),
         1 => (0..SERVICES).prop_map(Event::DeleteService),
         6 => (
-            0..SLICES,
+            (0..SLICES, prop::bool::weighted(0.4)),
             0..SERVICES,
             prop::bool::weighted(0.1),
             prop::collection::vec(port_spec(TARGET_PORTS.len()), 1..=4),
             prop::collection::vec(endpoint_spec(), 0..=6),
         )
-            .prop_map(|(which, service, other_namespace, ports, endpoints)| {
+            .prop_map(|((which, v6), service, other_namespace, ports, endpoints)| {
                 Event::PutSlice {
                     which,
                     service,
+                    v6,
                     other_namespace,
                     ports,
                     endpoints,
@@ -1980,6 +2007,7 @@ fn apply(objects: &mut Objects, event: &Event) {
         Event::PutService {
             which,
             kind,
+            families,
             ip,
             ports,
             affinity,
@@ -1992,6 +2020,17 @@ fn apply(objects: &mut Objects, event: &Event) {
                 .map(|p| (PORT_NAMES[p.name], SERVICE_PORTS[p.number], protocol(p.udp)))
                 .collect();
             let mut svc = service("default", &service_name(*which), CLUSTER_IPS[*ip], &numbers);
+            let (v4, v6) = (CLUSTER_IPS[*ip], CLUSTER_IPS_V6[*ip]);
+            svc = match families {
+                Families::V4 => svc,
+                Families::V6 => with_families(svc, "SingleStack", &[v6], &["IPv6"]),
+                Families::Dual => {
+                    with_families(svc, "RequireDualStack", &[v4, v6], &["IPv4", "IPv6"])
+                }
+                Families::DualV6First => {
+                    with_families(svc, "PreferDualStack", &[v6, v4], &["IPv6", "IPv4"])
+                }
+            };
             if matches!(kind, Kind::NodePort | Kind::LoadBalancer) {
                 let kind = if matches!(kind, Kind::NodePort) {
                     "NodePort"
@@ -2065,6 +2104,7 @@ fn apply(objects: &mut Objects, event: &Event) {
         Event::PutSlice {
             which,
             service,
+            v6,
             other_namespace,
             ports,
             endpoints,
@@ -2076,11 +2116,12 @@ fn apply(objects: &mut Objects, event: &Event) {
             let endpoints = endpoints
                 .iter()
                 .map(|e| {
-                    let mut endpoint = ep(&format!("10.244.0.{}", e.ip)).conditions(
-                        e.ready,
-                        e.serving,
-                        e.terminating,
-                    );
+                    let address = if *v6 {
+                        format!("fd00:10:244::{}", e.ip)
+                    } else {
+                        format!("10.244.0.{}", e.ip)
+                    };
+                    let mut endpoint = ep(&address).conditions(e.ready, e.serving, e.terminating);
                     endpoint.node_name = e.node.map(|n| NODES[n].to_owned());
                     if let Some(zones) = &e.zones {
                         let names: Vec<&str> = zones.iter().map(|z| ZONES[*z]).collect();
@@ -2099,7 +2140,8 @@ fn apply(objects: &mut Objects, event: &Event) {
             objects
                 .endpoint_slices
                 .retain(|key, _| key.name != format!("slice-{which}"));
-            let new = slice(
+            let make = if *v6 { slice6 } else { slice };
+            let new = make(
                 namespace,
                 &format!("slice-{which}"),
                 &service_name(*service),
@@ -2297,4 +2339,254 @@ fn source_ranges_follow_the_service_and_survive_a_restart() {
     sync(&mut restarted, &with_ranges(&["192.0.2.0/24"]), &mut maps);
     sync(&mut restarted, &DesiredState::default(), &mut maps);
     assert!(maps.contents().source_ranges.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dual-stack: each family's frontends, backends and ranges in its own maps, one id space
+
+/// `default/web` dual-stack (10.96.0.10 and fd00:10:96::a) of type LoadBalancer: nodePort
+/// 30080, load-balancer IPs 203.0.113.7 and 2001:db8:7::7, under `policy`, with these
+/// `loadBalancerSourceRanges`.
+fn dual_stack_load_balancer(policy: &str, ranges: &[&str]) -> Service {
+    let mut svc = with_ingress(
+        with_node_ports(
+            with_families(
+                service("default", "web", "10.96.0.10", &[("http", 80, "TCP")]),
+                "RequireDualStack",
+                &["10.96.0.10", "fd00:10:96::a"],
+                &["IPv4", "IPv6"],
+            ),
+            "LoadBalancer",
+            &[30080],
+            policy,
+        ),
+        &[("203.0.113.7", None), ("2001:db8:7::7", None)],
+    );
+    if !ranges.is_empty() {
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+    }
+    svc
+}
+
+fn web_slice6(endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice6(
+        "default",
+        "web-v6",
+        "web",
+        &[("http", 8080, "TCP")],
+        endpoints,
+    )
+}
+
+fn v6_backend(last: u8, port: u16) -> Backend {
+    Backend {
+        ip: format!("fd00:10:244::{last}").parse().unwrap(),
+        port,
+    }
+}
+
+#[test]
+fn dual_stack_sets_get_their_own_service_ids_and_backends_their_familys_map() {
+    let desired = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &[])],
+        vec![
+            web_slice(vec![ep("10.244.0.1"), ep("10.244.0.2")]),
+            web_slice6(vec![ep("fd00:10:244::1"), ep("fd00:10:244::2")]),
+        ],
+    ));
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    // `sync` checks the exact contents; every write checks that a live slot names a backend
+    // of its frontend's family.
+    sync(&mut reconciler, &desired, &mut maps);
+    let v4 = [
+        frontend("10.96.0.10", 80, Protocol::Tcp),
+        Frontend::node_port(Family::V4, 30080, Protocol::Tcp),
+        frontend("203.0.113.7", 80, Protocol::Tcp),
+    ];
+    let v6 = [
+        frontend("fd00:10:96::a", 80, Protocol::Tcp),
+        Frontend::node_port(Family::V6, 30080, Protocol::Tcp),
+        frontend("2001:db8:7::7", 80, Protocol::Tcp),
+    ];
+    let id_of = |f: &Frontend| maps.frontend(*f).service_id;
+    assert!(v4.iter().all(|f| id_of(f) == id_of(&v4[0])), "{v4:?}");
+    assert!(v6.iter().all(|f| id_of(f) == id_of(&v6[0])), "{v6:?}");
+    assert_ne!(id_of(&v4[0]), id_of(&v6[0]));
+    // One backend id space over both families.
+    let ids = maps.backend_ids();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.values().collect::<BTreeSet<_>>().len(), 4);
+    assert!(ids.contains_key(&v6_backend(1, 8080)) && ids.contains_key(&backend(1, 8080)));
+    // Both sets are reached from outside: a Maglev table each.
+    assert_eq!(
+        maps.maps.tables.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([id_of(&v4[0]), id_of(&v6[0])])
+    );
+
+    // The IPv6 endpoints change: only the IPv6 set is rewritten, in the usual order (backend,
+    // slots of the idle generation, table, frontends, old slots, old backend).
+    maps.ops.clear();
+    let changed = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &[])],
+        vec![
+            web_slice(vec![ep("10.244.0.1"), ep("10.244.0.2")]),
+            web_slice6(vec![ep("fd00:10:244::1"), ep("fd00:10:244::3")]),
+        ],
+    ));
+    sync(&mut reconciler, &changed, &mut maps);
+    let touched: BTreeSet<Frontend> = maps
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutFrontend(f, _) | Op::RemoveFrontend(f) => Some(*f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(touched, BTreeSet::from(v6), "{:?}", maps.ops);
+    let new_id = maps.backend_ids()[&v6_backend(3, 8080)];
+    let first_frontend = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend(..)))
+        .unwrap();
+    assert_eq!(maps.ops[0], Op::PutBackend(new_id));
+    assert!(
+        maps.ops[1..first_frontend]
+            .iter()
+            .all(|op| matches!(op, Op::PutSlot(..) | Op::PutMaglev(_))),
+        "{:?}",
+        maps.ops
+    );
+    assert!(
+        maps.ops[first_frontend..].iter().all(|op| matches!(
+            op,
+            Op::PutFrontend(..) | Op::RemoveSlot(_) | Op::RemoveBackend(_)
+        )),
+        "{:?}",
+        maps.ops
+    );
+    assert_eq!(
+        maps.ops.last(),
+        Some(&Op::RemoveBackend(ids[&v6_backend(2, 8080)]))
+    );
+
+    // A restarted agent adopts both families' maps: same ids, nothing written.
+    let frontends_before = maps.contents().frontends.clone();
+    maps.ops.clear();
+    let mut restarted = Reconciler::adopt(&mut maps).unwrap();
+    let report = counted_sync(&mut restarted, &changed, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.map_writes, 0, "{:?}", maps.ops);
+    assert_eq!(maps.contents().frontends, frontends_before);
+    assert_exact(&maps, &changed);
+
+    // Gone: both families' maps are empty again.
+    sync(&mut restarted, &DesiredState::default(), &mut maps);
+    assert_eq!(maps.contents(), &MapContents::default());
+}
+
+#[test]
+fn ipv6_source_ranges_are_written_under_the_ipv6_sets_id_before_its_frontends_check_them() {
+    let desired = build(&objects(
+        vec![dual_stack_load_balancer(
+            "Cluster",
+            &["192.0.2.0/24", "2001:db8:1::/48"],
+        )],
+        vec![
+            web_slice(vec![ep("10.244.0.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, &desired, &mut maps);
+    let v4 = maps
+        .frontend(frontend("203.0.113.7", 80, Protocol::Tcp))
+        .service_id;
+    let v6_lb = frontend("2001:db8:7::7", 80, Protocol::Tcp);
+    let v6 = maps.frontend(v6_lb).service_id;
+    assert_eq!(
+        maps.contents().source_ranges,
+        BTreeSet::from([
+            (v4, "192.0.2.0/24".parse().unwrap()),
+            (v6, "2001:db8:1::/48".parse().unwrap()),
+        ])
+    );
+    let range_written = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutSourceRange(id, _) if *id == v6))
+        .unwrap();
+    let lb_written = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend(f, _) if *f == v6_lb))
+        .unwrap();
+    assert!(range_written < lb_written, "{:?}", maps.ops);
+    // The IPv6 ranges go; the IPv4 ones stay.
+    let fewer = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &["192.0.2.0/24"])],
+        vec![
+            web_slice(vec![ep("10.244.0.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    sync(&mut reconciler, &fewer, &mut maps);
+    assert_eq!(
+        maps.contents().source_ranges,
+        BTreeSet::from([(v4, "192.0.2.0/24".parse().unwrap())])
+    );
+    assert_eq!(
+        maps.frontend(v6_lb).flags & frontend_flags::SOURCE_RANGES,
+        0
+    );
+}
+
+#[test]
+fn each_familys_frontends_map_has_its_own_capacity() {
+    // Room for two frontends per family: a dual-stack NodePort service (ClusterIP and
+    // NodePort in each family) fits exactly.
+    let mut maps = CheckedMaps::with_limits(2, 64, 64);
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    let node_port = |external_ips: &[&str]| {
+        let mut svc = with_node_ports(
+            with_families(
+                service("default", "web", "10.96.0.10", &[("http", 80, "TCP")]),
+                "RequireDualStack",
+                &["10.96.0.10", "fd00:10:96::a"],
+                &["IPv4", "IPv6"],
+            ),
+            "NodePort",
+            &[30080],
+            "Cluster",
+        );
+        svc.spec.as_mut().unwrap().external_ips =
+            Some(external_ips.iter().map(|ip| (*ip).to_owned()).collect());
+        build(&objects(
+            vec![svc],
+            vec![
+                web_slice(vec![ep("10.244.0.1")]),
+                web_slice6(vec![ep("fd00:10:244::1")]),
+            ],
+        ))
+    };
+    sync(&mut reconciler, &node_port(&[]), &mut maps);
+    assert_eq!(maps.contents().frontends.len(), 4);
+    // One more IPv6 frontend: the IPv6 map is full, the IPv4 ones keep serving.
+    let more = node_port(&["2001:db8::10"]);
+    let report = counted_sync(&mut reconciler, &more, &mut maps);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        vec![frontend("2001:db8::10", 80, Protocol::Tcp)],
+        "{report:?}"
+    );
+    assert!(
+        report.failed[0]
+            .1
+            .contains(lb_common::map_names::FRONTENDS_V6),
+        "{report:?}"
+    );
+    assert_eq!(maps.contents().frontends.len(), 4);
 }
