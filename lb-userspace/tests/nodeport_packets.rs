@@ -21,8 +21,8 @@ use lb_agent::{
         reasons::ReasonCounters,
     },
     model::{
-        Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
-        Protocol, ServicePortName, SetKey, SourceRanges,
+        Backend, BackendSet, DesiredService, DesiredState, Endpoints, Family, Frontend,
+        FrontendKind, Protocol, ServicePortName, SetKey, SourceRanges,
     },
     reconcile::{Reconciler, maglev},
 };
@@ -282,7 +282,11 @@ impl State {
                 },
             );
             desired.sets.insert(
-                SetKey { name, endpoints },
+                SetKey {
+                    name,
+                    family: Family::V4,
+                    endpoints,
+                },
                 BackendSet {
                     backends: svc.backends.keys().copied().collect(),
                     terminating: BTreeSet::new(),
