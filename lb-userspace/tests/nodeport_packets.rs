@@ -70,7 +70,10 @@ impl Harness {
             .set_node_addrs(&BTreeSet::from([NODE.parse().unwrap()]))
             .unwrap();
         addrs
-            .set_iface_addrs(&BTreeMap::from([(TEST_RUN_IFINDEX, NODE.parse().unwrap())]))
+            .set_iface_addrs(&BTreeMap::from([(
+                (TEST_RUN_IFINDEX, Family::V4),
+                NODE.parse().unwrap(),
+            )]))
             .unwrap();
         Harness {
             maps,

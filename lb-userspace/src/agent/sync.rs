@@ -81,13 +81,12 @@ impl SyncPass {
         })
     }
 
-    /// One pass: snapshot → desired state → map writes, logging and recording what changed.
-    /// kube-proxy's node IP, as the last snapshot's Node says.
-    pub fn node_ip(&self) -> Option<std::net::Ipv4Addr> {
-        match self.model.node()?.node_ip(crate::model::Family::V4)? {
-            std::net::IpAddr::V4(ip) => Some(ip),
-            std::net::IpAddr::V6(_) => None,
-        }
+    /// kube-proxy's node IP of each family, as the last snapshot's Node says.
+    pub fn node_ips(&self) -> Vec<std::net::IpAddr> {
+        self.model
+            .node()
+            .map(|node| node.node_ips.clone())
+            .unwrap_or_default()
     }
 
     /// One pass; returns the backends it removed from the maps (their sockets may be
