@@ -246,6 +246,7 @@ impl SyncPass {
                     name: key.name.name.clone(),
                     port: key.name.port.clone(),
                     endpoints: key.endpoints.to_string(),
+                    family: key.family.to_string(),
                 },
             );
             added.push(id);
