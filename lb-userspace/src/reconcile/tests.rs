@@ -197,10 +197,10 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
             let Some(target) = contents.slots.get(&slot) else {
                 return Err(format!("{key:?} {value:?}: slot {slot:?} is missing"));
             };
-            if !contents
+            if contents
                 .backends
                 .get(&target.backend_id)
-                .is_some_and(|b| b.backend.family() == key.family())
+                .is_none_or(|b| b.backend.family() != key.family())
             {
                 return Err(format!(
                     "{key:?} {value:?}: slot {slot:?} names missing backend {}",
@@ -214,10 +214,10 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
         match maps.tables.get(&value.service_id) {
             Some(table) => {
                 if let Some(id) = table.backend_ids.iter().find(|id| {
-                    !contents
+                    contents
                         .backends
                         .get(id)
-                        .is_some_and(|b| b.backend.family() == key.family())
+                        .is_none_or(|b| b.backend.family() != key.family())
                 }) {
                     return Err(format!(
                         "{key:?} {value:?}: the Maglev table names missing backend {id}"
