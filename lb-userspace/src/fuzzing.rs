@@ -99,7 +99,8 @@ pub fn model(bytes: &[u8]) {
 }
 
 /// Every frontend names a set that exists, has a port, and is a NodePort exactly when its
-/// address is 0.0.0.0; every backend has an address and a port.
+/// address is 0.0.0.0 or `::`; every backend has an address and a port, of the frontend's
+/// family.
 fn check_desired(desired: &model::DesiredState) {
     for (frontend, service) in &desired.frontends {
         assert_ne!(frontend.port, 0, "{frontend}: port 0");
@@ -113,10 +114,20 @@ fn check_desired(desired: &model::DesiredState) {
             .sets
             .get(&service.set())
             .unwrap_or_else(|| panic!("{frontend} names a set that does not exist"));
+        assert_eq!(
+            service.family,
+            frontend.family(),
+            "{frontend}: its entry is of the other family"
+        );
         for backend in set.members() {
             assert_ne!(
                 backend.port, 0,
                 "{frontend}: backend {backend:?} has port 0"
+            );
+            assert_eq!(
+                backend.family(),
+                frontend.family(),
+                "{frontend}: backend {backend} of the other family"
             );
             assert!(
                 !backend.ip.is_unspecified(),

@@ -131,12 +131,11 @@ pub fn collect(
                 continue;
             };
             // 0.0.0.0 or :: as a backend would reach the client's own host (the API server
-            // refuses it too; found by the `model` fuzz target).
-            let Some(ip) = address
-                .parse::<IpAddr>()
-                .ok()
-                .filter(|ip| Family::of(*ip) == family && !ip.is_unspecified())
-            else {
+            // refuses it too; found by the `model` fuzz target); an IPv4-mapped IPv6 address
+            // is an IPv4 one in disguise.
+            let Some(ip) = address.parse::<IpAddr>().ok().filter(|ip| {
+                Family::of(*ip) == family && !ip.is_unspecified() && !is_ipv4_mapped(ip)
+            }) else {
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: ObjectRef {
@@ -169,6 +168,10 @@ pub fn collect(
         }
     }
     merged
+}
+
+fn is_ipv4_mapped(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
 }
 
 fn hint_names<T: HasName>(hints: Option<&Vec<T>>) -> BTreeSet<String> {

@@ -544,6 +544,14 @@ fn service_address(text: &str, what: &str, report: &mut Reporter) -> Option<IpAd
             ));
             None
         }
+        // The socket programs take an IPv4-mapped address for the IPv4 one (the API server
+        // refuses such addresses too).
+        Ok(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_some() => {
+            report.warn(format!(
+                "{what} {ip} is an IPv4-mapped IPv6 address, not a service address; skipped"
+            ));
+            None
+        }
         Ok(ip) => Some(ip),
         Err(_) => {
             report.warn(format!("{what} {text:?} is not an IP address; skipped"));

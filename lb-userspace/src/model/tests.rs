@@ -1314,6 +1314,14 @@ fn cluster_ips_are_picked_by_ip_families_and_checked_against_them() {
             .contains(":: is not a usable address"),
         "{diagnostics:#?}"
     );
+    // An IPv4-mapped address is an IPv4 one in disguise: no IPv6 service address.
+    let mapped = with_families(web(), "SingleStack", &["::ffff:10.96.0.10"], &["IPv6"]);
+    let (state, diagnostics) = build_default(&objects(vec![mapped], vec![]));
+    assert_eq!(state, DesiredState::default());
+    assert!(
+        diagnostics[0].message.contains("IPv4-mapped"),
+        "{diagnostics:#?}"
+    );
 }
 
 #[test]
@@ -1323,7 +1331,12 @@ fn ipv6_slices_are_merged_deduplicated_and_checked_for_their_family() {
         "web-v6second",
         "web",
         &[("http", 8080, "TCP")],
-        vec![ep("fd00:10:244::1"), ep("fd00:10:244::2"), ep("10.244.1.9")],
+        vec![
+            ep("fd00:10:244::1"),
+            ep("fd00:10:244::2"),
+            ep("10.244.1.9"),
+            ep("::ffff:10.244.1.8"),
+        ],
     );
     let (state, diagnostics) = build_default(&objects(
         vec![web_dual("RequireDualStack")],
@@ -1333,13 +1346,16 @@ fn ipv6_slices_are_merged_deduplicated_and_checked_for_their_family() {
         backends_of(&state, tcp("fd00:10:96::a", 80)),
         backends(&[("fd00:10:244::1", 8080), ("fd00:10:244::2", 8080)])
     );
-    // An IPv4 address in an IPv6 slice is no IPv6 endpoint.
-    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
-    assert_eq!(diagnostics[0].object.kind, "EndpointSlice");
-    assert!(
-        diagnostics[0].message.contains("10.244.1.9") && diagnostics[0].message.contains("IPv6"),
-        "{diagnostics:#?}"
-    );
+    // An IPv4 address (plain or IPv4-mapped) in an IPv6 slice is no IPv6 endpoint.
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:#?}");
+    for address in ["10.244.1.9", "::ffff:10.244.1.8"] {
+        assert!(
+            diagnostics.iter().any(|d| d.object.kind == "EndpointSlice"
+                && d.message.contains(address)
+                && d.message.contains("IPv6")),
+            "{address}: {diagnostics:#?}"
+        );
+    }
 }
 
 #[test]
