@@ -46,10 +46,6 @@ const IPS: &[&str] = &[
     "None",
     "",
     "fd00::1",
-    "fd00:10:96::a",
-    "2001:db8::7",
-    "::",
-    "::ffff:10.96.0.1",
     "10.96.0.300",
 ];
 const CIDRS: &[&str] = &[
@@ -57,8 +53,6 @@ const CIDRS: &[&str] = &[
     "0.0.0.0/0",
     "192.168.1.10/32",
     "fd00::/64",
-    "::/0",
-    "2001:db8::/32",
     " 10.0.0.0/8 ",
     "bad",
 ];
@@ -228,10 +222,7 @@ fn service(u: &mut Unstructured<'_>, key: &ObjectKey) -> Result<Service> {
         allocate_load_balancer_node_ports: Option::<bool>::arbitrary(u)?,
         publish_not_ready_addresses: Option::<bool>::arbitrary(u)?,
         traffic_distribution: maybe(u, |u| pick(u, &["PreferClose", "PreferSameZone"]))?,
-        ip_families: maybe(u, |u| some(u, 2, |u| pick(u, &["IPv4", "IPv6", "IPv5"])))?,
-        ip_family_policy: maybe(u, |u| {
-            pick(u, &["SingleStack", "PreferDualStack", "RequireDualStack"])
-        })?,
+        ip_families: maybe(u, |u| some(u, 2, |u| pick(u, &["IPv4", "IPv6"])))?,
         ..Default::default()
     };
     let status = maybe(u, |u| {
