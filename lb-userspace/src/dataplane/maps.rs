@@ -142,7 +142,9 @@ fn wrong_family(map: &'static str) -> MapError {
 
 pub struct BpfServiceMaps {
     v4: FamilyMaps<Addr4>,
-    v6: FamilyMaps<Addr6>,
+    /// Always there in a loaded object; `None` for pins an IPv4-only agent left (`lb-agent
+    /// list` before the first start of this version).
+    v6: Option<FamilyMaps<Addr6>>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     maglev: HashMap<MapData, u32, MaglevTable>,
 }
@@ -152,20 +154,34 @@ impl BpfServiceMaps {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         Ok(Self {
             v4: FamilyMaps::take(ebpf)?,
-            v6: FamilyMaps::take(ebpf)?,
+            v6: Some(FamilyMaps::take(ebpf)?),
             slots: HashMap::try_from(take_map(ebpf, map_names::SLOTS_V4)?)?,
             maglev: HashMap::try_from(take_map(ebpf, map_names::MAGLEV_V4)?)?,
         })
     }
 
-    /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent).
+    /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent). Pins
+    /// without the IPv6 maps (an IPv4-only agent's) read as holding no IPv6 entry.
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
         let open = |name| open_pinned_hash(dir, name);
+        let v6_pinned = dir.join(map_names::FRONTENDS_V6).exists();
         Ok(Self {
             v4: FamilyMaps::open_pinned(dir)?,
-            v6: FamilyMaps::open_pinned(dir)?,
+            v6: v6_pinned
+                .then(|| FamilyMaps::open_pinned(dir))
+                .transpose()?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
             maglev: HashMap::try_from(open(map_names::MAGLEV_V4)?)?,
+        })
+    }
+}
+
+impl BpfServiceMaps {
+    fn v6(&mut self) -> Result<&mut FamilyMaps<Addr6>, MapError> {
+        self.v6.as_mut().ok_or(MapError {
+            map: map_names::FRONTENDS_V6,
+            operation: "open",
+            cause: "no IPv6 maps are pinned (an IPv4-only agent's pins)".into(),
         })
     }
 }
@@ -201,14 +217,14 @@ impl ServiceMaps for BpfServiceMaps {
     fn put_frontend(&mut self, frontend: Frontend, value: FrontendValue) -> Result<(), MapError> {
         match frontend.family() {
             Family::V4 => self.v4.put_frontend(&frontend, value),
-            Family::V6 => self.v6.put_frontend(&frontend, value),
+            Family::V6 => self.v6()?.put_frontend(&frontend, value),
         }
     }
 
     fn remove_frontend(&mut self, frontend: &Frontend) -> Result<(), MapError> {
         match frontend.family() {
             Family::V4 => self.v4.remove_frontend(frontend),
-            Family::V6 => self.v6.remove_frontend(frontend),
+            Family::V6 => self.v6()?.remove_frontend(frontend),
         }
     }
 
@@ -227,14 +243,14 @@ impl ServiceMaps for BpfServiceMaps {
     fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError> {
         match backend.backend.family() {
             Family::V4 => self.v4.put_backend(id, &backend),
-            Family::V6 => self.v6.put_backend(id, &backend),
+            Family::V6 => self.v6()?.put_backend(id, &backend),
         }
     }
 
     fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
         match family {
             Family::V4 => self.v4.remove_backend(id),
-            Family::V6 => self.v6.remove_backend(id),
+            Family::V6 => self.v6()?.remove_backend(id),
         }
     }
 
@@ -254,14 +270,14 @@ impl ServiceMaps for BpfServiceMaps {
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
         match range.family() {
             Family::V4 => self.v4.put_source_range(service_id, range),
-            Family::V6 => self.v6.put_source_range(service_id, range),
+            Family::V6 => self.v6()?.put_source_range(service_id, range),
         }
     }
 
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
         match range.family() {
             Family::V4 => self.v4.remove_source_range(service_id, range),
-            Family::V6 => self.v6.remove_source_range(service_id, range),
+            Family::V6 => self.v6()?.remove_source_range(service_id, range),
         }
     }
 
@@ -280,7 +296,9 @@ impl ServiceMaps for BpfServiceMaps {
             ..MapContents::default()
         };
         self.v4.dump_into(&mut contents)?;
-        self.v6.dump_into(&mut contents)?;
+        if let Some(v6) = &self.v6 {
+            v6.dump_into(&mut contents)?;
+        }
         Ok(contents)
     }
 }

@@ -62,7 +62,8 @@ where
 
 pub struct NamesMap {
     v4: FamilyNames<Addr4>,
-    v6: FamilyNames<Addr6>,
+    /// `None` for pins an IPv4-only agent left (read by `list` and `describe`).
+    v6: Option<FamilyNames<Addr6>>,
 }
 
 impl NamesMap {
@@ -71,9 +72,9 @@ impl NamesMap {
             v4: FamilyNames {
                 map: HashMap::try_from(take_map(ebpf, map_names::SERVICE_NAMES_V4)?)?,
             },
-            v6: FamilyNames {
+            v6: Some(FamilyNames {
                 map: HashMap::try_from(take_map(ebpf, map_names::SERVICE_NAMES_V6)?)?,
-            },
+            }),
         })
     }
 
@@ -82,8 +83,12 @@ impl NamesMap {
             v4: FamilyNames {
                 map: HashMap::try_from(open_pinned_hash(dir, map_names::SERVICE_NAMES_V4)?)?,
             },
-            v6: FamilyNames {
-                map: HashMap::try_from(open_pinned_hash(dir, map_names::SERVICE_NAMES_V6)?)?,
+            v6: if dir.join(map_names::SERVICE_NAMES_V6).exists() {
+                Some(FamilyNames {
+                    map: HashMap::try_from(open_pinned_hash(dir, map_names::SERVICE_NAMES_V6)?)?,
+                })
+            } else {
+                None
             },
         })
     }
@@ -91,7 +96,10 @@ impl NamesMap {
     pub fn put(&mut self, frontend: &Frontend, name: &str) -> anyhow::Result<()> {
         match frontend.family() {
             Family::V4 => self.v4.put(frontend, name),
-            Family::V6 => self.v6.put(frontend, name),
+            Family::V6 => match &mut self.v6 {
+                Some(v6) => v6.put(frontend, name),
+                None => anyhow::bail!("no IPv6 names map is pinned"),
+            },
         }
     }
 
@@ -99,7 +107,7 @@ impl NamesMap {
     pub fn take_name(&mut self, frontend: &Frontend) -> Option<String> {
         let name = match frontend.family() {
             Family::V4 => self.v4.get(frontend),
-            Family::V6 => self.v6.get(frontend),
+            Family::V6 => self.v6.as_ref().and_then(|v6| v6.get(frontend)),
         };
         self.remove(frontend);
         name
@@ -109,7 +117,11 @@ impl NamesMap {
     pub fn remove(&mut self, frontend: &Frontend) {
         match frontend.family() {
             Family::V4 => self.v4.remove(frontend),
-            Family::V6 => self.v6.remove(frontend),
+            Family::V6 => {
+                if let Some(v6) = &mut self.v6 {
+                    v6.remove(frontend);
+                }
+            }
         }
     }
 
@@ -117,7 +129,9 @@ impl NamesMap {
     pub fn all(&self) -> BTreeMap<Frontend, String> {
         let mut found = BTreeMap::new();
         self.v4.all_into(&mut found);
-        self.v6.all_into(&mut found);
+        if let Some(v6) = &self.v6 {
+            v6.all_into(&mut found);
+        }
         found
     }
 
