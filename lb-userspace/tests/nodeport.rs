@@ -1807,6 +1807,13 @@ fn binding_a_served_node_port_or_external_ip_fails_with_eaddrinuse_until_the_ser
     assert_refused(&site, "udp", &format!("{NODE_A_IP}:30081"));
     assert_refused(&site, "tcp", &format!("{EXTERNAL_IP}:80"));
     assert_refused(&site, "udp", &format!("{EXTERNAL_IP}:53"));
+    // AF_INET6 sockets (post_bind6): `::` takes IPv4 too; a mapped address is its IPv4 one.
+    assert_refused(&site, "tcp", "[::]:30080");
+    assert_refused(&site, "udp", "[::]:30081");
+    assert_refused(&site, "tcp", "[::ffff:127.0.0.1]:30080");
+    assert_refused(&site, "tcp", &format!("[::ffff:{EXTERNAL_IP}]:80"));
+    assert_bound(&site, None, "tcp", "[::]:30099");
+    assert_bound(&site, None, "udp", "[::]:30080");
 
     // Not served: another port, the other protocol, the externalIP at another port.
     assert_bound(&site, None, "tcp", "0.0.0.0:30099");
@@ -1829,10 +1836,11 @@ fn binding_a_served_node_port_or_external_ip_fails_with_eaddrinuse_until_the_ser
     }
     assert_bound(&site, None, "udp", "0.0.0.0:30081");
     assert_bound(&site, None, "tcp", &format!("{EXTERNAL_IP}:80"));
+    assert_bound(&site, None, "tcp", "[::]:30080");
 }
 
-/// `--bind-protection=false`: the served NodePort binds; the post_bind4 link an earlier agent
-/// (with it on) pinned is removed.
+/// `--bind-protection=false`: the served NodePort binds; the post_bind4 and post_bind6 links an
+/// earlier agent (with it on) pinned are removed.
 #[test]
 fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run() {
     let mut site = Site::new(&["pod-a"], false);
@@ -1859,15 +1867,19 @@ fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run
         .map(|(program, _)| program)
         .collect()
     };
-    assert!(links(&site).iter().any(|p| p == "post_bind4"));
+    let before = links(&site);
+    assert!(before.iter().any(|p| p == "post_bind4"), "{before:?}");
+    assert!(before.iter().any(|p| p == "post_bind6"), "{before:?}");
 
-    // SIGTERM without --cleanup-on-exit: the links stay pinned, post_bind4 with them.
+    // SIGTERM without --cleanup-on-exit: the links stay pinned, post_bind4/6 with them.
     site.agents.clear();
     assert_refused(&site, "tcp", "0.0.0.0:30080");
+    assert_refused(&site, "tcp", "[::]:30080");
     site.start_agents_with(&["--bind-protection=false"]);
     let now = links(&site);
-    assert!(!now.iter().any(|p| p == "post_bind4"), "{now:?}");
+    assert!(!now.iter().any(|p| p.starts_with("post_bind")), "{now:?}");
     assert_bound(&site, None, "tcp", "0.0.0.0:30080");
+    assert_bound(&site, None, "tcp", "[::]:30080");
     assert_bound(&site, None, "udp", "0.0.0.0:30081");
     // The rest of the data path is unchanged: the NodePort still answers.
     let reached = site.probe_in_node(

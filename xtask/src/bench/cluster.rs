@@ -299,6 +299,23 @@ impl Cluster {
         &self.clients.iter().find(|(a, _)| *a == arm).expect("arm").1
     }
 
+    /// `lb-agent status -o json` on this cluster's pins (the maps and their entries).
+    pub fn agent_status_json(&self) -> Result<serde_json::Value> {
+        let mut cmd = command_in(Some(self.node.netns()), None, &self.agent_bin)?;
+        cmd.args(["status", "-o", "json", "--healthz-addr"])
+            .arg(AGENT_HEALTHZ.to_string())
+            .arg("--bpffs")
+            .arg(&self.bpffs.0)
+            .env("RUST_BACKTRACE", "0");
+        let out = cmd.output().context("running `lb-agent status -o json`")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`lb-agent status -o json` printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// Starts the agent on the (empty or filled) manifest directory and waits until it is
     /// ready: `/healthz` answers 200 and every program is linked (the socket programs, and XDP
     /// and tc on each `--nodeport-iface` of `extra`).
