@@ -290,6 +290,39 @@ fn endpoints_of_selectorless_services_are_mirrored() {
 }
 
 #[test]
+fn a_dual_stack_selectorless_service_gets_a_mirrored_slice_per_family() {
+    let snapshot = read_dir(&fixture("mirror-dual-stack"));
+    assert_eq!(snapshot.problems, Vec::<String>::new());
+    assert_eq!(
+        keys(&snapshot.objects.endpoint_slices),
+        vec![
+            "default/external-db-mirror-0",
+            "default/external-db-mirror-0-ipv6"
+        ]
+    );
+    let v6 =
+        &snapshot.objects.endpoint_slices[&ObjectKey::new("default", "external-db-mirror-0-ipv6")];
+    assert_eq!(v6.address_type, "IPv6");
+    assert_eq!(v6.endpoints.len(), 2);
+    let state = build(&snapshot, "kind-worker");
+    assert_eq!(
+        view(&state),
+        vec![
+            (
+                frontend("10.96.70.1", 5432, Protocol::Tcp),
+                backends(&[("192.168.50.10", 5432)]),
+                None
+            ),
+            (
+                frontend("fd00:10:96::70:1", 5432, Protocol::Tcp),
+                backends(&[("fd00:50::10", 5432)]),
+                None
+            ),
+        ]
+    );
+}
+
+#[test]
 fn the_same_object_in_two_files_is_reported_and_the_later_file_wins() {
     let dir = fixture("duplicate");
     let snapshot = read_dir(&dir);
