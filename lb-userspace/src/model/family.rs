@@ -59,13 +59,6 @@ impl Family {
             Family::V6 => 128,
         }
     }
-
-    pub fn other(self) -> Self {
-        match self {
-            Family::V4 => Family::V6,
-            Family::V6 => Family::V4,
-        }
-    }
 }
 
 impl fmt::Display for Family {
