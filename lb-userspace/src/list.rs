@@ -24,6 +24,8 @@ pub struct Row {
     /// `IP:port` (`[IPv6]:port`), or `<node>:port` for an IPv4 NodePort (every IPv4 NodePort
     /// address of the node) and `[<node>]:port` for an IPv6 one.
     pub frontend: String,
+    /// `IPv4` or `IPv6`.
+    pub family: String,
     pub protocol: String,
     /// The entry in-node clients use instead of the frontend's own (a `Local` policy).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -59,6 +61,7 @@ pub fn rows_of(contents: &MapContents, names: &BTreeMap<Frontend, String>) -> Ve
             service: names.get(frontend).cloned(),
             kind: kind.map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
             frontend: frontend.address_text(),
+            family: frontend.family().to_string(),
             protocol: frontend.protocol.to_string(),
             in_node_clients: frontend.scope == Scope::Internal,
             service_id: value.service_id,
@@ -247,6 +250,8 @@ mod tests {
             rows.iter()
                 .all(|r| r.service.as_deref() == Some("default/web:http"))
         );
+        let families: Vec<&str> = rows.iter().map(|r| r.family.as_str()).collect();
+        assert_eq!(families, ["IPv4", "IPv6", "IPv6"]);
         let table = table(&rows);
         assert!(table.contains("[fd00:10:96::a]:80"), "{table}");
     }
