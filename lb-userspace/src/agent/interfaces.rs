@@ -207,13 +207,17 @@ fn nodeport_address_allowed(entries: &[NodePortAddress], primary: &[IpAddr], ip:
     !named
 }
 
+/// An IPv6 link-local address (`fe80::/10`): one per link, every veth a pod brings has one,
+/// and a client needs the link's zone to reach it; no NodePort address (kube-proxy's iptables
+/// mode would match it as `LOCAL`).
+fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(ip) if ip.is_unicast_link_local())
+}
+
 /// An address SNAT may use as its source: not loopback, and for IPv6 not link-local (a reply
 /// to it would not leave the link).
 fn snat_capable(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => !ip.is_loopback(),
-        IpAddr::V6(ip) => !ip.is_loopback() && !ip.is_unicast_link_local() && !ip.is_multicast(),
-    }
+    !ip.is_loopback() && !ip.is_multicast() && !is_link_local(ip)
 }
 
 /// The addresses NodePorts answer on (both families) and, per interface and family, the SNAT
@@ -229,7 +233,7 @@ fn addresses_of(
     let mut node_addrs: BTreeSet<IpAddr> = interfaces
         .values()
         .flat_map(|iface| iface.addrs.iter().copied())
-        .filter(|ip| !ip.is_loopback() && allowed(ip))
+        .filter(|ip| !ip.is_loopback() && !is_link_local(ip) && allowed(ip))
         .collect();
     if localhost {
         node_addrs.insert(Ipv4Addr::LOCALHOST.into());
@@ -331,13 +335,12 @@ mod tests {
     }
 
     #[test]
-    fn nodeports_answer_on_every_address_of_both_families_and_localhost() {
+    fn nodeports_answer_on_every_address_of_both_families_but_link_local_and_localhost() {
         let (addrs, snat) = addresses_of(&node(), &[], &[], true);
         let expected: BTreeSet<IpAddr> = [
             "127.0.0.1",
             "::1",
             "192.168.60.2",
-            "fe80::1",
             "fd00:60::2",
             "2001:db8:60::2",
             "10.0.0.2",
@@ -346,6 +349,7 @@ mod tests {
         .into_iter()
         .map(ip)
         .collect();
+        // Not the link-local one: per link, and every pod's veth brings one.
         assert_eq!(addrs, expected);
         // The SNAT source of each family: the first global address (never link-local).
         assert_eq!(snat[&("eth0".to_owned(), Family::V6)], ip("fd00:60::2"));
