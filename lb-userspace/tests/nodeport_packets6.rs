@@ -97,7 +97,6 @@ impl Harness {
             port: 8080u16.to_be(),
             state: backend_states::ACTIVE,
             flags: backend_flags::LOCAL,
-            ..Default::default()
         };
         backends.insert(backend_id, backend, 0).unwrap();
         let mut slots: HashMap<&mut MapData, SlotKey, SlotValue> =
