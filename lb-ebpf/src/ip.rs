@@ -7,7 +7,7 @@
 use aya_ebpf::programs::TcContext;
 use lb_common::MapAddr;
 
-use crate::{csum, family::Family, ipv4, ipv6};
+use crate::{csum, family::Family, ipv4, ipv6, snat::Search};
 
 /// Whether IPv6 frames take the IPv6 path. Off while its call chain does not fit the
 /// verifier's 512-byte stack (see docs/nodeport.md, "IPv6"): IPv6 frames then pass untouched
@@ -93,6 +93,9 @@ pub trait Ip: Family {
     /// tc: folds an address change into the IP header checksum with the kernel's helper
     /// (IPv6 has none: nothing to do).
     fn tc_hdr_csum_addr(ctx: &TcContext, from: Self::Addr, to: Self::Addr) -> bool;
+
+    /// This CPU's SNAT port search state (`snat.rs`), a per-CPU scratch map value.
+    fn snat_search() -> Option<*mut Search<Self::Addr>>;
 }
 
 /// Reads the address at `ptr` (bounds-checked by the parser).
@@ -145,6 +148,11 @@ impl Ip for crate::family::V4 {
     fn tc_l4_csum_addr(ctx: &TcContext, off: usize, from: u32, to: u32, flags: u64) -> bool {
         ctx.l4_csum_replace(off, from as u64, to as u64, flags | 4)
             .is_ok()
+    }
+
+    #[inline(always)]
+    fn snat_search() -> Option<*mut Search<u32>> {
+        crate::maps::LB4_SNATSEARCH.get_ptr_mut(0)
     }
 
     #[inline(always)]
@@ -209,6 +217,11 @@ impl Ip for crate::family::V6 {
             i += 1;
         }
         true
+    }
+
+    #[inline(always)]
+    fn snat_search() -> Option<*mut Search<[u32; 4]>> {
+        crate::maps::LB6_SNATSEARCH.get_ptr_mut(0)
     }
 
     #[inline(always)]
