@@ -78,3 +78,5 @@ pub const IFACE_ADDRS_V6: &str = "LB6_IFADDR";
 pub const SOURCE_RANGES_V6: &str = "LB6_SRCRANGE";
 /// Ports of fragmented IPv6 datagrams: `Frag6Key` → `FragPorts` (LRU).
 pub const FRAGS_V6: &str = "LB6_FRAGS_V1";
+/// IPv6's XDP stages, entered by tail call (program array, `lb-ebpf/src/stages.rs`).
+pub const XDP_STAGES_V6: &str = "LB6_XDPSTAGES";

@@ -34,7 +34,7 @@ use lb_common::{CtKey, IPPROTO_UDP, ct_flags, reasons};
 use crate::{
     csum,
     ip::{Ip, L3, read_addr, write_addr},
-    parse::{FRAG_NONE, at},
+    parse::{FRAG_NONE, at_len},
 };
 
 /// The quoted L4 header's first 8 bytes as UDP has them.
@@ -75,11 +75,11 @@ fn parse<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> Option<IcmpError<
     if l3.frag != FRAG_NONE || l3.l4_len < 8 + F::QUOTED_HLEN + 8 {
         return None;
     }
-    let icmp: *mut IcmpHdr = at(start, end, l3.l4_off)?;
-    let inner_off = l3.l4_off + 8;
-    // The quoted header's bytes lie before its ports: checking the ports checks them too.
-    let ports: *mut Quoted = at(start, end, inner_off + F::QUOTED_HLEN)?;
-    let inner = (start + inner_off) as *mut u8;
+    // The ICMP header, the quoted IP header and the quoted ports, checked at once.
+    let base = at_len(start, end, l3.l4_off, 8 + F::QUOTED_HLEN + 8)?;
+    let icmp = base as *mut IcmpHdr;
+    // SAFETY: inside the range checked.
+    let (inner, ports) = unsafe { (base.add(8), base.add(8 + F::QUOTED_HLEN) as *mut Quoted) };
     // SAFETY: bounds-checked by `at`.
     if !F::is_icmp_error(unsafe { (*icmp).kind }) {
         return None;

@@ -7,12 +7,11 @@
 use aya_ebpf::programs::TcContext;
 use lb_common::MapAddr;
 
-use crate::{csum, family::Family, ipv4, ipv6, snat::Search};
+use crate::{csum, family::Family, ipv4, ipv6, snat::Search, stages::Pending};
 
-/// Whether IPv6 frames take the IPv6 path. Off while its call chain does not fit the
-/// verifier's 512-byte stack (see docs/nodeport.md, "IPv6"): IPv6 frames then pass untouched
-/// as `not_parsed`, as before IPv6.
-pub const V6_ENABLED: bool = false;
+/// Whether IPv6 frames take the IPv6 path (off: they pass untouched as `not_parsed`, as
+/// before IPv6).
+pub const V6_ENABLED: bool = true;
 
 /// The network header of a frame, understood (see `ipv4.rs`, `ipv6.rs`).
 pub struct L3<A> {
@@ -60,9 +59,9 @@ pub trait Ip: Family {
     /// Whether a UDP checksum 0 means "none" (IPv4) or is invalid (IPv6, RFC 8200 8.1: the
     /// packet is passed untouched, and the stack drops it).
     const UDP_CSUM_OPTIONAL: bool;
-    /// Whether the new-flow path runs in functions of their own (BPF-to-BPF calls): IPv6's
-    /// 16-byte addresses and 40-byte keys need more registers and stack than one frame holds,
-    /// IPv4's fast path keeps everything inline.
+    /// Whether the XDP path runs in stages, programs entered by tail call (`stages.rs`):
+    /// IPv6's 16-byte addresses and 40-byte keys need more stack than one program holds;
+    /// IPv4 keeps everything in one.
     const SPLIT_FRAMES: bool;
 
     /// Parses the network header at `start + ETH_HLEN` (the EtherType was checked).
@@ -96,6 +95,9 @@ pub trait Ip: Family {
 
     /// This CPU's SNAT port search state (`snat.rs`), a per-CPU scratch map value.
     fn snat_search() -> Option<*mut Search<Self::Addr>>;
+
+    /// This CPU's decisions of a new flow's earlier XDP stages (`SPLIT_FRAMES`).
+    fn pending() -> Option<*mut Pending<Self::Addr>>;
 }
 
 /// Reads the address at `ptr` (bounds-checked by the parser).
@@ -153,6 +155,11 @@ impl Ip for crate::family::V4 {
     #[inline(always)]
     fn snat_search() -> Option<*mut Search<u32>> {
         crate::maps::LB4_SNATSEARCH.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn pending() -> Option<*mut Pending<u32>> {
+        None // one stage
     }
 
     #[inline(always)]
@@ -222,6 +229,11 @@ impl Ip for crate::family::V6 {
     #[inline(always)]
     fn snat_search() -> Option<*mut Search<[u32; 4]>> {
         crate::maps::LB6_SNATSEARCH.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn pending() -> Option<*mut Pending<[u32; 4]>> {
+        crate::maps::LB6_PENDING.get_ptr_mut(0)
     }
 
     #[inline(always)]

@@ -33,6 +33,7 @@ mod ipv6;
 mod nat;
 mod parse;
 mod snat;
+mod stages;
 mod tc;
 mod verdict;
 mod xdp;

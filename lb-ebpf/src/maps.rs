@@ -8,11 +8,14 @@
 //! address exists once per family (`LB4_*`, `LB6_*`, one generic layout in lb-common; the
 //! programs reach them through `family::Family`); slots, Maglev tables and counters serve
 //! both families.
-use crate::snat::Search;
+use crate::{
+    snat::Search,
+    stages::{self, Pending},
+};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use lb_common::{
     Addr4, Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value,
@@ -137,6 +140,14 @@ pub static LB6_FRAGS_V1: LruHashMap<Frag6Key, FragPorts> = LruHashMap::pinned(li
 
 #[map]
 pub static LB6_SNATSEARCH: PerCpuArray<Search<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// IPv6's XDP stages by `stages::*` index (`xdp.rs`), put there by the agent at load.
+#[map]
+pub static LB6_XDPSTAGES: ProgramArray = ProgramArray::pinned(stages::COUNT, 0);
+
+/// Per CPU, what a new IPv6 flow's earlier XDP stages decided (`stages.rs`): scratch.
+#[map]
+pub static LB6_PENDING: PerCpuArray<Pending<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static LB6_NODEADDR: HashMap<Addr6, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);

@@ -100,6 +100,17 @@ pub fn at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A pointer to the `len` bytes at `offset` into the packet `start..end`, if all of them lie
+/// inside: one bounds check for several headers read from one base (the verifier tracks the
+/// range of the pointer checked, not of others derived apart).
+#[inline(always)]
+pub fn at_len(start: usize, end: usize, offset: usize, len: usize) -> Option<*mut u8> {
+    if start + offset + len > end {
+        return None;
+    }
+    Some((start + offset) as *mut u8)
+}
+
 /// The EtherType of the frame `start..end` as it lies in memory, if it has one.
 #[inline(always)]
 pub fn eth_proto(start: usize, end: usize) -> Option<u16> {

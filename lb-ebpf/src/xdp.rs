@@ -35,15 +35,21 @@
 //! Both families go down this one path, generic over `F: ip::Ip` (IPv4: `LB4_*` maps,
 //! IPv6: `LB6_*`; an IPv6 NodePort's frontend key has address `::`, the node's IPv6
 //! addresses are in `LB6_NODEADDR`, the SNAT source per interface in `LB6_IFADDR`). IPv4 is
-//! inlined into the program; IPv6 is a function of its own (a BPF-to-BPF call), so its
-//! larger keys do not add to IPv4's stack. IPv6 extension headers not walked (`ipv6.rs`)
-//! pass untouched, counted as `extension_header_not_understood`.
+//! inlined into the program. IPv6's 16-byte addresses and 40-byte keys do not fit one
+//! 512-byte stack with the SNAT port search below them, so IPv6 runs in stages, each a program
+//! of its own entered by tail call (`LB6_XDPSTAGES`, filled by the agent at load) with a
+//! fresh stack: `nodeport_xdp6` (parse, lookups, tracked flows, replies), `nodeport_xdp6_icmp`
+//! (ICMPv6 errors), `nodeport_xdp6_flow` (a new flow: the backend, its entries),
+//! `nodeport_xdp6_snat` (a new flow to a remote backend: its SNAT port). A stage parses the
+//! packet again and takes what the previous one decided from a per-CPU value
+//! (`LB6_PENDING`); the last stage counts the packet's one reason. A stage not loaded (the
+//! tail call fails) leaves the packet untouched, counted as `not_parsed`. IPv6 extension
+//! headers not walked (`ipv6.rs`) pass untouched, counted as
+//! `extension_header_not_understood`.
 //!
 //! Every path ends in one reason (`lb_common::reasons`), counted per CPU (`verdict.rs`); the
 //! reason gives the verdict.
-use aya_ebpf::{
-    bindings::xdp_md, helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use lb_common::{
     Backend, CtKey, CtValue, FrontendKey, FrontendValue, MAGLEV_SIZE, MapAddr, RevValue,
     backend_flags, ct_flags, flow_hash, frontend_flags, frontend_kinds, reasons, scopes,
@@ -54,12 +60,13 @@ use crate::{
     conntrack,
     family::{V4, V6},
     frag, icmp,
-    ip::{Ip, L3, Refused},
+    ip::{Ip, Refused},
     lookup::{self, AffinityClient},
-    maps::LB4_MAGLEV_V2,
+    maps::{LB4_MAGLEV_V2, LB6_XDPSTAGES},
     nat,
     parse::{self, Packet},
     snat,
+    stages::{self, Pending},
     verdict::xdp_verdict,
 };
 
@@ -68,52 +75,131 @@ pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
     xdp_verdict(ingress(&ctx))
 }
 
+/// IPv6, first stage: parse, lookups, tracked flows, remote backends' replies.
+#[xdp]
+pub fn nodeport_xdp6(ctx: XdpContext) -> u32 {
+    xdp_verdict(family_ingress::<V6>(&ctx))
+}
+
+/// IPv6: an ICMPv6 error.
+#[xdp]
+pub fn nodeport_xdp6_icmp(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let reason = match V6::parse_l3(start, end, frame_len(start, end)) {
+        Ok(l3) => icmp::ingress::<V6>(start, end, &l3),
+        Err(_) => reasons::XDP_NOT_PARSED,
+    };
+    xdp_verdict(reason)
+}
+
+/// IPv6: a new flow, its frontend decided by `nodeport_xdp6`.
+#[xdp]
+pub fn nodeport_xdp6_flow(ctx: XdpContext) -> u32 {
+    xdp_verdict(resume::<V6>(&ctx, stages::FLOW))
+}
+
+/// IPv6: a new flow to a remote backend, its SNAT port, the backend chosen by
+/// `nodeport_xdp6_flow`.
+#[xdp]
+pub fn nodeport_xdp6_snat(ctx: XdpContext) -> u32 {
+    xdp_verdict(resume::<V6>(&ctx, stages::SNAT))
+}
+
+/// IPv6: a new flow's remaining entries, and the packet translated.
+#[xdp]
+pub fn nodeport_xdp6_made(ctx: XdpContext) -> u32 {
+    xdp_verdict(resume::<V6>(&ctx, stages::MADE))
+}
+
 /// Why the packet is dropped or passed (`lb_common::reasons`).
 #[inline(always)]
 fn ingress(ctx: &XdpContext) -> u32 {
     match parse::eth_proto(ctx.data(), ctx.data_end()) {
         Some(V4::ETH_P_WIRE) => family_ingress::<V4>(ctx),
-        Some(V6::ETH_P_WIRE) if crate::ip::V6_ENABLED => ingress_v6(ctx.ctx),
+        Some(V6::ETH_P_WIRE) if crate::ip::V6_ENABLED => {
+            stages::enter(ctx, stages::INGRESS);
+            reasons::XDP_NOT_PARSED // the stage is not loaded
+        }
         _ => reasons::XDP_NOT_PARSED,
     }
 }
 
-/// IPv6, as a function of its own (see the module's doc).
-#[inline(never)]
-fn ingress_v6(ctx: *mut xdp_md) -> u32 {
-    family_ingress::<V6>(&XdpContext::new(ctx))
+/// The frame's length, `end - start`, hidden from LLVM: it would otherwise prove a bounds
+/// check redundant from a length check against it, and drop the check the verifier needs.
+#[inline(always)]
+fn frame_len(start: usize, end: usize) -> usize {
+    let len = end - start;
+    // SAFETY: reads a local.
+    unsafe { core::ptr::read_volatile(&len) }
+}
+
+/// The TCP or UDP packet of the frame (a later fragment with its first fragment's ports),
+/// or the reason it is not one.
+#[inline(always)]
+fn parse_packet<F: Ip>(ctx: &XdpContext) -> Result<Packet<F::Addr>, u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let l3 = match F::parse_l3(start, end, frame_len(start, end)) {
+        Ok(l3) => l3,
+        Err(Refused::NotParsed) => return Err(reasons::XDP_NOT_PARSED),
+        Err(Refused::ExtensionHeader) => {
+            return Err(reasons::XDP_EXTENSION_HEADER_NOT_UNDERSTOOD);
+        }
+    };
+    if l3.proto == F::ICMP_PROTO {
+        // Maybe an ICMP error about a translated flow.
+        if F::SPLIT_FRAMES {
+            stages::enter(ctx, stages::ICMP);
+            return Err(reasons::XDP_NOT_PARSED); // the stage is not loaded
+        }
+        return Err(icmp::ingress::<F>(start, end, &l3));
+    }
+    let Some(mut pkt) = parse::l4::<F>(start, end, &l3) else {
+        return Err(reasons::XDP_NOT_PARSED);
+    };
+    // A later fragment takes its first fragment's ports and decision (`frag.rs`).
+    if pkt.frag == parse::FRAG_LATER && !frag::fill_ports::<F>(&mut pkt) {
+        return Err(reasons::XDP_FRAGMENT_NOT_TRACKED);
+    }
+    Ok(pkt)
 }
 
 #[inline(always)]
 fn family_ingress<F: Ip>(ctx: &XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let l3 = match F::parse_l3(start, end, end - start) {
-        Ok(l3) => l3,
-        Err(Refused::NotParsed) => return reasons::XDP_NOT_PARSED,
-        Err(Refused::ExtensionHeader) => return reasons::XDP_EXTENSION_HEADER_NOT_UNDERSTOOD,
+    let pkt = match parse_packet::<F>(ctx) {
+        Ok(pkt) => pkt,
+        Err(reason) => return reason,
     };
-    if l3.proto == F::ICMP_PROTO {
-        // Maybe an ICMP error about a translated flow.
-        return icmp_ingress::<F>(start, end, &l3);
-    }
-    let Some(mut pkt) = parse::l4::<F>(start, end, &l3) else {
+    let reason = translate::<F>(ctx, &pkt);
+    finish::<F>(&pkt, reason)
+}
+
+/// The reason of a TCP/UDP packet whose path gave `reason`, its fragment recorded.
+#[inline(always)]
+fn finish<F: Ip>(pkt: &Packet<F::Addr>, reason: u32) -> u32 {
+    let translated = reason == reasons::XDP_FORWARDED || reason == reasons::XDP_REPLY_TRANSLATED;
+    frag::finish::<F>(pkt, reason, translated, reasons::XDP_FRAGMENT_TRANSLATED)
+}
+
+/// A later stage of a new flow (`SPLIT_FRAMES`): the packet parsed again, the decisions of
+/// the earlier stages from `LB6_PENDING`.
+#[inline(always)]
+fn resume<F: Ip>(ctx: &XdpContext, stage: u32) -> u32 {
+    let pkt = match parse_packet::<F>(ctx) {
+        Ok(pkt) => pkt,
+        Err(reason) => return reason,
+    };
+    let Some(pending) = F::pending() else {
         return reasons::XDP_NOT_PARSED;
     };
-    // A later fragment takes its first fragment's ports and decision (`frag.rs`).
-    if pkt.frag == parse::FRAG_LATER && !frag::fill_ports::<F>(&mut pkt) {
-        return reasons::XDP_FRAGMENT_NOT_TRACKED;
-    }
-    let reason = translate::<F>(ctx, &pkt);
-    let translated = reason == reasons::XDP_FORWARDED || reason == reasons::XDP_REPLY_TRANSLATED;
-    frag::finish::<F>(&pkt, reason, translated, reasons::XDP_FRAGMENT_TRANSLATED)
+    // SAFETY: this CPU's value, written by the previous stage for this packet.
+    let pending = unsafe { &*pending };
+    let reason = match stage {
+        stages::FLOW => new_flow::<F>(ctx, &pkt, &pending.frontend, pending.now),
+        stages::SNAT => snat_stage::<F>(ctx, &pkt, pending),
+        _ => made_stage::<F>(&pkt, pending),
+    };
+    finish::<F>(&pkt, reason)
 }
-
-/// ICMP, rare: a function of its own, so its stack does not add to the TCP/UDP path's.
-#[inline(never)]
-fn icmp_ingress<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> u32 {
-    icmp::ingress::<F>(start, end, l3)
-}
-
 /// The path of a TCP/UDP packet (a later fragment with its first fragment's ports).
 #[inline(always)]
 fn translate<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>) -> u32 {
@@ -190,25 +276,29 @@ fn forward<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>, frontend: &FrontendVa
         snat::release::<F>(&ct_key, &ct);
     }
     if F::SPLIT_FRAMES {
-        new_flow_call::<F>(ctx, pkt, frontend, now)
-    } else {
-        new_flow::<F>(ctx, pkt, frontend, now)
+        return to_stage::<F>(ctx, stages::FLOW, |p| {
+            p.frontend = *frontend;
+            p.now = now;
+        });
     }
-}
-
-/// `new_flow` as a function of its own (`Ip::SPLIT_FRAMES`).
-#[inline(never)]
-fn new_flow_call<F: Ip>(
-    ctx: &XdpContext,
-    pkt: &Packet<F::Addr>,
-    frontend: &FrontendValue,
-    now: u64,
-) -> u32 {
     new_flow::<F>(ctx, pkt, frontend, now)
 }
 
-/// A packet that starts a flow: a backend chosen, the flow's entries made (and an SNAT port
-/// for a remote backend), the packet translated.
+/// Writes what the next stage needs into this CPU's `Pending` value and enters it; the
+/// reason if the stage could not be entered.
+#[inline(always)]
+fn to_stage<F: Ip>(ctx: &XdpContext, stage: u32, fill: impl FnOnce(&mut Pending<F::Addr>)) -> u32 {
+    if let Some(pending) = F::pending() {
+        // SAFETY: this CPU's value; XDP does not nest on a CPU.
+        fill(unsafe { &mut *pending });
+        stages::enter(ctx, stage);
+    }
+    reasons::XDP_NOT_PARSED // the stage is not loaded
+}
+
+/// A packet that starts a flow: a backend chosen, its reply entry made; then (`snat_claim`)
+/// an SNAT port for a remote backend, and (`flow_made`) the flow's other entries and the
+/// packet translated. With `SPLIT_FRAMES` each of these is a stage of its own.
 #[inline(always)]
 fn new_flow<F: Ip>(
     ctx: &XdpContext,
@@ -237,8 +327,6 @@ fn new_flow<F: Ip>(
         return no_backend;
     };
     // The reply's source becomes the frontend again (tc egress), keyed by the reply's tuple.
-    // Keys and values are built where they are used and not kept: IPv6's are 40 bytes each,
-    // and the SNAT port search's stack adds to this one.
     let reply = RevValue {
         client_addr: pkt.saddr,
         frontend_addr: pkt.daddr,
@@ -256,6 +344,72 @@ fn new_flow<F: Ip>(
     {
         return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
     }
+    let remote = !local_only && backend.flags & backend_flags::LOCAL == 0;
+    // Affinity pins the backend, not the port: the port search starts from the whole tuple's
+    // hash.
+    let snat_hash = if frontend.flags & frontend_flags::AFFINITY != 0 {
+        flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
+    } else {
+        hash
+    };
+    if F::SPLIT_FRAMES {
+        let stage = if remote { stages::SNAT } else { stages::MADE };
+        return to_stage::<F>(ctx, stage, |p| {
+            p.hash = snat_hash;
+            p.backend_id = backend_id;
+            p.backend = backend;
+            p.snat = false;
+        });
+    }
+    let nat = if remote {
+        match snat_claim::<F>(ctx, pkt, &backend, snat_hash, now) {
+            Ok(nat) => Some(nat),
+            Err(reason) => return reason,
+        }
+    } else {
+        None
+    };
+    flow_made::<F>(pkt, frontend.service_id, backend_id, &backend, nat, now)
+}
+
+/// `SPLIT_FRAMES`: the SNAT port of a new flow to a remote backend, in its own stage.
+#[inline(always)]
+fn snat_stage<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>, p: &Pending<F::Addr>) -> u32 {
+    match snat_claim::<F>(ctx, pkt, &p.backend, p.hash, p.now) {
+        Ok((nat_addr, nat_port)) => to_stage::<F>(ctx, stages::MADE, |p| {
+            p.nat_addr = nat_addr;
+            p.nat_port = nat_port;
+            p.snat = true;
+        }),
+        Err(reason) => reason,
+    }
+}
+
+/// `SPLIT_FRAMES`: the rest of a new flow, in its own stage.
+#[inline(always)]
+fn made_stage<F: Ip>(pkt: &Packet<F::Addr>, p: &Pending<F::Addr>) -> u32 {
+    let nat = p.snat.then_some((p.nat_addr, p.nat_port));
+    flow_made::<F>(
+        pkt,
+        p.frontend.service_id,
+        p.backend_id,
+        &p.backend,
+        nat,
+        p.now,
+    )
+}
+
+/// A new flow's remaining entries (for an SNAT flow the one telling tc egress its source,
+/// keyed by the packet's tuple after DNAT), its conntrack entry, and the packet translated.
+#[inline(always)]
+fn flow_made<F: Ip>(
+    pkt: &Packet<F::Addr>,
+    service_id: u32,
+    backend_id: u32,
+    backend: &Backend<F::Addr>,
+    nat: Option<(F::Addr, u16)>,
+    now: u64,
+) -> u32 {
     let mut ct = CtValue {
         last_seen_ns: now,
         backend_addr: backend.addr,
@@ -263,36 +417,27 @@ fn new_flow<F: Ip>(
         nat_port: 0,
         nat_addr: F::Addr::ZERO,
         backend_id,
-        service_id: frontend.service_id,
+        service_id,
         flags: conntrack::next_flags(0, pkt.tcp_flags, false),
         pad: [0; 3],
     };
-    if !local_only && backend.flags & backend_flags::LOCAL == 0 {
-        // Affinity pins the backend, not the port: the port search starts from the whole
-        // tuple's hash.
-        let snat_hash = if frontend.flags & frontend_flags::AFFINITY != 0 {
-            flow_hash(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
-        } else {
-            hash
+    if let Some((nat_addr, nat_port)) = nat {
+        ct.flags |= ct_flags::SNAT;
+        ct.nat_addr = nat_addr;
+        ct.nat_port = nat_port;
+        let out = RevValue {
+            client_addr: pkt.saddr,
+            frontend_addr: nat_addr,
+            client_port: pkt.sport,
+            frontend_port: nat_port,
+            flags: ct_flags::SNAT_OUT,
+            proto: pkt.proto,
+            pad: 0,
         };
-        let snat = if F::SPLIT_FRAMES {
-            let mut out = SnatOut {
-                hash: snat_hash,
-                now,
-                result: Err(reasons::XDP_DROPPED_NO_SNAT_PORT),
-            };
-            snat_flow_call::<F>(ctx, pkt, &backend, &mut out);
-            out.result
-        } else {
-            snat_flow::<F>(ctx, pkt, &backend, snat_hash, now)
-        };
-        match snat {
-            Ok((nat_addr, nat_port)) => {
-                ct.flags |= ct_flags::SNAT;
-                ct.nat_addr = nat_addr;
-                ct.nat_port = nat_port;
-            }
-            Err(reason) => return reason,
+        let out_key = CtKey::new(pkt.saddr, backend.addr, pkt.sport, backend.port, pkt.proto);
+        if F::flow_replies().insert(&out_key, &out, 0).is_err() {
+            snat::release::<F>(&pkt.tuple(), &ct);
+            return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
         }
     }
     if F::flows().insert(&pkt.tuple(), &ct, 0).is_err() {
@@ -309,31 +454,12 @@ fn reply_key<F: Ip>(pkt: &Packet<F::Addr>, backend: &Backend<F::Addr>) -> CtKey<
     CtKey::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto)
 }
 
-/// `snat_flow` as a function of its own (`Ip::SPLIT_FRAMES`); a BPF-to-BPF call takes five
-/// arguments, the result pointer among them, so the hash and the time come in `out`.
-#[inline(never)]
-fn snat_flow_call<F: Ip>(
-    ctx: &XdpContext,
-    pkt: &Packet<F::Addr>,
-    backend: &Backend<F::Addr>,
-    out: &mut SnatOut<F::Addr>,
-) {
-    out.result = snat_flow::<F>(ctx, pkt, backend, out.hash, out.now);
-}
-
-/// What `snat_flow_call` takes and gives.
-struct SnatOut<A> {
-    hash: u32,
-    now: u64,
-    result: Result<(A, u16), u32>,
-}
-
 /// A new flow to a remote backend: the reply must come back through this node, so the packet
 /// leaves with the node's address of the interface it came in on, on a port of its own
-/// (claimed from `hash`), set at tc egress by an entry keyed by its tuple after DNAT. Gives
-/// that address and port, or the reason the flow is refused (its reply entry then removed).
+/// (claimed from `hash`). Gives that address and port, or the reason the flow is refused (its
+/// reply entry then removed).
 #[inline(always)]
-fn snat_flow<F: Ip>(
+fn snat_claim<F: Ip>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
     backend: &Backend<F::Addr>,
@@ -361,28 +487,6 @@ fn snat_flow<F: Ip>(
         let _ = F::flow_replies().remove(&reply_key::<F>(pkt, backend));
         return Err(reasons::XDP_DROPPED_NO_SNAT_PORT); // every port is a live flow's
     };
-    let out = RevValue {
-        client_addr: pkt.saddr,
-        frontend_addr: nat_addr,
-        client_port: pkt.sport,
-        frontend_port: nat_port,
-        flags: ct_flags::SNAT_OUT,
-        proto: pkt.proto,
-        pad: 0,
-    };
-    let out_key = CtKey::new(pkt.saddr, backend.addr, pkt.sport, backend.port, pkt.proto);
-    if F::flow_replies().insert(&out_key, &out, 0).is_err() {
-        let ct = CtValue {
-            backend_addr: backend.addr,
-            backend_port: backend.port,
-            nat_addr,
-            nat_port,
-            flags: ct_flags::SNAT,
-            ..Default::default()
-        };
-        snat::release::<F>(&pkt.tuple(), &ct);
-        return Err(reasons::XDP_DROPPED_FLOW_TABLE_FULL);
-    }
     Ok((nat_addr, nat_port))
 }
 
