@@ -82,6 +82,18 @@ pub fn udp6(src: (&str, u16), dst: (&str, u16)) -> Packet6 {
 }
 
 impl Packet6 {
+    pub fn with_src(mut self, addr: &str, port: u16) -> Self {
+        self.src = addr.parse().unwrap();
+        self.sport = port;
+        self
+    }
+
+    pub fn with_dst(mut self, addr: &str, port: u16) -> Self {
+        self.dst = addr.parse().unwrap();
+        self.dport = port;
+        self
+    }
+
     pub fn with_ext(mut self, ext: Ext) -> Self {
         self.ext.push(ext);
         self
@@ -235,4 +247,29 @@ pub fn verify6(f: &[u8]) -> Result<(), String> {
         return Err(format!("bad checksum (protocol {next})"));
     }
     Ok(())
+}
+
+/// The datagram `p` cut into two IPv6 fragments (Fragment header with identification `id`):
+/// the first carries `first` bytes of the L4 header and payload (a multiple of 8), M set;
+/// the second the rest at that offset. The L4 checksum (in the first) covers the whole
+/// datagram.
+pub fn fragments6(p: &Packet6, first: usize, id: u32) -> [Vec<u8>; 2] {
+    assert!(first % 8 == 0);
+    let l4 = p.l4();
+    let frag = |offset: usize, more: bool| {
+        let mut body = vec![0, 0];
+        body.extend((offset as u16 | more as u16).to_be_bytes());
+        body.extend(id.to_be_bytes());
+        Ext {
+            kind: FRAGMENT,
+            body,
+        }
+    };
+    let mut ext = p.ext.clone();
+    ext.push(frag(0, true));
+    let one = frame(p.src, p.dst, p.hop_limit, &ext, p.proto, &l4[..first]);
+    ext.pop();
+    ext.push(frag(first, false));
+    let two = frame(p.src, p.dst, p.hop_limit, &ext, p.proto, &l4[first..]);
+    [one, two]
 }
