@@ -622,11 +622,7 @@ fn ipv6_fragments_are_translated_through_the_fragment_header() {
             checksums: false,
             ..case("the reply's later fragment at tc", Tc, r2, r2_out)
         },
-        untouched(
-            "a later fragment whose first was not seen",
-            Xdp,
-            stray,
-        ),
+        untouched("a later fragment whose first was not seen", Xdp, stray),
     ];
     let before = h.reasons();
     run_cases(&mut h, &cases);
