@@ -9,10 +9,6 @@ use lb_common::MapAddr;
 
 use crate::{csum, family::Family, ipv4, ipv6, snat::Search, stages::Pending};
 
-/// Whether IPv6 frames take the IPv6 path (off: they pass untouched as `not_parsed`, as
-/// before IPv6).
-pub const V6_ENABLED: bool = true;
-
 /// The network header of a frame, understood (see `ipv4.rs`, `ipv6.rs`).
 pub struct L3<A> {
     /// The IP header's first byte.

@@ -39,7 +39,7 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
 fn egress(ctx: &TcContext) -> u32 {
     match parse::eth_proto(ctx.data(), ctx.data_end()) {
         Some(V4::ETH_P_WIRE) => family_egress::<V4>(ctx),
-        Some(V6::ETH_P_WIRE) if crate::ip::V6_ENABLED => egress_v6(ctx.skb.skb),
+        Some(V6::ETH_P_WIRE) => egress_v6(ctx.skb.skb),
         _ => reasons::TC_NOT_PARSED,
     }
 }

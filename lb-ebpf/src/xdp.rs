@@ -62,7 +62,7 @@ use crate::{
     frag, icmp,
     ip::{Ip, Refused},
     lookup::{self, AffinityClient},
-    maps::{LB4_MAGLEV_V2, LB6_XDPSTAGES},
+    maps::LB4_MAGLEV_V2,
     nat,
     parse::{self, Packet},
     snat,
@@ -116,7 +116,7 @@ pub fn nodeport_xdp6_made(ctx: XdpContext) -> u32 {
 fn ingress(ctx: &XdpContext) -> u32 {
     match parse::eth_proto(ctx.data(), ctx.data_end()) {
         Some(V4::ETH_P_WIRE) => family_ingress::<V4>(ctx),
-        Some(V6::ETH_P_WIRE) if crate::ip::V6_ENABLED => {
+        Some(V6::ETH_P_WIRE) => {
             stages::enter(ctx, stages::INGRESS);
             reasons::XDP_NOT_PARSED // the stage is not loaded
         }
