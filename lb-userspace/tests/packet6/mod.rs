@@ -158,7 +158,7 @@ pub fn frame(
     for (i, e) in ext.iter().enumerate() {
         let next = ext.get(i + 1).map_or(proto, |n| n.kind);
         let mut body = e.body.clone();
-        assert!(body.len() % 8 == 0 && body.len() >= 8);
+        assert!(body.len().is_multiple_of(8) && body.len() >= 8);
         body[0] = next;
         if e.kind != FRAGMENT {
             body[1] = (body.len() / 8 - 1) as u8;
@@ -254,7 +254,7 @@ pub fn verify6(f: &[u8]) -> Result<(), String> {
 /// the second the rest at that offset. The L4 checksum (in the first) covers the whole
 /// datagram.
 pub fn fragments6(p: &Packet6, first: usize, id: u32) -> [Vec<u8>; 2] {
-    assert!(first % 8 == 0);
+    assert!(first.is_multiple_of(8));
     let l4 = p.l4();
     let frag = |offset: usize, more: bool| {
         let mut body = vec![0, 0];
