@@ -229,7 +229,7 @@ impl Ip for crate::family::V6 {
 
     #[inline(always)]
     fn pending() -> Option<*mut Pending<[u32; 4]>> {
-        crate::maps::LB6_PENDING.get_ptr_mut(0)
+        crate::maps::LB6_PENDING_V1.get_ptr_mut(0)
     }
 
     #[inline(always)]

@@ -145,9 +145,11 @@ pub static LB6_SNATSEARCH: PerCpuArray<Search<Addr6>> = PerCpuArray::with_max_en
 #[map]
 pub static LB6_XDPSTAGES: ProgramArray = ProgramArray::pinned(stages::COUNT, 0);
 
-/// Per CPU, what a new IPv6 flow's earlier XDP stages decided (`stages.rs`): scratch.
+/// Per CPU, what a new IPv6 flow's earlier XDP stages decided (`stages.rs`). Pinned like the
+/// stage array: while an upgrade swaps programs, an old object's stage may enter a new
+/// object's next one, and both must read one value.
 #[map]
-pub static LB6_PENDING: PerCpuArray<Pending<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+pub static LB6_PENDING_V1: PerCpuArray<Pending<Addr6>> = PerCpuArray::pinned(1, 0);
 
 #[map]
 pub static LB6_NODEADDR: HashMap<Addr6, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);

@@ -1,7 +1,7 @@
 //! IPv6's XDP stages (see `xdp.rs`): programs of their own, entered by tail call through
 //! `LB6_XDPSTAGES` (the agent puts each stage at its index when it loads the programs), each
 //! with a fresh 512-byte stack. What a stage decided for the next one is in this CPU's
-//! `Pending` value (`LB6_PENDING`): XDP runs one packet at a time on a CPU, to its end.
+//! `Pending` value (`LB6_PENDING_V1`): XDP runs one packet at a time on a CPU, to its end.
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Backend, FrontendValue};
 

@@ -42,7 +42,7 @@
 //! (ICMPv6 errors), `nodeport_xdp6_flow` (a new flow: the backend, its entries),
 //! `nodeport_xdp6_snat` (a new flow to a remote backend: its SNAT port). A stage parses the
 //! packet again and takes what the previous one decided from a per-CPU value
-//! (`LB6_PENDING`); the last stage counts the packet's one reason. A stage not loaded (the
+//! (`LB6_PENDING_V1`); the last stage counts the packet's one reason. A stage not loaded (the
 //! tail call fails) leaves the packet untouched, counted as `not_parsed`. IPv6 extension
 //! headers not walked (`ipv6.rs`) pass untouched, counted as
 //! `extension_header_not_understood`.
@@ -181,7 +181,7 @@ fn finish<F: Ip>(pkt: &Packet<F::Addr>, reason: u32) -> u32 {
 }
 
 /// A later stage of a new flow (`SPLIT_FRAMES`): the packet parsed again, the decisions of
-/// the earlier stages from `LB6_PENDING`.
+/// the earlier stages from `LB6_PENDING_V1`.
 #[inline(always)]
 fn resume<F: Ip>(ctx: &XdpContext, stage: u32) -> u32 {
     let pkt = match parse_packet::<F>(ctx) {
