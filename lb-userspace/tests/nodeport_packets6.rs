@@ -175,12 +175,22 @@ impl Harness {
     /// (verdict, frame out), or `None` when the kernel refused the frame before any program
     /// ran.
     fn run(&mut self, hook: Hook, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        self.run_repeat(hook, frame, 1).map(|(v, out, _)| (v, out))
+    }
+
+    /// As `run`, `repeat` times: also the mean ns per run.
+    fn run_repeat(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Option<(u32, Vec<u8>, u128)> {
         let ebpf = self.dataplane.ebpf_mut();
         let mut out = vec![0u8; 2048];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            repeat: 1,
+            repeat,
             ..Default::default()
         };
         let run = match hook {
@@ -189,7 +199,7 @@ impl Harness {
         };
         let r = run.ok()?;
         out.truncate(r.data_size_out as usize);
-        Some((r.return_value, out))
+        Some((r.return_value, out, r.duration.as_nanos()))
     }
 }
 
@@ -691,4 +701,63 @@ fn ipv6_garbage_passes_untouched_and_is_counted() {
         .sum();
     assert_eq!(parsed_not, ran, "{after:?}");
     assert!(ran > 10, "most frames reach the programs: {ran}");
+}
+
+/// ns per packet of XDP for IPv6 (BPF_PROG_TEST_RUN with repeat): printed, not asserted, as
+/// `nodeport_packets::xdp_cost_per_packet_hit_and_miss` does for IPv4. A tracked flow takes
+/// one tail call (into `nodeport_xdp6`), a new SNAT flow four. The hit case uses two
+/// externalIPs that translate into each other, so every repetition is a tracked-flow hit.
+#[test]
+fn ipv6_xdp_cost_per_packet_hit_and_miss() {
+    let mut h = Harness::new();
+    let (ping, pong) = ("2001:db8:100::1", "2001:db8:100::2");
+    for (id, from, to) in [(7, (ping, 80), (pong, 8080)), (8, (pong, 8080), (ping, 80))] {
+        h.program(&Svc {
+            id,
+            kind: frontend_kinds::EXTERNAL_IP,
+            addr: Some(from.0),
+            port: from.1,
+            proto: TCP,
+            flags: 0,
+            backend: to,
+            local: true,
+        });
+    }
+    const REPEAT: u32 = 1_000_000;
+    let hit = tcp6((CLIENT, 44000), (ping, 80), ACK).bytes();
+    h.run_repeat(Hook::Xdp, &hit, 2).unwrap();
+    let miss = tcp6((CLIENT, 44001), ("2001:db8:200::1", 80), ACK).bytes();
+    let miss_node = tcp6((CLIENT, 44002), (NODE, 22), ACK).bytes();
+    for (name, frame) in [
+        ("hit (tracked flow, DNAT)", &hit),
+        ("miss (not a service address)", &miss),
+        ("miss (node address, not a NodePort)", &miss_node),
+    ] {
+        let mut best = u128::MAX;
+        for _ in 0..3 {
+            let (verdict, _, ns) = h.run_repeat(Hook::Xdp, frame, REPEAT).unwrap();
+            assert_eq!(verdict, XDP_PASS, "{name}");
+            best = best.min(ns);
+        }
+        eprintln!("XDP IPv6 {name}: {best} ns/packet (best of 3 x {REPEAT})");
+    }
+    const FLOWS: u16 = 1_000;
+    for (name, flags) in [
+        ("new SNAT flow (SYN, a free port)", SYN),
+        ("tracked SNAT flow (ACK)", ACK),
+    ] {
+        let mut ns: Vec<u128> = (0..FLOWS)
+            .map(|i| {
+                let p = tcp6((CLIENT, 10_000 + i), (NODE, 30081), flags);
+                let (verdict, _, ns) = h.run_repeat(Hook::Xdp, &p.bytes(), 1).unwrap();
+                assert_eq!(verdict, XDP_PASS, "{name}");
+                ns
+            })
+            .collect();
+        ns.sort_unstable();
+        eprintln!(
+            "XDP IPv6 {name}: {} ns/packet (median of {FLOWS} single runs)",
+            ns[ns.len() / 2]
+        );
+    }
 }
