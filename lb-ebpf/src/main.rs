@@ -12,7 +12,8 @@
 //!   source generic over the family (`ip.rs`: what differs; `ipv4.rs`, `ipv6.rs`: the
 //!   network headers, IPv6's extension headers); helped by `parse.rs`, `csum.rs`,
 //!   `conntrack.rs`, `nat.rs`, `snat.rs` (SNAT ports), `icmp.rs` (ICMP/ICMPv6 errors) and
-//!   `frag.rs` (fragments); why each packet was dropped or passed is counted in `verdict.rs`.
+//!   `frag.rs` (fragments); IPv6 runs in XDP as stages entered by tail call (`stages.rs`);
+//!   why each packet was dropped or passed is counted in `verdict.rs`.
 #![no_std]
 #![no_main]
 

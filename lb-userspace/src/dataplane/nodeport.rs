@@ -6,7 +6,9 @@
 //! mode otherwise; the log says which. The tc program goes on the egress side through tcx
 //! (kernel 6.6+) or a clsact qdisc. Both links are pinned under `<bpffs>/links/iface-<name>/`
 //! (where the kernel makes them bpf links: XDP 5.9+, tcx 6.6+), so north-south traffic keeps
-//! flowing while no agent runs; a new agent swaps its programs in atomically.
+//! flowing while no agent runs; a new agent swaps its programs in atomically. IPv6 runs in XDP
+//! as stages of their own (`XDP6_STAGES`), loaded with the others and entered by tail call
+//! through the pinned program array `LB6_XDPSTAGES`, which each agent refills at load.
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
