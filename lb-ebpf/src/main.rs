@@ -1,10 +1,12 @@
 //! The kernel side of the load balancer. Every decision is a lookup in the maps whose layout
 //! lives in `lb-common`; the agent fills them.
 //!
-//! - `sock.rs`: cgroup socket-address hooks (connect4, sendmsg4, recvmsg4, getpeername4) that
-//!   translate a ClusterIP:port to a backend when the socket connects or sends, so east-west
-//!   traffic pays no per-packet NAT.
-//! - `bind.rs`: a post_bind4 hook refusing binds to the ports served to outside traffic.
+//! - `sock.rs`: cgroup socket-address hooks (connect4/6, sendmsg4/6, recvmsg4/6,
+//!   getpeername4/6) that translate a ClusterIP:port to a backend when the socket connects or
+//!   sends, so east-west traffic pays no per-packet NAT; IPv4-mapped addresses on `AF_INET6`
+//!   sockets as the IPv4 service.
+//! - `bind.rs`: post_bind4/6 hooks refusing binds to the ports served to outside traffic.
+//! - `ctx_word.rs`: the context's address fields, one 4-byte word at a time.
 //! - `lookup.rs`: service and backend selection (random, or by session affinity).
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
@@ -18,6 +20,7 @@
 #![no_main]
 
 mod bind;
+mod ctx_word;
 mod family;
 mod lookup;
 mod maps;

@@ -82,6 +82,28 @@ impl ServiceManifest {
         self.0.spec.get_or_insert_with(ServiceSpec::default)
     }
 
+    /// `spec.clusterIPs` (the primary family's first, as the API orders them) and
+    /// `spec.clusterIP` (the first), replacing what was there.
+    pub fn cluster_ips<I: Display>(mut self, ips: impl IntoIterator<Item = I>) -> Self {
+        let ips: Vec<String> = ips.into_iter().map(|ip| ip.to_string()).collect();
+        let spec = self.spec();
+        spec.cluster_ip = ips.first().cloned();
+        spec.cluster_ips = Some(ips);
+        self
+    }
+
+    /// `spec.ipFamilies` (`IPv4`, `IPv6`), in the order of `clusterIPs`.
+    pub fn ip_families(mut self, families: &[&str]) -> Self {
+        self.spec().ip_families = Some(families.iter().map(|f| f.to_string()).collect());
+        self
+    }
+
+    /// `spec.ipFamilyPolicy`: SingleStack, PreferDualStack or RequireDualStack.
+    pub fn ip_family_policy(mut self, policy: &str) -> Self {
+        self.spec().ip_family_policy = Some(policy.to_owned());
+        self
+    }
+
     /// `spec.type`: ClusterIP, NodePort, LoadBalancer or ExternalName.
     pub fn service_type(mut self, service_type: &str) -> Self {
         self.spec().type_ = Some(service_type.to_owned());
@@ -238,7 +260,8 @@ impl From<ServiceManifest> for Service {
     }
 }
 
-/// A `discovery.k8s.io/v1` EndpointSlice of IPv4 addresses.
+/// A `discovery.k8s.io/v1` EndpointSlice of IPv4 addresses (or, with
+/// [`SliceManifest::address_type`], IPv6 ones).
 #[derive(Clone, Debug)]
 pub struct SliceManifest {
     slice: EndpointSlice,
@@ -268,6 +291,13 @@ impl SliceManifest {
     /// Adds a label to `metadata.labels`.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         labels(&mut self.slice.metadata.labels, key, value);
+        self
+    }
+
+    /// `addressType`: IPv4 (the default here), IPv6 or FQDN. The controller writes one slice
+    /// per family of a dual-stack Service.
+    pub fn address_type(mut self, address_type: &str) -> Self {
+        self.slice.address_type = address_type.to_owned();
         self
     }
 
@@ -588,6 +618,47 @@ spec:
         // JSON too.
         let from_json: Service = serde_json::from_str(&manifest.to_json()).unwrap();
         assert_eq!(&from_json, manifest.object());
+    }
+
+    #[test]
+    fn a_dual_stack_service_and_its_ipv6_slice_print_as_kubectl_does() {
+        let manifest = ServiceManifest::cluster_ip("default", "web", "10.96.0.10")
+            .cluster_ips(["fd00:10:96::10", "10.96.0.10"])
+            .ip_families(&["IPv6", "IPv4"])
+            .ip_family_policy("RequireDualStack")
+            .port("http", "TCP", 80, 8080);
+        let expected = yaml_value(
+            "
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  clusterIP: fd00:10:96::10
+  clusterIPs:
+  - fd00:10:96::10
+  - 10.96.0.10
+  ipFamilies:
+  - IPv6
+  - IPv4
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: 8080
+  type: ClusterIP
+",
+        );
+        assert_eq!(yaml_value(&manifest.to_yaml()), expected);
+        let slice = SliceManifest::new("default", "web-v6", "web")
+            .address_type("IPv6")
+            .port("http", "TCP", 8080)
+            .endpoint("fd00:10:244::10");
+        let back: EndpointSlice = serde_yaml::from_str(&slice.to_yaml()).unwrap();
+        assert_eq!(back.address_type, "IPv6");
+        assert_eq!(back.endpoints[0].addresses, ["fd00:10:244::10"]);
     }
 
     #[test]

@@ -20,13 +20,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{Netns, command_in, run_checked};
 
-/// The links an agent pins: its four socket-address programs, sock_release and post_bind4
-/// (bind protection) on the cgroup, and XDP and tc on each `--nodeport-iface`.
+/// The links an agent pins: its eight socket-address programs (four per family),
+/// sock_release and post_bind4/6 (bind protection) on the cgroup, and XDP and tc on each
+/// `--nodeport-iface`.
 pub fn agent_links(nodeport_ifaces: usize) -> usize {
-    6 + 2 * nodeport_ifaces
+    11 + 2 * nodeport_ifaces
 }
 
-/// [`agent_links`] of an agent started with the arguments `args`: one fewer with
+/// [`agent_links`] of an agent started with the arguments `args`: two fewer with
 /// `--bind-protection=false`, and one fewer per interface with `--tc-attach netlink`.
 pub fn agent_links_for<S: AsRef<str>>(args: &[S]) -> usize {
     let ifaces = args
@@ -39,7 +40,7 @@ pub fn agent_links_for<S: AsRef<str>>(args: &[S]) -> usize {
         || args
             .windows(2)
             .any(|w| w[0].as_ref() == "--tc-attach" && w[1].as_ref() == "netlink");
-    agent_links(ifaces) - usize::from(unprotected) - if netlink_tc { ifaces } else { 0 }
+    agent_links(ifaces) - 2 * usize::from(unprotected) - if netlink_tc { ifaces } else { 0 }
 }
 
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before:
@@ -250,12 +251,12 @@ mod tests {
 
     #[test]
     fn links_of_the_socket_programs_and_each_interface() {
-        assert_eq!(agent_links(0), 6);
-        assert_eq!(agent_links(2), 10);
-        assert_eq!(agent_links_for(&["--nodeport-iface", "lan0"]), 8);
+        assert_eq!(agent_links(0), 11);
+        assert_eq!(agent_links(2), 15);
+        assert_eq!(agent_links_for(&["--nodeport-iface", "lan0"]), 13);
         assert_eq!(
             agent_links_for(&["--bind-protection=false", "--nodeport-iface", "a"]),
-            7
+            11
         );
     }
 }

@@ -20,11 +20,12 @@
 //! its namespace and bridge. The pairs are deleted first because a namespace's interfaces are
 //! only destroyed some time after the namespace is deleted.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
+use crate::address::{add_address, ipv6_without_dad, subnet};
 use crate::names::{MAX_NAME_LEN, unique_name};
 use crate::netns::Netns;
 
@@ -41,9 +42,23 @@ pub const ROUTER_SYSCTLS: [&str; 4] = [
     "net.ipv4.conf.default.rp_filter=0",
 ];
 
+/// What a dual-stack node needs besides [`ROUTER_SYSCTLS`]: IPv6 forwarding (IPv6 has no
+/// reverse-path filter and no redirects to turn off here: `all.forwarding` stops them).
+pub const ROUTER_SYSCTLS_V6: [&str; 1] = ["net.ipv6.conf.all.forwarding=1"];
+
 /// Applies [`ROUTER_SYSCTLS`] in `netns` (a node's).
 pub fn make_router(netns: &Netns) -> Result<()> {
-    for setting in ROUTER_SYSCTLS {
+    apply(netns, &ROUTER_SYSCTLS)
+}
+
+/// Applies [`ROUTER_SYSCTLS`] and [`ROUTER_SYSCTLS_V6`] in `netns` (a dual-stack node's).
+pub fn make_dual_stack_router(netns: &Netns) -> Result<()> {
+    apply(netns, &ROUTER_SYSCTLS)?;
+    apply(netns, &ROUTER_SYSCTLS_V6)
+}
+
+fn apply(netns: &Netns, settings: &[&str]) -> Result<()> {
+    for setting in settings {
         netns
             .run(&["sysctl", "-qw", setting])
             .with_context(|| format!("making {} a router", netns.name()))?;
@@ -58,24 +73,9 @@ fn check_iface(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The subnet of `ip/prefix_len` in CIDR notation (`192.168.77.0/24`).
-pub fn subnet(ip: Ipv4Addr, prefix_len: u8) -> String {
-    let mask = u32::MAX
-        .checked_shl(32 - u32::from(prefix_len.min(32)))
-        .unwrap_or(0);
-    format!("{}/{prefix_len}", Ipv4Addr::from(u32::from(ip) & mask))
-}
-
 /// Gives `iface` in `netns` the address `ip/prefix_len` and brings it up.
-fn address(netns: &Netns, iface: &str, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
-    netns.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{ip}/{prefix_len}"),
-        "dev",
-        iface,
-    ])?;
+fn address(netns: &Netns, iface: &str, ip: IpAddr, prefix_len: u8) -> Result<()> {
+    add_address(netns, iface, ip, prefix_len)?;
     netns.run(&["ip", "link", "set", iface, "up"])?;
     Ok(())
 }
@@ -129,7 +129,15 @@ impl Lan {
 
     /// Joins `member` (a node's namespace, or a client's) to the LAN: a veth pair with a unique
     /// name on the bridge and `iface` in `member`, which gets `ip/prefix_len` and is brought up.
-    pub fn plug(&self, member: &Netns, iface: &str, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
+    /// For both families use [`Lan::plug_dual_stack`].
+    pub fn plug(
+        &self,
+        member: &Netns,
+        iface: &str,
+        ip: impl Into<IpAddr>,
+        prefix_len: u8,
+    ) -> Result<()> {
+        let ip = ip.into();
         check_iface(iface)?;
         let outer = unique_name("lan");
         (|| -> Result<()> {
@@ -156,6 +164,20 @@ impl Lan {
         })()
         .with_context(|| format!("joining {} to the LAN as {iface} {ip}", member.name()))
     }
+
+    /// Joins `member` to the LAN with an IPv4 and an IPv6 address on `iface`; IPv6 without
+    /// duplicate address detection (see [`ipv6_without_dad`]), so both work at once.
+    pub fn plug_dual_stack(
+        &self,
+        member: &Netns,
+        iface: &str,
+        (ip, prefix_len): (Ipv4Addr, u8),
+        (ip6, prefix_len6): (Ipv6Addr, u8),
+    ) -> Result<()> {
+        ipv6_without_dad(member)?;
+        self.plug(member, iface, ip, prefix_len)?;
+        add_address(member, iface, ip6.into(), prefix_len6)
+    }
 }
 
 impl Drop for Lan {
@@ -180,14 +202,16 @@ fn delete_link(netns: &Netns, iface: &str) {
     }
 }
 
-/// A client outside the cluster: its namespace (with `lo` up), its interface and address.
-/// Dropping it removes the namespace and its link to the node or LAN.
+/// A client outside the cluster: its namespace (with `lo` up), its interface and address
+/// (and, dual-stack, its IPv6 address). Dropping it removes the namespace and its link to the
+/// node or LAN.
 #[derive(Debug)]
 pub struct OutsideClient {
     netns: Netns,
     iface: String,
     ip: Ipv4Addr,
     prefix_len: u8,
+    ip6: Option<(Ipv6Addr, u8)>,
 }
 
 impl OutsideClient {
@@ -211,12 +235,17 @@ impl OutsideClient {
                 "netns",
                 netns.name(),
             ])?;
-            address(node, uplink.node_iface, uplink.node_ip, uplink.prefix_len)?;
+            address(
+                node,
+                uplink.node_iface,
+                uplink.node_ip.into(),
+                uplink.prefix_len,
+            )?;
             netns.run(&["ip", "link", "set", "lo", "up"])?;
             address(
                 &netns,
                 uplink.client_iface,
-                uplink.client_ip,
+                uplink.client_ip.into(),
                 uplink.prefix_len,
             )
         })()
@@ -236,6 +265,7 @@ impl OutsideClient {
             iface: uplink.client_iface.to_owned(),
             ip: uplink.client_ip,
             prefix_len: uplink.prefix_len,
+            ip6: None,
         })
     }
 
@@ -256,11 +286,51 @@ impl OutsideClient {
             iface: iface.to_owned(),
             ip,
             prefix_len,
+            ip6: None,
         })
     }
 
-    /// Routes `destination` (`ADDR/LEN`) via `gateway` (a node's address on the subnet).
-    pub fn route(&self, destination: &str, gateway: Ipv4Addr) -> Result<()> {
+    /// Makes `netns` (fresh) a dual-stack client on `lan`, as `iface` with an IPv4 and an IPv6
+    /// address (IPv6 without duplicate address detection: usable at once).
+    pub fn on_lan_dual_stack(
+        netns: Netns,
+        lan: &Lan,
+        iface: &str,
+        v4: (Ipv4Addr, u8),
+        v6: (Ipv6Addr, u8),
+    ) -> Result<OutsideClient> {
+        lan.plug_dual_stack(&netns, iface, v4, v6)?;
+        netns
+            .run(&["ip", "link", "set", "lo", "up"])
+            .with_context(|| format!("in the outside client {}", netns.name()))?;
+        Ok(OutsideClient {
+            netns,
+            iface: iface.to_owned(),
+            ip: v4.0,
+            prefix_len: v4.1,
+            ip6: Some(v6),
+        })
+    }
+
+    /// Adds the IPv6 address `ip6/prefix_len` (`nodad`: usable at once) to the client's
+    /// interface, e.g. after [`OutsideClient::direct`]; the node's end gets its own with
+    /// [`crate::add_address`].
+    pub fn add_ip6(&mut self, ip6: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        self.netns
+            .run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{}.accept_dad=0", self.iface),
+            ])
+            .and_then(|_| add_address(&self.netns, &self.iface, ip6.into(), prefix_len))
+            .with_context(|| format!("in the outside client {}", self.netns.name()))?;
+        self.ip6 = Some((ip6, prefix_len));
+        Ok(())
+    }
+
+    /// Routes `destination` (`ADDR/LEN`, either family) via `gateway` (a node's address on the
+    /// subnet, of the same family).
+    pub fn route(&self, destination: &str, gateway: impl Into<IpAddr>) -> Result<()> {
         self.netns
             .run(&[
                 "ip",
@@ -268,7 +338,7 @@ impl OutsideClient {
                 "add",
                 destination,
                 "via",
-                &gateway.to_string(),
+                &gateway.into().to_string(),
             ])
             .map(drop)
     }
@@ -290,6 +360,11 @@ impl OutsideClient {
         self.prefix_len
     }
 
+    /// Its IPv6 address, when it is dual-stack.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6.map(|(ip, _)| ip)
+    }
+
     /// The subnet it is on (`192.168.77.0/24`).
     pub fn subnet(&self) -> String {
         subnet(self.ip, self.prefix_len)
@@ -305,16 +380,6 @@ impl Drop for OutsideClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subnets() {
-        assert_eq!(
-            subnet(Ipv4Addr::new(192, 168, 77, 100), 24),
-            "192.168.77.0/24"
-        );
-        assert_eq!(subnet(Ipv4Addr::new(10, 1, 2, 3), 0), "0.0.0.0/0");
-        assert_eq!(subnet(Ipv4Addr::new(10, 1, 2, 3), 32), "10.1.2.3/32");
-    }
 
     #[test]
     fn interface_names_are_checked() {

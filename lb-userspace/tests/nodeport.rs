@@ -1,13 +1,14 @@
 //! North-south traffic end to end: an outside client, nodes with their own `lb-agent`
 //! (`--nodeport-iface lan0`: XDP ingress, tc egress) and pods, real TCP and UDP, and backends
-//! that answer with the client address they saw (`lb-probe --whoami`).
+//! that answer with the client address they saw (`lb-probe --whoami`), on the site of
+//! `common::site` (IPv4 only here; `dual_stack.rs` has its IPv6 tests):
 //!
 //! ```text
 //!   client ns  lan0 192.168.60.100 ─┐
 //!                                    ├─ lan ns: bridge ── node-a ns  lan0 192.168.60.1
 //!                                    │                      br0 10.244.0.1 ── pod-a 10.244.0.10
 //!                                    └─────────────────── node-b ns  lan0 192.168.60.2
-//!                                                           veth 10.244.1.1 ── pod-r 10.244.1.10
+//!                                                           br0 10.244.1.1 ── pod-r 10.244.1.10
 //! ```
 //! node-a routes 10.244.1.0/24 via node-b; pods route the LAN via their node. There are no
 //! default routes: every route stays inside the test's namespaces. The externalIP
@@ -15,404 +16,19 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
-    process::Child,
     time::{Duration, Instant},
 };
 
-use common::{AGENT, Agent, BpffsDir, POD_PORT, PROBE, ProbeResult, TempDir};
-use lb_testkit::objects::{ServiceManifest, SliceManifest};
-use lb_testkit::{
-    AgentReady, Cgroup, Lan, Netns, Node, OutsideClient, Pod, command_in, make_router, spawn_in,
-    unique_name,
+use common::site::{
+    AGENT_START_TIMEOUT, CLIENT_IP, EXTERNAL_IP, HEALTHZ_ADDR, LAN_IFACE, METRICS_ADDR, NODE_A_IP,
+    NODE_B_IP, REMOTE_POD_IP, Site, run,
 };
-
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
-const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
-const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
-const LAN_PREFIX_LEN: u8 = 24;
-const REMOTE_POD_IP: &str = "10.244.1.10";
-const EXTERNAL_IP: &str = "198.51.100.10";
-const LAN_IFACE: &str = "lan0";
-const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Each agent runs alone in its node's network namespace: kube-proxy's ports on loopback.
-const METRICS_ADDR: &str = "127.0.0.1:10249";
-const HEALTHZ_ADDR: &str = "127.0.0.1:10256";
-
-/// The whole topology; fields drop in order: agents, servers, namespaces, then directories.
-struct Site {
-    agents: Vec<Agent>,
-    servers: Vec<Child>,
-    remote_pods: Vec<Netns>,
-    pods: Vec<Pod>,
-    client: OutsideClient,
-    node_b: Option<Netns>,
-    node_a: Node,
-    lan: Lan,
-    cgroups: Vec<Cgroup>,
-    manifests: TempDir,
-    bpffs: Vec<BpffsDir>,
-    /// Agents leave their pins and links on SIGTERM (a DaemonSet rollout), instead of
-    /// `--cleanup-on-exit`.
-    keep_pins_on_exit: bool,
-}
-
-impl Site {
-    /// The client, node-a with the local pods `local` (answering with their names), and when
-    /// `remote` is set node-b with one pod, `pod-r`.
-    fn new(local: &[&str], remote: bool) -> Site {
-        lb_testkit::require_root().expect("the kernel tests need root");
-        let lan = Lan::new().expect("the LAN");
-        let client = OutsideClient::on_lan(
-            Netns::new("cli").expect("client namespace"),
-            &lan,
-            LAN_IFACE,
-            CLIENT_IP,
-            LAN_PREFIX_LEN,
-        )
-        .expect("the outside client on the LAN");
-        let node_a = Node::new().expect("node-a");
-        lan.plug(node_a.netns(), LAN_IFACE, NODE_A_IP, LAN_PREFIX_LEN)
-            .expect("node-a on the LAN");
-        client
-            .route(&format!("{EXTERNAL_IP}/32"), NODE_A_IP)
-            .expect("the client's route to the externalIP");
-        make_router(node_a.netns()).expect("node-a routes");
-        let mut site = Site {
-            agents: Vec::new(),
-            servers: Vec::new(),
-            remote_pods: Vec::new(),
-            pods: Vec::new(),
-            client,
-            node_b: None,
-            node_a,
-            lan,
-            cgroups: Vec::new(),
-            manifests: TempDir::new("lbnp-manifests"),
-            bpffs: Vec::new(),
-            keep_pins_on_exit: false,
-        };
-        for name in local {
-            let pod = site.node_a.add_pod(name).expect("adding a pod");
-            run(
-                &pod.netns,
-                &["ip", "route", "add", "192.168.60.0/24", "via", "10.244.0.1"],
-            );
-            site.servers.push(serve(&pod.netns, name));
-            site.pods.push(pod);
-        }
-        if remote {
-            let node_b = Netns::new("nodeb").expect("node-b");
-            site.lan
-                .plug(&node_b, LAN_IFACE, NODE_B_IP, LAN_PREFIX_LEN)
-                .expect("node-b on the LAN");
-            make_router(&node_b).expect("node-b routes");
-            run(&node_b, &["ip", "link", "set", "lo", "up"]);
-            let pod = Netns::new("podr").expect("pod-r");
-            let veth = unique_name("vethr");
-            run(
-                &node_b,
-                &[
-                    "ip",
-                    "link",
-                    "add",
-                    &veth,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    pod.name(),
-                ],
-            );
-            run(
-                &node_b,
-                &["ip", "addr", "add", "10.244.1.1/24", "dev", &veth],
-            );
-            run(&node_b, &["ip", "link", "set", &veth, "up"]);
-            run(
-                &pod,
-                &[
-                    "ip",
-                    "addr",
-                    "add",
-                    &format!("{REMOTE_POD_IP}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            run(&pod, &["ip", "link", "set", "eth0", "up"]);
-            run(&pod, &["ip", "link", "set", "lo", "up"]);
-            run(
-                &pod,
-                &["ip", "route", "add", "192.168.60.0/24", "via", "10.244.1.1"],
-            );
-            run(
-                site.node_a.netns(),
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    "10.244.1.0/24",
-                    "via",
-                    &NODE_B_IP.to_string(),
-                ],
-            );
-            run(
-                &node_b,
-                &[
-                    "ip",
-                    "route",
-                    "add",
-                    "10.244.0.0/24",
-                    "via",
-                    &NODE_A_IP.to_string(),
-                ],
-            );
-            site.servers.push(serve(&pod, "pod-r"));
-            site.remote_pods.push(pod);
-            site.node_b = Some(node_b);
-        }
-        site
-    }
-
-    /// Starts an agent in node-a (and node-b when there is one), each serving NodePorts on
-    /// its `lan0` (and the interfaces `extra` adds), and waits until they are ready: `/healthz`
-    /// answers 200 and every program is linked.
-    fn start_agents(&mut self) {
-        self.start_agents_with(&[]);
-    }
-
-    fn start_agents_with(&mut self, extra: &[&str]) {
-        let mut nodes = vec![(self.node_a.netns(), "node-a")];
-        if let Some(node_b) = &self.node_b {
-            nodes.push((node_b, "node-b"));
-        }
-        // A second start (a restart) reuses each node's cgroup and pins.
-        if self.bpffs.is_empty() {
-            for _ in &nodes {
-                self.cgroups.push(Cgroup::new("lbnp").expect("test cgroup"));
-                self.bpffs.push(BpffsDir::new());
-            }
-        }
-        let mut args = vec!["--nodeport-iface", LAN_IFACE];
-        args.extend(extra);
-        let (metrics, healthz) = (METRICS_ADDR.parse().unwrap(), HEALTHZ_ADDR.parse().unwrap());
-        let mut started = Vec::new();
-        for (index, (netns, node_name)) in nodes.into_iter().enumerate() {
-            let (cgroup, bpffs) = (&self.cgroups[index], &self.bpffs[index]);
-            let ready = AgentReady {
-                agent: Path::new(AGENT),
-                bpffs: bpffs.path(),
-                healthz,
-                netns: Some(netns),
-                links: lb_testkit::agent_links_for(&args),
-            }
-            .before_start()
-            .expect("reading the links pinned before the agent starts");
-            let mut cmd = command_in(Some(netns), None, AGENT).expect("agent command");
-            cmd.args([
-                "run",
-                "--manifests",
-                &self.manifests.path().display().to_string(),
-                "--cgroup",
-                &cgroup.path().display().to_string(),
-                "--bpffs",
-                &bpffs.path().display().to_string(),
-                "--node-name",
-                node_name,
-                "--nodeport-iface",
-                LAN_IFACE,
-            ]);
-            if !self.keep_pins_on_exit {
-                cmd.arg("--cleanup-on-exit");
-            }
-            cmd.args(extra);
-            started.push((Agent::spawn(cmd, Some(metrics), Some(healthz)), ready));
-        }
-        for (agent, ready) in &mut started {
-            agent.wait_ready(ready, AGENT_START_TIMEOUT);
-        }
-        self.agents = started.into_iter().map(|(agent, _)| agent).collect();
-    }
-
-    /// The agents' logs and each namespace's nonzero kernel counters (checksum errors,
-    /// drops), for failure messages.
-    fn logs(&self) -> String {
-        let mut text: Vec<String> = self
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("--- agent {i}:\n{}", a.log()))
-            .collect();
-        let mut namespaces = vec![
-            ("client", self.client.netns()),
-            ("node-a", self.node_a.netns()),
-        ];
-        namespaces.extend(self.node_b.iter().map(|n| ("node-b", n)));
-        namespaces.extend(self.pods.iter().map(|p| (p.name.as_str(), &p.netns)));
-        namespaces.extend(self.remote_pods.iter().map(|n| ("pod-r", n)));
-        for (name, netns) in namespaces {
-            let counters = netns.run(&["nstat", "-a", "-s"]).unwrap_or_default();
-            let interesting: Vec<&str> = counters
-                .lines()
-                .filter(|l| {
-                    [
-                        "Csum", "Err", "Drop", "Discard", "Fail", "Rst", "InSegs", "OutSegs",
-                        "Forw",
-                    ]
-                    .iter()
-                    .any(|k| l.contains(k))
-                })
-                .collect();
-            text.push(format!(
-                "--- counters of {name}:\n{}",
-                interesting.join("\n")
-            ));
-        }
-        text.join("\n")
-    }
-
-    fn write_manifest(&self, file: &str, yaml: &str) {
-        let tmp = self.manifests.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).expect("writing a manifest");
-        std::fs::rename(&tmp, self.manifests.path().join(file)).expect("renaming a manifest");
-    }
-
-    fn remove_manifest(&self, file: &str) {
-        std::fs::remove_file(self.manifests.path().join(file)).expect("removing a manifest");
-    }
-
-    fn pod_ip(&self, name: &str) -> String {
-        if name == "pod-r" {
-            return REMOTE_POD_IP.into();
-        }
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .expect("pod")
-            .ip
-            .to_string()
-    }
-
-    /// `lb-probe ARGS` from the outside client.
-    fn probe(&self, args: &[&str]) -> ProbeResult {
-        probe_in(self.client.netns(), None, args)
-    }
-
-    /// `lb-probe ARGS` from inside node-a, in its agent's cgroup (where the socket programs
-    /// apply): from pod `pod`'s network namespace, or from the node's own with `None`.
-    fn probe_in_node(&self, pod: Option<&str>, args: &[&str]) -> ProbeResult {
-        let netns = match pod {
-            Some(name) => {
-                &self
-                    .pods
-                    .iter()
-                    .find(|p| p.name == name)
-                    .expect("pod")
-                    .netns
-            }
-            None => self.node_a.netns(),
-        };
-        probe_in(netns, Some(&self.cgroups[0]), args)
-    }
-
-    /// Repeats `probe(args)` until `done` holds, or fails after `timeout` with the agents' logs.
-    fn probe_until(
-        &self,
-        args: &[&str],
-        timeout: Duration,
-        done: impl Fn(&ProbeResult) -> bool,
-    ) -> ProbeResult {
-        let started = Instant::now();
-        loop {
-            let result = self.probe(args);
-            if done(&result) {
-                return result;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "not reached within {timeout:?}: {args:?} -> {result:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// An HTTP GET from the client: (status, body), or the connection error.
-    fn http_get(&self, target: &str) -> Result<(u16, String), String> {
-        let target: SocketAddr = target.parse().unwrap();
-        let client = self.client.netns().path().to_owned();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&client).map_err(|e| e.to_string())?;
-            // SAFETY: a valid namespace fd; this thread only.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }
-                != 0
-            {
-                return Err("setns".to_string());
-            }
-            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                .map_err(|e| e.to_string())?;
-            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            conn.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
-                .map_err(|e| e.to_string())?;
-            let mut response = String::new();
-            conn.read_to_string(&mut response)
-                .map_err(|e| e.to_string())?;
-            let status = response
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let body = response
-                .split("\r\n\r\n")
-                .nth(1)
-                .unwrap_or_default()
-                .to_string();
-            Ok((status, body))
-        })
-        .join()
-        .expect("http thread")
-    }
-}
-
-/// `lb-probe ARGS` in `netns` (and `cgroup`), its JSON result.
-fn probe_in(netns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> ProbeResult {
-    let child = spawn_in(Some(netns), cgroup, &*PROBE, args).expect("starting lb-probe");
-    let output = child.wait_with_output().expect("waiting for lb-probe");
-    assert!(
-        output.status.success(),
-        "lb-probe {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("lb-probe JSON")
-}
-
-fn run(netns: &Netns, args: &[&str]) {
-    netns
-        .run(args)
-        .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
-}
-
-fn serve(netns: &Netns, name: &str) -> Child {
-    let port = POD_PORT.to_string();
-    let mut server = spawn_in(
-        Some(netns),
-        None,
-        &*PROBE,
-        &["serve", "--name", name, "--tcp", &port, "--udp", &port],
-    )
-    .expect("starting a backend server");
-    let mut first = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("server ready line");
-    assert_eq!(first.trim(), "ready");
-    server
-}
+use common::{AGENT, POD_PORT, PROBE, ProbeResult};
+use lb_testkit::objects::{ServiceManifest, SliceManifest};
+use lb_testkit::{Netns, Pod, command_in, spawn_in};
 
 /// A NodePort Service `name` with ports http (TCP 80, nodePort `base`) and dns (UDP 53,
 /// nodePort `base + 1`), both to POD_PORT.
@@ -1807,6 +1423,13 @@ fn binding_a_served_node_port_or_external_ip_fails_with_eaddrinuse_until_the_ser
     assert_refused(&site, "udp", &format!("{NODE_A_IP}:30081"));
     assert_refused(&site, "tcp", &format!("{EXTERNAL_IP}:80"));
     assert_refused(&site, "udp", &format!("{EXTERNAL_IP}:53"));
+    // AF_INET6 sockets (post_bind6): `::` takes IPv4 too; a mapped address is its IPv4 one.
+    assert_refused(&site, "tcp", "[::]:30080");
+    assert_refused(&site, "udp", "[::]:30081");
+    assert_refused(&site, "tcp", "[::ffff:127.0.0.1]:30080");
+    assert_refused(&site, "tcp", &format!("[::ffff:{EXTERNAL_IP}]:80"));
+    assert_bound(&site, None, "tcp", "[::]:30099");
+    assert_bound(&site, None, "udp", "[::]:30080");
 
     // Not served: another port, the other protocol, the externalIP at another port.
     assert_bound(&site, None, "tcp", "0.0.0.0:30099");
@@ -1829,10 +1452,11 @@ fn binding_a_served_node_port_or_external_ip_fails_with_eaddrinuse_until_the_ser
     }
     assert_bound(&site, None, "udp", "0.0.0.0:30081");
     assert_bound(&site, None, "tcp", &format!("{EXTERNAL_IP}:80"));
+    assert_bound(&site, None, "tcp", "[::]:30080");
 }
 
-/// `--bind-protection=false`: the served NodePort binds; the post_bind4 link an earlier agent
-/// (with it on) pinned is removed.
+/// `--bind-protection=false`: the served NodePort binds; the post_bind4 and post_bind6 links an
+/// earlier agent (with it on) pinned are removed.
 #[test]
 fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run() {
     let mut site = Site::new(&["pod-a"], false);
@@ -1859,15 +1483,19 @@ fn bind_protection_off_leaves_binds_alone_and_removes_the_link_of_an_earlier_run
         .map(|(program, _)| program)
         .collect()
     };
-    assert!(links(&site).iter().any(|p| p == "post_bind4"));
+    let before = links(&site);
+    assert!(before.iter().any(|p| p == "post_bind4"), "{before:?}");
+    assert!(before.iter().any(|p| p == "post_bind6"), "{before:?}");
 
-    // SIGTERM without --cleanup-on-exit: the links stay pinned, post_bind4 with them.
+    // SIGTERM without --cleanup-on-exit: the links stay pinned, post_bind4/6 with them.
     site.agents.clear();
     assert_refused(&site, "tcp", "0.0.0.0:30080");
+    assert_refused(&site, "tcp", "[::]:30080");
     site.start_agents_with(&["--bind-protection=false"]);
     let now = links(&site);
-    assert!(!now.iter().any(|p| p == "post_bind4"), "{now:?}");
+    assert!(!now.iter().any(|p| p.starts_with("post_bind")), "{now:?}");
     assert_bound(&site, None, "tcp", "0.0.0.0:30080");
+    assert_bound(&site, None, "tcp", "[::]:30080");
     assert_bound(&site, None, "udp", "0.0.0.0:30081");
     // The rest of the data path is unchanged: the NodePort still answers.
     let reached = site.probe_in_node(
@@ -1901,7 +1529,7 @@ fn the_agent_reserves_the_node_port_and_snat_ranges_keeping_the_entries_there() 
             "net.ipv4.ip_local_reserved_ports=12345,20000-20010",
         ],
     );
-    let node_b = site.node_b.as_ref().expect("node-b");
+    let node_b = site.node_b.as_ref().expect("node-b").netns();
     run(
         node_b,
         &[
@@ -1931,7 +1559,7 @@ fn the_agent_reserves_the_node_port_and_snat_ranges_keeping_the_entries_there() 
         ],
     );
     site.start_agents();
-    let node_b = site.node_b.as_ref().expect("node-b");
+    let node_b = site.node_b.as_ref().expect("node-b").netns();
     assert_eq!(
         read(site.node_a.netns()),
         "12345,20000-20010,30000-32767,61000-65535",

@@ -610,8 +610,8 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
     let first = cluster.attached_program_ids();
     assert_eq!(
         first.len(),
-        6,
-        "four socket programs, sock_release and post_bind4 linked: {first:?}"
+        11,
+        "eight socket programs, sock_release, post_bind4 and post_bind6 linked: {first:?}"
     );
     let steady = cluster.probe_in_background(&[
         "tcp",
@@ -634,7 +634,7 @@ fn a_new_agent_swaps_its_programs_in_atomically_under_traffic() {
         first.iter().all(|id| !last.contains(id)),
         "the programs were not replaced: {first:?} then {last:?}"
     );
-    assert_eq!(last.len(), 6, "{last:?}");
+    assert_eq!(last.len(), 11, "{last:?}");
     assert!(steady.attempts > 300, "{steady:?}");
     assert_eq!(
         steady.failures(),
@@ -715,7 +715,7 @@ fn metrics_healthz_and_proxy_mode_answer_as_kube_proxys_do() {
     .unwrap();
     assert_eq!(
         status["links"].as_array().map(Vec::len),
-        Some(6),
+        Some(lb_testkit::agent_links(0)),
         "{status}"
     );
     let services = status["maps"]
@@ -1322,11 +1322,19 @@ fn metrics_and_healthz_are_each_turned_off_on_their_own() {
     assert_eq!(served.replies.get("pod-a"), Some(&3), "{served:?}");
 }
 
-/// Entries of the pinned sockets map.
+/// Entries of the pinned IPv4 sockets map.
 fn socket_entries(cluster: &Cluster) -> usize {
-    let path = cluster.bpffs.path().join("maps").join("LB4_REVNAT_V2");
+    socket_entries_of::<lb_common::Addr4>(cluster, lb_common::map_names::REVNAT_V4)
+}
+
+/// Entries of the pinned sockets map `name` of the family of `A`.
+fn socket_entries_of<A>(cluster: &Cluster, name: &str) -> usize
+where
+    lb_common::SockValue<A>: aya::Pod,
+{
+    let path = cluster.bpffs.path().join("maps").join(name);
     let data = aya::maps::MapData::from_pin(&path).expect("the pinned sockets map");
-    let map: aya::maps::HashMap<_, u64, lb_common::Sock4Value> =
+    let map: aya::maps::HashMap<_, u64, lb_common::SockValue<A>> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash");
     map.keys().filter_map(Result::ok).count()
 }
@@ -1452,4 +1460,434 @@ fn tcp_connections_of_a_removed_backend_are_destroyed_only_with_terminate_tcp() 
         Some(&1),
         "aborted: {destroyed:?}\n{log}"
     );
+}
+
+// ---- AF_INET6 sockets: IPv4 services through IPv4-mapped addresses ----
+
+/// `addr` (IP:PORT) as an `AF_INET6` socket names it: `[::ffff:IP]:PORT`.
+fn mapped(addr: &str) -> String {
+    let addr: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 IP:PORT");
+    std::net::SocketAddrV6::new(addr.ip().to_ipv6_mapped(), addr.port(), 0, 0).to_string()
+}
+
+#[test]
+fn an_af_inet6_tcp_socket_reaches_an_ipv4_service_at_its_mapped_address_and_sees_it_mapped() {
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"]);
+    cluster.start_agent();
+
+    let target = mapped(TCP_VIP);
+    let result = cluster.probe(&["tcp", &target, "--count", "40", "--timeout-ms", "2000"]);
+
+    assert_eq!(result.failures(), 0, "{result:?}");
+    assert_eq!(result.replies.values().sum::<u64>(), 40, "{result:?}");
+    assert_eq!(result.replies.len(), 2, "both backends answer: {result:?}");
+    assert_eq!(
+        result.peers.get(&target),
+        Some(&40),
+        "getpeername shows the mapped ClusterIP: {result:?}"
+    );
+    // The pod saw the client's own IPv4 address: the connection went out as IPv4.
+    let whoami = cluster.probe(&["tcp", &target, "--whoami"]);
+    let seen = whoami.replies.keys().next().expect("a reply");
+    assert!(
+        seen.starts_with(&format!("{}:", cluster.client.ip)),
+        "{whoami:?}"
+    );
+}
+
+#[test]
+fn af_inet6_udp_sockets_reach_an_ipv4_service_at_its_mapped_address_and_replies_show_it_mapped() {
+    let mut cluster = dns_cluster();
+    cluster.start_agent();
+    let target = mapped("10.96.0.53:53");
+
+    // Connected: connect6 translates, getpeername6 shows the service.
+    let connected = cluster.probe(&["udp", &target, "--connected", "--count", "20"]);
+    assert_eq!(connected.failures(), 0, "{connected:?}");
+    assert_eq!(
+        connected.replies.len(),
+        1,
+        "one socket, one backend: {connected:?}"
+    );
+    assert_eq!(connected.peers.get(&target), Some(&20), "{connected:?}");
+
+    // Unconnected: the kernel runs sendmsg4 for a mapped destination, recvmsg6 shows the
+    // reply's source as the mapped service; one socket stays on one backend.
+    let one = cluster.probe(&["udp", &target, "--count", "20"]);
+    assert_eq!(one.failures(), 0, "{one:?}");
+    assert_eq!(one.replies.len(), 1, "one socket, one backend: {one:?}");
+    assert_eq!(
+        one.peers.get(&target),
+        Some(&20),
+        "recvfrom shows the mapped ClusterIP: {one:?}"
+    );
+    let many = cluster.probe(&["udp", &target, "--count", "60", "--new-socket-each"]);
+    assert_eq!(many.failures(), 0, "{many:?}");
+    assert_eq!(many.replies.len(), 2, "separate sockets spread: {many:?}");
+    assert_eq!(many.peers.get(&target), Some(&60), "{many:?}");
+}
+
+#[test]
+fn an_ipv4_service_without_endpoints_refuses_af_inet6_sockets_at_its_mapped_address() {
+    let mut cluster = Cluster::new(&["pod-a"]);
+    cluster.write_manifest("web.yaml", &web_service().to_yaml());
+    cluster.write_manifest("dns.yaml", &dns_service().to_yaml());
+    cluster.start_agent();
+
+    let started = Instant::now();
+    let tcp = cluster.probe(&[
+        "tcp",
+        &mapped(TCP_VIP),
+        "--count",
+        "3",
+        "--timeout-ms",
+        "3000",
+    ]);
+    let target = mapped("10.96.0.53:53");
+    let connected = cluster.probe(&["udp", &target, "--connected", "--count", "3"]);
+    let unconnected = cluster.probe(&["udp", &target, "--count", "3", "--timeout-ms", "3000"]);
+    let elapsed = started.elapsed();
+
+    assert_eq!(tcp.errors.get("refused"), Some(&3), "TCP: {tcp:?}");
+    assert_eq!(connected.errors.get("refused"), Some(&3), "{connected:?}");
+    assert_eq!(
+        unconnected.errors.get("refused"),
+        Some(&3),
+        "{unconnected:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "refusals must not wait for a timeout: {elapsed:?}"
+    );
+}
+
+// ---- IPv6 services at the socket, programmed by the test ----
+//
+// The agent's model has no IPv6 Services on this branch yet: these tests give the pods IPv6
+// addresses and write the IPv6 maps (`LB6_*`, and the shared slots) themselves, as the agent
+// will, after it started with no services. The agent leaves entries of service ids it does
+// not know alone once it runs (it adopts the pinned maps only at start).
+
+/// The IPv6 ClusterIP of the tests' IPv6 services.
+const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa);
+/// Service and backend ids far above the ones the agent hands out to the manifests' services.
+const SERVICE6_ID: u32 = 40_000;
+
+/// `[addr]:port`.
+fn at6(addr: std::net::Ipv6Addr, port: u16) -> String {
+    std::net::SocketAddrV6::new(addr, port, 0, 0).to_string()
+}
+
+/// A dual-stack cluster (`Cluster::dual_stack`: the node bridge, client and backend pods have
+/// IPv6 addresses too, each backend answering with its name on both families), the agent
+/// started with no services.
+fn ipv6_cluster(backends: &[&str]) -> Cluster {
+    let mut cluster = Cluster::dual_stack(backends);
+    cluster.start_agent();
+    cluster
+}
+
+/// The pinned IPv6 service maps of a cluster's agent, written as the agent will.
+struct Maps6 {
+    frontends:
+        aya::maps::HashMap<aya::maps::MapData, lb_common::Frontend6Key, lb_common::FrontendValue>,
+    slots: aya::maps::HashMap<aya::maps::MapData, lb_common::SlotKey, lb_common::SlotValue>,
+    backends: aya::maps::HashMap<aya::maps::MapData, u32, lb_common::Backend6>,
+    node_addrs: aya::maps::HashMap<aya::maps::MapData, lb_common::Addr6, u32>,
+    source_ranges: aya::maps::LpmTrie<aya::maps::MapData, lb_common::SourceRange6Key, u8>,
+}
+
+impl Maps6 {
+    fn open(cluster: &Cluster) -> Maps6 {
+        use lb_common::map_names;
+        let data = |name: &str| {
+            let path = cluster.bpffs.path().join("maps").join(name);
+            aya::maps::MapData::from_pin(&path)
+                .unwrap_or_else(|e| panic!("opening pinned {}: {e}", path.display()))
+        };
+        let hash = |name: &str| aya::maps::Map::HashMap(data(name));
+        Maps6 {
+            frontends: hash(map_names::FRONTENDS_V6).try_into().unwrap(),
+            slots: hash(map_names::SLOTS_V4).try_into().unwrap(),
+            backends: hash(map_names::BACKENDS_V6).try_into().unwrap(),
+            node_addrs: hash(map_names::NODE_ADDRS_V6).try_into().unwrap(),
+            source_ranges: aya::maps::Map::LpmTrie(data(map_names::SOURCE_RANGES_V6))
+                .try_into()
+                .unwrap(),
+        }
+    }
+
+    /// Service `id` at `addr`:`port`/`proto`, a frontend of `kind` with `flags`, over the
+    /// backends `(id, address)` at `POD_PORT`.
+    #[allow(clippy::too_many_arguments)]
+    fn service(
+        &mut self,
+        id: u32,
+        kind: u8,
+        flags: u8,
+        addr: std::net::Ipv6Addr,
+        port: u16,
+        proto: u8,
+        backends: &[(u32, std::net::Ipv6Addr)],
+    ) {
+        use lb_common::MapAddr as _;
+        for (index, (backend_id, backend)) in backends.iter().enumerate() {
+            let value = lb_common::Backend6 {
+                addr: lb_common::Addr6::from_ip(*backend),
+                port: lb_common::port_to_map(POD_PORT),
+                state: lb_common::backend_states::ACTIVE,
+                flags: 0,
+            };
+            self.backends.insert(backend_id, value, 0).unwrap();
+            let slot = lb_common::SlotKey {
+                service_id: id,
+                index: index as u16,
+                generation: 0,
+                pad: 0,
+            };
+            let slot_value = lb_common::SlotValue {
+                backend_id: *backend_id,
+            };
+            self.slots.insert(slot, slot_value, 0).unwrap();
+        }
+        let key = lb_common::Frontend6Key {
+            addr: lb_common::Addr6::from_ip(addr),
+            port: lb_common::port_to_map(port),
+            proto,
+            scope: lb_common::scopes::EXTERNAL,
+        };
+        let value = lb_common::FrontendValue {
+            service_id: id,
+            count: backends.len() as u16,
+            kind,
+            flags,
+            ..Default::default()
+        };
+        self.frontends.insert(key, value, 0).unwrap();
+    }
+
+    /// A ClusterIP service `id` at `VIP6`:`port`/`proto` over `backends`.
+    fn cluster_ip(
+        &mut self,
+        id: u32,
+        port: u16,
+        proto: u8,
+        backends: &[(u32, std::net::Ipv6Addr)],
+    ) {
+        let kind = lb_common::frontend_kinds::CLUSTER_IP;
+        self.service(id, kind, 0, VIP6, port, proto, backends);
+    }
+}
+
+/// The IPv6 backends of `pods`: (backend id, address).
+fn backends6(cluster: &Cluster, pods: &[&str]) -> Vec<(u32, std::net::Ipv6Addr)> {
+    pods.iter()
+        .enumerate()
+        .map(|(i, pod)| (SERVICE6_ID + 100 + i as u32, cluster.pod_ip6(pod)))
+        .collect()
+}
+
+#[test]
+fn ipv6_tcp_and_udp_sockets_reach_an_ipv6_cluster_ip_and_see_it_as_their_peer() {
+    let cluster = ipv6_cluster(&["pod-a", "pod-b"]);
+    let mut maps = Maps6::open(&cluster);
+    let backends = backends6(&cluster, &["pod-a", "pod-b"]);
+    maps.cluster_ip(SERVICE6_ID, 80, lb_common::IPPROTO_TCP, &backends);
+    maps.cluster_ip(SERVICE6_ID + 1, 53, lb_common::IPPROTO_UDP, &backends);
+
+    let tcp_vip = at6(VIP6, 80);
+    let tcp = cluster.probe(&["tcp", &tcp_vip, "--count", "40", "--timeout-ms", "2000"]);
+    assert_eq!(tcp.failures(), 0, "{tcp:?}");
+    assert_eq!(tcp.replies.len(), 2, "both backends answer: {tcp:?}");
+    assert_eq!(tcp.peers.get(&tcp_vip), Some(&40), "getpeername: {tcp:?}");
+    let whoami = cluster.probe(&["tcp", &tcp_vip, "--whoami"]);
+    let client = format!("[{}]:", cluster.client_ip6());
+    assert!(
+        whoami.replies.keys().all(|seen| seen.starts_with(&client)),
+        "the pod sees the client's own IPv6 address: {whoami:?}"
+    );
+
+    let udp_vip = at6(VIP6, 53);
+    let connected = cluster.probe(&["udp", &udp_vip, "--connected", "--count", "20"]);
+    assert_eq!(connected.failures(), 0, "{connected:?}");
+    assert_eq!(connected.replies.len(), 1, "{connected:?}");
+    assert_eq!(
+        connected.peers.get(&udp_vip),
+        Some(&20),
+        "getpeername: {connected:?}"
+    );
+    let one = cluster.probe(&["udp", &udp_vip, "--count", "20"]);
+    assert_eq!(one.failures(), 0, "{one:?}");
+    assert_eq!(one.replies.len(), 1, "one socket, one backend: {one:?}");
+    assert_eq!(one.peers.get(&udp_vip), Some(&20), "recvfrom: {one:?}");
+    let many = cluster.probe(&["udp", &udp_vip, "--count", "60", "--new-socket-each"]);
+    assert_eq!(many.failures(), 0, "{many:?}");
+    assert_eq!(many.replies.len(), 2, "separate sockets spread: {many:?}");
+    assert_eq!(many.peers.get(&udp_vip), Some(&60), "{many:?}");
+}
+
+/// What `lb-probe bind` printed.
+#[derive(Debug, serde::Deserialize)]
+struct Bound {
+    bound: bool,
+    errno: Option<i32>,
+}
+
+/// Binds `proto` `address` with a process of the node (the agent's network namespace, in
+/// the test cgroup) and releases it again.
+fn bind_on_node(cluster: &Cluster, proto: &str, address: &str) -> Bound {
+    let args = ["bind", proto, address];
+    let child = lb_testkit::spawn_in(None, Some(&cluster.cgroup), &*common::PROBE, &args)
+        .expect("starting lb-probe bind");
+    let output = child.wait_with_output().expect("waiting for lb-probe bind");
+    serde_json::from_slice(&output.stdout).expect("lb-probe bind prints JSON")
+}
+
+#[test]
+fn ipv6_refusals_node_ports_source_ranges_and_bind_protection_at_the_socket() {
+    let cluster = ipv6_cluster(&["pod-a"]);
+    let mut maps = Maps6::open(&cluster);
+    let backends = backends6(&cluster, &["pod-a"]);
+    let node_port: u16 = 30_000 + (std::process::id() % 2_000) as u16;
+    let bind_at = at6(std::net::Ipv6Addr::UNSPECIFIED, node_port);
+    assert!(
+        bind_on_node(&cluster, "tcp", &bind_at).bound,
+        "{bind_at} binds before the service"
+    );
+
+    // No backend: refused at once, TCP and UDP.
+    maps.cluster_ip(SERVICE6_ID, 81, lb_common::IPPROTO_TCP, &[]);
+    maps.cluster_ip(SERVICE6_ID + 1, 54, lb_common::IPPROTO_UDP, &[]);
+    let started = Instant::now();
+    let tcp = cluster.probe(&[
+        "tcp",
+        &at6(VIP6, 81),
+        "--count",
+        "3",
+        "--timeout-ms",
+        "3000",
+    ]);
+    let udp = cluster.probe(&[
+        "udp",
+        &at6(VIP6, 54),
+        "--count",
+        "3",
+        "--timeout-ms",
+        "3000",
+    ]);
+    assert_eq!(tcp.errors.get("refused"), Some(&3), "TCP: {tcp:?}");
+    assert_eq!(udp.errors.get("refused"), Some(&3), "UDP: {udp:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A NodePort at the node's IPv6 address (LB6_NODEADDR), from a pod.
+    use lb_common::MapAddr as _;
+    let node = lb_testkit::BRIDGE_IP6;
+    maps.node_addrs
+        .insert(lb_common::Addr6::from_ip(node), 1, 0)
+        .unwrap();
+    let kind = lb_common::frontend_kinds::NODE_PORT;
+    let unspecified = std::net::Ipv6Addr::UNSPECIFIED;
+    let tcp = lb_common::IPPROTO_TCP;
+    maps.service(
+        SERVICE6_ID + 2,
+        kind,
+        0,
+        unspecified,
+        node_port,
+        tcp,
+        &backends,
+    );
+    let reached = cluster.probe(&["tcp", &at6(node, node_port), "--count", "5"]);
+    assert_eq!(reached.replies.get("pod-a"), Some(&5), "{reached:?}");
+
+    // Bind protection: the node's own socket cannot take the served NodePort; UDP can.
+    let refused = bind_on_node(&cluster, "tcp", &bind_at);
+    assert!(
+        !refused.bound && refused.errno == Some(libc::EADDRINUSE),
+        "binding {bind_at}: {refused:?}"
+    );
+    assert!(
+        bind_on_node(&cluster, "udp", &bind_at).bound,
+        "UDP {bind_at}"
+    );
+
+    // loadBalancerSourceRanges: a LoadBalancer IP whose ranges leave pods out refuses an
+    // unbound pod socket with EPERM; one bound to an allowed source gets through.
+    let lb_ip = std::net::Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 0x1);
+    let kind = lb_common::frontend_kinds::LOAD_BALANCER;
+    let flags = lb_common::frontend_flags::SOURCE_RANGES;
+    let udp = lb_common::IPPROTO_UDP;
+    maps.service(SERVICE6_ID + 3, kind, flags, lb_ip, 53, udp, &backends);
+    let target = at6(lb_ip, 53);
+    let filtered = cluster.probe(&["udp", &target, "--count", "2"]);
+    assert_eq!(filtered.errors.get("permission"), Some(&2), "{filtered:?}");
+    let client = cluster.client_ip6();
+    let source = client.to_string();
+    let bound = cluster.probe(&["udp", &target, "--source", &source, "--count", "2"]);
+    assert_eq!(
+        bound.errors.get("permission"),
+        Some(&2),
+        "not in the ranges: {bound:?}"
+    );
+    let allowed =
+        lb_common::SourceRange6Key::new(SERVICE6_ID + 3, lb_common::Addr6::from_ip(client));
+    maps.source_ranges
+        .insert(&aya::maps::lpm_trie::Key::new(32 + 128, allowed), 1, 0)
+        .unwrap();
+    let bound = cluster.probe(&["udp", &target, "--source", &source, "--count", "2"]);
+    assert_eq!(
+        bound.replies.get("pod-a"),
+        Some(&2),
+        "in the ranges: {bound:?}"
+    );
+}
+
+#[test]
+fn closed_af_inet6_sockets_leave_nothing_in_either_sockets_map() {
+    let cluster = ipv6_cluster(&["pod-a"]);
+    let mut maps = Maps6::open(&cluster);
+    let backends = backends6(&cluster, &["pod-a"]);
+    maps.cluster_ip(SERVICE6_ID, 80, lb_common::IPPROTO_TCP, &backends);
+    web(&cluster, &["pod-a"]);
+    let mapped_vip = mapped(TCP_VIP);
+    cluster.tcp_until(&mapped_vip, Duration::from_secs(10), |r| {
+        r.replies.contains_key("pod-a")
+    });
+    let entries = || {
+        (
+            socket_entries(&cluster),
+            socket_entries_of::<lb_common::Addr6>(&cluster, lb_common::map_names::REVNAT_V6),
+        )
+    };
+    let baseline = entries();
+
+    let v6 = cluster.probe(&["tcp", &at6(VIP6, 80), "--count", "1000"]);
+    assert_eq!(v6.failures(), 0, "{v6:?}");
+    let v4 = cluster.probe(&["tcp", &mapped_vip, "--count", "1000"]);
+    assert_eq!(v4.failures(), 0, "{v4:?}");
+    assert_eq!(
+        entries(),
+        baseline,
+        "1,000 IPv6 and 1,000 IPv4-mapped connections closed: their entries went with them"
+    );
+
+    // Open sockets keep theirs: an IPv6 one in the IPv6 map, a mapped one in the IPv4 map.
+    let open = |target: &str| cluster.probe_in_background(&["tcp", target, "--hold-ms", "1200"]);
+    let (held6, held4) = (open(&at6(VIP6, 80)), open(&mapped_vip));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(entries(), (baseline.0 + 1, baseline.1 + 1));
+    for held in [held6, held4] {
+        let result = finish_probe(held);
+        assert_eq!(
+            result.errors.get("timeout"),
+            Some(&1),
+            "held open: {result:?}"
+        );
+    }
+    assert_eq!(entries(), baseline);
 }

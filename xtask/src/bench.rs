@@ -3,7 +3,9 @@
 //! docs/benchmarks.md for the method and a full run's numbers).
 //!
 //! Arms: **D** the client talks to a backend pod IP directly; **E** ours, through the ClusterIP
-//! (socket LB; the client runs in the agent's cgroup); **I** kube-proxy's iptables layout
+//! (socket LB; the client runs in the agent's cgroup); **D6** and **E6** the same over IPv6 (the
+//! pods' IPv6 addresses, an IPv6 ClusterIP; benchmarks 1 and 2, rows of their own against D6);
+//! **I** kube-proxy's iptables layout
 //! loaded with `iptables-restore` in the client's namespace, the measured service last in
 //! `KUBE-SERVICES` (worst case), **I-rand** the same rules, a service at a random position;
 //! **N** kube-proxy's nftables layout. Every arm measured round by round, interleaved (the arm
@@ -185,7 +187,10 @@ fn sleep(d: Duration) -> Result<()> {
 }
 
 const TITLES: [(&str, &str); 8] = [
-    ("1", "1. Connection cost (TCP_CRR and TCP_RR), ratio to D"),
+    (
+        "1",
+        "1. Connection cost (TCP_CRR and TCP_RR), ratio to D (the IPv6 rows to D6)",
+    ),
     (
         "2",
         "2. UDP request/reply through the ClusterIP, ratio to D",
@@ -318,18 +323,22 @@ fn write_outputs(
 }
 
 fn declare_units(res: &mut Results) {
-    for m in ["CRR rate", "RR rate"] {
-        res.unit("1", m, "conn/s or req/s", Some("D"));
-    }
-    for m in ["CRR p50", "CRR p99", "RR p50", "RR p99"] {
-        res.unit("1", m, "µs", Some("D"));
-    }
-    res.unit("1", "CRR errors", "count", None);
-    for m in ["UDP connected rate", "UDP unconnected rate"] {
-        res.unit("2", m, "req/s", Some("D"));
-    }
-    for m in ["UDP connected p50", "UDP unconnected p50"] {
-        res.unit("2", m, "µs", Some("D"));
+    // Each family's rows against its own direct arm: D, and D6 for the IPv6 arms' rows.
+    for direct in ["D", "D6"] {
+        let metric = |m: &str| arms::metric_of(direct, m);
+        for m in ["CRR rate", "RR rate"] {
+            res.unit("1", &metric(m), "conn/s or req/s", Some(direct));
+        }
+        for m in ["CRR p50", "CRR p99", "RR p50", "RR p99"] {
+            res.unit("1", &metric(m), "µs", Some(direct));
+        }
+        res.unit("1", &metric("CRR errors"), "count", None);
+        for m in ["UDP connected rate", "UDP unconnected rate"] {
+            res.unit("2", &metric(m), "req/s", Some(direct));
+        }
+        for m in ["UDP connected p50", "UDP unconnected p50"] {
+            res.unit("2", &metric(m), "µs", Some(direct));
+        }
     }
     for m in [
         "all services from nothing",
@@ -436,7 +445,7 @@ fn build(no_build: bool) -> Result<(PathBuf, PathBuf, String)> {
 
 fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Result<()> {
     let background: Vec<Svc> = (0..n).map(|i| kube::background(i, 10)).collect();
-    let mut measured = Measured::new(&cluster.backend_ips());
+    let mut measured = Measured::new(&cluster.backend_ips(), &cluster.backend_ips6());
     let bg_groups: Vec<Vec<&Svc>> = background.iter().map(|s| vec![s]).collect();
     let bg_manifest = kube::manifest(&bg_groups, "bench-node");
     drop(bg_groups);
@@ -445,7 +454,7 @@ fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Resu
     cluster.agent = None;
     let _ = std::fs::remove_file(cluster.manifests.0.join("services.json"));
     cluster.write_manifest("measured.json", &measured.manifest())?;
-    cluster.start_agent(&agent_limits(n + 4))?;
+    cluster.start_agent(&agent_limits(n + 5))?;
 
     programming::programming(
         cluster,
@@ -497,6 +506,7 @@ fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Resu
     let mut kp_n = KubeProxyState { services: all };
 
     let mut arms = vec!["D", "E"];
+    arms.extend(arms::IPV6_ARMS);
     if ipt_on {
         arms.extend(["I", "I-rand"]);
     }

@@ -1,22 +1,24 @@
 //! lb-bench: the client/server pair of `cargo xtask bench` (netperf is not packaged here).
 //!
-//! `lb-bench serve --id N --port P` answers on TCP and UDP port P: every byte received on a
-//! TCP connection is answered with the one byte N (so a client knows which backend it
-//! reached), every UDP datagram with the byte N. It prints `ready` once bound.
+//! `lb-bench serve --id N --port P [--bind ADDR]...` answers on TCP and UDP port P of each
+//! `--bind` address (default 0.0.0.0; an IPv6 one IPv6-only, so `--bind 0.0.0.0 --bind ::`
+//! serves both families): every byte received on a TCP connection is answered with the one
+//! byte N (so a client knows which backend it reached), every UDP datagram with the byte N. It
+//! prints `ready` once bound.
 //!
 //! The clients run for `--duration-ms` and print one JSON object:
 //! - `crr`: TCP_CRR, connect, 1-byte request, 1-byte reply, close (the client closes first),
 //!   sequentially, to a `--target` picked at random each time when several are given;
 //! - `rr`: TCP_RR, one connection, lock-step 1-byte exchanges;
 //! - `udp`: UDP request/reply, `--connected` (connect + send + recv) or unconnected
-//!   (send_to + recv_from) on one socket;
+//!   (send_to + recv_from) on one socket of the target's family;
 //! - `watch`: like `crr`, recording which backend answered when (wall clock, ns since the
 //!   epoch) as runs of consecutive answers from the same backend, for programming latency.
 //!
 //! Latencies are per exchange (connect to close for `crr`), in nanoseconds.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
+use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Parser)]
 #[command(
@@ -57,9 +60,12 @@ struct ServeArgs {
     /// TCP and UDP port.
     #[arg(long)]
     port: u16,
-    /// Threads accepting and serving TCP connections.
+    /// Threads accepting and serving TCP connections (per address).
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// An address to serve on (repeatable; an IPv6 address binds IPv6-only sockets).
+    #[arg(long = "bind", value_name = "ADDR", default_values_t = [IpAddr::V4(Ipv4Addr::UNSPECIFIED)])]
+    bind: Vec<IpAddr>,
 }
 
 #[derive(Args)]
@@ -111,30 +117,35 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------- server
 
 fn serve(args: &ServeArgs) -> io::Result<()> {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, args.port))?;
-    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, args.port))?;
     let mut workers = Vec::new();
-    for _ in 0..args.workers.max(1) {
-        let listener = listener.try_clone()?;
+    for &ip in &args.bind {
+        let address = SocketAddr::new(ip, args.port);
+        let listener = bound(address, Type::STREAM, Protocol::TCP)?;
+        listener.listen(1024)?;
+        let listener = TcpListener::from(listener);
+        let udp = UdpSocket::from(bound(address, Type::DGRAM, Protocol::UDP)?);
+        for _ in 0..args.workers.max(1) {
+            let listener = listener.try_clone()?;
+            let id = args.id;
+            workers.push(thread::spawn(move || {
+                loop {
+                    match listener.accept() {
+                        Ok((conn, _)) => serve_conn(conn, id),
+                        Err(_) => thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            }));
+        }
         let id = args.id;
         workers.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
             loop {
-                match listener.accept() {
-                    Ok((conn, _)) => serve_conn(conn, id),
-                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&[id], peer);
                 }
             }
         }));
     }
-    let id = args.id;
-    workers.push(thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        loop {
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(&[id], peer);
-            }
-        }
-    }));
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "ready")?;
     stdout.flush()?;
@@ -143,6 +154,18 @@ fn serve(args: &ServeArgs) -> io::Result<()> {
         let _ = worker.join();
     }
     Ok(())
+}
+
+/// A socket bound to `address` (with SO_REUSEADDR, as `TcpListener::bind` sets it), IPv6-only
+/// for an IPv6 address.
+fn bound(address: SocketAddr, kind: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    Ok(socket)
 }
 
 /// Answers every byte with `id` until the client closes.
@@ -337,7 +360,11 @@ fn udp(args: &UdpArgs) -> io::Result<serde_json::Value> {
     let target = args.client.targets[0];
     let timeout = Duration::from_millis(args.client.timeout_ms);
     let duration = Duration::from_millis(args.client.duration_ms);
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: IpAddr = match target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.set_read_timeout(Some(timeout))?;
     if args.connected {
         socket.connect(target)?;

@@ -1,19 +1,28 @@
 //! lb-probe: a traffic probe and a name-answering server for the tests, the
 //! sandbox and the benchmarks.
 //!
-//! `lb-probe serve --name NAME --tcp PORT --udp PORT` answers every TCP
+//! `lb-probe serve --name NAME --tcp PORT --udp PORT [--bind ADDR]...` answers every TCP
 //! request with a minimal HTTP response whose body is `NAME\n` (so
 //! `curl http://ClusterIP/` works, like Kubernetes' serve_hostname image) and
 //! every UDP datagram with `NAME\n`. A request starting with `WHOAMI` gets the
 //! client's address as the server sees it (`IP:PORT\n`) instead. A UDP request whose
 //! first line is `BIG N` gets its answer (to the rest) padded with spaces to N bytes, so
 //! a reply can be made big enough to fragment. It prints `ready` once all sockets are
-//! bound and runs until killed.
+//! bound and runs until killed. Each `--bind` address (default 0.0.0.0) gets its own sockets;
+//! an IPv6 one is IPv6-only, so `--bind 0.0.0.0 --bind ::` serves both families on one port
+//! with each client seen in its own family (an IPv4 client as `10.244.0.5:PORT`, not
+//! `[::ffff:10.244.0.5]:PORT`).
 //!
 //! `lb-probe tcp|udp ADDR:PORT ...` makes a series of requests and prints one
 //! JSON object: how many attempts, which names answered, which errors
-//! happened and which peer addresses the sockets saw. It exits 0 even when
-//! requests failed; the caller asserts on the JSON.
+//! happened, which peer addresses the sockets saw (`peers`: getpeername for TCP and connected
+//! UDP, the reply's source from recvfrom for unconnected UDP), for UDP the reply's source as
+//! recvfrom shows it in both modes (`sources`), and the local addresses the sockets had
+//! (`locals`, getsockname, address only). An IPv6 target is reached from an `AF_INET6` socket;
+//! an IPv4-mapped one (`[::ffff:10.96.0.10]:80`) from an `AF_INET6` socket that is not
+//! IPv6-only, so the kernel's IPv4 path carries it, and its peers show mapped
+//! (`[::ffff:10.96.0.10]:80`). It exits 0 even when requests failed; the caller asserts on the
+//! JSON.
 //!
 //! `lb-probe bind tcp|udp ADDR:PORT` binds one socket (a TCP listener or a UDP
 //! socket), closes it again and prints `{"bound": true}` or
@@ -29,6 +38,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Longest request the server reads.
 const MAX_REQUEST: usize = 4096;
@@ -86,9 +96,10 @@ struct ServeArgs {
     /// A UDP port to listen on (repeatable).
     #[arg(long = "udp", value_name = "PORT")]
     udp: Vec<u16>,
-    /// The address to bind.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
-    bind: IpAddr,
+    /// An address to bind every port on (repeatable: one socket each; an IPv6 address binds
+    /// an IPv6-only socket).
+    #[arg(long = "bind", value_name = "ADDR", default_values_t = [IpAddr::V4(Ipv4Addr::UNSPECIFIED)])]
+    bind: Vec<IpAddr>,
 }
 
 #[derive(Args)]
@@ -190,12 +201,20 @@ fn main() -> ExitCode {
 
 /// Binds every listener, prints `ready`, then serves until killed.
 fn serve(args: &ServeArgs) -> io::Result<()> {
-    let tcp = bind_all(
-        &args.tcp,
-        |port| TcpListener::bind((args.bind, port)),
-        "tcp",
-    )?;
-    let udp = bind_all(&args.udp, |port| UdpSocket::bind((args.bind, port)), "udp")?;
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for &ip in &args.bind {
+        tcp.extend(bind_all(
+            &args.tcp,
+            |port| tcp_listener((ip, port).into()),
+            "tcp",
+        )?);
+        udp.extend(bind_all(
+            &args.udp,
+            |port| udp_bound((ip, port).into()),
+            "udp",
+        )?);
+    }
     let mut workers = Vec::new();
     for listener in tcp {
         let name = args.name.clone();
@@ -212,6 +231,38 @@ fn serve(args: &ServeArgs) -> io::Result<()> {
         let _ = worker.join();
     }
     Ok(())
+}
+
+/// A socket of `address`'s family; an IPv6 one IPv6-only when `v6_only` (a server's), or
+/// explicitly not (a client's, so an IPv4-mapped peer goes over IPv4).
+fn socket_for(
+    address: SocketAddr,
+    kind: Type,
+    protocol: Protocol,
+    v6_only: bool,
+) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if address.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    Ok(socket)
+}
+
+/// A TCP listener on `address`, as `TcpListener::bind` makes it (SO_REUSEADDR), IPv6-only for
+/// an IPv6 address.
+fn tcp_listener(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket_for(address, Type::STREAM, Protocol::TCP, true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A UDP socket bound to `address`, IPv6-only for an IPv6 address.
+fn udp_bound(address: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket_for(address, Type::DGRAM, Protocol::UDP, true)?;
+    socket.bind(&address.into())?;
+    Ok(socket.into())
 }
 
 fn bind_all<S>(
@@ -326,6 +377,8 @@ struct Tally {
     replies: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     peers: BTreeMap<String, u64>,
+    sources: BTreeMap<String, u64>,
+    locals: BTreeMap<String, u64>,
     first_error: Option<String>,
 }
 
@@ -336,6 +389,18 @@ impl Tally {
 
     fn peer(&mut self, peer: SocketAddr) {
         *self.peers.entry(peer.to_string()).or_default() += 1;
+    }
+
+    /// A UDP reply's source as recvfrom gave it.
+    fn source(&mut self, source: SocketAddr) {
+        *self.sources.entry(source.to_string()).or_default() += 1;
+    }
+
+    /// The socket's own address (getsockname), without the port.
+    fn local(&mut self, local: io::Result<SocketAddr>) {
+        if let Ok(local) = local {
+            *self.locals.entry(local.ip().to_string()).or_default() += 1;
+        }
     }
 
     fn error(&mut self, what: &str, e: &io::Error) {
@@ -357,6 +422,8 @@ impl Tally {
             "replies": self.replies,
             "errors": self.errors,
             "peers": self.peers,
+            "sources": self.sources,
+            "locals": self.locals,
             "first_error": self.first_error,
         })
     }
@@ -433,13 +500,14 @@ fn probe_tcp(args: &TcpArgs) -> Tally {
 
 /// One connection held open without a request for `hold`; how it ended is recorded.
 fn tcp_hold(target: SocketAddr, timeout: Duration, hold: Duration, tally: &mut Tally) {
-    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
+    let mut conn = match tcp_connect(target, timeout) {
         Ok(conn) => conn,
         Err(e) => return tally.error(&format!("connect {target}"), &e),
     };
     if let Ok(peer) = conn.peer_addr() {
         tally.peer(peer);
     }
+    tally.local(conn.local_addr());
     let mut buf = [0u8; 64];
     let ended = conn
         .set_read_timeout(Some(hold.max(Duration::from_millis(1))))
@@ -452,13 +520,14 @@ fn tcp_hold(target: SocketAddr, timeout: Duration, hold: Duration, tally: &mut T
 
 /// One connection: connect, send the request, read to EOF, record the body.
 fn tcp_once(target: SocketAddr, timeout: Duration, payload: &[u8], tally: &mut Tally) {
-    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
+    let mut conn = match tcp_connect(target, timeout) {
         Ok(conn) => conn,
         Err(e) => return tally.error(&format!("connect {target}"), &e),
     };
     if let Ok(peer) = conn.peer_addr() {
         tally.peer(peer);
     }
+    tally.local(conn.local_addr());
     let exchange = (|| {
         conn.set_read_timeout(Some(timeout))?;
         conn.set_write_timeout(Some(timeout))?;
@@ -472,6 +541,14 @@ fn tcp_once(target: SocketAddr, timeout: Duration, payload: &[u8], tally: &mut T
         Ok(response) => tally.reply(http_body(&response)),
         Err(e) => tally.error("exchange", &e),
     }
+}
+
+/// A connection to `target` from a socket of its family (`AF_INET6`, not IPv6-only, for an
+/// IPv6 or IPv4-mapped target), as `TcpStream::connect_timeout` makes it.
+fn tcp_connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = socket_for(target, Type::STREAM, Protocol::TCP, false)?;
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
 }
 
 fn empty_reply() -> io::Error {
@@ -522,14 +599,18 @@ fn probe_udp(args: &UdpArgs) -> Tally {
     tally
 }
 
-/// A socket on `--source` or the wildcard address of the target's family, connected to the
-/// target in `--connected` mode.
+/// A socket on `--source` or the wildcard address of the target's family (`AF_INET6`, not
+/// IPv6-only, for an IPv6 or IPv4-mapped target), connected to the target in `--connected`
+/// mode.
 fn udp_socket(args: &UdpArgs, timeout: Duration) -> io::Result<UdpSocket> {
     let any: IpAddr = match args.target {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let socket = UdpSocket::bind((args.source.unwrap_or(any), 0))?;
+    let local = SocketAddr::new(args.source.unwrap_or(any), 0);
+    let socket = socket_for(args.target, Type::DGRAM, Protocol::UDP, false)?;
+    socket.bind(&local.into())?;
+    let socket = UdpSocket::from(socket);
     socket.set_read_timeout(Some(timeout))?;
     if args.connected {
         socket.connect(args.target)?;
@@ -538,8 +619,9 @@ fn udp_socket(args: &UdpArgs, timeout: Duration) -> io::Result<UdpSocket> {
 }
 
 /// One request/reply. Unconnected mode records the reply's source address
-/// (what the recvmsg hook rewrites); connected mode records `peer_addr()`. Returns the
-/// error's kind when it failed.
+/// (what the recvmsg hook rewrites) as the peer; connected mode records `peer_addr()`
+/// (getpeername). Both record the reply's source as recvfrom shows it, and the socket's own
+/// address. Returns the error's kind when it failed.
 fn udp_once(
     socket: &UdpSocket,
     args: &UdpArgs,
@@ -551,22 +633,28 @@ fn udp_once(
     let result = if args.connected {
         socket
             .send(payload)
-            .and_then(|_| socket.recv(&mut buf))
-            .and_then(|n| Ok((n, socket.peer_addr()?)))
+            .and_then(|_| socket.recv_from(&mut buf))
+            .and_then(|(n, source)| Ok((n, source, socket.peer_addr()?)))
     } else {
         socket
             .send_to(payload, args.target)
             .and_then(|_| socket.recv_from(&mut buf))
+            .map(|(n, source)| (n, source, source))
     };
+    if result.is_ok() {
+        tally.local(socket.local_addr());
+    }
     match result {
-        Ok((n, peer)) if args.reply_size.is_some_and(|size| size != n) => {
+        Ok((n, source, peer)) if args.reply_size.is_some_and(|size| size != n) => {
             tally.peer(peer);
+            tally.source(source);
             let e = io::Error::other("reply size");
             tally.error(&format!("udp {}: a reply of {n} bytes", args.target), &e);
             Err(e.kind())
         }
-        Ok((n, peer)) => {
+        Ok((n, source, peer)) => {
             tally.peer(peer);
+            tally.source(source);
             tally.reply(String::from_utf8_lossy(&buf[..n]).trim().to_string());
             Ok(())
         }

@@ -59,7 +59,7 @@ pub struct RunConfig {
     pub kernel_log: bool,
     /// Outside traffic (NodePort, externalIPs, LB IPs) in XDP on these interfaces.
     pub nodeport: NodeportConfig,
-    /// Binding a served NodePort, externalIP or LoadBalancer IP port fails (post_bind4).
+    /// Binding a served NodePort, externalIP or LoadBalancer IP port fails (post_bind4, post_bind6).
     pub bind_protection: bool,
     /// The cluster's NodePort range (the apiserver's `--service-node-port-range`).
     pub nodeport_range: reserved_ports::PortRange,

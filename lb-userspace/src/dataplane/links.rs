@@ -73,7 +73,7 @@ pub fn attach_or_replace(
     })
 }
 
-/// Like [`attach_or_replace`], for a cgroup sock program (sock_release, post_bind4).
+/// Like [`attach_or_replace`], for a cgroup sock program (sock_release, post_bind4/6).
 pub fn attach_sock_or_replace(
     program: &mut CgroupSock,
     name: &str,

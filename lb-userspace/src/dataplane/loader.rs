@@ -21,15 +21,25 @@ use super::{
 pub(super) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The socket programs, by their attach point.
-pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The socket programs, by their attach point: each IPv4 hook and its `AF_INET6` twin (which
+/// serves IPv6 services and IPv4 ones through IPv4-mapped addresses).
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "sendmsg6",
+    "recvmsg6",
+    "getpeername6",
+];
 
 /// Forgets a released socket (cgroup sock_release), attached beside the socket programs.
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
-/// The bind-protection program (cgroup post_bind4), attached beside the socket programs
-/// unless `--bind-protection=false`.
-pub const BIND_PROGRAM: &str = "post_bind4";
+/// The bind-protection programs (cgroup post_bind4 and post_bind6), attached beside the
+/// socket programs unless `--bind-protection=false`.
+pub const BIND_PROGRAMS: [&str; 2] = ["post_bind4", "post_bind6"];
 
 /// Map capacities; the defaults are the eBPF object's, a flag raises them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,9 +198,10 @@ impl Dataplane {
 
     /// Loads the socket programs and attaches them to the cgroup v2 directory `cgroup` through
     /// pinned links: a link an earlier agent pinned gets the new program swapped in atomically.
-    /// The sock_release program always; with `bind_protection` the post_bind4 program too,
-    /// without it a link of post_bind4 an earlier agent pinned is removed. Links pinned for another cgroup are removed, as are pinned
-    /// maps this version does not use (an earlier layout), once the new programs are in place.
+    /// The sock_release program always; with `bind_protection` the bind-protection programs
+    /// too, without it their links an earlier agent pinned are removed. Links pinned for
+    /// another cgroup are removed, as are pinned maps this version does not use (an earlier
+    /// layout), once the new programs are in place.
     pub fn attach_cgroup(
         &mut self,
         cgroup: &Path,
@@ -220,7 +231,7 @@ impl Dataplane {
         }
         let mut sock_programs = vec![RELEASE_PROGRAM];
         if bind_protection {
-            sock_programs.push(BIND_PROGRAM);
+            sock_programs.extend(BIND_PROGRAMS);
         }
         for name in sock_programs {
             let program: &mut CgroupSock = self
@@ -236,10 +247,15 @@ impl Dataplane {
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
             attached.push((name, outcome));
         }
-        if !bind_protection && links::remove(&link_dir, BIND_PROGRAM)? {
-            tracing::info!(
-                "bind protection off: detached the post_bind4 program of an earlier run"
-            );
+        if !bind_protection {
+            for name in BIND_PROGRAMS {
+                if links::remove(&link_dir, name)? {
+                    tracing::info!(
+                        program = name,
+                        "bind protection off: detached the program of an earlier run"
+                    );
+                }
+            }
         }
         for stale in links::remove_others(&self.pins.links(), &link_dir)? {
             tracing::info!(links = %stale.display(), "detached programs of a cgroup no longer served");

@@ -4,7 +4,9 @@
 //! removed on drop, also when the test fails.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod dual_stack;
 pub mod fake_api;
+pub mod site;
 
 use std::{
     collections::BTreeMap,
@@ -37,6 +39,12 @@ pub struct ProbeResult {
     pub errors: BTreeMap<String, u64>,
     #[serde(default)]
     pub peers: BTreeMap<String, u64>,
+    /// UDP: each reply's source as recvfrom showed it (connected sockets too).
+    #[serde(default)]
+    pub sources: BTreeMap<String, u64>,
+    /// The sockets' own addresses (getsockname), without ports.
+    #[serde(default)]
+    pub locals: BTreeMap<String, u64>,
     #[serde(default)]
     pub first_error: Option<String>,
 }
@@ -257,7 +265,11 @@ impl Cluster {
     /// and a client pod.
     pub fn new(backends: &[&str]) -> Cluster {
         lb_testkit::require_root().expect("the kernel tests need root");
-        let mut node = Node::new().expect("creating the node namespace");
+        Cluster::on(Node::new().expect("creating the node namespace"), backends)
+    }
+
+    /// A cluster on `node` (see [`Cluster::new`], and `Cluster::dual_stack`).
+    fn on(mut node: Node, backends: &[&str]) -> Cluster {
         let client = node.add_pod("cli").expect("creating the client pod");
         let cgroup = Cgroup::new("lbt").expect("creating the test cgroup");
         let mut cluster = Cluster {
@@ -280,13 +292,13 @@ impl Cluster {
     pub fn add_backend(&mut self, name: &str) -> Ipv4Addr {
         let pod = self.node.add_pod(name).expect("creating a backend pod");
         let port = POD_PORT.to_string();
-        let mut server = spawn_in(
-            Some(&pod.netns),
-            None,
-            &*PROBE,
-            &["serve", "--name", name, "--tcp", &port, "--udp", &port],
-        )
-        .expect("starting a backend server");
+        let mut args = vec!["serve", "--name", name, "--tcp", &port, "--udp", &port];
+        if self.node.is_dual_stack() {
+            // One socket per family: each client is seen in its own family.
+            args.extend(["--bind", "0.0.0.0", "--bind", "::"]);
+        }
+        let mut server =
+            spawn_in(Some(&pod.netns), None, &*PROBE, &args).expect("starting a backend server");
         let stdout = server.stdout.take().expect("piped stdout");
         let mut first = String::new();
         BufReader::new(stdout)

@@ -1,29 +1,43 @@
 //! The arms: whom each arm's client talks to, the client's arguments, and how each arm's proxy
 //! applies a change of a measured service.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 
 use super::cluster::Cluster;
 use super::kube::{self, POD_PORT, SERVICE_PORT, Svc};
-use super::services::{KubeProxyState, LAST_VIP, Measured, RAND_VIP, iptables_restore, nft_load};
+use super::services::{
+    KubeProxyState, LAST_VIP, Measured, RAND_VIP, V6_VIP, iptables_restore, nft_load,
+};
 
+/// The IPv6 arms: D6 (direct to the pods' IPv6 addresses, D's client) and E6 (ours, through
+/// the IPv6 ClusterIP, E's client in the agent's cgroup).
+pub const IPV6_ARMS: [&str; 2] = ["D6", "E6"];
+
+/// Whose client an arm uses (`D`, `E`, `I`, `N`) and whom it talks to.
 pub fn arm_target(cluster: &Cluster, arm: &str) -> (char, Vec<String>) {
-    let vip = |ip: Ipv4Addr| vec![format!("{ip}:{SERVICE_PORT}")];
+    let at = |ip: IpAddr, port| SocketAddr::new(ip, port).to_string();
+    let vip = |ip: IpAddr| vec![at(ip, SERVICE_PORT)];
+    let direct = |ips: Vec<IpAddr>| ips.into_iter().map(|ip| at(ip, POD_PORT)).collect();
     match arm {
-        "D" => (
-            'D',
-            cluster
-                .backend_ips()
-                .iter()
-                .map(|ip| format!("{ip}:{POD_PORT}"))
-                .collect(),
-        ),
-        "E" => ('E', vip(LAST_VIP)),
-        "I" => ('I', vip(LAST_VIP)),
-        "I-rand" => ('I', vip(RAND_VIP)),
-        _ => ('N', vip(LAST_VIP)),
+        "D" => ('D', direct(cluster.backend_ips())),
+        "D6" => ('D', direct(cluster.backend_ips6())),
+        "E" => ('E', vip(LAST_VIP.into())),
+        "E6" => ('E', vip(V6_VIP.into())),
+        "I" => ('I', vip(LAST_VIP.into())),
+        "I-rand" => ('I', vip(RAND_VIP.into())),
+        _ => ('N', vip(LAST_VIP.into())),
+    }
+}
+
+/// The metric name of an arm's measurement: IPv6 arms' metrics are their own rows
+/// (`IPv6 CRR rate`, against D6), the others' as they are (`CRR rate`, against D).
+pub fn metric_of(arm: &str, metric: &str) -> String {
+    if IPV6_ARMS.contains(&arm) {
+        format!("IPv6 {metric}")
+    } else {
+        metric.to_owned()
     }
 }
 

@@ -2,7 +2,7 @@
 //! Ctrl-C, which `bench` turns into an orderly unwind):
 //!
 //! ```text
-//!   node netns: br0 10.244.0.1 ── veths ── pods srv-0..srv-9 (lb-bench serve, CPU 1)
+//!   node netns: br0 10.244.0.1 fd00:10:244::1 ── veths ── pods srv-0..srv-9 (lb-bench serve, CPU 1)
 //!                                      └── clients cli-D, cli-E, cli-I, cli-N (lb-bench, CPU 0)
 //!   cgroup lbb*: the agent's socket programs; only cli-E's client processes run in it
 //!   cgroup lbbp*: its sibling without programs, for the other arms' clients
@@ -12,10 +12,13 @@
 //! same conntrack use: a filter `OUTPUT` rule matching `--ctstate INVALID` (kube-proxy's own
 //! INVALID drop), so conntrack tracks every connection of every arm, NAT or not, and its
 //! TIME_WAIT timeout is 10 s in each (the global table limit is not touched).
+//!
+//! The node is dual-stack (`Node::dual_stack`): every pod has an IPv6 address too, and the
+//! servers answer on both families, for the IPv6 arms D6 and E6 (cli-D and cli-E's clients).
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -205,7 +208,7 @@ impl Cluster {
         std::fs::create_dir_all(work.0.join("manifests"))?;
         let manifests = TempDir(work.0.join("manifests"));
         let bpffs = TempDir(work.0.join("bpf"));
-        let node = Node::new().context("creating the node namespace")?;
+        let node = Node::dual_stack().context("creating the node namespace")?;
         let cgroup = Cgroup::new("lbb").context("creating the benchmark cgroup")?;
         let plain = Cgroup::new("lbbp").context("creating the plain client cgroup")?;
         let mut cluster = Cluster {
@@ -235,6 +238,10 @@ impl Cluster {
                     &i.to_string(),
                     "--port",
                     &POD_PORT.to_string(),
+                    "--bind",
+                    "0.0.0.0",
+                    "--bind",
+                    "::",
                 ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -250,6 +257,7 @@ impl Cluster {
         }
         for arm in ['D', 'E', 'I', 'N'] {
             let pod = cluster.node.add_pod(&format!("cli{arm}"))?;
+            // (The IPv4 port range and TIME_WAIT reuse are IPv6's too.)
             for sysctl in [
                 "net.ipv4.ip_local_port_range=1024 65535",
                 "net.ipv4.tcp_tw_reuse=1",
@@ -291,12 +299,38 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn backend_ips(&self) -> Vec<Ipv4Addr> {
-        self.pods.iter().map(|p| p.ip).collect()
+    pub fn backend_ips(&self) -> Vec<IpAddr> {
+        self.pods.iter().map(|p| p.ip.into()).collect()
+    }
+
+    /// The backend pods' IPv6 addresses.
+    pub fn backend_ips6(&self) -> Vec<IpAddr> {
+        self.pods
+            .iter()
+            .filter_map(|p| p.ip6)
+            .map(IpAddr::from)
+            .collect()
     }
 
     pub fn client(&self, arm: char) -> &Pod {
         &self.clients.iter().find(|(a, _)| *a == arm).expect("arm").1
+    }
+
+    /// `lb-agent status -o json` on this cluster's pins (the maps and their entries).
+    pub fn agent_status_json(&self) -> Result<serde_json::Value> {
+        let mut cmd = command_in(Some(self.node.netns()), None, &self.agent_bin)?;
+        cmd.args(["status", "-o", "json", "--healthz-addr"])
+            .arg(AGENT_HEALTHZ.to_string())
+            .arg("--bpffs")
+            .arg(&self.bpffs.0)
+            .env("RUST_BACKTRACE", "0");
+        let out = cmd.output().context("running `lb-agent status -o json`")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`lb-agent status -o json` printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Starts the agent on the (empty or filled) manifest directory and waits until it is

@@ -19,7 +19,7 @@
 //! that DNAT; a partial sync touches only the changed service's chains.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_testkit::objects::{ManifestList, ServiceManifest, SliceManifest};
 use sha2::{Digest, Sha256};
@@ -39,10 +39,10 @@ pub struct Svc {
     pub name: String,
     pub port_name: String,
     pub protocol: &'static str,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub target_port: u16,
-    pub endpoints: Vec<Ipv4Addr>,
+    pub endpoints: Vec<IpAddr>,
 }
 
 impl Svc {
@@ -66,7 +66,7 @@ impl Svc {
         )
     }
 
-    pub fn sep_chain(&self, ep: Ipv4Addr) -> String {
+    pub fn sep_chain(&self, ep: IpAddr) -> String {
         format!(
             "KUBE-SEP-{}",
             hash16(&format!(
@@ -109,8 +109,8 @@ fn base32(data: &[u8]) -> String {
 }
 
 /// The ClusterIP of background service `i` (10.96.0.0/12 upwards).
-pub fn background_vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
+pub fn background_vip(i: usize) -> IpAddr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32).into()
 }
 
 /// Background service `i` with `endpoints` made-up pod IPs (10.128.0.0/9, never answered:
@@ -125,7 +125,7 @@ pub fn background(i: usize, endpoints: usize) -> Svc {
         port: SERVICE_PORT,
         target_port: POD_PORT,
         endpoints: (0..endpoints as u32)
-            .map(|j| Ipv4Addr::from(base + j))
+            .map(|j| Ipv4Addr::from(base + j).into())
             .collect(),
     }
 }
@@ -133,10 +133,17 @@ pub fn background(i: usize, endpoints: usize) -> Svc {
 // ------------------------------------------------------------------ manifests (the agent)
 
 /// The Service of those ports (one per `Svc` sharing name and VIP), selecting `app: <name>`.
+/// An IPv6 VIP makes a single-stack IPv6 Service (`ipFamilies: [IPv6]`), as the API writes it;
+/// an IPv4 one is written as before, without the family fields the agent defaults.
 pub fn service_manifest(ports: &[&Svc]) -> ServiceManifest {
     let first = ports[0];
-    let service =
+    let mut service =
         ServiceManifest::cluster_ip(NAMESPACE, &first.name, first.vip).selector("app", &first.name);
+    if first.vip.is_ipv6() {
+        service = service
+            .ip_families(&["IPv6"])
+            .ip_family_policy("SingleStack");
+    }
     ports.iter().fold(service, |service, p| {
         service.port(&p.port_name, p.protocol, p.port, p.target_port)
     })
@@ -145,7 +152,9 @@ pub fn service_manifest(ports: &[&Svc]) -> ServiceManifest {
 /// The EndpointSlice of those ports (all endpoints ready, on node `node`).
 pub fn slice_manifest(ports: &[&Svc], node: &str) -> SliceManifest {
     let first = ports[0];
+    let address_type = if first.vip.is_ipv6() { "IPv6" } else { "IPv4" };
     let slice = SliceManifest::new(NAMESPACE, &format!("{}-abcde", first.name), &first.name)
+        .address_type(address_type)
         .managed_by_controller();
     let slice = ports.iter().fold(slice, |slice, p| {
         slice.port(&p.port_name, p.protocol, p.target_port)
@@ -334,7 +343,7 @@ pub const IPTABLES_JUMPS: [&[&str]; 3] = [
 /// The partial sync after `changed`'s endpoints went from `old` to its current ones: the
 /// top-level chains in full, the changed service's chains, and `-X` for the endpoint chains
 /// that are gone.
-pub fn iptables_partial(services: &[Svc], changed: &Svc, old: &[Ipv4Addr]) -> String {
+pub fn iptables_partial(services: &[Svc], changed: &Svc, old: &[IpAddr]) -> String {
     let mut out = String::with_capacity(services.len() * 200);
     filter_table(&mut out);
     nat_head(&mut out);
@@ -394,7 +403,7 @@ fn nft_service_chain(s: &Svc) -> String {
     )
 }
 
-fn nft_endpoint_chain(s: &Svc, ep: Ipv4Addr) -> String {
+fn nft_endpoint_chain(s: &Svc, ep: IpAddr) -> String {
     format!(
         "endpoint-{}-{NAMESPACE}/{}/{}/{}__{ep}/{}",
         &hash16(&format!(
@@ -500,7 +509,7 @@ pub fn nft_full(services: &[Svc]) -> String {
 /// The partial nftables sync for one service whose endpoints changed from `old`: its chains
 /// rewritten, new endpoint chains added, stale ones deleted (after the service chain stops
 /// naming them).
-pub fn nft_partial(changed: &Svc, old: &[Ipv4Addr]) -> String {
+pub fn nft_partial(changed: &Svc, old: &[IpAddr]) -> String {
     let mut out = String::new();
     nft_service_body(&mut out, changed);
     for &ep in old.iter().filter(|ep| !changed.endpoints.contains(ep)) {

@@ -1,7 +1,7 @@
 //! The services every benchmark measures, and loading kube-proxy's rules for them (arms I
 //! and N) the way kube-proxy does; the agent's limits for N services.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,34 +12,79 @@ use super::kube::{self, POD_PORT, SERVICE_PORT, Svc};
 use super::{ipt, ipt_restore};
 
 /// The measured services: `last` (TCP+UDP, last in KUBE-SERVICES), `rand` (TCP, at a random
-/// position), `npl` (TCP, one endpoint, moved from pod to pod in benchmark 5).
+/// position), `npl` (TCP, one endpoint, moved from pod to pod in benchmark 5), and `v6`
+/// (TCP+UDP, a single-stack IPv6 Service over the same pods' IPv6 addresses: the IPv6 arms of
+/// benchmarks 1 and 2; kube-proxy's arms do not carry it).
 pub struct Measured {
     pub last_tcp: Svc,
     pub last_udp: Svc,
     pub rand: Svc,
     pub npl: Svc,
+    pub v6_tcp: Svc,
+    pub v6_udp: Svc,
 }
 
 pub const LAST_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const RAND_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 pub const NPL_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 3);
+pub const V6_VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x100, 0, 0, 0, 0, 1);
 
 impl Measured {
-    pub fn new(backends: &[Ipv4Addr]) -> Measured {
-        let svc = |name: &str, port_name: &str, protocol, vip, endpoints: Vec<Ipv4Addr>| Svc {
-            name: name.into(),
-            port_name: port_name.into(),
-            protocol,
-            vip,
-            port: SERVICE_PORT,
-            target_port: POD_PORT,
-            endpoints,
-        };
+    /// Over the pods' IPv4 addresses `backends` and their IPv6 addresses `backends6`.
+    pub fn new(backends: &[IpAddr], backends6: &[IpAddr]) -> Measured {
+        let svc =
+            |name: &str, port_name: &str, protocol, vip: IpAddr, endpoints: Vec<IpAddr>| Svc {
+                name: name.into(),
+                port_name: port_name.into(),
+                protocol,
+                vip,
+                port: SERVICE_PORT,
+                target_port: POD_PORT,
+                endpoints,
+            };
         Measured {
-            last_tcp: svc("measure-last", "http", "TCP", LAST_VIP, backends.to_vec()),
-            last_udp: svc("measure-last", "udp", "UDP", LAST_VIP, backends.to_vec()),
-            rand: svc("measure-rand", "http", "TCP", RAND_VIP, backends.to_vec()),
-            npl: svc("measure-npl", "http", "TCP", NPL_VIP, vec![backends[0]]),
+            last_tcp: svc(
+                "measure-last",
+                "http",
+                "TCP",
+                LAST_VIP.into(),
+                backends.to_vec(),
+            ),
+            last_udp: svc(
+                "measure-last",
+                "udp",
+                "UDP",
+                LAST_VIP.into(),
+                backends.to_vec(),
+            ),
+            rand: svc(
+                "measure-rand",
+                "http",
+                "TCP",
+                RAND_VIP.into(),
+                backends.to_vec(),
+            ),
+            npl: svc(
+                "measure-npl",
+                "http",
+                "TCP",
+                NPL_VIP.into(),
+                vec![backends[0]],
+            ),
+            v6_tcp: svc(
+                "measure-v6",
+                "http",
+                "TCP",
+                V6_VIP.into(),
+                backends6.to_vec(),
+            ),
+            v6_udp: svc(
+                "measure-v6",
+                "udp",
+                "UDP",
+                V6_VIP.into(),
+                backends6.to_vec(),
+            ),
         }
     }
 
@@ -49,6 +94,7 @@ impl Measured {
                 vec![&self.last_tcp, &self.last_udp],
                 vec![&self.rand],
                 vec![&self.npl],
+                vec![&self.v6_tcp, &self.v6_udp],
             ],
             "bench-node",
         )
@@ -76,7 +122,7 @@ pub struct KubeProxyState {
 }
 
 impl KubeProxyState {
-    pub fn replace(&mut self, changed: &Svc) -> Vec<Ipv4Addr> {
+    pub fn replace(&mut self, changed: &Svc) -> Vec<IpAddr> {
         let slot = self
             .services
             .iter_mut()

@@ -31,6 +31,31 @@ const UPLINK: Uplink<'static> = Uplink {
     prefix_len: 24,
 };
 
+/// The source address of the `flow`th new flow: OUTSIDE_IP's first byte, then `flow` in the
+/// low 22 bits (with bit 22 set, away from the uplink's own addresses).
+fn new_flow_source(outside: [u8; 4], flow: u32) -> [u8; 4] {
+    let bits = (flow & 0x003f_ffff) | 0x0040_0000;
+    [
+        outside[0],
+        (bits >> 16) as u8,
+        (bits >> 8) as u8,
+        bits as u8,
+    ]
+}
+
+/// Entries in the IPv4 conntrack map (`lb-agent status -o json`), for the fill level the
+/// new-flow figure was measured at.
+fn conntrack_fill(cluster: &Cluster) -> Result<u64> {
+    let status = cluster.agent_status_json()?;
+    status["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == "LB4_CT_V2")
+        .and_then(|m| m["entries"].as_u64())
+        .context("lb-agent status shows no conntrack map")
+}
+
 /// Benchmark 7: the agent restarted with `--nodeport-iface ext0` (a veth from the node to an
 /// "outside" namespace) and a NodePort service; BPF_PROG_TEST_RUN of its XDP program against
 /// an XDP_PASS-only program; NodePort CRR from outside through XDP (E) and through
@@ -58,7 +83,7 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
         name: "measure-np".into(),
         port_name: "http".into(),
         protocol: "TCP",
-        vip: Ipv4Addr::new(10, 100, 0, 9),
+        vip: Ipv4Addr::new(10, 100, 0, 9).into(),
         port: SERVICE_PORT,
         target_port: POD_PORT,
         endpoints: backends.clone(),
@@ -108,8 +133,11 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
     ] {
         res.unit("7", m, "ns/packet", Some("XDP_PASS"));
     }
+    res.unit("7", "conntrack entries after new flows", "entries", None);
+    let mut new_flows: u32 = 0;
     for round in 0..plan.rounds {
         check_interrupted()?;
+        let _ = round;
         let mean = |f: &mut dyn FnMut(u32) -> Result<u32>| -> Result<f64> {
             let mut total = 0u64;
             for i in 0..calls {
@@ -117,18 +145,23 @@ pub fn xdp(cluster: &mut Cluster, plan: &Plan, res: &mut Results) -> Result<()> 
             }
             Ok(total as f64 / f64::from(calls))
         };
-        let base = ((round * 20_000) % 40_000 + 1024) as u16;
+        // Every packet of this row is a flow never seen before in this run: the client
+        // address counts up over all rounds (2^22 addresses from OUTSIDE_IP's /10), so no
+        // round resends a flow the conntrack map still holds.
         let hit = mean(&mut |i| {
-            let sport = base + (i % 20000) as u16;
-            let p = bpf::packet(
-                [src[0], src[1], (i >> 8) as u8 | 128, i as u8],
-                dst,
-                sport,
-                NODEPORT_E,
-                true,
-            );
+            let flow = new_flows + i;
+            let p = bpf::packet(new_flow_source(src, flow), dst, 40_000, NODEPORT_E, true);
             Ok(bpf::test_run(&prog, &p, 1)?.1)
         })?;
+        new_flows += calls;
+        let fill = conntrack_fill(cluster)?;
+        res.add(
+            "7",
+            "conntrack entries after new flows",
+            1,
+            "E",
+            fill as f64,
+        );
         let tracked_pkt = bpf::packet(src, dst, 55555, NODEPORT_E, true);
         bpf::test_run(&prog, &tracked_pkt, 1)?;
         let tracked = mean(&mut |_| Ok(bpf::test_run(&prog, &tracked_pkt, 1)?.1))?;
