@@ -12,20 +12,21 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuHashMap};
-use lb_common::{NameKey4, ServiceStats, SlotKey, frontend_flags, map_names};
+use lb_common::{ServiceStats, SlotKey, frontend_flags, map_names};
 use serde::Serialize;
 
 use crate::{
     dataplane::{BpfServiceMaps, inspect, names::NamesMap},
-    model::{FrontendKind, Scope},
-    reconcile::{MapContents, ServiceMaps as _, backend_of, frontend_of},
+    model::{Frontend, FrontendKind, Scope},
+    reconcile::{MapContents, ServiceMaps as _},
 };
 
 /// The id-independent description of a pin directory's maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Description {
-    /// By frontend (`IP:port/PROTO`, `<node>:port/PROTO`, with ` (in-node clients)` for the
-    /// entry of a `Local` policy's in-node clients).
+    /// By frontend (`IP:port/PROTO`, `[IPv6]:port/PROTO`, `<node>:port/PROTO` and
+    /// `[<node>]:port/PROTO` for the IPv4 and IPv6 NodePorts, with ` (in-node clients)` for
+    /// the entry of a `Local` policy's in-node clients).
     pub frontends: BTreeMap<String, FrontendDescription>,
     /// Entries of the node-address maps (what XDP and the socket programs take for the node).
     pub node_address_entries: BTreeMap<String, u64>,
@@ -63,7 +64,15 @@ pub fn describe(bpffs: &Path) -> anyhow::Result<Description> {
     let counters = counter_ids(&maps_dir)?;
     let node_address_entries = inspect::pinned_maps(&maps_dir)
         .into_iter()
-        .filter(|m| m.name == map_names::NODE_ADDRS_V4 || m.name == map_names::IFACE_ADDRS_V4)
+        .filter(|m| {
+            [
+                map_names::NODE_ADDRS_V4,
+                map_names::IFACE_ADDRS_V4,
+                map_names::NODE_ADDRS_V6,
+                map_names::IFACE_ADDRS_V6,
+            ]
+            .contains(&m.name.as_str())
+        })
         .map(|m| (m.name, m.entries))
         .collect();
     let mut description = of_contents(&contents, &names, &counters);
@@ -86,7 +95,7 @@ fn counter_ids(maps_dir: &Path) -> anyhow::Result<BTreeSet<u32>> {
 /// The description of map contents (the service table, names and counter ids).
 pub fn of_contents(
     contents: &MapContents,
-    names: &BTreeMap<NameKey4, String>,
+    names: &BTreeMap<Frontend, String>,
     counters: &BTreeSet<u32>,
 ) -> Description {
     let mut leaks = Vec::new();
@@ -94,17 +103,15 @@ pub fn of_contents(
     let mut live_slots = BTreeSet::new();
     let mut named_backends = BTreeSet::new();
     let mut service_ids = BTreeSet::new();
-    let mut keyed: Vec<(String, &lb_common::Frontend4Key, &lb_common::FrontendValue)> = Vec::new();
+    count_leak(
+        &mut leaks,
+        contents.unknown_frontends,
+        "frontend entries of a protocol or scope this agent never writes",
+    );
+    let mut keyed: Vec<(String, &Frontend, &lb_common::FrontendValue)> = Vec::new();
     for (key, value) in &contents.frontends {
-        let Some(frontend) = frontend_of(key) else {
-            leaks.push(format!(
-                "a frontend entry of unknown protocol {} or scope {}",
-                key.proto, key.scope
-            ));
-            continue;
-        };
-        let mut text = frontend.to_string();
-        if frontend.scope == Scope::Internal && !text.ends_with(')') {
+        let mut text = key.to_string();
+        if key.scope == Scope::Internal && !text.ends_with(')') {
             text.push_str(" (in-node clients)");
         }
         keyed.push((text, key, value));
@@ -133,6 +140,11 @@ pub fn of_contents(
                 continue;
             };
             named_backends.insert(id);
+            if backend.backend.family() != key.family() {
+                leaks.push(format!(
+                    "{text}: live slot {index} names a backend of the other family"
+                ));
+            }
             backends.push(crate::list::backend_text(backend));
         }
         backends.sort();
@@ -145,7 +157,7 @@ pub fn of_contents(
         frontends.insert(
             text,
             FrontendDescription {
-                service: names.get(&NameKey4 { frontend: *key }).cloned(),
+                service: names.get(key).cloned(),
                 kind: FrontendKind::from_number(value.kind)
                     .map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
                 flags: value.flags,
@@ -171,7 +183,7 @@ pub fn of_contents(
     );
     let mut addresses: BTreeMap<String, usize> = BTreeMap::new();
     for (id, backend) in &contents.backends {
-        let address = backend_of(backend).to_string();
+        let address = backend.backend.to_string();
         *addresses.entry(address.clone()).or_default() += 1;
         if !named_backends.contains(id) {
             leaks.push(format!("backend {address} is named by no live slot"));
@@ -201,7 +213,7 @@ pub fn of_contents(
         &mut leaks,
         names
             .keys()
-            .filter(|k| !contents.frontends.contains_key(&k.frontend))
+            .filter(|k| !contents.frontends.contains_key(k))
             .count(),
         "names of frontends that are not programmed",
     );
@@ -221,18 +233,17 @@ fn count_leak(leaks: &mut Vec<String>, count: usize, what: &str) {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{Backend4, Frontend4Key, FrontendValue, SlotValue};
+    use lb_common::{FrontendValue, SlotValue};
 
     use super::*;
+    use crate::{
+        model::{Backend, Protocol},
+        reconcile::BackendEntry,
+    };
 
     fn contents(service_id: u32, backend_id: u32) -> MapContents {
         let mut contents = MapContents::default();
-        let key = Frontend4Key {
-            addr: lb_common::addr_to_map(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1))),
-            port: lb_common::port_to_map(80),
-            proto: 6,
-            scope: 0,
-        };
+        let key = Frontend::new("10.96.0.1".parse().unwrap(), 80, Protocol::Tcp);
         contents.frontends.insert(
             key,
             FrontendValue {
@@ -253,9 +264,11 @@ mod tests {
         );
         contents.backends.insert(
             backend_id,
-            Backend4 {
-                addr: lb_common::addr_to_map(u32::from(std::net::Ipv4Addr::new(10, 244, 0, 10))),
-                port: lb_common::port_to_map(8080),
+            BackendEntry {
+                backend: Backend {
+                    ip: "10.244.0.10".parse().unwrap(),
+                    port: 8080,
+                },
                 state: 0,
                 flags: 0,
             },
@@ -300,6 +313,54 @@ mod tests {
                 "backend 10.244.0.10:8080 has 2 ids",
                 "backend 10.244.0.10:8080 is named by no live slot",
             ]
+        );
+    }
+
+    #[test]
+    fn ipv6_frontends_are_described_with_brackets_and_a_backend_of_the_other_family_is_a_leak() {
+        let mut both = contents(1, 7);
+        let v6 = Frontend::new("fd00:10:96::1".parse().unwrap(), 80, Protocol::Tcp);
+        let value = both.frontends.values().next().copied().unwrap();
+        both.frontends.insert(
+            v6,
+            FrontendValue {
+                service_id: 2,
+                ..value
+            },
+        );
+        both.slots.insert(
+            SlotKey {
+                service_id: 2,
+                index: 0,
+                generation: 0,
+                pad: 0,
+            },
+            SlotValue { backend_id: 8 },
+        );
+        let mut backend = both.backends[&7];
+        backend.backend.ip = "fd00:10:244::10".parse().unwrap();
+        both.backends.insert(8, backend);
+        let description = of_contents(&both, &BTreeMap::new(), &BTreeSet::from([1, 2]));
+        assert!(description.leaks.is_empty(), "{:?}", description.leaks);
+        assert_eq!(
+            description.frontends["[fd00:10:96::1]:80/TCP"].backends,
+            ["[fd00:10:244::10]:8080"]
+        );
+        // An IPv4 frontend's slot naming an IPv6 backend: the kernel would not find it.
+        both.slots.insert(
+            SlotKey {
+                service_id: 1,
+                index: 0,
+                generation: 0,
+                pad: 0,
+            },
+            SlotValue { backend_id: 8 },
+        );
+        both.backends.remove(&7);
+        let description = of_contents(&both, &BTreeMap::new(), &BTreeSet::from([1, 2]));
+        assert_eq!(
+            description.leaks,
+            ["10.96.0.1:80/TCP: live slot 0 names a backend of the other family"]
         );
     }
 }

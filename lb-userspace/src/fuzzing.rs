@@ -14,7 +14,7 @@ use arbitrary::{Arbitrary as _, Unstructured};
 
 use crate::{
     model::{self, Model, Objects, ProxyIdentity},
-    reconcile::{Reconciler, frontend_of, memory::MemoryMaps},
+    reconcile::{Reconciler, memory::MemoryMaps},
     source::manifests::parse_file,
 };
 
@@ -99,7 +99,8 @@ pub fn model(bytes: &[u8]) {
 }
 
 /// Every frontend names a set that exists, has a port, and is a NodePort exactly when its
-/// address is 0.0.0.0; every backend has an address and a port.
+/// address is 0.0.0.0 or `::`; every backend has an address and a port, of the frontend's
+/// family.
 fn check_desired(desired: &model::DesiredState) {
     for (frontend, service) in &desired.frontends {
         assert_ne!(frontend.port, 0, "{frontend}: port 0");
@@ -113,10 +114,20 @@ fn check_desired(desired: &model::DesiredState) {
             .sets
             .get(&service.set())
             .unwrap_or_else(|| panic!("{frontend} names a set that does not exist"));
+        assert_eq!(
+            service.family,
+            frontend.family(),
+            "{frontend}: its entry is of the other family"
+        );
         for backend in set.members() {
             assert_ne!(
                 backend.port, 0,
                 "{frontend}: backend {backend:?} has port 0"
+            );
+            assert_eq!(
+                backend.family(),
+                frontend.family(),
+                "{frontend}: backend {backend} of the other family"
             );
             assert!(
                 !backend.ip.is_unspecified(),
@@ -137,7 +148,7 @@ fn check_maps(
     failed: &BTreeSet<model::Frontend>,
 ) {
     let contents = &maps.contents;
-    let programmed: BTreeSet<_> = contents.frontends.keys().filter_map(frontend_of).collect();
+    let programmed: BTreeSet<_> = contents.frontends.keys().copied().collect();
     let wanted: BTreeSet<_> = desired
         .frontends
         .keys()
@@ -149,8 +160,8 @@ fn check_maps(
         "desired frontends missing from the maps: {:?}",
         wanted.difference(&programmed).collect::<Vec<_>>()
     );
-    for (key, value) in &contents.frontends {
-        let frontend = frontend_of(key).expect("a frontend key the maps hold reads back");
+    for (frontend, value) in &contents.frontends {
+        let frontend = *frontend;
         assert_ne!(value.service_id, 0, "{frontend}: service id 0");
         assert!(
             desired.frontends.contains_key(&frontend) || failed.contains(&frontend),
@@ -165,10 +176,7 @@ fn check_maps(
         if failed.contains(&frontend) {
             continue;
         }
-        let backends: BTreeSet<_> = live
-            .into_iter()
-            .map(|(_, b)| crate::reconcile::backend_of(b))
-            .collect();
+        let backends: BTreeSet<_> = live.into_iter().map(|(_, b)| b.backend).collect();
         assert_eq!(
             backends,
             desired.backends_of(&frontend),

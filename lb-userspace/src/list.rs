@@ -2,15 +2,15 @@
 //! table (no agent needed), each with the Service port it belongs to, its service id (the
 //! backend set: a NodePort and its ClusterIP share one while they use the same endpoints)
 //! and the backends new connections may pick.
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
-use lb_common::{NameKey4, backend_flags, backend_states, frontend_flags};
+use lb_common::{backend_flags, backend_states, frontend_flags};
 use serde::Serialize;
 
 use crate::{
     dataplane::{BpfServiceMaps, names::NamesMap},
-    model::{FrontendKind, Scope},
-    reconcile::{ServiceMaps as _, backend_of, frontend_key, frontend_of},
+    model::{Frontend, FrontendKind, Scope},
+    reconcile::{BackendEntry, MapContents, ServiceMaps as _},
 };
 
 /// One programmed frontend as `list` shows it.
@@ -21,8 +21,11 @@ pub struct Row {
     /// ClusterIP, NodePort, ExternalIP or LoadBalancer.
     #[serde(rename = "type")]
     pub kind: String,
-    /// `IP:port`, or `<node>:port` for a NodePort (every NodePort address of the node).
+    /// `IP:port` (`[IPv6]:port`), or `<node>:port` for an IPv4 NodePort (every IPv4 NodePort
+    /// address of the node) and `[<node>]:port` for an IPv6 one.
     pub frontend: String,
+    /// `IPv4` or `IPv6`.
+    pub family: String,
     pub protocol: String,
     /// The entry in-node clients use instead of the frontend's own (a `Local` policy).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -41,12 +44,13 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
         .map(|n| n.all())
         .unwrap_or_default();
     let maps = BpfServiceMaps::open_pinned(&maps_dir)?;
-    let contents = maps.dump()?;
+    Ok(rows_of(&maps.dump()?, &names))
+}
+
+/// The rows of map contents of both families, with the names of their frontends.
+pub fn rows_of(contents: &MapContents, names: &BTreeMap<Frontend, String>) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (key, value) in &contents.frontends {
-        let Some(frontend) = frontend_of(key) else {
-            continue;
-        };
+    for (frontend, value) in &contents.frontends {
         let kind = FrontendKind::from_number(value.kind);
         let backends = contents
             .live_backends(value)
@@ -54,17 +58,10 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
             .collect();
         let external = kind.is_some_and(FrontendKind::is_external);
         rows.push(Row {
-            service: names
-                .get(&NameKey4 {
-                    frontend: frontend_key(&frontend),
-                })
-                .cloned(),
+            service: names.get(frontend).cloned(),
             kind: kind.map_or_else(|| format!("kind {}", value.kind), |k| k.to_string()),
-            frontend: if frontend.is_node_port() {
-                format!("<node>:{}", frontend.port)
-            } else {
-                format!("{}:{}", frontend.ip, frontend.port)
-            },
+            frontend: frontend.address_text(),
+            family: frontend.family().to_string(),
             protocol: frontend.protocol.to_string(),
             in_node_clients: frontend.scope == Scope::Internal,
             service_id: value.service_id,
@@ -96,13 +93,14 @@ pub fn rows(bpffs: &Path) -> anyhow::Result<Vec<Row>> {
                 b.in_node_clients,
             ))
     });
-    Ok(rows)
+    rows
 }
 
-/// `IP:port`, then ` (local)` and ` (terminating)` where they apply, and any other flag or
-/// state bits as numbers (` (flags=N)`, ` (state=N)`): one text for `list` and `describe`.
-pub fn backend_text(backend: &lb_common::Backend4) -> String {
-    let mut text = backend_of(backend).to_string();
+/// `IP:port` (`[IPv6]:port`), then ` (local)` and ` (terminating)` where they apply, and any
+/// other flag or state bits as numbers (` (flags=N)`, ` (state=N)`): one text for `list` and
+/// `describe`.
+pub fn backend_text(backend: &BackendEntry) -> String {
+    let mut text = backend.backend.to_string();
     if backend.flags & backend_flags::LOCAL != 0 {
         text.push_str(" (local)");
     }
@@ -166,4 +164,95 @@ pub fn table(rows: &[Row]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{FrontendValue, SlotKey, SlotValue, frontend_kinds};
+
+    use super::*;
+    use crate::model::{Backend, Family, Protocol};
+
+    #[test]
+    fn ipv6_frontends_and_backends_print_in_brackets_beside_ipv4_ones() {
+        let mut contents = MapContents::default();
+        let v4 = Frontend::new("10.96.0.10".parse().unwrap(), 80, Protocol::Tcp);
+        let v6 = Frontend::new("fd00:10:96::a".parse().unwrap(), 80, Protocol::Tcp);
+        let v6_node_port = Frontend::node_port(Family::V6, 30080, Protocol::Tcp);
+        for (frontend, service_id, kind) in [
+            (v4, 1, frontend_kinds::CLUSTER_IP),
+            (v6, 2, frontend_kinds::CLUSTER_IP),
+            (v6_node_port, 2, frontend_kinds::NODE_PORT),
+        ] {
+            contents.frontends.insert(
+                frontend,
+                FrontendValue {
+                    service_id,
+                    count: 1,
+                    kind,
+                    ..FrontendValue::default()
+                },
+            );
+        }
+        for (service_id, backend_id, ip) in [(1, 10, "10.244.0.5"), (2, 11, "fd00:10:244::5")] {
+            contents.slots.insert(
+                SlotKey {
+                    service_id,
+                    index: 0,
+                    generation: 0,
+                    pad: 0,
+                },
+                SlotValue { backend_id },
+            );
+            contents.backends.insert(
+                backend_id,
+                BackendEntry {
+                    backend: Backend {
+                        ip: ip.parse().unwrap(),
+                        port: 8080,
+                    },
+                    state: 0,
+                    flags: 0,
+                },
+            );
+        }
+        let names = BTreeMap::from([
+            (v4, "default/web:http".to_owned()),
+            (v6, "default/web:http".to_owned()),
+            (v6_node_port, "default/web:http".to_owned()),
+        ]);
+        let rows = rows_of(&contents, &names);
+        let shown: Vec<(&str, &str, Vec<String>)> = rows
+            .iter()
+            .map(|r| (r.kind.as_str(), r.frontend.as_str(), r.backends.clone()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    "ClusterIP",
+                    "10.96.0.10:80",
+                    vec!["10.244.0.5:8080".to_owned()]
+                ),
+                (
+                    "ClusterIP",
+                    "[fd00:10:96::a]:80",
+                    vec!["[fd00:10:244::5]:8080".to_owned()]
+                ),
+                (
+                    "NodePort",
+                    "[<node>]:30080",
+                    vec!["[fd00:10:244::5]:8080".to_owned()]
+                ),
+            ]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.service.as_deref() == Some("default/web:http"))
+        );
+        let families: Vec<&str> = rows.iter().map(|r| r.family.as_str()).collect();
+        assert_eq!(families, ["IPv4", "IPv6", "IPv6"]);
+        let table = table(&rows);
+        assert!(table.contains("[fd00:10:96::a]:80"), "{table}");
+    }
 }

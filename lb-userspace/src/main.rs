@@ -142,17 +142,18 @@ struct RunArgs {
     #[arg(long = "nodeport-iface", value_name = "IFACE")]
     nodeport_ifaces: Vec<String>,
     /// Answer NodePorts only on the node's addresses inside CIDR, or on its primary IP with
-    /// `primary` (its Node's first InternalIP, else ExternalIP), as kube-proxy's
-    /// --nodeport-addresses; repeatable, comma-separated. Default: every address of the node
-    /// (from outside, as it arrives on a --nodeport-iface; from pods and the node itself, at
-    /// the socket).
+    /// `primary` (its Node's first InternalIP, else ExternalIP, of each family), as
+    /// kube-proxy's --nodeport-addresses, per family: a family no CIDR (nor `primary`) names
+    /// answers on all its addresses; repeatable, comma-separated. Default: every address of
+    /// the node (from outside, as it arrives on a --nodeport-iface; from pods and the node
+    /// itself, at the socket).
     #[arg(
         long = "nodeport-addresses",
         value_name = "CIDR|primary",
         value_delimiter = ','
     )]
     nodeport_addresses: Vec<lb_agent::agent::interfaces::NodePortAddress>,
-    /// Pods and host processes reach NodePorts at 127.0.0.1 too (kube-proxy's
+    /// Pods and host processes reach NodePorts at 127.0.0.1 and ::1 too (kube-proxy's
     /// --iptables-localhost-nodeports); `--localhost-nodeports=false` turns it off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     localhost_nodeports: bool,

@@ -21,20 +21,81 @@ pub struct Status {
     pub locked_by: Option<String>,
     pub links: Vec<PinnedLinkStatus>,
     pub maps: Vec<MapStatus>,
+    /// Per address family, what its maps hold (from `maps`).
+    pub families: Vec<FamilySummary>,
     /// Packets of the north-south programs by the reason they gave (empty: no map pinned).
     pub datapath: Vec<ReasonCount>,
     /// The running agent's `/healthz` answer, or why there is none.
     pub agent: serde_json::Value,
 }
 
+/// What one family's maps hold.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct FamilySummary {
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
+    /// Frontend entries of every kind and scope.
+    pub frontends: u64,
+    pub backends: u64,
+    /// Addresses NodePorts answer on.
+    pub node_addresses: u64,
+    /// Allowed source ranges of LoadBalancer IPs.
+    pub source_ranges: u64,
+    /// Tracked north-south flows.
+    pub flows: u64,
+}
+
+/// Each family's entries among the pinned `maps` (a family whose frontends map is not
+/// pinned is left out).
+pub fn families(maps: &[MapStatus]) -> Vec<FamilySummary> {
+    use lb_common::map_names::*;
+    let entries = |name: &str| maps.iter().find(|m| m.name == name).map(|m| m.entries);
+    [
+        (
+            "IPv4",
+            [
+                FRONTENDS_V4,
+                BACKENDS_V4,
+                NODE_ADDRS_V4,
+                SOURCE_RANGES_V4,
+                FLOWS_V4,
+            ],
+        ),
+        (
+            "IPv6",
+            [
+                FRONTENDS_V6,
+                BACKENDS_V6,
+                NODE_ADDRS_V6,
+                SOURCE_RANGES_V6,
+                FLOWS_V6,
+            ],
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(family, [frontends, backends, nodes, ranges, flows])| {
+        Some(FamilySummary {
+            family,
+            frontends: entries(frontends)?,
+            backends: entries(backends).unwrap_or(0),
+            node_addresses: entries(nodes).unwrap_or(0),
+            source_ranges: entries(ranges).unwrap_or(0),
+            flows: entries(flows).unwrap_or(0),
+        })
+    })
+    .collect()
+}
+
 pub fn collect(bpffs: &Path, healthz: SocketAddr) -> Status {
     let pins = PinDir::at(bpffs);
+    let maps = inspect::pinned_maps(&pins.maps());
     Status {
         bpffs: bpffs.display().to_string(),
         bpffs_mounted: is_bpffs(bpffs),
         locked_by: crate::dataplane::lock::holder(bpffs).map(|holder| holder.to_string()),
         links: links::list(&pins.links()),
-        maps: inspect::pinned_maps(&pins.maps()),
+        families: families(&maps),
+        maps,
         datapath: ReasonCounters::open_pinned(&pins.maps())
             .map(|counters| counters.read())
             .unwrap_or_default(),
@@ -97,6 +158,22 @@ pub fn text(status: &Status) -> String {
         out.push_str(&format!(
             "  {:<14} {:<22} program id {}\n",
             link.program, where_, id
+        ));
+    }
+    out.push_str("\nFAMILIES\n");
+    if status.families.is_empty() {
+        out.push_str("  (no frontends map pinned)\n");
+    }
+    for family in &status.families {
+        out.push_str(&format!(
+            "  {:<5} {:>8} frontends {:>8} backends {:>4} NodePort addresses {:>6} source \
+             ranges {:>8} flows\n",
+            family.family,
+            family.frontends,
+            family.backends,
+            family.node_addresses,
+            family.source_ranges,
+            family.flows
         ));
     }
     out.push_str("\nMAPS\n");
@@ -166,6 +243,7 @@ mod tests {
             locked_by: None,
             links: Vec::new(),
             maps: Vec::new(),
+            families: Vec::new(),
             datapath,
             agent: serde_json::json!({ "running": false, "error": "none" }),
         }
@@ -209,5 +287,62 @@ mod tests {
         assert!(none.contains("(no packet seen)"), "{none}");
         let unpinned = text(&status(Vec::new()));
         assert!(unpinned.contains("(no reasons map pinned)"), "{unpinned}");
+    }
+
+    #[test]
+    fn families_sum_up_each_familys_maps() {
+        use lb_common::map_names::*;
+        let map = |name: &str, entries| MapStatus {
+            name: name.into(),
+            kind: "Hash".into(),
+            entries,
+            capacity: 65_536,
+        };
+        let maps = vec![
+            map(FRONTENDS_V4, 12),
+            map(BACKENDS_V4, 30),
+            map(NODE_ADDRS_V4, 3),
+            map(FRONTENDS_V6, 4),
+            map(BACKENDS_V6, 2),
+            map(NODE_ADDRS_V6, 2),
+            map(SOURCE_RANGES_V6, 1),
+        ];
+        let found = families(&maps);
+        assert_eq!(
+            found,
+            [
+                FamilySummary {
+                    family: "IPv4",
+                    frontends: 12,
+                    backends: 30,
+                    node_addresses: 3,
+                    source_ranges: 0,
+                    flows: 0,
+                },
+                FamilySummary {
+                    family: "IPv6",
+                    frontends: 4,
+                    backends: 2,
+                    node_addresses: 2,
+                    source_ranges: 1,
+                    flows: 0,
+                },
+            ]
+        );
+        let mut shown = status(Vec::new());
+        shown.families = found;
+        let text = text(&shown);
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("IPv6"))
+            .unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            &words[..5],
+            ["IPv6", "4", "frontends", "2", "backends"],
+            "{text}"
+        );
+        // An object without IPv6 maps (pins of an older agent): IPv4 alone.
+        assert_eq!(families(&maps[..3]).len(), 1);
     }
 }

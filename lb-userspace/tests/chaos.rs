@@ -78,9 +78,12 @@ fn the_description_shows_entries_no_frontend_reaches_and_missing_backends() {
         lb_agent::dataplane::BpfServiceMaps::open_pinned(&bpffs.join("maps")).expect("the maps");
     let contents = maps.dump().expect("reading the maps");
     let (&id, &backend) = contents.backends.iter().next().expect("one backend");
-    maps.put_backend(id + 1000, lb_common::Backend4 { port: 1, ..backend })
+    let mut stray = backend;
+    stray.backend.port = 256;
+    maps.put_backend(id + 1000, stray)
         .expect("writing a stray backend");
-    maps.remove_backend(id).expect("removing the live backend");
+    maps.remove_backend(id, stray.backend.family())
+        .expect("removing the live backend");
     let broken = lb_agent::describe::describe(&bpffs).expect("describing the pins");
     assert_ne!(broken, clean);
     assert_eq!(

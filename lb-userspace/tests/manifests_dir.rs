@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use lb_agent::{
-    model::{self, Frontend, FrontendKind, ObjectKey, Protocol, ProxyIdentity},
+    model::{self, Family, Frontend, FrontendKind, ObjectKey, Protocol, ProxyIdentity},
     source::manifests,
 };
 
@@ -62,7 +62,7 @@ fn examples_read_as_three_services_with_fixed_cluster_ips() {
         .collect();
     assert_eq!(cluster_ips.len(), expected.len(), "{state:#?}");
     for (ip, name, affinity) in expected {
-        let frontend = Frontend::new(ip, 80, Protocol::Tcp);
+        let frontend = Frontend::new(ip.into(), 80, Protocol::Tcp);
         let service = state
             .frontends
             .get(&frontend)
@@ -92,7 +92,7 @@ fn examples_node_port_is_the_only_external_frontend() {
         .collect();
     assert_eq!(
         frontends,
-        [Frontend::node_port(30080, Protocol::Tcp)],
+        [Frontend::node_port(Family::V4, 30080, Protocol::Tcp)],
         "{state:#?}"
     );
     let desired = &state.frontends[&frontends[0]];
@@ -101,7 +101,7 @@ fn examples_node_port_is_the_only_external_frontend() {
         !desired.local_only,
         "externalTrafficPolicy defaults to Cluster"
     );
-    let cluster_ip = Frontend::new(Ipv4Addr::new(10, 96, 0, 101), 80, Protocol::Tcp);
+    let cluster_ip = Frontend::new(Ipv4Addr::new(10, 96, 0, 101).into(), 80, Protocol::Tcp);
     assert_eq!(
         desired.set(),
         state.frontends[&cluster_ip].set(),

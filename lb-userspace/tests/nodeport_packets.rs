@@ -21,8 +21,8 @@ use lb_agent::{
         reasons::ReasonCounters,
     },
     model::{
-        Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind,
-        Protocol, ServicePortName, SetKey, SourceRanges,
+        Backend, BackendSet, DesiredService, DesiredState, Endpoints, Family, Frontend,
+        FrontendKind, Protocol, ServicePortName, SetKey, SourceRanges,
     },
     reconcile::{Reconciler, maglev},
 };
@@ -70,7 +70,10 @@ impl Harness {
             .set_node_addrs(&BTreeSet::from([NODE.parse().unwrap()]))
             .unwrap();
         addrs
-            .set_iface_addrs(&BTreeMap::from([(TEST_RUN_IFINDEX, NODE.parse().unwrap())]))
+            .set_iface_addrs(&BTreeMap::from([(
+                (TEST_RUN_IFINDEX, Family::V4),
+                NODE.parse().unwrap(),
+            )]))
             .unwrap();
         Harness {
             maps,
@@ -268,6 +271,7 @@ impl State {
                 *frontend,
                 DesiredService {
                     name: name.clone(),
+                    family: Family::V4,
                     kind: if frontend.is_node_port() {
                         FrontendKind::NodePort
                     } else {
@@ -281,7 +285,11 @@ impl State {
                 },
             );
             desired.sets.insert(
-                SetKey { name, endpoints },
+                SetKey {
+                    name,
+                    family: Family::V4,
+                    endpoints,
+                },
                 BackendSet {
                     backends: svc.backends.keys().copied().collect(),
                     terminating: BTreeSet::new(),
@@ -302,7 +310,7 @@ impl State {
 fn frontend(ip: Option<&str>, port: u16, protocol: Protocol) -> Frontend {
     match ip {
         Some(ip) => Frontend::new(ip.parse().unwrap(), port, protocol),
-        None => Frontend::node_port(port, protocol),
+        None => Frontend::node_port(Family::V4, port, protocol),
     }
 }
 

@@ -120,11 +120,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut interfaces = NodeInterfaces::start(&mut dataplane, config.nodeport.clone())?;
     state.health.lock().expect("health lock").socket_termination =
         terminate::SocketTerminator::describe(config.terminate_tcp).to_owned();
-    let terminator = terminate::SocketTerminator::new(
-        &config.cgroup,
-        pins.maps().join(lb_common::map_names::REVNAT_V4),
-        config.terminate_tcp,
-    );
+    let terminator =
+        terminate::SocketTerminator::new(&config.cgroup, pins.maps(), config.terminate_tcp);
     let mut pass = SyncPass::new(
         &config.identity,
         reconciler,
@@ -169,7 +166,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 };
                 state.follow_node_of(&snapshot.objects, &config.identity);
                 terminator.spawn(pass.run(&snapshot, &state));
-                interfaces.set_primary(pass.node_ip());
+                interfaces.set_primary(pass.node_ips());
                 interfaces.attach_once(&mut dataplane)?;
                 if !attached {
                     // Attach only once the maps hold the first full state, so no connect sees

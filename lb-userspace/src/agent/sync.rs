@@ -8,13 +8,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lb_common::NameKey4;
-
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
     dataplane::{BpfServiceMaps, names::NamesMap, stats::ServiceStatsMap},
     model::{Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, SetKey, Severity},
-    reconcile::{Reconciler, SyncReport, frontend_key},
+    reconcile::{Reconciler, SyncReport},
     source::Snapshot,
 };
 
@@ -83,10 +81,12 @@ impl SyncPass {
         })
     }
 
-    /// One pass: snapshot → desired state → map writes, logging and recording what changed.
-    /// kube-proxy's node IP, as the last snapshot's Node says.
-    pub fn node_ip(&self) -> Option<std::net::Ipv4Addr> {
-        self.model.node().and_then(|node| node.node_ip)
+    /// kube-proxy's node IP of each family, as the last snapshot's Node says.
+    pub fn node_ips(&self) -> Vec<std::net::IpAddr> {
+        self.model
+            .node()
+            .map(|node| node.node_ips.clone())
+            .unwrap_or_default()
     }
 
     /// One pass; returns the backends it removed from the maps (their sockets may be
@@ -192,14 +192,11 @@ impl SyncPass {
     /// service it had there.
     fn record_names(&mut self, touched: &BTreeSet<Frontend>) -> anyhow::Result<()> {
         let desired = &self.model.desired().frontends;
-        let key = |frontend: &Frontend| NameKey4 {
-            frontend: frontend_key(frontend),
-        };
         if !self.synced {
             let wanted = desired
                 .iter()
                 .filter(|(f, _)| self.reconciler.service_id(f).is_some())
-                .map(|(frontend, service)| (key(frontend), service.name.to_string()))
+                .map(|(frontend, service)| (*frontend, service.name.to_string()))
                 .collect();
             return self.names.sync_all(&wanted);
         }
@@ -208,9 +205,9 @@ impl SyncPass {
                 .get(frontend)
                 .filter(|_| self.reconciler.service_id(frontend).is_some())
             {
-                Some(service) => self.names.put(key(frontend), &service.name.to_string())?,
+                Some(service) => self.names.put(frontend, &service.name.to_string())?,
                 None => {
-                    if let Some(was) = self.names.take_name(&key(frontend)) {
+                    if let Some(was) = self.names.take_name(frontend) {
                         tracing::info!(service = %was, %frontend, "service removed");
                     }
                 }
@@ -249,6 +246,7 @@ impl SyncPass {
                     name: key.name.name.clone(),
                     port: key.name.port.clone(),
                     endpoints: key.endpoints.to_string(),
+                    family: key.family.to_string(),
                 },
             );
             added.push(id);

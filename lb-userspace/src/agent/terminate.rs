@@ -4,11 +4,12 @@
 //! the void forever (kube-proxy clears the UDP conntrack entries of removed endpoints for the
 //! same reason; Cilium destroys such sockets).
 //!
-//! How: the sockets map (`LB4_REVNAT_V2`) names, per socket cookie, the backends each socket
-//! reached through a service. For every network namespace with a process in the attached
-//! cgroup, a thread enters it and asks the kernel for its IPv4 sockets (netlink
-//! `SOCK_DIAG_BY_FAMILY`); a socket connected to a removed backend whose cookie the map ties
-//! to it gets `SOCK_DESTROY` (kernels with `CONFIG_INET_DIAG_DESTROY`). Sockets that reach a
+//! How: the sockets maps (`LB4_REVNAT_V2`, `LB6_REVNAT_V1`) name, per socket cookie, the
+//! backends each socket reached through a service. For every network namespace with a process
+//! in the attached cgroup, a thread enters it and asks the kernel for its IPv4 and IPv6
+//! sockets (netlink `SOCK_DIAG_BY_FAMILY`); a socket connected to a removed backend whose
+//! cookie a map ties to it gets `SOCK_DESTROY` (kernels with `CONFIG_INET_DIAG_DESTROY`). An
+//! `AF_INET6` socket that reached an IPv4 backend names it as `::ffff:a.b.c.d`. Sockets that reach a
 //! pod directly, not through a service, are left alone: their cookie is not in the map.
 //! (Cilium also has a BPF socket-iterator path with the `bpf_sock_destroy` kfunc; aya-ebpf
 //! 0.2 cannot build iterator programs or call kfuncs, so this agent uses netlink only.)
@@ -16,7 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     os::{fd::AsRawFd as _, linux::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
@@ -27,13 +28,13 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, IPPROTO_TCP, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     message::SockDiagDestroy,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::model::Backend;
+use crate::{model::Backend, reconcile::FamilyAddr};
 
 /// What one run destroyed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -49,12 +50,13 @@ pub struct Terminated {
 #[derive(Clone, Debug)]
 pub struct SocketTerminator {
     cgroup: PathBuf,
-    sockets_map: PathBuf,
+    /// The pinned maps' directory (the sockets maps of both families are in it).
+    maps_dir: PathBuf,
     tcp: bool,
 }
 
 impl SocketTerminator {
-    pub fn new(cgroup: &Path, sockets_map: PathBuf, tcp: bool) -> Self {
+    pub fn new(cgroup: &Path, maps_dir: PathBuf, tcp: bool) -> Self {
         tracing::info!(
             tcp,
             "sockets of removed backends are destroyed through netlink SOCK_DESTROY (UDP{})",
@@ -66,7 +68,7 @@ impl SocketTerminator {
         );
         Self {
             cgroup: cgroup.to_owned(),
-            sockets_map: sockets_map.to_owned(),
+            maps_dir,
             tcp,
         }
     }
@@ -105,7 +107,7 @@ impl SocketTerminator {
     /// One run: the sockets of `removed` in every namespace of the cgroup's processes.
     pub fn run(&self, removed: &BTreeSet<Backend>) -> Terminated {
         let mut done = Terminated::default();
-        let cookies = match sockets_of(&self.sockets_map, removed) {
+        let cookies = match sockets_of(&self.maps_dir, removed) {
             Ok(cookies) if cookies.is_empty() => return done,
             Ok(cookies) => cookies,
             Err(error) => {
@@ -121,13 +123,14 @@ impl SocketTerminator {
             let cookies = cookies.clone();
             let result = std::thread::spawn(move || -> anyhow::Result<(usize, usize)> {
                 enter(&netns)?;
-                let udp = destroy_in_namespace(IPPROTO_UDP, &cookies)?;
-                let tcp = if tcp {
-                    destroy_in_namespace(IPPROTO_TCP, &cookies)?
-                } else {
-                    0
-                };
-                Ok((udp, tcp))
+                let (mut udp, mut destroyed_tcp) = (0, 0);
+                for family in [AF_INET, AF_INET6] {
+                    udp += destroy_in_namespace(family, IPPROTO_UDP, &cookies)?;
+                    if tcp {
+                        destroyed_tcp += destroy_in_namespace(family, IPPROTO_TCP, &cookies)?;
+                    }
+                }
+                Ok((udp, destroyed_tcp))
             })
             .join();
             match result {
@@ -143,23 +146,45 @@ impl SocketTerminator {
     }
 }
 
-/// Socket cookies and the removed backend each reached, from the pinned sockets map.
+/// Socket cookies and the removed backends each reached, from the pinned sockets maps of
+/// both families (a family whose map is not pinned, as under an older object, is skipped).
 fn sockets_of(
-    map: &Path,
+    maps_dir: &Path,
     removed: &BTreeSet<Backend>,
 ) -> anyhow::Result<BTreeMap<u64, BTreeSet<Backend>>> {
+    let mut found: BTreeMap<u64, BTreeSet<Backend>> = BTreeMap::new();
+    family_sockets_of::<lb_common::Addr4>(
+        &maps_dir.join(lb_common::map_names::REVNAT_V4),
+        removed,
+        &mut found,
+    )?;
+    let v6 = maps_dir.join(lb_common::map_names::REVNAT_V6);
+    if v6.exists() {
+        family_sockets_of::<lb_common::Addr6>(&v6, removed, &mut found)?;
+    }
+    Ok(found)
+}
+
+/// Adds the sockets of one family's sockets map that reached a removed backend.
+fn family_sockets_of<A: FamilyAddr>(
+    map: &Path,
+    removed: &BTreeSet<Backend>,
+    found: &mut BTreeMap<u64, BTreeSet<Backend>>,
+) -> anyhow::Result<()>
+where
+    lb_common::SockValue<A>: aya::Pod,
+{
     let data = aya::maps::MapData::from_pin(map)
         .with_context(|| format!("opening the sockets map {}", map.display()))?;
-    let sockets: aya::maps::HashMap<_, u64, lb_common::Sock4Value> =
+    let sockets: aya::maps::HashMap<_, u64, lb_common::SockValue<A>> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-    let mut found: BTreeMap<u64, BTreeSet<Backend>> = BTreeMap::new();
     for entry in sockets.iter() {
         let Ok((cookie, value)) = entry else {
             continue; // evicted while we read
         };
-        for service in value.services.iter().filter(|s| s.service_addr != 0) {
+        for service in value.services.iter().filter(|s| !s.service_addr.is_zero()) {
             let backend = Backend {
-                ip: Ipv4Addr::from(lb_common::addr_from_map(service.backend_addr)),
+                ip: service.backend_addr.ip(),
                 port: lb_common::port_from_map(service.backend_port),
             };
             if removed.contains(&backend) {
@@ -167,7 +192,17 @@ fn sockets_of(
             }
         }
     }
-    Ok(found)
+    Ok(())
+}
+
+/// The backend a socket is connected to, as the model names it: an IPv4-mapped peer of an
+/// `AF_INET6` socket is the IPv4 backend.
+fn peer_backend(peer: IpAddr, port: u16) -> Backend {
+    let ip = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        IpAddr::V4(_) => peer,
+    };
+    Backend { ip, port }
 }
 
 /// One open namespace file per network namespace of the processes in `cgroup` and below, and
@@ -226,9 +261,11 @@ fn enter(netns: &File) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Destroys this namespace's `protocol` sockets whose cookie `cookies` ties to the backend
-/// they are connected to; returns how many.
+/// Destroys this namespace's `protocol` sockets of address family `family` (`AF_INET`,
+/// `AF_INET6`) whose cookie `cookies` ties to the backend they are connected to; returns how
+/// many.
 fn destroy_in_namespace(
+    family: u8,
     protocol: u8,
     cookies: &BTreeMap<u64, BTreeSet<Backend>>,
 ) -> anyhow::Result<usize> {
@@ -237,11 +274,15 @@ fn destroy_in_namespace(
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut doomed = Vec::new();
     let request = SockDiagMessage::InetRequest(InetRequest {
-        family: AF_INET,
+        family,
         protocol,
         extensions: ExtensionFlags::empty(),
         states: StateFlags::all(),
-        socket_id: SocketId::new_v4(),
+        socket_id: if family == AF_INET6 {
+            SocketId::new_v6()
+        } else {
+            SocketId::new_v4()
+        },
     });
     send(&socket, request.into(), NLM_F_REQUEST | NLM_F_DUMP)?;
     receive(&socket, |message: NetlinkMessage<SockDiagMessage>| {
@@ -249,13 +290,7 @@ fn destroy_in_namespace(
             message.payload
         {
             let id = &response.header.socket_id;
-            let IpAddr::V4(peer) = id.destination_address else {
-                return;
-            };
-            let backend = Backend {
-                ip: peer,
-                port: id.destination_port,
-            };
+            let backend = peer_backend(id.destination_address, id.destination_port);
             if cookies
                 .get(&cookie_of(&id.cookie))
                 .is_some_and(|backends| backends.contains(&backend))
@@ -267,7 +302,7 @@ fn destroy_in_namespace(
     let mut destroyed = 0;
     for socket_id in doomed {
         let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
-            family: AF_INET,
+            family,
             protocol,
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),
@@ -371,5 +406,20 @@ mod tests {
             low[0], low[1], low[2], low[3], high[0], high[1], high[2], high[3],
         ];
         assert_eq!(cookie_of(&bytes), cookie);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_peer_is_the_ipv4_backend() {
+        let mapped = peer_backend("::ffff:10.244.0.5".parse().unwrap(), 8080);
+        assert_eq!(mapped.ip, "10.244.0.5".parse::<IpAddr>().unwrap());
+        let v6 = peer_backend("fd00:10:244::5".parse().unwrap(), 8080);
+        assert_eq!(v6.ip, "fd00:10:244::5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            peer_backend("10.244.0.5".parse().unwrap(), 80),
+            Backend {
+                ip: "10.244.0.5".parse().unwrap(),
+                port: 80
+            }
+        );
     }
 }

@@ -18,6 +18,8 @@ pub struct ServiceLabels {
     pub port: String,
     /// Which endpoints the backend set holds: `all` or `local` (a traffic policy `Local`).
     pub endpoints: String,
+    /// `IPv4` or `IPv6`: a dual-stack Service port has a backend set (and counters) per family.
+    pub family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -10,10 +10,12 @@
 //! services probe. Nor does a stale source.
 //! External load balancers probe it to send traffic only to nodes with local endpoints. A
 //! port stops answering (its listener closes) as soon as its service no longer asks for it,
-//! e.g. when the policy goes back to `Cluster`.
+//! e.g. when the policy goes back to `Cluster`. A port answers on both families (load
+//! balancers of either family probe it, as kube-proxy serves it on each family's node
+//! addresses).
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -35,12 +37,15 @@ pub struct ServiceHealthServers {
 #[derive(Debug)]
 struct Server {
     check: Arc<Mutex<HealthCheck>>,
-    task: tokio::task::JoinHandle<()>,
+    /// One task per listener (one dual-stack one, or one per family).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -82,19 +87,54 @@ impl ServiceHealthServers {
     }
 }
 
+/// Listeners on `port` of both families: `[::]` first (on Linux a dual-stack socket, unless
+/// `net.ipv6.bindv6only` is set), then `0.0.0.0` where the first does not already take IPv4
+/// (bindv6only, or no IPv6 at all on the node). Fails only when neither can be bound.
+fn listeners(port: u16) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let mut bound = Vec::new();
+    let v6_error = match std::net::TcpListener::bind(v6) {
+        Ok(listener) => {
+            bound.push(listener);
+            None
+        }
+        Err(error) => Some(error),
+    };
+    match std::net::TcpListener::bind(v4) {
+        Ok(listener) => bound.push(listener),
+        // The dual-stack listener already has IPv4.
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse && v6_error.is_none() => {}
+        Err(error) => {
+            if bound.is_empty() {
+                return Err(error).with_context(|| {
+                    format!(
+                        "binding {v4} (and {v6}: {})",
+                        v6_error.map_or_else(String::new, |e| e.to_string())
+                    )
+                });
+            }
+            tracing::warn!(%v4, %error, "health-check node port served on IPv6 only");
+        }
+    }
+    Ok(bound)
+}
+
 fn serve(port: u16, check: HealthCheck, state: Arc<AgentState>) -> anyhow::Result<Server> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let check = Arc::new(Mutex::new(check));
     let app = router(check.clone(), state);
-    let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::warn!(port, %error, "health-check node port server stopped");
-        }
-    });
-    Ok(Server { check, task })
+    let mut tasks = Vec::new();
+    for listener in listeners(port)? {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::warn!(port, %error, "health-check node port server stopped");
+            }
+        }));
+    }
+    Ok(Server { check, tasks })
 }
 
 /// Answers every path for `check`.
@@ -222,6 +262,32 @@ mod tests {
 
         state.health.lock().unwrap().synced(SystemTime::now());
         assert_eq!(get(addr).await.0, 200, "synced again");
+    }
+
+    /// A port `serve` binds answers at 127.0.0.1 and at ::1 (this test needs IPv6 on lo).
+    #[tokio::test]
+    async fn a_health_check_port_answers_on_both_families() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let state = AgentState::new("test".into());
+        state.health.lock().unwrap().synced(SystemTime::now());
+        let check = HealthCheck {
+            namespace: "default".into(),
+            name: "web".into(),
+            local_endpoints: 1,
+        };
+        let _server = serve(port, check, state).expect("serving");
+        for addr in [
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        ] {
+            let (status, body) = get(addr).await;
+            assert_eq!(status, 200, "{addr}: {body}");
+            assert_eq!(body["localEndpoints"], 1, "{addr}");
+        }
     }
 
     /// Neither a stale source nor an ineligible node enter the service's health.

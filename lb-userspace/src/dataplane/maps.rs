@@ -1,55 +1,187 @@
 //! The one service table in the kernel (frontends of every kind, slots, backends, Maglev
-//! tables), behind the reconciler's [`ServiceMaps`] trait.
+//! tables), behind the reconciler's [`ServiceMaps`] trait. Frontends, backends and source
+//! ranges have one map per family ([`FamilyMaps`], one definition for both); slots and
+//! Maglev tables serve both families.
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{HashMap, LpmTrie, Map, MapData},
 };
 use lb_common::{
-    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, SourceRange4Key,
-    map_names,
+    Addr4, Addr6, Backend as MapBackend, FrontendKey, FrontendValue, MaglevTable, SlotKey,
+    SlotValue, SourceRangeKey, map_names,
 };
 
 use crate::{
     cidr::Cidr,
-    reconcile::{MapContents, MapError, ServiceMaps, source_range_key, source_range_of},
+    model::{Family, Frontend},
+    reconcile::{
+        BackendEntry, FamilyAddr, MapContents, MapError, ServiceMaps, backend_of, backend_value,
+        frontend_key, frontend_of, source_range_key, source_range_of,
+    },
 };
 
+/// The maps of one family: frontends, backends, allowed source ranges.
+pub struct FamilyMaps<A: FamilyAddr>
+where
+    FrontendKey<A>: Pod,
+    MapBackend<A>: Pod,
+    SourceRangeKey<A>: Pod,
+{
+    frontends: HashMap<MapData, FrontendKey<A>, FrontendValue>,
+    backends: HashMap<MapData, u32, MapBackend<A>>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey<A>, u8>,
+}
+
+impl<A: FamilyAddr> FamilyMaps<A>
+where
+    FrontendKey<A>: Pod,
+    MapBackend<A>: Pod,
+    SourceRangeKey<A>: Pod,
+{
+    fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            frontends: HashMap::try_from(take_map(ebpf, A::FRONTENDS)?)?,
+            backends: HashMap::try_from(take_map(ebpf, A::BACKENDS)?)?,
+            source_ranges: LpmTrie::try_from(take_map(ebpf, A::SOURCE_RANGES)?)?,
+        })
+    }
+
+    fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        let ranges_path = dir.join(A::SOURCE_RANGES);
+        let ranges = MapData::from_pin(&ranges_path)
+            .with_context(|| format!("opening pinned map {}", ranges_path.display()))?;
+        Ok(Self {
+            frontends: HashMap::try_from(open_pinned_hash(dir, A::FRONTENDS)?)?,
+            backends: HashMap::try_from(open_pinned_hash(dir, A::BACKENDS)?)?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(ranges))?,
+        })
+    }
+
+    fn key(frontend: &Frontend) -> Result<FrontendKey<A>, MapError> {
+        frontend_key(frontend).ok_or_else(|| wrong_family(A::FRONTENDS))
+    }
+
+    fn put_frontend(&mut self, frontend: &Frontend, value: FrontendValue) -> Result<(), MapError> {
+        self.frontends
+            .insert(Self::key(frontend)?, value, 0)
+            .map_err(|e| error(A::FRONTENDS, "insert", e))
+    }
+
+    fn remove_frontend(&mut self, frontend: &Frontend) -> Result<(), MapError> {
+        self.frontends
+            .remove(&Self::key(frontend)?)
+            .map_err(|e| error(A::FRONTENDS, "delete", e))
+    }
+
+    fn put_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<(), MapError> {
+        let value = backend_value(entry).ok_or_else(|| wrong_family(A::BACKENDS))?;
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| error(A::BACKENDS, "insert", e))
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.backends
+            .remove(&id)
+            .map_err(|e| error(A::BACKENDS, "delete", e))
+    }
+
+    fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        let key =
+            source_range_key(service_id, range).ok_or_else(|| wrong_family(A::SOURCE_RANGES))?;
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .map_err(|e| error(A::SOURCE_RANGES, "insert", e))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
+        let key =
+            source_range_key(service_id, range).ok_or_else(|| wrong_family(A::SOURCE_RANGES))?;
+        match self.source_ranges.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(error(A::SOURCE_RANGES, "delete", e)),
+        }
+    }
+
+    /// Adds what this family's maps hold to `contents`. A frontend entry of a protocol or
+    /// scope this agent never writes is left out (and so left alone).
+    fn dump_into(&self, contents: &mut MapContents) -> Result<(), MapError> {
+        for entry in self.frontends.iter() {
+            let (key, value) = entry.map_err(|e| error(A::FRONTENDS, "read", e))?;
+            match frontend_of(&key) {
+                Some(frontend) => {
+                    contents.frontends.insert(frontend, value);
+                }
+                None => contents.unknown_frontends += 1,
+            }
+        }
+        for entry in self.backends.iter() {
+            let (id, value) = entry.map_err(|e| error(A::BACKENDS, "read", e))?;
+            contents.backends.insert(id, backend_of(&value));
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(|e| error(A::SOURCE_RANGES, "read", e))?;
+            contents.source_ranges.insert(source_range_of(&key));
+        }
+        Ok(())
+    }
+}
+
+/// A frontend, backend or range given to the maps of the other family (a bug, never a
+/// Kubernetes object's fault).
+fn wrong_family(map: &'static str) -> MapError {
+    MapError {
+        map,
+        operation: "insert",
+        cause: "an address of the other family".into(),
+    }
+}
+
 pub struct BpfServiceMaps {
-    frontends: HashMap<MapData, Frontend4Key, FrontendValue>,
+    v4: FamilyMaps<Addr4>,
+    /// Always there in a loaded object; `None` for pins an IPv4-only agent left (`lb-agent
+    /// list` before the first start of this version).
+    v6: Option<FamilyMaps<Addr6>>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
-    backends: HashMap<MapData, u32, Backend4>,
     maglev: HashMap<MapData, u32, MaglevTable>,
-    source_ranges: LpmTrie<MapData, SourceRange4Key, u8>,
 }
 
 impl BpfServiceMaps {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name| take_map(ebpf, name);
         Ok(Self {
-            frontends: HashMap::try_from(take(map_names::FRONTENDS_V4)?)?,
-            slots: HashMap::try_from(take(map_names::SLOTS_V4)?)?,
-            backends: HashMap::try_from(take(map_names::BACKENDS_V4)?)?,
-            maglev: HashMap::try_from(take(map_names::MAGLEV_V4)?)?,
-            source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES_V4)?)?,
+            v4: FamilyMaps::take(ebpf)?,
+            v6: Some(FamilyMaps::take(ebpf)?),
+            slots: HashMap::try_from(take_map(ebpf, map_names::SLOTS_V4)?)?,
+            maglev: HashMap::try_from(take_map(ebpf, map_names::MAGLEV_V4)?)?,
         })
     }
 
-    /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent).
+    /// Opens the maps pinned under `dir` (for `lb-agent list`, without a running agent). Pins
+    /// without the IPv6 maps (an IPv4-only agent's) read as holding no IPv6 entry.
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
         let open = |name| open_pinned_hash(dir, name);
-        let ranges_path = dir.join(map_names::SOURCE_RANGES_V4);
-        let ranges = MapData::from_pin(&ranges_path)
-            .with_context(|| format!("opening pinned map {}", ranges_path.display()))?;
+        let v6_pinned = dir.join(map_names::FRONTENDS_V6).exists();
         Ok(Self {
-            frontends: HashMap::try_from(open(map_names::FRONTENDS_V4)?)?,
+            v4: FamilyMaps::open_pinned(dir)?,
+            v6: v6_pinned
+                .then(|| FamilyMaps::open_pinned(dir))
+                .transpose()?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
-            backends: HashMap::try_from(open(map_names::BACKENDS_V4)?)?,
             maglev: HashMap::try_from(open(map_names::MAGLEV_V4)?)?,
-            source_ranges: LpmTrie::try_from(Map::LpmTrie(ranges))?,
+        })
+    }
+}
+
+impl BpfServiceMaps {
+    fn v6(&mut self) -> Result<&mut FamilyMaps<Addr6>, MapError> {
+        self.v6.as_mut().ok_or(MapError {
+            map: map_names::FRONTENDS_V6,
+            operation: "open",
+            cause: "no IPv6 maps are pinned (an IPv4-only agent's pins)".into(),
         })
     }
 }
@@ -82,16 +214,18 @@ pub(crate) fn error(
 }
 
 impl ServiceMaps for BpfServiceMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
-        self.frontends
-            .insert(key, value, 0)
-            .map_err(|e| error(map_names::FRONTENDS_V4, "insert", e))
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendValue) -> Result<(), MapError> {
+        match frontend.family() {
+            Family::V4 => self.v4.put_frontend(&frontend, value),
+            Family::V6 => self.v6()?.put_frontend(&frontend, value),
+        }
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
-        self.frontends
-            .remove(key)
-            .map_err(|e| error(map_names::FRONTENDS_V4, "delete", e))
+    fn remove_frontend(&mut self, frontend: &Frontend) -> Result<(), MapError> {
+        match frontend.family() {
+            Family::V4 => self.v4.remove_frontend(frontend),
+            Family::V6 => self.v6()?.remove_frontend(frontend),
+        }
     }
 
     fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError> {
@@ -106,16 +240,18 @@ impl ServiceMaps for BpfServiceMaps {
             .map_err(|e| error(map_names::SLOTS_V4, "delete", e))
     }
 
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|e| error(map_names::BACKENDS_V4, "insert", e))
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError> {
+        match backend.backend.family() {
+            Family::V4 => self.v4.put_backend(id, &backend),
+            Family::V6 => self.v6()?.put_backend(id, &backend),
+        }
     }
 
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        self.backends
-            .remove(&id)
-            .map_err(|e| error(map_names::BACKENDS_V4, "delete", e))
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+        match family {
+            Family::V4 => self.v4.remove_backend(id),
+            Family::V6 => self.v6()?.remove_backend(id),
+        }
     }
 
     fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError> {
@@ -132,54 +268,37 @@ impl ServiceMaps for BpfServiceMaps {
     }
 
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
-        self.source_ranges
-            .insert(&source_range_key(service_id, range), 1, 0)
-            .map_err(|e| error(map_names::SOURCE_RANGES_V4, "insert", e))
+        match range.family() {
+            Family::V4 => self.v4.put_source_range(service_id, range),
+            Family::V6 => self.v6()?.put_source_range(service_id, range),
+        }
     }
 
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
-        match self
-            .source_ranges
-            .remove(&source_range_key(service_id, range))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(error(map_names::SOURCE_RANGES_V4, "delete", e)),
+        match range.family() {
+            Family::V4 => self.v4.remove_source_range(service_id, range),
+            Family::V6 => self.v6()?.remove_source_range(service_id, range),
         }
     }
 
     fn dump(&self) -> Result<MapContents, MapError> {
-        let frontends = self
-            .frontends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::FRONTENDS_V4, "read", e))?;
-        let slots = self
-            .slots
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::SLOTS_V4, "read", e))?;
-        let backends = self
-            .backends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::BACKENDS_V4, "read", e))?;
-        let maglev = self
-            .maglev
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::MAGLEV_V4, "read", e))?;
-        let source_ranges = self
-            .source_ranges
-            .keys()
-            .map(|key| key.map(|key| source_range_of(&key)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| error(map_names::SOURCE_RANGES_V4, "read", e))?;
-        Ok(MapContents {
-            frontends,
-            slots,
-            backends,
-            maglev,
-            source_ranges,
-        })
+        let mut contents = MapContents {
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| error(map_names::SLOTS_V4, "read", e))?,
+            maglev: self
+                .maglev
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|e| error(map_names::MAGLEV_V4, "read", e))?,
+            ..MapContents::default()
+        };
+        self.v4.dump_into(&mut contents)?;
+        if let Some(v6) = &self.v6 {
+            v6.dump_into(&mut contents)?;
+        }
+        Ok(contents)
     }
 }

@@ -662,6 +662,74 @@ mod tests {
         );
     }
 
+    /// An upgrade from the IPv4-only object: every IPv4 map keeps its name and shape (so its
+    /// pin is reused, entries and all, and the reconciler adopts it), the IPv6 maps are new,
+    /// and the fragment map, whose key changed, has a new name: the object does not pin
+    /// `LB4_FRAGS_V1` any more, so it is left to the old programs and removed once the new
+    /// ones are linked (`remove_maps_except` of the object's names).
+    #[test]
+    fn ipv4_pins_of_the_ipv4_only_object_are_reused_and_the_old_fragment_map_retired() {
+        use lb_common::map_names::*;
+        let limits = crate::dataplane::Limits::default();
+        let shapes =
+            pinned_shapes(crate::dataplane::loader::EBPF_OBJECT, &limits.capacities()).unwrap();
+        let hash = bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+        let lru = bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32;
+        // (name, type, key size, value size) as the IPv4-only object pinned them.
+        let before = [
+            (FRONTENDS_V4, hash, 8, 16),
+            (BACKENDS_V4, hash, 4, 8),
+            (SLOTS_V4, hash, 8, 4),
+            (MAGLEV_V4, hash, 4, 4 * lb_common::MAGLEV_SIZE + 4),
+            (REVNAT_V4, lru, 8, 16 * lb_common::SOCK_SERVICES as u32 + 8),
+            (NODE_ADDRS_V4, hash, 4, 4),
+            (IFACE_ADDRS_V4, hash, 4, 4),
+        ];
+        for (name, map_type, key_size, value_size) in before {
+            let shape = shapes[name];
+            assert_eq!(
+                (shape.map_type, shape.key_size, shape.value_size),
+                (map_type, key_size, value_size),
+                "{name}"
+            );
+        }
+        assert_eq!(FRAGS_V4, "LB4_FRAGS_V2");
+        assert!(shapes.contains_key(FRAGS_V4), "{shapes:?}");
+        assert!(!shapes.contains_key("LB4_FRAGS_V1"), "{shapes:?}");
+        for name in [
+            FRONTENDS_V6,
+            BACKENDS_V6,
+            AFFINITY_V6,
+            REVNAT_V6,
+            SERVICE_NAMES_V6,
+            FLOWS_V6,
+            FLOW_REPLIES_V6,
+            SNAT_EXHAUSTED_V6,
+            NODE_ADDRS_V6,
+            IFACE_ADDRS_V6,
+            SOURCE_RANGES_V6,
+            FRAGS_V6,
+        ] {
+            assert!(shapes.contains_key(name), "{name} missing: {shapes:?}");
+        }
+        assert_eq!(shapes[FRONTENDS_V6].key_size, 20);
+        assert_eq!(shapes[FRONTENDS_V6].value_size, 16);
+        assert_eq!(shapes[BACKENDS_V6].value_size, 20);
+        // A pin of the retired name is another map to the shape check: none is wanted under
+        // that name, so nothing is moved aside or carried for it.
+        let dir = Dir::new();
+        dir.write("LB4_FRAGS_V1", "old fragments");
+        let wanted: BTreeMap<String, MapShape> = shapes
+            .iter()
+            .map(|(name, shape)| (name.clone(), *shape))
+            .collect();
+        let moved = prepare_shapes(&wanted, &dir.0, |pin| {
+            panic!("{}: no pin of a wanted name exists", pin.display())
+        });
+        assert!(moved.unwrap().is_empty());
+        assert_eq!(dir.read("LB4_FRAGS_V1").as_deref(), Some("old fragments"));
+    }
+
     #[test]
     fn a_whole_object_loaded_with_its_limits_has_every_shape_it_asks_for() {
         let limits = crate::dataplane::Limits::default();

@@ -12,7 +12,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
-    net::Ipv4Addr,
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
     path::Path,
 };
@@ -28,13 +29,16 @@ use aya::{
     },
     util::KernelVersion,
 };
-use lb_common::map_names;
+use lb_common::{Addr4, Addr6, map_names};
 
 use super::{
     links::{self, Attached},
     maps::{error, take_map},
 };
-use crate::reconcile::MapError;
+use crate::{
+    model::Family,
+    reconcile::{FamilyAddr, MapError},
+};
 
 pub const XDP_PROGRAM: &str = "nodeport_xdp";
 pub const TC_PROGRAM: &str = "nodeport_tc";
@@ -302,52 +306,99 @@ fn tc_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
         .map_err(Into::into)
 }
 
-/// The node's addresses: where NodePorts answer, and the SNAT source per interface.
+/// One family's address maps: the addresses NodePorts answer on (`LB4_NODEADDR`,
+/// `LB6_NODEADDR`: address → 1) and the SNAT source per ingress interface (`LB4_IFADDR`,
+/// `LB6_IFADDR`: ifindex → address).
+struct FamilyAddrMaps<A: FamilyAddr + aya::Pod> {
+    node_addrs: HashMap<MapData, A, u32>,
+    node_addrs_name: &'static str,
+    iface_addrs: HashMap<MapData, u32, A>,
+    iface_addrs_name: &'static str,
+}
+
+impl<A: FamilyAddr + aya::Pod> FamilyAddrMaps<A> {
+    fn take(
+        ebpf: &mut Ebpf,
+        node_addrs_name: &'static str,
+        iface_addrs_name: &'static str,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            node_addrs: HashMap::try_from(take_map(ebpf, node_addrs_name)?)?,
+            node_addrs_name,
+            iface_addrs: HashMap::try_from(take_map(ebpf, iface_addrs_name)?)?,
+            iface_addrs_name,
+        })
+    }
+
+    /// Writes the addresses of this family among `wanted`.
+    fn set_node_addrs(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), MapError> {
+        let wanted = wanted
+            .iter()
+            .filter_map(|ip| A::of_ip(*ip))
+            .map(|addr| (addr, 1))
+            .collect();
+        sync_map(&mut self.node_addrs, self.node_addrs_name, &wanted)
+    }
+
+    /// Writes the SNAT addresses of this family among `wanted`.
+    fn set_iface_addrs(
+        &mut self,
+        wanted: &BTreeMap<(u32, Family), IpAddr>,
+    ) -> Result<(), MapError> {
+        let wanted = wanted
+            .iter()
+            .filter(|((_, family), _)| *family == A::MODEL_FAMILY)
+            .filter_map(|((index, _), ip)| Some((*index, A::of_ip(*ip)?)))
+            .collect();
+        sync_map(&mut self.iface_addrs, self.iface_addrs_name, &wanted)
+    }
+}
+
+/// The node's addresses of both families: where NodePorts answer, and the SNAT source per
+/// interface.
 pub struct NodeAddrMaps {
-    node_addrs: HashMap<MapData, u32, u32>,
-    iface_addrs: HashMap<MapData, u32, u32>,
+    v4: FamilyAddrMaps<Addr4>,
+    v6: FamilyAddrMaps<Addr6>,
 }
 
 impl NodeAddrMaps {
     /// Takes the maps out of a loaded object (before its programs are loaded, as for the
     /// service maps: the programs keep referring to them).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name| take_map(ebpf, name);
         Ok(Self {
-            node_addrs: HashMap::try_from(take(map_names::NODE_ADDRS_V4)?)?,
-            iface_addrs: HashMap::try_from(take(map_names::IFACE_ADDRS_V4)?)?,
+            v4: FamilyAddrMaps::take(ebpf, map_names::NODE_ADDRS_V4, map_names::IFACE_ADDRS_V4)?,
+            v6: FamilyAddrMaps::take(ebpf, map_names::NODE_ADDRS_V6, map_names::IFACE_ADDRS_V6)?,
         })
     }
 
-    /// Makes `LB4_NODEADDR` hold exactly `wanted` (the addresses NodePorts answer on).
-    pub fn set_node_addrs(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> Result<(), MapError> {
-        let wanted: BTreeSet<u32> = wanted
-            .iter()
-            .map(|ip| lb_common::addr_to_map(u32::from(*ip)))
-            .collect();
-        sync_u32_map(
-            &mut self.node_addrs,
-            map_names::NODE_ADDRS_V4,
-            &wanted.iter().map(|a| (*a, 1)).collect(),
-        )
+    /// Makes `LB4_NODEADDR` and `LB6_NODEADDR` hold exactly `wanted`, each its family's (the
+    /// addresses NodePorts answer on).
+    pub fn set_node_addrs(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), MapError> {
+        self.v4.set_node_addrs(wanted)?;
+        self.v6.set_node_addrs(wanted)
     }
 
-    /// Makes `LB4_IFADDR` hold exactly `wanted`: the SNAT source address per ifindex.
-    pub fn set_iface_addrs(&mut self, wanted: &BTreeMap<u32, Ipv4Addr>) -> Result<(), MapError> {
-        let wanted = wanted
-            .iter()
-            .map(|(index, ip)| (*index, lb_common::addr_to_map(u32::from(*ip))))
-            .collect();
-        sync_u32_map(&mut self.iface_addrs, map_names::IFACE_ADDRS_V4, &wanted)
+    /// Makes `LB4_IFADDR` and `LB6_IFADDR` hold exactly `wanted`: the SNAT source address
+    /// of each family per ifindex (an address must be of the family it is filed under).
+    pub fn set_iface_addrs(
+        &mut self,
+        wanted: &BTreeMap<(u32, Family), IpAddr>,
+    ) -> Result<(), MapError> {
+        self.v4.set_iface_addrs(wanted)?;
+        self.v6.set_iface_addrs(wanted)
     }
 }
 
-fn sync_u32_map(
-    map: &mut HashMap<MapData, u32, u32>,
+fn sync_map<K, V>(
+    map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    wanted: &BTreeMap<u32, u32>,
-) -> Result<(), MapError> {
-    let current: BTreeMap<u32, u32> = map
+    wanted: &BTreeMap<K, V>,
+) -> Result<(), MapError>
+where
+    K: aya::Pod + Ord + Hash,
+    V: aya::Pod + PartialEq,
+{
+    let current: BTreeMap<K, V> = map
         .iter()
         .collect::<Result<_, _>>()
         .map_err(|e| error(name, "read", e))?;
@@ -363,14 +414,14 @@ fn sync_u32_map(
     Ok(())
 }
 
-/// An interface's index and IPv4 addresses.
+/// An interface's index and addresses of both families, in the order the kernel lists them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interface {
     pub index: u32,
-    pub addrs: Vec<Ipv4Addr>,
+    pub addrs: Vec<IpAddr>,
 }
 
-/// The IPv4 addresses of every interface of this network namespace, by name.
+/// The IPv4 and IPv6 addresses of every interface of this network namespace, by name.
 pub fn interfaces() -> anyhow::Result<BTreeMap<String, Interface>> {
     let mut found: BTreeMap<String, Interface> = BTreeMap::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -396,12 +447,22 @@ pub fn interfaces() -> anyhow::Result<BTreeMap<String, Interface>> {
             continue;
         }
         // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
-        if unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET {
-            // SAFETY: AF_INET means a sockaddr_in.
-            let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
-            iface
-                .addrs
-                .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        match unsafe { (*entry.ifa_addr).sa_family } as i32 {
+            libc::AF_INET => {
+                // SAFETY: AF_INET means a sockaddr_in.
+                let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+                iface
+                    .addrs
+                    .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+            }
+            libc::AF_INET6 => {
+                // SAFETY: AF_INET6 means a sockaddr_in6.
+                let sin6 = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in6) };
+                iface
+                    .addrs
+                    .push(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+            }
+            _ => {}
         }
     }
     // SAFETY: the list from getifaddrs, freed once.

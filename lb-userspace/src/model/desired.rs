@@ -4,12 +4,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
 
-use super::objects::ObjectRef;
+use super::{Family, objects::ObjectRef};
 use crate::cidr::Cidr;
 
 /// Transport protocols the data path handles.
@@ -125,12 +125,12 @@ impl Scope {
     }
 }
 
-/// An address a client connects to: a ClusterIP, a NodePort (address 0.0.0.0: every
-/// NodePort address of the node), an externalIP or a LoadBalancer IP, with port, protocol
-/// and scope.
+/// An address a client connects to: a ClusterIP, a NodePort (address 0.0.0.0 or `::`: every
+/// NodePort address of the node of that family), an externalIP or a LoadBalancer IP, with
+/// port, protocol and scope. IPv4 and IPv6 alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub scope: Scope,
@@ -138,7 +138,7 @@ pub struct Frontend {
 
 impl Frontend {
     /// A frontend of the external scope (the frontend itself).
-    pub fn new(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+    pub fn new(ip: IpAddr, port: u16, protocol: Protocol) -> Self {
         Self {
             ip,
             port,
@@ -147,9 +147,13 @@ impl Frontend {
         }
     }
 
-    /// A NodePort: every NodePort address of the node.
-    pub fn node_port(port: u16, protocol: Protocol) -> Self {
-        Self::new(Ipv4Addr::UNSPECIFIED, port, protocol)
+    /// A NodePort: every NodePort address of the node of `family`.
+    pub fn node_port(family: Family, port: u16, protocol: Protocol) -> Self {
+        Self::new(family.unspecified(), port, protocol)
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.ip)
     }
 
     pub fn is_node_port(&self) -> bool {
@@ -160,15 +164,21 @@ impl Frontend {
     pub fn in_scope(self, scope: Scope) -> Self {
         Self { scope, ..self }
     }
+
+    /// `IP:port`, `[IPv6]:port`, and for a NodePort `<node>:port` (IPv4) or `[<node>]:port`
+    /// (IPv6): one text for logs, `list` and `describe`.
+    pub fn address_text(&self) -> String {
+        match (self.is_node_port(), self.family()) {
+            (true, Family::V4) => format!("<node>:{}", self.port),
+            (true, Family::V6) => format!("[<node>]:{}", self.port),
+            (false, _) => SocketAddr::new(self.ip, self.port).to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_node_port() {
-            write!(f, "<node>:{}/{}", self.port, self.protocol)?;
-        } else {
-            write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
-        }
+        write!(f, "{}/{}", self.address_text(), self.protocol)?;
         if self.scope == Scope::Internal {
             f.write_str(" (in-node clients)")?;
         }
@@ -195,17 +205,23 @@ impl fmt::Display for Endpoints {
     }
 }
 
-/// A backend set: the endpoints of one Service port under one traffic policy. Every
-/// frontend of the port that uses these endpoints shares it (one service id in the maps).
+/// A backend set: the endpoints of one family of one Service port under one traffic policy.
+/// Every frontend of the port and family that uses these endpoints shares it (one service id
+/// in the maps); the IPv4 and IPv6 frontends of a dual-stack port have a set each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct SetKey {
     pub name: ServicePortName,
+    pub family: Family,
     pub endpoints: Endpoints,
 }
 
 impl fmt::Display for SetKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({} endpoints)", self.name, self.endpoints)
+        write!(
+            f,
+            "{} ({} {} endpoints)",
+            self.name, self.family, self.endpoints
+        )
     }
 }
 
@@ -239,16 +255,23 @@ impl BackendSet {
     }
 }
 
-/// A backend endpoint: pod address and target port.
+/// A backend endpoint: pod address (either family) and target port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Backend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
+impl Backend {
+    pub fn family(&self) -> Family {
+        Family::of(self.ip)
+    }
+}
+
+/// `IP:port`, `[IPv6]:port`.
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        SocketAddr::new(self.ip, self.port).fmt(f)
     }
 }
 
@@ -274,6 +297,8 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DesiredService {
     pub name: ServicePortName,
+    /// The family of the frontend and of every backend of its set.
+    pub family: Family,
     pub kind: FrontendKind,
     /// The backend set: `(name, endpoints)` in [`DesiredState::sets`].
     pub endpoints: Endpoints,
@@ -284,23 +309,23 @@ pub struct DesiredService {
     pub local_only: bool,
     /// In-node clients use this frontend's internal-scope entry.
     pub two_scopes: bool,
-    /// A LoadBalancer IP's `loadBalancerSourceRanges` (external scope only).
+    /// A LoadBalancer IP's `loadBalancerSourceRanges` of its family (external scope only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_ranges: Option<SourceRanges>,
 }
 
 /// The clients a LoadBalancer IP with `loadBalancerSourceRanges` lets in, as kube-proxy's
-/// firewall chain does: the ranges, and when one of them holds the node's IP, the
-/// service's LoadBalancer IPs too (a VIP the node holds locally loops back with itself as
-/// source).
+/// firewall chain of the IP's family does: the ranges of that family, and when one of them
+/// holds the node's IP of that family, the service's LoadBalancer IPs of that family too (a
+/// VIP the node holds locally loops back with itself as source).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct SourceRanges {
-    /// Allowed sources, host bits cleared.
+    /// Allowed sources, host bits cleared, all of the frontend's family.
     pub allowed: BTreeSet<Cidr>,
     /// A range holds the node's IP: a node process whose source is not known at connect
     /// time is let in.
     pub allow_node: bool,
-    /// The ranges hold every pod CIDR of this node: a pod whose source is not known at
+    /// The ranges hold every pod CIDR of this node of the family: a pod whose source is not known at
     /// connect time is let in.
     pub allow_pods: bool,
 }
@@ -310,6 +335,7 @@ impl DesiredService {
     pub fn set(&self) -> SetKey {
         SetKey {
             name: self.name.clone(),
+            family: self.family,
             endpoints: self.endpoints,
         }
     }
@@ -352,7 +378,8 @@ impl DesiredState {
 /// How bad a diagnostic is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
-    /// Something we deliberately do not handle yet (an IPv6 ClusterIP, SCTP).
+    /// Something we deliberately do not handle (SCTP), or leave out as kube-proxy does (an
+    /// externalIP of a family the Service has no ClusterIP of).
     Info,
     /// The object, or part of it, makes no sense and was skipped.
     Warning,

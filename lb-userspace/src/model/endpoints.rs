@@ -4,14 +4,14 @@
 //! hints and traffic policies.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Diagnostic, Severity,
+    Diagnostic, Family, Severity,
     desired::{Backend, Protocol},
     objects::{ObjectKey, ObjectRef},
 };
@@ -36,11 +36,22 @@ pub struct NodeView {
     pub node_name: String,
     /// `topology.kubernetes.io/zone` of this node, when known.
     pub zone: Option<String>,
-    /// kube-proxy's node IP: the first IPv4 InternalIP of the Node, else its first
-    /// ExternalIP (`loadBalancerSourceRanges` that hold it let the node in).
-    pub node_ip: Option<std::net::Ipv4Addr>,
-    /// The Node's IPv4 `spec.podCIDRs` (this node's pods' addresses).
+    /// kube-proxy's node IP of each family: the Node's first InternalIP of the family, else
+    /// its first ExternalIP of it (`loadBalancerSourceRanges` that hold it let the node in).
+    /// At most one per family, IPv4 first.
+    pub node_ips: Vec<IpAddr>,
+    /// The Node's `spec.podCIDRs` of both families (this node's pods' addresses).
     pub pod_cidrs: Vec<crate::cidr::Cidr>,
+}
+
+impl NodeView {
+    /// kube-proxy's node IP of `family`.
+    pub fn node_ip(&self, family: Family) -> Option<IpAddr> {
+        self.node_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(*ip) == family)
+    }
 }
 
 /// The endpoints of one service port, by backend address.
@@ -91,11 +102,13 @@ impl<'a> SliceIndex<'a> {
     }
 }
 
-/// Collects the endpoints of the port named `port_name` (protocol `protocol`) of the service
-/// `service`, from every slice labelled with its name. `all_ready` treats every endpoint as
+/// Collects the endpoints of family `family` of the port named `port_name` (protocol
+/// `protocol`) of the service `service`, from every slice of that `addressType` labelled with
+/// its name, as kube-proxy's proxier of that family does. `all_ready` treats every endpoint as
 /// ready (`publishNotReadyAddresses`).
 pub fn collect(
     service: &ObjectKey,
+    family: Family,
     port_name: &str,
     protocol: Protocol,
     all_ready: bool,
@@ -104,8 +117,9 @@ pub fn collect(
 ) -> PortEndpoints {
     let mut merged = PortEndpoints::new();
     for &(key, slice) in slices.of(service) {
-        if slice.address_type != "IPv4" {
-            // IPv6 slices are a later family; FQDN slices are ignored, as kube-proxy does.
+        if slice.address_type != family.kubernetes_name() {
+            // The other family's slices are its own proxier's; FQDN slices are ignored, as
+            // kube-proxy does.
             continue;
         }
         let Some(port) = matching_port(key, slice, port_name, protocol, diagnostics) else {
@@ -116,13 +130,12 @@ pub fn collect(
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };
-            // 0.0.0.0 as a backend would reach the client's own host (the API server refuses
-            // it too; found by the `model` fuzz target).
-            let Some(ip) = address
-                .parse::<Ipv4Addr>()
-                .ok()
-                .filter(|ip| !ip.is_unspecified())
-            else {
+            // 0.0.0.0 or :: as a backend would reach the client's own host (the API server
+            // refuses it too; found by the `model` fuzz target); an IPv4-mapped IPv6 address
+            // is an IPv4 one in disguise.
+            let Some(ip) = address.parse::<IpAddr>().ok().filter(|ip| {
+                Family::of(*ip) == family && !ip.is_unspecified() && !is_ipv4_mapped(ip)
+            }) else {
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: ObjectRef {
@@ -130,7 +143,7 @@ pub fn collect(
                         key: key.clone(),
                     },
                     message: format!(
-                        "endpoint address {address:?} is not a usable IPv4 address; skipped"
+                        "endpoint address {address:?} is not a usable {family} address; skipped"
                     ),
                 });
                 continue;
@@ -155,6 +168,10 @@ pub fn collect(
         }
     }
     merged
+}
+
+fn is_ipv4_mapped(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
 }
 
 fn hint_names<T: HasName>(hints: Option<&Vec<T>>) -> BTreeSet<String> {

@@ -5,6 +5,7 @@
 //! objects came from or what a BPF map is.
 pub mod desired;
 pub mod endpoints;
+pub mod family;
 pub mod incremental;
 pub mod objects;
 pub mod service;
@@ -18,6 +19,7 @@ pub use desired::{
     FrontendKind, HealthCheck, Protocol, Scope, ServicePortName, SetKey, Severity, SourceRanges,
 };
 pub use endpoints::NodeView;
+pub use family::Family;
 pub use incremental::{Changes, Model};
 pub use objects::{ObjectKey, ObjectRef, Objects};
 
@@ -62,12 +64,13 @@ fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
     let addresses = node
         .and_then(|node| node.status.as_ref())
         .and_then(|status| status.addresses.as_ref());
-    let first_of = |kind: &str| {
+    let first_of = |kind: &str, family: Family| {
         addresses
             .into_iter()
             .flatten()
             .filter(|a| a.type_ == kind)
-            .find_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok())
+            .filter_map(|a| a.address.parse::<std::net::IpAddr>().ok())
+            .find(|ip| Family::of(*ip) == family)
     };
     let spec = node.and_then(|node| node.spec.as_ref());
     let pod_cidrs = spec
@@ -82,7 +85,12 @@ fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
     NodeView {
         node_name: identity.node_name.clone(),
         zone,
-        node_ip: first_of("InternalIP").or_else(|| first_of("ExternalIP")),
+        node_ips: Family::ALL
+            .into_iter()
+            .filter_map(|family| {
+                first_of("InternalIP", family).or_else(|| first_of("ExternalIP", family))
+            })
+            .collect(),
         pod_cidrs,
     }
 }

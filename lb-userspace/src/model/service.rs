@@ -1,13 +1,16 @@
-//! One Service → its frontends of every kind and the backend sets they lead to, following
-//! kube-proxy: ClusterIPs use the endpoints of `internalTrafficPolicy`; NodePorts (types
-//! NodePort and LoadBalancer), `spec.externalIPs` and LoadBalancer ingress IPs (type
+//! One Service → its frontends of every kind and family and the backend sets they lead to,
+//! following kube-proxy: ClusterIPs use the endpoints of `internalTrafficPolicy`; NodePorts
+//! (types NodePort and LoadBalancer), `spec.externalIPs` and LoadBalancer ingress IPs (type
 //! LoadBalancer) use those of `externalTrafficPolicy` (applied to NodePort and LoadBalancer
 //! services only); in-node clients of an external frontend whose policy is `Local` get every
 //! endpoint, as kube-proxy sends pod and host traffic for external destinations to the
-//! cluster chain. Every problem is reported against the Service by name.
+//! cluster chain. A dual-stack Service is served once per family it has a ClusterIP of, as by
+//! kube-proxy's one proxier per family: that family's NodePorts, externalIPs, LoadBalancer
+//! IPs and source ranges, and the endpoints of that family's EndpointSlices. Every problem is
+//! reported against the Service by name.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -15,8 +18,8 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use crate::cidr::Cidr;
 
 use super::{
-    DEFAULT_AFFINITY_TIMEOUT_SECS, Diagnostic, MAX_AFFINITY_TIMEOUT_SECS, ObjectKey, ObjectRef,
-    Severity,
+    DEFAULT_AFFINITY_TIMEOUT_SECS, Diagnostic, Family, MAX_AFFINITY_TIMEOUT_SECS, ObjectKey,
+    ObjectRef, Severity,
     desired::{
         Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, HealthCheck,
         Protocol, Scope, ServicePortName, SetKey, SourceRanges,
@@ -33,10 +36,17 @@ pub struct Contribution {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// The addresses of a Service, each with its kind.
+/// The addresses of one family of a Service.
+struct FamilyAddresses {
+    family: Family,
+    cluster_ip: IpAddr,
+    /// The externalIPs and LoadBalancer ingress IPs of this family, each with its kind.
+    external: Vec<(IpAddr, FrontendKind)>,
+}
+
+/// The addresses of a Service: one entry per family it has a ClusterIP of (IPv4 first).
 struct Addresses {
-    cluster_ips: Vec<Ipv4Addr>,
-    external: Vec<(Ipv4Addr, FrontendKind)>,
+    families: Vec<FamilyAddresses>,
     node_ports: bool,
 }
 
@@ -101,97 +111,106 @@ pub fn contribution(
             name: key.name.clone(),
             port: port.name.clone().unwrap_or_default(),
         };
-        let collected = endpoints::collect(
-            key,
-            &name.port,
-            protocol,
-            all_ready,
-            slices,
-            &mut endpoint_diagnostics,
-        );
-        local_ready = local_ready.max(
-            collected
-                .values()
-                .filter(|ep| ep.ready && is_local(ep, node))
-                .count(),
-        );
-        let frontend_of = |kind: FrontendKind, endpoints: Endpoints| DesiredService {
-            name: name.clone(),
-            kind,
-            endpoints,
-            affinity_timeout_secs: affinity,
-            local_only: kind.is_external() && endpoints == Endpoints::Local,
-            two_scopes: kind.is_external() && endpoints == Endpoints::Local,
-            source_ranges: ranges
-                .clone()
-                .filter(|_| kind == FrontendKind::LoadBalancer),
-        };
-        let mut wanted: Vec<(Frontend, DesiredService)> = addresses
-            .cluster_ips
-            .iter()
-            .map(|ip| {
-                (
-                    Frontend::new(*ip, number, protocol),
-                    frontend_of(FrontendKind::ClusterIP, internal),
-                )
-            })
-            .collect();
-        if addresses.node_ports {
+        let node_port = if addresses.node_ports {
             match port.node_port.map(u16::try_from) {
-                Some(Ok(node_port)) if node_port != 0 => wanted.push((
-                    Frontend::node_port(node_port, protocol),
-                    frontend_of(FrontendKind::NodePort, external),
-                )),
-                Some(_) => report.warn(format!(
-                    "port {}: nodePort {} is not a valid port (1-65535); no NodePort for it",
-                    label(port),
-                    port.node_port.unwrap_or_default()
-                )),
+                Some(Ok(node_port)) if node_port != 0 => Some(node_port),
+                Some(_) => {
+                    report.warn(format!(
+                        "port {}: nodePort {} is not a valid port (1-65535); no NodePort for it",
+                        label(port),
+                        port.node_port.unwrap_or_default()
+                    ));
+                    None
+                }
                 // allocateLoadBalancerNodePorts: false, or not allocated yet.
-                None => {}
+                None => None,
             }
-        }
-        for (ip, kind) in &addresses.external {
-            wanted.push((
-                Frontend::new(*ip, number, protocol),
-                frontend_of(*kind, external),
-            ));
-        }
-        let mut needed = BTreeSet::new();
-        for (frontend, desired) in wanted {
-            if out.frontends.contains_key(&frontend) {
-                continue; // an externalIP equal to the service's own ClusterIP, say
+        } else {
+            None
+        };
+        for addresses in &addresses.families {
+            let family = addresses.family;
+            let collected = endpoints::collect(
+                key,
+                family,
+                &name.port,
+                protocol,
+                all_ready,
+                slices,
+                &mut endpoint_diagnostics,
+            );
+            local_ready = local_ready.max(
+                collected
+                    .values()
+                    .filter(|ep| ep.ready && is_local(ep, node))
+                    .count(),
+            );
+            let frontend_of = |kind: FrontendKind, endpoints: Endpoints| DesiredService {
+                name: name.clone(),
+                family,
+                kind,
+                endpoints,
+                affinity_timeout_secs: affinity,
+                local_only: kind.is_external() && endpoints == Endpoints::Local,
+                two_scopes: kind.is_external() && endpoints == Endpoints::Local,
+                source_ranges: ranges
+                    .get(&family)
+                    .cloned()
+                    .filter(|_| kind == FrontendKind::LoadBalancer),
+            };
+            let mut wanted = vec![(
+                Frontend::new(addresses.cluster_ip, number, protocol),
+                frontend_of(FrontendKind::ClusterIP, internal),
+            )];
+            if let Some(node_port) = node_port {
+                wanted.push((
+                    Frontend::node_port(family, node_port, protocol),
+                    frontend_of(FrontendKind::NodePort, external),
+                ));
             }
-            needed.insert(desired.endpoints);
-            if desired.two_scopes {
-                // In-node clients of a Local external frontend: every endpoint.
-                needed.insert(Endpoints::All);
-                out.frontends.insert(
-                    frontend.in_scope(Scope::Internal),
-                    DesiredService {
-                        endpoints: Endpoints::All,
-                        local_only: false,
-                        two_scopes: false,
-                        source_ranges: None,
-                        ..desired.clone()
+            for (ip, kind) in &addresses.external {
+                wanted.push((
+                    Frontend::new(*ip, number, protocol),
+                    frontend_of(*kind, external),
+                ));
+            }
+            let mut needed = BTreeSet::new();
+            for (frontend, desired) in wanted {
+                if out.frontends.contains_key(&frontend) {
+                    continue; // an externalIP equal to the service's own ClusterIP, say
+                }
+                needed.insert(desired.endpoints);
+                if desired.two_scopes {
+                    // In-node clients of a Local external frontend: every endpoint.
+                    needed.insert(Endpoints::All);
+                    out.frontends.insert(
+                        frontend.in_scope(Scope::Internal),
+                        DesiredService {
+                            endpoints: Endpoints::All,
+                            local_only: false,
+                            two_scopes: false,
+                            source_ranges: None,
+                            ..desired.clone()
+                        },
+                    );
+                }
+                out.frontends.insert(frontend, desired);
+            }
+            let categorized = endpoints::categorize(&collected, node);
+            for endpoints in needed {
+                let picks = match endpoints {
+                    Endpoints::All => &categorized.cluster,
+                    Endpoints::Local => &categorized.local,
+                };
+                out.sets.insert(
+                    SetKey {
+                        name: name.clone(),
+                        family,
+                        endpoints,
                     },
+                    backend_set(&collected, picks, endpoints, node),
                 );
             }
-            out.frontends.insert(frontend, desired);
-        }
-        let categorized = endpoints::categorize(&collected, node);
-        for endpoints in needed {
-            let picks = match endpoints {
-                Endpoints::All => &categorized.cluster,
-                Endpoints::Local => &categorized.local,
-            };
-            out.sets.insert(
-                SetKey {
-                    name: name.clone(),
-                    endpoints,
-                },
-                backend_set(&collected, picks, endpoints, node),
-            );
         }
     }
     if addresses.node_ports
@@ -217,24 +236,23 @@ pub fn contribution(
     out
 }
 
-/// kube-proxy's firewall for LoadBalancer IPs (its service info and `proxier.go`): the IPv4
-/// entries of `loadBalancerSourceRanges`, whitespace trimmed; none, or one of them
-/// `0.0.0.0/0`, means no firewall. When a range holds the node's IP, the LoadBalancer IPs
-/// themselves are allowed sources too. NodePorts and externalIPs are never filtered.
-/// Entries that are not CIDRs are reported and ignored.
+/// kube-proxy's firewall for LoadBalancer IPs (its service info and `proxier.go`), per
+/// family as each family's proxier builds it: the entries of `loadBalancerSourceRanges` of
+/// the family, whitespace trimmed; none of the family, or one of them `0.0.0.0/0` (`::/0`),
+/// means no firewall for that family's LoadBalancer IPs (reported when the other family has
+/// ranges: kube-proxy leaves them open too). When a range holds the node's IP of the family,
+/// the family's LoadBalancer IPs themselves are allowed sources too. NodePorts and
+/// externalIPs are never filtered. Entries that are not CIDRs are reported and ignored.
 fn source_ranges(
     spec: &ServiceSpec,
     addresses: &Addresses,
     node: &NodeView,
     report: &mut Reporter,
-) -> Option<SourceRanges> {
-    let texts = spec.load_balancer_source_ranges.as_ref()?;
-    let lb_ips: Vec<Ipv4Addr> = addresses
-        .external
-        .iter()
-        .filter(|(_, kind)| *kind == FrontendKind::LoadBalancer)
-        .map(|(ip, _)| *ip)
-        .collect();
+) -> BTreeMap<Family, SourceRanges> {
+    let mut found = BTreeMap::new();
+    let Some(texts) = spec.load_balancer_source_ranges.as_ref() else {
+        return found;
+    };
     let mut ranges = BTreeSet::new();
     for text in texts {
         let text = text.trim();
@@ -242,41 +260,65 @@ fn source_ranges(
             Ok(cidr) => {
                 ranges.insert(cidr.network());
             }
-            Err(_) if is_ipv6_cidr(text) => report.info(format!(
-                "loadBalancerSourceRanges entry {text} is IPv6, which this data path does not \
-                 serve yet"
-            )),
             Err(_) => report.warn(format!(
                 "loadBalancerSourceRanges entry {text:?} is not a CIDR; ignored"
             )),
         }
     }
-    if lb_ips.is_empty() || ranges.is_empty() || ranges.iter().any(Cidr::is_everything) {
-        return None;
-    }
-    let allow_node = node
-        .node_ip
-        .is_some_and(|ip| ranges.iter().any(|range| range.contains(ip)));
-    let allow_pods = !node.pod_cidrs.is_empty()
-        && node
+    for addresses in &addresses.families {
+        let family = addresses.family;
+        let lb_ips: Vec<IpAddr> = addresses
+            .external
+            .iter()
+            .filter(|(_, kind)| *kind == FrontendKind::LoadBalancer)
+            .map(|(ip, _)| *ip)
+            .collect();
+        let of_family: BTreeSet<Cidr> = ranges
+            .iter()
+            .filter(|range| range.family() == family)
+            .copied()
+            .collect();
+        if lb_ips.is_empty() || of_family.iter().any(Cidr::is_everything) {
+            continue;
+        }
+        if of_family.is_empty() {
+            if !ranges.is_empty() {
+                let open: Vec<String> = lb_ips.iter().map(ToString::to_string).collect();
+                report.warn(format!(
+                    "loadBalancerSourceRanges holds no {family} range: the {family} \
+                     load-balancer IPs ({}) are open to every source (as with kube-proxy, \
+                     which filters each family by its own ranges)",
+                    open.join(", ")
+                ));
+            }
+            continue;
+        }
+        let allow_node = node
+            .node_ip(family)
+            .is_some_and(|ip| of_family.iter().any(|range| range.contains(ip)));
+        let pods: Vec<&Cidr> = node
             .pod_cidrs
             .iter()
-            .all(|pods| ranges.iter().any(|range| range.covers(pods)));
-    let mut allowed = ranges;
-    if allow_node {
-        allowed.extend(lb_ips.into_iter().map(Cidr::host));
+            .filter(|pods| pods.family() == family)
+            .collect();
+        let allow_pods = !pods.is_empty()
+            && pods
+                .iter()
+                .all(|pods| of_family.iter().any(|range| range.covers(pods)));
+        let mut allowed = of_family;
+        if allow_node {
+            allowed.extend(lb_ips.into_iter().map(Cidr::host));
+        }
+        found.insert(
+            family,
+            SourceRanges {
+                allowed,
+                allow_node,
+                allow_pods,
+            },
+        );
     }
-    Some(SourceRanges {
-        allowed,
-        allow_node,
-        allow_pods,
-    })
-}
-
-fn is_ipv6_cidr(text: &str) -> bool {
-    text.split_once('/').is_some_and(|(addr, prefix)| {
-        addr.parse::<std::net::Ipv6Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 128)
-    })
+    found
 }
 
 /// The backend set of `picks` (what new connections may use), with the terminating
@@ -331,7 +373,10 @@ fn is_headless(spec: &ServiceSpec) -> bool {
         .any(|ip| ip.eq_ignore_ascii_case("None"))
 }
 
-/// The Service's IPv4 addresses; `None` when it has no usable ClusterIP (skipped whole).
+/// The Service's addresses by family; `None` when it has no usable ClusterIP (skipped
+/// whole). A family is served only when the Service has a ClusterIP of it (kube-proxy's
+/// proxier of a family skips a Service without one): an externalIP or LoadBalancer IP of
+/// another family is reported and left out.
 fn addresses(
     service: &Service,
     spec: &ServiceSpec,
@@ -340,26 +385,33 @@ fn addresses(
 ) -> Option<Addresses> {
     let cluster_ip_texts = cluster_ips(spec);
     if cluster_ip_texts.is_empty() {
-        // The API server always allocates one; a hand-written manifest may lack it.
+        // The API server always allocates one; a manifest may lack it.
         report.warn(
             "has no clusterIP (the API server allocates one; a manifest must give it); skipped"
                 .into(),
         );
         return None;
     }
-    let mut cluster_ips = Vec::new();
-    for text in &cluster_ip_texts {
-        if let Some(ip) = ipv4_address(text, "ClusterIP", report) {
-            cluster_ips.push(ip);
-        }
-    }
+    let cluster_ips = cluster_ips_by_family(spec, &cluster_ip_texts, report);
     if cluster_ips.is_empty() {
         return None;
     }
+    let served = |ip: IpAddr| cluster_ips.iter().any(|(f, _)| *f == Family::of(ip));
     let mut external = Vec::new();
+    let mut add = |ip: IpAddr, kind: FrontendKind, what: &str, report: &mut Reporter| {
+        if served(ip) {
+            external.push((ip, kind));
+        } else {
+            let family = Family::of(ip);
+            report.info(format!(
+                "{what} {ip} is {family} and the Service has no {family} ClusterIP; not \
+                 served (kube-proxy serves a family only for a Service with a ClusterIP of it)"
+            ));
+        }
+    };
     for text in spec.external_ips.iter().flatten() {
-        if let Some(ip) = ipv4_address(text, "externalIP", report) {
-            external.push((ip, FrontendKind::ExternalIp));
+        if let Some(ip) = service_address(text, "externalIP", report) {
+            add(ip, FrontendKind::ExternalIp, "externalIP", report);
         }
     }
     if kind == "LoadBalancer" {
@@ -375,38 +427,132 @@ fn addresses(
                 continue;
             }
             if let Some(text) = &entry.ip
-                && let Some(ip) = ipv4_address(text, "load-balancer IP", report)
+                && let Some(ip) = service_address(text, "load-balancer IP", report)
             {
-                external.push((ip, FrontendKind::LoadBalancer));
+                add(ip, FrontendKind::LoadBalancer, "load-balancer IP", report);
             }
         }
     }
     external.sort();
     external.dedup_by_key(|(ip, _)| *ip);
+    let families = cluster_ips
+        .into_iter()
+        .map(|(family, cluster_ip)| FamilyAddresses {
+            family,
+            cluster_ip,
+            external: external
+                .iter()
+                .filter(|(ip, _)| Family::of(*ip) == family)
+                .copied()
+                .collect(),
+        })
+        .collect();
     Some(Addresses {
-        cluster_ips,
-        external,
+        families,
         node_ports: kind == "NodePort" || kind == "LoadBalancer",
     })
 }
 
-fn ipv4_address(text: &str, what: &str, report: &mut Reporter) -> Option<Ipv4Addr> {
-    match text.parse::<IpAddr>() {
-        // In the maps 0.0.0.0 is every NodePort address: as a service's own address it would
-        // turn its port into a NodePort (found by the `model` fuzz target).
-        Ok(IpAddr::V4(ip)) if ip.is_unspecified() => {
+/// Each family's ClusterIP as kube-proxy's `GetClusterIPByFamily` picks it: `clusterIPs[i]`
+/// for the family `ipFamilies[i]`. An object without `ipFamilies` (a hand-written manifest,
+/// an object from before dual-stack) has the first address of each family. `ipFamilyPolicy`
+/// does not change what is served (kube-proxy serves what `clusterIPs` holds); a
+/// `RequireDualStack` Service with one family's ClusterIP is served in that family and
+/// reported. IPv4 first.
+fn cluster_ips_by_family(
+    spec: &ServiceSpec,
+    texts: &[String],
+    report: &mut Reporter,
+) -> Vec<(Family, IpAddr)> {
+    let declared: Vec<&String> = spec.ip_families.iter().flatten().collect();
+    let mut found: Vec<(Family, IpAddr)> = Vec::new();
+    let has = |found: &[(Family, IpAddr)], family| found.iter().any(|(f, _)| *f == family);
+    if declared.is_empty() {
+        for text in texts {
+            let Some(ip) = service_address(text, "ClusterIP", report) else {
+                continue;
+            };
+            let family = Family::of(ip);
+            if has(&found, family) {
+                report.warn(format!(
+                    "ClusterIP {ip} is a second {family} ClusterIP (a Service has at most \
+                     one per family); skipped"
+                ));
+            } else {
+                found.push((family, ip));
+            }
+        }
+    } else {
+        for (index, name) in declared.iter().enumerate() {
+            let Some(family) = Family::from_kubernetes(name) else {
+                report.warn(format!(
+                    "ipFamilies entry {name:?} is not IPv4 or IPv6; ignored"
+                ));
+                continue;
+            };
+            if has(&found, family) {
+                report.warn(format!(
+                    "ipFamilies lists {family} twice; the second ignored"
+                ));
+                continue;
+            }
+            let Some(text) = texts.get(index) else {
+                report.warn(format!(
+                    "ipFamilies lists {family} but clusterIPs has no address for it; {family} \
+                     is not served"
+                ));
+                continue;
+            };
+            let Some(ip) = service_address(text, "ClusterIP", report) else {
+                continue;
+            };
+            if Family::of(ip) != family {
+                report.warn(format!(
+                    "ClusterIP {ip} is not {family}, as ipFamilies says it is; skipped"
+                ));
+                continue;
+            }
+            found.push((family, ip));
+        }
+        for text in texts.iter().skip(declared.len()) {
             report.warn(format!(
-                "{what} {ip} is not a usable address (0.0.0.0 stands for the NodePorts); skipped"
+                "ClusterIP {text} has no ipFamilies entry (kube-proxy picks ClusterIPs by \
+                 ipFamilies); skipped"
+            ));
+        }
+    }
+    if spec.ip_family_policy.as_deref() == Some("RequireDualStack")
+        && let [(family, _)] = found.as_slice()
+    {
+        report.warn(format!(
+            "ipFamilyPolicy is RequireDualStack but the Service has only an {family} \
+             ClusterIP; served in {family} only"
+        ));
+    }
+    found.sort();
+    found
+}
+
+/// A ClusterIP, externalIP or load-balancer IP of either family.
+fn service_address(text: &str, what: &str, report: &mut Reporter) -> Option<IpAddr> {
+    match text.parse::<IpAddr>() {
+        // In the maps 0.0.0.0 (::) is every NodePort address: as a service's own address it
+        // would turn its port into a NodePort (found by the `model` fuzz target).
+        Ok(ip) if ip.is_unspecified() => {
+            report.warn(format!(
+                "{what} {ip} is not a usable address ({ip} stands for the NodePorts); skipped"
             ));
             None
         }
-        Ok(IpAddr::V4(ip)) => Some(ip),
-        Ok(IpAddr::V6(ip)) => {
-            report.info(format!(
-                "{what} {ip} is IPv6, which this data path does not serve yet"
+        // The socket programs take an IPv4-mapped address for the IPv4 one (the API server
+        // refuses such addresses too).
+        Ok(IpAddr::V6(ip)) if ip.to_ipv4_mapped().is_some() => {
+            report.warn(format!(
+                "{what} {ip} is an IPv4-mapped IPv6 address, not a service address; skipped"
             ));
             None
         }
+        Ok(ip) => Some(ip),
         Err(_) => {
             report.warn(format!("{what} {text:?} is not an IP address; skipped"));
             None

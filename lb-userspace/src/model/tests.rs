@@ -5,7 +5,6 @@
 //! The builders are `pub(crate)` so the reconciler's model-based tests can use them too.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
     sync::Arc,
 };
 
@@ -24,6 +23,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
+use super::Family;
 use super::{
     Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
     FrontendKind, HealthCheck, Model, ObjectKey, ObjectRef, Objects, Protocol, ProxyIdentity,
@@ -296,7 +296,7 @@ fn fe(ip: &str, port: u16, protocol: Protocol) -> Frontend {
 }
 
 fn node_port(port: u16, protocol: Protocol) -> Frontend {
-    Frontend::node_port(port, protocol)
+    Frontend::node_port(Family::V4, port, protocol)
 }
 
 fn tcp(ip: &str, port: u16) -> Frontend {
@@ -306,7 +306,7 @@ fn tcp(ip: &str, port: u16) -> Frontend {
 pub(crate) fn backends(list: &[(&str, u16)]) -> BTreeSet<Backend> {
     list.iter()
         .map(|(ip, port)| Backend {
-            ip: ip.parse::<Ipv4Addr>().unwrap(),
+            ip: ip.parse().unwrap(),
             port: *port,
         })
         .collect()
@@ -346,6 +346,7 @@ fn backends_of(state: &DesiredState, frontend: Frontend) -> BTreeSet<Backend> {
 fn set_key(namespace: &str, name: &str, port: &str, endpoints: Endpoints) -> SetKey {
     SetKey {
         name: port_name(namespace, name, port),
+        family: Family::V4,
         endpoints,
     }
 }
@@ -397,6 +398,7 @@ fn cluster_ip_service_with_one_slice_programs_frontend_and_backends() {
             tcp("10.96.0.10", 80),
             DesiredService {
                 name: port_name("default", "web", "http"),
+                family: Family::V4,
                 kind: FrontendKind::ClusterIP,
                 endpoints: Endpoints::All,
                 affinity_timeout_secs: None,
@@ -843,7 +845,7 @@ fn slices_of_other_services_or_namespaces_are_ignored() {
 }
 
 #[test]
-fn fqdn_and_ipv6_slices_are_ignored() {
+fn fqdn_slices_and_ipv6_slices_of_an_ipv4_service_are_ignored() {
     let mut fqdn = slice(
         "default",
         "web-fqdn",
@@ -964,35 +966,428 @@ fn service_proxy_name_label_selects_the_proxy() {
     assert_eq!(programmed(&named), vec!["mine"]);
 }
 
-#[test]
-fn dual_stack_programs_ipv4_and_reports_the_ipv6_address() {
-    let mut svc = web();
-    {
-        let spec = spec(&mut svc);
-        spec.cluster_ips = Some(vec!["10.96.0.10".into(), "fd00:10:96::a".into()]);
-        spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
-        spec.ip_family_policy = Some("PreferDualStack".into());
-    }
-    let (state, diagnostics) =
-        build_default(&objects(vec![svc], vec![web_slice(vec![ep("10.244.1.1")])]));
-    assert_eq!(
-        state.frontends.keys().copied().collect::<Vec<_>>(),
-        vec![tcp("10.96.0.10", 80)]
-    );
-    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
-    assert_eq!(diagnostics[0].severity, Severity::Info);
-    assert_eq!(diagnostics[0].object, service_ref("default", "web"));
-    assert!(diagnostics[0].message.contains("fd00:10:96::a"));
+// ---- Dual-stack: one proxier per family ----
 
-    // IPv6 first (primary family IPv6): the IPv4 entry is still programmed.
-    let mut v6_first = web();
-    spec(&mut v6_first).cluster_ip = Some("fd00:10:96::a".into());
-    spec(&mut v6_first).cluster_ips = Some(vec!["fd00:10:96::a".into(), "10.96.0.10".into()]);
-    let (state, _) = build_default(&objects(vec![v6_first], vec![]));
+/// `service` with these ClusterIPs (`clusterIP` is the first), `ipFamilies` and
+/// `ipFamilyPolicy`, as the API server writes a dual-stack Service.
+pub(crate) fn with_families(
+    mut service: Service,
+    policy: &str,
+    cluster_ips: &[&str],
+    families: &[&str],
+) -> Service {
+    let spec = spec(&mut service);
+    spec.cluster_ip = cluster_ips.first().map(|ip| (*ip).to_owned());
+    spec.cluster_ips = Some(cluster_ips.iter().map(|ip| (*ip).to_owned()).collect());
+    spec.ip_families = Some(families.iter().map(|f| (*f).to_owned()).collect());
+    spec.ip_family_policy = Some(policy.into());
+    service
+}
+
+/// An IPv6 EndpointSlice, as the controller writes one per family of a dual-stack Service.
+pub(crate) fn slice6(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[(&str, i32, &str)],
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
+    let mut slice = slice(namespace, name, service, ports, endpoints);
+    slice.address_type = "IPv6".into();
+    slice
+}
+
+/// `default/web` dual-stack (10.96.0.10 and fd00:10:96::a) under `policy`, IPv4 first.
+fn web_dual(policy: &str) -> Service {
+    with_families(
+        web(),
+        policy,
+        &["10.96.0.10", "fd00:10:96::a"],
+        &["IPv4", "IPv6"],
+    )
+}
+
+fn web_slice6(endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice6(
+        "default",
+        "web-v6xyz",
+        "web",
+        &[("http", 8080, "TCP")],
+        endpoints,
+    )
+}
+
+fn node_port6(port: u16, protocol: Protocol) -> Frontend {
+    Frontend::node_port(Family::V6, port, protocol)
+}
+
+#[test]
+fn require_dual_stack_serves_both_families_each_with_its_own_endpoints() {
+    let svc = with_node_ports(
+        web_dual("RequireDualStack"),
+        "NodePort",
+        &[30080],
+        "Cluster",
+    );
+    let objects = objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.1.5"), ep("10.244.2.7")]),
+            web_slice6(vec![ep("fd00:10:244:1::5")]),
+        ],
+    );
+    let (state, diagnostics) = build_default(&objects);
+    assert_eq!(diagnostics, vec![]);
+    assert_eq!(
+        state.frontends.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            tcp("10.96.0.10", 80),
+            tcp("fd00:10:96::a", 80),
+            node_port(30080, Protocol::Tcp),
+            node_port6(30080, Protocol::Tcp),
+        ])
+    );
+    let v4 = backends(&[("10.244.1.5", 8080), ("10.244.2.7", 8080)]);
+    let v6 = backends(&[("fd00:10:244:1::5", 8080)]);
+    // A frontend of each family gets only that family's endpoints.
+    assert_eq!(backends_of(&state, tcp("10.96.0.10", 80)), v4);
+    assert_eq!(backends_of(&state, node_port(30080, Protocol::Tcp)), v4);
+    assert_eq!(backends_of(&state, tcp("fd00:10:96::a", 80)), v6);
+    assert_eq!(backends_of(&state, node_port6(30080, Protocol::Tcp)), v6);
+    // One set per family; each family's ClusterIP and NodePort share theirs.
+    let v6_service = desired_of(&state, tcp("fd00:10:96::a", 80));
+    assert_eq!(v6_service.family, Family::V6);
+    assert_eq!(
+        v6_service.set(),
+        SetKey {
+            name: port_name("default", "web", "http"),
+            family: Family::V6,
+            endpoints: Endpoints::All,
+        }
+    );
+    assert_eq!(
+        desired_of(&state, node_port6(30080, Protocol::Tcp)).set(),
+        v6_service.set()
+    );
+    assert_eq!(state.sets.len(), 2, "{:#?}", state.sets);
+    assert_eq!(
+        tcp("fd00:10:96::a", 80).to_string(),
+        "[fd00:10:96::a]:80/TCP"
+    );
+    assert_eq!(
+        node_port6(30080, Protocol::Tcp).to_string(),
+        "[<node>]:30080/TCP"
+    );
+
+    // IPv6 as the primary family: the same frontends and sets.
+    let v6_first = with_node_ports(
+        with_families(
+            web(),
+            "RequireDualStack",
+            &["fd00:10:96::a", "10.96.0.10"],
+            &["IPv6", "IPv4"],
+        ),
+        "NodePort",
+        &[30080],
+        "Cluster",
+    );
+    let (first, diagnostics) = build_default(&plus(
+        &objects,
+        &super::tests::objects(vec![v6_first], vec![]),
+    ));
+    assert_eq!(diagnostics, vec![]);
+    assert_eq!(first, state);
+}
+
+#[test]
+fn prefer_dual_stack_on_a_single_stack_cluster_serves_its_one_family() {
+    // PreferDualStack where the cluster has only IPv4: one ClusterIP, no complaint; an IPv6
+    // slice (none would exist, but a stale one might) is not used.
+    let svc = with_families(web(), "PreferDualStack", &["10.96.0.10"], &["IPv4"]);
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.1.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    assert_eq!(diagnostics, vec![]);
     assert_eq!(
         state.frontends.keys().copied().collect::<Vec<_>>(),
         vec![tcp("10.96.0.10", 80)]
     );
+    assert_eq!(
+        backends_of(&state, tcp("10.96.0.10", 80)),
+        backends(&[("10.244.1.1", 8080)])
+    );
+}
+
+#[test]
+fn ipv6_single_stack_serves_ipv6_addresses_only() {
+    let mut svc = with_ingress(
+        with_node_ports(
+            with_families(web(), "SingleStack", &["fd00:10:96::a"], &["IPv6"]),
+            "LoadBalancer",
+            &[30080],
+            "Cluster",
+        ),
+        &[("2001:db8:7::7", None), ("203.0.113.7", None)],
+    );
+    spec(&mut svc).external_ips = Some(vec!["2001:db8:5::5".into(), "198.51.100.10".into()]);
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![
+            web_slice6(vec![ep("fd00:10:244::1"), ep("fd00:10:244::2")]),
+            web_slice(vec![ep("10.244.1.1")]),
+        ],
+    ));
+    assert_eq!(
+        state.frontends.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            tcp("fd00:10:96::a", 80),
+            node_port6(30080, Protocol::Tcp),
+            tcp("2001:db8:5::5", 80),
+            tcp("2001:db8:7::7", 80),
+        ])
+    );
+    for frontend in state.frontends.keys() {
+        assert_eq!(
+            backends_of(&state, *frontend),
+            backends(&[("fd00:10:244::1", 8080), ("fd00:10:244::2", 8080)]),
+            "{frontend}"
+        );
+    }
+    assert_eq!(
+        desired_of(&state, tcp("2001:db8:7::7", 80)).kind,
+        FrontendKind::LoadBalancer
+    );
+    // The IPv4 externalIP and load-balancer IP have no ClusterIP of their family: left out,
+    // as kube-proxy's IPv4 proxier skips the Service, and said so.
+    let mut noted: Vec<(Severity, String)> = diagnostics
+        .iter()
+        .map(|d| (d.severity, d.message.clone()))
+        .collect();
+    noted.sort();
+    assert_eq!(noted.len(), 2, "{diagnostics:#?}");
+    for ((severity, message), ip) in noted.iter().zip(["198.51.100.10", "203.0.113.7"]) {
+        assert_eq!(*severity, Severity::Info);
+        assert!(
+            message.contains(ip) && message.contains("no IPv4 ClusterIP"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn mixed_external_ips_join_their_familys_frontends() {
+    let mut svc = web_dual("PreferDualStack");
+    spec(&mut svc).external_ips = Some(vec![
+        "2001:db8:5::5".into(),
+        "198.51.100.10".into(),
+        "fd00:10:96::a".into(), // the service's own IPv6 ClusterIP
+    ]);
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.1.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    assert_eq!(diagnostics, vec![]);
+    assert_eq!(
+        backends_of(&state, tcp("198.51.100.10", 80)),
+        backends(&[("10.244.1.1", 8080)])
+    );
+    assert_eq!(
+        backends_of(&state, tcp("2001:db8:5::5", 80)),
+        backends(&[("fd00:10:244::1", 8080)])
+    );
+    assert_eq!(
+        desired_of(&state, tcp("2001:db8:5::5", 80)).kind,
+        FrontendKind::ExternalIp
+    );
+    // The ClusterIP stays a ClusterIP.
+    assert_eq!(
+        desired_of(&state, tcp("fd00:10:96::a", 80)).kind,
+        FrontendKind::ClusterIP
+    );
+    assert_eq!(state.frontends.len(), 4, "{:#?}", state.frontends);
+}
+
+#[test]
+fn a_family_without_endpoints_is_served_with_none_while_the_other_has_its_own() {
+    // Only the IPv4 slice exists (the IPv6 one not written yet, or no IPv6 pod ready): the
+    // IPv6 frontends refuse, as kube-proxy's IPv6 proxier rejects a Service without
+    // endpoints; IPv4 is unaffected.
+    let (state, diagnostics) = build_default(&objects(
+        vec![web_dual("RequireDualStack")],
+        vec![web_slice(vec![ep("10.244.1.1")])],
+    ));
+    assert_eq!(diagnostics, vec![]);
+    assert_eq!(
+        backends_of(&state, tcp("10.96.0.10", 80)),
+        backends(&[("10.244.1.1", 8080)])
+    );
+    assert_eq!(
+        backends_of(&state, tcp("fd00:10:96::a", 80)),
+        BTreeSet::new()
+    );
+}
+
+#[test]
+fn require_dual_stack_with_one_cluster_ip_serves_that_family_and_warns() {
+    let svc = with_families(
+        web(),
+        "RequireDualStack",
+        &["10.96.0.10"],
+        &["IPv4", "IPv6"],
+    );
+    let (state, diagnostics) = build_default(&objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.1.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    assert_eq!(
+        state.frontends.keys().copied().collect::<Vec<_>>(),
+        vec![tcp("10.96.0.10", 80)]
+    );
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:#?}");
+    assert!(
+        diagnostics
+            .iter()
+            .all(|d| d.severity == Severity::Warning && d.object == service_ref("default", "web"))
+    );
+    assert!(
+        diagnostics[0].message.contains("IPv6") && diagnostics[0].message.contains("no address"),
+        "{diagnostics:#?}"
+    );
+    assert!(
+        diagnostics[1].message.contains("RequireDualStack"),
+        "{diagnostics:#?}"
+    );
+}
+
+#[test]
+fn cluster_ips_are_picked_by_ip_families_and_checked_against_them() {
+    // ipFamilies names the family of each clusterIPs entry: one that does not match is
+    // refused, whatever its position (kube-proxy would program it as the wrong family).
+    let swapped = with_families(
+        web(),
+        "RequireDualStack",
+        &["fd00:10:96::a", "10.96.0.10"],
+        &["IPv4", "IPv6"],
+    );
+    let (state, diagnostics) = build_default(&objects(vec![swapped], vec![]));
+    assert_eq!(state, DesiredState::default());
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:#?}");
+    assert!(
+        diagnostics
+            .iter()
+            .all(|d| d.severity == Severity::Warning && d.message.contains("as ipFamilies says")),
+        "{diagnostics:#?}"
+    );
+    // A hand-written manifest without ipFamilies: each family's first address.
+    let mut manifest = web();
+    spec(&mut manifest).ip_families = None;
+    spec(&mut manifest).ip_family_policy = None;
+    spec(&mut manifest).cluster_ips = Some(vec![
+        "fd00:10:96::a".into(),
+        "10.96.0.10".into(),
+        "fd00:10:96::b".into(),
+    ]);
+    let (state, diagnostics) = build_default(&objects(vec![manifest], vec![]));
+    assert_eq!(
+        state.frontends.keys().copied().collect::<Vec<_>>(),
+        vec![tcp("10.96.0.10", 80), tcp("fd00:10:96::a", 80)]
+    );
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+    assert!(diagnostics[0].message.contains("fd00:10:96::b"));
+    // `::` is every IPv6 NodePort address, never a service's own.
+    let zero = with_families(web(), "SingleStack", &["::"], &["IPv6"]);
+    let (state, diagnostics) = build_default(&objects(vec![zero], vec![]));
+    assert_eq!(state, DesiredState::default());
+    assert!(
+        diagnostics[0]
+            .message
+            .contains(":: is not a usable address"),
+        "{diagnostics:#?}"
+    );
+    // An IPv4-mapped address is an IPv4 one in disguise: no IPv6 service address.
+    let mapped = with_families(web(), "SingleStack", &["::ffff:10.96.0.10"], &["IPv6"]);
+    let (state, diagnostics) = build_default(&objects(vec![mapped], vec![]));
+    assert_eq!(state, DesiredState::default());
+    assert!(
+        diagnostics[0].message.contains("IPv4-mapped"),
+        "{diagnostics:#?}"
+    );
+}
+
+#[test]
+fn ipv6_slices_are_merged_deduplicated_and_checked_for_their_family() {
+    let second = slice6(
+        "default",
+        "web-v6second",
+        "web",
+        &[("http", 8080, "TCP")],
+        vec![
+            ep("fd00:10:244::1"),
+            ep("fd00:10:244::2"),
+            ep("10.244.1.9"),
+            ep("::ffff:10.244.1.8"),
+        ],
+    );
+    let (state, diagnostics) = build_default(&objects(
+        vec![web_dual("RequireDualStack")],
+        vec![web_slice6(vec![ep("fd00:10:244::1")]), second],
+    ));
+    assert_eq!(
+        backends_of(&state, tcp("fd00:10:96::a", 80)),
+        backends(&[("fd00:10:244::1", 8080), ("fd00:10:244::2", 8080)])
+    );
+    // An IPv4 address (plain or IPv4-mapped) in an IPv6 slice is no IPv6 endpoint.
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:#?}");
+    for address in ["10.244.1.9", "::ffff:10.244.1.8"] {
+        assert!(
+            diagnostics.iter().any(|d| d.object.kind == "EndpointSlice"
+                && d.message.contains(address)
+                && d.message.contains("IPv6")),
+            "{address}: {diagnostics:#?}"
+        );
+    }
+}
+
+#[test]
+fn local_policy_picks_this_nodes_endpoints_in_each_family() {
+    let svc = with_node_ports(web_dual("RequireDualStack"), "NodePort", &[30080], "Local");
+    let (state, _) = build_default(&objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.0.5").on_node(NODE), ep("10.244.1.5")]),
+            web_slice6(vec![
+                ep("fd00:10:244::5").on_node(NODE),
+                ep("fd00:10:244:1::5"),
+            ]),
+        ],
+    ));
+    assert_eq!(
+        backends_of(&state, node_port6(30080, Protocol::Tcp)),
+        backends(&[("fd00:10:244::5", 8080)])
+    );
+    assert_eq!(
+        backends_of(&state, node_port(30080, Protocol::Tcp)),
+        backends(&[("10.244.0.5", 8080)])
+    );
+    // In-node clients of the IPv6 NodePort: every IPv6 endpoint.
+    assert_eq!(
+        backends_of(
+            &state,
+            node_port6(30080, Protocol::Tcp).in_scope(Scope::Internal)
+        ),
+        backends(&[("fd00:10:244::5", 8080), ("fd00:10:244:1::5", 8080)])
+    );
+    assert_eq!(state.sets.len(), 4, "{:#?}", state.sets);
 }
 
 #[test]
@@ -2183,12 +2578,12 @@ pub(crate) fn expected_view(desired: &DesiredState) -> BTreeMap<Frontend, Meanin
 /// its state and locality; a Maglev table, naming the set's backends, exactly for the sets
 /// with backends that outside traffic reaches; nothing else.
 pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), String> {
-    use lb_common::{Frontend4Key, FrontendValue, SlotKey, backend_flags, backend_states};
+    use lb_common::{FrontendValue, SlotKey, backend_flags, backend_states};
 
-    use crate::reconcile::{backend_of, frontend_key, maglev};
+    use crate::reconcile::maglev;
     let contents = &maps.contents;
-    let wanted: BTreeSet<Frontend4Key> = desired.frontends.keys().map(frontend_key).collect();
-    let present: BTreeSet<Frontend4Key> = contents.frontends.keys().copied().collect();
+    let wanted: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
+    let present: BTreeSet<Frontend> = contents.frontends.keys().copied().collect();
     if wanted != present {
         return Err(format!(
             "frontend entries differ from the desired frontends: missing {:?}, extra {:?}",
@@ -2201,7 +2596,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
     let mut programmed: BTreeMap<SetKey, (FrontendValue, bool)> = BTreeMap::new();
     let mut owners: BTreeMap<u32, SetKey> = BTreeMap::new();
     for (frontend, service) in &desired.frontends {
-        let value = contents.frontends[&frontend_key(frontend)];
+        let value = contents.frontends[frontend];
         let key = service.set();
         let Some(set) = desired.sets.get(&key) else {
             return Err(format!(
@@ -2244,7 +2639,7 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
         .iter()
         .filter_map(|(frontend, service)| Some((frontend, service.source_ranges.as_ref()?)))
         .flat_map(|(frontend, ranges)| {
-            let id = contents.frontends[&frontend_key(frontend)].service_id;
+            let id = contents.frontends[frontend].service_id;
             ranges.allowed.iter().map(move |range| (id, *range))
         })
         .collect();
@@ -2256,10 +2651,10 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
     }
     let mut ids = BTreeMap::new();
     for (id, value) in &contents.backends {
-        if let Some(other) = ids.insert(backend_of(value), *id) {
+        if let Some(other) = ids.insert(value.backend, *id) {
             return Err(format!(
                 "backend {} has two ids, {other} and {id}",
-                backend_of(value)
+                value.backend
             ));
         }
     }
@@ -2287,7 +2682,13 @@ pub(crate) fn exact(maps: &MemoryMaps, desired: &DesiredState) -> Result<(), Str
                 .backends
                 .get(&id)
                 .ok_or(format!("{key}: slot {slot:?} names missing backend {id}"))?;
-            picks.push(backend_of(backend));
+            if backend.backend.family() != key.family {
+                return Err(format!(
+                    "{key}: slot {slot:?} names {}, of the other family",
+                    backend.backend
+                ));
+            }
+            picks.push(backend.backend);
             picked_ids.push(id);
         }
         if picks.iter().copied().collect::<BTreeSet<_>>() != set.backends
@@ -2440,6 +2841,98 @@ fn cluster_ip_change_moves_the_frontend() {
     ]);
 }
 
+/// A Service going from IPv4 to dual-stack and to IPv6 only, its IPv6 slice arriving after
+/// it and the node's IPv6 address changing: the incremental model and the maps it drives
+/// end where a fresh build does at every step.
+#[test]
+fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
+    let v4_slice = web_slice(vec![ep("10.244.1.1"), ep("10.244.1.2")]);
+    let v6_slice = || web_slice6(vec![ep("fd00:10:244::1")]);
+    let dual = || {
+        with_node_ports(
+            web_dual("RequireDualStack"),
+            "NodePort",
+            &[30080],
+            "Cluster",
+        )
+    };
+    let v6_only = || {
+        with_node_ports(
+            with_families(web(), "SingleStack", &["fd00:10:96::a"], &["IPv6"]),
+            "NodePort",
+            &[30080],
+            "Local",
+        )
+    };
+    let v4_node_port = || with_node_ports(web(), "NodePort", &[30080], "Cluster");
+    let mut current = objects(vec![v4_node_port()], vec![v4_slice.clone()]);
+    let mut steps = vec![(
+        current.clone(),
+        objects(vec![v4_node_port()], vec![v4_slice.clone()]),
+    )];
+    // Dual-stack, before its IPv6 slice exists: the IPv6 frontends refuse.
+    current
+        .services
+        .insert(ObjectKey::new("default", "web"), Arc::new(dual()));
+    steps.push((
+        current.clone(),
+        objects(vec![dual()], vec![v4_slice.clone()]),
+    ));
+    let (state, _) = build_default(&current);
+    assert_eq!(
+        backends_of(&state, tcp("fd00:10:96::a", 80)),
+        BTreeSet::new()
+    );
+    // The IPv6 slice arrives.
+    let slice = v6_slice();
+    current
+        .endpoint_slices
+        .insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
+    steps.push((
+        current.clone(),
+        objects(vec![dual()], vec![v4_slice.clone(), v6_slice()]),
+    ));
+    // This node gets an IPv6 endpoint and an IPv6 address (every service is recomputed).
+    let local = web_slice6(vec![
+        ep("fd00:10:244::1"),
+        ep("fd00:10:244::9").on_node(NODE),
+    ]);
+    current
+        .endpoint_slices
+        .insert(ObjectKey::of(&local.metadata), Arc::new(local.clone()));
+    let mut this_node = node(NODE, None);
+    this_node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+            type_: "InternalIP".into(),
+            address: "fd00:60::2".into(),
+        }]),
+        ..Default::default()
+    });
+    current
+        .nodes
+        .insert(NODE.into(), Arc::new(this_node.clone()));
+    let mut fresh = objects(vec![dual()], vec![v4_slice.clone(), local.clone()]);
+    fresh.nodes.insert(NODE.into(), Arc::new(this_node.clone()));
+    steps.push((current.clone(), fresh));
+    // IPv6 only, Local policy: the IPv4 frontends and set go.
+    current
+        .services
+        .insert(ObjectKey::new("default", "web"), Arc::new(v6_only()));
+    let mut fresh = objects(vec![v6_only()], vec![v4_slice.clone(), local]);
+    fresh.nodes.insert(NODE.into(), Arc::new(this_node));
+    steps.push((current.clone(), fresh));
+    let (state, _) = build_default(&current);
+    assert!(
+        state.frontends.keys().all(|f| f.family() == Family::V6),
+        "{state:#?}"
+    );
+    assert_eq!(
+        backends_of(&state, node_port6(30080, Protocol::Tcp)),
+        backends(&[("fd00:10:244::9", 8080)])
+    );
+    converges(&steps);
+}
+
 #[test]
 fn ports_added_and_removed() {
     let key = ObjectKey::new("default", "web");
@@ -2589,16 +3082,17 @@ fn everything_or_nothing_usable_means_no_firewall_and_bad_entries_are_named() {
         desired_of(&state, tcp("203.0.113.7", 80)).source_ranges,
         None
     );
-    // IPv6 ranges do not apply to an IPv4 address; alone they leave it open.
+    // IPv6 ranges do not apply to an IPv4 address; alone they leave it open (kube-proxy's
+    // IPv4 proxier sees no range), and that is said.
     let (state, diagnostics) = ranged(&["2001:db8::/64"]);
     assert_eq!(
         desired_of(&state, tcp("203.0.113.7", 80)).source_ranges,
         None
     );
     assert!(
-        diagnostics
-            .iter()
-            .any(|d| d.severity == Severity::Info && d.message.contains("2001:db8::/64")),
+        diagnostics.iter().any(|d| d.severity == Severity::Warning
+            && d.message.contains("no IPv4 range")
+            && d.message.contains("203.0.113.7")),
         "{diagnostics:?}"
     );
     // Not a CIDR: reported by name, ignored, the rest applied.
@@ -2622,6 +3116,108 @@ fn everything_or_nothing_usable_means_no_firewall_and_bad_entries_are_named() {
             .iter()
             .all(|d| d.object == service_ref("default", "web"))
     );
+}
+
+/// A dual-stack LoadBalancer `web` (203.0.113.7 and 2001:db8:7::7) with these source ranges,
+/// on a node with InternalIPs 192.168.60.2 and fd00:60::2 and pod CIDRs 10.244.0.0/24 and
+/// fd00:10:244::/64.
+fn ranged_dual(ranges: &[&str]) -> (DesiredState, Vec<Diagnostic>) {
+    let mut svc = with_ingress(
+        with_node_ports(
+            web_dual("RequireDualStack"),
+            "LoadBalancer",
+            &[30080],
+            "Cluster",
+        ),
+        &[("203.0.113.7", None), ("2001:db8:7::7", None)],
+    );
+    spec(&mut svc).load_balancer_source_ranges =
+        Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+    let mut objects = objects(
+        vec![svc],
+        vec![
+            web_slice(vec![ep("10.244.1.5")]),
+            web_slice6(vec![ep("fd00:10:244:1::5")]),
+        ],
+    );
+    let mut this_node = node(NODE, None);
+    this_node.spec.as_mut().unwrap().pod_cidrs =
+        Some(vec!["10.244.0.0/24".into(), "fd00:10:244::/64".into()]);
+    let address = |type_: &str, address: &str| k8s_openapi::api::core::v1::NodeAddress {
+        type_: type_.into(),
+        address: address.into(),
+    };
+    this_node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        addresses: Some(vec![
+            address("Hostname", NODE),
+            address("InternalIP", "192.168.60.2"),
+            address("InternalIP", "fd00:60::2"),
+        ]),
+        ..Default::default()
+    });
+    objects.nodes.insert(NODE.into(), Arc::new(this_node));
+    build_default(&objects)
+}
+
+#[test]
+fn source_ranges_apply_to_the_load_balancer_ips_of_their_family() {
+    let (state, diagnostics) = ranged_dual(&["192.0.2.0/24", "2001:db8:1::/48"]);
+    assert_eq!(diagnostics, vec![]);
+    let ranges_of =
+        |state: &DesiredState, ip: &str| desired_of(state, tcp(ip, 80)).source_ranges.clone();
+    assert_eq!(
+        ranges_of(&state, "203.0.113.7"),
+        Some(SourceRanges {
+            allowed: cidrs(&["192.0.2.0/24"]),
+            allow_node: false,
+            allow_pods: false,
+        })
+    );
+    assert_eq!(
+        ranges_of(&state, "2001:db8:7::7"),
+        Some(SourceRanges {
+            allowed: cidrs(&["2001:db8:1::/48"]),
+            allow_node: false,
+            allow_pods: false,
+        })
+    );
+    // The node's and the pods' IPv6 addresses decide for the IPv6 IP only.
+    let (state, _) = ranged_dual(&["192.0.2.0/24", "fd00:60::/64", "fd00:10::/32"]);
+    assert_eq!(
+        ranges_of(&state, "2001:db8:7::7"),
+        Some(SourceRanges {
+            allowed: cidrs(&["fd00:60::/64", "fd00:10::/32", "2001:db8:7::7/128"]),
+            allow_node: true,
+            allow_pods: true,
+        })
+    );
+    assert_eq!(
+        ranges_of(&state, "203.0.113.7").map(|r| (r.allow_node, r.allow_pods)),
+        Some((false, false))
+    );
+    // Ranges of one family only: the other family's IPs are open, as with kube-proxy, and
+    // that is said; `::/0` opens the IPv6 IPs alone.
+    let (state, diagnostics) = ranged_dual(&["192.0.2.0/24"]);
+    assert_eq!(ranges_of(&state, "2001:db8:7::7"), None);
+    assert!(ranges_of(&state, "203.0.113.7").is_some());
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+    assert!(
+        diagnostics[0].severity == Severity::Warning
+            && diagnostics[0].message.contains("no IPv6 range")
+            && diagnostics[0].message.contains("2001:db8:7::7"),
+        "{diagnostics:#?}"
+    );
+    let (state, diagnostics) = ranged_dual(&["192.0.2.0/24", "::/0"]);
+    assert_eq!(diagnostics, vec![]);
+    assert_eq!(ranges_of(&state, "2001:db8:7::7"), None);
+    assert!(ranges_of(&state, "203.0.113.7").is_some());
+    // NodePorts of either family are never filtered.
+    for node_port in [
+        node_port(30080, Protocol::Tcp),
+        node_port6(30080, Protocol::Tcp),
+    ] {
+        assert_eq!(desired_of(&state, node_port).source_ranges, None);
+    }
 }
 
 /// kube-proxy's node eligibility: a deletionTimestamp or the autoscaler's taint (whatever

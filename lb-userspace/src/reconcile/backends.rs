@@ -2,9 +2,9 @@
 //! each set keeping it says (terminating, local), whatever order the sets are written in.
 use std::collections::BTreeMap;
 
-use lb_common::{Backend4, backend_flags, backend_states};
+use lb_common::{backend_flags, backend_states};
 
-use super::{MapError, Reconciler, ServiceMaps, SyncReport};
+use super::{BackendEntry, MapError, Reconciler, ServiceMaps, SyncReport, family_map_names};
 use crate::model::{Backend, BackendSet};
 
 /// What one set says of a backend it keeps.
@@ -23,7 +23,7 @@ impl Opinion {
     }
 
     /// What the value an earlier agent wrote says.
-    pub(super) fn pinned(value: &Backend4) -> Self {
+    pub(super) fn pinned(value: &BackendEntry) -> Self {
         Self {
             terminating: value.state != backend_states::ACTIVE,
             local: value.flags & backend_flags::LOCAL != 0,
@@ -46,7 +46,7 @@ pub(super) struct Keepers {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ProgrammedBackend {
     pub(super) id: u32,
-    pub(super) value: Backend4,
+    pub(super) value: BackendEntry,
 }
 
 impl Reconciler {
@@ -82,11 +82,10 @@ impl Reconciler {
     /// not stick to it there), local only when every set keeping it says so (a remote backend
     /// taken for a local one would get outside traffic without SNAT). Deterministic whatever
     /// order the sets were written in.
-    pub(super) fn backend_value(&self, backend: &Backend) -> Backend4 {
+    pub(super) fn backend_value(&self, backend: &Backend) -> BackendEntry {
         let keepers = self.keepers.get(backend).copied().unwrap_or_default();
-        Backend4 {
-            addr: lb_common::addr_to_map(u32::from(backend.ip)),
-            port: lb_common::port_to_map(backend.port),
+        BackendEntry {
+            backend: *backend,
             state: if keepers.terminating > 0 {
                 backend_states::TERMINATING
             } else {
@@ -122,7 +121,7 @@ impl Reconciler {
                 None => {
                     let id = self.backend_ids.allocate().ok_or_else(|| {
                         MapError::ids_exhausted(
-                            lb_common::map_names::BACKENDS_V4,
+                            family_map_names(backend.family()).1,
                             "backend",
                             &self.backend_ids,
                         )
@@ -177,7 +176,7 @@ impl Reconciler {
             self.maybe_unused.remove(backend);
             if let Some(programmed) = self.backends.remove(backend) {
                 report.map_writes += 1;
-                let _ = maps.remove_backend(programmed.id);
+                let _ = maps.remove_backend(programmed.id, backend.family());
                 self.backend_ids.release(programmed.id);
             }
         }
@@ -201,7 +200,7 @@ impl Reconciler {
             };
             let id = programmed.id;
             report.map_writes += 1;
-            match maps.remove_backend(id) {
+            match maps.remove_backend(id, backend.family()) {
                 Ok(()) => {
                     self.backends.remove(&backend);
                     self.backend_ids.release(id);

@@ -1,28 +1,37 @@
 //! The service maps as the reconciler sees them: the [`ServiceMaps`] trait (the BPF maps or
-//! the in-memory ones of the tests), what they hold, what that means, and the conversions
-//! between map keys and the model's frontends and backends.
-use std::collections::{BTreeMap, BTreeSet};
+//! the in-memory ones of the tests), what they hold in the model's terms (frontends and
+//! backends of either family), what that means, and the conversions between each family's
+//! map keys and values and the model's frontends and backends.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use lb_common::{
-    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, frontend_flags,
+    Addr4, Addr6, Backend as MapBackend, FrontendKey, FrontendValue, MaglevTable, MapAddr, SlotKey,
+    SlotValue, SourceRangeKey, frontend_flags, map_names,
 };
 
 use crate::{
     cidr::Cidr,
-    model::{Backend, Frontend, FrontendKind, Protocol, Scope},
+    model::{Backend, Family, Frontend, FrontendKind, Protocol, Scope},
 };
 
-/// Writes and reads of the service maps.
+/// Writes and reads of the service maps. Frontends, backends and source ranges go to the
+/// maps of their family (`LB4_*`, `LB6_*`); slots and Maglev tables serve both, and service
+/// and backend ids are one space over both families.
 pub trait ServiceMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError>;
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError>;
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendValue) -> Result<(), MapError>;
+    fn remove_frontend(&mut self, frontend: &Frontend) -> Result<(), MapError>;
     fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError>;
     fn remove_slot(&mut self, key: &SlotKey) -> Result<(), MapError>;
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError>;
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError>;
+    /// Removes backend `id` from the backends map of `family`.
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError>;
     fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError>;
     fn remove_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
-    /// An allowed source range of a LoadBalancer frontend's service id.
+    /// An allowed source range of a LoadBalancer frontend's service id (in the trie of the
+    /// range's family).
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
     /// Everything the maps hold now (for adopting maps a previous agent left pinned).
@@ -53,16 +62,27 @@ impl MapError {
     }
 }
 
-/// The raw contents of the service maps.
+/// A backends map value in the model's terms: the backend (either family), its
+/// `backend_states::*` and `backend_flags::*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendEntry {
+    pub backend: Backend,
+    pub state: u8,
+    pub flags: u8,
+}
+
+/// The contents of the service maps of both families, in the model's terms.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub frontends: BTreeMap<Frontend4Key, FrontendValue>,
+    pub frontends: BTreeMap<Frontend, FrontendValue>,
     pub slots: BTreeMap<SlotKey, SlotValue>,
-    pub backends: BTreeMap<u32, Backend4>,
+    pub backends: BTreeMap<u32, BackendEntry>,
     /// Service ids that have a Maglev table.
     pub maglev: BTreeSet<u32>,
     /// Allowed source ranges, by service id (host bits cleared).
     pub source_ranges: BTreeSet<(u32, Cidr)>,
+    /// Frontend entries of a protocol or scope this agent never writes (left alone).
+    pub unknown_frontends: usize,
 }
 
 /// What a programmed frontend means, without ids (see [`MapContents::view`]).
@@ -82,19 +102,16 @@ impl MapContents {
     pub fn view(&self) -> BTreeMap<Frontend, FrontendView> {
         self.frontends
             .iter()
-            .filter_map(|(key, value)| {
+            .map(|(key, value)| {
                 let view = FrontendView {
                     kind: FrontendKind::from_number(value.kind),
                     service_id: value.service_id,
-                    backends: self
-                        .live_backends(value)
-                        .map(|(_, b)| backend_of(b))
-                        .collect(),
+                    backends: self.live_backends(value).map(|(_, b)| b.backend).collect(),
                     affinity_timeout_secs: (value.flags & frontend_flags::AFFINITY != 0)
                         .then_some(value.affinity_timeout_secs),
                     flags: value.flags,
                 };
-                Some((frontend_of(key)?, view))
+                (*key, view)
             })
             .collect()
     }
@@ -103,7 +120,7 @@ impl MapContents {
     pub fn live_backends<'a>(
         &'a self,
         value: &'a FrontendValue,
-    ) -> impl Iterator<Item = (u32, &'a Backend4)> {
+    ) -> impl Iterator<Item = (u32, &'a BackendEntry)> {
         (0..value.count).filter_map(move |index| {
             let slot = SlotKey {
                 service_id: value.service_id,
@@ -117,58 +134,132 @@ impl MapContents {
     }
 }
 
-/// The map key of a frontend.
-pub fn frontend_key(frontend: &Frontend) -> Frontend4Key {
-    Frontend4Key {
-        addr: lb_common::addr_to_map(u32::from(frontend.ip)),
-        port: lb_common::port_to_map(frontend.port),
-        proto: frontend.protocol.number(),
-        scope: frontend.scope.number(),
+/// A map address type as the model sees it: which family it is, and the conversions to and
+/// from the standard library's addresses.
+pub trait FamilyAddr: MapAddr {
+    const MODEL_FAMILY: Family;
+    /// The map address of `ip`, `None` for an address of the other family.
+    fn of_ip(ip: IpAddr) -> Option<Self>;
+    fn ip(self) -> IpAddr;
+    /// The map names of the family's frontends, backends and source ranges (for errors).
+    const FRONTENDS: &'static str;
+    const BACKENDS: &'static str;
+    const SOURCE_RANGES: &'static str;
+}
+
+impl FamilyAddr for Addr4 {
+    const MODEL_FAMILY: Family = Family::V4;
+    const FRONTENDS: &'static str = map_names::FRONTENDS_V4;
+    const BACKENDS: &'static str = map_names::BACKENDS_V4;
+    const SOURCE_RANGES: &'static str = map_names::SOURCE_RANGES_V4;
+
+    fn of_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(Self::from_ip(ip)),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(self.to_ip())
     }
 }
 
+impl FamilyAddr for Addr6 {
+    const MODEL_FAMILY: Family = Family::V6;
+    const FRONTENDS: &'static str = map_names::FRONTENDS_V6;
+    const BACKENDS: &'static str = map_names::BACKENDS_V6;
+    const SOURCE_RANGES: &'static str = map_names::SOURCE_RANGES_V6;
+
+    fn of_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(Self::from_ip(ip)),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(self.to_ip())
+    }
+}
+
+/// The map names of `family`'s frontends, backends and source ranges.
+pub fn family_map_names(family: Family) -> (&'static str, &'static str, &'static str) {
+    match family {
+        Family::V4 => (Addr4::FRONTENDS, Addr4::BACKENDS, Addr4::SOURCE_RANGES),
+        Family::V6 => (Addr6::FRONTENDS, Addr6::BACKENDS, Addr6::SOURCE_RANGES),
+    }
+}
+
+/// The map key of a frontend of family `A` (`None` for a frontend of the other family).
+pub fn frontend_key<A: FamilyAddr>(frontend: &Frontend) -> Option<FrontendKey<A>> {
+    Some(FrontendKey {
+        addr: A::of_ip(frontend.ip)?,
+        port: lb_common::port_to_map(frontend.port),
+        proto: frontend.protocol.number(),
+        scope: frontend.scope.number(),
+    })
+}
+
 /// The frontend of a map key, if its protocol and scope are ones we write.
-pub fn frontend_of(key: &Frontend4Key) -> Option<Frontend> {
+pub fn frontend_of<A: FamilyAddr>(key: &FrontendKey<A>) -> Option<Frontend> {
     Some(Frontend {
-        ip: lb_common::addr_from_map(key.addr).into(),
+        ip: key.addr.ip(),
         port: lb_common::port_from_map(key.port),
         protocol: Protocol::from_number(key.proto)?,
         scope: Scope::from_number(key.scope)?,
     })
 }
 
-/// The backend a map value names.
-pub fn backend_of(value: &Backend4) -> Backend {
-    Backend {
-        ip: lb_common::addr_from_map(value.addr).into(),
-        port: lb_common::port_from_map(value.port),
+/// The backend entry a map value holds.
+pub fn backend_of<A: FamilyAddr>(value: &MapBackend<A>) -> BackendEntry {
+    BackendEntry {
+        backend: Backend {
+            ip: value.addr.ip(),
+            port: lb_common::port_from_map(value.port),
+        },
+        state: value.state,
+        flags: value.flags,
     }
 }
 
-/// The LPM trie key of an allowed source range.
-pub fn source_range_key(
+/// The map value of a backend entry of family `A` (`None` for one of the other family).
+pub fn backend_value<A: FamilyAddr>(entry: &BackendEntry) -> Option<MapBackend<A>> {
+    Some(MapBackend {
+        addr: A::of_ip(entry.backend.ip)?,
+        port: lb_common::port_to_map(entry.backend.port),
+        state: entry.state,
+        flags: entry.flags,
+    })
+}
+
+/// The LPM trie key of an allowed source range of family `A` (`None` for a range of the
+/// other family).
+pub fn source_range_key<A: FamilyAddr>(
     service_id: u32,
     range: Cidr,
-) -> aya::maps::lpm_trie::Key<lb_common::SourceRange4Key> {
+) -> Option<aya::maps::lpm_trie::Key<SourceRangeKey<A>>>
+where
+    SourceRangeKey<A>: aya::Pod,
+{
     let network = range.network();
-    aya::maps::lpm_trie::Key::new(
+    Some(aya::maps::lpm_trie::Key::new(
         lb_common::source_range::SERVICE_ID_BITS + network.prefix as u32,
-        lb_common::SourceRange4Key::new(
-            service_id,
-            lb_common::addr_to_map(u32::from(network.addr)),
-        ),
-    )
+        SourceRangeKey::new(service_id, A::of_ip(network.addr)?),
+    ))
 }
 
 /// The service id and range of an LPM trie key the agent wrote.
-pub fn source_range_of(key: &aya::maps::lpm_trie::Key<lb_common::SourceRange4Key>) -> (u32, Cidr) {
+pub fn source_range_of<A: FamilyAddr>(
+    key: &aya::maps::lpm_trie::Key<SourceRangeKey<A>>,
+) -> (u32, Cidr)
+where
+    SourceRangeKey<A>: aya::Pod,
+{
     let data = key.data();
     let prefix = key
         .prefix_len()
         .saturating_sub(lb_common::source_range::SERVICE_ID_BITS)
-        .min(32) as u8;
-    (
-        data.service_id(),
-        Cidr::new(lb_common::addr_from_map(data.addr).into(), prefix),
-    )
+        .min(A::BITS) as u8;
+    (data.service_id(), Cidr::new(data.addr.ip(), prefix))
 }

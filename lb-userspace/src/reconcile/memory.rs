@@ -1,13 +1,15 @@
-//! Service maps held in memory, with the same capacity limits as the BPF maps: the reconciler's
-//! model tests run against them, and a full map fails the same way.
+//! Service maps held in memory, with the same capacity limits as the BPF maps (each family's
+//! frontends, backends and source ranges apart, as each family has its own map): the
+//! reconciler's model tests run against them, and a full map fails the same way.
 use std::collections::BTreeMap;
 
-use lb_common::{
-    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, map_names,
-};
+use lb_common::{FrontendValue, MaglevTable, SlotKey, SlotValue, map_names};
 
-use super::{MapContents, MapError, ServiceMaps};
-use crate::cidr::Cidr;
+use super::{BackendEntry, MapContents, MapError, ServiceMaps, family_map_names};
+use crate::{
+    cidr::Cidr,
+    model::{Family, Frontend},
+};
 
 #[derive(Clone, Debug)]
 pub struct MemoryMaps {
@@ -59,7 +61,24 @@ fn put<K: Ord, V>(
     key: K,
     value: V,
 ) -> Result<(), MapError> {
-    if !map.contains_key(&key) && map.len() >= max {
+    put_counted(map, max, name, key, value, |_, _| true)
+}
+
+/// Inserts into the entries of `map` that `counted` says share one BPF map of at most `max`
+/// entries (one family's, when `map` holds both).
+fn put_counted<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    max: usize,
+    name: &'static str,
+    key: K,
+    value: V,
+    counted: impl Fn(&K, &V) -> bool,
+) -> Result<(), MapError> {
+    // Counted only when the whole map is that full: cheap while far from the limit.
+    if !map.contains_key(&key)
+        && map.len() >= max
+        && map.iter().filter(|(k, v)| counted(k, v)).count() >= max
+    {
         return Err(full(name));
     }
     map.insert(key, value);
@@ -75,19 +94,22 @@ fn remove<K: Ord, V>(
 }
 
 impl ServiceMaps for MemoryMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendValue) -> Result<(), MapError> {
         let max = self.max_services;
-        put(
+        let family = frontend.family();
+        put_counted(
             &mut self.contents.frontends,
             max,
-            map_names::FRONTENDS_V4,
-            key,
+            family_map_names(family).0,
+            frontend,
             value,
+            |f, _| f.family() == family,
         )
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
-        remove(&mut self.contents.frontends, map_names::FRONTENDS_V4, key)
+    fn remove_frontend(&mut self, frontend: &Frontend) -> Result<(), MapError> {
+        let name = family_map_names(frontend.family()).0;
+        remove(&mut self.contents.frontends, name, frontend)
     }
 
     fn put_slot(&mut self, key: SlotKey, value: SlotValue) -> Result<(), MapError> {
@@ -105,19 +127,44 @@ impl ServiceMaps for MemoryMaps {
         remove(&mut self.contents.slots, map_names::SLOTS_V4, key)
     }
 
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError> {
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError> {
         let max = self.max_backends;
-        put(
+        let family = backend.backend.family();
+        let name = family_map_names(family).1;
+        // One id space over both families: an id is in one family's map at a time.
+        if self
+            .contents
+            .backends
+            .get(&id)
+            .is_some_and(|other| other.backend.family() != family)
+        {
+            return Err(MapError {
+                map: name,
+                operation: "insert",
+                cause: format!("backend id {id} is in the other family's map"),
+            });
+        }
+        put_counted(
             &mut self.contents.backends,
             max,
-            map_names::BACKENDS_V4,
+            name,
             id,
             backend,
+            |_, b| b.backend.family() == family,
         )
     }
 
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        remove(&mut self.contents.backends, map_names::BACKENDS_V4, &id)
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+        let name = family_map_names(family).1;
+        if self
+            .contents
+            .backends
+            .get(&id)
+            .is_some_and(|b| b.backend.family() != family)
+        {
+            return Err(missing(name));
+        }
+        remove(&mut self.contents.backends, name, &id)
     }
 
     fn put_maglev(&mut self, service_id: u32, table: &MaglevTable) -> Result<(), MapError> {
@@ -140,10 +187,13 @@ impl ServiceMaps for MemoryMaps {
 
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
         let key = (service_id, range.network());
-        if !self.contents.source_ranges.contains(&key)
-            && self.contents.source_ranges.len() >= self.max_source_ranges
+        let family = range.family();
+        let ranges = &self.contents.source_ranges;
+        if !ranges.contains(&key)
+            && ranges.len() >= self.max_source_ranges
+            && ranges.iter().filter(|(_, r)| r.family() == family).count() >= self.max_source_ranges
         {
-            return Err(full(map_names::SOURCE_RANGES_V4));
+            return Err(full(family_map_names(family).2));
         }
         self.contents.source_ranges.insert(key);
         Ok(())
@@ -157,7 +207,7 @@ impl ServiceMaps for MemoryMaps {
         {
             Ok(())
         } else {
-            Err(missing(map_names::SOURCE_RANGES_V4))
+            Err(missing(family_map_names(range.family()).2))
         }
     }
 

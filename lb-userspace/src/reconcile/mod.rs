@@ -28,18 +28,19 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Frontend4Key, FrontendValue, SlotKey, SlotValue, frontend_flags};
+use lb_common::{FrontendValue, SlotKey, SlotValue, frontend_flags};
 
 use backends::{Keepers, Opinion, ProgrammedBackend};
 use ids::IdSpace;
 pub use maps::{
-    FrontendView, MapContents, MapError, ServiceMaps, backend_of, frontend_key, frontend_of,
-    source_range_key, source_range_of,
+    BackendEntry, FamilyAddr, FrontendView, MapContents, MapError, ServiceMaps, backend_of,
+    backend_value, family_map_names, frontend_key, frontend_of, source_range_key, source_range_of,
 };
 use source_ranges::ProgrammedRanges;
 
 use crate::model::{
-    Backend, BackendSet, DesiredService, DesiredState, Frontend, FrontendKind, Scope, SetKey,
+    Backend, BackendSet, DesiredService, DesiredState, Family, Frontend, FrontendKind, Scope,
+    SetKey,
 };
 
 /// What the reconciler wrote for one backend set.
@@ -65,7 +66,7 @@ struct AdoptedSet {
     members: BTreeMap<Backend, Opinion>,
     maglev: bool,
     /// The frontends naming it.
-    frontends: Vec<Frontend4Key>,
+    frontends: Vec<Frontend>,
 }
 
 /// What one sync did.
@@ -109,10 +110,10 @@ impl SyncReport {
 /// Keeps the maps equal to the desired state, by difference.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    frontends: BTreeMap<Frontend4Key, (FrontendValue, SetKey)>,
+    frontends: BTreeMap<Frontend, (FrontendValue, SetKey)>,
     sets: BTreeMap<SetKey, ProgrammedSet>,
     /// The frontends naming each programmed set.
-    users: BTreeMap<SetKey, BTreeSet<Frontend4Key>>,
+    users: BTreeMap<SetKey, BTreeSet<Frontend>>,
     backends: BTreeMap<Backend, ProgrammedBackend>,
     /// The sets keeping each backend (a backend no set keeps is not here).
     keepers: BTreeMap<Backend, Keepers>,
@@ -124,7 +125,7 @@ pub struct Reconciler {
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
-    adopted_frontends: BTreeMap<Frontend4Key, FrontendValue>,
+    adopted_frontends: BTreeMap<Frontend, FrontendValue>,
     /// Allowed sources of LoadBalancer IPs with `loadBalancerSourceRanges`.
     source_ranges: ProgrammedRanges,
     service_ids: IdSpace,
@@ -153,9 +154,9 @@ impl Reconciler {
             ..Default::default()
         };
         for (id, value) in &contents.backends {
-            reconciler.maybe_unused.insert(backend_of(value));
+            reconciler.maybe_unused.insert(value.backend);
             reconciler.backends.insert(
-                backend_of(value),
+                value.backend,
                 ProgrammedBackend {
                     id: *id,
                     value: *value,
@@ -163,7 +164,7 @@ impl Reconciler {
             );
             reconciler
                 .pinned
-                .insert(backend_of(value), Opinion::pinned(value));
+                .insert(value.backend, Opinion::pinned(value));
             reconciler.backend_ids.mark_used(*id);
             reconciler.backend_ids.skip_through(*id);
         }
@@ -180,7 +181,7 @@ impl Reconciler {
                     slots: contents.live_backends(value).map(|(id, _)| id).collect(),
                     members: contents
                         .live_backends(value)
-                        .map(|(_, b)| (backend_of(b), Opinion::pinned(b)))
+                        .map(|(_, b)| (b.backend, Opinion::pinned(b)))
                         .collect(),
                     maglev: contents.maglev.contains(&value.service_id),
                     frontends: Vec::new(),
@@ -232,25 +233,48 @@ impl Reconciler {
     /// The service id of a programmed frontend.
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
         self.frontends
-            .get(&frontend_key(frontend))
+            .get(frontend)
             .map(|(value, _)| value.service_id)
     }
 
-    /// How many entries the reconciler keeps in each map (what it wrote and the kernel took).
-    pub fn programmed_entries(&self) -> [(&'static str, usize); 5] {
+    /// How many entries the reconciler keeps in each map (what it wrote and the kernel took),
+    /// each family's maps apart.
+    pub fn programmed_entries(&self) -> [(&'static str, usize); 8] {
         use lb_common::map_names;
+        let frontends = |family| {
+            self.frontends
+                .keys()
+                .chain(self.adopted_frontends.keys())
+                .filter(|f| f.family() == family)
+                .count()
+        };
+        let backends = |family| {
+            self.backends
+                .keys()
+                .filter(|b| b.family() == family)
+                .count()
+        };
         [
-            (map_names::FRONTENDS_V4, self.len()),
+            (map_names::FRONTENDS_V4, frontends(Family::V4)),
+            (map_names::FRONTENDS_V6, frontends(Family::V6)),
             (
                 map_names::SLOTS_V4,
                 self.sets.values().map(|s| s.slots.len()).sum(),
             ),
-            (map_names::BACKENDS_V4, self.backends.len()),
+            (map_names::BACKENDS_V4, backends(Family::V4)),
+            (map_names::BACKENDS_V6, backends(Family::V6)),
             (
                 map_names::MAGLEV_V4,
                 self.sets.values().filter(|s| s.maglev).count(),
             ),
-            (map_names::SOURCE_RANGES_V4, self.source_ranges.len()),
+            (
+                map_names::SOURCE_RANGES_V4,
+                self.source_ranges.len(Family::V4),
+            ),
+            (
+                map_names::SOURCE_RANGES_V6,
+                self.source_ranges.len(Family::V6),
+            ),
         ]
     }
 
@@ -267,8 +291,8 @@ impl Reconciler {
     /// maps, or a full resync).
     pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl ServiceMaps) -> SyncReport {
         let mut frontends: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
-        frontends.extend(self.frontends.keys().filter_map(frontend_of));
-        frontends.extend(self.adopted_frontends.keys().filter_map(frontend_of));
+        frontends.extend(self.frontends.keys().copied());
+        frontends.extend(self.adopted_frontends.keys().copied());
         let sets: BTreeSet<SetKey> = desired
             .sets
             .keys()
@@ -277,11 +301,9 @@ impl Reconciler {
             .collect();
         let mut report = self.sync_changes(desired, &frontends, &sets, maps);
         // What the earlier agent left and nothing desired took.
-        for (key, _) in std::mem::take(&mut self.adopted_frontends) {
+        for (frontend, _) in std::mem::take(&mut self.adopted_frontends) {
             report.map_writes += 1;
-            if let Err(error) = maps.remove_frontend(&key)
-                && let Some(frontend) = frontend_of(&key)
-            {
+            if let Err(error) = maps.remove_frontend(&frontend) {
                 report.failed.push((frontend, error.to_string()));
             }
         }
@@ -322,18 +344,17 @@ impl Reconciler {
             .iter()
             .filter(|f| !desired.frontends.contains_key(f))
         {
-            let key = frontend_key(frontend);
-            let adopted = self.adopted_frontends.remove(&key).is_some();
-            let programmed = self.frontends.remove(&key);
+            let adopted = self.adopted_frontends.remove(frontend).is_some();
+            let programmed = self.frontends.remove(frontend);
             if let Some((_, set)) = &programmed {
-                self.unuse(set, &key);
+                self.unuse(set, frontend);
                 affected.insert(set.clone());
             }
             if programmed.is_none() && !adopted {
                 continue;
             }
             report.map_writes += 1;
-            match maps.remove_frontend(&key) {
+            match maps.remove_frontend(frontend) {
                 Ok(()) => report.removed += 1,
                 Err(error) => report.failed.push((*frontend, error.to_string())),
             }
@@ -342,14 +363,14 @@ impl Reconciler {
             if let Some(service) = desired.frontends.get(frontend) {
                 affected.insert(service.set());
             }
-            if let Some((_, set)) = self.frontends.get(&frontend_key(frontend)) {
+            if let Some((_, set)) = self.frontends.get(frontend) {
                 affected.insert(set.clone());
             }
         }
         // Which frontends each affected set will serve after this sync: those programmed
         // under it, less the changed ones leaving it, plus the changed ones joining it. One
         // pass over the changed frontends, so a full sync stays linear.
-        let mut joined: BTreeMap<SetKey, BTreeSet<Frontend4Key>> = affected
+        let mut joined: BTreeMap<SetKey, BTreeSet<Frontend>> = affected
             .iter()
             .map(|set| {
                 (
@@ -359,14 +380,13 @@ impl Reconciler {
             })
             .collect();
         for frontend in frontends {
-            let key = frontend_key(frontend);
-            if let Some((_, set)) = self.frontends.get(&key)
+            if let Some((_, set)) = self.frontends.get(frontend)
                 && let Some(users) = joined.get_mut(set)
             {
-                users.remove(&key);
+                users.remove(frontend);
             }
             if let Some(service) = desired.frontends.get(frontend) {
-                joined.entry(service.set()).or_default().insert(key);
+                joined.entry(service.set()).or_default().insert(*frontend);
             }
         }
         let wanted_users: BTreeMap<SetKey, Vec<(Frontend, &DesiredService)>> = joined
@@ -374,10 +394,7 @@ impl Reconciler {
             .map(|(set, users)| {
                 let list = users
                     .iter()
-                    .filter_map(|key| {
-                        let frontend = frontend_of(key)?;
-                        Some((frontend, desired.frontends.get(&frontend)?))
-                    })
+                    .filter_map(|frontend| Some((*frontend, desired.frontends.get(frontend)?)))
                     .collect();
                 (set, list)
             })
@@ -437,7 +454,7 @@ impl Reconciler {
             let Some(set) = self.sets.get(&set_key) else {
                 continue;
             };
-            let key = frontend_key(frontend);
+            let key = *frontend;
             let value = frontend_value(set, service);
             let adopted = self.adopted_frontends.remove(&key);
             let before = self.frontends.get(&key).map(|(v, _)| *v).or(adopted);
@@ -502,7 +519,7 @@ impl Reconciler {
     }
 
     /// Forgets that frontend `key` names `set`.
-    fn unuse(&mut self, set: &SetKey, key: &Frontend4Key) {
+    fn unuse(&mut self, set: &SetKey, key: &Frontend) {
         if let Some(users) = self.users.get_mut(set) {
             users.remove(key);
         }
@@ -593,8 +610,7 @@ impl Reconciler {
         report: &mut SyncReport,
     ) -> Option<ProgrammedSet> {
         let id = users.iter().find_map(|(frontend, _)| {
-            let key = frontend_key(frontend);
-            let value = self.adopted_frontends.get(&key)?;
+            let value = self.adopted_frontends.get(frontend)?;
             self.adopted
                 .contains_key(&value.service_id)
                 .then_some(value.service_id)
@@ -625,7 +641,7 @@ impl Reconciler {
     /// backend through the set's Maglev table).
     fn reached_from_outside(&self, set_key: &SetKey) -> bool {
         self.users.get(set_key).into_iter().flatten().any(|key| {
-            key.scope == lb_common::scopes::EXTERNAL
+            key.scope == Scope::External
                 && self.frontends.get(key).is_some_and(|(value, _)| {
                     FrontendKind::from_number(value.kind).is_some_and(FrontendKind::is_external)
                 })
@@ -743,7 +759,7 @@ impl Reconciler {
         // so nothing names the old one; a frontend the switch fails for keeps the old one, so
         // the old slots stay.
         let mut switch_failed = None;
-        let programmed: Vec<(Frontend4Key, FrontendValue)> = self
+        let programmed: Vec<(Frontend, FrontendValue)> = self
             .users
             .get(set_key)
             .into_iter()
@@ -751,8 +767,7 @@ impl Reconciler {
             .filter_map(|key| Some((*key, self.frontends.get(key)?.0)))
             .collect();
         for (key, before) in programmed {
-            let staying =
-                frontend_of(&key).and_then(|frontend| users.iter().find(|(f, _)| *f == frontend));
+            let staying = users.iter().find(|(f, _)| *f == key);
             let value = match staying {
                 Some((_, service)) => frontend_value(&next, service),
                 None => FrontendValue {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{MapError, ServiceMaps, SyncReport};
 use crate::{
     cidr::Cidr,
-    model::{DesiredService, Frontend, Scope},
+    model::{DesiredService, Family, Frontend, Scope},
 };
 
 /// What the reconciler wrote, by service id.
@@ -26,8 +26,13 @@ impl ProgrammedRanges {
         Self { by_id }
     }
 
-    pub(super) fn len(&self) -> usize {
-        self.by_id.values().map(BTreeSet::len).sum()
+    /// How many entries the trie of `family` holds.
+    pub(super) fn len(&self, family: Family) -> usize {
+        self.by_id
+            .values()
+            .flatten()
+            .filter(|range| range.family() == family)
+            .count()
     }
 
     /// Writes the entries of `wanted` set `service_id` lacks; the failures are returned.

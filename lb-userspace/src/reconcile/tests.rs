@@ -9,16 +9,16 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, Frontend4Key, FrontendValue, MaglevTable, SlotKey, SlotValue, backend_flags,
+    Frontend4Key, Frontend6Key, FrontendValue, MaglevTable, SlotKey, SlotValue, backend_flags,
     backend_states, frontend_flags, frontend_kinds, scopes,
 };
 use proptest::prelude::*;
 
-use crate::cidr::Cidr;
+use crate::{cidr::Cidr, model::Family};
 
 use super::{
-    MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of, frontend_key,
-    frontend_of, memory::MemoryMaps,
+    BackendEntry, MapContents, MapError, Reconciler, ServiceMaps, SyncReport, backend_of,
+    frontend_key, frontend_of, memory::MemoryMaps,
 };
 use k8s_openapi::api::{
     core::v1::Service,
@@ -30,7 +30,7 @@ use crate::model::{
     ObjectKey, Objects, Protocol, Scope, ServicePortName, SetKey,
     tests::{
         EndpointExt as _, ep, exact, expected_view, identity, node, objects, service, slice,
-        view_without_ids, with_ingress, with_node_ports,
+        slice6, view_without_ids, with_families, with_ingress, with_node_ports,
     },
 };
 
@@ -40,8 +40,8 @@ use crate::model::{
 /// One successful map operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
-    PutFrontend(Frontend4Key, FrontendValue),
-    RemoveFrontend(Frontend4Key),
+    PutFrontend(Frontend, FrontendValue),
+    RemoveFrontend(Frontend),
     PutSlot(SlotKey, u32),
     RemoveSlot(SlotKey),
     PutBackend(u32),
@@ -100,7 +100,7 @@ impl CheckedMaps {
         self.contents()
             .backends
             .iter()
-            .map(|(id, b)| (backend_of(b), *id))
+            .map(|(id, b)| (b.backend, *id))
             .collect()
     }
 
@@ -108,18 +108,18 @@ impl CheckedMaps {
         *self
             .contents()
             .frontends
-            .get(&frontend_key(&frontend))
+            .get(&frontend)
             .unwrap_or_else(|| panic!("{frontend} is not in the maps"))
     }
 }
 
 impl ServiceMaps for CheckedMaps {
-    fn put_frontend(&mut self, key: Frontend4Key, value: FrontendValue) -> Result<(), MapError> {
+    fn put_frontend(&mut self, key: Frontend, value: FrontendValue) -> Result<(), MapError> {
         let result = self.maps.put_frontend(key, value);
         self.record(result, Op::PutFrontend(key, value))
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4Key) -> Result<(), MapError> {
+    fn remove_frontend(&mut self, key: &Frontend) -> Result<(), MapError> {
         let result = self.maps.remove_frontend(key);
         self.record(result, Op::RemoveFrontend(*key))
     }
@@ -134,13 +134,13 @@ impl ServiceMaps for CheckedMaps {
         self.record(result, Op::RemoveSlot(*key))
     }
 
-    fn put_backend(&mut self, id: u32, backend: Backend4) -> Result<(), MapError> {
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapError> {
         let result = self.maps.put_backend(id, backend);
         self.record(result, Op::PutBackend(id))
     }
 
-    fn remove_backend(&mut self, id: u32) -> Result<(), MapError> {
-        let result = self.maps.remove_backend(id);
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+        let result = self.maps.remove_backend(id, family);
         self.record(result, Op::RemoveBackend(id))
     }
 
@@ -170,7 +170,8 @@ impl ServiceMaps for CheckedMaps {
 }
 
 /// What the data path relies on at every instant: a frontend entry's live generation is
-/// whole (slots `0..count` exist and name existing backends); a Maglev table present for a
+/// whole (slots `0..count` exist and name existing backends of the frontend's family, in the
+/// backends map the kernel looks in for it); a Maglev table present for a
 /// service id some entry names with backends names only existing backends; and a frontend
 /// outside traffic reaches (XDP picks through the table) has its table while it has backends.
 fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
@@ -196,7 +197,11 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
             let Some(target) = contents.slots.get(&slot) else {
                 return Err(format!("{key:?} {value:?}: slot {slot:?} is missing"));
             };
-            if !contents.backends.contains_key(&target.backend_id) {
+            if contents
+                .backends
+                .get(&target.backend_id)
+                .is_none_or(|b| b.backend.family() != key.family())
+            {
                 return Err(format!(
                     "{key:?} {value:?}: slot {slot:?} names missing backend {}",
                     target.backend_id
@@ -208,17 +213,18 @@ fn live_generations_complete(maps: &MemoryMaps) -> Result<(), String> {
         }
         match maps.tables.get(&value.service_id) {
             Some(table) => {
-                if let Some(id) = table
-                    .backend_ids
-                    .iter()
-                    .find(|id| !contents.backends.contains_key(id))
-                {
+                if let Some(id) = table.backend_ids.iter().find(|id| {
+                    contents
+                        .backends
+                        .get(id)
+                        .is_none_or(|b| b.backend.family() != key.family())
+                }) {
                     return Err(format!(
                         "{key:?} {value:?}: the Maglev table names missing backend {id}"
                     ));
                 }
             }
-            None if key.scope == scopes::EXTERNAL && value.kind != frontend_kinds::CLUSTER_IP => {
+            None if key.scope == Scope::External && value.kind != frontend_kinds::CLUSTER_IP => {
                 return Err(format!(
                     "{key:?} {value:?}: reached from outside, with backends, without a Maglev \
                      table"
@@ -272,6 +278,7 @@ fn desired_service(name: &str, backends: &[Backend], affinity: Option<u32>) -> E
     (
         DesiredService {
             name: port_name(name),
+            family: Family::V4,
             kind: FrontendKind::ClusterIP,
             endpoints: Endpoints::All,
             affinity_timeout_secs: affinity,
@@ -401,19 +408,51 @@ fn add_programs_exactly_the_desired_state() {
     assert!(maps.maps.tables.is_empty());
     assert_eq!(reconciler.len(), 3);
     // Keys and values are in network byte order, as the kernel hands them to the programs.
-    let key = frontend_key(&web());
+    let key: Frontend4Key = frontend_key(&web()).unwrap();
     assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
     assert_eq!(key.port.to_ne_bytes(), 80u16.to_be_bytes());
     assert_eq!(key.proto, lb_common::IPPROTO_TCP);
     assert_eq!(key.scope, scopes::EXTERNAL);
     assert_eq!(frontend_of(&key), Some(web()));
     // A NodePort's key has address 0.
-    let key = frontend_key(&Frontend::node_port(30080, Protocol::Tcp));
+    let key: Frontend4Key =
+        frontend_key(&Frontend::node_port(Family::V4, 30080, Protocol::Tcp)).unwrap();
     assert_eq!((key.addr, key.port), (0, 30080u16.to_be()));
     assert_eq!(
         frontend_of(&key),
-        Some(Frontend::node_port(30080, Protocol::Tcp))
+        Some(Frontend::node_port(Family::V4, 30080, Protocol::Tcp))
     );
+    // IPv6: the 16 address bytes in network order, `::` for a NodePort; an address of the
+    // other family has no key in a family's map.
+    let v6 = frontend("fd00:10:96::a", 80, Protocol::Tcp);
+    let key: Frontend6Key = frontend_key(&v6).unwrap();
+    let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    assert_eq!(
+        bytes,
+        "fd00:10:96::a"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+    );
+    assert_eq!(key.port.to_ne_bytes(), 80u16.to_be_bytes());
+    assert_eq!(frontend_of(&key), Some(v6));
+    assert_eq!(frontend_key::<lb_common::Addr4>(&v6), None);
+    assert_eq!(frontend_key::<lb_common::Addr6>(&web()), None);
+    let key: Frontend6Key =
+        frontend_key(&Frontend::node_port(Family::V6, 30080, Protocol::Udp)).unwrap();
+    assert_eq!(key.addr, [0; 4]);
+    // Backends likewise.
+    let entry = BackendEntry {
+        backend: Backend {
+            ip: "fd00:10:244::5".parse().unwrap(),
+            port: 8080,
+        },
+        state: backend_states::TERMINATING,
+        flags: backend_flags::LOCAL,
+    };
+    let value: lb_common::Backend6 = super::backend_value(&entry).unwrap();
+    assert_eq!(backend_of(&value), entry);
+    assert_eq!(super::backend_value::<lb_common::Addr4>(&entry), None);
 }
 
 #[test]
@@ -431,7 +470,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         contents
             .backends
             .iter()
-            .find(|(_, b)| super::backend_of(b) == wanted)
+            .find(|(_, b)| b.backend == wanted)
             .map(|(id, _)| *id)
             .unwrap()
     };
@@ -463,7 +502,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
             Op::PutBackend(id_c),
             Op::PutSlot(slot(new, 0), id_b),
             Op::PutSlot(slot(new, 1), id_c),
-            Op::PutFrontend(frontend_key(&web()), after),
+            Op::PutFrontend(web(), after),
             Op::RemoveSlot(slot(old, 0)),
             Op::RemoveSlot(slot(old, 1)),
             Op::RemoveBackend(id_a),
@@ -484,7 +523,7 @@ fn update_writes_the_idle_generation_then_switches_then_cleans_up() {
         maps.ops,
         vec![
             Op::PutSlot(slot(old, 0), id_c),
-            Op::PutFrontend(frontend_key(&web()), last),
+            Op::PutFrontend(web(), last),
             Op::RemoveSlot(slot(new, 0)),
             Op::RemoveSlot(slot(new, 1)),
             Op::RemoveBackend(id_b),
@@ -545,7 +584,7 @@ fn remove_deletes_the_entry_first_then_everything_it_used() {
     )]);
     let report = sync(&mut reconciler, &only_api, &mut maps);
     assert_eq!((report.added, report.updated, report.removed), (0, 0, 1));
-    assert_eq!(maps.ops[0], Op::RemoveFrontend(frontend_key(&web())));
+    assert_eq!(maps.ops[0], Op::RemoveFrontend(web()));
     assert_eq!(maps.ops.len(), 5, "{:?}", maps.ops);
     let report = sync(&mut reconciler, &DesiredState::default(), &mut maps);
     assert_eq!(report.removed, 1);
@@ -595,7 +634,7 @@ fn affinity_only_change_is_one_service_write() {
         assert_eq!(report.map_writes, 1, "{affinity:?}");
         assert_eq!(report.updated, 1);
         let value = maps.frontend(web());
-        assert_eq!(maps.ops, vec![Op::PutFrontend(frontend_key(&web()), value)]);
+        assert_eq!(maps.ops, vec![Op::PutFrontend(web(), value)]);
         // Same id and generation: affinity entries and slots stay valid.
         assert_eq!(
             (value.service_id, value.generation, value.count),
@@ -741,15 +780,14 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
     // The earlier agent died in the middle of an update of web: new backends and the idle
     // generation's slots written, the switch not yet made. Plus an orphan backend with the
     // highest id, and the slots and Maglev table of a service that no longer exists.
-    let web_value = clean.frontends[&frontend_key(&web())];
+    let web_value = clean.frontends[&web()];
     let top = *clean.backends.keys().max().unwrap();
     let leftovers = &mut maps.maps.contents;
     for (offset, last) in [(1, 7u8), (2, 8)] {
         leftovers.backends.insert(
             top + offset,
-            Backend4 {
-                addr: lb_common::addr_to_map(u32::from_be_bytes([10, 244, 0, last])),
-                port: lb_common::port_to_map(8080),
+            BackendEntry {
+                backend: backend(last, 8080),
                 state: backend_states::ACTIVE,
                 flags: 0,
             },
@@ -779,7 +817,17 @@ fn adopt_cleans_leftovers_and_the_same_desired_state_needs_no_writes() {
             backend_id: top + 2,
         },
     );
-    leftovers.backends.insert(top + 3, Backend4::default());
+    leftovers.backends.insert(
+        top + 3,
+        BackendEntry {
+            backend: Backend {
+                ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                port: 0,
+            },
+            state: 0,
+            flags: 0,
+        },
+    );
     maps.maps.put_maglev(999, &MaglevTable::default()).unwrap();
     let view = maps.contents().view();
 
@@ -906,7 +954,7 @@ fn service_ids_by_name(maps: &CheckedMaps, desired: &DesiredState) -> BTreeMap<S
         .frontends
         .iter()
         .filter_map(|(frontend, service)| {
-            let value = maps.contents().frontends.get(&frontend_key(frontend))?;
+            let value = maps.contents().frontends.get(frontend)?;
             Some((service.name.to_string(), value.service_id))
         })
         .collect()
@@ -1022,7 +1070,7 @@ fn a_set_with_more_backends_than_the_slot_index_holds_uses_the_first_and_says_so
     let limit = lb_common::limits::MAX_BACKENDS_PER_SERVICE as usize;
     let many: Vec<Backend> = (0..limit + 2)
         .map(|i| Backend {
-            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32),
+            ip: std::net::Ipv4Addr::from(0x0af4_0000 + i as u32).into(),
             port: 80,
         })
         .collect();
@@ -1108,7 +1156,7 @@ fn adopt_of_empty_maps_then_sync() {
 // NodePorts, externalIPs and load-balancer IPs: one table, shared sets, Maglev, draining
 
 fn np() -> Frontend {
-    Frontend::node_port(30080, Protocol::Tcp)
+    Frontend::node_port(Family::V4, 30080, Protocol::Tcp)
 }
 
 /// The NodePort 30080/TCP of `default/web` with `backends` (last octet, whether local). With
@@ -1129,6 +1177,7 @@ fn node_port_state(backends: &[(u8, bool)], local_only: bool) -> DesiredState {
     };
     let service = DesiredService {
         name: port_name("web"),
+        family: Family::V4,
         kind: FrontendKind::NodePort,
         endpoints: if local_only {
             Endpoints::Local
@@ -1178,7 +1227,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
             Op::PutSlot(slot(1, 0, 0), 1),
             Op::PutSlot(slot(1, 0, 1), 2),
             Op::PutMaglev(1),
-            Op::PutFrontend(frontend_key(&np()), value),
+            Op::PutFrontend(np(), value),
         ]
     );
     assert_eq!(value.kind, frontend_kinds::NODE_PORT);
@@ -1211,7 +1260,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
             Op::PutSlot(slot(1, 1, 0), 1),
             Op::PutSlot(slot(1, 1, 1), 3),
             Op::PutMaglev(1),
-            Op::PutFrontend(frontend_key(&np()), after),
+            Op::PutFrontend(np(), after),
             Op::RemoveSlot(slot(1, 0, 0)),
             Op::RemoveSlot(slot(1, 0, 1)),
             Op::RemoveBackend(2),
@@ -1244,7 +1293,7 @@ fn node_port_writes_backends_then_slots_and_table_then_frontend_and_old_ones_las
     let moved = maps
         .ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend(key, v) if *key == frontend_key(&np()) && v.service_id == 2))
+        .position(|op| matches!(op, Op::PutFrontend(key, v) if *key == np() && v.service_id == 2))
         .expect("the NodePort moves");
     let dropped = maps
         .ops
@@ -1495,10 +1544,7 @@ fn a_restarted_agent_keeps_every_service_id_and_backend_id() {
     let sets_before: BTreeMap<SetKey, u32> =
         earlier.set_ids().map(|(k, id)| (k.clone(), id)).collect();
     assert!(
-        frontends_before
-            .keys()
-            .filter_map(frontend_of)
-            .any(|f| f.is_node_port()),
+        frontends_before.keys().any(|f| f.is_node_port()),
         "{frontends_before:?}"
     );
 
@@ -1721,14 +1767,19 @@ const PORT_NAMES: [&str; 2] = ["", "http"];
 const SERVICE_PORTS: [i32; 3] = [53, 80, 443];
 const TARGET_PORTS: [i32; 3] = [53, 8080, 8443];
 const CLUSTER_IPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+/// The IPv6 ClusterIP of a dual-stack or IPv6 service with the same index.
+const CLUSTER_IPS_V6: [&str; 3] = ["fd00:10:96::a", "fd00:10:96::b", "fd00:10:96::c"];
 const NODE_PORTS: [i32; 3] = [30000, 30001, 30002];
 const HEALTH_CHECK_PORTS: [i32; 2] = [32000, 32001];
-/// externalIPs and load-balancer IPs; the last is a ClusterIP of the pool.
-const EXTERNAL_IPS: [&str; 4] = [
+/// externalIPs and load-balancer IPs of both families; `10.96.0.10` and `fd00:10:96::a` are
+/// ClusterIPs of the pool.
+const EXTERNAL_IPS: [&str; 6] = [
     "198.51.100.10",
     "198.51.100.11",
     "203.0.113.7",
     "10.96.0.10",
+    "2001:db8::10",
+    "fd00:10:96::a",
 ];
 const NODES: [&str; 3] = [crate::model::tests::NODE, "node-b", "node-c"];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
@@ -1740,6 +1791,17 @@ enum Kind {
     LoadBalancer,
     Headless,
     ExternalName,
+}
+
+/// A service's `ipFamilies`.
+#[derive(Clone, Copy, Debug)]
+enum Families {
+    V4,
+    V6,
+    /// IPv4 then IPv6.
+    Dual,
+    /// IPv6 then IPv4.
+    DualV6First,
 }
 
 #[derive(Clone, Debug)]
@@ -1778,6 +1840,7 @@ enum Event {
     PutService {
         which: usize,
         kind: Kind,
+        families: Families,
         ip: usize,
         ports: Vec<PortSpec>,
         affinity: Option<i32>,
@@ -1789,6 +1852,8 @@ enum Event {
     PutSlice {
         which: usize,
         service: usize,
+        /// An IPv6 slice (`addressType: IPv6`, endpoints `fd00:10:244::N`).
+        v6: bool,
         other_namespace: bool,
         ports: Vec<PortSpec>,
         endpoints: Vec<EndpointSpec>,
@@ -1875,9 +1940,15 @@ fn event() -> impl Strategy<Value = Event> {
         1 => Just(Some(10_800)),
         1 => prop_oneof![Just(0), Just(60), Just(125), Just(90_000)].prop_map(Some),
     ];
+    let families = prop_oneof![
+        3 => Just(Families::V4),
+        1 => Just(Families::V6),
+        2 => Just(Families::Dual),
+        1 => Just(Families::DualV6First),
+    ];
     prop_oneof![
         3 => (
-            0..SERVICES,
+            (0..SERVICES, families),
             kind,
             0..CLUSTER_IPS.len(),
             prop::collection::vec(port_spec(SERVICE_PORTS.len()), 1..=3),
@@ -1887,10 +1958,11 @@ fn event() -> impl Strategy<Value = Event> {
             external_spec(),
         )
             .prop_map(
-                |(which, kind, ip, ports, affinity, local, publish_not_ready, external)| {
+                |((which, families), kind, ip, ports, affinity, local, publish_not_ready, external)| {
                     Event::PutService {
                         which,
                         kind,
+                        families,
                         ip,
                         ports,
                         affinity,
@@ -1902,16 +1974,17 @@ fn event() -> impl Strategy<Value = Event> {
             ),
         1 => (0..SERVICES).prop_map(Event::DeleteService),
         6 => (
-            0..SLICES,
+            (0..SLICES, prop::bool::weighted(0.4)),
             0..SERVICES,
             prop::bool::weighted(0.1),
             prop::collection::vec(port_spec(TARGET_PORTS.len()), 1..=4),
             prop::collection::vec(endpoint_spec(), 0..=6),
         )
-            .prop_map(|(which, service, other_namespace, ports, endpoints)| {
+            .prop_map(|((which, v6), service, other_namespace, ports, endpoints)| {
                 Event::PutSlice {
                     which,
                     service,
+                    v6,
                     other_namespace,
                     ports,
                     endpoints,
@@ -1934,6 +2007,7 @@ fn apply(objects: &mut Objects, event: &Event) {
         Event::PutService {
             which,
             kind,
+            families,
             ip,
             ports,
             affinity,
@@ -1946,6 +2020,17 @@ fn apply(objects: &mut Objects, event: &Event) {
                 .map(|p| (PORT_NAMES[p.name], SERVICE_PORTS[p.number], protocol(p.udp)))
                 .collect();
             let mut svc = service("default", &service_name(*which), CLUSTER_IPS[*ip], &numbers);
+            let (v4, v6) = (CLUSTER_IPS[*ip], CLUSTER_IPS_V6[*ip]);
+            svc = match families {
+                Families::V4 => svc,
+                Families::V6 => with_families(svc, "SingleStack", &[v6], &["IPv6"]),
+                Families::Dual => {
+                    with_families(svc, "RequireDualStack", &[v4, v6], &["IPv4", "IPv6"])
+                }
+                Families::DualV6First => {
+                    with_families(svc, "PreferDualStack", &[v6, v4], &["IPv6", "IPv4"])
+                }
+            };
             if matches!(kind, Kind::NodePort | Kind::LoadBalancer) {
                 let kind = if matches!(kind, Kind::NodePort) {
                     "NodePort"
@@ -2019,6 +2104,7 @@ fn apply(objects: &mut Objects, event: &Event) {
         Event::PutSlice {
             which,
             service,
+            v6,
             other_namespace,
             ports,
             endpoints,
@@ -2030,11 +2116,12 @@ fn apply(objects: &mut Objects, event: &Event) {
             let endpoints = endpoints
                 .iter()
                 .map(|e| {
-                    let mut endpoint = ep(&format!("10.244.0.{}", e.ip)).conditions(
-                        e.ready,
-                        e.serving,
-                        e.terminating,
-                    );
+                    let address = if *v6 {
+                        format!("fd00:10:244::{}", e.ip)
+                    } else {
+                        format!("10.244.0.{}", e.ip)
+                    };
+                    let mut endpoint = ep(&address).conditions(e.ready, e.serving, e.terminating);
                     endpoint.node_name = e.node.map(|n| NODES[n].to_owned());
                     if let Some(zones) = &e.zones {
                         let names: Vec<&str> = zones.iter().map(|z| ZONES[*z]).collect();
@@ -2053,7 +2140,8 @@ fn apply(objects: &mut Objects, event: &Event) {
             objects
                 .endpoint_slices
                 .retain(|key, _| key.name != format!("slice-{which}"));
-            let new = slice(
+            let make = if *v6 { slice6 } else { slice };
+            let new = make(
                 namespace,
                 &format!("slice-{which}"),
                 &service_name(*service),
@@ -2210,7 +2298,7 @@ fn source_ranges_follow_the_service_and_survive_a_restart() {
     );
     assert_ne!(maps.frontend(lb).flags & frontend_flags::SOURCE_RANGES, 0);
     // The NodePort shares the id and is not filtered.
-    let np = Frontend::node_port(30080, Protocol::Tcp);
+    let np = Frontend::node_port(Family::V4, 30080, Protocol::Tcp);
     assert_eq!(maps.frontend(np).service_id, id);
     assert_eq!(maps.frontend(np).flags & frontend_flags::SOURCE_RANGES, 0);
 
@@ -2251,4 +2339,254 @@ fn source_ranges_follow_the_service_and_survive_a_restart() {
     sync(&mut restarted, &with_ranges(&["192.0.2.0/24"]), &mut maps);
     sync(&mut restarted, &DesiredState::default(), &mut maps);
     assert!(maps.contents().source_ranges.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dual-stack: each family's frontends, backends and ranges in its own maps, one id space
+
+/// `default/web` dual-stack (10.96.0.10 and fd00:10:96::a) of type LoadBalancer: nodePort
+/// 30080, load-balancer IPs 203.0.113.7 and 2001:db8:7::7, under `policy`, with these
+/// `loadBalancerSourceRanges`.
+fn dual_stack_load_balancer(policy: &str, ranges: &[&str]) -> Service {
+    let mut svc = with_ingress(
+        with_node_ports(
+            with_families(
+                service("default", "web", "10.96.0.10", &[("http", 80, "TCP")]),
+                "RequireDualStack",
+                &["10.96.0.10", "fd00:10:96::a"],
+                &["IPv4", "IPv6"],
+            ),
+            "LoadBalancer",
+            &[30080],
+            policy,
+        ),
+        &[("203.0.113.7", None), ("2001:db8:7::7", None)],
+    );
+    if !ranges.is_empty() {
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+    }
+    svc
+}
+
+fn web_slice6(endpoints: Vec<Endpoint>) -> EndpointSlice {
+    slice6(
+        "default",
+        "web-v6",
+        "web",
+        &[("http", 8080, "TCP")],
+        endpoints,
+    )
+}
+
+fn v6_backend(last: u8, port: u16) -> Backend {
+    Backend {
+        ip: format!("fd00:10:244::{last}").parse().unwrap(),
+        port,
+    }
+}
+
+#[test]
+fn dual_stack_sets_get_their_own_service_ids_and_backends_their_familys_map() {
+    let desired = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &[])],
+        vec![
+            web_slice(vec![ep("10.244.0.1"), ep("10.244.0.2")]),
+            web_slice6(vec![ep("fd00:10:244::1"), ep("fd00:10:244::2")]),
+        ],
+    ));
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    // `sync` checks the exact contents; every write checks that a live slot names a backend
+    // of its frontend's family.
+    sync(&mut reconciler, &desired, &mut maps);
+    let v4 = [
+        frontend("10.96.0.10", 80, Protocol::Tcp),
+        Frontend::node_port(Family::V4, 30080, Protocol::Tcp),
+        frontend("203.0.113.7", 80, Protocol::Tcp),
+    ];
+    let v6 = [
+        frontend("fd00:10:96::a", 80, Protocol::Tcp),
+        Frontend::node_port(Family::V6, 30080, Protocol::Tcp),
+        frontend("2001:db8:7::7", 80, Protocol::Tcp),
+    ];
+    let id_of = |f: &Frontend| maps.frontend(*f).service_id;
+    assert!(v4.iter().all(|f| id_of(f) == id_of(&v4[0])), "{v4:?}");
+    assert!(v6.iter().all(|f| id_of(f) == id_of(&v6[0])), "{v6:?}");
+    assert_ne!(id_of(&v4[0]), id_of(&v6[0]));
+    // One backend id space over both families.
+    let ids = maps.backend_ids();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.values().collect::<BTreeSet<_>>().len(), 4);
+    assert!(ids.contains_key(&v6_backend(1, 8080)) && ids.contains_key(&backend(1, 8080)));
+    // Both sets are reached from outside: a Maglev table each.
+    assert_eq!(
+        maps.maps.tables.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([id_of(&v4[0]), id_of(&v6[0])])
+    );
+
+    // The IPv6 endpoints change: only the IPv6 set is rewritten, in the usual order (backend,
+    // slots of the idle generation, table, frontends, old slots, old backend).
+    maps.ops.clear();
+    let changed = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &[])],
+        vec![
+            web_slice(vec![ep("10.244.0.1"), ep("10.244.0.2")]),
+            web_slice6(vec![ep("fd00:10:244::1"), ep("fd00:10:244::3")]),
+        ],
+    ));
+    sync(&mut reconciler, &changed, &mut maps);
+    let touched: BTreeSet<Frontend> = maps
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutFrontend(f, _) | Op::RemoveFrontend(f) => Some(*f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(touched, BTreeSet::from(v6), "{:?}", maps.ops);
+    let new_id = maps.backend_ids()[&v6_backend(3, 8080)];
+    let first_frontend = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend(..)))
+        .unwrap();
+    assert_eq!(maps.ops[0], Op::PutBackend(new_id));
+    assert!(
+        maps.ops[1..first_frontend]
+            .iter()
+            .all(|op| matches!(op, Op::PutSlot(..) | Op::PutMaglev(_))),
+        "{:?}",
+        maps.ops
+    );
+    assert!(
+        maps.ops[first_frontend..].iter().all(|op| matches!(
+            op,
+            Op::PutFrontend(..) | Op::RemoveSlot(_) | Op::RemoveBackend(_)
+        )),
+        "{:?}",
+        maps.ops
+    );
+    assert_eq!(
+        maps.ops.last(),
+        Some(&Op::RemoveBackend(ids[&v6_backend(2, 8080)]))
+    );
+
+    // A restarted agent adopts both families' maps: same ids, nothing written.
+    let frontends_before = maps.contents().frontends.clone();
+    maps.ops.clear();
+    let mut restarted = Reconciler::adopt(&mut maps).unwrap();
+    let report = counted_sync(&mut restarted, &changed, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.map_writes, 0, "{:?}", maps.ops);
+    assert_eq!(maps.contents().frontends, frontends_before);
+    assert_exact(&maps, &changed);
+
+    // Gone: both families' maps are empty again.
+    sync(&mut restarted, &DesiredState::default(), &mut maps);
+    assert_eq!(maps.contents(), &MapContents::default());
+}
+
+#[test]
+fn ipv6_source_ranges_are_written_under_the_ipv6_sets_id_before_its_frontends_check_them() {
+    let desired = build(&objects(
+        vec![dual_stack_load_balancer(
+            "Cluster",
+            &["192.0.2.0/24", "2001:db8:1::/48"],
+        )],
+        vec![
+            web_slice(vec![ep("10.244.0.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    sync(&mut reconciler, &desired, &mut maps);
+    let v4 = maps
+        .frontend(frontend("203.0.113.7", 80, Protocol::Tcp))
+        .service_id;
+    let v6_lb = frontend("2001:db8:7::7", 80, Protocol::Tcp);
+    let v6 = maps.frontend(v6_lb).service_id;
+    assert_eq!(
+        maps.contents().source_ranges,
+        BTreeSet::from([
+            (v4, "192.0.2.0/24".parse().unwrap()),
+            (v6, "2001:db8:1::/48".parse().unwrap()),
+        ])
+    );
+    let range_written = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutSourceRange(id, _) if *id == v6))
+        .unwrap();
+    let lb_written = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend(f, _) if *f == v6_lb))
+        .unwrap();
+    assert!(range_written < lb_written, "{:?}", maps.ops);
+    // The IPv6 ranges go; the IPv4 ones stay.
+    let fewer = build(&objects(
+        vec![dual_stack_load_balancer("Cluster", &["192.0.2.0/24"])],
+        vec![
+            web_slice(vec![ep("10.244.0.1")]),
+            web_slice6(vec![ep("fd00:10:244::1")]),
+        ],
+    ));
+    sync(&mut reconciler, &fewer, &mut maps);
+    assert_eq!(
+        maps.contents().source_ranges,
+        BTreeSet::from([(v4, "192.0.2.0/24".parse().unwrap())])
+    );
+    assert_eq!(
+        maps.frontend(v6_lb).flags & frontend_flags::SOURCE_RANGES,
+        0
+    );
+}
+
+#[test]
+fn each_familys_frontends_map_has_its_own_capacity() {
+    // Room for two frontends per family: a dual-stack NodePort service (ClusterIP and
+    // NodePort in each family) fits exactly.
+    let mut maps = CheckedMaps::with_limits(2, 64, 64);
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    let node_port = |external_ips: &[&str]| {
+        let mut svc = with_node_ports(
+            with_families(
+                service("default", "web", "10.96.0.10", &[("http", 80, "TCP")]),
+                "RequireDualStack",
+                &["10.96.0.10", "fd00:10:96::a"],
+                &["IPv4", "IPv6"],
+            ),
+            "NodePort",
+            &[30080],
+            "Cluster",
+        );
+        svc.spec.as_mut().unwrap().external_ips =
+            Some(external_ips.iter().map(|ip| (*ip).to_owned()).collect());
+        build(&objects(
+            vec![svc],
+            vec![
+                web_slice(vec![ep("10.244.0.1")]),
+                web_slice6(vec![ep("fd00:10:244::1")]),
+            ],
+        ))
+    };
+    sync(&mut reconciler, &node_port(&[]), &mut maps);
+    assert_eq!(maps.contents().frontends.len(), 4);
+    // One more IPv6 frontend: the IPv6 map is full, the IPv4 ones keep serving.
+    let more = node_port(&["2001:db8::10"]);
+    let report = counted_sync(&mut reconciler, &more, &mut maps);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        vec![frontend("2001:db8::10", 80, Protocol::Tcp)],
+        "{report:?}"
+    );
+    assert!(
+        report.failed[0]
+            .1
+            .contains(lb_common::map_names::FRONTENDS_V6),
+        "{report:?}"
+    );
+    assert_eq!(maps.contents().frontends.len(), 4);
 }

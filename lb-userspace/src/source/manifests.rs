@@ -33,7 +33,7 @@ use notify::Watcher as _;
 use tokio::sync::{mpsc, watch};
 
 use super::Snapshot;
-use crate::model::{ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL};
+use crate::model::{Family, ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL};
 
 /// Files larger than this are not read (`--manifest-max-bytes`).
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
@@ -365,11 +365,13 @@ impl Merge<'_> {
 }
 
 /// What Kubernetes' EndpointSlice mirroring controller makes of a v1 Endpoints object of a
-/// selector-less service: one IPv4 slice per subset.
+/// selector-less service: per subset, one slice per address family it has addresses of
+/// (`NAME-mirror-N` for IPv4, `NAME-mirror-N-ipv6` for IPv6), as the controller keeps
+/// address types apart.
 fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSlice)> {
     let mut slices = Vec::new();
     for (index, subset) in endpoints.subsets.iter().flatten().enumerate() {
-        let ports = subset
+        let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
             .flatten()
@@ -393,7 +395,7 @@ fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSli
                 ..Default::default()
             }
         };
-        let members = subset
+        let members: Vec<Endpoint> = subset
             .addresses
             .iter()
             .flatten()
@@ -405,25 +407,43 @@ fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSli
                     .flatten()
                     .map(with_state(false)),
             )
-            .filter(|e| e.addresses[0].parse::<std::net::Ipv4Addr>().is_ok())
             .collect();
-        let name = format!("{}-mirror-{index}", key.name);
-        let slice = EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(key.namespace.clone()),
-                labels: Some(
-                    [(SERVICE_NAME_LABEL.to_owned(), key.name.clone())]
-                        .into_iter()
-                        .collect(),
-                ),
-                ..Default::default()
-            },
-            address_type: "IPv4".into(),
-            endpoints: members,
-            ports: Some(ports),
-        };
-        slices.push((ObjectKey::new(key.namespace.clone(), name), slice));
+        for family in Family::ALL {
+            let of_family: Vec<Endpoint> = members
+                .iter()
+                .filter(|e| {
+                    e.addresses[0]
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| Family::of(ip) == family)
+                })
+                .cloned()
+                .collect();
+            // An IPv4 slice for every subset (as before dual-stack); an IPv6 one only with
+            // IPv6 addresses.
+            if family == Family::V6 && of_family.is_empty() {
+                continue;
+            }
+            let name = match family {
+                Family::V4 => format!("{}-mirror-{index}", key.name),
+                Family::V6 => format!("{}-mirror-{index}-ipv6", key.name),
+            };
+            let slice = EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(key.namespace.clone()),
+                    labels: Some(
+                        [(SERVICE_NAME_LABEL.to_owned(), key.name.clone())]
+                            .into_iter()
+                            .collect(),
+                    ),
+                    ..Default::default()
+                },
+                address_type: family.kubernetes_name().into(),
+                endpoints: of_family,
+                ports: Some(ports.clone()),
+            };
+            slices.push((ObjectKey::new(key.namespace.clone(), name), slice));
+        }
     }
     slices
 }

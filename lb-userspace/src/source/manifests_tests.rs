@@ -2,13 +2,12 @@
 //! `kubectl get -o yaml|json` prints them and as people write them for `kubectl apply -f`.
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use super::read_dir;
 use crate::model::{
-    self, Backend, DesiredState, Frontend, ObjectKey, ObjectRef, Protocol, ProxyIdentity,
+    self, Backend, DesiredState, Family, Frontend, ObjectKey, ObjectRef, Protocol, ProxyIdentity,
 };
 use crate::source::Snapshot;
 
@@ -39,7 +38,7 @@ fn frontend(ip: &str, port: u16, protocol: Protocol) -> Frontend {
 fn backends(list: &[(&str, u16)]) -> BTreeSet<Backend> {
     list.iter()
         .map(|(ip, port)| Backend {
-            ip: ip.parse::<Ipv4Addr>().unwrap(),
+            ip: ip.parse().unwrap(),
             port: *port,
         })
         .collect()
@@ -95,12 +94,12 @@ fn kubectl_get_list_output_is_read() {
         view(&build(&snapshot, "kind-worker")),
         vec![
             (
-                Frontend::node_port(30080, Protocol::Tcp),
+                Frontend::node_port(Family::V4, 30080, Protocol::Tcp),
                 backends(&[("10.244.1.3", 8080), ("10.244.2.5", 8080)]),
                 Some(10_800)
             ),
             (
-                Frontend::node_port(31053, Protocol::Udp),
+                Frontend::node_port(Family::V4, 31053, Protocol::Udp),
                 backends(&[("10.244.1.3", 5353), ("10.244.2.5", 5353)]),
                 Some(10_800)
             ),
@@ -284,6 +283,39 @@ fn endpoints_of_selectorless_services_are_mirrored() {
             (
                 frontend("10.96.70.3", 80, Protocol::Tcp),
                 BTreeSet::new(),
+                None
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_dual_stack_selectorless_service_gets_a_mirrored_slice_per_family() {
+    let snapshot = read_dir(&fixture("mirror-dual-stack"));
+    assert_eq!(snapshot.problems, Vec::<String>::new());
+    assert_eq!(
+        keys(&snapshot.objects.endpoint_slices),
+        vec![
+            "default/external-db-mirror-0",
+            "default/external-db-mirror-0-ipv6"
+        ]
+    );
+    let v6 =
+        &snapshot.objects.endpoint_slices[&ObjectKey::new("default", "external-db-mirror-0-ipv6")];
+    assert_eq!(v6.address_type, "IPv6");
+    assert_eq!(v6.endpoints.len(), 2);
+    let state = build(&snapshot, "kind-worker");
+    assert_eq!(
+        view(&state),
+        vec![
+            (
+                frontend("10.96.70.1", 5432, Protocol::Tcp),
+                backends(&[("192.168.50.10", 5432)]),
+                None
+            ),
+            (
+                frontend("fd00:10:96::70:1", 5432, Protocol::Tcp),
+                backends(&[("fd00:50::10", 5432)]),
                 None
             ),
         ]

@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_agent::model::{
-    Backend, BackendSet, DesiredService, DesiredState, Endpoints, Frontend, FrontendKind, Protocol,
-    ServicePortName, SetKey, SourceRanges,
+    Backend, BackendSet, DesiredService, DesiredState, Endpoints, Family, Frontend, FrontendKind,
+    Protocol, ServicePortName, SetKey, SourceRanges,
 };
 use lb_common::{ct_flags, tcp_flags as t};
 
@@ -74,6 +74,14 @@ pub struct Gen {
 
 fn ip(a: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(a)
+}
+
+/// The IPv4 address of a model address (this generator builds IPv4 services only).
+fn ipv4(ip: std::net::IpAddr) -> Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(ip) => panic!("{ip}: the packet fuzzer builds IPv4 only"),
+    }
 }
 
 fn wire(a: Ipv4Addr) -> u32 {
@@ -235,7 +243,13 @@ impl Gen {
                 } else {
                     self.pick(&REMOTE_PODS)
                 };
-                backends.insert(Backend { ip: ip(a), port }, local);
+                backends.insert(
+                    Backend {
+                        ip: ip(a).into(),
+                        port,
+                    },
+                    local,
+                );
             }
             if local_only {
                 backends.retain(|_, local| *local);
@@ -267,15 +281,17 @@ impl Gen {
             for kind in kinds {
                 let sport = self.pick(&SERVICE_PORTS);
                 let frontend = match kind {
-                    FrontendKind::NodePort => Frontend::node_port(self.pick(&NODE_PORTS), protocol),
+                    FrontendKind::NodePort => {
+                        Frontend::node_port(Family::V4, self.pick(&NODE_PORTS), protocol)
+                    }
                     FrontendKind::ExternalIp => {
-                        Frontend::new(ip(self.pick(&EXTERNAL_IPS)), sport, protocol)
+                        Frontend::new(ip(self.pick(&EXTERNAL_IPS)).into(), sport, protocol)
                     }
                     FrontendKind::LoadBalancer => {
-                        Frontend::new(ip(self.pick(&LB_IPS)), sport, protocol)
+                        Frontend::new(ip(self.pick(&LB_IPS)).into(), sport, protocol)
                     }
                     FrontendKind::ClusterIP => {
-                        Frontend::new(ip(self.pick(&CLUSTER_IPS)), sport, protocol)
+                        Frontend::new(ip(self.pick(&CLUSTER_IPS)).into(), sport, protocol)
                     }
                 };
                 if desired.frontends.contains_key(&frontend) {
@@ -293,6 +309,7 @@ impl Gen {
                     frontend,
                     DesiredService {
                         name: name.clone(),
+                        family: Family::V4,
                         kind,
                         endpoints: if kind == FrontendKind::ClusterIP {
                             Endpoints::All
@@ -305,12 +322,19 @@ impl Gen {
                         source_ranges,
                     },
                 );
-                frontends.push((frontend, backends.keys().map(|b| (b.ip, b.port)).collect()));
+                frontends.push((
+                    frontend,
+                    backends.keys().map(|b| (ipv4(b.ip), b.port)).collect(),
+                ));
                 any = true;
             }
             if any {
                 desired.sets.insert(
-                    SetKey { name, endpoints },
+                    SetKey {
+                        name,
+                        family: Family::V4,
+                        endpoints,
+                    },
                     BackendSet {
                         backends: backends.keys().copied().collect(),
                         terminating: BTreeSet::new(),
@@ -359,12 +383,15 @@ impl Gen {
         let (fe, _) = if n > 0 {
             ep.frontends[self.rng.usize(..n)].clone()
         } else {
-            (Frontend::node_port(30080, Protocol::Tcp), vec![])
+            (
+                Frontend::node_port(Family::V4, 30080, Protocol::Tcp),
+                vec![],
+            )
         };
         let mut dst = if fe.ip.is_unspecified() {
             node_addrs[self.rng.usize(..node_addrs.len())].octets()
         } else {
-            fe.ip.octets()
+            ipv4(fe.ip).octets()
         };
         let mut dport = fe.port;
         let mut proto = match fe.protocol {

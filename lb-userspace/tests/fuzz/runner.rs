@@ -230,10 +230,11 @@ impl Runner {
         let ep = generator.episode();
         let report = self.reconciler.sync(&ep.desired, &mut self.maps);
         assert!(report.failed.is_empty(), "reconciler: {:?}", report.failed);
-        self.addrs.set_node_addrs(&ep.node_addrs).unwrap();
-        let ifaddrs: BTreeMap<u32, _> = ep
+        let node_addrs = ep.node_addrs.iter().map(|a| (*a).into()).collect();
+        self.addrs.set_node_addrs(&node_addrs).unwrap();
+        let ifaddrs: BTreeMap<_, _> = ep
             .snat_addr
-            .map(|a| (TEST_RUN_IFINDEX, a))
+            .map(|a| ((TEST_RUN_IFINDEX, lb_agent::model::Family::V4), a.into()))
             .into_iter()
             .collect();
         self.addrs.set_iface_addrs(&ifaddrs).unwrap();
