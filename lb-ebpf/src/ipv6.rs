@@ -113,6 +113,7 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<L3<[u32; 4]>,
                     return Err(Refused::ExtensionHeader);
                 }
                 let h: *const [u8; 8] = at(start, end, off).ok_or(Refused::NotParsed)?;
+                // SAFETY: bounds-checked by `at` above.
                 let (h_next, h_len, segments_left) = unsafe { ((*h)[0], (*h)[1], (*h)[3]) };
                 if next == NEXTHDR_ROUTING && segments_left != 0 {
                     return Err(Refused::ExtensionHeader);
@@ -122,6 +123,7 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<L3<[u32; 4]>,
             }
             NEXTHDR_FRAGMENT => {
                 let h: *const FragHdr = at(start, end, off).ok_or(Refused::NotParsed)?;
+                // SAFETY: bounds-checked by `at` above.
                 let (h_next, frag_off, h_id) =
                     unsafe { ((*h).nexthdr, u16::from_be((*h).frag_off), (*h).id) };
                 next = h_next;

@@ -154,6 +154,7 @@ pub fn l4<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> Option<Packet<F:
         if l4_len < 20 {
             return None;
         }
+        // SAFETY: bounds-checked by `at` above.
         let (doff, flags) = unsafe { ((*tcp)[12] >> 4, (*tcp)[13]) };
         if doff < 5 || doff as usize * 4 > l4_len {
             return None;
@@ -164,6 +165,7 @@ pub fn l4<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> Option<Packet<F:
         pkt.check_off = l4_off + 16;
     } else {
         let udp: *mut [u16; 4] = at(start, end, l4_off)?;
+        // SAFETY: bounds-checked by `at` above.
         let (len, check) = unsafe { (u16::from_be((*udp)[2]) as usize, (*udp)[3]) };
         // A first fragment holds the header but only part of the datagram `len` counts.
         let holds = if l3.frag == FRAG_FIRST { 8 } else { len };
