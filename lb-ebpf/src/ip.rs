@@ -58,7 +58,7 @@ pub trait Ip: Family {
     /// Whether the XDP path runs in stages, programs entered by tail call (`stages.rs`):
     /// IPv6's 16-byte addresses and 40-byte keys need more stack than one program holds;
     /// IPv4 keeps everything in one.
-    const SPLIT_FRAMES: bool;
+    const STAGED: bool;
 
     /// Parses the network header at `start + ETH_HLEN` (the EtherType was checked).
     fn parse_l3(start: usize, end: usize, frame_len: usize) -> Result<L3<Self::Addr>, Refused>;
@@ -92,7 +92,7 @@ pub trait Ip: Family {
     /// This CPU's SNAT port search state (`snat.rs`), a per-CPU scratch map value.
     fn snat_search() -> Option<*mut Search<Self::Addr>>;
 
-    /// This CPU's decisions of a new flow's earlier XDP stages (`SPLIT_FRAMES`).
+    /// This CPU's decisions of a new flow's earlier XDP stages (`STAGED`).
     fn pending() -> Option<*mut Pending<Self::Addr>>;
 }
 
@@ -120,7 +120,7 @@ impl Ip for crate::family::V4 {
     const ICMP_PSEUDO_HDR: bool = false;
     const QUOTED_HLEN: usize = ipv4::HLEN;
     const UDP_CSUM_OPTIONAL: bool = true;
-    const SPLIT_FRAMES: bool = false;
+    const STAGED: bool = false;
 
     #[inline(always)]
     fn parse_l3(start: usize, end: usize, frame_len: usize) -> Result<L3<u32>, Refused> {
@@ -174,7 +174,7 @@ impl Ip for crate::family::V6 {
     const ICMP_PSEUDO_HDR: bool = true;
     const QUOTED_HLEN: usize = ipv6::HLEN;
     const UDP_CSUM_OPTIONAL: bool = false;
-    const SPLIT_FRAMES: bool = true;
+    const STAGED: bool = true;
 
     #[inline(always)]
     fn parse_l3(start: usize, end: usize, frame_len: usize) -> Result<L3<[u32; 4]>, Refused> {

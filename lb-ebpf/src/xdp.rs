@@ -147,7 +147,7 @@ fn parse_packet<F: Ip>(ctx: &XdpContext) -> Result<Packet<F::Addr>, u32> {
     };
     if l3.proto == F::ICMP_PROTO {
         // Maybe an ICMP error about a translated flow.
-        if F::SPLIT_FRAMES {
+        if F::STAGED {
             stages::enter(ctx, stages::ICMP);
             return Err(reasons::XDP_NOT_PARSED); // the stage is not loaded
         }
@@ -180,7 +180,7 @@ fn finish<F: Ip>(pkt: &Packet<F::Addr>, reason: u32) -> u32 {
     frag::finish::<F>(pkt, reason, translated, reasons::XDP_FRAGMENT_TRANSLATED)
 }
 
-/// A later stage of a new flow (`SPLIT_FRAMES`): the packet parsed again, the decisions of
+/// A later stage of a new flow (`STAGED`): the packet parsed again, the decisions of
 /// the earlier stages from `LB6_PENDING_V1`.
 #[inline(always)]
 fn resume<F: Ip>(ctx: &XdpContext, stage: u32) -> u32 {
@@ -275,7 +275,7 @@ fn forward<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>, frontend: &FrontendVa
         // The flow is over (or its backend gone): a new one replaces it, its port goes back.
         snat::release::<F>(&ct_key, &ct);
     }
-    if F::SPLIT_FRAMES {
+    if F::STAGED {
         return to_stage::<F>(ctx, stages::FLOW, |p| {
             p.frontend = *frontend;
             p.now = now;
@@ -298,7 +298,7 @@ fn to_stage<F: Ip>(ctx: &XdpContext, stage: u32, fill: impl FnOnce(&mut Pending<
 
 /// A packet that starts a flow: a backend chosen, its reply entry made; then (`snat_claim`)
 /// an SNAT port for a remote backend, and (`flow_made`) the flow's other entries and the
-/// packet translated. With `SPLIT_FRAMES` each of these is a stage of its own.
+/// packet translated. With `STAGED` each of these is a stage of its own.
 #[inline(always)]
 fn new_flow<F: Ip>(
     ctx: &XdpContext,
@@ -352,7 +352,7 @@ fn new_flow<F: Ip>(
     } else {
         hash
     };
-    if F::SPLIT_FRAMES {
+    if F::STAGED {
         let stage = if remote { stages::SNAT } else { stages::MADE };
         return to_stage::<F>(ctx, stage, |p| {
             p.hash = snat_hash;
@@ -372,7 +372,7 @@ fn new_flow<F: Ip>(
     flow_made::<F>(pkt, frontend.service_id, backend_id, &backend, nat, now)
 }
 
-/// `SPLIT_FRAMES`: the SNAT port of a new flow to a remote backend, in its own stage.
+/// `STAGED`: the SNAT port of a new flow to a remote backend, in its own stage.
 #[inline(always)]
 fn snat_stage<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>, p: &Pending<F::Addr>) -> u32 {
     match snat_claim::<F>(ctx, pkt, &p.backend, p.hash, p.now) {
@@ -385,7 +385,7 @@ fn snat_stage<F: Ip>(ctx: &XdpContext, pkt: &Packet<F::Addr>, p: &Pending<F::Add
     }
 }
 
-/// `SPLIT_FRAMES`: the rest of a new flow, in its own stage.
+/// `STAGED`: the rest of a new flow, in its own stage.
 #[inline(always)]
 fn made_stage<F: Ip>(pkt: &Packet<F::Addr>, p: &Pending<F::Addr>) -> u32 {
     let nat = p.snat.then_some((p.nat_addr, p.nat_port));
