@@ -78,3 +78,8 @@ pub const IFACE_ADDRS_V6: &str = "LB6_IFADDR";
 pub const SOURCE_RANGES_V6: &str = "LB6_SRCRANGE";
 /// Ports of fragmented IPv6 datagrams: `Frag6Key` → `FragPorts` (LRU).
 pub const FRAGS_V6: &str = "LB6_FRAGS_V1";
+/// IPv6's XDP stages, entered by tail call (program array, `lb-ebpf/src/stages.rs`).
+pub const XDP_STAGES_V6: &str = "LB6_XDPSTAGES";
+/// What a new IPv6 flow's earlier XDP stages decided, for the next stage (per-CPU array of
+/// one `Pending`, a kernel-only layout: a change takes a new name).
+pub const XDP_PENDING_V6: &str = "LB6_PENDING_V1";

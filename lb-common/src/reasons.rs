@@ -22,8 +22,9 @@ pub const XDP_ICMP_TRANSLATED: u32 = 2;
 pub const XDP_NOT_A_SERVICE: u32 = 3;
 /// To a ClusterIP: served at the socket only, not from outside.
 pub const XDP_CLUSTER_IP: u32 = 4;
-/// Not IPv4 TCP/UDP or an ICMP error as parsed (other EtherTypes, IP options, truncated or
-/// inconsistent headers, other protocols and ICMP types, fragments of anything but TCP/UDP).
+/// Not IPv4/IPv6 TCP/UDP or an ICMP/ICMPv6 error as parsed (other EtherTypes, IP options,
+/// truncated or inconsistent headers, other protocols and ICMP types, fragments of anything
+/// but TCP/UDP, IPv6 UDP with checksum 0).
 pub const XDP_NOT_PARSED: u32 = 5;
 /// An ICMP error about no tracked flow.
 pub const XDP_ICMP_NOT_TRACKED: u32 = 6;
@@ -54,7 +55,7 @@ pub const TC_NOT_A_FLOW: u32 = 16;
 /// The tuple of an ended flow, now used by a new connection: left untouched (and the stale
 /// reverse entry removed).
 pub const TC_STALE_FLOW: u32 = 17;
-/// Not IPv4 TCP/UDP or an ICMP error as parsed.
+/// Not IPv4/IPv6 TCP/UDP or an ICMP/ICMPv6 error as parsed.
 pub const TC_NOT_PARSED: u32 = 18;
 /// An ICMP error about no tracked flow.
 pub const TC_ICMP_NOT_TRACKED: u32 = 19;
@@ -76,8 +77,15 @@ pub const TC_FRAGMENT_TRANSLATED: u32 = 23;
 /// A later fragment whose first fragment tc did not translate: passed untouched.
 pub const TC_FRAGMENT_NOT_TRACKED: u32 = 24;
 
+/// An IPv6 packet with an extension header the programs do not walk (ESP, AH, Mobility, a
+/// Routing header with segments left, a header after the Fragment header, Hop-by-Hop not
+/// first, more than four headers): passed untouched, never translated.
+pub const XDP_EXTENSION_HEADER_NOT_UNDERSTOOD: u32 = 25;
+/// As `XDP_EXTENSION_HEADER_NOT_UNDERSTOOD`, at tc egress.
+pub const TC_EXTENSION_HEADER_NOT_UNDERSTOOD: u32 = 26;
+
 /// Number of reasons: the map's `max_entries`.
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 27;
 
 /// `(program, reason)` label values, by reason number.
 pub const NAMES: [(&str, &str); COUNT as usize] = [
@@ -106,6 +114,8 @@ pub const NAMES: [(&str, &str); COUNT as usize] = [
     ("xdp", "fragment_not_tracked"),
     ("tc", "fragment_translated"),
     ("tc", "fragment_not_tracked"),
+    ("xdp", "extension_header_not_understood"),
+    ("tc", "extension_header_not_understood"),
 ];
 
 /// The `(program, reason)` labels of `reason`.
@@ -195,6 +205,16 @@ mod tests {
             (XDP_FRAGMENT_NOT_TRACKED, "xdp", "fragment_not_tracked"),
             (TC_FRAGMENT_TRANSLATED, "tc", "fragment_translated"),
             (TC_FRAGMENT_NOT_TRACKED, "tc", "fragment_not_tracked"),
+            (
+                XDP_EXTENSION_HEADER_NOT_UNDERSTOOD,
+                "xdp",
+                "extension_header_not_understood",
+            ),
+            (
+                TC_EXTENSION_HEADER_NOT_UNDERSTOOD,
+                "tc",
+                "extension_header_not_understood",
+            ),
         ];
         assert_eq!(
             numbered.len(),

@@ -2,11 +2,12 @@
 //! nf_conntrack (`lb_common::ct_state`, `lb_common::ct_timeouts`), kept from the packets of
 //! both directions: the client's (XDP) and the backend's (tc egress, and XDP for the replies
 //! of remote backends). ICMP errors about a flow are related to it, not part of it: like the
-//! kernel's RELATED packets they neither mark it replied nor refresh it.
-use lb_common::{Ct4Key, Ct4Value, IPPROTO_TCP, NANOS_PER_SEC, ct_state, tcp_flags};
+//! kernel's RELATED packets they neither mark it replied nor refresh it. One tracker for both
+//! families (each its own map, `Family::flows`).
+use lb_common::{CtKey, CtValue, IPPROTO_TCP, NANOS_PER_SEC, ct_state, tcp_flags};
 
 use crate::{
-    maps::LB4_CT_V2,
+    family::Family,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -26,7 +27,7 @@ const REFRESH_NS: u64 = NANOS_PER_SEC;
 /// lifetime, and not a closed TCP connection (RST, or FINs both ways) whose client port is
 /// reused by a new SYN.
 #[inline(always)]
-pub fn alive(ct: &Ct4Value, proto: u8, tcp_flags: u8, now: u64) -> bool {
+pub fn alive<A>(ct: &CtValue<A>, proto: u8, tcp_flags: u8, now: u64) -> bool {
     let lifetime_ns = ct_state::lifetime_secs(proto, ct.flags) * NANOS_PER_SEC;
     if now.wrapping_sub(ct.last_seen_ns) > lifetime_ns {
         return false;
@@ -51,7 +52,7 @@ pub fn closed(flags: u8) -> bool {
 /// Records a packet of the flow behind `entry` (a pointer into the map), from the backend
 /// (`reply`) or from the client.
 #[inline(always)]
-pub fn touch(entry: *mut Ct4Value, tcp_flags: u8, reply: bool, now: u64) {
+pub fn touch<A>(entry: *mut CtValue<A>, tcp_flags: u8, reply: bool, now: u64) {
     // SAFETY: a pointer returned by a lookup in this program run; entries are plain integers,
     // so a racing update only loses a refresh.
     unsafe {
@@ -67,8 +68,8 @@ pub fn touch(entry: *mut Ct4Value, tcp_flags: u8, reply: bool, now: u64) {
 /// Records a packet from the backend (the reply direction) of the flow whose client tuple is
 /// `key`.
 #[inline(always)]
-pub fn touch_reply(key: &Ct4Key, tcp_flags: u8, now: u64) {
-    if let Some(entry) = LB4_CT_V2.get_ptr_mut(key) {
+pub fn touch_reply<F: Family>(key: &CtKey<F::Addr>, tcp_flags: u8, now: u64) {
+    if let Some(entry) = F::flows().get_ptr_mut(key) {
         touch(entry, tcp_flags, true, now);
     }
 }

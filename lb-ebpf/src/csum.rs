@@ -28,3 +28,19 @@ pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
         + (to >> 16);
     !fold(sum)
 }
+
+/// The checksum `check` after a 128-bit word (an IPv6 address) of the covered data changed
+/// from `from` to `to`: one fold over its eight 16-bit halves.
+#[inline(always)]
+pub fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    let mut sum = (!check) as u32;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!(from[i] as u16)) as u32
+            + (!((from[i] >> 16) as u16)) as u32
+            + (to[i] & 0xffff)
+            + (to[i] >> 16);
+        i += 1;
+    }
+    !fold(sum)
+}

@@ -1,4 +1,5 @@
-//! ICMP errors about translated flows, in XDP.
+//! ICMP and ICMPv6 errors about translated flows, in XDP and tc, written once for both
+//! families (`ip::Ip` gives the type numbers, the quoted header's length, the checksums).
 //!
 //! A router between the node and the client answers a reply that is too big (fragmentation
 //! needed) or undeliverable with an ICMP error to the reply's source: the frontend (a node
@@ -16,25 +17,25 @@
 //! leaves with the quoted packet as the client sent it (to the frontend), and an error sent
 //! by the backend comes from the frontend.
 //!
-//! Handled: destination unreachable (type 3, including fragmentation needed) and time
-//! exceeded (type 11), quoting TCP or UDP with a 20-byte IP header, not fragmented. Other
-//! ICMP (echo, errors about other packets, errors from remote backends about SNAT flows)
-//! passes untouched.
-use aya_ebpf::programs::XdpContext;
-use lb_common::{Ct4Key, IPPROTO_TCP, IPPROTO_UDP, ct_flags, reasons};
+//! Handled: IPv4's destination unreachable (type 3, including fragmentation needed) and time
+//! exceeded (type 11), quoting TCP or UDP with a 20-byte IP header, not fragmented; IPv6's
+//! destination unreachable (1), packet too big (2: path MTU discovery through a NodePort) and
+//! time exceeded (3), quoting TCP or UDP right after the 40-byte header (no extension
+//! headers), the error itself not fragmented (extension headers before it are walked as for
+//! any packet, `ipv6.rs`). Other ICMP (echo, neighbour discovery, parameter problems, errors
+//! about other packets, errors from remote backends about SNAT flows) passes untouched.
+//!
+//! Checksums: ICMP's covers the message only, so the outer address change touches the IPv4
+//! header checksum alone; ICMPv6's covers a pseudo-header too (RFC 8200 8.1), so the outer
+//! address change is folded into it as well as the quoted packet's changes. A quoted IPv6
+//! header has no checksum; a quoted UDP checksum is updated in both families.
+use lb_common::{CtKey, IPPROTO_UDP, ct_flags, reasons};
 
 use crate::{
     csum,
-    maps::{LB4_CT_V2, LB4_FLOWREV_V2},
-    parse::{ETH_HLEN, ETH_P_IP_WIRE, Ipv4Hdr, L4_OFF, at},
+    ip::{Ip, L3, read_addr, write_addr},
+    parse::{FRAG_NONE, at_len},
 };
-
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-/// The quoted IP header and the first 8 bytes of its L4 header.
-const INNER_IP_OFF: usize = L4_OFF + 8;
-const INNER_L4_OFF: usize = INNER_IP_OFF + 20;
 
 /// The quoted L4 header's first 8 bytes as UDP has them.
 #[repr(C)]
@@ -54,91 +55,82 @@ struct IcmpHdr {
 }
 
 /// An ICMP error quoting a TCP or UDP packet, understood.
-struct IcmpError {
-    ip: *mut Ipv4Hdr,
+struct IcmpError<A> {
+    /// The outer IP header.
+    ip: *mut u8,
+    saddr: A,
+    daddr: A,
     icmp: *mut IcmpHdr,
-    inner: *mut Ipv4Hdr,
+    /// The quoted IP header.
+    inner: *mut u8,
     ports: *mut Quoted,
     proto: u8,
 }
 
+/// The ICMP error of the packet whose network header is `l3`, if it is one handled.
 #[inline(always)]
-fn parse(start: usize, end: usize, frame_len: usize) -> Option<IcmpError> {
-    let eth_proto: *mut u16 = at(start, end, 12)?;
-    // SAFETY (all accesses): every pointer was bounds-checked against `end` by `at`.
-    if unsafe { *eth_proto } != ETH_P_IP_WIRE {
+fn parse<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> Option<IcmpError<F::Addr>> {
+    // As for TCP/UDP (`parse.rs`): a datagram length below the headers read (here the quoted
+    // IP header and 8 bytes) is not understood, and passes untouched; so does a fragment.
+    if l3.frag != FRAG_NONE || l3.l4_len < 8 + F::QUOTED_HLEN + 8 {
         return None;
     }
-    let ip: *mut Ipv4Hdr = at(start, end, ETH_HLEN)?;
-    let icmp: *mut IcmpHdr = at(start, end, L4_OFF)?;
-    let inner: *mut Ipv4Hdr = at(start, end, INNER_IP_OFF)?;
-    let ports: *mut Quoted = at(start, end, INNER_L4_OFF)?;
-    unsafe {
-        // As for TCP/UDP (`parse.rs`): a total length beyond the frame or below the headers
-        // read (here the quoted IP header and 8 bytes) is not understood, and passes untouched.
-        let tot_len = u16::from_be((*ip).tot_len) as usize;
-        if (*ip).vhl != 0x45
-            || u16::from_be((*ip).frag_off) & 0x3fff != 0
-            || (*ip).proto != IPPROTO_ICMP
-            || tot_len + ETH_HLEN > frame_len
-            || tot_len + ETH_HLEN < INNER_L4_OFF + 8
-        {
-            return None;
-        }
-        if (*icmp).kind != ICMP_DEST_UNREACH && (*icmp).kind != ICMP_TIME_EXCEEDED {
-            return None;
-        }
-        let proto = (*inner).proto;
-        if (*inner).vhl != 0x45
-            || u16::from_be((*inner).frag_off) & 0x1fff != 0
-            || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-        {
-            return None;
-        }
-        Some(IcmpError {
-            ip,
-            icmp,
-            inner,
-            ports,
-            proto,
-        })
+    // The ICMP header, the quoted IP header and the quoted ports, checked at once.
+    let base = at_len(start, end, l3.l4_off, 8 + F::QUOTED_HLEN + 8)?;
+    let icmp = base as *mut IcmpHdr;
+    // SAFETY: inside the range checked.
+    let (inner, ports) = unsafe { (base.add(8), base.add(8 + F::QUOTED_HLEN) as *mut Quoted) };
+    // SAFETY: bounds-checked by `at`.
+    if !F::is_icmp_error(unsafe { (*icmp).kind }) {
+        return None;
     }
+    let proto = F::quoted_proto(inner)?;
+    Some(IcmpError {
+        ip: l3.ip,
+        saddr: l3.saddr,
+        daddr: l3.daddr,
+        icmp,
+        inner,
+        ports,
+        proto,
+    })
 }
 
 /// New values for the quoted packet (addresses and ports in network byte order).
-struct Quote {
-    saddr: u32,
+struct Quote<A> {
+    saddr: A,
     sport: u16,
-    daddr: u32,
+    daddr: A,
     dport: u16,
 }
 
-/// Rewrites the quoted packet, updating the quoted IP and UDP checksums and the ICMP
+/// Rewrites the quoted packet, updating the quoted IP (IPv4) and UDP checksums and the ICMP
 /// checksum.
 #[inline(always)]
-fn requote(e: &IcmpError, to: &Quote) {
+fn requote<F: Ip>(e: &IcmpError<F::Addr>, to: &Quote<F::Addr>) {
     // SAFETY: pointers bounds-checked by `parse`; the packet is unchanged since.
     unsafe {
         let (inner, ports) = (e.inner, e.ports);
         let mut icmp_check = (*e.icmp).check;
-        let old_inner_check = (*inner).check;
-        let mut inner_check = old_inner_check;
+        let inner_check = F::HDR_CHECK_OFF.map(|off| inner.add(off) as *mut u16);
+        let old_inner_check = inner_check.map_or(0, |c| *c);
+        let mut new_inner_check = old_inner_check;
         let old_l4_check = (*ports).check;
         let fix_l4 = e.proto == IPPROTO_UDP && old_l4_check != 0;
         let mut l4_check = old_l4_check;
-        let old_src = (*inner).saddr;
+        let old_src: F::Addr = read_addr(inner.add(F::SADDR_OFF));
         if old_src != to.saddr {
-            inner_check = csum::replace4(inner_check, old_src, to.saddr);
-            icmp_check = csum::replace4(icmp_check, old_src, to.saddr);
-            l4_check = csum::replace4(l4_check, old_src, to.saddr);
-            (*inner).saddr = to.saddr;
+            new_inner_check = F::csum_addr(new_inner_check, old_src, to.saddr);
+            icmp_check = F::csum_addr(icmp_check, old_src, to.saddr);
+            l4_check = F::csum_addr(l4_check, old_src, to.saddr);
+            write_addr(inner.add(F::SADDR_OFF), to.saddr);
         }
-        let old_dst = (*inner).daddr;
+        let old_dst: F::Addr = read_addr(inner.add(F::DADDR_OFF));
         if old_dst != to.daddr {
-            inner_check = csum::replace4(inner_check, old_dst, to.daddr);
-            icmp_check = csum::replace4(icmp_check, old_dst, to.daddr);
-            l4_check = csum::replace4(l4_check, old_dst, to.daddr);
-            (*inner).daddr = to.daddr;
+            new_inner_check = F::csum_addr(new_inner_check, old_dst, to.daddr);
+            icmp_check = F::csum_addr(icmp_check, old_dst, to.daddr);
+            l4_check = F::csum_addr(l4_check, old_dst, to.daddr);
+            write_addr(inner.add(F::DADDR_OFF), to.daddr);
         }
         let old_sport = (*ports).sport;
         if old_sport != to.sport {
@@ -152,8 +144,10 @@ fn requote(e: &IcmpError, to: &Quote) {
             l4_check = csum::replace2(l4_check, old_dport, to.dport);
             (*ports).dport = to.dport;
         }
-        (*inner).check = inner_check;
-        icmp_check = csum::replace2(icmp_check, old_inner_check, inner_check);
+        if let Some(c) = inner_check {
+            *c = new_inner_check;
+            icmp_check = csum::replace2(icmp_check, old_inner_check, new_inner_check);
+        }
         if fix_l4 {
             let l4_check = if l4_check == 0 { 0xffff } else { l4_check };
             (*ports).check = l4_check;
@@ -163,61 +157,76 @@ fn requote(e: &IcmpError, to: &Quote) {
     }
 }
 
-/// Sets the outer header's source or destination, updating the IP checksum (ICMP has no
-/// pseudo-header).
+/// Sets the outer header's source and destination, updating IPv4's header checksum (ICMP
+/// has no pseudo-header) or ICMPv6's checksum (which covers one).
 #[inline(always)]
-fn set_outer(e: &IcmpError, saddr: u32, daddr: u32) {
+fn set_outer<F: Ip>(e: &IcmpError<F::Addr>, saddr: F::Addr, daddr: F::Addr) {
     // SAFETY: as in `requote`.
     unsafe {
         let ip = e.ip;
-        let mut check = (*ip).check;
-        if (*ip).saddr != saddr {
-            check = csum::replace4(check, (*ip).saddr, saddr);
-            (*ip).saddr = saddr;
+        let hdr_check = F::HDR_CHECK_OFF.map(|off| ip.add(off) as *mut u16);
+        let mut hdr = hdr_check.map_or(0, |c| *c);
+        let mut icmp = (*e.icmp).check;
+        if e.saddr != saddr {
+            hdr = F::csum_addr(hdr, e.saddr, saddr);
+            if F::ICMP_PSEUDO_HDR {
+                icmp = F::csum_addr(icmp, e.saddr, saddr);
+            }
+            write_addr(ip.add(F::SADDR_OFF), saddr);
         }
-        if (*ip).daddr != daddr {
-            check = csum::replace4(check, (*ip).daddr, daddr);
-            (*ip).daddr = daddr;
+        if e.daddr != daddr {
+            hdr = F::csum_addr(hdr, e.daddr, daddr);
+            if F::ICMP_PSEUDO_HDR {
+                icmp = F::csum_addr(icmp, e.daddr, daddr);
+            }
+            write_addr(ip.add(F::DADDR_OFF), daddr);
         }
-        (*ip).check = check;
+        if let Some(c) = hdr_check {
+            *c = hdr;
+        }
+        (*e.icmp).check = icmp;
     }
 }
 
-/// XDP, for a packet that is not TCP or UDP as `parse.rs` understands it: translates an ICMP
-/// error about a tracked flow's reply to the backend. Every packet passes; the reason says
-/// whether it was translated, an ICMP error about no flow of ours, or not understood.
+/// The quoted packet's addresses and ports.
 #[inline(always)]
-pub fn ingress(ctx: &XdpContext) -> u32 {
-    let Some(e) = parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) else {
+fn quoted<F: Ip>(e: &IcmpError<F::Addr>) -> (F::Addr, F::Addr, u16, u16) {
+    // SAFETY: pointers bounds-checked by `parse`.
+    unsafe {
+        (
+            read_addr(e.inner.add(F::SADDR_OFF)),
+            read_addr(e.inner.add(F::DADDR_OFF)),
+            (*e.ports).sport,
+            (*e.ports).dport,
+        )
+    }
+}
+
+/// XDP, for an ICMP packet of family `F` (network header `l3`): translates an ICMP error
+/// about a tracked flow's reply to the backend. Every packet passes; the reason says whether
+/// it was translated, an ICMP error about no flow of ours, or not understood.
+#[inline(always)]
+pub fn ingress<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> u32 {
+    let Some(e) = parse::<F>(start, end, l3) else {
         return reasons::XDP_NOT_PARSED;
     };
-    match translate_ingress(&e) {
+    match translate_ingress::<F>(&e) {
         Some(()) => reasons::XDP_ICMP_TRANSLATED,
         None => reasons::XDP_ICMP_NOT_TRACKED,
     }
 }
 
 #[inline(always)]
-fn translate_ingress(e: &IcmpError) -> Option<()> {
-    // SAFETY: pointers bounds-checked by `parse`.
-    let (outer_src, outer_dst, inner_src, inner_dst, sport, dport) = unsafe {
-        (
-            (*e.ip).saddr,
-            (*e.ip).daddr,
-            (*e.inner).saddr,
-            (*e.inner).daddr,
-            (*e.ports).sport,
-            (*e.ports).dport,
-        )
-    };
+fn translate_ingress<F: Ip>(e: &IcmpError<F::Addr>) -> Option<()> {
+    let (inner_src, inner_dst, sport, dport) = quoted::<F>(e);
     // The error must be addressed to the frontend the quoted reply came from.
-    if outer_dst != inner_src {
+    if e.daddr != inner_src {
         return None;
     }
     // The quoted packet is a reply: frontend → client. Its flow is tracked under the client's
     // direction.
-    let key = Ct4Key::new(inner_dst, inner_src, dport, sport, e.proto);
-    let entry = LB4_CT_V2.get_ptr(&key)?;
+    let key = CtKey::new(inner_dst, inner_src, dport, sport, e.proto);
+    let entry = F::flows().get_ptr(&key)?;
     // SAFETY: a pointer from the lookup above; copied out at once.
     let ct = unsafe { *entry };
     let (quoted_dst, quoted_dport) = if ct.flags & ct_flags::SNAT != 0 {
@@ -225,8 +234,8 @@ fn translate_ingress(e: &IcmpError) -> Option<()> {
     } else {
         (inner_dst, dport)
     };
-    set_outer(e, outer_src, ct.backend_addr);
-    requote(
+    set_outer::<F>(e, e.saddr, ct.backend_addr);
+    requote::<F>(
         e,
         &Quote {
             saddr: ct.backend_addr,
@@ -241,52 +250,42 @@ fn translate_ingress(e: &IcmpError) -> Option<()> {
 }
 
 /// tc egress: an ICMP error about a client's packet, sent by a local backend (its UDP port
-/// is closed) or by the node itself (the translated packet needs fragmenting on the way to
-/// the pod), on its way to the client: the quoted packet becomes the one the client sent (to
-/// the frontend), and an error from the backend comes from the frontend. Returns the reason:
-/// translated, an ICMP error about no flow of ours, or not understood. Direct packet writes
-/// (the verifier makes the skb head writable).
+/// is closed) or by the node itself (the translated packet needs fragmenting, or is too big
+/// for the path, on the way to the pod), on its way to the client: the quoted packet becomes
+/// the one the client sent (to the frontend), and an error from the backend comes from the
+/// frontend. Returns the reason: translated, an ICMP error about no flow of ours, or not
+/// understood. Direct packet writes (the verifier makes the skb head writable).
 #[inline(always)]
-pub fn egress(start: usize, end: usize, frame_len: usize) -> u32 {
-    let Some(e) = parse(start, end, frame_len) else {
+pub fn egress<F: Ip>(start: usize, end: usize, l3: &L3<F::Addr>) -> u32 {
+    let Some(e) = parse::<F>(start, end, l3) else {
         return reasons::TC_NOT_PARSED;
     };
-    match translate_egress(&e) {
+    match translate_egress::<F>(&e) {
         Some(()) => reasons::TC_ICMP_TRANSLATED,
         None => reasons::TC_ICMP_NOT_TRACKED,
     }
 }
 
 #[inline(always)]
-fn translate_egress(e: &IcmpError) -> Option<()> {
-    // SAFETY: pointers bounds-checked by `parse`.
-    let (outer_src, outer_dst, inner_src, inner_dst, sport, dport) = unsafe {
-        (
-            (*e.ip).saddr,
-            (*e.ip).daddr,
-            (*e.inner).saddr,
-            (*e.inner).daddr,
-            (*e.ports).sport,
-            (*e.ports).dport,
-        )
-    };
-    if outer_dst != inner_src {
+fn translate_egress<F: Ip>(e: &IcmpError<F::Addr>) -> Option<()> {
+    let (inner_src, inner_dst, sport, dport) = quoted::<F>(e);
+    if e.daddr != inner_src {
         return None; // not addressed to the quoted packet's sender
     }
     // The quoted packet went client → backend; its reply entry is backend → client.
-    let key = Ct4Key::new(inner_dst, inner_src, dport, sport, e.proto);
+    let key = CtKey::new(inner_dst, inner_src, dport, sport, e.proto);
     // SAFETY: copied out at once.
-    let rev = unsafe { LB4_FLOWREV_V2.get(&key) }.copied()?;
+    let rev = unsafe { F::flow_replies().get(&key) }.copied()?;
     if rev.flags != 0 {
         return None; // entries of SNAT flows: not a reply to a client
     }
-    let outer_src = if outer_src == inner_dst {
+    let outer_src = if e.saddr == inner_dst {
         rev.frontend_addr
     } else {
-        outer_src
+        e.saddr
     };
-    set_outer(e, outer_src, outer_dst);
-    requote(
+    set_outer::<F>(e, outer_src, e.daddr);
+    requote::<F>(
         e,
         &Quote {
             saddr: inner_src,

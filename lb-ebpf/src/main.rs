@@ -10,9 +10,12 @@
 //! - `lookup.rs`: service and backend selection (random, or by session affinity).
 //! - `maps.rs`: the map definitions.
 //! - `xdp.rs`, `tc.rs`: north-south traffic (NodePort, externalIPs, LoadBalancer IPs),
-//!   translated per packet in XDP with replies restored at tc egress; helped by `parse.rs`,
-//!   `csum.rs`, `conntrack.rs`, `nat.rs`, `snat.rs` (SNAT ports) and `frag.rs` (IPv4
-//!   fragments); why each packet was dropped or passed is counted in `verdict.rs`.
+//!   translated per packet in XDP with replies restored at tc egress, IPv4 and IPv6 by one
+//!   source generic over the family (`ip.rs`: what differs; `ipv4.rs`, `ipv6.rs`: the
+//!   network headers, IPv6's extension headers); helped by `parse.rs`, `csum.rs`,
+//!   `conntrack.rs`, `nat.rs`, `snat.rs` (SNAT ports), `icmp.rs` (ICMP/ICMPv6 errors) and
+//!   `frag.rs` (fragments); IPv6 runs in XDP as stages entered by tail call (`stages.rs`);
+//!   why each packet was dropped or passed is counted in `verdict.rs`.
 #![no_std]
 #![no_main]
 
@@ -28,9 +31,13 @@ mod conntrack;
 mod csum;
 mod frag;
 mod icmp;
+mod ip;
+mod ipv4;
+mod ipv6;
 mod nat;
 mod parse;
 mod snat;
+mod stages;
 mod tc;
 mod verdict;
 mod xdp;

@@ -8,14 +8,18 @@
 //! address exists once per family (`LB4_*`, `LB6_*`, one generic layout in lb-common; the
 //! programs reach them through `family::Family`); slots, Maglev tables and counters serve
 //! both families.
+use crate::{
+    snat::Search,
+    stages::{self, Pending},
+};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use lb_common::{
-    Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
-    Ct6Value, Frag4Key, Frag6Key, FragPorts, Frontend4Key, Frontend6Key, FrontendValue,
+    Addr4, Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value,
+    Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts, Frontend4Key, Frontend6Key, FrontendValue,
     MaglevTable, NameKey4, NameKey6, Rev4Value, Rev6Value, ServiceName, ServiceStats, SlotKey,
     SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key, limits, reasons,
 };
@@ -82,6 +86,10 @@ pub static LB4_SNATFULL_V1: LruHashMap<Ct4Key, u64> =
 #[map]
 pub static LB4_FRAGS_V2: LruHashMap<Frag4Key, FragPorts> = LruHashMap::pinned(limits::MAX_FRAGS, 0);
 
+/// Per CPU, the state of a new SNAT flow's port search (`snat.rs`): scratch, not pinned.
+#[map]
+pub static LB4_SNATSEARCH: PerCpuArray<Search<Addr4>> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static LB4_NODEADDR: HashMap<u32, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);
 
@@ -129,6 +137,19 @@ pub static LB6_SNATFULL_V1: LruHashMap<Ct6Key, u64> =
 
 #[map]
 pub static LB6_FRAGS_V1: LruHashMap<Frag6Key, FragPorts> = LruHashMap::pinned(limits::MAX_FRAGS, 0);
+
+#[map]
+pub static LB6_SNATSEARCH: PerCpuArray<Search<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// IPv6's XDP stages by `stages::*` index (`xdp.rs`), put there by the agent at load.
+#[map]
+pub static LB6_XDPSTAGES: ProgramArray = ProgramArray::pinned(stages::COUNT, 0);
+
+/// Per CPU, what a new IPv6 flow's earlier XDP stages decided (`stages.rs`). Pinned like the
+/// stage array: while an upgrade swaps programs, an old object's stage may enter a new
+/// object's next one, and both must read one value.
+#[map]
+pub static LB6_PENDING_V1: PerCpuArray<Pending<Addr6>> = PerCpuArray::pinned(1, 0);
 
 #[map]
 pub static LB6_NODEADDR: HashMap<Addr6, u32> = HashMap::pinned(limits::MAX_NODE_ADDRS, 0);

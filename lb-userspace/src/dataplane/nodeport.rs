@@ -6,7 +6,9 @@
 //! mode otherwise; the log says which. The tc program goes on the egress side through tcx
 //! (kernel 6.6+) or a clsact qdisc. Both links are pinned under `<bpffs>/links/iface-<name>/`
 //! (where the kernel makes them bpf links: XDP 5.9+, tcx 6.6+), so north-south traffic keeps
-//! flowing while no agent runs; a new agent swaps its programs in atomically.
+//! flowing while no agent runs; a new agent swaps its programs in atomically. IPv6 runs in XDP
+//! as stages of their own (`XDP6_STAGES`), loaded with the others and entered by tail call
+//! through the pinned program array `LB6_XDPSTAGES`, which each agent refills at load.
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
@@ -19,7 +21,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::FdLink,
@@ -40,6 +42,16 @@ use crate::{
 
 pub const XDP_PROGRAM: &str = "nodeport_xdp";
 pub const TC_PROGRAM: &str = "nodeport_tc";
+/// IPv6's XDP stages (`lb-ebpf/src/stages.rs`), by their index in `LB6_XDPSTAGES`: programs
+/// `nodeport_xdp` enters by tail call, each with a stack of its own. Loaded with the others,
+/// never attached.
+pub const XDP6_STAGES: [&str; 5] = [
+    "nodeport_xdp6",
+    "nodeport_xdp6_icmp",
+    "nodeport_xdp6_flow",
+    "nodeport_xdp6_snat",
+    "nodeport_xdp6_made",
+];
 
 /// How the XDP program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +82,41 @@ pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     if tc.fd().is_err() {
         tc.load()
             .with_context(|| format!("loading {TC_PROGRAM} (the verifier's log follows)"))?;
+    }
+    load_xdp6_stages(ebpf)
+}
+
+/// Loads IPv6's XDP stages and puts each at its index of `LB6_XDPSTAGES` (a pinned map: a
+/// new agent's stages replace the old ones there, packet by packet).
+fn load_xdp6_stages(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut fds = Vec::with_capacity(XDP6_STAGES.len());
+    for name in XDP6_STAGES {
+        let stage: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        if stage.fd().is_err() {
+            stage
+                .load()
+                .with_context(|| format!("loading {name} (the verifier's log follows)"))?;
+        }
+        fds.push(stage.fd()?.try_clone()?);
+    }
+    let map = ebpf.map_mut(map_names::XDP_STAGES_V6).ok_or_else(|| {
+        anyhow!(
+            "map {} missing from the eBPF object",
+            map_names::XDP_STAGES_V6
+        )
+    })?;
+    let mut stages = ProgramArray::try_from(map)?;
+    for (index, fd) in fds.iter().enumerate() {
+        stages.set(index as u32, fd, 0).with_context(|| {
+            format!(
+                "putting {} into {}",
+                XDP6_STAGES[index],
+                map_names::XDP_STAGES_V6
+            )
+        })?;
     }
     Ok(())
 }

@@ -550,12 +550,17 @@ impl Gen {
                 let b = f.bytes();
                 let framed = match self.rng.u8(..3) {
                     0 => {
-                        // IPv6 with the IPv4 packet's bytes as payload.
+                        // IPv6 with the IPv4 packet's L4 bytes as payload (its checksum is
+                        // the IPv4 one: a TCP/UDP frame parses, and no IPv6 service takes it).
+                        // The payload length is right or (the address's parity says) 20 too
+                        // long, as it was before IPv6 was parsed.
+                        let addrs: Vec<u8> = (0..32).map(|_| self.rng.u8(..)).collect();
+                        let extra = if addrs[0] & 1 == 0 { 0 } else { 20 };
                         let mut v6 = b[..12].to_vec();
                         v6.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
-                        v6.extend(((b.len() - 14) as u16).to_be_bytes());
+                        v6.extend(((b.len() - 34 + extra) as u16).to_be_bytes());
                         v6.extend([f.proto, 64]);
-                        v6.extend((0..32).map(|_| self.rng.u8(..)));
+                        v6.extend(addrs);
                         v6.extend(&b[34..]);
                         v6
                     }

@@ -81,6 +81,10 @@ pub struct Model {
 #[derive(Clone, Copy, Debug)]
 enum Headers {
     NotParsed,
+    /// IPv6: the fuzzer programs no IPv6 service, node address or flow, so every IPv6 frame
+    /// passes untouched; only the reason depends on how far it parses (docs/nodeport.md,
+    /// "IPv6").
+    Ipv6(Ipv6Seen),
     L4 {
         l4: usize,
         proto: u8,
@@ -109,12 +113,137 @@ enum Headers {
 
 const IP: usize = ETH_LEN;
 
-/// Whether the model parses `f` as anything it may translate.
+/// How far an IPv6 frame parses.
+#[derive(Clone, Copy, Debug)]
+enum Ipv6Seen {
+    NotParsed,
+    ExtensionHeader,
+    /// TCP or UDP, whole or a first fragment: no frontend, no flow.
+    L4,
+    LaterFragment,
+    /// An ICMPv6 error quoting TCP or UDP: about no flow.
+    IcmpError,
+}
+
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// The IPv6 parse of `ipv6.rs` and `parse.rs`: the fixed header, at most 4 extension headers
+/// walked (Hop-by-Hop first only, Destination Options, Routing with segments left 0,
+/// Fragment last), then TCP, UDP (checksum not 0) or an ICMPv6 error.
+fn parse6(f: &[u8]) -> Ipv6Seen {
+    use Ipv6Seen as S;
+    const IP6: usize = ETH_LEN;
+    if f.len() < IP6 + 40 || f[IP6] >> 4 != 6 {
+        return S::NotParsed;
+    }
+    let plen = be16(f, IP6 + 4) as usize;
+    if plen == 0 || IP6 + 40 + plen > f.len() {
+        return S::NotParsed;
+    }
+    let end = IP6 + 40 + plen;
+    let extension = |n: u8| matches!(n, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254);
+    let mut next = f[IP6 + 6];
+    let mut off = IP6 + 40;
+    let (mut first, mut later) = (false, false);
+    for walked in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                if next == 0 && walked != 0 {
+                    return S::ExtensionHeader;
+                }
+                if off + 8 > f.len() {
+                    return S::NotParsed;
+                }
+                if next == 43 && f[off + 3] != 0 {
+                    return S::ExtensionHeader;
+                }
+                let len = (f[off + 1] as usize + 1) * 8;
+                next = f[off];
+                off += len;
+            }
+            44 => {
+                if off + 8 > f.len() {
+                    return S::NotParsed;
+                }
+                let fo = be16(f, off + 2);
+                next = f[off];
+                off += 8;
+                later = fo & 0xfff8 != 0;
+                first = !later && fo & 1 != 0;
+                break;
+            }
+            _ => break,
+        }
+    }
+    if extension(next) {
+        return S::ExtensionHeader;
+    }
+    if off > end {
+        return S::NotParsed;
+    }
+    let l4_len = end - off;
+    match next {
+        58 => {
+            if first || later || l4_len < 56 || off + 56 > f.len() || !matches!(f[off], 1..=3) {
+                return S::NotParsed;
+            }
+            let inner = off + 8;
+            if f[inner] >> 4 == 6 && matches!(f[inner + 6], IPPROTO_TCP | IPPROTO_UDP) {
+                S::IcmpError
+            } else {
+                S::NotParsed
+            }
+        }
+        IPPROTO_TCP | IPPROTO_UDP if later => S::LaterFragment,
+        IPPROTO_TCP => {
+            if off + 20 > f.len() || l4_len < 20 {
+                return S::NotParsed;
+            }
+            let doff = (f[off + 12] >> 4) as usize;
+            if doff < 5 || doff * 4 > l4_len {
+                return S::NotParsed;
+            }
+            S::L4
+        }
+        IPPROTO_UDP => {
+            if off + 8 > f.len() {
+                return S::NotParsed;
+            }
+            let ulen = be16(f, off + 4) as usize;
+            let holds = if first { 8 } else { ulen };
+            if ulen < 8 || holds > l4_len || be16(f, off + 6) == 0 {
+                return S::NotParsed;
+            }
+            S::L4
+        }
+        _ => S::NotParsed,
+    }
+}
+
+/// The reasons (XDP, tc) of an IPv6 frame with nothing of ours in the IPv6 maps.
+fn ipv6_reasons(seen: Ipv6Seen) -> (u32, u32) {
+    match seen {
+        Ipv6Seen::NotParsed => (r::XDP_NOT_PARSED, r::TC_NOT_PARSED),
+        Ipv6Seen::ExtensionHeader => (
+            r::XDP_EXTENSION_HEADER_NOT_UNDERSTOOD,
+            r::TC_EXTENSION_HEADER_NOT_UNDERSTOOD,
+        ),
+        Ipv6Seen::L4 => (r::XDP_NOT_A_SERVICE, r::TC_NOT_A_FLOW),
+        Ipv6Seen::LaterFragment => (r::XDP_FRAGMENT_NOT_TRACKED, r::TC_FRAGMENT_NOT_TRACKED),
+        Ipv6Seen::IcmpError => (r::XDP_ICMP_NOT_TRACKED, r::TC_ICMP_NOT_TRACKED),
+    }
+}
+
+/// Whether the model parses `f` as anything it may translate (an IPv6 frame never is: the
+/// fuzzer programs no IPv6 service).
 pub fn parses(f: &[u8]) -> bool {
-    !matches!(parse(f), Headers::NotParsed)
+    !matches!(parse(f), Headers::NotParsed | Headers::Ipv6(_))
 }
 
 fn parse(f: &[u8]) -> Headers {
+    if f.len() >= ETH_LEN && be16(f, 12) == ETH_P_IPV6 {
+        return Headers::Ipv6(parse6(f));
+    }
     if f.len() < ETH_LEN || be16(f, 12) != ETH_P_IP || f.len() < IP + 20 {
         return Headers::NotParsed;
     }
@@ -362,6 +491,7 @@ impl Model {
     fn xdp(&mut self, f: &mut [u8], k: &mut dyn Oracle) -> Result<(u32, bool), String> {
         match parse(f) {
             Headers::NotParsed => Ok((r::XDP_NOT_PARSED, false)),
+            Headers::Ipv6(seen) => Ok((ipv6_reasons(seen).0, false)),
             Headers::LaterFragment {
                 saddr,
                 daddr,
@@ -660,6 +790,7 @@ impl Model {
     fn tc(&mut self, f: &mut [u8]) -> (u32, bool) {
         match parse(f) {
             Headers::NotParsed => (r::TC_NOT_PARSED, false),
+            Headers::Ipv6(seen) => (ipv6_reasons(seen).1, false),
             Headers::LaterFragment {
                 saddr,
                 daddr,
