@@ -22,7 +22,7 @@ use lb_agent::{
     api::{self, AgentState},
     model::{self, ObjectKey, ProxyIdentity},
     source::{
-        Snapshot,
+        Delta, Known as Snapshot,
         kube::{ApiTimeout, SourceHealth, Watched},
     },
 };
@@ -34,6 +34,38 @@ const NODE: &str = "node-1";
 const PATIENCE: Duration = Duration::from_secs(20);
 
 type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
+/// Every delta the source published, in order.
+type Deltas = Arc<std::sync::Mutex<Vec<Delta>>>;
+
+/// The source on `client`; its deltas are added up as the agent's model does and the whole
+/// state is published after each one (the tests look at whole states), and every delta is
+/// kept.
+fn spawn_source(
+    client: kube::Client,
+    identity: ProxyIdentity,
+    health: SourceHealth,
+) -> (
+    Snapshots,
+    Deltas,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let source = tokio::spawn(lb_agent::source::kube::watch(client, identity, tx, health));
+    let (publish, snapshots) = watch::channel(None);
+    let deltas = Deltas::default();
+    let log = Arc::clone(&deltas);
+    tokio::spawn(async move {
+        let mut known = Snapshot::default();
+        while let Some(delta) = rx.recv().await {
+            known.apply(&delta);
+            log.lock().unwrap().push(delta);
+            if publish.send(Some(Arc::new(known.clone()))).is_err() {
+                return;
+            }
+        }
+    });
+    (snapshots, deltas, source)
+}
 
 // ---------------------------------------------------------------------------------------
 // Objects.
@@ -122,6 +154,7 @@ struct Harness {
     server: FakeApiServer,
     health: SourceHealth,
     snapshots: Snapshots,
+    deltas: Deltas,
     _source: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -146,17 +179,13 @@ impl Harness {
         if let Some(kind) = hold {
             server.hold(kind);
         }
-        let (tx, snapshots) = watch::channel(None);
-        let source = tokio::spawn(lb_agent::source::kube::watch(
-            client,
-            identity(service_proxy_name),
-            tx,
-            health.clone(),
-        ));
+        let (snapshots, deltas, source) =
+            spawn_source(client, identity(service_proxy_name), health.clone());
         Self {
             server,
             health,
             snapshots,
+            deltas,
             _source: source,
         }
     }
@@ -411,6 +440,12 @@ async fn relists_after_410_gone_to_exactly_the_servers_state() {
         .await;
     h.wait_for_watches(Watched::Services, 1).await;
     let health = h.health.subscribe();
+    // An object the re-list finds unchanged is not in its delta.
+    h.server
+        .apply(Watched::Services, &service("same", "10.96.0.22", 80));
+    h.snapshot("same is there", |s| s.objects.services.len() == 3)
+        .await;
+    let published = h.deltas.lock().unwrap().len();
 
     // The watch is cut off while the server changes and compacts its history.
     h.server.hold(Watched::Services);
@@ -431,8 +466,29 @@ async fn relists_after_410_gone_to_exactly_the_servers_state() {
                 .contains_key(&ObjectKey::new("default", "new"))
         })
         .await;
-    assert_eq!(service_names(&snapshot), ["new", "web"]);
+    assert_eq!(service_names(&snapshot), ["new", "same", "web"]);
     assert_eq!(port_of(&snapshot, &web()), Some(8080));
+    // Only what changed is in the re-list's delta: old deleted, web replaced, new added;
+    // `same` and the other kinds are not touched.
+    let relisted: Vec<(String, bool)> = h.deltas.lock().unwrap()[published..]
+        .iter()
+        .flat_map(|d| d.objects.services.iter())
+        .map(|(key, object)| (key.to_string(), object.is_some()))
+        .collect();
+    assert_eq!(
+        relisted,
+        [
+            ("default/new".to_owned(), true),
+            ("default/old".to_owned(), false),
+            ("default/web".to_owned(), true)
+        ]
+    );
+    assert!(
+        h.deltas.lock().unwrap()[published..]
+            .iter()
+            .all(|d| d.objects.endpoint_slices.is_empty() && d.objects.nodes.is_empty()),
+        "the re-list of services touched other kinds"
+    );
     assert_eq!(
         h.server.seen(Watched::Services, false).len(),
         2,
@@ -445,7 +501,7 @@ async fn relists_after_410_gone_to_exactly_the_servers_state() {
 
     // And the watch goes on from the re-list.
     h.server.delete(Watched::Services, "default/new");
-    h.snapshot("new is removed", |s| s.objects.services.len() == 1)
+    h.snapshot("new is removed", |s| s.objects.services.len() == 2)
         .await;
 }
 
@@ -508,13 +564,13 @@ async fn a_failing_kind_holds_back_publishing_and_keeps_the_source_stale() {
     server.apply(Watched::Services, &service("web", "10.96.0.10", 80));
     server.apply(Watched::Nodes, &node("zone-a"));
     server.fail(Watched::Nodes, Some(StatusCode::FORBIDDEN));
-    let (tx, snapshots) = watch::channel(None);
-    let source = lb_agent::source::kube::watch(client, identity(None), tx, health.clone());
+    let (snapshots, deltas, source) = spawn_source(client, identity(None), health.clone());
     let mut h = Harness {
         server,
         health,
         snapshots,
-        _source: tokio::spawn(source),
+        deltas,
+        _source: source,
     };
 
     h.wait_for_health(true).await;
@@ -1149,13 +1205,13 @@ async fn a_first_list_never_answered_is_stale_and_publishes_nothing() {
     server.apply(Watched::Nodes, &node("zone-a"));
     server.set_silent(true);
     let client = server.client(&health, FAULT_TIMEOUT).await;
-    let (tx, snapshots) = watch::channel(None);
-    let source = lb_agent::source::kube::watch(client, identity(None), tx, health.clone());
+    let (snapshots, deltas, source) = spawn_source(client, identity(None), health.clone());
     let mut h = Harness {
         server,
         health,
         snapshots,
-        _source: tokio::spawn(source),
+        deltas,
+        _source: source,
     };
     h.time_until_health(true).await;
     assert!(h.snapshots.borrow().is_none(), "published without a list");

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::mpsc,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     dataplane::{Dataplane, Limits, bpffs::PinDir, privileges, reasons::ReasonCounters},
     model::ProxyIdentity,
     reconcile::Reconciler,
-    source::{Snapshot, kube, manifests},
+    source::{self, DeltaSender, kube, manifests},
 };
 use interfaces::{NodeInterfaces, NodeportConfig};
 use sync::SyncPass;
@@ -46,7 +46,8 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     pub identity: ProxyIdentity,
     pub limits: Limits,
-    /// Least time between two syncs; changes arriving meanwhile are coalesced.
+    /// Least time between two syncs; changes arriving meanwhile are coalesced. A change on
+    /// an idle agent (none synced for this long) is synced at once.
     pub min_sync_interval: Duration,
     /// On SIGTERM, detach the programs and remove the pins. Off by default: a DaemonSet
     /// rollout stops the old agent while traffic must keep flowing.
@@ -145,8 +146,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let drops = tokio::spawn(drops::warn_on_drops(pins.maps()));
-    let (snapshots_tx, mut snapshots) = watch::channel::<Option<Arc<Snapshot>>>(None);
-    let mut source = start_source(&config, snapshots_tx, state.clone()).await?;
+    let (deltas_tx, mut deltas) = mpsc::unbounded_channel();
+    let mut source = start_source(&config, deltas_tx, state.clone()).await?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut attached = false;
@@ -154,18 +155,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let outcome = loop {
         tokio::select! {
-            changed = snapshots.changed() => {
-                if changed.is_err() {
+            delta = source::recv_coalesced(&mut deltas) => {
+                let Some(mut delta) = delta else {
                     break Ok(());
-                }
-                state.health.lock().expect("health lock").change_arrived(SystemTime::now());
-                // Coalesce: wait out the minimum interval, then take the latest snapshot.
-                tokio::time::sleep_until(next_sync).await;
-                let Some(snapshot) = snapshots.borrow_and_update().clone() else {
-                    continue;
                 };
-                state.follow_node_of(&snapshot.objects, &config.identity);
-                terminator.spawn(pass.run(&snapshot, &state));
+                state.health.lock().expect("health lock").change_arrived(SystemTime::now());
+                // Coalesce: within the minimum interval of the last sync, wait it out and take
+                // every change that came meanwhile; an idle agent syncs at once.
+                if tokio::time::Instant::now() < next_sync {
+                    tokio::time::sleep_until(next_sync).await;
+                    while let Ok(later) = deltas.try_recv() {
+                        delta.merge(later);
+                    }
+                }
+                terminator.spawn(pass.run(&delta, &state));
+                drop(delta);
+                state.follow_node_of(pass.objects(), &config.identity);
                 interfaces.set_primary(pass.node_ips());
                 interfaces.attach_once(&mut dataplane)?;
                 if !attached {
@@ -223,7 +228,7 @@ fn source_description(config: &RunConfig) -> String {
 /// Starts the manifest source when there is a directory, else the API server's.
 async fn start_source(
     config: &RunConfig,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    deltas: DeltaSender,
     state: Arc<AgentState>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     if let Some(dir) = &config.manifests {
@@ -233,14 +238,14 @@ async fn start_source(
         return Ok(tokio::spawn(manifests::watch(
             dir.clone(),
             config.manifest_max_bytes,
-            snapshots,
+            deltas,
         )));
     }
     let health = kube::SourceHealth::new();
     let client = kube::client(config.kubeconfig.as_deref(), &health, config.api_timeout).await?;
     tokio::spawn(kube::SourceHealth::log_transitions(health.subscribe()));
     tokio::spawn(api::health::follow_staleness(health.subscribe(), state));
-    let source = kube::watch(client, config.identity.clone(), snapshots, health);
+    let source = kube::watch(client, config.identity.clone(), deltas, health);
     Ok(tokio::spawn(source))
 }
 

@@ -1,9 +1,10 @@
-//! One sync pass, the same for every frontend kind: snapshot → model (desired state, by
+//! One sync pass, the same for every frontend kind: delta → model (desired state, by
 //! difference) → reconciler (map writes) → what operators see (the names map for
 //! `lb-agent list`, per-service counters and their labels, health-check node ports, metrics,
 //! one log line per changed service and per problem).
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -11,13 +12,16 @@ use std::{
 use crate::{
     api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
     dataplane::{BpfServiceMaps, names::NamesMap, stats::ServiceStatsMap},
-    model::{Diagnostic, Frontend, Model, ObjectKey, ProxyIdentity, SetKey, Severity},
+    model::{Diagnostic, Frontend, Model, ObjectKey, ObjectRef, ProxyIdentity, SetKey, Severity},
     reconcile::{Reconciler, SyncReport},
-    source::Snapshot,
+    source::Delta,
 };
 
 /// A sync touching more frontends than this (a start, a re-list) leaves much freed memory.
 const LARGE_SYNC: usize = 1000;
+/// `lb_map_entries` counts every programmed entry, a walk of them all: after large syncs,
+/// and otherwise at most this often, so that a lone change costs only what it changes.
+const MAP_ENTRIES_REFRESH: Duration = Duration::from_secs(10);
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -42,6 +46,12 @@ pub struct SyncPass {
     reported: BTreeSet<String>,
     /// Frontends the last pass could not program (a full map, no free id): tried again.
     refused: BTreeSet<Frontend>,
+    /// The file each object comes from (manifest source), for messages.
+    origins: BTreeMap<ObjectRef, Arc<Path>>,
+    /// The source's own problems, as of the last delta that changed them.
+    source_problems: Vec<String>,
+    /// When `lb_map_entries` was last counted.
+    entries_counted: Option<Instant>,
 }
 
 impl SyncPass {
@@ -64,6 +74,9 @@ impl SyncPass {
             synced: false,
             reported: BTreeSet::new(),
             refused: BTreeSet::new(),
+            origins: BTreeMap::new(),
+            source_problems: Vec::new(),
+            entries_counted: None,
         }
     }
 
@@ -81,7 +94,12 @@ impl SyncPass {
         })
     }
 
-    /// kube-proxy's node IP of each family, as the last snapshot's Node says.
+    /// The objects as of the last pass.
+    pub fn objects(&self) -> &crate::model::Objects {
+        self.model.objects()
+    }
+
+    /// kube-proxy's node IP of each family, as the last Node seen says.
     pub fn node_ips(&self) -> Vec<std::net::IpAddr> {
         self.model
             .node()
@@ -91,9 +109,18 @@ impl SyncPass {
 
     /// One pass; returns the backends it removed from the maps (their sockets may be
     /// terminated).
-    pub fn run(&mut self, snapshot: &Snapshot, state: &AgentState) -> Vec<crate::model::Backend> {
+    pub fn run(&mut self, delta: &Delta, state: &AgentState) -> Vec<crate::model::Backend> {
         let started = Instant::now();
-        let mut changes = self.model.update(&snapshot.objects);
+        let mut changes = self.model.apply(&delta.objects);
+        for (object, origin) in &delta.origins {
+            match origin {
+                Some(file) => self.origins.insert(object.clone(), Arc::clone(file)),
+                None => self.origins.remove(object),
+            };
+        }
+        if let Some(problems) = &delta.problems {
+            self.source_problems.clone_from(problems);
+        }
         changes.frontends.extend(std::mem::take(&mut self.refused));
         let desired = self.model.desired();
         let mut report = if self.synced {
@@ -116,7 +143,8 @@ impl SyncPass {
         self.refused = report.failed.iter().map(|(f, _)| *f).collect();
         let took = started.elapsed();
         report_new_problems(
-            snapshot,
+            &self.source_problems,
+            &self.origins,
             &self.model.diagnostics(),
             &mut self.reported,
             state,
@@ -132,8 +160,9 @@ impl SyncPass {
         for (frontend, error) in &report.failed {
             tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
         }
-        self.record_sync(state, &report, took);
-        record_programming_latency(snapshot, &changes.slices, state);
+        let changed = report.added + report.updated + report.removed;
+        self.record_sync(state, &report, took, changed > LARGE_SYNC);
+        self.record_programming_latency(delta, &changes.slices, state);
         if let Err(error) = self.record_names(&changes.frontends) {
             tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
         }
@@ -147,7 +176,6 @@ impl SyncPass {
             health.update(&self.model.desired().health_checks);
         }
         self.synced = true;
-        let changed = report.added + report.updated + report.removed;
         if changed > LARGE_SYNC {
             release_free_memory();
         }
@@ -160,7 +188,7 @@ impl SyncPass {
                 removed = report.removed,
                 map_writes = report.map_writes,
                 sync_us = took.as_micros() as u64,
-                latency_us = snapshot.changed_at.elapsed().as_micros() as u64,
+                latency_us = delta.changed_at.elapsed().as_micros() as u64,
                 "sync complete"
             );
         } else {
@@ -265,7 +293,13 @@ impl SyncPass {
         }
     }
 
-    fn record_sync(&self, state: &AgentState, report: &SyncReport, took: Duration) {
+    fn record_sync(
+        &mut self,
+        state: &AgentState,
+        report: &SyncReport,
+        took: Duration,
+        large: bool,
+    ) {
         let metrics = &state.metrics;
         metrics.sync_duration.observe(took.as_secs_f64());
         let now = SystemTime::now();
@@ -273,10 +307,10 @@ impl SyncPass {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         metrics.last_sync_timestamp.set(unix.as_secs_f64());
-        let desired = self.model.desired();
-        let backends: usize = desired.sets.values().map(|s| s.backends.len()).sum();
-        metrics.services.set(desired.frontends.len() as i64);
-        metrics.backends.set(backends as i64);
+        metrics
+            .services
+            .set(self.model.desired().frontends.len() as i64);
+        metrics.backends.set(self.model.backends_total() as i64);
         if !report.failed.is_empty() {
             metrics
                 .errors
@@ -285,36 +319,43 @@ impl SyncPass {
                 })
                 .inc_by(report.failed.len() as u64);
         }
-        for (map, entries) in self.reconciler.programmed_entries() {
-            metrics
-                .map_entries
-                .get_or_create(&api::metrics::MapLabels { map: map.into() })
-                .set(entries as i64);
+        let due = self
+            .entries_counted
+            .is_none_or(|at| at.elapsed() >= MAP_ENTRIES_REFRESH);
+        if large || due {
+            for (map, entries) in self.reconciler.programmed_entries() {
+                metrics
+                    .map_entries
+                    .get_or_create(&api::metrics::MapLabels { map: map.into() })
+                    .set(entries as i64);
+            }
+            self.entries_counted = Some(Instant::now());
         }
         state.health.lock().expect("health lock").synced(now);
     }
-}
 
-/// kube-proxy's network programming latency: from each changed EndpointSlice's
-/// `last-change-trigger-time` annotation to now, when the maps serve it; slices without the
-/// annotation (hand-written ones) count from when the change was noticed.
-fn record_programming_latency(snapshot: &Snapshot, changed: &[ObjectKey], state: &AgentState) {
-    let now = jiff::Timestamp::now();
-    for key in changed {
-        let trigger = snapshot
-            .objects
-            .endpoint_slices
-            .get(key)
-            .and_then(|slice| slice.metadata.annotations.as_ref())
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-        let latency = trigger
-            .and_then(|at| now.duration_since(at).try_into().ok())
-            .unwrap_or_else(|| snapshot.changed_at.elapsed());
-        state
-            .metrics
-            .network_programming
-            .observe(latency.as_secs_f64());
+    /// kube-proxy's network programming latency: from each changed EndpointSlice's
+    /// `last-change-trigger-time` annotation to now, when the maps serve it; slices without
+    /// the annotation (hand-written ones) count from when the change was noticed.
+    fn record_programming_latency(&self, delta: &Delta, changed: &[ObjectKey], state: &AgentState) {
+        let now = jiff::Timestamp::now();
+        for key in changed {
+            let trigger = self
+                .model
+                .objects()
+                .endpoint_slices
+                .get(key)
+                .and_then(|slice| slice.metadata.annotations.as_ref())
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let latency = trigger
+                .and_then(|at| now.duration_since(at).try_into().ok())
+                .unwrap_or_else(|| delta.changed_at.elapsed());
+            state
+                .metrics
+                .network_programming
+                .observe(latency.as_secs_f64());
+        }
     }
 }
 
@@ -322,7 +363,8 @@ fn record_programming_latency(snapshot: &Snapshot, changed: &[ObjectKey], state:
 /// make no sense as `invalid_object`, what this data path does not serve (IPv6, SCTP) as
 /// `unsupported`, unreadable files as `source`.
 fn report_new_problems(
-    snapshot: &Snapshot,
+    source_problems: &[String],
+    origins: &BTreeMap<ObjectRef, Arc<Path>>,
     diagnostics: &[Diagnostic],
     reported: &mut BTreeSet<String>,
     state: &AgentState,
@@ -335,7 +377,7 @@ fn report_new_problems(
             .get_or_create(&api::metrics::ErrorLabels { kind: kind.into() })
             .inc();
     };
-    for problem in &snapshot.problems {
+    for problem in source_problems {
         if !reported.contains(problem) {
             tracing::warn!("{problem}");
             count("source");
@@ -343,8 +385,7 @@ fn report_new_problems(
         current.insert(problem.clone());
     }
     for diagnostic in diagnostics {
-        let origin = snapshot
-            .origins
+        let origin = origins
             .get(&diagnostic.object)
             .map(|file| format!("{}: ", file.display()))
             .unwrap_or_default();

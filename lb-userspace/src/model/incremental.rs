@@ -1,8 +1,8 @@
-//! The desired state kept up to date by difference. Sources hand out objects behind `Arc`s
-//! that stay the same while an object does not change. An update walks the new snapshot and
-//! the previous one side by side (both sorted by key), comparing pointers; only services whose
-//! Service or EndpointSlices changed are recomputed, with every frontend kind they have. One
-//! change beside 50,000 services costs a walk of pointer comparisons, not a rebuild.
+//! The desired state kept up to date by difference. Sources publish the objects applied and
+//! deleted ([`ObjectChanges`]); only the services whose Service or EndpointSlices changed are
+//! recomputed, with every frontend kind they have, and every other step (claims, winners,
+//! diagnostics) touches only what they touched. One change beside 100,000 services costs
+//! that one service, not a walk of the rest.
 //!
 //! Two services claiming the same frontend are resolved as a fresh build resolves them,
 //! whatever order they arrived in: a ClusterIP always wins over an externalIP or
@@ -10,15 +10,14 @@
 //! first by namespace/name. The losing claim is reported.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    iter::Peekable,
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, HealthCheck, NodeView,
-    ObjectKey, ObjectRef, Objects, ProxyIdentity, Scope, SetKey, Severity,
+    ObjectChanges, ObjectKey, ObjectRef, Objects, ProxyIdentity, Scope, SetKey, Severity,
     endpoints::{SERVICE_NAME_LABEL, SliceIndex},
     is_ours, node_view,
     service::{Contribution, contribution},
@@ -58,18 +57,23 @@ impl Claimant {
 pub struct Model {
     identity: ProxyIdentity,
     node: Option<NodeView>,
-    /// The objects of the previous update, to compare the next one with.
-    seen_services: BTreeMap<ObjectKey, Arc<Service>>,
-    seen_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// The objects as of the last update.
+    objects: Objects,
     /// The slices of each service (namespace and `kubernetes.io/service-name`).
     members: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// What each of our services contributes.
     computed: BTreeMap<ObjectKey, Contribution>,
     /// Every service claiming each frontend; the first claimant is the one served.
     claims: BTreeMap<Frontend, BTreeMap<Claimant, DesiredService>>,
+    /// The external-scope frontends claimed more than once (their losers are reported).
+    contested: BTreeSet<Frontend>,
+    /// The services whose contribution carries diagnostics.
+    with_problems: BTreeSet<ObjectKey>,
     /// Every service claiming each health-check port; the first by name is served.
     health_claims: BTreeMap<u16, BTreeMap<ObjectKey, HealthCheck>>,
     desired: DesiredState,
+    /// The backends of every set of `desired`, counted as sets come and go.
+    backends_total: usize,
 }
 
 impl Model {
@@ -77,13 +81,15 @@ impl Model {
         Self {
             identity,
             node: None,
-            seen_services: BTreeMap::new(),
-            seen_slices: BTreeMap::new(),
+            objects: Objects::default(),
             members: BTreeMap::new(),
             computed: BTreeMap::new(),
             claims: BTreeMap::new(),
+            contested: BTreeSet::new(),
+            with_problems: BTreeSet::new(),
             health_claims: BTreeMap::new(),
             desired: DesiredState::default(),
+            backends_total: 0,
         }
     }
 
@@ -92,62 +98,94 @@ impl Model {
         &self.desired
     }
 
+    /// The backends of all backend sets (a backend in two sets counts twice).
+    pub fn backends_total(&self) -> usize {
+        self.backends_total
+    }
+
     /// This node as of the last update.
     pub fn node(&self) -> Option<&NodeView> {
         self.node.as_ref()
     }
 
-    /// Brings the desired state up to `objects`, recomputing only services whose Service or
-    /// EndpointSlices changed (all of them when this node's zone, address or pod CIDRs changed).
+    /// The objects as of the last update.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Brings the desired state up to the whole state `objects`: the difference from the
+    /// last one, applied (tests, the fuzzer, [`super::build`]; sources publish changes).
     pub fn update(&mut self, objects: &Objects) -> Changes {
+        let delta = ObjectChanges::between(&self.objects, objects);
+        self.apply(&delta)
+    }
+
+    /// Brings the desired state up to `delta`, recomputing only the services whose Service
+    /// or EndpointSlices it changes (all of them when this node's zone, address or pod
+    /// CIDRs changed): the work is proportional to the change, not to the objects held.
+    pub fn apply(&mut self, delta: &ObjectChanges) -> Changes {
         let mut changes = Changes::default();
         let mut dirty = BTreeSet::new();
-        let node = node_view(objects, &self.identity);
-        if self.node.as_ref() != Some(&node) {
-            // Topology hints may now select other endpoints for every service, and source
-            // ranges may now let the node or its pods in.
-            dirty.extend(self.computed.keys().cloned());
-            dirty.extend(objects.services.keys().cloned());
-        }
-        self.node = Some(node.clone());
-
-        for (key, _, now) in differences(&self.seen_services, &objects.services) {
+        for (name, now) in &delta.nodes {
             match now {
-                Some(service) => self.seen_services.insert(key.clone(), service),
-                None => self.seen_services.remove(&key),
+                Some(node) => self.objects.nodes.insert(name.clone(), Arc::clone(node)),
+                None => self.objects.nodes.remove(name),
             };
-            dirty.insert(key);
         }
-        for (key, before, now) in differences(&self.seen_slices, &objects.endpoint_slices) {
-            if let Some(owner) = before.and_then(|slice| owner_of(&key, &slice)) {
+        if self.node.is_none() || delta.nodes.contains_key(&self.identity.node_name) {
+            let node = node_view(&self.objects, &self.identity);
+            if self.node.as_ref() != Some(&node) {
+                // Topology hints may now select other endpoints for every service, and
+                // source ranges may now let the node or its pods in.
+                dirty.extend(self.computed.keys().cloned());
+                dirty.extend(self.objects.services.keys().cloned());
+                dirty.extend(delta.services.keys().cloned());
+            }
+            self.node = Some(node);
+        }
+
+        for (key, now) in &delta.services {
+            match now {
+                Some(service) => self
+                    .objects
+                    .services
+                    .insert(key.clone(), Arc::clone(service)),
+                None => self.objects.services.remove(key),
+            };
+            dirty.insert(key.clone());
+        }
+        for (key, now) in &delta.endpoint_slices {
+            let before = match now {
+                Some(slice) => self
+                    .objects
+                    .endpoint_slices
+                    .insert(key.clone(), Arc::clone(slice)),
+                None => self.objects.endpoint_slices.remove(key),
+            };
+            if let Some(owner) = before.and_then(|slice| owner_of(key, &slice)) {
                 if let Some(members) = self.members.get_mut(&owner) {
-                    members.remove(&key);
+                    members.remove(key);
                     if members.is_empty() {
                         self.members.remove(&owner);
                     }
                 }
                 dirty.insert(owner);
             }
-            match now {
-                Some(slice) => {
-                    if let Some(owner) = owner_of(&key, &slice) {
-                        self.members
-                            .entry(owner.clone())
-                            .or_default()
-                            .insert(key.clone());
-                        dirty.insert(owner);
-                    }
-                    changes.slices.push(key.clone());
-                    self.seen_slices.insert(key, slice);
+            if let Some(slice) = now {
+                if let Some(owner) = owner_of(key, slice) {
+                    self.members
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    dirty.insert(owner);
                 }
-                None => {
-                    self.seen_slices.remove(&key);
-                }
+                changes.slices.push(key.clone());
             }
         }
 
+        let node = self.node.clone().unwrap_or_default();
         for key in dirty {
-            self.recompute(&key, objects, &node, &mut changes);
+            self.recompute(&key, &node, &mut changes);
         }
         // Who serves an address's external scope decides who serves its internal one: a claim
         // on the external scope changing may change the internal winner.
@@ -160,6 +198,14 @@ impl Model {
             .collect();
         changes.frontends.extend(counterparts);
         for frontend in &changes.frontends {
+            match self.claims.get(frontend) {
+                Some(claimants) if claimants.len() > 1 && frontend.scope == Scope::External => {
+                    self.contested.insert(*frontend);
+                }
+                _ => {
+                    self.contested.remove(frontend);
+                }
+            }
             match self.winner(frontend) {
                 Some(winner) => {
                     if self.desired.frontends.get(frontend) != Some(winner) {
@@ -203,16 +249,12 @@ impl Model {
     }
 
     /// Recomputes what service `key` contributes (nothing, if it is gone or not ours).
-    fn recompute(
-        &mut self,
-        key: &ObjectKey,
-        objects: &Objects,
-        node: &NodeView,
-        changes: &mut Changes,
-    ) {
+    fn recompute(&mut self, key: &ObjectKey, node: &NodeView, changes: &mut Changes) {
         if let Some(old) = self.computed.remove(key) {
             self.withdraw(key, &old, changes);
         }
+        self.with_problems.remove(key);
+        let objects = &self.objects;
         let Some(service) = objects
             .services
             .get(key)
@@ -238,7 +280,10 @@ impl Model {
         }
         for (set_key, set) in &computed.sets {
             if self.desired.sets.get(set_key) != Some(set) {
-                self.desired.sets.insert(set_key.clone(), set.clone());
+                self.backends_total += set.backends.len();
+                if let Some(old) = self.desired.sets.insert(set_key.clone(), set.clone()) {
+                    self.backends_total -= old.backends.len();
+                }
             }
             changes.sets.insert(set_key.clone());
         }
@@ -248,6 +293,9 @@ impl Model {
                 .or_default()
                 .insert(key.clone(), check.clone());
             changes.health_checks = true;
+        }
+        if !computed.diagnostics.is_empty() {
+            self.with_problems.insert(key.clone());
         }
         self.computed.insert(key.clone(), computed);
     }
@@ -264,7 +312,9 @@ impl Model {
             changes.frontends.insert(*frontend);
         }
         for set_key in old.sets.keys() {
-            self.desired.sets.remove(set_key);
+            if let Some(gone) = self.desired.sets.remove(set_key) {
+                self.backends_total -= gone.backends.len();
+            }
             changes.sets.insert(set_key.clone());
         }
         if let Some((port, _)) = &old.health_check {
@@ -281,15 +331,16 @@ impl Model {
     /// Every current problem: each service's own, then frontends claimed twice.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
         let mut all: Vec<Diagnostic> = self
-            .computed
-            .values()
+            .with_problems
+            .iter()
+            .filter_map(|key| self.computed.get(key))
             .flat_map(|c| c.diagnostics.iter().cloned())
             .collect();
         // An internal-scope entry follows its external scope: its loser is reported there.
         for (frontend, claimants) in self
-            .claims
+            .contested
             .iter()
-            .filter(|(f, c)| c.len() > 1 && f.scope == Scope::External)
+            .filter_map(|f| Some((f, self.claims.get(f)?)))
         {
             let mut found = claimants.iter();
             let Some((_, winner)) = found.next() else {
@@ -344,54 +395,4 @@ impl Model {
 fn owner_of(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some(ObjectKey::new(key.namespace.clone(), name.clone()))
-}
-
-/// The entries that differ between two maps sorted by the same keys: (key, before, now),
-/// where an entry differs when it is new, gone, or another `Arc`. A merge walk: no lookups,
-/// no allocation for the entries that are the same.
-type Difference<K, V> = (K, Option<Arc<V>>, Option<Arc<V>>);
-
-fn differences<K: Ord + Clone, V>(
-    before: &BTreeMap<K, Arc<V>>,
-    now: &BTreeMap<K, Arc<V>>,
-) -> Vec<Difference<K, V>> {
-    let mut found = Vec::new();
-    let mut old: Peekable<_> = before.iter().peekable();
-    let mut new: Peekable<_> = now.iter().peekable();
-    loop {
-        match (old.peek(), new.peek()) {
-            (None, None) => return found,
-            (Some(&(key, value)), None) => {
-                found.push((key.clone(), Some(Arc::clone(value)), None));
-                old.next();
-            }
-            (None, Some(&(key, value))) => {
-                found.push((key.clone(), None, Some(Arc::clone(value))));
-                new.next();
-            }
-            (Some(&(old_key, old_value)), Some(&(new_key, new_value))) => {
-                match old_key.cmp(new_key) {
-                    std::cmp::Ordering::Less => {
-                        found.push((old_key.clone(), Some(Arc::clone(old_value)), None));
-                        old.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        found.push((new_key.clone(), None, Some(Arc::clone(new_value))));
-                        new.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(old_value, new_value) {
-                            found.push((
-                                new_key.clone(),
-                                Some(Arc::clone(old_value)),
-                                Some(Arc::clone(new_value)),
-                            ));
-                        }
-                        old.next();
-                        new.next();
-                    }
-                }
-            }
-        }
-    }
 }

@@ -21,7 +21,7 @@ pub use desired::{
 pub use endpoints::NodeView;
 pub use family::Family;
 pub use incremental::{Changes, Model};
-pub use objects::{ObjectKey, ObjectRef, Objects};
+pub use objects::{Changed, ObjectChanges, ObjectKey, ObjectRef, Objects};
 
 /// A service carrying this label belongs to the proxy of that name.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";

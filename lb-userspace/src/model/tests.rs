@@ -3274,3 +3274,78 @@ fn node_eligibility_follows_deletion_timestamp_and_the_autoscaler_taint() {
         Some(NODE)
     );
 }
+
+/// A delta recomputes only the services it names: one slice changed beside many services
+/// reports that service's frontends and sets alone, and the result is a fresh build's.
+#[test]
+fn a_delta_recomputes_only_the_services_it_changes() {
+    use super::ObjectChanges;
+    let services: Vec<Service> = (0..200)
+        .map(|i| {
+            service(
+                "default",
+                &format!("s{i}"),
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                &[("http", 80, "TCP")],
+            )
+        })
+        .collect();
+    let slices: Vec<EndpointSlice> = (0..200)
+        .map(|i| {
+            slice(
+                "default",
+                &format!("s{i}-abc"),
+                &format!("s{i}"),
+                &[("http", 8080, "TCP")],
+                vec![ep(&format!("10.0.{}.{}", i / 250, i % 250 + 1))],
+            )
+        })
+        .collect();
+    let all = objects(services, slices);
+    let mut model = Model::new(identity());
+    let first = model.apply(&ObjectChanges::of(&all));
+    assert_eq!(first.frontends.len(), 200);
+
+    let mut changed = all.clone();
+    let key = ObjectKey::new("default", "s7-abc");
+    changed.endpoint_slices.insert(
+        key.clone(),
+        Arc::new(slice(
+            "default",
+            "s7-abc",
+            "s7",
+            &[("http", 8080, "TCP")],
+            vec![ep("10.0.0.8"), ep("10.0.9.9")],
+        )),
+    );
+    let mut delta = ObjectChanges::default();
+    delta
+        .endpoint_slices
+        .insert(key.clone(), changed.endpoint_slices.get(&key).cloned());
+    let changes = model.apply(&delta);
+    assert_eq!(
+        changes.frontends.into_iter().collect::<Vec<_>>(),
+        [tcp("10.96.0.8", 80)]
+    );
+    assert_eq!(changes.sets.len(), 1);
+    assert_eq!(changes.slices, [key.clone()]);
+    let (fresh, _) = build_default(&changed);
+    assert_eq!(model.desired(), &fresh);
+    assert_eq!(model.backends_total(), 201);
+
+    // Deleting the slice leaves the service without backends; deleting the service, without
+    // frontends.
+    let mut gone = ObjectChanges::default();
+    gone.endpoint_slices.insert(key, None);
+    gone.services.insert(ObjectKey::new("default", "s7"), None);
+    let changes = model.apply(&gone);
+    assert_eq!(changes.frontends.len(), 1);
+    assert!(
+        !model
+            .desired()
+            .frontends
+            .contains_key(&tcp("10.96.0.8", 80))
+    );
+    assert_eq!(model.desired().frontends.len(), 199);
+    assert_eq!(model.backends_total(), 199);
+}

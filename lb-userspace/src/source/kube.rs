@@ -1,6 +1,6 @@
 //! The API server as the source of objects, the way kube-proxy reads it.
 //!
-//! Three kube-rs watchers run side by side, each feeding a reflector store:
+//! Three kube-rs watchers run side by side:
 //!
 //! * Services and EndpointSlices with kube-proxy's label selector
 //!   (`!service.kubernetes.io/headless` and `!service.kubernetes.io/service-proxy-name`, or
@@ -8,17 +8,21 @@
 //!   objects that are not ours never reach this process;
 //! * this node's Node only (`metadata.name=NODE`), for its topology labels.
 //!
-//! Once all three have listed (their first `InitDone`), the stores are copied into one
-//! [`Snapshot`] and published on the same channel the manifest source uses; from then on
-//! every change publishes again. Events that are ready together (a page of a list, a burst of
-//! updates) make one snapshot; the agent coalesces further with its `min_sync_interval`.
+//! Every watcher event becomes a [`Delta`] at once (an `Apply` applies its object, a
+//! `Delete` deletes it), published on the same channel the manifest source uses. No store of
+//! the objects is kept here: each kind remembers only the resource version of every object
+//! it has published ([`Published`]), so that a re-list (after `410 Gone`, or a watch that
+//! could not resume) is diffed against what is known: only objects that are new, changed
+//! (another resource version) or gone are in its delta. The first delta waits until all three
+//! kinds have listed. Events that are ready together (a page of a list, a burst of updates)
+//! make one delta; the agent merges the deltas waiting when it syncs.
 //!
 //! Resilience is the watcher's: it re-lists on `410 Gone`, resumes a watch that ended from
 //! the last resource version (bookmarks keep that fresh), and retries failures with
 //! [`WatchStreamExt::default_backoff`]. Errors never end the streams and never publish: while
-//! the API server is unreachable the last snapshot stays published (fail static) and
-//! [`SourceHealth`] says the state is stale. A re-list replaces a store only when it is
-//! complete, so a snapshot never holds half a list.
+//! the API server is unreachable the last state stays programmed (fail static) and
+//! [`SourceHealth`] says the state is stale. A re-list is published only when it is
+//! complete, so the agent never sees half a list.
 //!
 //! kube-rs sets no read timeout, so a server that accepts a connection and never answers
 //! (or trickles a list forever) would hang a watcher without an error. The client's
@@ -46,21 +50,19 @@ use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
     client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::watch;
 
-use super::Snapshot;
-use crate::model::{HEADLESS_LABEL, ObjectKey, Objects, ProxyIdentity, SERVICE_PROXY_NAME_LABEL};
+use super::{Delta, DeltaSender};
+use crate::model::{
+    HEADLESS_LABEL, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL,
+};
 
 mod timeout;
 pub use timeout::{ApiTimeout, DeadlineBody, HealthLayer, HealthService, TimedOut};
 
-/// At most this many ready events are folded into one snapshot.
+/// At most this many ready events are folded into one delta.
 const MAX_BATCH: usize = 1024;
 
 /// The kinds this source watches.
@@ -273,13 +275,13 @@ pub fn node_field_selector(node_name: &str) -> String {
     format!("metadata.name={node_name}")
 }
 
-/// Watches the API server and publishes a snapshot once every kind has listed, then on every
-/// change, until the receiver is gone. A snapshot's `changed_at` is when the first event it
-/// includes arrived.
+/// Watches the API server and publishes a delta once every kind has listed (everything
+/// listed), then one for every change, until the receiver is gone. A delta's `changed_at` is
+/// when the first event it includes arrived.
 pub async fn watch(
     client: Client,
     identity: ProxyIdentity,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    deltas: DeltaSender,
     health: SourceHealth,
 ) -> anyhow::Result<()> {
     let labels = label_selector(identity.service_proxy_name.as_deref());
@@ -287,60 +289,81 @@ pub async fn watch(
     let this_node = watcher::Config::default()
         .any_semantic()
         .fields(&node_field_selector(&identity.node_name));
-    let (services, services_events) = watch_kind(
-        Api::all(client.clone()),
+    let services = watch_kind(
+        Api::<Service>::all(client.clone()),
         by_labels.clone(),
         Watched::Services,
+        |changes, key, object| {
+            changes
+                .services
+                .insert(ObjectKey::new(key.0, key.1), object);
+        },
     );
-    let (slices, slices_events) =
-        watch_kind(Api::all(client.clone()), by_labels, Watched::EndpointSlices);
-    let (nodes, nodes_events) = watch_kind(Api::all(client), this_node, Watched::Nodes);
-    let stores = Stores {
-        services,
-        slices,
-        nodes,
-    };
-    let mut updates = futures::stream::select_all([services_events, slices_events, nodes_events]);
+    let slices = watch_kind(
+        Api::<EndpointSlice>::all(client.clone()),
+        by_labels,
+        Watched::EndpointSlices,
+        |changes, key, object| {
+            changes
+                .endpoint_slices
+                .insert(ObjectKey::new(key.0, key.1), object);
+        },
+    );
+    let nodes = watch_kind(
+        Api::<Node>::all(client),
+        this_node,
+        Watched::Nodes,
+        |changes, key, object| {
+            changes.nodes.insert(key.1, object);
+        },
+    );
+    let mut updates = futures::stream::select_all([services, slices, nodes]);
     let mut listed = 0u8;
+    let mut pending: Option<Delta> = None;
     loop {
         let first = tokio::select! {
             update = updates.next() => update,
-            () = snapshots.closed() => return Ok(()),
+            () = deltas.closed() => return Ok(()),
         };
         let Some(first) = first else {
             anyhow::bail!("the API server watches ended");
         };
-        let changed_at = Instant::now();
-        let mut changed = handle(first, &health, &mut listed);
-        // Fold in whatever else is ready: one snapshot for a burst.
+        let delta = pending.get_or_insert_with(|| Delta::empty(Instant::now()));
+        let mut changed = handle(first, &health, &mut listed, delta);
+        // Fold in whatever else is ready: one delta for a burst.
         for _ in 1..MAX_BATCH {
             match updates.next().now_or_never() {
-                Some(Some(update)) => changed |= handle(update, &health, &mut listed),
+                Some(Some(update)) => changed |= handle(update, &health, &mut listed, delta),
                 _ => break,
             }
         }
         let all_listed = Watched::ALL.iter().all(|kind| listed & kind.bit() != 0);
-        if changed && all_listed && !publish(&stores, changed_at, &snapshots) {
-            return Ok(());
+        if changed && all_listed {
+            let delta = pending.take().expect("a pending delta");
+            tracing::debug!(objects = delta.objects.len(), "publishing a delta");
+            if deltas.send(delta).is_err() {
+                return Ok(());
+            }
         }
     }
 }
 
-/// One watcher event, reduced to what the loop needs: whose it is and what it did.
+/// One watcher event, reduced to what the loop needs: whose it is, what it did, and the
+/// objects it changed.
 struct Update {
     kind: Watched,
-    result: Result<Change, watcher::Error>,
+    result: Result<(Change, ObjectChanges), watcher::Error>,
 }
 
 #[derive(Debug)]
 enum Change {
     Applied(String),
     Deleted(String),
-    /// A (re-)list started; the store keeps its contents until it is done.
+    /// A (re-)list started; what was published stays until it is done.
     Relisting,
     /// An object of a list in progress.
     Listed,
-    /// A list is complete and the store holds exactly what it returned.
+    /// A list is complete; its changes against what was published are in the update.
     Relisted,
 }
 
@@ -365,35 +388,121 @@ fn display_name<K: Resource>(object: &K) -> String {
     }
 }
 
-/// A watcher with backoff feeding a reflector store, as a stream of [`Update`]s.
+/// An object's namespace (empty for cluster-scoped ones) and name.
+type Key = (String, String);
+
+fn key_of<K: Resource>(object: &K) -> Key {
+    (
+        object.meta().namespace.clone().unwrap_or_default(),
+        object.name_any(),
+    )
+}
+
+/// What one kind has published: the resource version of every object, to diff a re-list
+/// against, and the list in progress.
+struct Published<K> {
+    versions: BTreeMap<Key, String>,
+    /// The objects of a list in progress, published when it is done.
+    relist: Option<BTreeMap<Key, K>>,
+}
+
+impl<K: Resource + Clone> Published<K> {
+    fn new() -> Self {
+        Self {
+            versions: BTreeMap::new(),
+            relist: None,
+        }
+    }
+
+    /// The objects `event` applies (`Some`) and deletes (`None`).
+    fn changes(&mut self, event: watcher::Event<K>) -> Vec<(Key, Option<Arc<K>>)> {
+        match event {
+            watcher::Event::Apply(object) => {
+                let key = key_of(&object);
+                self.versions.insert(key.clone(), version_of(&object));
+                vec![(key, Some(Arc::new(object)))]
+            }
+            watcher::Event::Delete(object) => {
+                let key = key_of(&object);
+                self.versions.remove(&key);
+                vec![(key, None)]
+            }
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(object) => {
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key_of(&object), object);
+                Vec::new()
+            }
+            watcher::Event::InitDone => self.relisted(),
+        }
+    }
+
+    /// A complete list against what was published: the objects new or at another resource
+    /// version, and the ones gone.
+    fn relisted(&mut self) -> Vec<(Key, Option<Arc<K>>)> {
+        let listed = self.relist.take().unwrap_or_default();
+        let mut before = std::mem::take(&mut self.versions);
+        let mut changes = Vec::new();
+        for (key, object) in listed {
+            let version = version_of(&object);
+            let same = before
+                .remove(&key)
+                .is_some_and(|was| !was.is_empty() && was == version);
+            self.versions.insert(key.clone(), version);
+            if !same {
+                changes.push((key, Some(Arc::new(object))));
+            }
+        }
+        changes.extend(before.into_keys().map(|key| (key, None)));
+        changes
+    }
+}
+
+fn version_of<K: Resource>(object: &K) -> String {
+    object.meta().resource_version.clone().unwrap_or_default()
+}
+
+/// A watcher with backoff for one kind, as a stream of [`Update`]s whose changes `record`
+/// files under that kind.
 fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Watched,
-) -> (Store<K>, BoxStream<'static, Update>)
+    record: fn(&mut ObjectChanges, Key, Option<Arc<K>>),
+) -> BoxStream<'static, Update>
 where
     K: Resource<DynamicType = ()> + Clone + fmt::Debug + serde::de::DeserializeOwned,
     K: Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
-    let updates = watcher(api, config)
+    let mut published = Published::new();
+    watcher(api, config)
         .default_backoff()
         // Managed fields are most of an object's bytes and nothing the model reads.
         .modify(|object: &mut K| object.meta_mut().managed_fields = None)
-        .reflect(writer)
         .map(move |result| Update {
             kind,
-            result: result.map(|event| Change::of(&event)),
+            result: result.map(|event| {
+                let change = Change::of(&event);
+                let mut changes = ObjectChanges::default();
+                for (key, object) in published.changes(event) {
+                    record(&mut changes, key, object);
+                }
+                (change, changes)
+            }),
         })
-        .boxed();
-    (store, updates)
+        .boxed()
 }
 
-/// Logs an update and records it in `health` and `listed`; true when the stores changed.
-fn handle(update: Update, health: &SourceHealth, listed: &mut u8) -> bool {
+/// Logs an update, records it in `health` and `listed`, and folds its changes into `delta`;
+/// true when it changed what is published.
+fn handle(update: Update, health: &SourceHealth, listed: &mut u8, delta: &mut Delta) -> bool {
     let kind = update.kind;
-    let change = match update.result {
-        Ok(change) => change,
+    let (change, changes) = match update.result {
+        Ok(found) => found,
         Err(error) => {
             record_error(kind, &error, health);
             return false;
@@ -404,6 +513,7 @@ fn handle(update: Update, health: &SourceHealth, listed: &mut u8) -> bool {
     if !matches!(change, Change::Relisting) {
         health.record_success(kind);
     }
+    let first_list = *listed & kind.bit() == 0;
     match change {
         Change::Applied(name) => tracing::debug!(%kind, object = %name, "applied"),
         Change::Deleted(name) => tracing::debug!(%kind, object = %name, "deleted"),
@@ -413,11 +523,13 @@ fn handle(update: Update, health: &SourceHealth, listed: &mut u8) -> bool {
         }
         Change::Listed => return false,
         Change::Relisted => {
-            tracing::debug!(%kind, "listed");
+            tracing::debug!(%kind, changed = changes.len(), "listed");
             *listed |= kind.bit();
         }
     }
-    true
+    delta.objects.merge(changes);
+    // A first list publishes even when it found nothing: the agent programs that too.
+    first_list || !delta.objects.is_empty()
 }
 
 fn record_error(kind: Watched, error: &watcher::Error, health: &SourceHealth) {
@@ -437,59 +549,6 @@ fn is_expired(error: &watcher::Error) -> bool {
         watcher::Error::InitialListFailed(kube::Error::Api(status)) => status.code == 410,
         _ => false,
     }
-}
-
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-}
-
-impl Stores {
-    fn objects(&self) -> Objects {
-        Objects {
-            services: by_key(&self.services),
-            endpoint_slices: by_key(&self.slices),
-            nodes: self
-                .nodes
-                .state()
-                .iter()
-                .map(|node| (node.name_any(), Arc::clone(node)))
-                .collect(),
-        }
-    }
-}
-
-/// The store's objects by key. The `Arc`s are the store's own: an object the watch did not
-/// change keeps its `Arc`, which is how the model knows it need not recompute it.
-fn by_key<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> BTreeMap<ObjectKey, Arc<K>> {
-    store
-        .state()
-        .into_iter()
-        .map(|object| (ObjectKey::of(object.meta()), object))
-        .collect()
-}
-
-/// Sends a snapshot of the stores; false when nobody is listening any more.
-fn publish(
-    stores: &Stores,
-    changed_at: Instant,
-    snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
-) -> bool {
-    let objects = stores.objects();
-    tracing::debug!(
-        services = objects.services.len(),
-        endpoint_slices = objects.endpoint_slices.len(),
-        nodes = objects.nodes.len(),
-        "publishing a snapshot"
-    );
-    let snapshot = Snapshot {
-        objects,
-        origins: BTreeMap::new(),
-        problems: Vec::new(),
-        changed_at,
-    };
-    snapshots.send(Some(Arc::new(snapshot))).is_ok()
 }
 
 #[cfg(test)]

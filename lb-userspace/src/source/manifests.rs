@@ -1,10 +1,12 @@
 //! A directory of ordinary Kubernetes YAML (or JSON) as the source of objects: files as
 //! `kubectl apply -f` takes them or `kubectl get -o yaml` prints them, one or many documents
 //! per file, `kind: List` included. The directory is watched (inotify, with a slow poll as a
-//! backstop) and every change produces a fresh snapshot.
+//! backstop) and every change produces a [`Delta`] of what it changed: a file whose stamp did
+//! not change is not read, and a file that did is compared object by object with what it
+//! held, so one edited Service in a file of 100,000 is one changed object ([`served`]).
 //!
-//! What a snapshot holds of each file ([`ManifestCache`]): the objects of its last version
-//! that could be used. A version that cannot be read, is over the size limit or does not
+//! What is served of each file ([`ManifestCache`]): the objects of its last version that
+//! could be used. A version that cannot be read, is over the size limit or does not
 //! parse (a half-written file) is reported by name and the last good one is kept (a file with
 //! no good version yet gives nothing); a file is dropped only when it is really gone: a
 //! listing of its directory that completed did not hold it, or opening it said ENOENT. So a
@@ -12,12 +14,13 @@
 //! parses, a malformed object is reported and skipped, and the file's other objects are used.
 //! How the directory is walked (symlinks, loops) is in [`walk`].
 mod parse;
+mod served;
 mod walk;
 
 pub use parse::{FileObjects, parse_file};
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -25,30 +28,32 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::Endpoints,
+    core::v1::{Endpoints, Node, Service},
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::Watcher as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::Snapshot;
-use crate::model::{Family, ObjectKey, ObjectRef, Objects, endpoints::SERVICE_NAME_LABEL};
+use super::{Delta, DeltaSender, Known};
+use crate::model::{
+    Changed, Family, ObjectChanges, ObjectKey, ObjectRef, endpoints::SERVICE_NAME_LABEL,
+};
+use served::{Definitions, KindChanges, namespaced};
 
 /// Files larger than this are not read (`--manifest-max-bytes`).
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
-/// Changes arriving this close together are read as one.
-const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A re-read even without inotify events (network filesystems, missed events).
 const POLL: Duration = Duration::from_secs(2);
 /// The mirroring controller's opt-out label on v1 Endpoints.
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
-/// Reads every manifest under `dir` into one snapshot; problems are collected, never fatal.
-pub fn read_dir(dir: &Path) -> Snapshot {
-    ManifestCache::new(DEFAULT_MAX_FILE_BYTES)
+/// Reads every manifest under `dir`; problems are collected, never fatal.
+pub fn read_dir(dir: &Path) -> Known {
+    let delta = ManifestCache::new(DEFAULT_MAX_FILE_BYTES)
         .read(dir)
-        .unwrap_or_else(|| unreachable!("a first read always yields a snapshot"))
+        .unwrap_or_else(|| unreachable!("a first read always yields a delta"));
+    Known::of(&delta)
 }
 
 /// What identifies a file's version without reading it: size, modification time, inode (an
@@ -65,14 +70,46 @@ fn stamp(meta: &std::fs::Metadata) -> FileStamp {
 }
 
 /// What is known of one file.
-#[derive(Default)]
 struct FileEntry {
+    /// Its path, shared by every object it defines.
+    name: Arc<Path>,
     /// The version last read, when it need not be read again (`None`: read it next time).
     stamp: Option<FileStamp>,
-    /// The objects of the last version that could be used; `None` until one could.
-    good: Option<Arc<FileObjects>>,
+    /// What the last version that could be used defines; `None` until one could.
+    good: Option<Defined>,
     /// Why the version last looked at could not be used.
     failure: Option<String>,
+}
+
+impl FileEntry {
+    fn new(path: &Path) -> Self {
+        Self {
+            name: Arc::from(path),
+            stamp: None,
+            good: None,
+            failure: None,
+        }
+    }
+}
+
+/// The objects one file's version defines (their definitions are in the cache's
+/// [`Definitions`]), and its problems with single objects.
+#[derive(Default)]
+struct Defined {
+    services: BTreeSet<ObjectKey>,
+    endpoint_slices: BTreeSet<ObjectKey>,
+    endpoints: BTreeSet<ObjectKey>,
+    nodes: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+/// What one read changed, kind by kind.
+#[derive(Default)]
+struct ReadChanges {
+    services: KindChanges<ObjectKey, Service>,
+    endpoint_slices: KindChanges<ObjectKey, EndpointSlice>,
+    endpoints: KindChanges<ObjectKey, Endpoints>,
+    nodes: KindChanges<String, Node>,
 }
 
 /// Which listings and reads fail on purpose, with what error (tests inject failures that
@@ -101,22 +138,31 @@ enum Unread {
     Failed { why: String, retry: bool },
 }
 
-/// The parsed contents of every file, kept between reads: a file whose stamp did not change
-/// is not read again and keeps its objects' `Arc`s, so the model recomputes only the services
-/// whose files changed.
+/// What every file defines, kept between reads: a file whose stamp did not change is not
+/// read again, and a file that did yields only the objects whose definition changed.
 pub struct ManifestCache {
     max_file_bytes: u64,
     files: BTreeMap<PathBuf, FileEntry>,
-    mirrors: BTreeMap<ObjectKey, Mirrored>,
-    /// The source-level problems of the last snapshot (walk and file failures).
-    published_failures: Option<Vec<String>>,
+    services: Definitions<ObjectKey, Service>,
+    endpoint_slices: Definitions<ObjectKey, EndpointSlice>,
+    endpoints: Definitions<ObjectKey, Endpoints>,
+    nodes: Definitions<String, Node>,
+    /// The slices mirrored from each v1 Endpoints object (they win over a file's slice of
+    /// the same name).
+    mirrors: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<EndpointSlice>>>,
+    /// The owner of each mirrored slice.
+    mirrored: BTreeMap<ObjectKey, ObjectKey>,
+    /// The problems last published; `None` before the first read.
+    published_problems: Option<Vec<String>>,
     fault: Box<Fault>,
 }
 
-/// The slices mirrored from one v1 Endpoints object.
-struct Mirrored {
-    endpoints: Arc<Endpoints>,
-    slices: Vec<(ObjectKey, Arc<EndpointSlice>)>,
+/// How a Node is named in messages.
+fn node_reference(name: &String) -> ObjectRef {
+    ObjectRef {
+        kind: "Node",
+        key: ObjectKey::new("default", name.clone()),
+    }
 }
 
 impl ManifestCache {
@@ -125,8 +171,13 @@ impl ManifestCache {
         Self {
             max_file_bytes,
             files: BTreeMap::new(),
+            services: Definitions::new(),
+            endpoint_slices: Definitions::new(),
+            endpoints: Definitions::new(),
+            nodes: Definitions::new(),
             mirrors: BTreeMap::new(),
-            published_failures: None,
+            mirrored: BTreeMap::new(),
+            published_problems: None,
             fault: Box::new(no_fault),
         }
     }
@@ -140,26 +191,28 @@ impl ManifestCache {
         self
     }
 
-    /// A snapshot of `dir`, or `None` when neither its objects nor its problems changed
-    /// since the last call.
-    pub fn read(&mut self, dir: &Path) -> Option<Snapshot> {
+    /// What changed in `dir` since the last call, or `None` when neither its objects nor its
+    /// problems did (the first call always gives a delta, if an empty one).
+    pub fn read(&mut self, dir: &Path) -> Option<Delta> {
+        let noticed = Instant::now();
         let walk = walk::walk(dir, &*self.fault);
         let mut failures = walk.problems.clone();
-        let mut changed = false;
+        let mut changes = ReadChanges::default();
         let mut previous = std::mem::take(&mut self.files);
         for (path, meta) in &walk.files {
-            let mut entry = previous.remove(path).unwrap_or_default();
+            let mut entry = previous
+                .remove(path)
+                .unwrap_or_else(|| FileEntry::new(path));
             let now = stamp(meta);
             if entry.stamp != Some(now) {
                 match self.read_file(path, meta) {
                     Ok(objects) => {
-                        entry.good = Some(Arc::new(objects));
+                        entry.good = Some(self.replace_file(&entry, Some(objects), &mut changes));
                         entry.failure = None;
                         entry.stamp = Some(now);
-                        changed = true;
                     }
                     Err(Unread::Gone) => {
-                        changed |= entry.good.is_some();
+                        self.replace_file(&entry, None, &mut changes);
                         continue;
                     }
                     Err(Unread::Failed { why, retry }) => {
@@ -172,14 +225,16 @@ impl ManifestCache {
             self.files.insert(path.clone(), entry);
         }
         for (path, error) in &walk.unreadable {
-            let mut entry = previous.remove(path).unwrap_or_default();
+            let mut entry = previous
+                .remove(path)
+                .unwrap_or_else(|| FileEntry::new(path));
             if error.kind() == std::io::ErrorKind::NotFound {
                 // A dangling symlink: what it named is gone, and so are its objects.
                 failures.push(format!(
                     "{}: cannot read: {error} (a dangling symlink?); skipped",
                     path.display()
                 ));
-                changed |= entry.good.is_some();
+                self.replace_file(&entry, None, &mut changes);
                 continue;
             }
             entry.stamp = None;
@@ -194,15 +249,111 @@ impl ManifestCache {
         // Files this walk did not see: gone, or under a directory it could not list.
         for (path, entry) in previous {
             if walk.is_gone(&path) {
-                changed |= entry.good.is_some();
+                self.replace_file(&entry, None, &mut changes);
             } else {
                 failures.extend(entry.failure.clone());
                 self.files.insert(path, entry);
             }
         }
-        changed |= self.published_failures.as_ref() != Some(&failures);
-        self.published_failures = Some(failures.clone());
-        changed.then(|| self.merge(failures))
+        let first = self.published_problems.is_none();
+        let problems = self.problems(failures);
+        let mut delta = self.delta(changes, noticed);
+        if self.published_problems.as_ref() != Some(&problems) {
+            delta.problems = Some(problems.clone());
+            self.published_problems = Some(problems);
+        }
+        (first || !delta.is_empty()).then_some(delta)
+    }
+
+    /// Replaces what `entry`'s file defines with `objects` (`None`: it defines nothing any
+    /// more), recording what that changes; returns what it now defines.
+    fn replace_file(
+        &mut self,
+        entry: &FileEntry,
+        objects: Option<FileObjects>,
+        changes: &mut ReadChanges,
+    ) -> Defined {
+        let before = entry.good.as_ref();
+        let empty = BTreeSet::new();
+        let was = |pick: fn(&Defined) -> &BTreeSet<ObjectKey>| before.map_or(&empty, pick);
+        let objects = objects.unwrap_or_default();
+        let file = &entry.name;
+        Defined {
+            services: self.services.replace_file(
+                file,
+                was(|d| &d.services),
+                objects.objects.services,
+                namespaced("Service"),
+                &mut changes.services,
+            ),
+            endpoint_slices: self.endpoint_slices.replace_file(
+                file,
+                was(|d| &d.endpoint_slices),
+                objects.objects.endpoint_slices,
+                namespaced("EndpointSlice"),
+                &mut changes.endpoint_slices,
+            ),
+            endpoints: self.endpoints.replace_file(
+                file,
+                was(|d| &d.endpoints),
+                objects.endpoints,
+                namespaced("Endpoints"),
+                &mut changes.endpoints,
+            ),
+            nodes: self.nodes.replace_file(
+                file,
+                before.map_or(&BTreeSet::new(), |d| &d.nodes),
+                objects.objects.nodes,
+                node_reference,
+                &mut changes.nodes,
+            ),
+            problems: objects.problems,
+        }
+    }
+
+    /// Every problem of the source: the walk's and the files' failures, the files' problems
+    /// with single objects, objects defined twice.
+    fn problems(&self, mut failures: Vec<String>) -> Vec<String> {
+        for entry in self.files.values() {
+            failures.extend(entry.good.iter().flat_map(|d| d.problems.iter().cloned()));
+        }
+        failures.extend(self.services.duplicates(namespaced("Service")));
+        failures.extend(self.endpoint_slices.duplicates(namespaced("EndpointSlice")));
+        failures.extend(self.endpoints.duplicates(namespaced("Endpoints")));
+        failures.extend(self.nodes.duplicates(node_reference));
+        failures
+    }
+
+    /// The delta of one read: the changed objects, with the slices mirrored from v1
+    /// Endpoints brought up to the changed Endpoints and Services.
+    fn delta(&mut self, changes: ReadChanges, noticed: Instant) -> Delta {
+        let mut slices = Changed::new();
+        let owners: BTreeSet<ObjectKey> = changes
+            .endpoints
+            .objects
+            .keys()
+            .chain(changes.services.objects.keys())
+            .cloned()
+            .collect();
+        for owner in owners {
+            self.mirror(&owner, &mut slices);
+        }
+        for (key, slice) in changes.endpoint_slices.objects {
+            if !self.mirrored.contains_key(&key) {
+                slices.insert(key, slice);
+            }
+        }
+        let mut delta = Delta::empty(noticed);
+        delta.objects = ObjectChanges {
+            services: changes.services.objects,
+            endpoint_slices: slices,
+            nodes: changes.nodes.objects,
+        };
+        delta.origins.extend(changes.services.origins);
+        delta.origins.extend(changes.endpoint_slices.origins);
+        delta.origins.extend(changes.endpoints.origins);
+        delta.origins.extend(changes.nodes.origins);
+        delta
     }
 
     /// The objects of the current version of `path`.
@@ -248,118 +399,54 @@ impl ManifestCache {
         }
     }
 
-    /// All files' objects in one snapshot; later files win over earlier ones.
-    fn merge(&mut self, mut problems: Vec<String>) -> Snapshot {
-        let mut objects = Objects::default();
-        let mut endpoints = BTreeMap::new();
-        let mut origins = BTreeMap::new();
-        for (file, entry) in &self.files {
-            let Some(parsed) = &entry.good else { continue };
-            problems.extend(parsed.problems.iter().cloned());
-            let mut merge = Merge {
-                file,
-                origins: &mut origins,
-                problems: &mut problems,
-            };
-            merge.kind(
-                "Service",
-                &mut objects.services,
-                &parsed.objects.services,
-                Clone::clone,
-            );
-            merge.kind(
-                "EndpointSlice",
-                &mut objects.endpoint_slices,
-                &parsed.objects.endpoint_slices,
-                Clone::clone,
-            );
-            merge.kind("Endpoints", &mut endpoints, &parsed.endpoints, Clone::clone);
-            merge.kind("Node", &mut objects.nodes, &parsed.objects.nodes, |name| {
-                ObjectKey::new("default", name.clone())
-            });
-        }
-        self.mirror_endpoints(&endpoints, &mut objects);
-        Snapshot {
-            objects,
-            origins,
-            problems,
-            changed_at: Instant::now(),
-        }
-    }
-
-    /// Mirrors the v1 Endpoints of selector-less services into slices, as Kubernetes'
-    /// mirroring controller does, reusing the slices of Endpoints that did not change.
-    fn mirror_endpoints(
-        &mut self,
-        endpoints: &BTreeMap<ObjectKey, Arc<Endpoints>>,
-        objects: &mut Objects,
-    ) {
-        let mut next = BTreeMap::new();
-        for (key, endpoints) in endpoints {
-            let selectorless = objects
-                .services
-                .get(key)
-                .is_none_or(|s| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
-            let skip = endpoints
-                .metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"));
-            if !selectorless || skip {
-                continue;
+    /// Mirrors the v1 Endpoints `owner` into slices as Kubernetes' mirroring controller
+    /// does (only for a selector-less Service, unless it opts out), recording the slices that
+    /// changed; a slice equal to the one mirrored before keeps its `Arc`. A mirrored slice
+    /// that goes gives way to a file's slice of the same name, if there is one.
+    fn mirror(&mut self, owner: &ObjectKey, slices: &mut Changed<ObjectKey, EndpointSlice>) {
+        let selectorless = self
+            .services
+            .served(owner)
+            .is_none_or(|(_, s)| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
+        let wanted = self
+            .endpoints
+            .served(owner)
+            .map(|(_, e)| e)
+            .filter(|endpoints| {
+                !endpoints
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"))
+            })
+            .filter(|_| selectorless)
+            .map(|endpoints| mirror(owner, endpoints))
+            .unwrap_or_default();
+        let mut before = self.mirrors.remove(owner).unwrap_or_default();
+        let mut now = BTreeMap::new();
+        for (key, slice) in wanted {
+            match before.remove(&key) {
+                Some(old) if *old == slice => {
+                    now.insert(key, old);
+                }
+                _ => {
+                    let slice = Arc::new(slice);
+                    slices.insert(key.clone(), Some(Arc::clone(&slice)));
+                    self.mirrored.insert(key.clone(), owner.clone());
+                    now.insert(key, slice);
+                }
             }
-            let mirrored = match self.mirrors.remove(key) {
-                Some(old) if Arc::ptr_eq(&old.endpoints, endpoints) => old,
-                _ => Mirrored {
-                    endpoints: Arc::clone(endpoints),
-                    slices: mirror(key, endpoints)
-                        .into_iter()
-                        .map(|(k, s)| (k, Arc::new(s)))
-                        .collect(),
-                },
-            };
-            for (slice_key, slice) in &mirrored.slices {
-                objects
-                    .endpoint_slices
-                    .insert(slice_key.clone(), Arc::clone(slice));
-            }
-            next.insert(key.clone(), mirrored);
         }
-        self.mirrors = next;
-    }
-}
-
-/// Merging one file's objects of one kind into the snapshot.
-struct Merge<'a> {
-    file: &'a Path,
-    origins: &'a mut BTreeMap<ObjectRef, PathBuf>,
-    problems: &'a mut Vec<String>,
-}
-
-impl Merge<'_> {
-    fn kind<K: Ord + Clone, V: Clone>(
-        &mut self,
-        kind: &'static str,
-        into: &mut BTreeMap<K, V>,
-        from: &BTreeMap<K, V>,
-        object_key: impl Fn(&K) -> ObjectKey,
-    ) {
-        for (key, value) in from {
-            let reference = ObjectRef {
-                kind,
-                key: object_key(key),
-            };
-            if into.insert(key.clone(), value.clone()).is_some()
-                && let Some(earlier) = self.origins.get(&reference)
-                && earlier != self.file
-            {
-                self.problems.push(format!(
-                    "{}: {reference} is also defined in {}; the later file wins",
-                    self.file.display(),
-                    earlier.display()
-                ));
-            }
-            self.origins.insert(reference, self.file.to_owned());
+        for key in before.into_keys() {
+            self.mirrored.remove(&key);
+            let from_file = self
+                .endpoint_slices
+                .served(&key)
+                .map(|(_, s)| Arc::clone(s));
+            slices.insert(key, from_file);
+        }
+        if !now.is_empty() {
+            self.mirrors.insert(owner.clone(), now);
         }
     }
 }
@@ -448,19 +535,19 @@ fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSli
     slices
 }
 
-/// Watches `dir` and publishes a snapshot whenever what it holds changes, until the receiver
-/// is gone. A snapshot's `changed_at` is when the change was noticed.
-pub async fn watch(
-    dir: PathBuf,
-    max_file_bytes: u64,
-    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
-) -> anyhow::Result<()> {
+/// Watches `dir` and publishes a delta whenever what it holds changes, until the receiver
+/// is gone. A delta's `changed_at` is when the change was noticed. A change is read at once:
+/// only events that end a change (a file closed after writing, renamed into place, removed)
+/// wake the source, so a file being written is not read half-way, and nothing waits for a
+/// quiet period. Events that arrive while a read runs are taken together by the next one.
+pub async fn watch(dir: PathBuf, max_file_bytes: u64, deltas: DeltaSender) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    // Any event (or error) just means "read again". Symlinked directories are not walked, so
-    // not watched either.
+    // Symlinked directories are not walked, so not watched either.
     let mut watcher = notify::RecommendedWatcher::new(
         move |event: notify::Result<notify::Event>| {
-            let _ = events_tx.send(event.is_ok());
+            if event.as_ref().map_or(true, ends_a_change) {
+                let _ = events_tx.send(());
+            }
         },
         notify::Config::default().with_follow_symlinks(false),
     )?;
@@ -470,20 +557,38 @@ pub async fn watch(
     let mut cache = ManifestCache::new(max_file_bytes);
     let mut noticed_at = Instant::now();
     loop {
-        if let Some(mut snapshot) = cache.read(&dir) {
-            snapshot.changed_at = noticed_at;
-            if snapshots.send(Some(Arc::new(snapshot))).is_err() {
+        if let Some(mut delta) = cache.read(&dir) {
+            delta.changed_at = noticed_at;
+            if deltas.send(delta).is_err() {
                 return Ok(());
             }
         }
         tokio::select! {
             _ = events.recv() => {
                 noticed_at = Instant::now();
-                tokio::time::sleep(DEBOUNCE).await;
                 while events.try_recv().is_ok() {}
             }
             _ = tokio::time::sleep(POLL) => noticed_at = Instant::now(),
+            () = deltas.closed() => return Ok(()),
         }
+    }
+}
+
+/// Whether an event ends a change to what the directory holds: a file closed after writing,
+/// anything renamed or removed (`mv` into place, a ConfigMap's `..data` swap), a new
+/// directory or symlink, a changed attribute (a `touch`, a permission now letting the agent
+/// read); not a new regular file nor its writes while it is open (its close follows), nor
+/// reads.
+fn ends_a_change(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
+        EventKind::Create(CreateKind::File) => event
+            .paths
+            .iter()
+            .any(|path| path.symlink_metadata().is_ok_and(|m| m.is_symlink())),
+        _ => true,
     }
 }
 

@@ -9,7 +9,7 @@ use super::read_dir;
 use crate::model::{
     self, Backend, DesiredState, Family, Frontend, ObjectKey, ObjectRef, Protocol, ProxyIdentity,
 };
-use crate::source::Snapshot;
+use crate::source::Known as Snapshot;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -406,21 +406,47 @@ fn service_yaml(name: &str, last: u8) -> String {
     )
 }
 
-fn read(cache: &mut ManifestCache, dir: &TempDir) -> Snapshot {
-    cache.read(&dir.0).expect("a changed snapshot")
+/// A cache and the state its deltas add up to, as the agent sees it.
+struct Reader {
+    cache: ManifestCache,
+    known: Snapshot,
 }
 
-fn cache() -> ManifestCache {
-    ManifestCache::new(super::DEFAULT_MAX_FILE_BYTES)
+impl Reader {
+    fn of(cache: ManifestCache) -> Self {
+        Self {
+            cache,
+            known: Snapshot::default(),
+        }
+    }
+
+    /// The next delta, or `None` when nothing changed.
+    fn delta(&mut self, dir: &TempDir) -> Option<crate::source::Delta> {
+        let delta = self.cache.read(&dir.0)?;
+        self.known.apply(&delta);
+        Some(delta)
+    }
+}
+
+/// The whole state after the next delta, which must change something.
+fn read(reader: &mut Reader, dir: &TempDir) -> Snapshot {
+    reader.delta(dir).expect("a change");
+    reader.known.clone()
+}
+
+fn cache() -> Reader {
+    Reader::of(ManifestCache::new(super::DEFAULT_MAX_FILE_BYTES))
 }
 
 /// A cache whose reads of the file or listings of the directory named `needle` fail with
 /// EIO while `failing` is set.
-fn faulty_cache(needle: &'static str, failing: Arc<Mutex<bool>>) -> ManifestCache {
-    cache().with_fault(move |path| {
-        (*failing.lock().unwrap() && path.ends_with(needle))
-            .then(|| std::io::Error::from_raw_os_error(libc::EIO))
-    })
+fn faulty_cache(needle: &'static str, failing: Arc<Mutex<bool>>) -> Reader {
+    Reader::of(
+        ManifestCache::new(super::DEFAULT_MAX_FILE_BYTES).with_fault(move |path| {
+            (*failing.lock().unwrap() && path.ends_with(needle))
+                .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+        }),
+    )
 }
 
 #[test]
@@ -440,12 +466,14 @@ fn a_directory_symlink_loop_is_not_followed_and_each_file_is_read_once() {
 
     let opened = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&opened);
-    let mut cache = cache().with_fault(move |path| {
-        if path.extension().is_some_and(|e| e == "yaml") {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        None
-    });
+    let mut cache = Reader::of(
+        ManifestCache::new(super::DEFAULT_MAX_FILE_BYTES).with_fault(move |path| {
+            if path.extension().is_some_and(|e| e == "yaml") {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }),
+    );
     let started = std::time::Instant::now();
     let snapshot = read(&mut cache, &dir);
     let took = started.elapsed();
@@ -458,7 +486,7 @@ fn a_directory_symlink_loop_is_not_followed_and_each_file_is_read_once() {
     assert_eq!(opened.load(Ordering::Relaxed), 3);
     assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
     assert!(
-        cache.read(&dir.0).is_none(),
+        cache.delta(&dir).is_none(),
         "nothing changed: no new snapshot"
     );
     assert_eq!(
@@ -560,7 +588,7 @@ fn a_file_that_cannot_be_read_keeps_its_last_good_objects() {
     assert!(snapshot.problems[0].contains("last good version is kept"));
     // The same problem again is no new snapshot; the read is retried, and once it works the
     // new version is served.
-    assert!(cache.read(&dir.0).is_none());
+    assert!(cache.delta(&dir).is_none());
     *failing.lock().unwrap() = false;
     let healed = read(&mut cache, &dir);
     assert_eq!(healed.problems, Vec::<String>::new());
@@ -629,7 +657,7 @@ fn a_file_over_the_size_limit_is_reported_and_keeps_its_last_good_objects() {
     let dir = TempDir::new("oversize");
     dir.write("a.yaml", &service_yaml("a", 1));
     let limit = 400;
-    let mut cache = ManifestCache::new(limit);
+    let mut cache = Reader::of(ManifestCache::new(limit));
     read(&mut cache, &dir);
     let big = format!("{}# {}\n", service_yaml("a", 11), "x".repeat(500));
     dir.write("a.yaml", &big);
@@ -653,4 +681,151 @@ fn a_file_over_the_size_limit_is_reported_and_keeps_its_last_good_objects() {
     }
     assert!(snapshot.problems[0].contains("a.yaml"));
     assert!(snapshot.problems[1].contains("b.yaml"));
+}
+
+/// The keys of a delta's changed services, with whether each is applied (not deleted).
+fn changed_services(delta: &crate::source::Delta) -> Vec<(String, bool)> {
+    delta
+        .objects
+        .services
+        .iter()
+        .map(|(key, object)| (key.to_string(), object.is_some()))
+        .collect()
+}
+
+#[test]
+fn a_rewritten_file_yields_only_the_objects_that_changed_in_it() {
+    let dir = TempDir::new("perfile");
+    let many: Vec<String> = (1..=50)
+        .map(|i| service_yaml(&format!("s{i}"), i))
+        .collect();
+    dir.write("big.yaml", &many.join("---\n"));
+    dir.write("other.yaml", &service_yaml("other", 200));
+    let mut reader = cache();
+    let first = reader.delta(&dir).expect("a first delta");
+    assert_eq!(first.objects.services.len(), 51);
+    let before = Arc::clone(&reader.known.objects.services[&ObjectKey::new("default", "s1")]);
+
+    // One service of fifty changed, the file rewritten whole: one changed object.
+    let mut edited = many.clone();
+    edited[6] = service_yaml("s7", 107);
+    dir.write("big.yaml", &edited.join("---\n"));
+    let delta = reader.delta(&dir).expect("a change");
+    assert_eq!(changed_services(&delta), [("default/s7".to_owned(), true)]);
+    assert!(delta.objects.endpoint_slices.is_empty() && delta.objects.nodes.is_empty());
+    assert!(
+        delta.problems.is_none() && delta.origins.is_empty(),
+        "{delta:#?}"
+    );
+    // The unchanged objects keep their `Arc`s: the model does not look at them.
+    assert!(Arc::ptr_eq(
+        &before,
+        &reader.known.objects.services[&ObjectKey::new("default", "s1")]
+    ));
+
+    // The same content written again: the file is read, and nothing changed.
+    dir.write("big.yaml", &edited.join("---\n"));
+    assert!(
+        reader.delta(&dir).is_none(),
+        "an unchanged rewrite is no change"
+    );
+
+    // A service removed from the file is deleted, and only it.
+    dir.write("big.yaml", &edited[1..].join("---\n"));
+    let delta = reader.delta(&dir).expect("a change");
+    assert_eq!(changed_services(&delta), [("default/s1".to_owned(), false)]);
+    let gone = ObjectRef {
+        kind: "Service",
+        key: ObjectKey::new("default", "s1"),
+    };
+    assert_eq!(delta.origins.get(&gone), Some(&None));
+
+    // A whole file removed deletes its objects, and no other.
+    std::fs::remove_file(dir.0.join("other.yaml")).unwrap();
+    let delta = reader.delta(&dir).expect("a change");
+    assert_eq!(
+        changed_services(&delta),
+        [("default/other".to_owned(), false)]
+    );
+    assert_eq!(reader.known.objects.services.len(), 49);
+}
+
+#[test]
+fn an_object_defined_twice_is_served_from_the_later_file_until_it_goes() {
+    let dir = TempDir::new("twice");
+    dir.write("b.yaml", &service_yaml("web", 2));
+    let mut reader = cache();
+    reader.delta(&dir).expect("a first delta");
+
+    // An earlier file defining it too changes nothing served; it is reported.
+    dir.write("a.yaml", &service_yaml("web", 1));
+    let delta = reader.delta(&dir).expect("a new problem");
+    assert!(delta.objects.is_empty(), "{delta:#?}");
+    let problems = delta.problems.expect("the problems changed");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains("b.yaml: Service default/web is also defined in"));
+    assert!(problems[0].contains("a.yaml; the later file wins"));
+    let web = &reader.known.objects.services[&ObjectKey::new("default", "web")];
+    assert_eq!(
+        web.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.2")
+    );
+
+    // The later file gone, the earlier one's definition is served, from that file.
+    std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
+    let delta = reader.delta(&dir).expect("a change");
+    assert_eq!(changed_services(&delta), [("default/web".to_owned(), true)]);
+    assert_eq!(delta.problems, Some(vec![]));
+    let web_ref = ObjectRef {
+        kind: "Service",
+        key: ObjectKey::new("default", "web"),
+    };
+    assert_eq!(reader.known.origins[&web_ref], dir.0.join("a.yaml"));
+    let web = &reader.known.objects.services[&ObjectKey::new("default", "web")];
+    assert_eq!(
+        web.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.90.1")
+    );
+}
+
+#[test]
+fn a_changed_endpoints_object_changes_only_its_mirrored_slices() {
+    let dir = TempDir::new("mirrordelta");
+    let endpoints = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {name}\nsubsets:\n- addresses:\n  - ip: {ip}\n  ports:\n  - port: 80\n"
+        )
+    };
+    dir.write("a.yaml", &service_yaml("a", 1));
+    dir.write("b.yaml", &service_yaml("b", 2));
+    dir.write("a-ep.yaml", &endpoints("a", "192.168.1.1"));
+    dir.write("b-ep.yaml", &endpoints("b", "192.168.1.2"));
+    let mut reader = cache();
+    let first = reader.delta(&dir).expect("a first delta");
+    let slices: Vec<String> = first
+        .objects
+        .endpoint_slices
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(slices, ["default/a-mirror-0", "default/b-mirror-0"]);
+
+    dir.write("a-ep.yaml", &endpoints("a", "192.168.1.9"));
+    let delta = reader.delta(&dir).expect("a change");
+    let slices: Vec<String> = delta
+        .objects
+        .endpoint_slices
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(slices, ["default/a-mirror-0"]);
+    assert!(delta.objects.services.is_empty());
+
+    // The Service gains a selector: its Endpoints are no longer mirrored.
+    let with_selector = format!("{}  selector:\n    app: a\n", service_yaml("a", 1));
+    dir.write("a.yaml", &with_selector);
+    let delta = reader.delta(&dir).expect("a change");
+    assert_eq!(delta.objects.endpoint_slices.len(), 1);
+    assert!(delta.objects.endpoint_slices[&ObjectKey::new("default", "a-mirror-0")].is_none());
+    assert_eq!(reader.known.objects.endpoint_slices.len(), 1);
 }
