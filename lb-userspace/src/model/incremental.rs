@@ -45,12 +45,26 @@ struct Claimant {
 }
 
 impl Claimant {
-    fn of(service: &ObjectKey, desired: &DesiredService) -> Self {
+    fn of(service: &ObjectKey, kind: FrontendKind) -> Self {
         Self {
-            rank: u8::from(desired.kind != FrontendKind::ClusterIP),
+            rank: u8::from(kind != FrontendKind::ClusterIP),
             service: service.clone(),
         }
     }
+}
+
+/// Every service claiming one frontend, in the order claims win. A sorted vector: nearly
+/// every frontend has one claimant, and a map's node would hold room for eleven.
+type Claimants = Vec<(Claimant, DesiredService)>;
+
+/// What a service contributes, as kept between updates: what withdrawing it takes (its
+/// desired entries themselves are in the claims and the desired state, not copied here).
+struct Kept {
+    /// Its frontends, with the kind it claims each as.
+    frontends: Box<[(Frontend, FrontendKind)]>,
+    sets: Box<[SetKey]>,
+    health_port: Option<u16>,
+    diagnostics: Box<[Diagnostic]>,
 }
 
 /// The desired state and what it was computed from.
@@ -60,11 +74,11 @@ pub struct Model {
     /// The objects as of the last update.
     objects: Objects,
     /// The slices of each service (namespace and `kubernetes.io/service-name`).
-    members: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    members: BTreeMap<ObjectKey, Vec<ObjectKey>>,
     /// What each of our services contributes.
-    computed: BTreeMap<ObjectKey, Contribution>,
+    computed: BTreeMap<ObjectKey, Kept>,
     /// Every service claiming each frontend; the first claimant is the one served.
-    claims: BTreeMap<Frontend, BTreeMap<Claimant, DesiredService>>,
+    claims: BTreeMap<Frontend, Claimants>,
     /// The external-scope frontends claimed more than once (their losers are reported).
     contested: BTreeSet<Frontend>,
     /// The services whose contribution carries diagnostics.
@@ -164,7 +178,7 @@ impl Model {
             };
             if let Some(owner) = before.and_then(|slice| owner_of(key, &slice)) {
                 if let Some(members) = self.members.get_mut(&owner) {
-                    members.remove(key);
+                    members.retain(|member| member != key);
                     if members.is_empty() {
                         self.members.remove(&owner);
                     }
@@ -173,10 +187,10 @@ impl Model {
             }
             if let Some(slice) = now {
                 if let Some(owner) = owner_of(key, slice) {
-                    self.members
-                        .entry(owner.clone())
-                        .or_default()
-                        .insert(key.clone());
+                    let members = self.members.entry(owner.clone()).or_default();
+                    if let Err(at) = members.binary_search(key) {
+                        members.insert(at, key.clone());
+                    }
                     dirty.insert(owner);
                 }
                 changes.slices.push(key.clone());
@@ -234,13 +248,12 @@ impl Model {
     fn winner(&self, frontend: &Frontend) -> Option<&DesiredService> {
         let claimants = self.claims.get(frontend)?;
         if frontend.scope == Scope::External {
-            return claimants.values().next();
+            return claimants.first().map(|(_, desired)| desired);
         }
         let (owner, _) = self
             .claims
             .get(&frontend.in_scope(Scope::External))?
-            .iter()
-            .next()
+            .first()
             .filter(|(_, external)| external.two_scopes)?;
         claimants
             .iter()
@@ -270,54 +283,71 @@ impl Model {
             .filter_map(|slice_key| objects.endpoint_slices.get_key_value(slice_key))
             .collect();
         let index = SliceIndex::of_service(key, own_slices);
-        let computed = contribution(key, service, &index, node);
-        for (frontend, desired) in &computed.frontends {
-            self.claims
-                .entry(*frontend)
-                .or_default()
-                .insert(Claimant::of(key, desired), desired.clone());
-            changes.frontends.insert(*frontend);
+        let Contribution {
+            frontends,
+            sets,
+            health_check,
+            diagnostics,
+        } = contribution(key, service, &index, node);
+        let mut kept_frontends = Vec::with_capacity(frontends.len());
+        for (frontend, desired) in frontends {
+            kept_frontends.push((frontend, desired.kind));
+            let claimant = Claimant::of(key, desired.kind);
+            let claimants = self.claims.entry(frontend).or_default();
+            match claimants.binary_search_by(|(c, _)| c.cmp(&claimant)) {
+                Ok(at) => claimants[at].1 = desired,
+                Err(at) => claimants.insert(at, (claimant, desired)),
+            }
+            changes.frontends.insert(frontend);
         }
-        for (set_key, set) in &computed.sets {
-            if self.desired.sets.get(set_key) != Some(set) {
-                self.backends_total += set.backends.len();
-                if let Some(old) = self.desired.sets.insert(set_key.clone(), set.clone()) {
-                    self.backends_total -= old.backends.len();
-                }
+        let mut kept_sets = Vec::with_capacity(sets.len());
+        for (set_key, set) in sets {
+            self.backends_total += set.backends.len();
+            if let Some(old) = self.desired.sets.insert(set_key.clone(), set) {
+                self.backends_total -= old.backends.len();
             }
             changes.sets.insert(set_key.clone());
+            kept_sets.push(set_key);
         }
-        if let Some((port, check)) = &computed.health_check {
+        let health_port = health_check.map(|(port, check)| {
             self.health_claims
-                .entry(*port)
+                .entry(port)
                 .or_default()
-                .insert(key.clone(), check.clone());
+                .insert(key.clone(), check);
             changes.health_checks = true;
-        }
-        if !computed.diagnostics.is_empty() {
+            port
+        });
+        if !diagnostics.is_empty() {
             self.with_problems.insert(key.clone());
         }
-        self.computed.insert(key.clone(), computed);
+        let kept = Kept {
+            frontends: kept_frontends.into_boxed_slice(),
+            sets: kept_sets.into_boxed_slice(),
+            health_port,
+            diagnostics: diagnostics.into_boxed_slice(),
+        };
+        self.computed.insert(key.clone(), kept);
     }
 
     /// Takes back every claim and set of what `key` contributed before.
-    fn withdraw(&mut self, key: &ObjectKey, old: &Contribution, changes: &mut Changes) {
-        for (frontend, desired) in &old.frontends {
+    fn withdraw(&mut self, key: &ObjectKey, old: &Kept, changes: &mut Changes) {
+        for (frontend, kind) in &old.frontends {
             if let Some(claimants) = self.claims.get_mut(frontend) {
-                claimants.remove(&Claimant::of(key, desired));
+                let claimant = Claimant::of(key, *kind);
+                claimants.retain(|(c, _)| *c != claimant);
                 if claimants.is_empty() {
                     self.claims.remove(frontend);
                 }
             }
             changes.frontends.insert(*frontend);
         }
-        for set_key in old.sets.keys() {
+        for set_key in &old.sets {
             if let Some(gone) = self.desired.sets.remove(set_key) {
                 self.backends_total -= gone.backends.len();
             }
             changes.sets.insert(set_key.clone());
         }
-        if let Some((port, _)) = &old.health_check {
+        if let Some(port) = &old.health_port {
             if let Some(claimants) = self.health_claims.get_mut(port) {
                 claimants.remove(key);
                 if claimants.is_empty() {

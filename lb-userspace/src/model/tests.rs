@@ -3328,7 +3328,7 @@ fn a_delta_recomputes_only_the_services_it_changes() {
         [tcp("10.96.0.8", 80)]
     );
     assert_eq!(changes.sets.len(), 1);
-    assert_eq!(changes.slices, [key.clone()]);
+    assert_eq!(changes.slices, std::slice::from_ref(&key));
     let (fresh, _) = build_default(&changed);
     assert_eq!(model.desired(), &fresh);
     assert_eq!(model.backends_total(), 201);

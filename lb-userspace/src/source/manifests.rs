@@ -158,10 +158,10 @@ pub struct ManifestCache {
 }
 
 /// How a Node is named in messages.
-fn node_reference(name: &String) -> ObjectRef {
+fn node_reference(name: &str) -> ObjectRef {
     ObjectRef {
         kind: "Node",
-        key: ObjectKey::new("default", name.clone()),
+        key: ObjectKey::new("default", name),
     }
 }
 
@@ -304,7 +304,7 @@ impl ManifestCache {
                 file,
                 before.map_or(&BTreeSet::new(), |d| &d.nodes),
                 objects.objects.nodes,
-                node_reference,
+                |name: &String| node_reference(name),
                 &mut changes.nodes,
             ),
             problems: objects.problems,
@@ -320,7 +320,7 @@ impl ManifestCache {
         failures.extend(self.services.duplicates(namespaced("Service")));
         failures.extend(self.endpoint_slices.duplicates(namespaced("EndpointSlice")));
         failures.extend(self.endpoints.duplicates(namespaced("Endpoints")));
-        failures.extend(self.nodes.duplicates(node_reference));
+        failures.extend(self.nodes.duplicates(|name: &String| node_reference(name)));
         failures
     }
 
@@ -413,11 +413,11 @@ impl ManifestCache {
             .served(owner)
             .map(|(_, e)| e)
             .filter(|endpoints| {
-                !endpoints
+                endpoints
                     .metadata
                     .labels
                     .as_ref()
-                    .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"))
+                    .is_none_or(|l| l.get(SKIP_MIRROR_LABEL).is_none_or(|v| v != "true"))
             })
             .filter(|_| selectorless)
             .map(|endpoints| mirror(owner, endpoints))

@@ -10,9 +10,13 @@ use std::{
 
 use crate::model::{Changed, ObjectKey, ObjectRef};
 
+/// The files defining one object and their definitions, sorted by path: nearly every object
+/// has one, and a map's node would hold room for eleven.
+type ByFile<V> = Vec<(Arc<Path>, Arc<V>)>;
+
 /// The definitions of one kind, by object, by file.
 pub struct Definitions<K, V> {
-    by_key: BTreeMap<K, BTreeMap<Arc<Path>, Arc<V>>>,
+    by_key: BTreeMap<K, ByFile<V>>,
     /// The objects defined in more than one file.
     contested: BTreeSet<K>,
 }
@@ -43,7 +47,17 @@ impl<K: Ord + Clone, V: PartialEq> Definitions<K, V> {
 
     /// The served definition of `key` and its file.
     pub fn served(&self, key: &K) -> Option<(&Arc<Path>, &Arc<V>)> {
-        self.by_key.get(key)?.last_key_value()
+        self.by_key
+            .get(key)?
+            .last()
+            .map(|(file, object)| (file, object))
+    }
+
+    /// `file`'s definition of `key`.
+    fn of_file(&self, file: &Arc<Path>, key: &K) -> Option<&Arc<V>> {
+        let files = self.by_key.get(key)?;
+        let at = files.binary_search_by(|(f, _)| f.cmp(file)).ok()?;
+        Some(&files[at].1)
     }
 
     /// Replaces what `file` defines of this kind: it defined `before` and now defines `now`.
@@ -63,11 +77,7 @@ impl<K: Ord + Clone, V: PartialEq> Definitions<K, V> {
         }
         let mut defined = BTreeSet::new();
         for (key, object) in now {
-            let same = self
-                .by_key
-                .get(&key)
-                .and_then(|files| files.get(file))
-                .is_some_and(|old| **old == *object);
+            let same = self.of_file(file, &key).is_some_and(|old| **old == *object);
             if !same {
                 self.set(file, &key, Some(object), &reference, changes);
             }
@@ -89,10 +99,14 @@ impl<K: Ord + Clone, V: PartialEq> Definitions<K, V> {
             .served(key)
             .map(|(f, o)| (Arc::clone(f), Arc::clone(o)));
         let files = self.by_key.entry(key.clone()).or_default();
-        match object {
-            Some(object) => files.insert(Arc::clone(file), object),
-            None => files.remove(file),
-        };
+        match (files.binary_search_by(|(f, _)| f.cmp(file)), object) {
+            (Ok(at), Some(object)) => files[at].1 = object,
+            (Err(at), Some(object)) => files.insert(at, (Arc::clone(file), object)),
+            (Ok(at), None) => {
+                files.remove(at);
+            }
+            (Err(_), None) => {}
+        }
         if files.len() > 1 {
             self.contested.insert(key.clone());
         } else {
@@ -128,7 +142,7 @@ impl<K: Ord + Clone, V: PartialEq> Definitions<K, V> {
             let Some(files) = self.by_key.get(key) else {
                 continue;
             };
-            let names: Vec<&Arc<Path>> = files.keys().collect();
+            let names: Vec<&Arc<Path>> = files.iter().map(|(file, _)| file).collect();
             for pair in names.windows(2) {
                 lines.push(format!(
                     "{}: {} is also defined in {}; the later file wins",
