@@ -1924,13 +1924,21 @@ fn connect4_runs_once_per_connect_and_its_cost_is_measured() {
     cluster.tcp_until(TCP_VIP, Duration::from_secs(10), |r| r.failures() == 0);
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let connect4 = attached_program_id(&cluster, "connect4").expect("connect4 attached");
+    let getpeername4 = attached_program_id(&cluster, "getpeername4").expect("getpeername4");
     let release = attached_program_id(&cluster, "sock_release");
     for round in 0..3 {
         let (time0, runs0) = program_stats(connect4);
+        let (peer_time0, peer_runs0) = program_stats(getpeername4);
         let released0 = release.map(program_stats);
         let count = CONNECTS.to_string();
         let result = cluster.probe(&["tcp", TCP_VIP, "--count", &count]);
         let (time1, runs1) = program_stats(connect4);
+        let (peer_time1, peer_runs1) = program_stats(getpeername4);
+        eprintln!(
+            "getpeername4, round {round}: {:.0} ns per call over {} calls",
+            (peer_time1 - peer_time0) as f64 / (peer_runs1 - peer_runs0).max(1) as f64,
+            peer_runs1 - peer_runs0
+        );
         if let (Some(id), Some((t0, r0))) = (release, released0) {
             let (t1, r1) = program_stats(id);
             eprintln!(
@@ -1940,7 +1948,11 @@ fn connect4_runs_once_per_connect_and_its_cost_is_measured() {
             );
         }
         assert_eq!(result.failures(), 0, "{result:?}");
-        assert_eq!(result.peers.get(TCP_VIP), Some(&CONNECTS), "getpeername: {result:?}");
+        assert_eq!(
+            result.peers.get(TCP_VIP),
+            Some(&CONNECTS),
+            "getpeername: {result:?}"
+        );
         assert_eq!(runs1 - runs0, CONNECTS, "connect4 runs once per connect");
         eprintln!(
             "connect4, round {round}: {:.0} ns per connect over {CONNECTS} connects",
