@@ -1891,3 +1891,72 @@ fn closed_af_inet6_sockets_leave_nothing_in_either_sockets_map() {
     }
     assert_eq!(entries(), baseline);
 }
+
+/// The program id behind the cluster's pinned link of socket program `name`, if one is pinned.
+fn attached_program_id(cluster: &Cluster, name: &str) -> Option<u32> {
+    let links = cluster.bpffs.path().join("links");
+    std::fs::read_dir(&links)
+        .expect("reading the links directory")
+        .map(|dir| dir.unwrap().path().join(name))
+        .find(|pin| pin.exists())
+        .map(|pin| lb_agent::dataplane::links::program_id_of(&pin).expect("reading a link"))
+}
+
+/// (run_time_ns, run_cnt) of program `id`, as the kernel counts them with BPF statistics on.
+fn program_stats(id: u32) -> (u64, u64) {
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .unwrap_or_else(|| panic!("program {id} not loaded"));
+    (info.run_time().as_nanos() as u64, info.run_count())
+}
+
+/// connect4 runs once per connect (its run count grows by the connects made) and costs what
+/// the log line says: run_time_ns / run_cnt with BPF statistics on (`BPF_ENABLE_STATS`, for
+/// as long as this test holds it), over connects to a ClusterIP, the reverse entry of each
+/// socket written.
+#[test]
+fn connect4_runs_once_per_connect_and_its_cost_is_measured() {
+    const CONNECTS: u64 = 3000;
+    let mut cluster = Cluster::new(&["pod-a", "pod-b"]);
+    web(&cluster, &["pod-a", "pod-b"]);
+    cluster.start_agent();
+    cluster.tcp_until(TCP_VIP, Duration::from_secs(10), |r| r.failures() == 0);
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let connect4 = attached_program_id(&cluster, "connect4").expect("connect4 attached");
+    let getpeername4 = attached_program_id(&cluster, "getpeername4").expect("getpeername4");
+    let release = attached_program_id(&cluster, "sock_release");
+    for round in 0..3 {
+        let (time0, runs0) = program_stats(connect4);
+        let (peer_time0, peer_runs0) = program_stats(getpeername4);
+        let released0 = release.map(program_stats);
+        let count = CONNECTS.to_string();
+        let result = cluster.probe(&["tcp", TCP_VIP, "--count", &count]);
+        let (time1, runs1) = program_stats(connect4);
+        let (peer_time1, peer_runs1) = program_stats(getpeername4);
+        eprintln!(
+            "getpeername4, round {round}: {:.0} ns per call over {} calls",
+            (peer_time1 - peer_time0) as f64 / (peer_runs1 - peer_runs0).max(1) as f64,
+            peer_runs1 - peer_runs0
+        );
+        if let (Some(id), Some((t0, r0))) = (release, released0) {
+            let (t1, r1) = program_stats(id);
+            eprintln!(
+                "sock_release, round {round}: {:.0} ns per release over {} releases",
+                (t1 - t0) as f64 / (r1 - r0).max(1) as f64,
+                r1 - r0
+            );
+        }
+        assert_eq!(result.failures(), 0, "{result:?}");
+        assert_eq!(
+            result.peers.get(TCP_VIP),
+            Some(&CONNECTS),
+            "getpeername: {result:?}"
+        );
+        assert_eq!(runs1 - runs0, CONNECTS, "connect4 runs once per connect");
+        eprintln!(
+            "connect4, round {round}: {:.0} ns per connect over {CONNECTS} connects",
+            (time1 - time0) as f64 / CONNECTS as f64
+        );
+    }
+}
