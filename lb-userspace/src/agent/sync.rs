@@ -22,8 +22,6 @@ const LARGE_SYNC: usize = 1000;
 /// `lb_map_entries` counts every programmed entry, a walk of them all: after large syncs,
 /// and otherwise at most this often, so that a lone change costs only what it changes.
 const MAP_ENTRIES_REFRESH: Duration = Duration::from_secs(10);
-/// The EndpointSlice annotation kube-proxy measures network programming latency from.
-const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Labels of the per-service counters, by service id (shared with the `/metrics` reader).
 pub type LabelsById = Arc<Mutex<BTreeMap<u32, ServiceLabels>>>;
@@ -345,8 +343,7 @@ impl SyncPass {
                 .objects()
                 .endpoint_slices
                 .get(key)
-                .and_then(|slice| slice.metadata.annotations.as_ref())
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|slice| slice.trigger_time.as_deref())
                 .and_then(|t| t.parse::<jiff::Timestamp>().ok());
             let latency = trigger
                 .and_then(|at| now.duration_since(at).try_into().ok())

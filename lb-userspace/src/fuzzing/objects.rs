@@ -24,8 +24,8 @@ use k8s_openapi::{
 
 use super::shared;
 use crate::model::{
-    HEADLESS_LABEL, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, TO_BE_DELETED_TAINT, ZONE_LABEL,
-    endpoints::SERVICE_NAME_LABEL,
+    HEADLESS_LABEL, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, Slice, TO_BE_DELETED_TAINT,
+    ZONE_LABEL, endpoints::SERVICE_NAME_LABEL,
 };
 
 /// The node the model runs as.
@@ -112,7 +112,11 @@ impl Event {
         match self {
             Event::Service(key, Some(s)) => drop(objects.services.insert(key, s)),
             Event::Service(key, None) => drop(objects.services.remove(&key)),
-            Event::Slice(key, Some(s)) => drop(objects.endpoint_slices.insert(key, s)),
+            Event::Slice(key, Some(s)) => drop(
+                objects
+                    .endpoint_slices
+                    .insert(key, Arc::new(Slice::from(&*s))),
+            ),
             Event::Slice(key, None) => drop(objects.endpoint_slices.remove(&key)),
             Event::Node(name, Some(n)) => drop(objects.nodes.insert(name, n)),
             Event::Node(name, None) => drop(objects.nodes.remove(&name)),

@@ -8,12 +8,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::{
     Diagnostic, Family, Severity,
     desired::{Backend, Protocol},
     objects::{ObjectKey, ObjectRef},
+    slice::Slice,
 };
 
 /// The label joining an EndpointSlice to its Service.
@@ -57,44 +56,22 @@ impl NodeView {
 /// The endpoints of one service port, by backend address.
 pub type PortEndpoints = BTreeMap<Backend, Endpoint>;
 
-/// The EndpointSlices of each service (namespace and `kubernetes.io/service-name` label),
-/// grouped once per snapshot so each service looks at its own slices only: a build stays
-/// linear in the number of objects.
+/// The EndpointSlices of each service (namespace and `kubernetes.io/service-name` label), so
+/// each service looks at its own slices only.
 pub struct SliceIndex<'a> {
-    by_service: BTreeMap<ObjectKey, Vec<(&'a ObjectKey, &'a Arc<EndpointSlice>)>>,
+    by_service: BTreeMap<ObjectKey, Vec<(&'a ObjectKey, &'a Arc<Slice>)>>,
 }
 
 impl<'a> SliceIndex<'a> {
-    pub fn new(slices: &'a BTreeMap<ObjectKey, Arc<EndpointSlice>>) -> Self {
-        let mut by_service: BTreeMap<_, Vec<_>> = BTreeMap::new();
-        for (key, slice) in slices {
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
-            if let Some(service) = service {
-                by_service
-                    .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
-                    .or_default()
-                    .push((key, slice));
-            }
-        }
-        Self { by_service }
-    }
-
     /// An index holding only the slices of one service.
-    pub fn of_service(
-        service: &ObjectKey,
-        slices: Vec<(&'a ObjectKey, &'a Arc<EndpointSlice>)>,
-    ) -> Self {
+    pub fn of_service(service: &ObjectKey, slices: Vec<(&'a ObjectKey, &'a Arc<Slice>)>) -> Self {
         Self {
             by_service: BTreeMap::from([(service.clone(), slices)]),
         }
     }
 
     /// The slices of `service`, in key order.
-    pub fn of(&self, service: &ObjectKey) -> &[(&'a ObjectKey, &'a Arc<EndpointSlice>)] {
+    pub fn of(&self, service: &ObjectKey) -> &[(&'a ObjectKey, &'a Arc<Slice>)] {
         self.by_service
             .get(service)
             .map(Vec::as_slice)
@@ -117,7 +94,7 @@ pub fn collect(
 ) -> PortEndpoints {
     let mut merged = PortEndpoints::new();
     for &(key, slice) in slices.of(service) {
-        if slice.address_type != family.kubernetes_name() {
+        if &*slice.address_type != family.kubernetes_name() {
             // The other family's slices are its own proxier's; FQDN slices are ignored, as
             // kube-proxy does.
             continue;
@@ -127,7 +104,7 @@ pub fn collect(
         };
         for endpoint in &slice.endpoints {
             // kube-proxy uses the first address of an endpoint; the others are the same pod.
-            let Some(address) = endpoint.addresses.first() else {
+            let Some(address) = endpoint.address.as_deref() else {
                 continue;
             };
             // 0.0.0.0 or :: as a backend would reach the client's own host (the API server
@@ -148,15 +125,14 @@ pub fn collect(
                 });
                 continue;
             };
-            let conditions = endpoint.conditions.as_ref();
-            let ready = all_ready || conditions.and_then(|c| c.ready).unwrap_or(true);
+            let ready = all_ready || endpoint.ready.unwrap_or(true);
             let found = Endpoint {
                 ready,
-                serving: all_ready || conditions.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                node_name: endpoint.node_name.clone(),
-                zone_hints: hint_names(endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref())),
-                node_hints: hint_names(endpoint.hints.as_ref().and_then(|h| h.for_nodes.as_ref())),
+                serving: all_ready || endpoint.serving.unwrap_or(ready),
+                terminating: endpoint.terminating.unwrap_or(false),
+                node_name: endpoint.node_name.as_deref().map(str::to_owned),
+                zone_hints: endpoint.zone_hints.iter().map(|z| z.to_string()).collect(),
+                node_hints: endpoint.node_hints.iter().map(|n| n.to_string()).collect(),
             };
             let entry = merged
                 .entry(Backend { ip, port })
@@ -174,38 +150,16 @@ fn is_ipv4_mapped(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
 }
 
-fn hint_names<T: HasName>(hints: Option<&Vec<T>>) -> BTreeSet<String> {
-    hints
-        .map(|hints| hints.iter().map(|h| h.name().to_owned()).collect())
-        .unwrap_or_default()
-}
-
-trait HasName {
-    fn name(&self) -> &str;
-}
-
-impl HasName for k8s_openapi::api::discovery::v1::ForZone {
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl HasName for k8s_openapi::api::discovery::v1::ForNode {
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
-
 /// The port number of the slice's port matching the service port by name and protocol.
 fn matching_port(
     key: &ObjectKey,
-    slice: &EndpointSlice,
+    slice: &Slice,
     port_name: &str,
     protocol: Protocol,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<u16> {
-    let port = slice.ports.as_ref()?.iter().find(|port| {
-        port.name.as_deref().unwrap_or_default() == port_name
+    let port = slice.ports.iter().find(|port| {
+        &*port.name == port_name
             && port.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
     })?;
     match port.port.map(u16::try_from) {

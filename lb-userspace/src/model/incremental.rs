@@ -13,12 +13,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::{
     DesiredService, DesiredState, Diagnostic, Frontend, FrontendKind, HealthCheck, NodeView,
-    ObjectChanges, ObjectKey, ObjectRef, Objects, ProxyIdentity, Scope, SetKey, Severity,
-    endpoints::{SERVICE_NAME_LABEL, SliceIndex},
+    ObjectChanges, ObjectKey, ObjectRef, Objects, ProxyIdentity, Scope, SetKey, Severity, Slice,
+    endpoints::SliceIndex,
     is_ours, node_view,
     service::{Contribution, contribution},
 };
@@ -275,7 +273,7 @@ impl Model {
         else {
             return;
         };
-        let own_slices: Vec<(&ObjectKey, &Arc<EndpointSlice>)> = self
+        let own_slices: Vec<(&ObjectKey, &Arc<Slice>)> = self
             .members
             .get(key)
             .into_iter()
@@ -422,7 +420,7 @@ impl Model {
 }
 
 /// The service a slice belongs to: its namespace and `kubernetes.io/service-name` label.
-fn owner_of(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(ObjectKey::new(key.namespace.clone(), name.clone()))
+fn owner_of(key: &ObjectKey, slice: &Slice) -> Option<ObjectKey> {
+    let name = slice.service.as_deref()?;
+    Some(ObjectKey::new(key.namespace.clone(), name))
 }

@@ -9,6 +9,7 @@ pub mod family;
 pub mod incremental;
 pub mod objects;
 pub mod service;
+pub mod slice;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -22,6 +23,7 @@ pub use endpoints::NodeView;
 pub use family::Family;
 pub use incremental::{Changes, Model};
 pub use objects::{Changed, ObjectChanges, ObjectKey, ObjectRef, Objects};
+pub use slice::Slice;
 
 /// A service carrying this label belongs to the proxy of that name.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";

@@ -3,10 +3,9 @@
 //! path turns objects into state.
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use super::Slice;
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -57,7 +56,8 @@ impl fmt::Display for ObjectRef {
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// EndpointSlices as the model keeps them ([`Slice`]).
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<Slice>>,
     /// Nodes by name; the model only looks at this node's.
     pub nodes: BTreeMap<String, Arc<Node>>,
 }
@@ -70,7 +70,7 @@ pub type Changed<K, V> = BTreeMap<K, Option<Arc<V>>>;
 #[derive(Clone, Debug, Default)]
 pub struct ObjectChanges {
     pub services: Changed<ObjectKey, Service>,
-    pub endpoint_slices: Changed<ObjectKey, EndpointSlice>,
+    pub endpoint_slices: Changed<ObjectKey, Slice>,
     /// Nodes by name.
     pub nodes: Changed<String, Node>,
 }

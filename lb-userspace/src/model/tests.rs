@@ -245,7 +245,7 @@ pub(crate) fn objects(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Obj
     for s in slices {
         objects
             .endpoint_slices
-            .insert(ObjectKey::of(&s.metadata), Arc::new(s));
+            .insert(ObjectKey::of(&s.metadata), Arc::new(s.into()));
     }
     objects
 }
@@ -2887,7 +2887,7 @@ fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
     let slice = v6_slice();
     current
         .endpoint_slices
-        .insert(ObjectKey::of(&slice.metadata), Arc::new(slice));
+        .insert(ObjectKey::of(&slice.metadata), Arc::new(slice.into()));
     steps.push((
         current.clone(),
         objects(vec![dual()], vec![v4_slice.clone(), v6_slice()]),
@@ -2897,9 +2897,10 @@ fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
         ep("fd00:10:244::1"),
         ep("fd00:10:244::9").on_node(NODE),
     ]);
-    current
-        .endpoint_slices
-        .insert(ObjectKey::of(&local.metadata), Arc::new(local.clone()));
+    current.endpoint_slices.insert(
+        ObjectKey::of(&local.metadata),
+        Arc::new(local.clone().into()),
+    );
     let mut this_node = node(NODE, None);
     this_node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
         addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
@@ -3310,13 +3311,16 @@ fn a_delta_recomputes_only_the_services_it_changes() {
     let key = ObjectKey::new("default", "s7-abc");
     changed.endpoint_slices.insert(
         key.clone(),
-        Arc::new(slice(
-            "default",
-            "s7-abc",
-            "s7",
-            &[("http", 8080, "TCP")],
-            vec![ep("10.0.0.8"), ep("10.0.9.9")],
-        )),
+        Arc::new(
+            slice(
+                "default",
+                "s7-abc",
+                "s7",
+                &[("http", 8080, "TCP")],
+                vec![ep("10.0.0.8"), ep("10.0.9.9")],
+            )
+            .into(),
+        ),
     );
     let mut delta = ObjectChanges::default();
     delta

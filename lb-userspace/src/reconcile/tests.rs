@@ -1591,7 +1591,7 @@ fn a_restarted_agent_keeps_every_service_id_and_backend_id() {
     ]);
     scaled
         .endpoint_slices
-        .insert(ObjectKey::of(&grown.metadata), Arc::new(grown));
+        .insert(ObjectKey::of(&grown.metadata), Arc::new(grown.into()));
     sync(&mut restarted, &build(&scaled), &mut maps);
     let ids = maps.backend_ids();
     for (backend, id) in &backends_before {
@@ -2150,7 +2150,7 @@ fn apply(objects: &mut Objects, event: &Event) {
             );
             objects
                 .endpoint_slices
-                .insert(ObjectKey::of(&new.metadata), Arc::new(new));
+                .insert(ObjectKey::of(&new.metadata), Arc::new(new.into()));
         }
         Event::DeleteSlice(which) => {
             objects

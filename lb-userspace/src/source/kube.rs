@@ -56,7 +56,7 @@ use tokio::sync::watch;
 
 use super::{Delta, DeltaSender};
 use crate::model::{
-    HEADLESS_LABEL, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL,
+    HEADLESS_LABEL, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL, Slice,
 };
 
 mod timeout;
@@ -304,9 +304,10 @@ pub async fn watch(
         by_labels,
         Watched::EndpointSlices,
         |changes, key, object| {
+            let slice = object.map(|slice| Arc::new(Slice::from(&*slice)));
             changes
                 .endpoint_slices
-                .insert(ObjectKey::new(key.0, key.1), object);
+                .insert(ObjectKey::new(key.0, key.1), slice);
         },
     );
     let nodes = watch_kind(

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 
 use super::{Delta, DeltaSender, Known};
 use crate::model::{
-    Changed, Family, ObjectChanges, ObjectKey, ObjectRef, endpoints::SERVICE_NAME_LABEL,
+    Changed, Family, ObjectChanges, ObjectKey, ObjectRef, Slice, endpoints::SERVICE_NAME_LABEL,
 };
 use served::{Definitions, KindChanges, namespaced};
 
@@ -107,7 +107,7 @@ struct Defined {
 #[derive(Default)]
 struct ReadChanges {
     services: KindChanges<ObjectKey, Service>,
-    endpoint_slices: KindChanges<ObjectKey, EndpointSlice>,
+    endpoint_slices: KindChanges<ObjectKey, Slice>,
     endpoints: KindChanges<ObjectKey, Endpoints>,
     nodes: KindChanges<String, Node>,
 }
@@ -144,12 +144,12 @@ pub struct ManifestCache {
     max_file_bytes: u64,
     files: BTreeMap<PathBuf, FileEntry>,
     services: Definitions<ObjectKey, Service>,
-    endpoint_slices: Definitions<ObjectKey, EndpointSlice>,
+    endpoint_slices: Definitions<ObjectKey, Slice>,
     endpoints: Definitions<ObjectKey, Endpoints>,
     nodes: Definitions<String, Node>,
     /// The slices mirrored from each v1 Endpoints object (they win over a file's slice of
     /// the same name).
-    mirrors: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<EndpointSlice>>>,
+    mirrors: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<Slice>>>,
     /// The owner of each mirrored slice.
     mirrored: BTreeMap<ObjectKey, ObjectKey>,
     /// The problems last published; `None` before the first read.
@@ -403,7 +403,7 @@ impl ManifestCache {
     /// does (only for a selector-less Service, unless it opts out), recording the slices that
     /// changed; a slice equal to the one mirrored before keeps its `Arc`. A mirrored slice
     /// that goes gives way to a file's slice of the same name, if there is one.
-    fn mirror(&mut self, owner: &ObjectKey, slices: &mut Changed<ObjectKey, EndpointSlice>) {
+    fn mirror(&mut self, owner: &ObjectKey, slices: &mut Changed<ObjectKey, Slice>) {
         let selectorless = self
             .services
             .served(owner)
@@ -425,6 +425,7 @@ impl ManifestCache {
         let mut before = self.mirrors.remove(owner).unwrap_or_default();
         let mut now = BTreeMap::new();
         for (key, slice) in wanted {
+            let slice = Slice::from(&slice);
             match before.remove(&key) {
                 Some(old) if *old == slice => {
                     now.insert(key, old);

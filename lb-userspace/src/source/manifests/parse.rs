@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize as _;
 use serde_json::value::RawValue;
 
-use crate::model::{ObjectKey, ObjectRef, Objects};
+use crate::model::{ObjectKey, ObjectRef, Objects, Slice};
 
 /// How deeply `kind: List` documents may nest inside each other (kubectl never nests them;
 /// the limit keeps a crafted file from exhausting the stack).
@@ -118,7 +118,8 @@ impl FileObjects {
                 &name,
                 document,
                 |r, key, s: EndpointSlice| {
-                    r.objects.endpoint_slices.insert(key, Arc::new(s)).is_some()
+                    let slice = Arc::new(Slice::from(&s));
+                    r.objects.endpoint_slices.insert(key, slice).is_some()
                 },
             ),
             (Some("v1"), Some("Endpoints")) => self.add(
