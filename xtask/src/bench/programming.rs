@@ -10,71 +10,62 @@ use anyhow::{Context as _, Result};
 
 use super::cluster::{self, BACKENDS, Cluster, field};
 use super::kube::{self, Svc};
+use super::process::{cpu_ms, status_kb};
 use super::report::Results;
 use super::services::{
     KubeProxyState, Measured, iptables_flush, iptables_restore, nft_flush, nft_load,
 };
 use super::{Plan, bpf, check_interrupted};
 
-/// CPU time (utime + stime, ms) of a process.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // After the comm: state is index 0, utime 11, stime 12.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 * 1000.0 / hz
+/// What the agent's `sync complete` line says about one applied file, and the wall time.
+pub struct Applied {
+    /// From the rename (or removal) of the file to the log line, seen by the benchmark (ms).
+    pub wall_ms: f64,
+    /// The agent's sync pass (model update, diff, map writes): `sync_us`, in ms.
+    pub sync_ms: f64,
+    /// From the agent noticing the file's event to the end of the sync: `latency_us`, in ms
+    /// (NaN when the line has no such field).
+    pub latency_ms: f64,
+    pub writes: f64,
+    /// The agent's CPU time from just before the rename to `SETTLE` after the log line (ms).
+    pub cpu_ms: f64,
 }
 
-pub fn status_kb(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| {
-            v.trim_start_matches(':')
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
+/// After the `sync complete` line, how long the agent's CPU time keeps counting for the
+/// change (the removed backends' sockets are terminated after the line).
+const SETTLE: Duration = Duration::from_millis(50);
 
-/// Writes `file` (atomically) and waits for the agent's next "sync complete": (wall ms from
-/// the rename to the log line, sync_us, map_writes).
-fn agent_apply(cluster: &mut Cluster, file: &str, text: Option<&str>) -> Result<(f64, f64, f64)> {
+/// Writes `file` (atomically) and waits for the agent's next "sync complete".
+pub fn agent_apply(cluster: &mut Cluster, file: &str, text: Option<&str>) -> Result<Applied> {
     let from = cluster.agent()?.lines();
+    let pid = cluster.agent()?.pid();
     let target = cluster.manifests.0.join(file);
-    let t0 = match text {
-        Some(text) => {
-            let tmp = cluster.work.0.join(format!(".{file}.tmp"));
-            std::fs::write(&tmp, text)?;
-            let t0 = Instant::now();
-            std::fs::rename(&tmp, &target)?;
-            t0
-        }
-        None => {
-            let t0 = Instant::now();
-            std::fs::remove_file(&target)?;
-            t0
-        }
-    };
+    let tmp = cluster.work.0.join(format!(".{file}.tmp"));
+    if let Some(text) = text {
+        std::fs::write(&tmp, text)?;
+    }
+    let cpu0 = cpu_ms(pid);
+    let t0 = Instant::now();
+    match text {
+        Some(_) => std::fs::rename(&tmp, &target)?,
+        None => std::fs::remove_file(&target)?,
+    }
     let (_, line) = cluster.agent()?.wait_line(
         from,
         "sync complete",
         "map_writes",
         Duration::from_secs(900),
     )?;
-    let wall = t0.elapsed().as_secs_f64() * 1000.0;
-    let sync_us = field(&line, "sync_us").unwrap_or(0) as f64;
-    let writes = field(&line, "map_writes").unwrap_or(0) as f64;
-    Ok((wall, sync_us / 1000.0, writes))
+    let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(SETTLE);
+    let us = |key: &str| field(&line, key).map_or(f64::NAN, |v| v as f64 / 1000.0);
+    Ok(Applied {
+        wall_ms,
+        sync_ms: us("sync_us"),
+        latency_ms: us("latency_us"),
+        writes: field(&line, "map_writes").map_or(f64::NAN, |v| v as f64),
+        cpu_ms: cpu_ms(pid) - cpu0,
+    })
 }
 
 /// Benchmarks 4 and 8.
@@ -89,13 +80,13 @@ pub fn programming(
     bg_manifest: &str,
 ) -> Result<()> {
     let all = measured.all(background, n);
-    let ipt_on = n <= plan.iptables_max;
+    let ipt_on = plan.ipt_on(n);
     let full_ipt = if ipt_on {
         kube::iptables_full(&all)
     } else {
         String::new()
     };
-    let nft_on = n <= plan.nft_max;
+    let nft_on = plan.nft_on(n);
     let full_nft = if nft_on {
         kube::nft_full(&all)
     } else {
@@ -117,18 +108,24 @@ pub fn programming(
         check_interrupted()?;
         // All N from nothing: agent, iptables (full restore into an empty nat table), nft.
         if round > 0 {
-            let (ms, _, _) = agent_apply(cluster, "services.json", None)?;
-            res.add("4", "remove all services", n, "E", ms);
+            let removed = agent_apply(cluster, "services.json", None)?;
+            res.add("4", "remove all services", n, "E", removed.wall_ms);
             iptables_flush(&prog)?;
             nft_flush(&prog);
         }
-        let cpu0 = cpu_ms(pid);
-        let (ms, sync_ms, writes) = agent_apply(cluster, "services.json", Some(bg_manifest))?;
-        let cpu = cpu_ms(pid) - cpu0;
+        let full = agent_apply(cluster, "services.json", Some(bg_manifest))?;
+        let (ms, sync_ms, writes) = (full.wall_ms, full.sync_ms, full.writes);
         res.add("4", "all services from nothing", n, "E", ms);
         res.add("4", "agent sync_us, from nothing", n, "E", sync_ms);
+        res.add(
+            "4",
+            "agent latency_us, from nothing",
+            n,
+            "E",
+            full.latency_ms,
+        );
         res.add("4", "agent map_writes, from nothing", n, "E", writes);
-        res.add("8", "agent CPU for a full sync", n, "E", cpu);
+        res.add("8", "agent CPU for a full sync", n, "E", full.cpu_ms);
         let ipt = if ipt_on {
             let ipt = iptables_restore(cluster, &prog, &full_ipt)?;
             res.add(
@@ -172,11 +169,24 @@ pub fn programming(
             } else {
                 backends.to_vec()
             };
-            let (ms, sync_ms, writes) =
-                agent_apply(cluster, "measured.json", Some(&measured.manifest()))?;
-            res.add("4", "one endpoint change", n, "E", ms);
-            res.add("4", "agent sync_us, one change", n, "E", sync_ms);
-            res.add("4", "agent map_writes, one change", n, "E", writes);
+            let change = agent_apply(cluster, "measured.json", Some(&measured.manifest()))?;
+            res.add("4", "one endpoint change", n, "E", change.wall_ms);
+            res.add("4", "agent sync_us, one change", n, "E", change.sync_ms);
+            res.add(
+                "4",
+                "agent latency_us, one change",
+                n,
+                "E",
+                change.latency_ms,
+            );
+            res.add("4", "agent map_writes, one change", n, "E", change.writes);
+            res.add(
+                "8",
+                "agent CPU for one endpoint change",
+                n,
+                "E",
+                change.cpu_ms,
+            );
             let old = kp.replace(&measured.rand);
             if ipt_on {
                 let partial = kube::iptables_partial(&kp.services, &measured.rand, &old);
@@ -214,6 +224,14 @@ pub fn programming(
         n,
         "E",
         (rss - rss_before) / 1024.0,
+    );
+    // (VmRSS with the N services − VmRSS with only the measured ones) / N.
+    res.add(
+        "8",
+        "agent VmRSS growth per service",
+        n,
+        "E",
+        (rss - rss_before) / n.max(1) as f64,
     );
     let maps = bpf::pinned_maps(&cluster.bpffs.0);
     let total: u64 = maps.values().map(|(m, _)| m).sum();
