@@ -280,3 +280,77 @@ pub fn markdown(rows: &[Row]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{Args, Plan};
+
+    fn plan(ns: &[usize]) -> Plan {
+        Plan::from(&Args {
+            quick: true,
+            services: ns.to_vec(),
+            agent_only: true,
+            rounds: None,
+            duration_ms: None,
+            latency_n: None,
+            changes: None,
+            out: None,
+            no_build: true,
+            iptables: "iptables".into(),
+            nft_max: 10_000,
+            iptables_max: 10_000,
+            xdp_only: false,
+        })
+    }
+
+    fn row<'a>(rows: &'a [Row], starts: &str) -> &'a Row {
+        rows.iter()
+            .find(|r| r.metric.starts_with(starts))
+            .unwrap_or_else(|| panic!("no goal row {starts:?}"))
+    }
+
+    const P99: &str = "first connection on new backend, p99";
+
+    #[test]
+    fn a_run_below_the_goals_n_reads_them_at_its_largest_n() {
+        let mut res = Results::default();
+        res.add("5", P99, 1, "E", 10.0);
+        res.add("5", P99, 1000, "E", 30.0);
+        let rows = evaluate(&res, &plan(&[1000, 1]), "k", "b");
+        let p99 = row(&rows, "network programming p99:");
+        assert_eq!((p99.n, p99.median, p99.met), (1000, 30.0, Some(false)));
+        let ratio = row(&rows, "network programming p99 at N");
+        assert_eq!(ratio.metric, "network programming p99 at N ÷ p99 at N = 1");
+        assert_eq!((ratio.n, ratio.median, ratio.met), (1000, 3.0, Some(false)));
+    }
+
+    #[test]
+    fn the_ratio_is_to_1000_and_goals_take_their_own_n() {
+        let mut res = Results::default();
+        for (n, v) in [(1, 1.0), (1000, 10.0), (50_000, 12.0), (100_000, 50.0)] {
+            res.add("5", P99, n, "E", v);
+        }
+        res.add("8", "agent VmRSS growth per service", 100_000, "E", 1.5);
+        let rows = evaluate(&res, &plan(&[1, 1000, 50_000, 100_000]), "k", "b");
+        let p99 = row(&rows, "network programming p99:");
+        assert_eq!((p99.n, p99.median, p99.met), (50_000, 12.0, Some(true)));
+        let ratio = row(&rows, "network programming p99 at N");
+        assert!(ratio.metric.ends_with("N = 1000"));
+        assert_eq!((ratio.median, ratio.met), (1.2, Some(true)));
+        let memory = row(&rows, "memory:");
+        assert_eq!((memory.n, memory.met), (100_000, Some(true)));
+        assert_eq!(memory.target.as_deref(), Some("< 2 KiB"));
+    }
+
+    #[test]
+    fn a_goal_not_measured_has_no_number() {
+        let rows = evaluate(&Results::default(), &plan(&[1]), "k", "b");
+        let churn = row(&rows, "churn, 100 endpoint changes/s: failed");
+        assert!(churn.median.is_nan());
+        assert_eq!(churn.met, None);
+        // A single N has nothing to compare with.
+        assert!(!rows.iter().any(|r| r.metric.contains(" ÷ p99 at N")));
+        assert!(markdown(&rows).contains("**not measured**"));
+    }
+}
