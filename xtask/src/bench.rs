@@ -429,6 +429,7 @@ fn declare_units(res: &mut Results) {
     }
     res.unit("8", "agent CPU for a full sync", "ms CPU", None);
     res.unit("8", "agent CPU for one endpoint change", "ms CPU", None);
+    res.unit("8", "agent CPU while idle", "% of one core", None);
     res.unit("8", "agent VmRSS growth per service", "KiB", None);
     for m in [
         "agent VmHWM",

@@ -137,7 +137,7 @@ pub fn evaluate(res: &Results, plan: &Plan, kernel: &str, backend: &str) -> Vec<
     if let Some(n) = g.at(N_SCALE) {
         for (what, bench, metric, unit, target) in [
             (
-                "one endpoint change beside N: agent CPU (utime+stime, rename → 50 ms after the sync)",
+                "one endpoint change beside N: agent CPU (utime+stime, rename → 50 ms after the sync, less its idle CPU)",
                 "8",
                 "agent CPU for one endpoint change",
                 "ms",

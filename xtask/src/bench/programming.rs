@@ -10,12 +10,12 @@ use anyhow::{Context as _, Result};
 
 use super::cluster::{self, BACKENDS, Cluster, field};
 use super::kube::{self, Svc};
-use super::process::{cpu_ms, status_kb};
+use super::process::{cpu_ms, status_kb, wait_idle};
 use super::report::Results;
 use super::services::{
     KubeProxyState, Measured, iptables_flush, iptables_restore, nft_flush, nft_load,
 };
-use super::{Plan, bpf, check_interrupted};
+use super::{Plan, bpf, check_interrupted, sleep};
 
 /// What the agent's `sync complete` line says about one applied file, and the wall time.
 pub struct Applied {
@@ -29,6 +29,8 @@ pub struct Applied {
     pub writes: f64,
     /// The agent's CPU time from just before the rename to `SETTLE` after the log line (ms).
     pub cpu_ms: f64,
+    /// The wall time `cpu_ms` is over (ms).
+    pub window_ms: f64,
 }
 
 /// After the `sync complete` line, how long the agent's CPU time keeps counting for the
@@ -65,7 +67,19 @@ pub fn agent_apply(cluster: &mut Cluster, file: &str, text: Option<&str>) -> Res
         latency_ms: us("latency_us"),
         writes: field(&line, "map_writes").map_or(f64::NAN, |v| v as f64),
         cpu_ms: cpu_ms(pid) - cpu0,
+        window_ms: t0.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// The agent's CPU while it has nothing to do (no change, no traffic), in ms per second,
+/// over `IDLE`, once it is idle: what one change's CPU figure has its share of subtracted.
+fn idle_cpu(pid: u32) -> Result<f64> {
+    /// The manifest source's poll period, so a periodic cost is in it once.
+    const IDLE: Duration = Duration::from_secs(2);
+    wait_idle(pid, Duration::from_secs(60))?;
+    let (cpu0, t0) = (cpu_ms(pid), Instant::now());
+    sleep(IDLE)?;
+    Ok((cpu_ms(pid) - cpu0) / t0.elapsed().as_secs_f64())
 }
 
 /// Benchmarks 4 and 8.
@@ -98,6 +112,7 @@ pub fn programming(
     let pid = cluster.agent()?.pid();
     let rss_before = status_kb(pid, "VmRSS");
     let mut toggle = 0usize;
+    let mut idle = 0.0;
     // Large N: fewer from-nothing rounds (an iptables-restore of 50,000 services takes long).
     let full_rounds = if n >= 50_000 {
         plan.rounds.min(3)
@@ -153,13 +168,22 @@ pub fn programming(
             Duration::ZERO
         };
         println!(
-            "bench:   round {round}: from nothing: agent {ms:.1} ms (sync {sync_ms:.1} ms, {writes} writes), iptables-restore {ipt:.1?}, nft {}",
+            "bench:   round {round}: from nothing: agent {ms:.1} ms (sync {sync_ms:.1} ms, {writes} writes), iptables-restore {}, nft {}",
+            if ipt_on {
+                format!("{ipt:.1?}")
+            } else {
+                "left out".to_string()
+            },
             if nft_on {
                 format!("{nft:.1?}")
             } else {
                 "left out".to_string()
             }
         );
+        if round == 0 {
+            idle = idle_cpu(pid)?;
+            res.add("8", "agent CPU while idle", n, "E", idle / 10.0);
+        }
         // One endpoint change beside N: measure-rand loses or regains its last endpoint.
         for _ in 0..plan.toggles {
             check_interrupted()?;
@@ -185,7 +209,7 @@ pub fn programming(
                 "agent CPU for one endpoint change",
                 n,
                 "E",
-                change.cpu_ms,
+                change.cpu_ms - idle * change.window_ms / 1000.0,
             );
             let old = kp.replace(&measured.rand);
             if ipt_on {
