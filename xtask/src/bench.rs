@@ -15,15 +15,17 @@
 //! 1 connection cost (TCP_CRR rate, p50, p99; TCP_RR), 2 UDP request/reply, 3 hook cost
 //! (run_time_ns/run_cnt of each socket program), 4 programming time (all from nothing, one
 //! endpoint change; agent vs full and partial iptables-restore vs nft; the agent's bpf()
-//! syscalls), 5 network programming latency, 6 churn under load, 7 the XDP program with
-//! BPF_PROG_TEST_RUN, 8 agent memory and CPU and map memory.
+//! syscalls), 5 network programming latency, 6 churn under load (5 and 6: the agent at every
+//! N, kube-proxy's arms at `--latency-n`), 7 the XDP program with BPF_PROG_TEST_RUN, 8 agent
+//! memory and CPU and map memory. Above them, the goals of issue 13 (`goals`), each read from
+//! those rows. `--agent-only` leaves kube-proxy's arms out, for the agent's figures at large N.
 //!
 //! This module holds the arguments, the plan and the run over every N; each benchmark is a
 //! module of its own: `connection` (1, 2, 3), `programming` (4, 8), `latency` (5), `churn`
 //! (6), `xdp` (7). They share `cluster` (the namespaces, the agent), `services` (the measured
 //! services, kube-proxy's rules for them), `arms` (each arm's targets and changes), `kube`
-//! (manifests and rule sets), `bpf` (program and map stats, BPF_PROG_TEST_RUN), `report`,
-//! `chart` and `machine`.
+//! (manifests and rule sets), `bpf` (program and map stats, BPF_PROG_TEST_RUN), `process`
+//! (the agent's CPU time and memory), `report`, `goals`, `chart` and `machine`.
 
 mod arms;
 mod bpf;
@@ -31,9 +33,11 @@ mod chart;
 mod churn;
 mod cluster;
 mod connection;
+mod goals;
 mod kube;
 mod latency;
 mod machine;
+mod process;
 mod programming;
 mod report;
 mod services;
@@ -60,16 +64,22 @@ pub struct Args {
     /// Small N and short runs (a minute or two): checks every benchmark runs and yields numbers.
     #[arg(long)]
     pub quick: bool,
-    /// Numbers of background services, comma-separated (default 1,1000,10000,50000; quick 1,1000).
+    /// Numbers of background services, comma-separated (default 1,1000,10000,50000,100000;
+    /// quick 1,1000).
     #[arg(long, value_delimiter = ',')]
     pub services: Vec<usize>,
+    /// Only the agent's arms (D, E, D6, E6, and XDP): kube-proxy's arms (I, I-rand, N) left out
+    /// at every N. Writes `agent.md`/`agent.json` (not `full.*`) unless `--quick`.
+    #[arg(long)]
+    pub agent_only: bool,
     /// Rounds per measurement (default 5; quick 3).
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Length of one measurement run in ms (default 2000; quick 200).
     #[arg(long)]
     pub duration_ms: Option<u64>,
-    /// The N at which benchmarks 5 and 6 run (default 10000; quick: the largest N).
+    /// The N at which kube-proxy's arms of benchmarks 5 and 6 run (default 10000; quick: the
+    /// largest N); the agent's arm runs at every N.
     #[arg(long)]
     pub latency_n: Option<usize>,
     /// Changes in benchmark 5 (default 100; quick 10).
@@ -91,7 +101,7 @@ pub struct Args {
     pub nft_max: usize,
     /// Leave arm I (iptables) out above this many services (at 50,000 × 10 endpoints
     /// `iptables-legacy-restore` failed at COMMIT after ~5 minutes here).
-    #[arg(long, default_value_t = usize::MAX)]
+    #[arg(long, default_value_t = 10_000)]
     pub iptables_max: usize,
     /// Run only benchmark 7 (XDP).
     #[arg(long)]
@@ -122,18 +132,25 @@ struct Plan {
     quick: bool,
     nft_max: usize,
     iptables_max: usize,
+    /// kube-proxy's arms left out at every N (`--agent-only`).
+    agent_only: bool,
+    /// The command line, for the report's title.
+    command: String,
 }
 
 impl Plan {
     fn from(args: &Args) -> Plan {
         let q = args.quick;
-        let ns = if !args.services.is_empty() {
+        let mut ns = if !args.services.is_empty() {
             args.services.clone()
         } else if q {
             vec![1, 1000]
         } else {
-            vec![1, 1000, 10_000, 50_000]
+            vec![1, 1000, 10_000, 50_000, 100_000]
         };
+        // Smallest first: ratios across N (goals) take a smaller N measured before.
+        ns.sort_unstable();
+        ns.dedup();
         let latency_n = args.latency_n.unwrap_or(if q {
             *ns.iter().max().unwrap_or(&1)
         } else {
@@ -150,7 +167,46 @@ impl Plan {
             quick: q,
             nft_max: args.nft_max,
             iptables_max: args.iptables_max,
+            agent_only: args.agent_only,
+            command: std::iter::once("cargo xtask bench".to_string())
+                .chain(std::env::args().skip_while(|a| a != "bench").skip(1))
+                .collect::<Vec<_>>()
+                .join(" "),
             ns,
+        }
+    }
+
+    /// Whether arm I (kube-proxy's iptables layout) is measured at `n`.
+    fn ipt_on(&self, n: usize) -> bool {
+        !self.agent_only && n <= self.iptables_max
+    }
+
+    /// Whether arm N (kube-proxy's nftables layout) is measured at `n`.
+    fn nft_on(&self, n: usize) -> bool {
+        !self.agent_only && n <= self.nft_max
+    }
+
+    /// The arms of benchmarks 5 and 6 at `n`: the agent's at every N, kube-proxy's (as far as
+    /// their rules load) at `latency_n`.
+    fn latency_arms(&self, n: usize) -> Vec<char> {
+        let mut arms = vec!['E'];
+        if n == self.latency_n && self.ipt_on(n) {
+            arms.push('I');
+        }
+        if n == self.latency_n && self.nft_on(n) {
+            arms.push('N');
+        }
+        arms
+    }
+
+    /// The stem of the output files.
+    fn stem(&self) -> &'static str {
+        if self.quick {
+            "quick"
+        } else if self.agent_only {
+            "agent"
+        } else {
+            "full"
         }
     }
 }
@@ -258,11 +314,12 @@ pub fn run(args: &Args) -> Result<()> {
     let rows = write_outputs(&res, &plan, &machine, &out, true)?;
     println!("bench: took {:.0?}", started.elapsed());
 
-    // Every benchmark ran and produced numbers (what --quick asserts in CI).
+    // Every benchmark ran and produced numbers, and every goal of the run has its number
+    // (what --quick asserts in CI; whether a goal is met is reported, not asserted).
     let expected: &[&str] = if args.xdp_only {
         &["7"]
     } else {
-        &["1", "2", "3", "4", "5", "6", "8"]
+        &["1", "2", "3", "4", "5", "6", "7", "8"]
     };
     let missing: Vec<&str> = expected
         .iter()
@@ -273,11 +330,13 @@ pub fn run(args: &Args) -> Result<()> {
                 .any(|r| r.benchmark == *b && r.median.is_finite())
         })
         .collect();
-    if !missing.is_empty() {
-        bail!("benchmarks without numbers: {missing:?}");
-    }
-    if !rows.iter().any(|r| r.benchmark == "7") {
-        println!("bench: benchmark 7 (XDP) produced no numbers (see above)");
+    let unmeasured: Vec<String> = rows
+        .iter()
+        .filter(|r| r.benchmark == goals::BENCHMARK && !r.median.is_finite())
+        .map(|r| format!("{} (N = {})", r.metric, r.n))
+        .collect();
+    if !missing.is_empty() || !unmeasured.is_empty() {
+        bail!("benchmarks without numbers: {missing:?}; goals without a number: {unmeasured:?}");
     }
     Ok(())
 }
@@ -290,20 +349,23 @@ fn write_outputs(
     out: &Path,
     last: bool,
 ) -> Result<Vec<report::Row>> {
-    let rows = res.rows(&machine.kernel, &machine.iptables_backend);
+    let goals = goals::evaluate(res, plan, &machine.kernel, &machine.iptables_backend);
+    let mut rows = res.rows(&machine.kernel, &machine.iptables_backend);
     let mut md = format!(
-        "## `cargo xtask bench{}` on {}\n\n{}\n",
-        if plan.quick { " --quick" } else { "" },
+        "## `{}` on {}\n\n{}\n",
+        plan.command,
         machine.describe(),
         report::method_notes(plan)
     );
+    md.push_str(&goals::markdown(&goals));
     md.push_str(&report::headline(res, plan));
     md.push_str(&report::markdown(&rows, &TITLES));
+    rows.extend(goals);
     if last {
         println!("{md}");
     }
     std::fs::create_dir_all(out)?;
-    let stem = if plan.quick { "quick" } else { "full" };
+    let stem = plan.stem();
     std::fs::write(out.join(format!("{stem}.md")), &md)?;
     std::fs::write(
         out.join(format!("{stem}.json")),
@@ -350,17 +412,14 @@ fn declare_units(res: &mut Results) {
     for m in [
         "agent sync_us, from nothing",
         "agent sync_us, one change",
+        "agent latency_us, from nothing",
+        "agent latency_us, one change",
         "agent map_writes, from nothing",
         "agent map_writes, one change",
         "agent bpf() syscalls, from nothing",
         "agent bpf() syscalls, one change",
     ] {
-        res.unit(
-            "4",
-            m,
-            if m.contains("sync_us") { "ms" } else { "count" },
-            None,
-        );
+        res.unit("4", m, if m.contains("_us") { "ms" } else { "count" }, None);
     }
     for m in [
         "first connection on new backend",
@@ -369,6 +428,9 @@ fn declare_units(res: &mut Results) {
         res.unit("5", m, "ms", Some("E"));
     }
     res.unit("8", "agent CPU for a full sync", "ms CPU", None);
+    res.unit("8", "agent CPU for one endpoint change", "ms CPU", None);
+    res.unit("8", "agent CPU while idle", "% of one core", None);
+    res.unit("8", "agent VmRSS growth per service", "KiB", None);
     for m in [
         "agent VmHWM",
         "agent VmRSS",
@@ -469,7 +531,7 @@ fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Resu
     // Load the final state into the I and N client namespaces.
     let all = measured.all(&background, n);
     let t = Instant::now();
-    let ipt_on = n <= plan.iptables_max;
+    let ipt_on = plan.ipt_on(n);
     let cli_i = &cluster.client('I').netns;
     iptables_flush(cli_i)?;
     if ipt_on {
@@ -484,17 +546,14 @@ fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Resu
             cluster.client('I').netns.run(&args)?;
         }
     } else {
-        println!("bench:   arm I left out at N = {n} (above --iptables-max)");
+        println!("bench:   arm I left out at N = {n} (--agent-only or above --iptables-max)");
     }
-    let nft_on = n <= plan.nft_max;
+    let nft_on = plan.nft_on(n);
     if nft_on {
         nft_flush(&cluster.client('N').netns);
         nft_load(cluster, &cluster.client('N').netns, &kube::nft_full(&all))?;
     } else {
-        println!(
-            "bench:   arm N left out at N = {n} (above --nft-max {})",
-            plan.nft_max
-        );
+        println!("bench:   arm N left out at N = {n} (--agent-only or above --nft-max)");
     }
     println!(
         "bench:   kube-proxy rules loaded in the I and N clients ({:.1?})",
@@ -514,9 +573,7 @@ fn at_n(cluster: &mut Cluster, n: usize, plan: &Plan, res: &mut Results) -> Resu
         arms.push("N");
     }
     connection::connection_cost(cluster, n, plan, res, &arms)?;
-    if n == plan.latency_n {
-        latency::programming_latency(cluster, n, plan, res, &mut measured, &mut kp_i, &mut kp_n)?;
-        churn::churn(cluster, n, plan, res, &mut measured, &mut kp_i, &mut kp_n)?;
-    }
+    latency::programming_latency(cluster, n, plan, res, &mut measured, &mut kp_i, &mut kp_n)?;
+    churn::churn(cluster, n, plan, res, &mut measured, &mut kp_i, &mut kp_n)?;
     Ok(())
 }

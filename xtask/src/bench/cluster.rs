@@ -125,17 +125,20 @@ impl Agent {
         timeout: Duration,
     ) -> Result<(usize, String)> {
         let deadline = Instant::now() + timeout;
+        // Each line is looked at once (a full sync logs a line per service).
+        let mut scanned = from;
         loop {
             {
                 let log = self.log.lock().map_err(|_| anyhow::anyhow!("log lock"))?;
                 if let Some((i, l)) = log
                     .iter()
                     .enumerate()
-                    .skip(from)
+                    .skip(scanned)
                     .find(|(_, l)| l.contains(needle) && l.contains(also))
                 {
                     return Ok((i, l.clone()));
                 }
+                scanned = scanned.max(log.len());
             }
             if let Some(status) = self.child.try_wait()? {
                 bail!("the agent exited ({status}); log:\n{}", self.tail(30));

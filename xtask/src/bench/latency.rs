@@ -1,5 +1,6 @@
 //! Benchmark 5: network programming latency, from a change written to the first connection on
-//! the new backend and the last one on the removed backend.
+//! the new backend and the last one on the removed backend: the agent's arm at every N,
+//! kube-proxy's at `--latency-n`.
 
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,12 +36,7 @@ pub fn programming_latency(
     );
     let backends = cluster.backend_ips();
     let interval = Duration::from_millis(plan.change_interval_ms);
-    let arms: &[char] = if n <= plan.nft_max {
-        &['E', 'I', 'N']
-    } else {
-        &['E', 'I']
-    };
-    for &arm in arms {
+    for arm in plan.latency_arms(n) {
         check_interrupted()?;
         // Runs until its stdin closes (after the last change), at most 15 minutes.
         let args = client_args(
@@ -67,9 +63,20 @@ pub fn programming_latency(
             check_interrupted()?;
             let next = (current + 1) % BACKENDS;
             measured.npl.endpoints = vec![backends[next]];
+            let from = cluster.agent()?.lines();
             let t0 = epoch_ns();
             let npl = measured.npl.clone();
             apply_change(cluster, arm, measured, &npl, kp_i, kp_n)?;
+            if arm == 'E' {
+                // As I and N (whose partial syncs run to completion above): the next change
+                // only once this one is in the maps, so changes never overlap at large N.
+                cluster.agent()?.wait_line(
+                    from,
+                    "sync complete",
+                    "map_writes",
+                    Duration::from_secs(120),
+                )?;
+            }
             changes.push((t0, current as i64, next as i64));
             current = next;
             sleep(interval)?;

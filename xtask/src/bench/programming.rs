@@ -10,71 +10,76 @@ use anyhow::{Context as _, Result};
 
 use super::cluster::{self, BACKENDS, Cluster, field};
 use super::kube::{self, Svc};
+use super::process::{cpu_ms, status_kb, wait_idle};
 use super::report::Results;
 use super::services::{
     KubeProxyState, Measured, iptables_flush, iptables_restore, nft_flush, nft_load,
 };
-use super::{Plan, bpf, check_interrupted};
+use super::{Plan, bpf, check_interrupted, sleep};
 
-/// CPU time (utime + stime, ms) of a process.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // After the comm: state is index 0, utime 11, stime 12.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 * 1000.0 / hz
+/// What the agent's `sync complete` line says about one applied file, and the wall time.
+pub struct Applied {
+    /// From the rename (or removal) of the file to the log line, seen by the benchmark (ms).
+    pub wall_ms: f64,
+    /// The agent's sync pass (model update, diff, map writes): `sync_us`, in ms.
+    pub sync_ms: f64,
+    /// From the agent noticing the file's event to the end of the sync: `latency_us`, in ms
+    /// (NaN when the line has no such field).
+    pub latency_ms: f64,
+    pub writes: f64,
+    /// The agent's CPU time from just before the rename to `SETTLE` after the log line (ms).
+    pub cpu_ms: f64,
+    /// The wall time `cpu_ms` is over (ms).
+    pub window_ms: f64,
 }
 
-pub fn status_kb(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| {
-            v.trim_start_matches(':')
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
+/// After the `sync complete` line, how long the agent's CPU time keeps counting for the
+/// change (the removed backends' sockets are terminated after the line).
+const SETTLE: Duration = Duration::from_millis(50);
 
-/// Writes `file` (atomically) and waits for the agent's next "sync complete": (wall ms from
-/// the rename to the log line, sync_us, map_writes).
-fn agent_apply(cluster: &mut Cluster, file: &str, text: Option<&str>) -> Result<(f64, f64, f64)> {
+/// Writes `file` (atomically) and waits for the agent's next "sync complete".
+pub fn agent_apply(cluster: &mut Cluster, file: &str, text: Option<&str>) -> Result<Applied> {
     let from = cluster.agent()?.lines();
+    let pid = cluster.agent()?.pid();
     let target = cluster.manifests.0.join(file);
-    let t0 = match text {
-        Some(text) => {
-            let tmp = cluster.work.0.join(format!(".{file}.tmp"));
-            std::fs::write(&tmp, text)?;
-            let t0 = Instant::now();
-            std::fs::rename(&tmp, &target)?;
-            t0
-        }
-        None => {
-            let t0 = Instant::now();
-            std::fs::remove_file(&target)?;
-            t0
-        }
-    };
+    let tmp = cluster.work.0.join(format!(".{file}.tmp"));
+    if let Some(text) = text {
+        std::fs::write(&tmp, text)?;
+    }
+    let cpu0 = cpu_ms(pid);
+    let t0 = Instant::now();
+    match text {
+        Some(_) => std::fs::rename(&tmp, &target)?,
+        None => std::fs::remove_file(&target)?,
+    }
     let (_, line) = cluster.agent()?.wait_line(
         from,
         "sync complete",
         "map_writes",
         Duration::from_secs(900),
     )?;
-    let wall = t0.elapsed().as_secs_f64() * 1000.0;
-    let sync_us = field(&line, "sync_us").unwrap_or(0) as f64;
-    let writes = field(&line, "map_writes").unwrap_or(0) as f64;
-    Ok((wall, sync_us / 1000.0, writes))
+    let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(SETTLE);
+    let us = |key: &str| field(&line, key).map_or(f64::NAN, |v| v as f64 / 1000.0);
+    Ok(Applied {
+        wall_ms,
+        sync_ms: us("sync_us"),
+        latency_ms: us("latency_us"),
+        writes: field(&line, "map_writes").map_or(f64::NAN, |v| v as f64),
+        cpu_ms: cpu_ms(pid) - cpu0,
+        window_ms: t0.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// The agent's CPU while it has nothing to do (no change, no traffic), in ms per second,
+/// over `IDLE`, once it is idle: what one change's CPU figure has its share of subtracted.
+fn idle_cpu(pid: u32) -> Result<f64> {
+    /// The manifest source's poll period, so a periodic cost is in it once.
+    const IDLE: Duration = Duration::from_secs(2);
+    wait_idle(pid, Duration::from_secs(60))?;
+    let (cpu0, t0) = (cpu_ms(pid), Instant::now());
+    sleep(IDLE)?;
+    Ok((cpu_ms(pid) - cpu0) / t0.elapsed().as_secs_f64())
 }
 
 /// Benchmarks 4 and 8.
@@ -89,13 +94,13 @@ pub fn programming(
     bg_manifest: &str,
 ) -> Result<()> {
     let all = measured.all(background, n);
-    let ipt_on = n <= plan.iptables_max;
+    let ipt_on = plan.ipt_on(n);
     let full_ipt = if ipt_on {
         kube::iptables_full(&all)
     } else {
         String::new()
     };
-    let nft_on = n <= plan.nft_max;
+    let nft_on = plan.nft_on(n);
     let full_nft = if nft_on {
         kube::nft_full(&all)
     } else {
@@ -107,6 +112,7 @@ pub fn programming(
     let pid = cluster.agent()?.pid();
     let rss_before = status_kb(pid, "VmRSS");
     let mut toggle = 0usize;
+    let mut idle = 0.0;
     // Large N: fewer from-nothing rounds (an iptables-restore of 50,000 services takes long).
     let full_rounds = if n >= 50_000 {
         plan.rounds.min(3)
@@ -117,18 +123,24 @@ pub fn programming(
         check_interrupted()?;
         // All N from nothing: agent, iptables (full restore into an empty nat table), nft.
         if round > 0 {
-            let (ms, _, _) = agent_apply(cluster, "services.json", None)?;
-            res.add("4", "remove all services", n, "E", ms);
+            let removed = agent_apply(cluster, "services.json", None)?;
+            res.add("4", "remove all services", n, "E", removed.wall_ms);
             iptables_flush(&prog)?;
             nft_flush(&prog);
         }
-        let cpu0 = cpu_ms(pid);
-        let (ms, sync_ms, writes) = agent_apply(cluster, "services.json", Some(bg_manifest))?;
-        let cpu = cpu_ms(pid) - cpu0;
+        let full = agent_apply(cluster, "services.json", Some(bg_manifest))?;
+        let (ms, sync_ms, writes) = (full.wall_ms, full.sync_ms, full.writes);
         res.add("4", "all services from nothing", n, "E", ms);
         res.add("4", "agent sync_us, from nothing", n, "E", sync_ms);
+        res.add(
+            "4",
+            "agent latency_us, from nothing",
+            n,
+            "E",
+            full.latency_ms,
+        );
         res.add("4", "agent map_writes, from nothing", n, "E", writes);
-        res.add("8", "agent CPU for a full sync", n, "E", cpu);
+        res.add("8", "agent CPU for a full sync", n, "E", full.cpu_ms);
         let ipt = if ipt_on {
             let ipt = iptables_restore(cluster, &prog, &full_ipt)?;
             res.add(
@@ -156,13 +168,22 @@ pub fn programming(
             Duration::ZERO
         };
         println!(
-            "bench:   round {round}: from nothing: agent {ms:.1} ms (sync {sync_ms:.1} ms, {writes} writes), iptables-restore {ipt:.1?}, nft {}",
+            "bench:   round {round}: from nothing: agent {ms:.1} ms (sync {sync_ms:.1} ms, {writes} writes), iptables-restore {}, nft {}",
+            if ipt_on {
+                format!("{ipt:.1?}")
+            } else {
+                "left out".to_string()
+            },
             if nft_on {
                 format!("{nft:.1?}")
             } else {
                 "left out".to_string()
             }
         );
+        if round == 0 {
+            idle = idle_cpu(pid)?;
+            res.add("8", "agent CPU while idle", n, "E", idle / 10.0);
+        }
         // One endpoint change beside N: measure-rand loses or regains its last endpoint.
         for _ in 0..plan.toggles {
             check_interrupted()?;
@@ -172,11 +193,24 @@ pub fn programming(
             } else {
                 backends.to_vec()
             };
-            let (ms, sync_ms, writes) =
-                agent_apply(cluster, "measured.json", Some(&measured.manifest()))?;
-            res.add("4", "one endpoint change", n, "E", ms);
-            res.add("4", "agent sync_us, one change", n, "E", sync_ms);
-            res.add("4", "agent map_writes, one change", n, "E", writes);
+            let change = agent_apply(cluster, "measured.json", Some(&measured.manifest()))?;
+            res.add("4", "one endpoint change", n, "E", change.wall_ms);
+            res.add("4", "agent sync_us, one change", n, "E", change.sync_ms);
+            res.add(
+                "4",
+                "agent latency_us, one change",
+                n,
+                "E",
+                change.latency_ms,
+            );
+            res.add("4", "agent map_writes, one change", n, "E", change.writes);
+            res.add(
+                "8",
+                "agent CPU for one endpoint change",
+                n,
+                "E",
+                change.cpu_ms - idle * change.window_ms / 1000.0,
+            );
             let old = kp.replace(&measured.rand);
             if ipt_on {
                 let partial = kube::iptables_partial(&kp.services, &measured.rand, &old);
@@ -214,6 +248,14 @@ pub fn programming(
         n,
         "E",
         (rss - rss_before) / 1024.0,
+    );
+    // (VmRSS with the N services − VmRSS with only the measured ones) / N.
+    res.add(
+        "8",
+        "agent VmRSS growth per service",
+        n,
+        "E",
+        (rss - rss_before) / n.max(1) as f64,
     );
     let maps = bpf::pinned_maps(&cluster.bpffs.0);
     let total: u64 = maps.values().map(|(m, _)| m).sum();

@@ -25,6 +25,12 @@ pub struct Row {
     pub baseline: Option<String>,
     pub kernel: String,
     pub iptables_backend: String,
+    /// A goal's target (`< 20 ms`), on the goals' rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Whether the goal's target is met, on the goals' rows that have one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub met: Option<bool>,
 }
 
 type Key = (String, String, usize, String);
@@ -57,6 +63,27 @@ impl Results {
     pub fn median_of(&self, bench: &str, metric: &str, n: usize, arm: &str) -> Option<f64> {
         let key = (bench.to_string(), metric.to_string(), n, arm.to_string());
         self.samples.get(&key).map(|s| stats(s).0)
+    }
+
+    /// (median, min, max) of a row.
+    pub fn stats_of(
+        &self,
+        bench: &str,
+        metric: &str,
+        n: usize,
+        arm: &str,
+    ) -> Option<(f64, f64, f64)> {
+        let key = (bench.to_string(), metric.to_string(), n, arm.to_string());
+        self.samples.get(&key).map(|s| stats(s))
+    }
+
+    /// The metrics of a benchmark with rows at `n` of `arm`.
+    pub fn metrics_of(&self, bench: &str, n: usize, arm: &str) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|(b, _, at, a)| b == bench && *at == n && a == arm)
+            .map(|(_, m, _, _)| m.clone())
+            .collect()
     }
 
     pub fn samples_of(&self, bench: &str, metric: &str, n: usize, arm: &str) -> Vec<f64> {
@@ -93,6 +120,8 @@ impl Results {
                 baseline,
                 kernel: kernel.into(),
                 iptables_backend: backend.into(),
+                target: None,
+                met: None,
             });
         }
         rows.sort_by(|a, b| (&a.benchmark, &a.metric, a.n).cmp(&(&b.benchmark, &b.metric, b.n)));

@@ -164,16 +164,24 @@ pub fn nft_load(cluster: &Cluster, netns: &lb_testkit::Netns, text: &str) -> Res
     Cluster::timed_in(netns, "nft", &["-f", "-"], &path)
 }
 
+/// The agent's arguments for `total_services` services of 10 endpoints: map capacities with
+/// room (powers of two, at least the defaults of earlier runs), the manifest size, no
+/// minimum interval between syncs (every change is measured on its own).
 pub fn agent_limits(total_services: usize) -> Vec<String> {
     let backends = (total_services * 10 + 1024)
         .next_power_of_two()
         .max(262_144);
     let services = (total_services + 1024).next_power_of_two().max(65_536);
+    // The background manifest is one file of ~1.5 KB per service (150 MB at 100,000), above
+    // the agent's default limit of a manifest file's size (64 MiB).
+    let manifest_bytes = (total_services as u64 * 4096).max(64 << 20);
     vec![
         "--max-backends".into(),
         backends.to_string(),
         "--max-services".into(),
         services.to_string(),
+        "--manifest-max-bytes".into(),
+        manifest_bytes.to_string(),
         "--min-sync-interval-ms".into(),
         "0".into(),
     ]
