@@ -2060,6 +2060,27 @@ fn flowrev_map(h: &mut Harness) -> aya::maps::HashMap<&mut aya::maps::MapData, C
     aya::maps::HashMap::try_from(map).expect("reverse map type")
 }
 
+fn hint_map(h: &Harness) -> aya::maps::Map {
+    aya::maps::Map::Array(aya::maps::MapData::from_pin(
+        h.dataplane
+            .pins()
+            .maps()
+            .join(lb_common::map_names::REPLY_HINTS_V4),
+    )
+    .expect("the reply hint map is pinned"))
+}
+
+/// The hint of reply tuple `key`, not yet taken.
+fn hint(h: &Harness, key: &Ct4Key) -> Option<Rev4Value> {
+    common::hints::hint_of(&hint_map(h), key)
+}
+
+/// The reverse entry of reply tuple `key` as tc egress finds it: a hint, or the reverse map's.
+fn reverse_entry(h: &mut Harness, key: &Ct4Key) -> Option<Rev4Value> {
+    let hints = hint_map(h);
+    common::hints::reverse_entry(&hints, &flowrev_map(h), key)
+}
+
 /// The client tuple of the SNAT flow from `CLIENT:port`.
 fn snat_client(port: u16) -> Ct4Key {
     ct_key(&tcp((CLIENT, port), (NODE, SNAT_NODEPORT), SYN))
@@ -2256,10 +2277,7 @@ fn snat_ports_one_affinity_client_gets_the_whole_range_and_closed_flows_give_the
         assert!(ct_map(&mut h).get(&snat_client(port), 0).is_err());
         assert_eq!(snat_out_port(&mut h, port), None);
         let reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
-        assert!(
-            flowrev_map(&mut h).get(&reply, 0).is_err(),
-            "no reply entry leaks"
-        );
+        assert_eq!(reverse_entry(&mut h, &reply), None, "no reply entry leaks");
     }
     eprintln!(
         "XDP SYN at a full range: {scan_ns} ns (a search of the whole range), then {hinted_ns} \
@@ -2405,8 +2423,9 @@ fn snat_a_replaced_flow_gives_its_old_port_back() {
         "the old backend's tc entry went"
     );
     let old_reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
-    assert!(
-        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+    assert_eq!(
+        reverse_entry(&mut h, &old_reply),
+        None,
         "the old reply entry went"
     );
 }
@@ -2429,7 +2448,7 @@ fn a_replaced_local_flow_leaves_no_reply_entry_of_its_old_backend() {
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, syn.clone().with_dst(POD_A, 8080).bytes());
     let old_reply = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
-    assert!(flowrev_map(&mut h).get(&old_reply, 0).is_ok());
+    assert!(reverse_entry(&mut h, &old_reply).is_some());
     age(&mut h, &ct_key(&syn), ct_timeouts::TCP_SYN_SENT + 1);
     // The endpoints change: the next SYN on this tuple finds its entry over and picks POD_B.
     state.frontends.insert(
@@ -2441,9 +2460,10 @@ fn a_replaced_local_flow_leaves_no_reply_entry_of_its_old_backend() {
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, syn.with_dst(POD_B, 8080).bytes());
     let new_reply = ct_key(&tcp((POD_B, 8080), (CLIENT, port), SYN | ACK));
-    assert!(flowrev_map(&mut h).get(&new_reply, 0).is_ok());
-    assert!(
-        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+    assert!(reverse_entry(&mut h, &new_reply).is_some());
+    assert_eq!(
+        reverse_entry(&mut h, &old_reply),
+        None,
         "the old backend's reply entry stayed"
     );
 }
@@ -2584,4 +2604,176 @@ fn fuzz_findings_icmp_lengths_addressing_and_stale_syn_acks() {
             ),
         ],
     );
+}
+
+/// One local NodePort (30080/TCP → `POD_A:8080`), as the hint tests use it.
+fn local_web(h: &mut Harness) {
+    let mut state = State::default();
+    state.frontends.insert(
+        frontend(None, 30080, Protocol::Tcp),
+        service("web", &[(POD_A, 8080, true)], false),
+    );
+    h.program(&state);
+}
+
+/// A client (address in 203.0.113.0/24 and port, from `*next` on) whose reply tuple from
+/// `POD_A:8080` falls in the hint slot of `key` and is not `key`; `*next` moves past it.
+fn colliding_client(key: &Ct4Key, next: &mut u32) -> (String, u16) {
+    let slot = lb_common::reply_hint_slot(key);
+    loop {
+        let n = *next;
+        *next += 1;
+        let client = format!("203.0.113.{}", 1 + (n >> 16) % 250);
+        let port = (n & 0xffff) as u16;
+        if port < 1024 {
+            continue;
+        }
+        let reply = ct_key(&tcp((POD_A, 8080), (&client, port), SYN | ACK));
+        if reply != *key && lb_common::reply_hint_slot(&reply) == slot {
+            return (client, port);
+        }
+    }
+}
+
+/// A new flow's SYN to the local NodePort, DNATed to `POD_A`.
+fn syn_to_web(h: &mut Harness, client: &str, port: u16) {
+    let syn = tcp((client, port), (NODE, 30080), SYN);
+    let (verdict, out, _) = h.run(Hook::Xdp, &syn.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn.with_dst(POD_A, 8080).bytes());
+}
+
+/// `POD_A`'s reply to `client:port` at tc egress leaves from the NodePort.
+fn reply_from_web(h: &mut Harness, client: &str, port: u16, flags: u8) {
+    let reply = tcp((POD_A, 8080), (client, port), flags);
+    let (verdict, out, _) = h.run(Hook::TcEgress, &reply.bytes(), 1);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        reply.with_src(NODE, 30080).bytes(),
+        "the reply to {client}:{port} leaves from the NodePort"
+    );
+}
+
+/// A new flow to a local backend makes one LRU insert (its conntrack entry): its reverse entry
+/// waits as a hint until the first reply, which tc egress translates from the hint and turns
+/// into the reverse map's entry; later replies find that entry.
+#[test]
+fn a_new_flows_reverse_entry_is_a_hint_until_its_first_reply() {
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 22_000;
+    let before = h.reasons();
+    syn_to_web(&mut h, CLIENT, port);
+    let client_key = ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN));
+    let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    assert!(ct_map(&mut h).get(&client_key, 0).is_ok(), "its conntrack entry");
+    assert!(
+        flowrev_map(&mut h).get(&key, 0).is_err(),
+        "no reverse map insert on the first packet"
+    );
+    let hinted = hint(&h, &key).expect("the reverse entry waits as a hint");
+    assert_eq!(hinted.client_key(), client_key);
+    assert_eq!(hinted.flags, 0);
+
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(
+        flowrev_map(&mut h).get(&key, 0).ok(),
+        Some(hinted),
+        "the first reply made the reverse entry"
+    );
+    assert_eq!(hint(&h, &key), None, "and took the hint");
+    let ct = ct_map(&mut h).get(&client_key, 0).unwrap();
+    assert_ne!(ct.flags & ct_flags::SEEN_REPLY, 0, "the reply was tracked");
+    assert_ne!(ct.flags & ct_flags::SYN_RECV, 0);
+
+    reply_from_web(&mut h, CLIENT, port, ACK);
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("xdp", "forwarded"), 1), (("tc", "reply_translated"), 2)])
+    );
+}
+
+/// Another new flow whose replies want the same hint slot before the first flow's reply came:
+/// the first flow's hint moves to the reverse map, so neither loses its translation; a packet
+/// of a third tuple of that slot takes neither.
+#[test]
+fn a_hint_slot_another_flow_wants_moves_its_hint_to_the_reverse_map() {
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 23_000;
+    syn_to_web(&mut h, CLIENT, port);
+    let a = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    let a_hint = hint(&h, &a).expect("a's hint");
+    let mut next = 1 << 16;
+    let (b_client, b_port) = colliding_client(&a, &mut next);
+    let b = ct_key(&tcp((POD_A, 8080), (&b_client, b_port), SYN | ACK));
+    syn_to_web(&mut h, &b_client, b_port);
+    assert_eq!(hint(&h, &a), None, "b holds the slot");
+    assert_eq!(
+        flowrev_map(&mut h).get(&a, 0).ok(),
+        Some(a_hint),
+        "a's hint moved to the reverse map"
+    );
+    let b_hint = hint(&h, &b).expect("b's hint");
+    assert_eq!(
+        b_hint.client_key(),
+        ct_key(&tcp((&b_client, b_port), (NODE, 30080), SYN))
+    );
+    assert!(flowrev_map(&mut h).get(&b, 0).is_err());
+
+    // A tuple of the same slot that is no flow: nothing taken, nothing translated.
+    let (c_client, c_port) = colliding_client(&a, &mut next);
+    let stranger = tcp((POD_A, 8080), (&c_client, c_port), SYN | ACK);
+    let before = h.reasons();
+    let (verdict, out, _) = h.run(Hook::TcEgress, &stranger.bytes(), 1);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, stranger.bytes(), "not translated");
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("tc", "not_a_flow"), 1)])
+    );
+    assert_eq!(hint(&h, &b), Some(b_hint), "b's hint is still there");
+    assert!(flowrev_map(&mut h).get(&ct_key(&stranger), 0).is_err());
+
+    reply_from_web(&mut h, &b_client, b_port, SYN | ACK);
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(flowrev_map(&mut h).get(&b, 0).ok(), Some(b_hint));
+}
+
+/// A slot another CPU is writing (`BUSY`) is neither taken by a reply (even of its tuple: its
+/// entry may be half written) nor written by a new flow, which inserts its reverse entry into
+/// the reverse map directly.
+#[test]
+fn a_hint_slot_being_written_is_neither_taken_nor_overwritten() {
+    use lb_common::{ReplyHint4, hint_state};
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 24_000;
+    let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    let half_written = ReplyHint4 {
+        state: hint_state::BUSY | hint_state::PENDING | 7 * hint_state::GENERATION,
+        key,
+        rev: Rev4Value {
+            frontend_addr: wire_addr("192.0.2.99".parse().unwrap()),
+            ..Rev4Value::default()
+        },
+    };
+    let slot = lb_common::reply_hint_slot(&key);
+    let mut map = hint_map(&h);
+    let mut hints: aya::maps::Array<&mut aya::maps::MapData, ReplyHint4> =
+        aya::maps::Array::try_from(&mut map).unwrap();
+    hints.set(slot, half_written, 0).unwrap();
+
+    syn_to_web(&mut h, CLIENT, port);
+    let rev = flowrev_map(&mut h)
+        .get(&key, 0)
+        .expect("the reverse entry went to the reverse map directly");
+    assert_eq!(
+        rev.client_key(),
+        ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN))
+    );
+    assert_eq!(hints.get(&slot, 0).unwrap(), half_written, "the slot untouched");
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(hints.get(&slot, 0).unwrap(), half_written, "not taken");
 }
