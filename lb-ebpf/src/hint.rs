@@ -77,7 +77,12 @@ fn slot<F: Family>(key: &CtKey<F::Addr>) -> Option<*mut Slot<F>> {
 #[inline(always)]
 unsafe fn swap_state(state: *mut u64, seen: u64, new: u64) -> bool {
     // SAFETY: the caller's pointer; an atomic of the BPF instruction set.
-    unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(state, seen, new).1 }
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            state, seen, new,
+        )
+        .1
+    }
 }
 
 /// Writes the hint into its slot; false when the slot is another writer's, or holds a hint

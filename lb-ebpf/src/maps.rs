@@ -22,8 +22,8 @@ use lb_common::{
     Addr4, Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value,
     Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts, Frontend4Key, Frontend6Key, FrontendValue,
     MaglevTable, NameKey4, NameKey6, ReplyHint4, ReplyHint6, Rev4Value, Rev6Value, ServiceName,
-    ServiceStats, SlotKey,
-    SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key, limits, reasons,
+    ServiceStats, SlotKey, SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key,
+    limits, reasons,
 };
 
 // ---- the service table (every attach point) ----

@@ -2061,13 +2061,15 @@ fn flowrev_map(h: &mut Harness) -> aya::maps::HashMap<&mut aya::maps::MapData, C
 }
 
 fn hint_map(h: &Harness) -> aya::maps::Map {
-    aya::maps::Map::Array(aya::maps::MapData::from_pin(
-        h.dataplane
-            .pins()
-            .maps()
-            .join(lb_common::map_names::REPLY_HINTS_V4),
+    aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(
+            h.dataplane
+                .pins()
+                .maps()
+                .join(lb_common::map_names::REPLY_HINTS_V4),
+        )
+        .expect("the reply hint map is pinned"),
     )
-    .expect("the reply hint map is pinned"))
 }
 
 /// The hint of reply tuple `key`, not yet taken.
@@ -2667,7 +2669,10 @@ fn a_new_flows_reverse_entry_is_a_hint_until_its_first_reply() {
     syn_to_web(&mut h, CLIENT, port);
     let client_key = ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN));
     let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
-    assert!(ct_map(&mut h).get(&client_key, 0).is_ok(), "its conntrack entry");
+    assert!(
+        ct_map(&mut h).get(&client_key, 0).is_ok(),
+        "its conntrack entry"
+    );
     assert!(
         flowrev_map(&mut h).get(&key, 0).is_err(),
         "no reverse map insert on the first packet"
@@ -2773,7 +2778,172 @@ fn a_hint_slot_being_written_is_neither_taken_nor_overwritten() {
         rev.client_key(),
         ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN))
     );
-    assert_eq!(hints.get(&slot, 0).unwrap(), half_written, "the slot untouched");
+    assert_eq!(
+        hints.get(&slot, 0).unwrap(),
+        half_written,
+        "the slot untouched"
+    );
     reply_from_web(&mut h, CLIENT, port, SYN | ACK);
     assert_eq!(hints.get(&slot, 0).unwrap(), half_written, "not taken");
+}
+
+/// `BPF_PROG_LOAD` of `r0 = XDP_PASS; exit`, the program costs are measured over.
+fn load_xdp_pass() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, the rest zero.
+    let mut attr = [0u64; 16];
+    attr[0] = 6 /* BPF_PROG_TYPE_XDP */ | (2u64 << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: a zeroed attribute with the fields above; the buffers outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5, /* BPF_PROG_LOAD */
+            attr.as_mut_ptr(),
+            128,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading XDP_PASS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just returned.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` once on `frame`: ns.
+fn run_fd(prog: &std::os::fd::OwnedFd, frame: &[u8]) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    let mut out = vec![0u8; frame.len() + 256];
+    // prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration, ...
+    let mut attr = [0u64; 10];
+    attr[0] = prog.as_raw_fd() as u64;
+    attr[1] = frame.len() as u64 | ((out.len() as u64) << 32);
+    attr[2] = frame.as_ptr() as u64;
+    attr[3] = out.as_mut_ptr() as u64;
+    attr[4] = 1;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            10, /* BPF_PROG_TEST_RUN */
+            attr.as_mut_ptr(),
+            80,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    (attr[4] >> 32) as u32
+}
+
+/// The first packet of a new local flow with reply hints (H) and with the hint slots of its
+/// reply tuples held (`BUSY`), so its reverse entry goes to the reverse map as before hints
+/// (D, which also pays the hint check): single `BPF_PROG_TEST_RUN`s as the bench makes them,
+/// every packet a new flow, over an XDP_PASS program, arms interleaved in batches of
+/// `BATCH`, medians and means per conntrack fill. A measurement, no assertion on time:
+/// `cargo test ... -- --ignored --nocapture xdp_first_packet`.
+#[test]
+#[ignore = "a measurement: run on its own"]
+fn xdp_first_packet_cost_with_and_without_reply_hints() {
+    use lb_common::{ReplyHint4, hint_state};
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let pass = load_xdp_pass();
+    const BATCH: u32 = 2_000;
+    const ROUNDS: u32 = 40;
+    let mut flow = 0u32;
+    let tracked = tcp((CLIENT, 55_555), (NODE, 30080), ACK).bytes();
+    h.run(Hook::Xdp, &tracked, 1);
+    let miss = tcp((CLIENT, 55_555), (NODE, 9999), ACK).bytes();
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v.iter().sum::<f64>() / v.len() as f64)
+    };
+    // Per fill half (below / at a full conntrack map): arm -> per-packet ns over XDP_PASS.
+    let mut results: BTreeMap<(bool, &str), Vec<f64>> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let full = ct_map(&mut h).keys().count() >= lb_common::limits::MAX_FLOWS as usize - 1_000;
+        for arm in if round % 2 == 0 {
+            ["H", "D"]
+        } else {
+            ["D", "H"]
+        } {
+            let clients: Vec<String> = (0..BATCH)
+                .map(|_| {
+                    let n = flow | 0x0040_0000;
+                    flow += 1;
+                    format!("10.{}.{}.{}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
+                })
+                .collect();
+            let mut map = hint_map(&h);
+            let mut hints: aya::maps::Array<&mut aya::maps::MapData, ReplyHint4> =
+                aya::maps::Array::try_from(&mut map).unwrap();
+            let mut saved = Vec::new();
+            if arm == "D" {
+                for c in &clients {
+                    let slot =
+                        lb_common::reply_hint_slot(&ct_key(&tcp((POD_A, 8080), (c, 40_000), SYN)));
+                    let s = hints.get(&slot, 0).unwrap();
+                    saved.push((slot, s));
+                    hints
+                        .set(
+                            slot,
+                            ReplyHint4 {
+                                state: s.state | hint_state::BUSY,
+                                ..s
+                            },
+                            0,
+                        )
+                        .unwrap();
+                }
+            }
+            for c in &clients {
+                let p = tcp((c, 40_000), (NODE, 30080), SYN).bytes();
+                let (verdict, _, ns) = h.run(Hook::Xdp, &p, 1);
+                assert_eq!(verdict, XDP_PASS);
+                let base = run_fd(&pass, &miss);
+                results
+                    .entry((full, arm))
+                    .or_default()
+                    .push(ns as f64 - f64::from(base));
+                let t = h.run(Hook::Xdp, &tracked, 1).2 as f64;
+                results
+                    .entry((full, "tracked"))
+                    .or_default()
+                    .push(t - f64::from(base));
+                let m = h.run(Hook::Xdp, &miss, 1).2 as f64;
+                results
+                    .entry((full, "miss"))
+                    .or_default()
+                    .push(m - f64::from(base));
+            }
+            for (slot, s) in saved.into_iter().rev() {
+                hints.set(slot, s, 0).unwrap();
+            }
+        }
+    }
+    let fill = ct_map(&mut h).keys().count();
+    let pending = common::hints::all::<lb_common::Addr4>(&hint_map(&h))
+        .iter()
+        .filter(|s| common::hints::pending(s))
+        .count();
+    eprintln!(
+        "{} new flows in all; conntrack entries at the end {fill}, hints pending {pending}",
+        flow
+    );
+    for ((full, arm), v) in results.iter_mut() {
+        let n = v.len();
+        let (median, mean) = stats(v);
+        eprintln!(
+            "{} {arm:<8} over XDP_PASS: median {median:.0} ns, mean {mean:.0} ns ({n} packets)",
+            if *full {
+                "conntrack full     "
+            } else {
+                "conntrack not full "
+            }
+        );
+    }
 }

@@ -802,7 +802,11 @@ fn ipv6_a_new_flows_reverse_entry_is_a_hint_until_its_first_reply() {
             h.run(Hook::Tc, &reply.bytes()),
             Some((TC_ACT_OK, reply.clone().with_src(NODE, 30080).bytes()))
         );
-        assert_eq!(reverse(&mut h, &key), Some(hinted), "made by the first reply");
+        assert_eq!(
+            reverse(&mut h, &key),
+            Some(hinted),
+            "made by the first reply"
+        );
         assert_eq!(hint(&h, &key), None, "the hint taken");
     }
 }

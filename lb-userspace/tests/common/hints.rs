@@ -21,7 +21,9 @@ where
     ReplyHint<A>: Pod,
 {
     let hints: Array<&MapData, ReplyHint<A>> = Array::try_from(map).expect("hint map type");
-    let hint = hints.get(&reply_hint_slot(key), 0).expect("reading a hint slot");
+    let hint = hints
+        .get(&reply_hint_slot(key), 0)
+        .expect("reading a hint slot");
     (pending(&hint) && hint.key == *key).then_some(hint.rev)
 }
 
@@ -105,8 +107,7 @@ where
         .filter(|(_, h)| h.state != 0)
         .map(|(i, _)| i as u32)
         .collect();
-    let mut hints: Array<&mut MapData, ReplyHint<A>> =
-        Array::try_from(map).expect("hint map type");
+    let mut hints: Array<&mut MapData, ReplyHint<A>> = Array::try_from(map).expect("hint map type");
     for i in used {
         hints
             .set(i, ReplyHint::<A>::default(), 0)

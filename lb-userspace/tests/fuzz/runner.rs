@@ -276,7 +276,9 @@ impl Runner {
             .filter_map(Result::ok)
             .collect();
         // A hint no reply took yet is its flow's reverse entry (tc egress looks at it first).
-        for hint in hints::all::<lb_common::Addr4>(&Map::Array(self.open(map_names::REPLY_HINTS_V4))) {
+        for hint in
+            hints::all::<lb_common::Addr4>(&Map::Array(self.open(map_names::REPLY_HINTS_V4)))
+        {
             if hints::pending(&hint) {
                 kernel_rev.insert(hint.key, hint.rev);
             }
