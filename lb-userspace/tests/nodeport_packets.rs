@@ -2757,7 +2757,7 @@ fn a_hint_slot_being_written_is_neither_taken_nor_overwritten() {
     let port = 24_000;
     let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
     let half_written = ReplyHint4 {
-        state: hint_state::BUSY | hint_state::PENDING | 7 * hint_state::GENERATION,
+        state: hint_state::BUSY | hint_state::PENDING | (7 * hint_state::GENERATION),
         key,
         rev: Rev4Value {
             frontend_addr: wire_addr("192.0.2.99".parse().unwrap()),
