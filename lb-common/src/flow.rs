@@ -297,6 +297,51 @@ impl<A: Copy> RevValue<A> {
     }
 }
 
+/// A new flow's reply entry before its first reply (`LB4_RHINT_V1`, `LB6_RHINT_V1`): XDP
+/// writes it into the slot [`reply_hint_slot`] gives for the reply's tuple instead of
+/// inserting into the reverse map, so a flow's first packet makes one LRU insert (its
+/// conntrack entry). tc egress, at the flow's first reply, finds the reverse map without the
+/// tuple, takes the hint (the whole tuple must match), inserts the reverse entry itself and
+/// clears the hint. A slot still holding a hint not taken is not lost when another flow
+/// needs it: XDP inserts that hint's reverse entry first (or, when it cannot, inserts its own
+/// flow's entry directly, as before hints).
+///
+/// `state` ([`hint_state`]) guards the slot: it is changed only by atomic compare-and-swap,
+/// a writer holds `BUSY` while it writes, and every change bumps a generation, so a reader
+/// that sees the same `state` before and after copying the slot copied one flow's hint, never
+/// a torn mix of two.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyHint<A> {
+    /// [`hint_state`] bits and generation.
+    pub state: u64,
+    /// The reply's tuple (backend → client), as `LB4_FLOWREV_V2` would key it.
+    pub key: CtKey<A>,
+    /// The reverse entry, as `LB4_FLOWREV_V2` would hold it.
+    pub rev: RevValue<A>,
+}
+
+pub type ReplyHint4 = ReplyHint<Addr4>;
+pub type ReplyHint6 = ReplyHint<Addr6>;
+
+/// `ReplyHint::state`: two bits, and a generation above them that every change bumps (so a
+/// state read twice unchanged means the slot did not change between).
+pub mod hint_state {
+    /// A writer holds the slot: its key and entry are being written.
+    pub const BUSY: u64 = 1 << 0;
+    /// The slot holds a hint no reply has taken yet.
+    pub const PENDING: u64 = 1 << 1;
+    /// One generation.
+    pub const GENERATION: u64 = 1 << 2;
+}
+
+/// The slot of the reply hint map for a reply's tuple `key`.
+#[inline(always)]
+pub fn reply_hint_slot<A: MapAddr>(key: &CtKey<A>) -> u32 {
+    flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+        & (crate::limits::MAX_REPLY_HINTS - 1)
+}
+
 /// The flow hash that indexes Maglev tables, the same on every node and in the agent's
 /// tests. Inputs as on the wire (network byte order). With session affinity only the client
 /// address is hashed (`sport`, `daddr`, `dport` and `proto` passed as 0: the XDP program calls
@@ -337,6 +382,9 @@ const _: () = {
     assert!(core::mem::size_of::<Ct6Key>() == 40);
     assert!(core::mem::size_of::<Ct6Value>() == 56);
     assert!(core::mem::size_of::<Rev6Value>() == 40);
+    assert!(core::mem::size_of::<ReplyHint4>() == 40);
+    assert!(core::mem::size_of::<ReplyHint6>() == 88);
+    assert!(crate::limits::MAX_REPLY_HINTS.is_power_of_two());
     assert!((snat_ports::FIRST as u32 + snat_ports::COUNT as u32) <= 65_536);
 };
 

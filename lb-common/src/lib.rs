@@ -47,8 +47,9 @@ pub mod source_range;
 pub use addr::{Addr4, Addr6, MapAddr, families, v4_mapped, v4_of_mapped};
 pub use affinity::{Affinity4Key, Affinity6Key, AffinityKey, AffinityValue, affinity_clients};
 pub use flow::{
-    Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue, Rev4Value, Rev6Value, RevValue, ct_flags,
-    ct_state, ct_timeouts, flow_hash, snat_ports, tcp_flags,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue, ReplyHint, ReplyHint4, ReplyHint6,
+    Rev4Value, Rev6Value, RevValue, ct_flags, ct_state, ct_timeouts, flow_hash, hint_state,
+    reply_hint_slot, snat_ports, tcp_flags,
 };
 pub use frag::{Frag4Key, Frag6Key, FragKey, FragPorts};
 pub use inspect::{NameKey, NameKey4, NameKey6, ServiceName, ServiceStats};

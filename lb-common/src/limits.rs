@@ -24,6 +24,11 @@ pub const MAX_FLOWS: u32 = 131_072;
 /// reply to the node, the forwarded packet, the reply to the client), so the reverse map does
 /// not evict the entries of flows the conntrack map still holds.
 pub const MAX_FLOW_REPLIES: u32 = 3 * MAX_FLOWS;
+/// Reply hints of new XDP flows (`lb_common::ReplyHint`): a direct-mapped array, a power of
+/// two, fixed in the object (not set at load). A hint lives from a flow's first packet to its
+/// first reply; a slot wanted by another flow before then costs that flow the reverse map
+/// insert hints save.
+pub const MAX_REPLY_HINTS: u32 = 131_072;
 /// Fragmented datagrams in flight whose first fragment XDP or tc translated (LRU: an entry
 /// is needed only until the datagram's last fragment went by, so the oldest go first).
 pub const MAX_FRAGS: u32 = 8_192;

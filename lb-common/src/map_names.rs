@@ -33,6 +33,10 @@ pub const FLOWS_V4: &str = "LB4_CT_V2";
 /// Reverse translation of XDP flows, keyed by the reply's tuple: `Ct4Key` → `Rev4Value`
 /// (LRU).
 pub const FLOW_REPLIES_V4: &str = "LB4_FLOWREV_V2";
+/// Reverse translations of new XDP flows not yet replied to, for tc egress to insert into
+/// `FLOW_REPLIES_V4` at the first reply: array of `limits::MAX_REPLY_HINTS` `ReplyHint4`,
+/// indexed by `reply_hint_slot` of the reply's tuple.
+pub const REPLY_HINTS_V4: &str = "LB4_RHINT_V1";
 /// SNAT port exhaustion, per (backend address, node address, backend port, 0, protocol) as a
 /// `Ct4Key`: when a search of the whole SNAT range last found no port (`u64`,
 /// `bpf_ktime_get_ns`; LRU, a hint only).
@@ -68,6 +72,8 @@ pub const SERVICE_NAMES_V6: &str = "LB6_NAMES_V1";
 pub const FLOWS_V6: &str = "LB6_CT_V1";
 /// Reverse translation: `Ct6Key` → `Rev6Value` (LRU).
 pub const FLOW_REPLIES_V6: &str = "LB6_FLOWREV_V1";
+/// Reply hints: array of `ReplyHint6`.
+pub const REPLY_HINTS_V6: &str = "LB6_RHINT_V1";
 /// SNAT port exhaustion: `Ct6Key` → `u64` (LRU).
 pub const SNAT_EXHAUSTED_V6: &str = "LB6_SNATFULL_V1";
 /// This node's IPv6 NodePort addresses (and `::1`): `Addr6` → 1.

@@ -31,6 +31,7 @@ pod_per_family!(
     CtKey,
     CtValue,
     RevValue,
+    ReplyHint,
     FragKey,
     NameKey,
     SourceRangeKey

@@ -2,10 +2,10 @@
 //! and reaches the maps of its family through it (`F::frontends()` is `LB4_FRONT_V2` for
 //! [`V4`], `LB6_FRONT_V1` for [`V6`]). Both instances are compiled; the verifier sees each as
 //! ordinary code.
-use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap};
 use lb_common::{
     Addr4, Addr6, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragPorts,
-    FrontendKey, FrontendValue, MapAddr, RevValue, SockValue, SourceRangeKey,
+    FrontendKey, FrontendValue, MapAddr, ReplyHint, RevValue, SockValue, SourceRangeKey,
 };
 
 use crate::maps::*;
@@ -26,6 +26,8 @@ pub trait Family: 'static {
     fn sockets() -> &'static LruHashMap<u64, SockValue<Self::Addr>>;
     fn flows() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
     fn flow_replies() -> &'static LruHashMap<CtKey<Self::Addr>, RevValue<Self::Addr>>;
+    /// New flows' reverse entries until their first reply (`hint.rs`).
+    fn reply_hints() -> &'static Array<ReplyHint<Self::Addr>>;
     fn snat_exhausted() -> &'static LruHashMap<CtKey<Self::Addr>, u64>;
     fn frags() -> &'static LruHashMap<FragKey<Self::Addr>, FragPorts>;
 }
@@ -37,7 +39,8 @@ pub enum V6 {}
 
 macro_rules! family_maps {
     ($family:ty, $addr:ty, $front:ident, $back:ident, $affin:ident, $ranges:ident, $node:ident,
-     $ifaddr:ident, $socks:ident, $ct:ident, $rev:ident, $snatfull:ident, $frags:ident) => {
+     $ifaddr:ident, $socks:ident, $ct:ident, $rev:ident, $hints:ident, $snatfull:ident,
+     $frags:ident) => {
         impl Family for $family {
             type Addr = $addr;
 
@@ -78,6 +81,10 @@ macro_rules! family_maps {
                 &$rev
             }
             #[inline(always)]
+            fn reply_hints() -> &'static Array<ReplyHint<$addr>> {
+                &$hints
+            }
+            #[inline(always)]
             fn snat_exhausted() -> &'static LruHashMap<CtKey<$addr>, u64> {
                 &$snatfull
             }
@@ -101,6 +108,7 @@ family_maps!(
     LB4_REVNAT_V2,
     LB4_CT_V2,
     LB4_FLOWREV_V2,
+    LB4_RHINT_V1,
     LB4_SNATFULL_V1,
     LB4_FRAGS_V2
 );
@@ -116,6 +124,7 @@ family_maps!(
     LB6_REVNAT_V1,
     LB6_CT_V1,
     LB6_FLOWREV_V1,
+    LB6_RHINT_V1,
     LB6_SNATFULL_V1,
     LB6_FRAGS_V1
 );

@@ -274,8 +274,8 @@ fn translate_egress<F: Ip>(e: &IcmpError<F::Addr>) -> Option<()> {
     }
     // The quoted packet went client → backend; its reply entry is backend → client.
     let key = CtKey::new(inner_dst, inner_src, dport, sport, e.proto);
-    // SAFETY: copied out at once.
-    let rev = unsafe { F::flow_replies().get(&key) }.copied()?;
+    // The flow may not have had a reply yet: its entry may be a hint still.
+    let rev = crate::hint::reply::<F>(&key)?;
     if rev.flags != 0 {
         return None; // entries of SNAT flows: not a reply to a client
     }

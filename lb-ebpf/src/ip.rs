@@ -7,7 +7,7 @@
 use aya_ebpf::programs::TcContext;
 use lb_common::MapAddr;
 
-use crate::{csum, family::Family, ipv4, ipv6, snat::Search, stages::Pending};
+use crate::{csum, family::Family, hint, ipv4, ipv6, snat::Search, stages::Pending};
 
 /// The network header of a frame, understood (see `ipv4.rs`, `ipv6.rs`).
 pub struct L3<A> {
@@ -94,6 +94,9 @@ pub trait Ip: Family {
 
     /// This CPU's decisions of a new flow's earlier XDP stages (`STAGED`).
     fn pending() -> Option<*mut Pending<Self::Addr>>;
+
+    /// This CPU's scratch for a new flow's reverse entry (`hint.rs`).
+    fn hint_scratch() -> Option<*mut hint::Scratch<Self::Addr>>;
 }
 
 /// Reads the address at `ptr` (bounds-checked by the parser).
@@ -156,6 +159,11 @@ impl Ip for crate::family::V4 {
     #[inline(always)]
     fn pending() -> Option<*mut Pending<u32>> {
         None // one stage
+    }
+
+    #[inline(always)]
+    fn hint_scratch() -> Option<*mut hint::Scratch<u32>> {
+        crate::maps::LB4_HINTSCRATCH.get_ptr_mut(0)
     }
 
     #[inline(always)]
@@ -230,6 +238,11 @@ impl Ip for crate::family::V6 {
     #[inline(always)]
     fn pending() -> Option<*mut Pending<[u32; 4]>> {
         crate::maps::LB6_PENDING_V1.get_ptr_mut(0)
+    }
+
+    #[inline(always)]
+    fn hint_scratch() -> Option<*mut hint::Scratch<[u32; 4]>> {
+        crate::maps::LB6_HINTSCRATCH.get_ptr_mut(0)
     }
 
     #[inline(always)]

@@ -15,9 +15,13 @@
 //!   network headers, IPv6's extension headers); helped by `parse.rs`, `csum.rs`,
 //!   `conntrack.rs`, `nat.rs`, `snat.rs` (SNAT ports), `icmp.rs` (ICMP/ICMPv6 errors) and
 //!   `frag.rs` (fragments); IPv6 runs in XDP as stages entered by tail call (`stages.rs`);
-//!   why each packet was dropped or passed is counted in `verdict.rs`.
+//!   why each packet was dropped or passed is counted in `verdict.rs`; a new flow's reverse
+//!   entry waits for its first reply as a hint (`hint.rs`, atomics by `core::intrinsics`:
+//!   the BPF target's `core::sync::atomic` has no compare-and-swap).
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod bind;
 mod ctx_word;
@@ -30,6 +34,7 @@ mod sock;
 mod conntrack;
 mod csum;
 mod frag;
+mod hint;
 mod icmp;
 mod ip;
 mod ipv4;

@@ -9,19 +9,21 @@
 //! programs reach them through `family::Family`); slots, Maglev tables and counters serve
 //! both families.
 use crate::{
+    hint::Scratch,
     snat::Search,
     stages::{self, Pending},
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use lb_common::{
     Addr4, Addr6, Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value,
     Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts, Frontend4Key, Frontend6Key, FrontendValue,
-    MaglevTable, NameKey4, NameKey6, Rev4Value, Rev6Value, ServiceName, ServiceStats, SlotKey,
-    SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key, limits, reasons,
+    MaglevTable, NameKey4, NameKey6, ReplyHint4, ReplyHint6, Rev4Value, Rev6Value, ServiceName,
+    ServiceStats, SlotKey, SlotValue, Sock4Value, Sock6Value, SourceRange4Key, SourceRange6Key,
+    limits, reasons,
 };
 
 // ---- the service table (every attach point) ----
@@ -75,6 +77,16 @@ pub static LB4_CT_V2: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(limits::
 #[map]
 pub static LB4_FLOWREV_V2: LruHashMap<Ct4Key, Rev4Value> =
     LruHashMap::pinned(limits::MAX_FLOW_REPLIES, 0);
+
+/// A new flow's reverse entry until its first reply (`hint.rs`): a slot write, not an LRU
+/// insert, on the flow's first packet. Fixed size (`reply_hint_slot` masks with it).
+#[map]
+pub static LB4_RHINT_V1: Array<ReplyHint4> = Array::pinned(limits::MAX_REPLY_HINTS, 0);
+
+/// Per CPU, a new flow's reverse entry on its way to its hint (`hint.rs`): scratch, not
+/// pinned.
+#[map]
+pub static LB4_HINTSCRATCH: PerCpuArray<Scratch<Addr4>> = PerCpuArray::with_max_entries(1, 0);
 
 /// When the SNAT range of a (backend, node address) pair was last found full (see `snat.rs`).
 #[map]
@@ -130,6 +142,12 @@ pub static LB6_CT_V1: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(limits::
 #[map]
 pub static LB6_FLOWREV_V1: LruHashMap<Ct6Key, Rev6Value> =
     LruHashMap::pinned(limits::MAX_FLOW_REPLIES, 0);
+
+#[map]
+pub static LB6_RHINT_V1: Array<ReplyHint6> = Array::pinned(limits::MAX_REPLY_HINTS, 0);
+
+#[map]
+pub static LB6_HINTSCRATCH: PerCpuArray<Scratch<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static LB6_SNATFULL_V1: LruHashMap<Ct6Key, u64> =

@@ -280,6 +280,8 @@ fn release_reply<F: Ip>(
     if names_client::<F>(&*key, client, 0) {
         let _ = F::flow_replies().remove(&*key);
     }
+    // Or the flow never had a reply: its entry is a hint still.
+    crate::hint::forget::<F>(&*key, Some(client));
 }
 
 /// Whether the reverse entry `key` exists, has exactly the SNAT bits `snat` and belongs to the

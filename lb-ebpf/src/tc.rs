@@ -22,7 +22,7 @@ use lb_common::{IPPROTO_TCP, RevValue, ct_flags, reasons};
 use crate::{
     conntrack,
     family::{V4, V6},
-    frag, icmp,
+    frag, hint, icmp,
     ip::{Ip, Refused},
     nat,
     parse::{self, Packet, TCP_SYN},
@@ -78,8 +78,8 @@ fn family_egress<F: Ip>(ctx: &TcContext) -> u32 {
 #[inline(always)]
 fn translate<F: Ip>(ctx: &TcContext, pkt: &Packet<F::Addr>) -> u32 {
     let key = pkt.tuple();
-    // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { F::flow_replies().get(&key) }).copied() else {
+    // A new flow's first reply finds its entry as a hint and makes it (`hint.rs`).
+    let Some(rev) = hint::reply::<F>(&key) else {
         return reasons::TC_NOT_A_FLOW;
     };
     if rev.flags & ct_flags::SNAT != 0 {

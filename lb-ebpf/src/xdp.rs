@@ -9,7 +9,10 @@
 //! 2. otherwise a backend is chosen by Maglev over the flow's hash (the client address alone
 //!    with session affinity), so every node picks the same one;
 //! 3. the destination becomes the backend (DNAT); the reverse translation is recorded under
-//!    the reply's tuple (`LB4_FLOWREV_V2`, `LB6_FLOWREV_V1`);
+//!    the reply's tuple as a hint (`LB4_RHINT_V1`, `LB6_RHINT_V1`, `hint.rs`: a slot write),
+//!    which tc egress turns into the flow's reverse entry (`LB4_FLOWREV_V2`, `LB6_FLOWREV_V1`)
+//!    at its first reply; so a new flow to a local backend makes one LRU insert, its
+//!    conntrack entry;
 //! 4. for a remote backend of an `externalTrafficPolicy: Cluster` service the flow also gets
 //!    an SNAT port of the node (`lb_common::snat_ports`, `snat.rs`), and an entry telling tc
 //!    egress to give the forwarded packet the node's address and that port as source;
@@ -59,7 +62,7 @@ use lb_common::{
 use crate::{
     conntrack,
     family::{V4, V6},
-    frag, icmp,
+    frag, hint, icmp,
     ip::{Ip, Refused},
     lookup::{self, AffinityClient},
     maps::LB4_MAGLEV_V2,
@@ -253,7 +256,9 @@ fn forget_reused_tuple<F: Ip>(pkt: &Packet<F::Addr>) {
         return;
     }
     // Absent is the common case; nothing to do then.
-    let _ = F::flow_replies().remove(&pkt.tuple().reversed());
+    let replies = pkt.tuple().reversed();
+    hint::forget::<F>(&replies, None);
+    let _ = F::flow_replies().remove(&replies);
 }
 
 #[inline(always)]
@@ -296,9 +301,9 @@ fn to_stage<F: Ip>(ctx: &XdpContext, stage: u32, fill: impl FnOnce(&mut Pending<
     reasons::XDP_NOT_PARSED // the stage is not loaded
 }
 
-/// A packet that starts a flow: a backend chosen, its reply entry made; then (`snat_claim`)
-/// an SNAT port for a remote backend, and (`flow_made`) the flow's other entries and the
-/// packet translated. With `STAGED` each of these is a stage of its own.
+/// A packet that starts a flow: a backend chosen, its replies' reverse translation recorded;
+/// then (`snat_claim`) an SNAT port for a remote backend, and (`flow_made`) the flow's other
+/// entries and the packet translated. With `STAGED` each of these is a stage of its own.
 #[inline(always)]
 fn new_flow<F: Ip>(
     ctx: &XdpContext,
@@ -326,22 +331,10 @@ fn new_flow<F: Ip>(
     let Some((backend_id, backend)) = chosen else {
         return no_backend;
     };
-    // The reply's source becomes the frontend again (tc egress), keyed by the reply's tuple.
-    let reply = RevValue {
-        client_addr: pkt.saddr,
-        frontend_addr: pkt.daddr,
-        client_port: pkt.sport,
-        frontend_port: pkt.dport,
-        flags: 0,
-        proto: pkt.proto,
-        pad: 0,
-    };
-    // A full LRU map evicts the oldest flow; failing here would leave replies untranslated,
-    // so the flow is refused instead.
-    if F::flow_replies()
-        .insert(&reply_key::<F>(pkt, &backend), &reply, 0)
-        .is_err()
-    {
+    // The replies' reverse translation, as a hint (`hint.rs`). Refused only by a full
+    // reverse map that could not evict (hardly ever): the replies would go untranslated, so
+    // the flow is refused instead.
+    if hint::record::<F>(pkt, &backend).is_err() {
         return reasons::XDP_DROPPED_FLOW_TABLE_FULL;
     }
     let remote = !local_only && backend.flags & backend_flags::LOCAL == 0;
@@ -425,6 +418,8 @@ fn flow_made<F: Ip>(
         ct.flags |= ct_flags::SNAT;
         ct.nat_addr = nat_addr;
         ct.nat_port = nat_port;
+    }
+    if let Some((nat_addr, nat_port)) = nat {
         let out = RevValue {
             client_addr: pkt.saddr,
             frontend_addr: nat_addr,
@@ -448,16 +443,10 @@ fn flow_made<F: Ip>(
     reasons::XDP_FORWARDED
 }
 
-/// The tuple of the replies of `pkt`'s new flow to `backend`.
-#[inline(always)]
-fn reply_key<F: Ip>(pkt: &Packet<F::Addr>, backend: &Backend<F::Addr>) -> CtKey<F::Addr> {
-    CtKey::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto)
-}
-
 /// A new flow to a remote backend: the reply must come back through this node, so the packet
 /// leaves with the node's address of the interface it came in on, on a port of its own
 /// (claimed from `hash`). Gives that address and port, or the reason the flow is refused (its
-/// reply entry then removed).
+/// reply entry then forgotten).
 #[inline(always)]
 fn snat_claim<F: Ip>(
     ctx: &XdpContext,
@@ -470,7 +459,7 @@ fn snat_claim<F: Ip>(
     // SAFETY: copied out at once.
     let Some(nat_addr) = (unsafe { F::iface_addrs().get(&ifindex) }).copied() else {
         // No address to translate to on this interface: drop rather than mistranslate.
-        let _ = F::flow_replies().remove(&reply_key::<F>(pkt, backend));
+        forget_reply::<F>(pkt, backend);
         return Err(reasons::XDP_DROPPED_NO_SNAT_ADDRESS);
     };
     let claim = RevValue {
@@ -484,10 +473,19 @@ fn snat_claim<F: Ip>(
     };
     let Some(nat_port) = snat::claim::<F>(backend.addr, backend.port, nat_addr, claim, hash, now)
     else {
-        let _ = F::flow_replies().remove(&reply_key::<F>(pkt, backend));
+        forget_reply::<F>(pkt, backend);
         return Err(reasons::XDP_DROPPED_NO_SNAT_PORT); // every port is a live flow's
     };
     Ok((nat_addr, nat_port))
+}
+
+/// Forgets the reverse entry `hint::record` made for the replies of `pkt`'s new flow to
+/// `backend` (a hint, or the reverse map's entry).
+#[inline(always)]
+fn forget_reply<F: Ip>(pkt: &Packet<F::Addr>, backend: &Backend<F::Addr>) {
+    let key = CtKey::new(backend.addr, pkt.saddr, backend.port, pkt.sport, pkt.proto);
+    hint::forget::<F>(&key, None);
+    let _ = F::flow_replies().remove(&key);
 }
 
 /// Whether backend `id` still exists with this address (it was not removed or replaced). A

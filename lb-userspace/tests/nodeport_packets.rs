@@ -2060,6 +2060,29 @@ fn flowrev_map(h: &mut Harness) -> aya::maps::HashMap<&mut aya::maps::MapData, C
     aya::maps::HashMap::try_from(map).expect("reverse map type")
 }
 
+fn hint_map(h: &Harness) -> aya::maps::Map {
+    aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(
+            h.dataplane
+                .pins()
+                .maps()
+                .join(lb_common::map_names::REPLY_HINTS_V4),
+        )
+        .expect("the reply hint map is pinned"),
+    )
+}
+
+/// The hint of reply tuple `key`, not yet taken.
+fn hint(h: &Harness, key: &Ct4Key) -> Option<Rev4Value> {
+    common::hints::hint_of(&hint_map(h), key)
+}
+
+/// The reverse entry of reply tuple `key` as tc egress finds it: a hint, or the reverse map's.
+fn reverse_entry(h: &mut Harness, key: &Ct4Key) -> Option<Rev4Value> {
+    let hints = hint_map(h);
+    common::hints::reverse_entry(&hints, &flowrev_map(h), key)
+}
+
 /// The client tuple of the SNAT flow from `CLIENT:port`.
 fn snat_client(port: u16) -> Ct4Key {
     ct_key(&tcp((CLIENT, port), (NODE, SNAT_NODEPORT), SYN))
@@ -2256,10 +2279,7 @@ fn snat_ports_one_affinity_client_gets_the_whole_range_and_closed_flows_give_the
         assert!(ct_map(&mut h).get(&snat_client(port), 0).is_err());
         assert_eq!(snat_out_port(&mut h, port), None);
         let reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
-        assert!(
-            flowrev_map(&mut h).get(&reply, 0).is_err(),
-            "no reply entry leaks"
-        );
+        assert_eq!(reverse_entry(&mut h, &reply), None, "no reply entry leaks");
     }
     eprintln!(
         "XDP SYN at a full range: {scan_ns} ns (a search of the whole range), then {hinted_ns} \
@@ -2405,8 +2425,9 @@ fn snat_a_replaced_flow_gives_its_old_port_back() {
         "the old backend's tc entry went"
     );
     let old_reply = ct_key(&tcp((REMOTE_POD, 8080), (CLIENT, port), SYN | ACK));
-    assert!(
-        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+    assert_eq!(
+        reverse_entry(&mut h, &old_reply),
+        None,
         "the old reply entry went"
     );
 }
@@ -2429,7 +2450,7 @@ fn a_replaced_local_flow_leaves_no_reply_entry_of_its_old_backend() {
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, syn.clone().with_dst(POD_A, 8080).bytes());
     let old_reply = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
-    assert!(flowrev_map(&mut h).get(&old_reply, 0).is_ok());
+    assert!(reverse_entry(&mut h, &old_reply).is_some());
     age(&mut h, &ct_key(&syn), ct_timeouts::TCP_SYN_SENT + 1);
     // The endpoints change: the next SYN on this tuple finds its entry over and picks POD_B.
     state.frontends.insert(
@@ -2441,9 +2462,10 @@ fn a_replaced_local_flow_leaves_no_reply_entry_of_its_old_backend() {
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, syn.with_dst(POD_B, 8080).bytes());
     let new_reply = ct_key(&tcp((POD_B, 8080), (CLIENT, port), SYN | ACK));
-    assert!(flowrev_map(&mut h).get(&new_reply, 0).is_ok());
-    assert!(
-        flowrev_map(&mut h).get(&old_reply, 0).is_err(),
+    assert!(reverse_entry(&mut h, &new_reply).is_some());
+    assert_eq!(
+        reverse_entry(&mut h, &old_reply),
+        None,
         "the old backend's reply entry stayed"
     );
 }
@@ -2584,4 +2606,344 @@ fn fuzz_findings_icmp_lengths_addressing_and_stale_syn_acks() {
             ),
         ],
     );
+}
+
+/// One local NodePort (30080/TCP → `POD_A:8080`), as the hint tests use it.
+fn local_web(h: &mut Harness) {
+    let mut state = State::default();
+    state.frontends.insert(
+        frontend(None, 30080, Protocol::Tcp),
+        service("web", &[(POD_A, 8080, true)], false),
+    );
+    h.program(&state);
+}
+
+/// A client (address in 203.0.113.0/24 and port, from `*next` on) whose reply tuple from
+/// `POD_A:8080` falls in the hint slot of `key` and is not `key`; `*next` moves past it.
+fn colliding_client(key: &Ct4Key, next: &mut u32) -> (String, u16) {
+    let slot = lb_common::reply_hint_slot(key);
+    loop {
+        let n = *next;
+        *next += 1;
+        let client = format!("203.0.113.{}", 1 + (n >> 16) % 250);
+        let port = (n & 0xffff) as u16;
+        if port < 1024 {
+            continue;
+        }
+        let reply = ct_key(&tcp((POD_A, 8080), (&client, port), SYN | ACK));
+        if reply != *key && lb_common::reply_hint_slot(&reply) == slot {
+            return (client, port);
+        }
+    }
+}
+
+/// A new flow's SYN to the local NodePort, DNATed to `POD_A`.
+fn syn_to_web(h: &mut Harness, client: &str, port: u16) {
+    let syn = tcp((client, port), (NODE, 30080), SYN);
+    let (verdict, out, _) = h.run(Hook::Xdp, &syn.bytes(), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn.with_dst(POD_A, 8080).bytes());
+}
+
+/// `POD_A`'s reply to `client:port` at tc egress leaves from the NodePort.
+fn reply_from_web(h: &mut Harness, client: &str, port: u16, flags: u8) {
+    let reply = tcp((POD_A, 8080), (client, port), flags);
+    let (verdict, out, _) = h.run(Hook::TcEgress, &reply.bytes(), 1);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        reply.with_src(NODE, 30080).bytes(),
+        "the reply to {client}:{port} leaves from the NodePort"
+    );
+}
+
+/// A new flow to a local backend makes one LRU insert (its conntrack entry): its reverse entry
+/// waits as a hint until the first reply, which tc egress translates from the hint and turns
+/// into the reverse map's entry; later replies find that entry.
+#[test]
+fn a_new_flows_reverse_entry_is_a_hint_until_its_first_reply() {
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 22_000;
+    let before = h.reasons();
+    syn_to_web(&mut h, CLIENT, port);
+    let client_key = ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN));
+    let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    assert!(
+        ct_map(&mut h).get(&client_key, 0).is_ok(),
+        "its conntrack entry"
+    );
+    assert!(
+        flowrev_map(&mut h).get(&key, 0).is_err(),
+        "no reverse map insert on the first packet"
+    );
+    let hinted = hint(&h, &key).expect("the reverse entry waits as a hint");
+    assert_eq!(hinted.client_key(), client_key);
+    assert_eq!(hinted.flags, 0);
+
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(
+        flowrev_map(&mut h).get(&key, 0).ok(),
+        Some(hinted),
+        "the first reply made the reverse entry"
+    );
+    assert_eq!(hint(&h, &key), None, "and took the hint");
+    let ct = ct_map(&mut h).get(&client_key, 0).unwrap();
+    assert_ne!(ct.flags & ct_flags::SEEN_REPLY, 0, "the reply was tracked");
+    assert_ne!(ct.flags & ct_flags::SYN_RECV, 0);
+
+    reply_from_web(&mut h, CLIENT, port, ACK);
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("xdp", "forwarded"), 1), (("tc", "reply_translated"), 2)])
+    );
+}
+
+/// Another new flow whose replies want the same hint slot before the first flow's reply came:
+/// the first flow's hint moves to the reverse map, so neither loses its translation; a packet
+/// of a third tuple of that slot takes neither.
+#[test]
+fn a_hint_slot_another_flow_wants_moves_its_hint_to_the_reverse_map() {
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 23_000;
+    syn_to_web(&mut h, CLIENT, port);
+    let a = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    let a_hint = hint(&h, &a).expect("a's hint");
+    let mut next = 1 << 16;
+    let (b_client, b_port) = colliding_client(&a, &mut next);
+    let b = ct_key(&tcp((POD_A, 8080), (&b_client, b_port), SYN | ACK));
+    syn_to_web(&mut h, &b_client, b_port);
+    assert_eq!(hint(&h, &a), None, "b holds the slot");
+    assert_eq!(
+        flowrev_map(&mut h).get(&a, 0).ok(),
+        Some(a_hint),
+        "a's hint moved to the reverse map"
+    );
+    let b_hint = hint(&h, &b).expect("b's hint");
+    assert_eq!(
+        b_hint.client_key(),
+        ct_key(&tcp((&b_client, b_port), (NODE, 30080), SYN))
+    );
+    assert!(flowrev_map(&mut h).get(&b, 0).is_err());
+
+    // A tuple of the same slot that is no flow: nothing taken, nothing translated.
+    let (c_client, c_port) = colliding_client(&a, &mut next);
+    let stranger = tcp((POD_A, 8080), (&c_client, c_port), SYN | ACK);
+    let before = h.reasons();
+    let (verdict, out, _) = h.run(Hook::TcEgress, &stranger.bytes(), 1);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, stranger.bytes(), "not translated");
+    assert_eq!(
+        reason_delta(&before, &h.reasons()),
+        BTreeMap::from([(("tc", "not_a_flow"), 1)])
+    );
+    assert_eq!(hint(&h, &b), Some(b_hint), "b's hint is still there");
+    assert!(flowrev_map(&mut h).get(&ct_key(&stranger), 0).is_err());
+
+    reply_from_web(&mut h, &b_client, b_port, SYN | ACK);
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(flowrev_map(&mut h).get(&b, 0).ok(), Some(b_hint));
+}
+
+/// A slot another CPU is writing (`BUSY`) is neither taken by a reply (even of its tuple: its
+/// entry may be half written) nor written by a new flow, which inserts its reverse entry into
+/// the reverse map directly.
+#[test]
+fn a_hint_slot_being_written_is_neither_taken_nor_overwritten() {
+    use lb_common::{ReplyHint4, hint_state};
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let port = 24_000;
+    let key = ct_key(&tcp((POD_A, 8080), (CLIENT, port), SYN | ACK));
+    let half_written = ReplyHint4 {
+        state: hint_state::BUSY | hint_state::PENDING | (7 * hint_state::GENERATION),
+        key,
+        rev: Rev4Value {
+            frontend_addr: wire_addr("192.0.2.99".parse().unwrap()),
+            ..Rev4Value::default()
+        },
+    };
+    let slot = lb_common::reply_hint_slot(&key);
+    let mut map = hint_map(&h);
+    let mut hints: aya::maps::Array<&mut aya::maps::MapData, ReplyHint4> =
+        aya::maps::Array::try_from(&mut map).unwrap();
+    hints.set(slot, half_written, 0).unwrap();
+
+    syn_to_web(&mut h, CLIENT, port);
+    let rev = flowrev_map(&mut h)
+        .get(&key, 0)
+        .expect("the reverse entry went to the reverse map directly");
+    assert_eq!(
+        rev.client_key(),
+        ct_key(&tcp((CLIENT, port), (NODE, 30080), SYN))
+    );
+    assert_eq!(
+        hints.get(&slot, 0).unwrap(),
+        half_written,
+        "the slot untouched"
+    );
+    reply_from_web(&mut h, CLIENT, port, SYN | ACK);
+    assert_eq!(hints.get(&slot, 0).unwrap(), half_written, "not taken");
+}
+
+/// `BPF_PROG_LOAD` of `r0 = XDP_PASS; exit`, the program costs are measured over.
+fn load_xdp_pass() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, the rest zero.
+    let mut attr = [0u64; 16];
+    attr[0] = 6 /* BPF_PROG_TYPE_XDP */ | (2u64 << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: a zeroed attribute with the fields above; the buffers outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5, /* BPF_PROG_LOAD */
+            attr.as_mut_ptr(),
+            128,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading XDP_PASS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just returned.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` once on `frame`: ns.
+fn run_fd(prog: &std::os::fd::OwnedFd, frame: &[u8]) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    let mut out = vec![0u8; frame.len() + 256];
+    // prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration, ...
+    let mut attr = [0u64; 10];
+    attr[0] = prog.as_raw_fd() as u64;
+    attr[1] = frame.len() as u64 | ((out.len() as u64) << 32);
+    attr[2] = frame.as_ptr() as u64;
+    attr[3] = out.as_mut_ptr() as u64;
+    attr[4] = 1;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            10, /* BPF_PROG_TEST_RUN */
+            attr.as_mut_ptr(),
+            80,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    (attr[4] >> 32) as u32
+}
+
+/// The first packet of a new local flow with reply hints (H) and with the hint slots of its
+/// reply tuples held (`BUSY`), so its reverse entry goes to the reverse map as before hints
+/// (D, which also pays the hint check): single `BPF_PROG_TEST_RUN`s as the bench makes them,
+/// every packet a new flow, over an XDP_PASS program, arms interleaved in batches of
+/// `BATCH`, medians and means per conntrack fill. A measurement, no assertion on time:
+/// `cargo test ... -- --ignored --nocapture xdp_first_packet`.
+#[test]
+#[ignore = "a measurement: run on its own"]
+fn xdp_first_packet_cost_with_and_without_reply_hints() {
+    use lb_common::{ReplyHint4, hint_state};
+    let mut h = Harness::new();
+    local_web(&mut h);
+    let pass = load_xdp_pass();
+    const BATCH: u32 = 2_000;
+    const ROUNDS: u32 = 40;
+    let mut flow = 0u32;
+    let tracked = tcp((CLIENT, 55_555), (NODE, 30080), ACK).bytes();
+    h.run(Hook::Xdp, &tracked, 1);
+    let miss = tcp((CLIENT, 55_555), (NODE, 9999), ACK).bytes();
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v.iter().sum::<f64>() / v.len() as f64)
+    };
+    // Per fill half (below / at a full conntrack map): arm -> per-packet ns over XDP_PASS.
+    let mut results: BTreeMap<(bool, &str), Vec<f64>> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let full = ct_map(&mut h).keys().count() >= lb_common::limits::MAX_FLOWS as usize - 1_000;
+        for arm in if round % 2 == 0 {
+            ["H", "D"]
+        } else {
+            ["D", "H"]
+        } {
+            let clients: Vec<String> = (0..BATCH)
+                .map(|_| {
+                    let n = flow | 0x0040_0000;
+                    flow += 1;
+                    format!("10.{}.{}.{}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
+                })
+                .collect();
+            let mut map = hint_map(&h);
+            let mut hints: aya::maps::Array<&mut aya::maps::MapData, ReplyHint4> =
+                aya::maps::Array::try_from(&mut map).unwrap();
+            let mut saved = Vec::new();
+            if arm == "D" {
+                for c in &clients {
+                    let slot =
+                        lb_common::reply_hint_slot(&ct_key(&tcp((POD_A, 8080), (c, 40_000), SYN)));
+                    let s = hints.get(&slot, 0).unwrap();
+                    saved.push((slot, s));
+                    hints
+                        .set(
+                            slot,
+                            ReplyHint4 {
+                                state: s.state | hint_state::BUSY,
+                                ..s
+                            },
+                            0,
+                        )
+                        .unwrap();
+                }
+            }
+            for c in &clients {
+                let p = tcp((c, 40_000), (NODE, 30080), SYN).bytes();
+                let (verdict, _, ns) = h.run(Hook::Xdp, &p, 1);
+                assert_eq!(verdict, XDP_PASS);
+                let base = run_fd(&pass, &miss);
+                results
+                    .entry((full, arm))
+                    .or_default()
+                    .push(ns as f64 - f64::from(base));
+                let t = h.run(Hook::Xdp, &tracked, 1).2 as f64;
+                results
+                    .entry((full, "tracked"))
+                    .or_default()
+                    .push(t - f64::from(base));
+                let m = h.run(Hook::Xdp, &miss, 1).2 as f64;
+                results
+                    .entry((full, "miss"))
+                    .or_default()
+                    .push(m - f64::from(base));
+            }
+            for (slot, s) in saved.into_iter().rev() {
+                hints.set(slot, s, 0).unwrap();
+            }
+        }
+    }
+    let fill = ct_map(&mut h).keys().count();
+    let pending = common::hints::all::<lb_common::Addr4>(&hint_map(&h))
+        .iter()
+        .filter(|s| common::hints::pending(s))
+        .count();
+    eprintln!(
+        "{} new flows in all; conntrack entries at the end {fill}, hints pending {pending}",
+        flow
+    );
+    for ((full, arm), v) in results.iter_mut() {
+        let n = v.len();
+        let (median, mean) = stats(v);
+        eprintln!(
+            "{} {arm:<8} over XDP_PASS: median {median:.0} ns, mean {mean:.0} ns ({n} packets)",
+            if *full {
+                "conntrack full     "
+            } else {
+                "conntrack not full "
+            }
+        );
+    }
 }

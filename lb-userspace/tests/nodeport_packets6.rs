@@ -761,3 +761,52 @@ fn ipv6_xdp_cost_per_packet_hit_and_miss() {
         );
     }
 }
+
+/// IPv6 alike (one source for both families): a new flow's reverse entry waits as a hint
+/// (`LB6_RHINT_V1`) until the first reply, which tc egress translates from it and makes the
+/// reverse map's entry of; later replies find that entry.
+#[test]
+fn ipv6_a_new_flows_reverse_entry_is_a_hint_until_its_first_reply() {
+    use lb_common::{Ct6Key, Rev6Value};
+    fn reverse(h: &mut Harness, key: &Ct6Key) -> Option<Rev6Value> {
+        let map: HashMap<&mut MapData, Ct6Key, Rev6Value> =
+            HashMap::try_from(h.map(map_names::FLOW_REPLIES_V6)).unwrap();
+        map.get(key, 0).ok()
+    }
+    fn hint(h: &Harness, key: &Ct6Key) -> Option<Rev6Value> {
+        let pin = h.dataplane.pins().maps().join(map_names::REPLY_HINTS_V6);
+        common::hints::hint_of(&aya::maps::Map::Array(MapData::from_pin(pin).unwrap()), key)
+    }
+    let mut h = Harness::new();
+    let syn = tcp6((CLIENT, 41000), (NODE, 30080), SYN);
+    assert_eq!(
+        h.run(Hook::Xdp, &syn.bytes()),
+        Some((XDP_PASS, syn.clone().with_dst(POD, 8080).bytes()))
+    );
+    let key = Ct6Key::new(
+        addr(POD),
+        addr(CLIENT),
+        8080u16.to_be(),
+        41000u16.to_be(),
+        TCP,
+    );
+    assert_eq!(reverse(&mut h, &key), None, "no reverse map insert");
+    let hinted = hint(&h, &key).expect("the reverse entry waits as a hint");
+    assert_eq!(
+        (hinted.frontend_addr, hinted.frontend_port, hinted.flags),
+        (addr(NODE), 30080u16.to_be(), 0)
+    );
+    for flags in [SYN | ACK, ACK] {
+        let reply = tcp6((POD, 8080), (CLIENT, 41000), flags);
+        assert_eq!(
+            h.run(Hook::Tc, &reply.bytes()),
+            Some((TC_ACT_OK, reply.clone().with_src(NODE, 30080).bytes()))
+        );
+        assert_eq!(
+            reverse(&mut h, &key),
+            Some(hinted),
+            "made by the first reply"
+        );
+        assert_eq!(hint(&h, &key), None, "the hint taken");
+    }
+}

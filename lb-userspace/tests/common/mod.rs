@@ -6,6 +6,7 @@
 
 pub mod dual_stack;
 pub mod fake_api;
+pub mod hints;
 pub mod site;
 
 use std::{

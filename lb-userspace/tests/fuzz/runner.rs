@@ -28,6 +28,8 @@ use lb_common::{
     FrontendValue, MaglevTable, Rev4Value, SourceRange4Key, affinity_clients, map_names, reasons,
 };
 
+use crate::common::hints;
+
 use super::{
     generator::{Gen, wire_addr},
     model::{Config, Hook, Model, Oracle, parses},
@@ -240,6 +242,7 @@ impl Runner {
         self.addrs.set_iface_addrs(&ifaddrs).unwrap();
         clear(ct_map(&mut self.dataplane));
         clear(rev_map(&mut self.dataplane));
+        hints::clear::<lb_common::Addr4>(&mut Map::Array(self.open(map_names::REPLY_HINTS_V4)));
         clear(frag_map(&mut self.dataplane));
         clear(affinity_map(&mut self.dataplane));
         let cfg = self.read_config(&ep);
@@ -268,10 +271,18 @@ impl Runner {
                 problems.push(format!("LB4_CT_V2 {}: unexpected entry {v:?}", tuple(k)));
             }
         }
-        let kernel_rev: BTreeMap<Ct4Key, Rev4Value> = rev_map(&mut self.dataplane)
+        let mut kernel_rev: BTreeMap<Ct4Key, Rev4Value> = rev_map(&mut self.dataplane)
             .iter()
             .filter_map(Result::ok)
             .collect();
+        // A hint no reply took yet is its flow's reverse entry (tc egress looks at it first).
+        for hint in
+            hints::all::<lb_common::Addr4>(&Map::Array(self.open(map_names::REPLY_HINTS_V4)))
+        {
+            if hints::pending(&hint) {
+                kernel_rev.insert(hint.key, hint.rev);
+            }
+        }
         let model_rev: BTreeMap<Ct4Key, Rev4Value> =
             model.revs.iter().map(|(k, (v, _))| (*k, *v)).collect();
         if kernel_rev != model_rev {
@@ -517,9 +528,10 @@ impl Runner {
             }
         }
         let touched_rev = model.touched_rev.clone();
+        let hint_map = Map::Array(self.open(map_names::REPLY_HINTS_V4));
         let rev = rev_map(&mut self.dataplane);
         for k in &touched_rev {
-            let kernel = rev.get(k, 0).ok();
+            let kernel = hints::reverse_entry(&hint_map, &rev, k);
             let wanted = model.revs.get(k).map(|(v, _)| *v);
             if kernel != wanted {
                 let _ = write!(
