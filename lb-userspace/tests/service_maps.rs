@@ -112,3 +112,112 @@ fn both_families_maps_read_back_what_the_reconciler_wrote_and_adopt_without_a_wr
     assert!(gone.failed.is_empty(), "{gone:?}");
     assert_eq!(maps.dump().unwrap(), Default::default());
 }
+
+/// `LB_SYNC_BENCH_SERVICES` ClusterIP services (100,000 unless set) of 10 endpoints each, the
+/// first `LB_SYNC_BENCH_NODEPORTS` (none unless set) also with a NodePort (a Maglev table).
+fn many_services() -> model::DesiredState {
+    use lb_agent::model::{
+        Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, Protocol,
+        ServicePortName,
+    };
+    let count = |name, default| {
+        std::env::var(name)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let services: u32 = count("LB_SYNC_BENCH_SERVICES", 100_000);
+    let node_ports: u32 = count("LB_SYNC_BENCH_NODEPORTS", 0);
+    let mut desired = model::DesiredState::default();
+    for n in 0..services {
+        let service = |kind| DesiredService {
+            name: ServicePortName {
+                namespace: "bench".into(),
+                name: format!("svc-{n}"),
+                port: "http".into(),
+            },
+            family: Family::V4,
+            kind,
+            endpoints: Endpoints::All,
+            affinity_timeout_secs: None,
+            local_only: false,
+            two_scopes: false,
+            source_ranges: None,
+        };
+        let backends = (0..10u32)
+            .map(|e| Backend {
+                ip: std::net::Ipv4Addr::from(0x0a80_0000 + n * 10 + e).into(),
+                port: 8080,
+            })
+            .collect();
+        let cluster_ip = std::net::Ipv4Addr::from(0x0a60_0000 + n);
+        let set = service(FrontendKind::ClusterIP).set();
+        desired.sets.insert(
+            set,
+            BackendSet {
+                backends,
+                ..BackendSet::default()
+            },
+        );
+        desired.frontends.insert(
+            Frontend::new(cluster_ip.into(), 80, Protocol::Tcp),
+            service(FrontendKind::ClusterIP),
+        );
+        if n < node_ports {
+            let node_port = Frontend::new(
+                std::net::Ipv4Addr::UNSPECIFIED.into(),
+                (30_000 + n) as u16,
+                Protocol::Tcp,
+            );
+            desired
+                .frontends
+                .insert(node_port, service(FrontendKind::NodePort));
+        }
+    }
+    desired
+}
+
+/// How long a full sync of many services takes into the kernel's maps: from nothing, again
+/// (nothing changed), and back to nothing. A measurement, not a check of its numbers:
+/// `cargo test -p lb-userspace --release --test service_maps -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: minutes in a debug build"]
+fn full_sync_of_many_services_timed() {
+    lb_testkit::require_root().expect("loads the eBPF object: run as root");
+    let desired = many_services();
+    let backends: usize = desired.sets.values().map(|s| s.backends.len()).sum();
+    let services = desired.sets.len();
+    let bpffs = BpffsDir::new();
+    let pins = PinDir::prepare(bpffs.path()).expect("preparing bpffs");
+    let limits = Limits {
+        max_services: (desired.frontends.len() as u32 + 1024)
+            .next_power_of_two()
+            .max(65_536),
+        max_backends: (backends as u32 + 1024).next_power_of_two().max(262_144),
+        ..Limits::default()
+    };
+    let mut dataplane = Dataplane::load(pins, limits).expect("loading the object");
+    let mut maps = dataplane.service_maps().expect("service maps");
+    let mut reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
+    let timed = |what: &str, run: &mut dyn FnMut() -> lb_agent::reconcile::SyncReport| {
+        let started = std::time::Instant::now();
+        let report = run();
+        let took = started.elapsed();
+        assert!(report.failed.is_empty(), "{what}: {:?}", &report.failed[..1]);
+        eprintln!(
+            "sync {what}: {services} services, {backends} backends: {:.0} ms, {} map writes",
+            took.as_secs_f64() * 1000.0,
+            report.map_writes
+        );
+    };
+    timed("from nothing", &mut || reconciler.sync(&desired, &mut maps));
+    let contents = maps.dump().expect("reading the maps");
+    assert_eq!(contents.frontends.len(), desired.frontends.len());
+    assert_eq!(contents.backends.len(), backends);
+    timed("again, nothing changed", &mut || {
+        reconciler.sync(&desired, &mut maps)
+    });
+    let empty = model::DesiredState::default();
+    timed("to nothing", &mut || reconciler.sync(&empty, &mut maps));
+    assert_eq!(maps.dump().unwrap(), Default::default());
+}
