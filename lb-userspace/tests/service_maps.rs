@@ -116,18 +116,25 @@ fn both_families_maps_read_back_what_the_reconciler_wrote_and_adopt_without_a_wr
 /// `LB_SYNC_BENCH_SERVICES` ClusterIP services (100,000 unless set) of 10 endpoints each, the
 /// first `LB_SYNC_BENCH_NODEPORTS` (none unless set) also with a NodePort (a Maglev table).
 fn many_services() -> model::DesiredState {
-    use lb_agent::model::{
-        Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, Protocol,
-        ServicePortName,
-    };
     let count = |name, default| {
         std::env::var(name)
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(default)
     };
-    let services: u32 = count("LB_SYNC_BENCH_SERVICES", 100_000);
-    let node_ports: u32 = count("LB_SYNC_BENCH_NODEPORTS", 0);
+    many_services_of(
+        count("LB_SYNC_BENCH_SERVICES", 100_000),
+        count("LB_SYNC_BENCH_NODEPORTS", 0),
+    )
+}
+
+/// `services` ClusterIP services of 10 endpoints each (every set its own), the first
+/// `node_ports` also with a NodePort.
+fn many_services_of(services: u32, node_ports: u32) -> model::DesiredState {
+    use lb_agent::model::{
+        Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, Protocol,
+        ServicePortName,
+    };
     let mut desired = model::DesiredState::default();
     for n in 0..services {
         let service = |kind| DesiredService {
@@ -178,46 +185,164 @@ fn many_services() -> model::DesiredState {
 }
 
 /// How long a full sync of many services takes into the kernel's maps: from nothing, again
-/// (nothing changed), and back to nothing. A measurement, not a check of its numbers:
-/// `cargo test -p lb-userspace --release --test service_maps -- --ignored --nocapture`.
+/// (nothing changed), and back to nothing; one entry at a time (as before batches), in
+/// batches, and batched on a kernel without batch operations. A measurement, not a check of
+/// its numbers: `cargo test -p lb-userspace --test service_maps -- --ignored --nocapture`
+/// (optimized: `--config 'profile.dev.package.lb-userspace.opt-level=3'`).
 #[test]
-#[ignore = "a benchmark: minutes in a debug build"]
+#[ignore = "a benchmark: a minute or more"]
 fn full_sync_of_many_services_timed() {
     lb_testkit::require_root().expect("loads the eBPF object: run as root");
     let desired = many_services();
     let backends: usize = desired.sets.values().map(|s| s.backends.len()).sum();
     let services = desired.sets.len();
+    let modes = [
+        ("one entry at a time", usize::MAX, true),
+        ("batched", 0, true),
+        ("batched, without batch operations", 0, false),
+    ];
+    for (mode, batch_from, batch_ops) in modes {
+        let limits = Limits {
+            max_services: (desired.frontends.len() as u32 + 1024)
+                .next_power_of_two()
+                .max(65_536),
+            max_backends: (backends as u32 + 1024).next_power_of_two().max(262_144),
+            ..Limits::default()
+        };
+        let (_bpffs, mut dataplane) = loaded(limits);
+        let mut maps = dataplane.service_maps().expect("service maps");
+        if !batch_ops {
+            maps.without_batches();
+        }
+        let mut reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
+        reconciler.batch_writes_from(batch_from);
+        let mut timed = |what: &str, desired: &model::DesiredState| {
+            let started = std::time::Instant::now();
+            let report = reconciler.sync(desired, &mut maps);
+            let took = started.elapsed();
+            assert!(report.failed.is_empty(), "{what}: {:?}", &report.failed[..1]);
+            eprintln!(
+                "{mode}: sync {what}: {services} services, {backends} backends: {:.0} ms, {} \
+                 map writes",
+                took.as_secs_f64() * 1000.0,
+                report.map_writes
+            );
+            maps.dump().expect("reading the maps")
+        };
+        let contents = timed("from nothing", &desired);
+        assert_eq!(contents.frontends.len(), desired.frontends.len());
+        assert_eq!(contents.backends.len(), backends);
+        timed("again, nothing changed", &desired);
+        let empty = timed("to nothing", &model::DesiredState::default());
+        assert_eq!(empty, Default::default());
+    }
+}
+
+fn loaded(limits: Limits) -> (BpffsDir, Dataplane) {
     let bpffs = BpffsDir::new();
     let pins = PinDir::prepare(bpffs.path()).expect("preparing bpffs");
-    let limits = Limits {
-        max_services: (desired.frontends.len() as u32 + 1024)
-            .next_power_of_two()
-            .max(65_536),
-        max_backends: (backends as u32 + 1024).next_power_of_two().max(262_144),
-        ..Limits::default()
+    let dataplane = Dataplane::load(pins, limits).expect("loading the object");
+    (bpffs, dataplane)
+}
+
+#[test]
+fn batches_write_in_order_and_say_which_entry_failed_with_or_without_batch_operations() {
+    use lb_agent::{
+        dataplane::batch::BatchOps,
+        model::Backend,
+        reconcile::BackendEntry,
     };
-    let mut dataplane = Dataplane::load(pins, limits).expect("loading the object");
-    let mut maps = dataplane.service_maps().expect("service maps");
-    let mut reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
-    let timed = |what: &str, run: &mut dyn FnMut() -> lb_agent::reconcile::SyncReport| {
-        let started = std::time::Instant::now();
-        let report = run();
-        let took = started.elapsed();
-        assert!(report.failed.is_empty(), "{what}: {:?}", &report.failed[..1]);
-        eprintln!(
-            "sync {what}: {services} services, {backends} backends: {:.0} ms, {} map writes",
-            took.as_secs_f64() * 1000.0,
-            report.map_writes
+    lb_testkit::require_root().expect("loads the eBPF object: run as root");
+    for batches in [true, false] {
+        let limits = Limits {
+            max_backends: 8,
+            ..Limits::default()
+        };
+        let (_bpffs, mut dataplane) = loaded(limits);
+        let mut maps = dataplane.service_maps().expect("service maps");
+        if !batches {
+            maps.without_batches();
+        }
+        let entry = |n: u8| BackendEntry {
+            backend: Backend {
+                ip: [10, 244, 9, n].into(),
+                port: 80,
+            },
+            state: lb_common::backend_states::ACTIVE,
+            flags: 0,
+        };
+        let entries: Vec<(u32, BackendEntry)> = (1..=10).map(|n| (u32::from(n), entry(n))).collect();
+        // Room for 8: the ninth fails, the eight before it are written, the tenth not tried.
+        let failed = maps.put_backends(&entries).expect_err("a full map");
+        assert_eq!((failed.index, failed.count), (8, 10), "{failed}");
+        assert!(failed.error.to_string().contains("os error 7"), "E2BIG: {failed}");
+        let written: Vec<u32> = maps.dump().unwrap().backends.into_keys().collect();
+        assert_eq!(written, (1..=8).collect::<Vec<_>>());
+        let expected = if batches { BatchOps::Available } else { BatchOps::Missing };
+        assert_eq!(maps.batch_ops(), expected);
+        // Removals: the third is not there; the two before it go, the rest stay.
+        let family = Family::V4;
+        let ids = [(1, family), (2, family), (9, family), (3, family)];
+        let failed = maps.remove_backends(&ids).expect_err("id 9 is not there");
+        assert_eq!(failed.index, 2, "{failed}");
+        let left: Vec<u32> = maps.dump().unwrap().backends.into_keys().collect();
+        assert_eq!(left, (3..=8).collect::<Vec<_>>());
+        // Overwriting entries of a full map works, in one batch.
+        let again: Vec<(u32, BackendEntry)> = (3..=8).map(|n| (u32::from(n), entry(n + 100))).collect();
+        maps.put_backends(&again).expect("overwriting");
+        let contents = maps.dump().unwrap();
+        assert_eq!(contents.backends[&8].backend.ip.to_string(), "10.244.9.108");
+    }
+}
+
+#[test]
+fn a_full_frontends_map_in_a_batched_sync_refuses_the_frontends_that_do_not_fit_only() {
+    lb_testkit::require_root().expect("loads the eBPF object: run as root");
+    let desired = many_services_of(6, 0);
+    // What a sync one entry at a time leaves in maps of the same size.
+    let mut memory = MemoryMaps {
+        max_services: 4,
+        ..MemoryMaps::default()
+    };
+    let mut unbatched = Reconciler::default();
+    unbatched.batch_writes_from(usize::MAX);
+    let expected = unbatched.sync(&desired, &mut memory);
+    let backends_of = |contents: &lb_agent::reconcile::MapContents| {
+        contents
+            .view()
+            .into_iter()
+            .map(|(frontend, view)| (frontend, view.backends))
+            .collect::<Vec<_>>()
+    };
+    for batches in [true, false] {
+        let limits = Limits {
+            max_services: 4,
+            ..Limits::default()
+        };
+        let (_bpffs, mut dataplane) = loaded(limits);
+        let mut maps = dataplane.service_maps().expect("service maps");
+        if !batches {
+            maps.without_batches();
+        }
+        let mut reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
+        reconciler.batch_writes_from(0);
+        let report = reconciler.sync(&desired, &mut maps);
+        let refused: Vec<_> = report.failed.iter().map(|(f, _)| *f).collect();
+        let refused_one_by_one: Vec<_> = expected.failed.iter().map(|(f, _)| *f).collect();
+        assert_eq!(refused, refused_one_by_one, "{report:?}");
+        assert_eq!(refused.len(), 2, "{report:?}");
+        assert!(
+            report.failed.iter().all(|(_, e)| e.contains("os error 7")),
+            "{report:?}"
         );
-    };
-    timed("from nothing", &mut || reconciler.sync(&desired, &mut maps));
-    let contents = maps.dump().expect("reading the maps");
-    assert_eq!(contents.frontends.len(), desired.frontends.len());
-    assert_eq!(contents.backends.len(), backends);
-    timed("again, nothing changed", &mut || {
-        reconciler.sync(&desired, &mut maps)
-    });
-    let empty = model::DesiredState::default();
-    timed("to nothing", &mut || reconciler.sync(&empty, &mut maps));
-    assert_eq!(maps.dump().unwrap(), Default::default());
+        let contents = maps.dump().unwrap();
+        assert_eq!(backends_of(&contents), backends_of(&memory.contents));
+        // Nothing of the refused ones is left behind.
+        assert_eq!(contents.backends.len(), 40, "{contents:#?}");
+        assert_eq!(contents.slots.len(), 40, "{contents:#?}");
+        // The reconciler knows what is programmed: the same sync again only retries the two.
+        let again = reconciler.sync(&desired, &mut maps);
+        assert_eq!(again.failed.len(), 2, "{again:?}");
+        assert_eq!(maps.dump().unwrap(), contents);
+    }
 }
