@@ -74,7 +74,7 @@ impl BatchOps {
         for (index, (key, value)) in keys.iter().zip(values).enumerate().skip(done) {
             map.insert(key, value, 0).map_err(|error| Failed {
                 index,
-                cause: error.to_string(),
+                cause: with_sources(&error),
             })?;
         }
         Ok(())
@@ -90,7 +90,7 @@ impl BatchOps {
         for (index, key) in keys.iter().enumerate().skip(done) {
             map.remove(key).map_err(|error| Failed {
                 index,
-                cause: error.to_string(),
+                cause: with_sources(&error),
             })?;
         }
         Ok(())
@@ -163,7 +163,18 @@ fn call<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: Option<&[V]>) ->
         Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) => Call::Unsupported,
         _ => Call::Failed {
             done: (attr.count as usize).min(keys.len().saturating_sub(1)),
-            cause: format!("the `{name}` syscall failed: {error}"),
+            cause: format!("`{name}` failed: {error}"),
         },
     }
+}
+
+/// An error and its causes (aya's syscall errors name the call, their source the errno).
+pub(crate) fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }

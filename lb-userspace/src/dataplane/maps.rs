@@ -306,7 +306,7 @@ pub(crate) fn error(
     MapError {
         map,
         operation,
-        cause: cause.to_string(),
+        cause: batch::with_sources(&cause),
     }
 }
 
