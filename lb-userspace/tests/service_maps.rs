@@ -6,15 +6,20 @@
 //! nothing.
 mod common;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use common::BpffsDir;
 use lb_agent::{
+    cidr::Cidr,
     dataplane::{BpfServiceMaps, Dataplane, Limits, bpffs::PinDir},
-    model::{self, Family, ProxyIdentity},
-    reconcile::{Reconciler, ServiceMaps as _, memory::MemoryMaps},
+    model::{self, Backend, Family, ProxyIdentity},
+    reconcile::{
+        BackendEntry, BatchError, MapContents, MapError, Reconciler, ServiceMaps,
+        memory::MemoryMaps,
+    },
     source::manifests,
 };
+use lb_common::{FrontendValue, MaglevTable, SlotKey, SlotValue};
 
 fn dual_stack_state() -> model::DesiredState {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifests/dual-stack");
@@ -132,8 +137,7 @@ fn many_services() -> model::DesiredState {
 /// `node_ports` also with a NodePort.
 fn many_services_of(services: u32, node_ports: u32) -> model::DesiredState {
     use lb_agent::model::{
-        Backend, BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, Protocol,
-        ServicePortName,
+        BackendSet, DesiredService, Endpoints, Frontend, FrontendKind, Protocol, ServicePortName,
     };
     let mut desired = model::DesiredState::default();
     for n in 0..services {
@@ -214,20 +218,35 @@ fn full_sync_of_many_services_timed() {
         if !batch_ops {
             maps.without_batches();
         }
+        let mut maps = Timed {
+            maps,
+            took: Duration::ZERO,
+            calls: 0,
+        };
         let mut reconciler = Reconciler::adopt(&mut maps).expect("adopting empty maps");
         reconciler.batch_writes_from(batch_from);
         let mut timed = |what: &str, desired: &model::DesiredState| {
-            let started = std::time::Instant::now();
+            maps.took = Duration::ZERO;
+            maps.calls = 0;
+            let started = (std::time::Instant::now(), thread_cpu_time());
             let report = reconciler.sync(desired, &mut maps);
-            let took = started.elapsed();
-            assert!(report.failed.is_empty(), "{what}: {:?}", &report.failed[..1]);
-            eprintln!(
-                "{mode}: sync {what}: {services} services, {backends} backends: {:.0} ms, {} \
-                 map writes",
-                took.as_secs_f64() * 1000.0,
-                report.map_writes
+            let took = (started.0.elapsed(), thread_cpu_time() - started.1);
+            assert!(
+                report.failed.is_empty(),
+                "{what}: {:?}",
+                &report.failed[..1]
             );
-            maps.dump().expect("reading the maps")
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            eprintln!(
+                "{mode}: sync {what}: {services} services, {backends} backends: {:.0} ms ({:.0} \
+                 ms CPU), of which map writes {:.0} ms CPU ({} entries, {} calls of the maps)",
+                ms(took.0),
+                ms(took.1),
+                ms(maps.took),
+                report.map_writes,
+                maps.calls,
+            );
+            maps.maps.dump().expect("reading the maps")
         };
         let contents = timed("from nothing", &desired);
         assert_eq!(contents.frontends.len(), desired.frontends.len());
@@ -235,6 +254,93 @@ fn full_sync_of_many_services_timed() {
         timed("again, nothing changed", &desired);
         let empty = timed("to nothing", &model::DesiredState::default());
         assert_eq!(empty, Default::default());
+    }
+}
+
+/// Service maps timing every write (the CPU time of this thread: user and kernel, whatever
+/// else the machine runs).
+struct Timed<M> {
+    maps: M,
+    took: Duration,
+    calls: usize,
+}
+
+impl<M> Timed<M> {
+    fn time<T>(&mut self, write: impl FnOnce(&mut M) -> T) -> T {
+        let started = thread_cpu_time();
+        let result = write(&mut self.maps);
+        self.took += thread_cpu_time() - started;
+        self.calls += 1;
+        result
+    }
+}
+
+/// The CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(result, 0, "clock_gettime");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+impl<M: ServiceMaps> ServiceMaps for Timed<M> {
+    fn put_frontend(&mut self, f: model::Frontend, v: FrontendValue) -> Result<(), MapError> {
+        self.time(|m| m.put_frontend(f, v))
+    }
+    fn remove_frontend(&mut self, f: &model::Frontend) -> Result<(), MapError> {
+        self.time(|m| m.remove_frontend(f))
+    }
+    fn put_slot(&mut self, k: SlotKey, v: SlotValue) -> Result<(), MapError> {
+        self.time(|m| m.put_slot(k, v))
+    }
+    fn remove_slot(&mut self, k: &SlotKey) -> Result<(), MapError> {
+        self.time(|m| m.remove_slot(k))
+    }
+    fn put_backend(&mut self, id: u32, b: BackendEntry) -> Result<(), MapError> {
+        self.time(|m| m.put_backend(id, b))
+    }
+    fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+        self.time(|m| m.remove_backend(id, family))
+    }
+    fn put_maglev(&mut self, id: u32, table: &MaglevTable) -> Result<(), MapError> {
+        self.time(|m| m.put_maglev(id, table))
+    }
+    fn put_maglev_of(&mut self, id: u32, picks: &[Backend], ids: &[u32]) -> Result<(), MapError> {
+        self.time(|m| m.put_maglev_of(id, picks, ids))
+    }
+    fn remove_maglev(&mut self, id: u32) -> Result<(), MapError> {
+        self.time(|m| m.remove_maglev(id))
+    }
+    fn put_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapError> {
+        self.time(|m| m.put_source_range(id, range))
+    }
+    fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapError> {
+        self.time(|m| m.remove_source_range(id, range))
+    }
+    fn dump(&self) -> Result<MapContents, MapError> {
+        self.maps.dump()
+    }
+    fn put_frontends(&mut self, e: &[(model::Frontend, FrontendValue)]) -> Result<(), BatchError> {
+        self.time(|m| m.put_frontends(e))
+    }
+    fn remove_frontends(&mut self, f: &[model::Frontend]) -> Result<(), BatchError> {
+        self.time(|m| m.remove_frontends(f))
+    }
+    fn put_slots(&mut self, e: &[(SlotKey, SlotValue)]) -> Result<(), BatchError> {
+        self.time(|m| m.put_slots(e))
+    }
+    fn remove_slots(&mut self, k: &[SlotKey]) -> Result<(), BatchError> {
+        self.time(|m| m.remove_slots(k))
+    }
+    fn put_backends(&mut self, e: &[(u32, BackendEntry)]) -> Result<(), BatchError> {
+        self.time(|m| m.put_backends(e))
+    }
+    fn remove_backends(&mut self, ids: &[(u32, Family)]) -> Result<(), BatchError> {
+        self.time(|m| m.remove_backends(ids))
     }
 }
 
@@ -247,11 +353,7 @@ fn loaded(limits: Limits) -> (BpffsDir, Dataplane) {
 
 #[test]
 fn batches_write_in_order_and_say_which_entry_failed_with_or_without_batch_operations() {
-    use lb_agent::{
-        dataplane::batch::BatchOps,
-        model::Backend,
-        reconcile::BackendEntry,
-    };
+    use lb_agent::dataplane::batch::BatchOps;
     lb_testkit::require_root().expect("loads the eBPF object: run as root");
     for batches in [true, false] {
         let limits = Limits {
@@ -271,14 +373,22 @@ fn batches_write_in_order_and_say_which_entry_failed_with_or_without_batch_opera
             state: lb_common::backend_states::ACTIVE,
             flags: 0,
         };
-        let entries: Vec<(u32, BackendEntry)> = (1..=10).map(|n| (u32::from(n), entry(n))).collect();
+        let entries: Vec<(u32, BackendEntry)> =
+            (1..=10).map(|n| (u32::from(n), entry(n))).collect();
         // Room for 8: the ninth fails, the eight before it are written, the tenth not tried.
         let failed = maps.put_backends(&entries).expect_err("a full map");
         assert_eq!((failed.index, failed.count), (8, 10), "{failed}");
-        assert!(failed.error.to_string().contains("os error 7"), "E2BIG: {failed}");
+        assert!(
+            failed.error.to_string().contains("os error 7"),
+            "E2BIG: {failed}"
+        );
         let written: Vec<u32> = maps.dump().unwrap().backends.into_keys().collect();
         assert_eq!(written, (1..=8).collect::<Vec<_>>());
-        let expected = if batches { BatchOps::Available } else { BatchOps::Missing };
+        let expected = if batches {
+            BatchOps::Available
+        } else {
+            BatchOps::Missing
+        };
         assert_eq!(maps.batch_ops(), expected);
         // Removals: the third is not there; the two before it go, the rest stay.
         let family = Family::V4;
@@ -288,7 +398,8 @@ fn batches_write_in_order_and_say_which_entry_failed_with_or_without_batch_opera
         let left: Vec<u32> = maps.dump().unwrap().backends.into_keys().collect();
         assert_eq!(left, (3..=8).collect::<Vec<_>>());
         // Overwriting entries of a full map works, in one batch.
-        let again: Vec<(u32, BackendEntry)> = (3..=8).map(|n| (u32::from(n), entry(n + 100))).collect();
+        let again: Vec<(u32, BackendEntry)> =
+            (3..=8).map(|n| (u32::from(n), entry(n + 100))).collect();
         maps.put_backends(&again).expect("overwriting");
         let contents = maps.dump().unwrap();
         assert_eq!(contents.backends[&8].backend.ip.to_string(), "10.244.9.108");

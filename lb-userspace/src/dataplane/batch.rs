@@ -58,7 +58,10 @@ enum Call {
     /// No batch operations: nothing was done.
     Unsupported,
     /// Entries before `done` are done; the one at `done` failed.
-    Failed { done: usize, cause: String },
+    Failed {
+        done: usize,
+        cause: String,
+    },
 }
 
 impl BatchOps {

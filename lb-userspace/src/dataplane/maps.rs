@@ -135,7 +135,11 @@ where
             .map_err(|f| failed(A::BACKENDS, "insert", f))
     }
 
-    fn remove_backends(&mut self, ops: &mut BatchOps, ids: &[u32]) -> Result<(), (usize, MapError)> {
+    fn remove_backends(
+        &mut self,
+        ops: &mut BatchOps,
+        ids: &[u32],
+    ) -> Result<(), (usize, MapError)> {
         ops.delete(&mut self.backends, ids)
             .map_err(|f| failed(A::BACKENDS, "delete", f))
     }
@@ -387,9 +391,7 @@ impl ServiceMaps for BpfServiceMaps {
             |(frontend, _)| frontend.family(),
             |family, run| match family {
                 Family::V4 => v4.put_frontends(batch_ops, run),
-                Family::V6 => v6_of(v6)
-                    .map_err(|e| (0, e))?
-                    .put_frontends(batch_ops, run),
+                Family::V6 => v6_of(v6).map_err(|e| (0, e))?.put_frontends(batch_ops, run),
             },
         )
     }
@@ -429,9 +431,7 @@ impl ServiceMaps for BpfServiceMaps {
             |(_, entry)| entry.backend.family(),
             |family, run| match family {
                 Family::V4 => v4.put_backends(batch_ops, run),
-                Family::V6 => v6_of(v6)
-                    .map_err(|e| (0, e))?
-                    .put_backends(batch_ops, run),
+                Family::V6 => v6_of(v6).map_err(|e| (0, e))?.put_backends(batch_ops, run),
             },
         )
     }

@@ -156,12 +156,17 @@ impl<'m, M: ServiceMaps> Batched<'m, M> {
         while let Err(failed) = maps.remove_frontends(rest) {
             *sent += failed.index + 1;
             self.frontends_removed += failed.index;
-            self.removals_failed.push((rest[failed.index], failed.error));
+            self.removals_failed
+                .push((rest[failed.index], failed.error));
             rest = &rest[failed.index + 1..];
         }
         *sent += rest.len();
         self.frontends_removed += rest.len();
-        counted(sent, p.put_backends.len(), maps.put_backends(&p.put_backends))?;
+        counted(
+            sent,
+            p.put_backends.len(),
+            maps.put_backends(&p.put_backends),
+        )?;
         counted(sent, p.put_slots.len(), maps.put_slots(&p.put_slots))?;
         for (service_id, picks, ids) in &p.put_maglev {
             *sent += 1;

@@ -53,7 +53,9 @@ pub trait ServiceMaps {
     // operations).
 
     fn put_frontends(&mut self, entries: &[(Frontend, FrontendValue)]) -> Result<(), BatchError> {
-        each(entries, |(frontend, value)| self.put_frontend(*frontend, *value))
+        each(entries, |(frontend, value)| {
+            self.put_frontend(*frontend, *value)
+        })
     }
     fn remove_frontends(&mut self, frontends: &[Frontend]) -> Result<(), BatchError> {
         each(frontends, |frontend| self.remove_frontend(frontend))

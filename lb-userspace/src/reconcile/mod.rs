@@ -39,8 +39,8 @@ use batch::{BatchFrom, Batched};
 use ids::IdSpace;
 pub use maps::{
     BackendEntry, BatchError, FamilyAddr, FrontendView, MapContents, MapError, ServiceMaps,
-    backend_of,
-    backend_value, family_map_names, frontend_key, frontend_of, source_range_key, source_range_of,
+    backend_of, backend_value, family_map_names, frontend_key, frontend_of, source_range_key,
+    source_range_of,
 };
 use source_ranges::ProgrammedRanges;
 
@@ -413,10 +413,12 @@ impl Reconciler {
             Err(error) => {
                 tracing::error!(%error, "could not read the maps back");
                 let mut report = batched;
-                report.failed.extend(desired.frontends.iter().map(|(frontend, service)| {
-                    let cause = format!("{}: {}; {error}", service.name, failure.error);
-                    (*frontend, cause)
-                }));
+                report
+                    .failed
+                    .extend(desired.frontends.iter().map(|(frontend, service)| {
+                        let cause = format!("{}: {}; {error}", service.name, failure.error);
+                        (*frontend, cause)
+                    }));
                 return report;
             }
         };

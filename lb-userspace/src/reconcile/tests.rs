@@ -2675,7 +2675,11 @@ fn a_batched_sync_writes_each_map_once_in_the_safe_order_and_ends_as_one_written
         let report = sync(&mut reconciler, desired, &mut maps);
         let sequential = sync(&mut unbatched, desired, &mut one_by_one);
         assert_eq!(report, sequential, "step {step}: the same report");
-        assert_eq!(maps.contents(), one_by_one.contents(), "step {step}: the same ids");
+        assert_eq!(
+            maps.contents(),
+            one_by_one.contents(),
+            "step {step}: the same ids"
+        );
         let ops = &maps.ops;
         let phase = |which: fn(&Op) -> bool| span(ops, which);
         let phases = [
@@ -2814,7 +2818,11 @@ fn a_large_change_batches_and_a_small_one_writes_entry_by_entry() {
     let report = reconciler.sync(&desired, &mut maps);
     assert!(report.failed.is_empty(), "{report:?}");
     assert_eq!(maps.batches, 1, "one batch of slots");
-    assert_eq!(maps.singles, 2 * usize::from(n) + usize::from(n), "backends and frontends");
+    assert_eq!(
+        maps.singles,
+        2 * usize::from(n) + usize::from(n),
+        "backends and frontends"
+    );
     // One backend of one service changes: two slots, one frontend, one backend each alone.
     let mut changed = desired.clone();
     let set = changed.sets.values_mut().next().unwrap();
@@ -2825,5 +2833,9 @@ fn a_large_change_batches_and_a_small_one_writes_entry_by_entry() {
     let report = reconciler.sync_changes(&changed, &frontends, &BTreeSet::new(), &mut maps);
     assert!(report.failed.is_empty(), "{report:?}");
     assert_eq!(maps.batches, before_batches, "no batch");
-    assert_eq!(maps.singles - before_singles, report.map_writes, "{report:?}");
+    assert_eq!(
+        maps.singles - before_singles,
+        report.map_writes,
+        "{report:?}"
+    );
 }
