@@ -1,7 +1,8 @@
 //! The one service table in the kernel (frontends of every kind, slots, backends, Maglev
 //! tables), behind the reconciler's [`ServiceMaps`] trait. Frontends, backends and source
 //! ranges have one map per family ([`FamilyMaps`], one definition for both); slots and
-//! Maglev tables serve both families.
+//! Maglev tables serve both families. Many frontends, slots or backends at once go in batches
+//! (see [`super::batch`]).
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
@@ -14,12 +15,13 @@ use lb_common::{
     SlotValue, SourceRangeKey, map_names,
 };
 
+use super::batch::{self, BatchOps};
 use crate::{
     cidr::Cidr,
     model::{Family, Frontend},
     reconcile::{
-        BackendEntry, FamilyAddr, MapContents, MapError, ServiceMaps, backend_of, backend_value,
-        frontend_key, frontend_of, source_range_key, source_range_of,
+        BackendEntry, BatchError, FamilyAddr, MapContents, MapError, ServiceMaps, backend_of,
+        backend_value, frontend_key, frontend_of, source_range_key, source_range_of,
     },
 };
 
@@ -89,6 +91,59 @@ where
             .map_err(|e| error(A::BACKENDS, "delete", e))
     }
 
+    fn put_frontends(
+        &mut self,
+        ops: &mut BatchOps,
+        run: &[(Frontend, FrontendValue)],
+    ) -> Result<(), (usize, MapError)> {
+        let keys = run
+            .iter()
+            .map(|(frontend, _)| Self::key(frontend))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (0, e))?;
+        let values: Vec<FrontendValue> = run.iter().map(|(_, value)| *value).collect();
+        ops.update(&mut self.frontends, &keys, &values)
+            .map_err(|f| failed(A::FRONTENDS, "insert", f))
+    }
+
+    fn remove_frontends(
+        &mut self,
+        ops: &mut BatchOps,
+        run: &[Frontend],
+    ) -> Result<(), (usize, MapError)> {
+        let keys = run
+            .iter()
+            .map(Self::key)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (0, e))?;
+        ops.delete(&mut self.frontends, &keys)
+            .map_err(|f| failed(A::FRONTENDS, "delete", f))
+    }
+
+    fn put_backends(
+        &mut self,
+        ops: &mut BatchOps,
+        run: &[(u32, BackendEntry)],
+    ) -> Result<(), (usize, MapError)> {
+        let ids: Vec<u32> = run.iter().map(|(id, _)| *id).collect();
+        let values = run
+            .iter()
+            .map(|(_, entry)| backend_value(entry).ok_or_else(|| wrong_family(A::BACKENDS)))
+            .collect::<Result<Vec<MapBackend<A>>, _>>()
+            .map_err(|e| (0, e))?;
+        ops.update(&mut self.backends, &ids, &values)
+            .map_err(|f| failed(A::BACKENDS, "insert", f))
+    }
+
+    fn remove_backends(
+        &mut self,
+        ops: &mut BatchOps,
+        ids: &[u32],
+    ) -> Result<(), (usize, MapError)> {
+        ops.delete(&mut self.backends, ids)
+            .map_err(|f| failed(A::BACKENDS, "delete", f))
+    }
+
     fn put_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError> {
         let key =
             source_range_key(service_id, range).ok_or_else(|| wrong_family(A::SOURCE_RANGES))?;
@@ -147,6 +202,8 @@ pub struct BpfServiceMaps {
     v6: Option<FamilyMaps<Addr6>>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     maglev: HashMap<MapData, u32, MaglevTable>,
+    /// Whether the kernel has batch operations (the maps above are all hash maps).
+    batch_ops: BatchOps,
 }
 
 impl BpfServiceMaps {
@@ -157,6 +214,7 @@ impl BpfServiceMaps {
             v6: Some(FamilyMaps::take(ebpf)?),
             slots: HashMap::try_from(take_map(ebpf, map_names::SLOTS_V4)?)?,
             maglev: HashMap::try_from(take_map(ebpf, map_names::MAGLEV_V4)?)?,
+            batch_ops: BatchOps::default(),
         })
     }
 
@@ -172,18 +230,61 @@ impl BpfServiceMaps {
                 .transpose()?,
             slots: HashMap::try_from(open(map_names::SLOTS_V4)?)?,
             maglev: HashMap::try_from(open(map_names::MAGLEV_V4)?)?,
+            batch_ops: BatchOps::default(),
         })
     }
 }
 
 impl BpfServiceMaps {
     fn v6(&mut self) -> Result<&mut FamilyMaps<Addr6>, MapError> {
-        self.v6.as_mut().ok_or(MapError {
-            map: map_names::FRONTENDS_V6,
-            operation: "open",
-            cause: "no IPv6 maps are pinned (an IPv4-only agent's pins)".into(),
-        })
+        v6_of(&mut self.v6)
     }
+
+    /// Whether batches are used (`Unknown` until the first batch).
+    pub fn batch_ops(&self) -> BatchOps {
+        self.batch_ops
+    }
+
+    /// Writes one entry at a time from now on, as on a kernel without batch operations.
+    pub fn without_batches(&mut self) {
+        self.batch_ops = BatchOps::Missing;
+    }
+}
+
+fn v6_of(v6: &mut Option<FamilyMaps<Addr6>>) -> Result<&mut FamilyMaps<Addr6>, MapError> {
+    v6.as_mut().ok_or(MapError {
+        map: map_names::FRONTENDS_V6,
+        operation: "open",
+        cause: "no IPv6 maps are pinned (an IPv4-only agent's pins)".into(),
+    })
+}
+
+/// A failed entry of a batch as the reconciler reports it.
+fn failed(map: &'static str, operation: &'static str, f: batch::Failed) -> (usize, MapError) {
+    let error = MapError {
+        map,
+        operation,
+        cause: f.cause,
+    };
+    (f.index, error)
+}
+
+/// `write` on each run of `entries` of one family, in order, up to the first failure.
+fn by_family<T>(
+    entries: &[T],
+    family: impl Fn(&T) -> Family,
+    mut write: impl FnMut(Family, &[T]) -> Result<(), (usize, MapError)>,
+) -> Result<(), BatchError> {
+    let mut offset = 0;
+    for run in entries.chunk_by(|a, b| family(a) == family(b)) {
+        write(family(&run[0]), run).map_err(|(index, error)| BatchError {
+            index: offset + index,
+            count: entries.len(),
+            error,
+        })?;
+        offset += run.len();
+    }
+    Ok(())
 }
 
 /// Takes map `name` out of a loaded object.
@@ -209,7 +310,7 @@ pub(crate) fn error(
     MapError {
         map,
         operation,
-        cause: cause.to_string(),
+        cause: batch::with_sources(&cause),
     }
 }
 
@@ -281,6 +382,79 @@ impl ServiceMaps for BpfServiceMaps {
         }
     }
 
+    fn put_frontends(&mut self, entries: &[(Frontend, FrontendValue)]) -> Result<(), BatchError> {
+        let Self {
+            v4, v6, batch_ops, ..
+        } = self;
+        by_family(
+            entries,
+            |(frontend, _)| frontend.family(),
+            |family, run| match family {
+                Family::V4 => v4.put_frontends(batch_ops, run),
+                Family::V6 => v6_of(v6).map_err(|e| (0, e))?.put_frontends(batch_ops, run),
+            },
+        )
+    }
+
+    fn remove_frontends(&mut self, frontends: &[Frontend]) -> Result<(), BatchError> {
+        let Self {
+            v4, v6, batch_ops, ..
+        } = self;
+        by_family(frontends, Frontend::family, |family, run| match family {
+            Family::V4 => v4.remove_frontends(batch_ops, run),
+            Family::V6 => v6_of(v6)
+                .map_err(|e| (0, e))?
+                .remove_frontends(batch_ops, run),
+        })
+    }
+
+    fn put_slots(&mut self, entries: &[(SlotKey, SlotValue)]) -> Result<(), BatchError> {
+        let keys: Vec<SlotKey> = entries.iter().map(|(key, _)| *key).collect();
+        let values: Vec<SlotValue> = entries.iter().map(|(_, value)| *value).collect();
+        self.batch_ops
+            .update(&mut self.slots, &keys, &values)
+            .map_err(|f| in_slots("insert", f, entries.len()))
+    }
+
+    fn remove_slots(&mut self, keys: &[SlotKey]) -> Result<(), BatchError> {
+        self.batch_ops
+            .delete(&mut self.slots, keys)
+            .map_err(|f| in_slots("delete", f, keys.len()))
+    }
+
+    fn put_backends(&mut self, entries: &[(u32, BackendEntry)]) -> Result<(), BatchError> {
+        let Self {
+            v4, v6, batch_ops, ..
+        } = self;
+        by_family(
+            entries,
+            |(_, entry)| entry.backend.family(),
+            |family, run| match family {
+                Family::V4 => v4.put_backends(batch_ops, run),
+                Family::V6 => v6_of(v6).map_err(|e| (0, e))?.put_backends(batch_ops, run),
+            },
+        )
+    }
+
+    fn remove_backends(&mut self, ids: &[(u32, Family)]) -> Result<(), BatchError> {
+        let Self {
+            v4, v6, batch_ops, ..
+        } = self;
+        by_family(
+            ids,
+            |(_, family)| *family,
+            |family, run| {
+                let ids: Vec<u32> = run.iter().map(|(id, _)| *id).collect();
+                match family {
+                    Family::V4 => v4.remove_backends(batch_ops, &ids),
+                    Family::V6 => v6_of(v6)
+                        .map_err(|e| (0, e))?
+                        .remove_backends(batch_ops, &ids),
+                }
+            },
+        )
+    }
+
     fn dump(&self) -> Result<MapContents, MapError> {
         let mut contents = MapContents {
             slots: self
@@ -300,5 +474,15 @@ impl ServiceMaps for BpfServiceMaps {
             v6.dump_into(&mut contents)?;
         }
         Ok(contents)
+    }
+}
+
+/// A failed entry of a batch of slots as the reconciler reports it.
+fn in_slots(operation: &'static str, f: batch::Failed, count: usize) -> BatchError {
+    let (index, error) = failed(map_names::SLOTS_V4, operation, f);
+    BatchError {
+        index,
+        count,
+        error,
     }
 }

@@ -1,5 +1,6 @@
 //! Loading, attaching and pinning the eBPF programs, and reading and writing their maps
 //! through the `lb-common` types. Nothing here knows Kubernetes.
+pub mod batch;
 pub mod bpffs;
 pub mod inspect;
 pub mod links;

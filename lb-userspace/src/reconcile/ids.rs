@@ -63,6 +63,15 @@ impl IdSpace {
         }
     }
 
+    /// The same space, its cursor where it is, with no id in use (to adopt the maps into
+    /// again).
+    pub fn emptied(&self) -> Self {
+        Self {
+            used: BTreeSet::new(),
+            ..*self
+        }
+    }
+
     /// `id` is no longer in use; it comes back once the cursor has gone round.
     pub fn release(&mut self, id: u32) {
         self.used.remove(&id);

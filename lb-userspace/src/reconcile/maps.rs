@@ -36,6 +36,67 @@ pub trait ServiceMaps {
     fn remove_source_range(&mut self, service_id: u32, range: Cidr) -> Result<(), MapError>;
     /// Everything the maps hold now (for adopting maps a previous agent left pinned).
     fn dump(&self) -> Result<MapContents, MapError>;
+
+    /// The Maglev table of these backends (`ids` theirs, in slot order) for `service_id`.
+    fn put_maglev_of(
+        &mut self,
+        service_id: u32,
+        picks: &[Backend],
+        ids: &[u32],
+    ) -> Result<(), MapError> {
+        self.put_maglev(service_id, &super::maglev::table_for(picks, ids))
+    }
+
+    // Many entries of one map at once (a large sync, see [`super::batch`]): written in order,
+    // stopping at the first that fails, which the error names; every entry before it is
+    // written. One entry at a time unless the maps have something better (the BPF maps' batch
+    // operations).
+
+    fn put_frontends(&mut self, entries: &[(Frontend, FrontendValue)]) -> Result<(), BatchError> {
+        each(entries, |(frontend, value)| {
+            self.put_frontend(*frontend, *value)
+        })
+    }
+    fn remove_frontends(&mut self, frontends: &[Frontend]) -> Result<(), BatchError> {
+        each(frontends, |frontend| self.remove_frontend(frontend))
+    }
+    fn put_slots(&mut self, entries: &[(SlotKey, SlotValue)]) -> Result<(), BatchError> {
+        each(entries, |(key, value)| self.put_slot(*key, *value))
+    }
+    fn remove_slots(&mut self, keys: &[SlotKey]) -> Result<(), BatchError> {
+        each(keys, |key| self.remove_slot(key))
+    }
+    fn put_backends(&mut self, entries: &[(u32, BackendEntry)]) -> Result<(), BatchError> {
+        each(entries, |(id, entry)| self.put_backend(*id, *entry))
+    }
+    fn remove_backends(&mut self, ids: &[(u32, Family)]) -> Result<(), BatchError> {
+        each(ids, |(id, family)| self.remove_backend(*id, *family))
+    }
+}
+
+/// The entry of a batch that failed (its index in the batch), and why; the ones before it
+/// are written, the ones after it not tried.
+#[derive(Debug, thiserror::Error)]
+#[error("entry {index} of {count}: {error}")]
+pub struct BatchError {
+    pub index: usize,
+    pub count: usize,
+    pub error: MapError,
+}
+
+/// `write` on each of `entries` in order, up to the first failure.
+fn each<T>(
+    entries: &[T],
+    mut write: impl FnMut(&T) -> Result<(), MapError>,
+) -> Result<(), BatchError> {
+    for (index, entry) in entries.iter().enumerate() {
+        write(entry).map_err(|error| BatchError {
+            index,
+            count: entries.len(),
+            error,
+        })?;
+    }
+    Ok(())
 }
 
 /// A failed map operation.

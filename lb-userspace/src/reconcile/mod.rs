@@ -7,7 +7,9 @@
 //! is written so that no connection and no packet ever sees a half-written set: backends
 //! first, then the slots of the idle generation and the Maglev table (replaced whole), then
 //! every frontend entry of the set in one map update each, then the old slots, frontends no
-//! longer wanted, sets no frontend names, and backends no set keeps.
+//! longer wanted, sets no frontend names, and backends no set keeps. A large sync (a start, a
+//! re-list) writes in the same order for all its sets at once, one batch per map and phase
+//! (see [`batch`]).
 //!
 //! Ids are recovered from the pinned maps at start ([`Reconciler::adopt`]), so a restarted
 //! agent keeps every set on its service id and every backend on its id: tracked flows and
@@ -18,6 +20,7 @@
 //! Nothing here knows Kubernetes; the maps are behind the [`ServiceMaps`] trait so the same
 //! code drives the BPF maps and the in-memory maps of the model tests.
 mod backends;
+mod batch;
 pub mod ids;
 pub mod maglev;
 mod maps;
@@ -31,10 +34,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use lb_common::{FrontendValue, SlotKey, SlotValue, frontend_flags};
 
 use backends::{Keepers, Opinion, ProgrammedBackend};
+pub use batch::BATCH_FROM;
+use batch::{BatchFrom, Batched};
 use ids::IdSpace;
 pub use maps::{
-    BackendEntry, FamilyAddr, FrontendView, MapContents, MapError, ServiceMaps, backend_of,
-    backend_value, family_map_names, frontend_key, frontend_of, source_range_key, source_range_of,
+    BackendEntry, BatchError, FamilyAddr, FrontendView, MapContents, MapError, ServiceMaps,
+    backend_of, backend_value, family_map_names, frontend_key, frontend_of, source_range_key,
+    source_range_of,
 };
 use source_ranges::ProgrammedRanges;
 
@@ -75,7 +81,8 @@ pub struct SyncReport {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
-    /// Map operations issued (each is one bpf() syscall on the real maps).
+    /// Map entries written or removed (each one bpf() syscall on the real maps, or one
+    /// element of a batch in a large sync).
     pub map_writes: usize,
     /// Frontends that could not be programmed, with the reason; what was programmed before for
     /// them stays in place.
@@ -130,6 +137,7 @@ pub struct Reconciler {
     source_ranges: ProgrammedRanges,
     service_ids: IdSpace,
     backend_ids: IdSpace,
+    batch_from: BatchFrom,
 }
 
 impl Reconciler {
@@ -147,7 +155,17 @@ impl Reconciler {
         service_ids: IdSpace,
         backend_ids: IdSpace,
     ) -> Result<Self, MapError> {
+        Self::adopt_counted(maps, service_ids, backend_ids).map(|(reconciler, _)| reconciler)
+    }
+
+    /// [`Reconciler::adopt_with_ids`], and how many leftovers it removed.
+    fn adopt_counted(
+        maps: &mut impl ServiceMaps,
+        service_ids: IdSpace,
+        backend_ids: IdSpace,
+    ) -> Result<(Self, usize), MapError> {
         let contents = maps.dump()?;
+        let mut removed = 0;
         let mut reconciler = Reconciler {
             service_ids,
             backend_ids,
@@ -206,15 +224,17 @@ impl Reconciler {
                 set.generation == slot.generation && (slot.index as usize) < set.slots.len()
             });
             if !live {
+                removed += 1;
                 maps.remove_slot(slot)?;
             }
         }
         for id in &contents.maglev {
             if !reconciler.adopted.contains_key(id) {
+                removed += 1;
                 maps.remove_maglev(*id)?;
             }
         }
-        Ok(reconciler)
+        Ok((reconciler, removed))
     }
 
     /// Keeps ids up to these from being handed out again: session-affinity and conntrack
@@ -289,7 +309,7 @@ impl Reconciler {
 
     /// Makes the maps serve `desired`, looking at everything (the first sync after adopting
     /// maps, or a full resync).
-    pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl ServiceMaps) -> SyncReport {
+    pub fn sync<M: ServiceMaps>(&mut self, desired: &DesiredState, maps: &mut M) -> SyncReport {
         let mut frontends: BTreeSet<Frontend> = desired.frontends.keys().copied().collect();
         frontends.extend(self.frontends.keys().copied());
         frontends.extend(self.adopted_frontends.keys().copied());
@@ -299,7 +319,26 @@ impl Reconciler {
             .chain(self.sets.keys())
             .cloned()
             .collect();
-        let mut report = self.sync_changes(desired, &frontends, &sets, maps);
+        if !self.batch_from.batches(frontends.len() + sets.len()) {
+            return self.write_all(desired, &frontends, &sets, maps);
+        }
+        let mut batched = Batched::new(maps);
+        let mut report = self.write_all(desired, &frontends, &sets, &mut batched);
+        match batched.finish(&mut report) {
+            Ok(()) => report,
+            Err(failure) => self.recover(desired, maps, report, failure),
+        }
+    }
+
+    /// The writes of [`Reconciler::sync`].
+    fn write_all(
+        &mut self,
+        desired: &DesiredState,
+        frontends: &BTreeSet<Frontend>,
+        sets: &BTreeSet<SetKey>,
+        maps: &mut impl ServiceMaps,
+    ) -> SyncReport {
+        let mut report = self.write_changes(desired, frontends, sets, maps);
         // What the earlier agent left and nothing desired took.
         for (frontend, _) in std::mem::take(&mut self.adopted_frontends) {
             report.map_writes += 1;
@@ -329,7 +368,82 @@ impl Reconciler {
 
     /// Like [`Reconciler::sync`], looking only at the frontends and sets the model says
     /// changed: the cost of a change does not grow with the number of services.
-    pub fn sync_changes(
+    pub fn sync_changes<M: ServiceMaps>(
+        &mut self,
+        desired: &DesiredState,
+        frontends: &BTreeSet<Frontend>,
+        sets: &BTreeSet<SetKey>,
+        maps: &mut M,
+    ) -> SyncReport {
+        if !self.batch_from.batches(frontends.len() + sets.len()) {
+            return self.write_changes(desired, frontends, sets, maps);
+        }
+        let mut batched = Batched::new(maps);
+        let mut report = self.write_changes(desired, frontends, sets, &mut batched);
+        match batched.finish(&mut report) {
+            Ok(()) => report,
+            Err(failure) => self.recover(desired, maps, report, failure),
+        }
+    }
+
+    /// Batches the writes of syncs looking at `looked_at` frontends and sets or more (by
+    /// default [`BATCH_FROM`]; 0: every sync, `usize::MAX`: none).
+    pub fn batch_writes_from(&mut self, looked_at: usize) {
+        self.batch_from = BatchFrom(looked_at);
+    }
+
+    /// After a batched write failed (a full map, most likely): reads back what the maps hold,
+    /// as a restarted agent would, and writes the sync again one entry at a time, so each
+    /// failure is reported for its frontends and what was programmed for them stays. The ids
+    /// keep where they were handed out up to (see [`Reconciler::reserve_ids`]).
+    fn recover(
+        &mut self,
+        desired: &DesiredState,
+        maps: &mut impl ServiceMaps,
+        batched: SyncReport,
+        failure: batch::Failure,
+    ) -> SyncReport {
+        tracing::warn!(
+            error = %failure.error,
+            "a batched map write failed; reading the maps back and writing one entry at a time"
+        );
+        let ids = (self.service_ids.emptied(), self.backend_ids.emptied());
+        let (mut fresh, leftovers) = match Self::adopt_counted(maps, ids.0, ids.1) {
+            Ok(adopted) => adopted,
+            Err(error) => {
+                tracing::error!(%error, "could not read the maps back");
+                let mut report = batched;
+                report
+                    .failed
+                    .extend(desired.frontends.iter().map(|(frontend, service)| {
+                        let cause = format!("{}: {}; {error}", service.name, failure.error);
+                        (*frontend, cause)
+                    }));
+                return report;
+            }
+        };
+        fresh.batch_from = BatchFrom::NEVER;
+        let mut report = fresh.sync(desired, maps);
+        fresh.batch_from = self.batch_from;
+        // What the batches did that the maps no longer show.
+        report.map_writes += failure.sent + leftovers;
+        report.removed += failure.frontends_removed;
+        let live: BTreeSet<u32> = fresh.sets.values().map(|set| set.service_id).collect();
+        let sets_removed = batched.sets_removed.into_iter();
+        let sets_removed = sets_removed.filter(|(_, id)| !live.contains(id));
+        report.sets_removed.extend(sets_removed);
+        let mut gone: BTreeSet<Backend> = report.backends_removed.iter().copied().collect();
+        for backend in batched.backends_removed {
+            if !fresh.backends.contains_key(&backend) && gone.insert(backend) {
+                report.backends_removed.push(backend);
+            }
+        }
+        *self = fresh;
+        report
+    }
+
+    /// The writes of [`Reconciler::sync_changes`].
+    fn write_changes(
         &mut self,
         desired: &DesiredState,
         frontends: &BTreeSet<Frontend>,
@@ -682,7 +796,7 @@ impl Reconciler {
         let written = write_slots(service_id, 0, ids, maps, report).and_then(|()| {
             if maglev && !ids.is_empty() {
                 report.map_writes += 1;
-                maps.put_maglev(service_id, &maglev::table_for(picks, ids))?;
+                maps.put_maglev_of(service_id, picks, ids)?;
             }
             Ok(())
         });
@@ -723,7 +837,7 @@ impl Reconciler {
             let mut next = current.clone();
             if want_table && !current.maglev {
                 report.map_writes += 1;
-                maps.put_maglev(current.service_id, &maglev::table_for(picks, ids))?;
+                maps.put_maglev_of(current.service_id, picks, ids)?;
             }
             next.maglev = want_table;
             self.sets.insert(set_key.clone(), next);
@@ -739,7 +853,7 @@ impl Reconciler {
             write_slots(current.service_id, generation, ids, maps, report).and_then(|()| {
                 if want_table {
                     report.map_writes += 1;
-                    maps.put_maglev(current.service_id, &maglev::table_for(picks, ids))?;
+                    maps.put_maglev_of(current.service_id, picks, ids)?;
                 }
                 Ok(())
             });

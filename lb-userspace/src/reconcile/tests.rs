@@ -646,10 +646,21 @@ fn affinity_only_change_is_one_service_write() {
 
 #[test]
 fn full_backend_map_fails_that_service_only_and_keeps_what_it_had() {
+    full_backend_map_fails_that_service_only(usize::MAX);
+}
+
+#[test]
+fn full_backend_map_in_a_batched_sync_fails_that_service_only() {
+    full_backend_map_fails_that_service_only(0);
+}
+
+/// With syncs batched from `batch_from` frontends and sets on.
+fn full_backend_map_fails_that_service_only(batch_from: usize) {
     // Room for 5 backends: web has 2, dns 2. Growing web to 4 needs 2 more while the old
     // generation still lives; it cannot fit. A new service with one backend can.
     let mut maps = CheckedMaps::with_limits(16, 64, 5);
     let mut reconciler = Reconciler::default();
+    reconciler.batch_writes_from(batch_from);
     let web_before = desired_service("web", &[backend(1, 8080), backend(2, 8080)], None);
     let dns_service = desired_service("dns", &[backend(1, 53), backend(2, 53)], None);
     let before = state(vec![
@@ -701,8 +712,21 @@ fn full_backend_map_fails_that_service_only_and_keeps_what_it_had() {
 
 #[test]
 fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
+    service_that_does_not_fit_leaves_nothing(usize::MAX);
+}
+
+#[test]
+fn service_that_does_not_fit_in_a_batched_sync_leaves_nothing_behind() {
+    service_that_does_not_fit_leaves_nothing(0);
+}
+
+fn service_that_does_not_fit_leaves_nothing(batch_from: usize) {
+    let batched = |mut reconciler: Reconciler| {
+        reconciler.batch_writes_from(batch_from);
+        reconciler
+    };
     let mut maps = CheckedMaps::with_limits(16, 64, 3);
-    let mut reconciler = Reconciler::default();
+    let mut reconciler = batched(Reconciler::default());
     let small = state(vec![(
         web(),
         desired_service("web", &[backend(1, 80)], None),
@@ -723,7 +747,7 @@ fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
 
     // A full services map and a full slots map fail the same way.
     let mut maps = CheckedMaps::with_limits(1, 64, 64);
-    let mut reconciler = Reconciler::default();
+    let mut reconciler = batched(Reconciler::default());
     let report = counted_sync(&mut reconciler, &wanted, &mut maps);
     assert_eq!(report.failed.len(), 1, "{report:?}");
     assert_eq!(maps.contents().frontends.len(), 1);
@@ -734,7 +758,7 @@ fn service_that_does_not_fit_at_all_leaves_nothing_behind() {
 
     // Slots: both generations must fit during an update.
     let mut maps = CheckedMaps::with_limits(16, 3, 64);
-    let mut reconciler = Reconciler::default();
+    let mut reconciler = batched(Reconciler::default());
     let two = state(vec![(
         web(),
         desired_service("web", &[backend(1, 80), backend(2, 80)], None),
@@ -2170,22 +2194,28 @@ fn apply(objects: &mut Objects, event: &Event) {
     }
 }
 
-fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
+/// With syncs batched from `batch_from` frontends and sets on.
+fn run_events(events: &[Event], batch_from: usize) -> Result<(), TestCaseError> {
     let identity = identity();
     let mut objects = Objects::default();
     let mut maps = CheckedMaps::default();
-    let mut reconciler = Reconciler::adopt(&mut maps).expect("adopt empty maps");
+    let adopt = |maps: &mut CheckedMaps| {
+        let mut reconciler = Reconciler::adopt(maps).expect("adopt");
+        reconciler.batch_writes_from(batch_from);
+        reconciler
+    };
+    let mut reconciler = adopt(&mut maps);
     // The agent's path: a model kept by difference, syncing only what it reports changed.
     let mut model = model::Model::new(identity.clone());
     let mut incremental_maps = CheckedMaps::default();
-    let mut incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt empty maps");
+    let mut incremental = adopt(&mut incremental_maps);
     let mut first = true;
     for (step, event) in events.iter().enumerate() {
         apply(&mut objects, event);
         let changes = model.update(&objects);
         let restart = matches!(event, Event::Restart);
         if first || restart {
-            incremental = Reconciler::adopt(&mut incremental_maps).expect("adopt");
+            incremental = adopt(&mut incremental_maps);
             let report = counted_sync(&mut incremental, model.desired(), &mut incremental_maps);
             prop_assert!(report.failed.is_empty(), "step {step}: {report:?}");
             if restart {
@@ -2204,7 +2234,7 @@ fn run_events(events: &[Event]) -> Result<(), TestCaseError> {
         }
         if restart {
             maps.ops.clear();
-            reconciler = Reconciler::adopt(&mut maps).expect("adopt");
+            reconciler = adopt(&mut maps);
             prop_assert!(
                 maps.ops.is_empty(),
                 "step {step}: adopt wrote {:?}",
@@ -2270,7 +2300,14 @@ proptest! {
     fn random_object_events_keep_the_maps_equal_to_a_fresh_build(
         events in prop::collection::vec(event(), 1..=30)
     ) {
-        run_events(&events)?;
+        run_events(&events, super::BATCH_FROM)?;
+    }
+
+    #[test]
+    fn random_object_events_with_every_sync_batched_keep_the_maps_equal_to_a_fresh_build(
+        events in prop::collection::vec(event(), 1..=30)
+    ) {
+        run_events(&events, 0)?;
     }
 }
 
@@ -2589,4 +2626,216 @@ fn each_familys_frontends_map_has_its_own_capacity() {
         "{report:?}"
     );
     assert_eq!(maps.contents().frontends.len(), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched syncs
+
+/// `n` ClusterIP services of two backends each (`svc-0`...), the first `node_ports` also with
+/// a NodePort; `shift` moves every service to other backends.
+fn many(n: u8, node_ports: u8, shift: u8) -> DesiredState {
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let name = format!("svc-{i}");
+        let first = i.wrapping_mul(2).wrapping_add(shift);
+        let backends = [backend(first, 80), backend(first.wrapping_add(1), 80)];
+        let cluster_ip = frontend(&format!("10.96.1.{i}"), 80, Protocol::Tcp);
+        entries.push((cluster_ip, desired_service(&name, &backends, None)));
+        if i < node_ports {
+            let (mut service, set) = desired_service(&name, &backends, None);
+            service.kind = FrontendKind::NodePort;
+            let port = frontend("0.0.0.0", 30_000 + u16::from(i), Protocol::Tcp);
+            entries.push((port, (service, set)));
+        }
+    }
+    state(entries)
+}
+
+/// The position of the first and last operation `which` picks (`None` for none).
+fn span(ops: &[Op], which: impl Fn(&Op) -> bool) -> Option<(usize, usize)> {
+    let first = ops.iter().position(&which)?;
+    let last = ops.iter().rposition(&which)?;
+    Some((first, last))
+}
+
+#[test]
+fn a_batched_sync_writes_each_map_once_in_the_safe_order_and_ends_as_one_written_entry_by_entry() {
+    // (Every single write is checked by CheckedMaps: no frontend ever names a half-written set.)
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::default();
+    reconciler.batch_writes_from(0);
+    let mut one_by_one = CheckedMaps::default();
+    let mut unbatched = Reconciler::default();
+    unbatched.batch_writes_from(usize::MAX);
+    for (step, desired) in [many(12, 2, 0), many(12, 2, 100), many(6, 1, 100)]
+        .iter()
+        .enumerate()
+    {
+        maps.ops.clear();
+        let report = sync(&mut reconciler, desired, &mut maps);
+        let sequential = sync(&mut unbatched, desired, &mut one_by_one);
+        assert_eq!(report, sequential, "step {step}: the same report");
+        assert_eq!(
+            maps.contents(),
+            one_by_one.contents(),
+            "step {step}: the same ids"
+        );
+        let ops = &maps.ops;
+        let phase = |which: fn(&Op) -> bool| span(ops, which);
+        let phases = [
+            phase(|op| matches!(op, Op::RemoveFrontend(_))),
+            phase(|op| matches!(op, Op::PutBackend(_))),
+            phase(|op| matches!(op, Op::PutSlot(..))),
+            phase(|op| matches!(op, Op::PutMaglev(_))),
+            phase(|op| matches!(op, Op::PutFrontend(..))),
+            phase(|op| matches!(op, Op::RemoveMaglev(_))),
+            phase(|op| matches!(op, Op::RemoveSlot(_))),
+            phase(|op| matches!(op, Op::RemoveBackend(_))),
+        ];
+        let present: Vec<(usize, usize)> = phases.iter().flatten().copied().collect();
+        assert!(
+            present.windows(2).all(|w| w[0].1 < w[1].0),
+            "step {step}: phases overlap: {phases:?}"
+        );
+        match step {
+            0 => assert_eq!(present.len(), 4, "{phases:?}"),
+            // Every set switches: new backends, slots and tables, then every frontend, then
+            // the old ones go.
+            1 => assert_eq!(present.len(), 6, "{phases:?}"),
+            // 6 services go, and a NodePort (its table).
+            _ => assert_eq!(present.len(), 4, "{phases:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_backend_id_given_back_and_handed_out_again_in_one_sync_is_written_after_its_removal() {
+    given_back_and_handed_out_again(usize::MAX);
+    given_back_and_handed_out_again(0);
+}
+
+fn given_back_and_handed_out_again(batch_from: usize) {
+    // Three backend ids: web takes two. api gets the third for its first backend, finds none
+    // for its second and gives the third back; zzz, written next, gets it.
+    let mut maps = CheckedMaps::default();
+    let mut reconciler = Reconciler::adopt_with_ids(
+        &mut maps,
+        super::ids::IdSpace::default(),
+        super::ids::IdSpace::new(1, 3),
+    )
+    .unwrap();
+    reconciler.batch_writes_from(batch_from);
+    let web_only = state(vec![(
+        web(),
+        desired_service("web", &[backend(1, 80), backend(2, 80)], None),
+    )]);
+    sync(&mut reconciler, &web_only, &mut maps);
+    let mut more = web_only.clone();
+    insert(
+        &mut more,
+        api(),
+        desired_service("api", &[backend(8, 443), backend(9, 443)], None),
+    );
+    let zzz = frontend("10.96.0.99", 80, Protocol::Tcp);
+    insert(
+        &mut more,
+        zzz,
+        desired_service("zzz", &[backend(7, 80)], None),
+    );
+    let report = counted_sync(&mut reconciler, &more, &mut maps);
+    assert_eq!(
+        report.failed.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+        vec![api()],
+        "{report:?}"
+    );
+    let mut served = more.clone();
+    served.frontends.remove(&api());
+    assert_exact(&maps, &served);
+    assert_eq!(maps.backend_ids()[&backend(7, 80)], 3);
+}
+
+#[test]
+fn a_large_change_batches_and_a_small_one_writes_entry_by_entry() {
+    // What BATCH_FROM means: counted through the maps' batch calls.
+    #[derive(Default)]
+    struct Counting {
+        maps: MemoryMaps,
+        batches: usize,
+        singles: usize,
+    }
+    impl ServiceMaps for Counting {
+        fn put_frontend(&mut self, f: Frontend, v: FrontendValue) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.put_frontend(f, v)
+        }
+        fn remove_frontend(&mut self, f: &Frontend) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.remove_frontend(f)
+        }
+        fn put_slot(&mut self, k: SlotKey, v: SlotValue) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.put_slot(k, v)
+        }
+        fn remove_slot(&mut self, k: &SlotKey) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.remove_slot(k)
+        }
+        fn put_backend(&mut self, id: u32, b: BackendEntry) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.put_backend(id, b)
+        }
+        fn remove_backend(&mut self, id: u32, family: Family) -> Result<(), MapError> {
+            self.singles += 1;
+            self.maps.remove_backend(id, family)
+        }
+        fn put_maglev(&mut self, id: u32, table: &MaglevTable) -> Result<(), MapError> {
+            self.maps.put_maglev(id, table)
+        }
+        fn remove_maglev(&mut self, id: u32) -> Result<(), MapError> {
+            self.maps.remove_maglev(id)
+        }
+        fn put_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapError> {
+            self.maps.put_source_range(id, range)
+        }
+        fn remove_source_range(&mut self, id: u32, range: Cidr) -> Result<(), MapError> {
+            self.maps.remove_source_range(id, range)
+        }
+        fn dump(&self) -> Result<MapContents, MapError> {
+            self.maps.dump()
+        }
+        fn put_slots(&mut self, entries: &[(SlotKey, SlotValue)]) -> Result<(), super::BatchError> {
+            self.batches += 1;
+            for (k, v) in entries {
+                self.maps.put_slot(*k, *v).unwrap();
+            }
+            Ok(())
+        }
+    }
+    let n = u8::try_from(super::BATCH_FROM).unwrap();
+    let mut maps = Counting::default();
+    let mut reconciler = Reconciler::default();
+    let desired = many(n, 0, 0);
+    let report = reconciler.sync(&desired, &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(maps.batches, 1, "one batch of slots");
+    assert_eq!(
+        maps.singles,
+        2 * usize::from(n) + usize::from(n),
+        "backends and frontends"
+    );
+    // One backend of one service changes: two slots, one frontend, one backend each alone.
+    let mut changed = desired.clone();
+    let set = changed.sets.values_mut().next().unwrap();
+    set.backends.pop_last();
+    set.backends.insert(backend(250, 80));
+    let (before_batches, before_singles) = (maps.batches, maps.singles);
+    let frontends: BTreeSet<Frontend> = [*changed.frontends.keys().next().unwrap()].into();
+    let report = reconciler.sync_changes(&changed, &frontends, &BTreeSet::new(), &mut maps);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(maps.batches, before_batches, "no batch");
+    assert_eq!(
+        maps.singles - before_singles,
+        report.map_writes,
+        "{report:?}"
+    );
 }
