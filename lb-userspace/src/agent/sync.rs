@@ -19,9 +19,10 @@ use crate::{
 
 /// A sync touching more frontends than this (a start, a re-list) leaves much freed memory.
 const LARGE_SYNC: usize = 1000;
-/// `lb_map_entries` counts every programmed entry, a walk of them all: after large syncs,
-/// and otherwise at most this often, so that a lone change costs only what it changes.
-const MAP_ENTRIES_REFRESH: Duration = Duration::from_secs(10);
+/// `lb_map_entries` counts every programmed entry, a walk of them all (tens of ms at
+/// 100,000 services): after the first and large syncs, and otherwise at most this often, so
+/// that a lone change costs only what it changes.
+const MAP_ENTRIES_REFRESH: Duration = Duration::from_secs(60);
 
 /// Labels of the per-service counters, by service id (shared with the `/metrics` reader).
 pub type LabelsById = Arc<Mutex<BTreeMap<u32, ServiceLabels>>>;
