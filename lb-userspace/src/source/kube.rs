@@ -30,7 +30,6 @@
 //! list must be complete within it; past that the request fails, the kind is stale, and the
 //! watcher retries with its backoff.
 use std::{
-    collections::BTreeMap,
     fmt,
     path::Path,
     sync::{
@@ -47,7 +46,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config, Resource, ResourceExt as _,
+    Api, Client, Config, Resource,
     client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
@@ -59,7 +58,10 @@ use crate::model::{
     HEADLESS_LABEL, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL, Slice,
 };
 
+mod published;
 mod timeout;
+
+use published::{Key, Published};
 pub use timeout::{ApiTimeout, DeadlineBody, HealthLayer, HealthService, TimedOut};
 
 /// At most this many ready events are folded into one delta.
@@ -387,84 +389,6 @@ fn display_name<K: Resource>(object: &K) -> String {
         Some(namespace) => format!("{namespace}/{name}"),
         None => name.to_owned(),
     }
-}
-
-/// An object's namespace (empty for cluster-scoped ones) and name.
-type Key = (String, String);
-
-fn key_of<K: Resource>(object: &K) -> Key {
-    (
-        object.meta().namespace.clone().unwrap_or_default(),
-        object.name_any(),
-    )
-}
-
-/// What one kind has published: the resource version of every object, to diff a re-list
-/// against, and the list in progress.
-struct Published<K> {
-    versions: BTreeMap<Key, String>,
-    /// The objects of a list in progress, published when it is done.
-    relist: Option<BTreeMap<Key, K>>,
-}
-
-impl<K: Resource + Clone> Published<K> {
-    fn new() -> Self {
-        Self {
-            versions: BTreeMap::new(),
-            relist: None,
-        }
-    }
-
-    /// The objects `event` applies (`Some`) and deletes (`None`).
-    fn changes(&mut self, event: watcher::Event<K>) -> Vec<(Key, Option<Arc<K>>)> {
-        match event {
-            watcher::Event::Apply(object) => {
-                let key = key_of(&object);
-                self.versions.insert(key.clone(), version_of(&object));
-                vec![(key, Some(Arc::new(object)))]
-            }
-            watcher::Event::Delete(object) => {
-                let key = key_of(&object);
-                self.versions.remove(&key);
-                vec![(key, None)]
-            }
-            watcher::Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                Vec::new()
-            }
-            watcher::Event::InitApply(object) => {
-                self.relist
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key_of(&object), object);
-                Vec::new()
-            }
-            watcher::Event::InitDone => self.relisted(),
-        }
-    }
-
-    /// A complete list against what was published: the objects new or at another resource
-    /// version, and the ones gone.
-    fn relisted(&mut self) -> Vec<(Key, Option<Arc<K>>)> {
-        let listed = self.relist.take().unwrap_or_default();
-        let mut before = std::mem::take(&mut self.versions);
-        let mut changes = Vec::new();
-        for (key, object) in listed {
-            let version = version_of(&object);
-            let same = before
-                .remove(&key)
-                .is_some_and(|was| !was.is_empty() && was == version);
-            self.versions.insert(key.clone(), version);
-            if !same {
-                changes.push((key, Some(Arc::new(object))));
-            }
-        }
-        changes.extend(before.into_keys().map(|key| (key, None)));
-        changes
-    }
-}
-
-fn version_of<K: Resource>(object: &K) -> String {
-    object.meta().resource_version.clone().unwrap_or_default()
 }
 
 /// A watcher with backoff for one kind, as a stream of [`Update`]s whose changes `record`
