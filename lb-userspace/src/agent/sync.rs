@@ -19,10 +19,6 @@ use crate::{
 
 /// A sync touching more frontends than this (a start, a re-list) leaves much freed memory.
 const LARGE_SYNC: usize = 1000;
-/// `lb_map_entries` counts every programmed entry, a walk of them all (tens of ms at
-/// 100,000 services): after the first and large syncs, and otherwise at most this often, so
-/// that a lone change costs only what it changes.
-const MAP_ENTRIES_REFRESH: Duration = Duration::from_secs(60);
 
 /// Labels of the per-service counters, by service id (shared with the `/metrics` reader).
 pub type LabelsById = Arc<Mutex<BTreeMap<u32, ServiceLabels>>>;
@@ -49,8 +45,6 @@ pub struct SyncPass {
     origins: BTreeMap<ObjectRef, Arc<Path>>,
     /// The source's own problems, as of the last delta that changed them.
     source_problems: Vec<String>,
-    /// When `lb_map_entries` was last counted.
-    entries_counted: Option<Instant>,
 }
 
 impl SyncPass {
@@ -75,7 +69,6 @@ impl SyncPass {
             refused: BTreeSet::new(),
             origins: BTreeMap::new(),
             source_problems: Vec::new(),
-            entries_counted: None,
         }
     }
 
@@ -160,7 +153,7 @@ impl SyncPass {
             tracing::error!(%frontend, %error, "could not program this service; what was programmed before stays");
         }
         let changed = report.added + report.updated + report.removed;
-        self.record_sync(state, &report, took, changed > LARGE_SYNC);
+        self.record_sync(state, &report, took);
         self.record_programming_latency(delta, &changes.slices, state);
         if let Err(error) = self.record_names(&changes.frontends) {
             tracing::warn!(error = %format!("{error:#}"), "could not update the names map (lb-agent list)");
@@ -292,13 +285,7 @@ impl SyncPass {
         }
     }
 
-    fn record_sync(
-        &mut self,
-        state: &AgentState,
-        report: &SyncReport,
-        took: Duration,
-        large: bool,
-    ) {
+    fn record_sync(&self, state: &AgentState, report: &SyncReport, took: Duration) {
         let metrics = &state.metrics;
         metrics.sync_duration.observe(took.as_secs_f64());
         let now = SystemTime::now();
@@ -318,17 +305,11 @@ impl SyncPass {
                 })
                 .inc_by(report.failed.len() as u64);
         }
-        let due = self
-            .entries_counted
-            .is_none_or(|at| at.elapsed() >= MAP_ENTRIES_REFRESH);
-        if large || due {
-            for (map, entries) in self.reconciler.programmed_entries() {
-                metrics
-                    .map_entries
-                    .get_or_create(&api::metrics::MapLabels { map: map.into() })
-                    .set(entries as i64);
-            }
-            self.entries_counted = Some(Instant::now());
+        for (map, entries) in self.reconciler.programmed_entries() {
+            metrics
+                .map_entries
+                .get_or_create(&api::metrics::MapLabels { map: map.into() })
+                .set(entries as i64);
         }
         state.health.lock().expect("health lock").synced(now);
     }

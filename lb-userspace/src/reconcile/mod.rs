@@ -26,6 +26,7 @@ pub mod maglev;
 mod maps;
 pub mod memory;
 mod source_ranges;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +44,7 @@ pub use maps::{
     source_range_of,
 };
 use source_ranges::ProgrammedRanges;
+use tables::{FamilyMap, SetTable};
 
 use crate::model::{
     Backend, BackendSet, DesiredService, DesiredState, Family, Frontend, FrontendKind, Scope,
@@ -117,11 +119,11 @@ impl SyncReport {
 /// Keeps the maps equal to the desired state, by difference.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    frontends: BTreeMap<Frontend, (FrontendValue, SetKey)>,
-    sets: BTreeMap<SetKey, ProgrammedSet>,
+    frontends: FamilyMap<Frontend, (FrontendValue, SetKey)>,
+    sets: SetTable,
     /// The frontends naming each programmed set.
     users: BTreeMap<SetKey, BTreeSet<Frontend>>,
-    backends: BTreeMap<Backend, ProgrammedBackend>,
+    backends: FamilyMap<Backend, ProgrammedBackend>,
     /// The sets keeping each backend (a backend no set keeps is not here).
     keepers: BTreeMap<Backend, Keepers>,
     /// What the values an earlier agent wrote say: one more keeper of each backend until the
@@ -132,7 +134,7 @@ pub struct Reconciler {
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
-    adopted_frontends: BTreeMap<Frontend, FrontendValue>,
+    adopted_frontends: FamilyMap<Frontend, FrontendValue>,
     /// Allowed sources of LoadBalancer IPs with `loadBalancerSourceRanges`.
     source_ranges: ProgrammedRanges,
     service_ids: IdSpace,
@@ -215,7 +217,7 @@ impl Reconciler {
         for id in leftovers {
             reconciler.service_ids.skip_through(id);
         }
-        reconciler.adopted_frontends = contents.frontends.clone();
+        reconciler.adopted_frontends = contents.frontends.clone().into_iter().collect();
         reconciler.source_ranges = ProgrammedRanges::adopt(&contents.source_ranges);
         // Leftovers of an interrupted update: slots of idle generations, tables of sets no
         // frontend names. Nothing serving traffic reads them.
@@ -258,35 +260,18 @@ impl Reconciler {
     }
 
     /// How many entries the reconciler keeps in each map (what it wrote and the kernel took),
-    /// each family's maps apart.
+    /// each family's maps apart; counted as entries come and go.
     pub fn programmed_entries(&self) -> [(&'static str, usize); 8] {
         use lb_common::map_names;
-        let frontends = |family| {
-            self.frontends
-                .keys()
-                .chain(self.adopted_frontends.keys())
-                .filter(|f| f.family() == family)
-                .count()
-        };
-        let backends = |family| {
-            self.backends
-                .keys()
-                .filter(|b| b.family() == family)
-                .count()
-        };
+        let frontends =
+            |family| self.frontends.count(family) + self.adopted_frontends.count(family);
         [
             (map_names::FRONTENDS_V4, frontends(Family::V4)),
             (map_names::FRONTENDS_V6, frontends(Family::V6)),
-            (
-                map_names::SLOTS_V4,
-                self.sets.values().map(|s| s.slots.len()).sum(),
-            ),
-            (map_names::BACKENDS_V4, backends(Family::V4)),
-            (map_names::BACKENDS_V6, backends(Family::V6)),
-            (
-                map_names::MAGLEV_V4,
-                self.sets.values().filter(|s| s.maglev).count(),
-            ),
+            (map_names::SLOTS_V4, self.sets.slots()),
+            (map_names::BACKENDS_V4, self.backends.count(Family::V4)),
+            (map_names::BACKENDS_V6, self.backends.count(Family::V6)),
+            (map_names::MAGLEV_V4, self.sets.tables()),
             (
                 map_names::SOURCE_RANGES_V4,
                 self.source_ranges.len(Family::V4),
@@ -707,7 +692,7 @@ impl Reconciler {
             .filter(|b| !members.contains_key(*b))
             .copied()
             .collect();
-        self.sets.get_mut(set_key).expect("written above").members = members;
+        self.sets.set_members(set_key, members);
         // Backends only the old generation kept: what the other sets keeping them say may
         // differ (those no set keeps go at the end of the sync).
         self.rewrite_backends(&gone, maps, report);
@@ -771,12 +756,13 @@ impl Reconciler {
         report: &mut SyncReport,
     ) {
         for set_key in sets {
-            let unneeded = self.sets.get(set_key).is_some_and(|set| set.maglev)
-                && !self.reached_from_outside(set_key);
-            if let Some(set) = self.sets.get_mut(set_key).filter(|_| unneeded) {
+            let has_table = self.sets.get(set_key).is_some_and(|set| set.maglev);
+            if !has_table || self.reached_from_outside(set_key) {
+                continue;
+            }
+            if let Some(service_id) = self.sets.drop_table(set_key) {
                 report.map_writes += 1;
-                let _ = maps.remove_maglev(set.service_id);
-                set.maglev = false;
+                let _ = maps.remove_maglev(service_id);
             }
         }
     }

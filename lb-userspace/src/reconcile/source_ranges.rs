@@ -4,7 +4,7 @@
 //! check, stale ones removed after (see [`super::Reconciler::sync_changes`]).
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{MapError, ServiceMaps, SyncReport};
+use super::{MapError, ServiceMaps, SyncReport, tables::FamilyCount};
 use crate::{
     cidr::Cidr,
     model::{DesiredService, Family, Frontend, Scope},
@@ -14,25 +14,33 @@ use crate::{
 #[derive(Debug, Default)]
 pub(super) struct ProgrammedRanges {
     by_id: BTreeMap<u32, BTreeSet<Cidr>>,
+    /// Entries of each family's trie.
+    count: FamilyCount,
 }
 
 impl ProgrammedRanges {
     /// What the maps hold (pinned by an earlier agent).
     pub(super) fn adopt(entries: &BTreeSet<(u32, Cidr)>) -> Self {
         let mut by_id: BTreeMap<u32, BTreeSet<Cidr>> = BTreeMap::new();
+        let mut count = FamilyCount::default();
         for (id, range) in entries {
-            by_id.entry(*id).or_default().insert(*range);
+            if by_id.entry(*id).or_default().insert(*range) {
+                count.add(range.family());
+            }
         }
-        Self { by_id }
+        Self { by_id, count }
     }
 
     /// How many entries the trie of `family` holds.
     pub(super) fn len(&self, family: Family) -> usize {
-        self.by_id
-            .values()
-            .flatten()
-            .filter(|range| range.family() == family)
-            .count()
+        self.count.get(family)
+    }
+
+    /// Every entry, by service id (for the tests' recount).
+    #[cfg(test)]
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, Cidr)> + '_ {
+        let by_id = self.by_id.iter();
+        by_id.flat_map(|(id, ranges)| ranges.iter().map(|range| (*id, *range)))
     }
 
     /// Writes the entries of `wanted` set `service_id` lacks; the failures are returned.
@@ -50,7 +58,9 @@ impl ProgrammedRanges {
             report.map_writes += 1;
             match maps.put_source_range(service_id, range) {
                 Ok(()) => {
-                    programmed.insert(range);
+                    if programmed.insert(range) {
+                        self.count.add(range.family());
+                    }
                 }
                 Err(error) => failed.push(error),
             }
@@ -76,8 +86,8 @@ impl ProgrammedRanges {
         for range in stale {
             report.map_writes += 1;
             // Gone already is as good as removed; anything else keeps it recorded.
-            if maps.remove_source_range(service_id, range).is_ok() {
-                programmed.remove(&range);
+            if maps.remove_source_range(service_id, range).is_ok() && programmed.remove(&range) {
+                self.count.sub(range.family());
             }
         }
         if programmed.is_empty() {

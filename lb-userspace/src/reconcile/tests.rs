@@ -335,7 +335,93 @@ fn sync(reconciler: &mut Reconciler, desired: &DesiredState, maps: &mut CheckedM
     let report = counted_sync(reconciler, desired, maps);
     assert!(report.failed.is_empty(), "{report:?}");
     assert_exact(maps, desired);
+    assert_eq!(
+        reconciler.programmed_entries(),
+        held_entries(maps.contents()),
+        "lb_map_entries differs from what the maps hold"
+    );
     report
+}
+
+/// Every entry the reconciler's record holds, counted one by one (what its running counts
+/// must equal).
+fn recounted_entries(reconciler: &Reconciler) -> [(&'static str, usize); 8] {
+    let frontends = |family| {
+        let programmed = reconciler.frontends.keys();
+        programmed
+            .chain(reconciler.adopted_frontends.keys())
+            .filter(|f| f.family() == family)
+            .count()
+    };
+    let backends = |family| {
+        let programmed = reconciler.backends.keys();
+        programmed.filter(|b| b.family() == family).count()
+    };
+    let sets = reconciler.sets.values();
+    let ranges = |family| {
+        let programmed = reconciler.source_ranges.iter();
+        programmed.filter(|(_, r)| r.family() == family).count()
+    };
+    entries_by_map([
+        frontends(Family::V4),
+        frontends(Family::V6),
+        sets.clone().map(|s| s.slots.len()).sum(),
+        backends(Family::V4),
+        backends(Family::V6),
+        sets.filter(|s| s.maglev).count(),
+        ranges(Family::V4),
+        ranges(Family::V6),
+    ])
+}
+
+/// The entries the maps hold, counted like [`Reconciler::programmed_entries`].
+fn held_entries(contents: &MapContents) -> [(&'static str, usize); 8] {
+    let frontends = |family| {
+        let keys = contents.frontends.keys();
+        keys.filter(|f: &&Frontend| f.family() == family).count()
+    };
+    let backends = |family| {
+        let values = contents.backends.values();
+        values.filter(|b| b.backend.family() == family).count()
+    };
+    let ranges = |family| {
+        let entries = contents.source_ranges.iter();
+        entries.filter(|(_, r)| r.family() == family).count()
+    };
+    entries_by_map([
+        frontends(Family::V4),
+        frontends(Family::V6),
+        contents.slots.len(),
+        backends(Family::V4),
+        backends(Family::V6),
+        contents.maglev.len(),
+        ranges(Family::V4),
+        ranges(Family::V6),
+    ])
+}
+
+fn entries_by_map(counts: [usize; 8]) -> [(&'static str, usize); 8] {
+    use lb_common::map_names;
+    let names = [
+        map_names::FRONTENDS_V4,
+        map_names::FRONTENDS_V6,
+        map_names::SLOTS_V4,
+        map_names::BACKENDS_V4,
+        map_names::BACKENDS_V6,
+        map_names::MAGLEV_V4,
+        map_names::SOURCE_RANGES_V4,
+        map_names::SOURCE_RANGES_V6,
+    ];
+    std::array::from_fn(|i| (names[i], counts[i]))
+}
+
+/// The running entry counts equal a recount, whatever the sync did (failures included).
+fn assert_counts_kept(reconciler: &Reconciler) {
+    assert_eq!(
+        reconciler.programmed_entries(),
+        recounted_entries(reconciler),
+        "the running entry counts drifted from a recount"
+    );
 }
 
 /// A sync whose report counts every map write issued, failed ones and clean-ups included.
@@ -351,6 +437,7 @@ fn counted_sync(
         maps.attempts - before,
         "map_writes miscounted: {report:?}"
     );
+    assert_counts_kept(reconciler);
     report
 }
 
@@ -369,6 +456,7 @@ fn counted_sync_changes(
         maps.attempts - before,
         "map_writes miscounted: {report:?}"
     );
+    assert_counts_kept(reconciler);
     report
 }
 
