@@ -10,6 +10,12 @@ use lb_agent::{
     model::ProxyIdentity,
 };
 
+/// mimalloc, not glibc's malloc: after a large sync frees a million objects, glibc's malloc
+/// sorts the freed chunks a few thousand at a time on later calls, and each change for
+/// seconds after cost 10-20 ms instead of 0.3 ms (measured at 100,000 services).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An eBPF replacement for kube-proxy: Service load balancing at the socket.
 #[derive(Parser)]
 #[command(version, about)]

@@ -387,12 +387,11 @@ fn report_new_problems(
 }
 
 /// Gives the memory freed after a large sync (parsed objects, intermediate states) back to
-/// the system: glibc keeps freed heap in its arenas otherwise, and the agent's RSS would stay
-/// at its peak.
+/// the system now rather than when the allocator gets round to it: the agent (`main.rs`)
+/// allocates with mimalloc.
 fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    // SAFETY: mi_collect only walks mimalloc's own heaps and frees their unused pages.
     unsafe {
-        libc::malloc_trim(0);
+        libmimalloc_sys::mi_collect(true);
     }
 }
