@@ -14,12 +14,16 @@
 //! (Cilium also has a BPF socket-iterator path with the `bpf_sock_destroy` kfunc; aya-ebpf
 //! 0.2 cannot build iterator programs or call kfuncs, so this agent uses netlink only.)
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fs::File,
     io,
     net::IpAddr,
     os::{fd::AsRawFd as _, linux::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -53,6 +57,9 @@ pub struct SocketTerminator {
     /// The pinned maps' directory (the sockets maps of both families are in it).
     maps_dir: PathBuf,
     tcp: bool,
+    /// Whether a namespace it could not enter was reported: every run meets it again, and
+    /// once is enough.
+    refusal_reported: Arc<AtomicBool>,
 }
 
 impl SocketTerminator {
@@ -70,6 +77,7 @@ impl SocketTerminator {
             cgroup: cgroup.to_owned(),
             maps_dir,
             tcp,
+            refusal_reported: Arc::default(),
         }
     }
 
@@ -104,30 +112,34 @@ impl SocketTerminator {
         });
     }
 
-    /// One run: the sockets of `removed` in every namespace of the cgroup's processes.
+    /// One run: the sockets of `removed` in every namespace of the cgroup's processes. Its
+    /// cost follows the sockets connected to removed backends, not the sockets maps' size: each
+    /// namespace's sockets come from one sock_diag dump, and only those connected to a removed
+    /// backend are looked up by cookie (walking a map visits all its buckets, a millisecond
+    /// for an empty 131,072-entry map, on every change that removes a backend).
     pub fn run(&self, removed: &BTreeSet<Backend>) -> Terminated {
         let mut done = Terminated::default();
-        let cookies = match sockets_of(&self.maps_dir, removed) {
-            Ok(cookies) if cookies.is_empty() => return done,
-            Ok(cookies) => cookies,
-            Err(error) => {
-                done.errors.push(format!("{error:#}"));
-                return done;
-            }
-        };
+        if removed.is_empty() {
+            return done;
+        }
         let (found, refused) = namespaces(&self.cgroup);
-        done.errors.extend(refused);
+        if refused.is_some() && !self.refusal_reported.swap(true, Ordering::Relaxed) {
+            done.errors.extend(refused);
+        }
         for netns in found {
             done.namespaces += 1;
             let tcp = self.tcp;
-            let cookies = cookies.clone();
+            let removed = removed.clone();
+            let maps_dir = self.maps_dir.clone();
             let result = std::thread::spawn(move || -> anyhow::Result<(usize, usize)> {
                 enter(&netns)?;
+                let maps = SocketMaps::open(&maps_dir)?;
                 let (mut udp, mut destroyed_tcp) = (0, 0);
                 for family in [AF_INET, AF_INET6] {
-                    udp += destroy_in_namespace(family, IPPROTO_UDP, &cookies)?;
+                    udp += destroy_in_namespace(family, IPPROTO_UDP, &removed, &maps)?;
                     if tcp {
-                        destroyed_tcp += destroy_in_namespace(family, IPPROTO_TCP, &cookies)?;
+                        destroyed_tcp +=
+                            destroy_in_namespace(family, IPPROTO_TCP, &removed, &maps)?;
                     }
                 }
                 Ok((udp, destroyed_tcp))
@@ -146,53 +158,53 @@ impl SocketTerminator {
     }
 }
 
-/// Socket cookies and the removed backends each reached, from the pinned sockets maps of
-/// both families (a family whose map is not pinned, as under an older object, is skipped).
-fn sockets_of(
-    maps_dir: &Path,
-    removed: &BTreeSet<Backend>,
-) -> anyhow::Result<BTreeMap<u64, BTreeSet<Backend>>> {
-    let mut found: BTreeMap<u64, BTreeSet<Backend>> = BTreeMap::new();
-    family_sockets_of::<lb_common::Addr4>(
-        &maps_dir.join(lb_common::map_names::REVNAT_V4),
-        removed,
-        &mut found,
-    )?;
-    let v6 = maps_dir.join(lb_common::map_names::REVNAT_V6);
-    if v6.exists() {
-        family_sockets_of::<lb_common::Addr6>(&v6, removed, &mut found)?;
-    }
-    Ok(found)
+type SocketsMap<A> = aya::maps::HashMap<aya::maps::MapData, u64, lb_common::SockValue<A>>;
+
+/// The pinned sockets maps of both families (the IPv6 one is skipped when not pinned, as under
+/// an older object): which backends a socket reached through a service, by cookie.
+struct SocketMaps {
+    v4: SocketsMap<lb_common::Addr4>,
+    v6: Option<SocketsMap<lb_common::Addr6>>,
 }
 
-/// Adds the sockets of one family's sockets map that reached a removed backend.
-fn family_sockets_of<A: FamilyAddr>(
-    map: &Path,
-    removed: &BTreeSet<Backend>,
-    found: &mut BTreeMap<u64, BTreeSet<Backend>>,
-) -> anyhow::Result<()>
+impl SocketMaps {
+    fn open(maps_dir: &Path) -> anyhow::Result<Self> {
+        let v6 = maps_dir.join(lb_common::map_names::REVNAT_V6);
+        Ok(Self {
+            v4: open_sockets_map(&maps_dir.join(lb_common::map_names::REVNAT_V4))?,
+            v6: v6.exists().then(|| open_sockets_map(&v6)).transpose()?,
+        })
+    }
+
+    /// Whether the socket `cookie` reached `backend` through a service.
+    fn reached(&self, cookie: u64, backend: &Backend) -> bool {
+        let v4 = self.v4.get(&cookie, 0).ok();
+        let v6 = self.v6.as_ref().and_then(|map| map.get(&cookie, 0).ok());
+        v4.is_some_and(|value| names(&value, backend)) || v6.is_some_and(|v| names(&v, backend))
+    }
+}
+
+fn open_sockets_map<A: FamilyAddr>(map: &Path) -> anyhow::Result<SocketsMap<A>>
 where
     lb_common::SockValue<A>: aya::Pod,
 {
     let data = aya::maps::MapData::from_pin(map)
         .with_context(|| format!("opening the sockets map {}", map.display()))?;
-    let sockets: aya::maps::HashMap<_, u64, lb_common::SockValue<A>> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-    for entry in sockets.iter() {
-        let Ok((cookie, value)) = entry else {
-            continue; // evicted while we read
+    Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+        data,
+    ))?)
+}
+
+/// Whether a sockets map value names `backend` among the services its socket reached.
+fn names<A: FamilyAddr>(value: &lb_common::SockValue<A>, backend: &Backend) -> bool {
+    let services = value.services.iter();
+    services.filter(|s| !s.service_addr.is_zero()).any(|s| {
+        let reached = Backend {
+            ip: s.backend_addr.ip(),
+            port: lb_common::port_from_map(s.backend_port),
         };
-        for service in value.services.iter().filter(|s| !s.service_addr.is_zero()) {
-            let backend = Backend {
-                ip: service.backend_addr.ip(),
-                port: lb_common::port_from_map(service.backend_port),
-            };
-            if removed.contains(&backend) {
-                found.entry(cookie).or_default().insert(backend);
-            }
-        }
-    }
-    Ok(())
+        reached == *backend
+    })
 }
 
 /// The backend a socket is connected to, as the model names it: an IPv4-mapped peer of an
@@ -262,12 +274,13 @@ fn enter(netns: &File) -> anyhow::Result<()> {
 }
 
 /// Destroys this namespace's `protocol` sockets of address family `family` (`AF_INET`,
-/// `AF_INET6`) whose cookie `cookies` ties to the backend they are connected to; returns how
-/// many.
+/// `AF_INET6`) connected to a removed backend that they reached through a service (the
+/// sockets maps say so by cookie); returns how many.
 fn destroy_in_namespace(
     family: u8,
     protocol: u8,
-    cookies: &BTreeMap<u64, BTreeSet<Backend>>,
+    removed: &BTreeSet<Backend>,
+    maps: &SocketMaps,
 ) -> anyhow::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
     socket.bind_auto()?;
@@ -291,10 +304,7 @@ fn destroy_in_namespace(
         {
             let id = &response.header.socket_id;
             let backend = peer_backend(id.destination_address, id.destination_port);
-            if cookies
-                .get(&cookie_of(&id.cookie))
-                .is_some_and(|backends| backends.contains(&backend))
-            {
+            if removed.contains(&backend) && maps.reached(cookie_of(&id.cookie), &backend) {
                 doomed.push(id.clone());
             }
         }
