@@ -21,7 +21,7 @@ use std::{
     os::{fd::AsRawFd as _, linux::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -57,9 +57,11 @@ pub struct SocketTerminator {
     /// The pinned maps' directory (the sockets maps of both families are in it).
     maps_dir: PathBuf,
     tcp: bool,
-    /// Whether a namespace it could not enter was reported: every run meets it again, and
-    /// once is enough.
+    /// Whether a namespace it could not open was reported: every run meets it again (each
+    /// run enters every namespace), and once is enough.
     refusal_reported: Arc<AtomicBool>,
+    /// The errors already logged, for the same reason (a missing capability fails every run).
+    logged: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl SocketTerminator {
@@ -78,6 +80,7 @@ impl SocketTerminator {
             maps_dir,
             tcp,
             refusal_reported: Arc::default(),
+            logged: Arc::default(),
         }
     }
 
@@ -106,8 +109,11 @@ impl SocketTerminator {
                     "destroyed the sockets of removed backends"
                 );
             }
-            for error in &done.errors {
-                tracing::warn!(%error, "could not destroy a socket of a removed backend");
+            let mut logged = this.logged.lock().expect("terminator log lock");
+            for error in done.errors {
+                if logged.insert(error.clone()) {
+                    tracing::warn!(%error, "could not destroy a socket of a removed backend (said once)");
+                }
             }
         });
     }
