@@ -383,8 +383,9 @@ impl ManifestCache {
             return Err(io_failure(error));
         }
         let file = std::fs::File::open(path).map_err(io_failure)?;
-        let mut bytes = Vec::new();
-        // One byte over the limit tells a file that grew since `stat`.
+        // Sized from `stat` (a 200 MB manifest is not grown by doubling); one byte over the
+        // limit tells a file that grew since.
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1);
         file.take(self.max_file_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(io_failure)?;
@@ -575,15 +576,20 @@ pub async fn watch(dir: PathBuf, max_file_bytes: u64, deltas: DeltaSender) -> an
     }
 }
 
-/// Whether an event ends a change to what the directory holds: a file closed after writing,
-/// anything renamed or removed (`mv` into place, a ConfigMap's `..data` swap), a new
-/// directory or symlink, a changed attribute (a `touch`, a permission now letting the agent
-/// read); not a new regular file nor its writes while it is open (its close follows), nor
-/// reads.
+/// Whether an event ends a change to what the directory holds: a file closed after writing
+/// (not a hidden one: the walk skips it, and a temporary file written then renamed into place
+/// ends its change with the rename), anything renamed or removed (`mv` into place, a
+/// ConfigMap's `..data` swap), a new directory or symlink, a changed attribute (a `touch`, a
+/// permission now letting the agent read); not a new regular file nor its writes while it is
+/// open (its close follows), nor reads.
 fn ends_a_change(event: &notify::Event) -> bool {
     use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    let hidden = |path: &PathBuf| {
+        path.file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with('.'))
+    };
     match event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => !event.paths.iter().all(hidden),
         EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
         EventKind::Create(CreateKind::File) => event
             .paths
