@@ -132,25 +132,30 @@ impl SocketTerminator {
         if refused.is_some() && !self.refusal_reported.swap(true, Ordering::Relaxed) {
             done.errors.extend(refused);
         }
+        let maps = match SocketMaps::open(&self.maps_dir) {
+            Ok(maps) => maps,
+            Err(error) => {
+                done.errors.push(format!("{error:#}"));
+                return done;
+            }
+        };
         for netns in found {
             done.namespaces += 1;
-            let tcp = self.tcp;
-            let removed = removed.clone();
-            let maps_dir = self.maps_dir.clone();
-            let result = std::thread::spawn(move || -> anyhow::Result<(usize, usize)> {
-                enter(&netns)?;
-                let maps = SocketMaps::open(&maps_dir)?;
-                let (mut udp, mut destroyed_tcp) = (0, 0);
-                for family in [AF_INET, AF_INET6] {
-                    udp += destroy_in_namespace(family, IPPROTO_UDP, &removed, &maps)?;
-                    if tcp {
-                        destroyed_tcp +=
-                            destroy_in_namespace(family, IPPROTO_TCP, &removed, &maps)?;
+            // A thread of its own enters the namespace (setns changes the calling thread).
+            let result = std::thread::scope(|scope| {
+                let entered = scope.spawn(|| -> anyhow::Result<(usize, usize)> {
+                    enter(&netns)?;
+                    let (mut udp, mut tcp) = (0, 0);
+                    for family in [AF_INET, AF_INET6] {
+                        udp += destroy_in_namespace(family, IPPROTO_UDP, removed, &maps)?;
+                        if self.tcp {
+                            tcp += destroy_in_namespace(family, IPPROTO_TCP, removed, &maps)?;
+                        }
                     }
-                }
-                Ok((udp, destroyed_tcp))
-            })
-            .join();
+                    Ok((udp, tcp))
+                });
+                entered.join()
+            });
             match result {
                 Ok(Ok((udp, tcp))) => {
                     done.udp += udp;

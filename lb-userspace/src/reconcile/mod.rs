@@ -217,7 +217,7 @@ impl Reconciler {
         for id in leftovers {
             reconciler.service_ids.skip_through(id);
         }
-        reconciler.adopted_frontends = contents.frontends.clone().into_iter().collect();
+        reconciler.adopted_frontends = contents.frontends.iter().map(|(k, v)| (*k, *v)).collect();
         reconciler.source_ranges = ProgrammedRanges::adopt(&contents.source_ranges);
         // Leftovers of an interrupted update: slots of idle generations, tables of sets no
         // frontend names. Nothing serving traffic reads them.

@@ -42,7 +42,7 @@ impl FamilyCount {
 }
 
 /// A map by key, with how many keys of each family it holds.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(super) struct FamilyMap<K, V> {
     entries: BTreeMap<K, V>,
     count: FamilyCount,
@@ -135,7 +135,7 @@ impl<K, V> IntoIterator for FamilyMap<K, V> {
 
 /// The programmed backend sets, with how many slots (of their live generations) and Maglev
 /// tables they hold.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(super) struct SetTable {
     sets: BTreeMap<SetKey, ProgrammedSet>,
     slots: usize,

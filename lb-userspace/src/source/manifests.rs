@@ -16,15 +16,17 @@
 mod parse;
 mod served;
 mod walk;
+mod watch;
 
 pub use parse::{FileObjects, parse_file};
+pub use watch::watch;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Read as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use k8s_openapi::api::{
@@ -32,10 +34,8 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use notify::Watcher as _;
-use tokio::sync::mpsc;
 
-use super::{Delta, DeltaSender, Known};
+use super::{Delta, Known};
 use crate::model::{
     Changed, Family, ObjectChanges, ObjectKey, ObjectRef, Slice, endpoints::SERVICE_NAME_LABEL,
 };
@@ -43,8 +43,6 @@ use served::{Definitions, KindChanges, namespaced};
 
 /// Files larger than this are not read (`--manifest-max-bytes`).
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
-/// A re-read even without inotify events (network filesystems, missed events).
-const POLL: Duration = Duration::from_secs(2);
 /// The mirroring controller's opt-out label on v1 Endpoints.
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
@@ -535,68 +533,6 @@ fn mirror(key: &ObjectKey, endpoints: &Endpoints) -> Vec<(ObjectKey, EndpointSli
         }
     }
     slices
-}
-
-/// Watches `dir` and publishes a delta whenever what it holds changes, until the receiver
-/// is gone. A delta's `changed_at` is when the change was noticed. A change is read at once:
-/// only events that end a change (a file closed after writing, renamed into place, removed)
-/// wake the source, so a file being written is not read half-way, and nothing waits for a
-/// quiet period. Events that arrive while a read runs are taken together by the next one.
-pub async fn watch(dir: PathBuf, max_file_bytes: u64, deltas: DeltaSender) -> anyhow::Result<()> {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    // Symlinked directories are not walked, so not watched either.
-    let mut watcher = notify::RecommendedWatcher::new(
-        move |event: notify::Result<notify::Event>| {
-            if event.as_ref().map_or(true, ends_a_change) {
-                let _ = events_tx.send(());
-            }
-        },
-        notify::Config::default().with_follow_symlinks(false),
-    )?;
-    if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::Recursive) {
-        tracing::warn!(dir = %dir.display(), %error, "cannot watch the manifest directory; polling every {POLL:?}");
-    }
-    let mut cache = ManifestCache::new(max_file_bytes);
-    let mut noticed_at = Instant::now();
-    loop {
-        if let Some(mut delta) = cache.read(&dir) {
-            delta.changed_at = noticed_at;
-            if deltas.send(delta).is_err() {
-                return Ok(());
-            }
-        }
-        tokio::select! {
-            _ = events.recv() => {
-                noticed_at = Instant::now();
-                while events.try_recv().is_ok() {}
-            }
-            _ = tokio::time::sleep(POLL) => noticed_at = Instant::now(),
-            () = deltas.closed() => return Ok(()),
-        }
-    }
-}
-
-/// Whether an event ends a change to what the directory holds: a file closed after writing
-/// (not a hidden one: the walk skips it, and a temporary file written then renamed into place
-/// ends its change with the rename), anything renamed or removed (`mv` into place, a
-/// ConfigMap's `..data` swap), a new directory or symlink, a changed attribute (a `touch`, a
-/// permission now letting the agent read); not a new regular file nor its writes while it is
-/// open (its close follows), nor reads.
-fn ends_a_change(event: &notify::Event) -> bool {
-    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
-    let hidden = |path: &PathBuf| {
-        path.file_name()
-            .is_some_and(|name| name.to_string_lossy().starts_with('.'))
-    };
-    match event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => !event.paths.iter().all(hidden),
-        EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
-        EventKind::Create(CreateKind::File) => event
-            .paths
-            .iter()
-            .any(|path| path.symlink_metadata().is_ok_and(|m| m.is_symlink())),
-        _ => true,
-    }
 }
 
 #[cfg(test)]

@@ -829,26 +829,3 @@ fn a_changed_endpoints_object_changes_only_its_mirrored_slices() {
     assert!(delta.objects.endpoint_slices[&ObjectKey::new("default", "a-mirror-0")].is_none());
     assert_eq!(reader.known.objects.endpoint_slices.len(), 1);
 }
-
-#[test]
-fn a_hidden_temporary_file_ends_its_change_with_the_rename_not_its_close() {
-    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
-    let dir = Path::new("/manifests");
-    let event = |kind, paths: &[&str]| {
-        let event = notify::Event::new(kind);
-        paths.iter().fold(event, |e, p| e.add_path(dir.join(p)))
-    };
-    let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
-    assert!(!super::ends_a_change(&event(closed, &[".one.json.tmp"])));
-    assert!(super::ends_a_change(&event(closed, &["one.json"])));
-    let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
-    assert!(super::ends_a_change(&event(
-        renamed,
-        &[".one.json.tmp", "one.json"]
-    )));
-    // A ConfigMap's swap renames a hidden symlink into place: a change.
-    assert!(super::ends_a_change(&event(
-        renamed,
-        &["..data_tmp", "..data"]
-    )));
-}

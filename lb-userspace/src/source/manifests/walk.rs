@@ -8,7 +8,7 @@
 //!   is really gone (its directory was listed without it) from one a failed listing missed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     fs::Metadata,
     path::{Path, PathBuf},
 };
@@ -105,7 +105,7 @@ pub fn walk(dir: &Path, fault: &super::Fault) -> Walk {
                 }
             };
             let name = entry.file_name();
-            if name.to_string_lossy().starts_with('.') {
+            if is_hidden(&name) {
                 continue;
             }
             let path = entry.path();
@@ -164,4 +164,9 @@ pub fn walk(dir: &Path, fault: &super::Fault) -> Walk {
     });
     walk.unreadable.sort_by(|a, b| a.0.cmp(&b.0));
     walk
+}
+
+/// A hidden entry (a leading `.`): never walked.
+pub fn is_hidden(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b".")
 }
