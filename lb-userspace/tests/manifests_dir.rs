@@ -127,16 +127,28 @@ fn examples_target_port_and_node_port() {
     ] {
         let service = &snapshot.objects.services[&ObjectKey::new("default", name)];
         let spec = service.spec.as_ref().expect("spec");
-        let ports = spec.ports.as_ref().expect("ports");
-        assert_eq!(ports.len(), 1, "{name}");
-        let target = ports[0].target_port.as_ref().expect("targetPort");
+        assert_eq!(spec.ports.len(), 1, "{name}");
+        assert_eq!(spec.ports[0].node_port, node_port, "{name}: nodePort");
+        assert!(spec.has_selector, "{name}: has a selector");
+        // What the agent keeps of a Service has no targetPort or selector (the endpoints
+        // carry the ports); the file itself says where the pods listen.
+        let text = std::fs::read_to_string(manifests_dir("examples").join(format!("{name}.yaml")))
+            .expect("example file");
+        let service = serde_yaml::Deserializer::from_str(&text)
+            .map(|document| {
+                <k8s_openapi::api::core::v1::Service as serde::Deserialize>::deserialize(document)
+            })
+            .filter_map(Result::ok)
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .expect("the Service in its file");
+        let spec = service.spec.expect("spec");
+        let port = &spec.ports.as_ref().expect("ports")[0];
         assert_eq!(
-            *target,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9376),
+            port.target_port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9376)),
             "{name}: serve_hostname listens on 9376"
         );
-        assert_eq!(ports[0].node_port, node_port, "{name}: nodePort");
-        let selector = spec.selector.as_ref().expect("selector");
+        let selector = spec.selector.expect("selector");
         assert_eq!(selector.get("app").map(String::as_str), Some("hostnames"));
     }
 }

@@ -35,12 +35,11 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
-use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use super::AgentState;
-use crate::model;
+use crate::model::{self, NodeInfo};
 
 /// How long a change may wait for its sync before the agent calls itself unhealthy
 /// (kube-proxy's `healthTimeout`: twice its `--iptables-sync-period`, 60 s by default).
@@ -88,7 +87,7 @@ impl Health {
 
     /// Takes this node's eligibility from its Node object in the latest snapshot (kube-proxy's
     /// `SyncNode`); without one, the last eligibility stays. Logs each change.
-    pub fn follow_node(&mut self, node: Option<&Node>) {
+    pub fn follow_node(&mut self, node: Option<&NodeInfo>) {
         let Some(node) = node else {
             return;
         };
@@ -211,7 +210,7 @@ async fn livez(State(state): State<Arc<AgentState>>) -> (StatusCode, Json<Health
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{NodeSpec, Taint},
+        api::core::v1::{Node, NodeSpec, Taint},
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
 
@@ -230,8 +229,8 @@ mod tests {
         health
     }
 
-    fn node(taints: &[&str], deleting: bool) -> Node {
-        Node {
+    fn node(taints: &[&str], deleting: bool) -> NodeInfo {
+        NodeInfo::from(Node {
             metadata: ObjectMeta {
                 name: Some("node-a".into()),
                 deletion_timestamp: deleting
@@ -252,7 +251,7 @@ mod tests {
                 ..Default::default()
             }),
             status: None,
-        }
+        })
     }
 
     fn codes(health: &Health, now: SystemTime) -> (StatusCode, StatusCode) {

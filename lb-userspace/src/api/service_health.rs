@@ -191,7 +191,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
 
     use super::*;
-    use crate::model::TO_BE_DELETED_TAINT;
+    use crate::model::{NodeInfo, TO_BE_DELETED_TAINT};
 
     async fn get(addr: SocketAddr) -> (u16, serde_json::Value) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -308,7 +308,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            health.follow_node(Some(&node));
+            health.follow_node(Some(&NodeInfo::from(node)));
             assert!(!health.node_eligible());
         }
         let (status, body) = get(addr).await;

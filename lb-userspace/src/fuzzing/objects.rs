@@ -24,8 +24,8 @@ use k8s_openapi::{
 
 use super::shared;
 use crate::model::{
-    HEADLESS_LABEL, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, Slice, TO_BE_DELETED_TAINT,
-    ZONE_LABEL, endpoints::SERVICE_NAME_LABEL,
+    HEADLESS_LABEL, NodeInfo, ObjectKey, Objects, SERVICE_PROXY_NAME_LABEL, ServiceInfo, Slice,
+    TO_BE_DELETED_TAINT, ZONE_LABEL, endpoints::SERVICE_NAME_LABEL,
 };
 
 /// The node the model runs as.
@@ -110,7 +110,11 @@ impl Event {
 
     pub fn apply(self, objects: &mut Objects) {
         match self {
-            Event::Service(key, Some(s)) => drop(objects.services.insert(key, s)),
+            Event::Service(key, Some(s)) => drop(
+                objects
+                    .services
+                    .insert(key, Arc::new(ServiceInfo::from(&*s))),
+            ),
             Event::Service(key, None) => drop(objects.services.remove(&key)),
             Event::Slice(key, Some(s)) => drop(
                 objects
@@ -118,7 +122,9 @@ impl Event {
                     .insert(key, Arc::new(Slice::from(&*s))),
             ),
             Event::Slice(key, None) => drop(objects.endpoint_slices.remove(&key)),
-            Event::Node(name, Some(n)) => drop(objects.nodes.insert(name, n)),
+            Event::Node(name, Some(n)) => {
+                drop(objects.nodes.insert(name, Arc::new(NodeInfo::from(&*n))))
+            }
             Event::Node(name, None) => drop(objects.nodes.remove(&name)),
         }
     }

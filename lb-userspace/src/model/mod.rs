@@ -7,13 +7,13 @@ pub mod desired;
 pub mod endpoints;
 pub mod family;
 pub mod incremental;
+pub mod node_info;
 pub mod objects;
 pub mod service;
+pub mod service_info;
 pub mod slice;
 #[cfg(test)]
 pub(crate) mod tests;
-
-use k8s_openapi::api::core::v1::{Node, Service};
 
 pub use desired::{
     Backend, BackendSet, DesiredService, DesiredState, Diagnostic, Endpoints, Frontend,
@@ -22,7 +22,9 @@ pub use desired::{
 pub use endpoints::NodeView;
 pub use family::Family;
 pub use incremental::{Changes, Model};
+pub use node_info::NodeInfo;
 pub use objects::{Changed, ObjectChanges, ObjectKey, ObjectRef, Objects};
+pub use service_info::ServiceInfo;
 pub use slice::Slice;
 
 /// A service carrying this label belongs to the proxy of that name.
@@ -59,46 +61,39 @@ pub fn build(objects: &Objects, identity: &ProxyIdentity) -> (DesiredState, Vec<
 
 fn node_view(objects: &Objects, identity: &ProxyIdentity) -> NodeView {
     let node = objects.nodes.get(&identity.node_name);
-    let zone = node
-        .and_then(|node| node.metadata.labels.as_ref())
-        .and_then(|labels| labels.get(ZONE_LABEL))
-        .cloned();
-    let addresses = node
-        .and_then(|node| node.status.as_ref())
-        .and_then(|status| status.addresses.as_ref());
     let first_of = |kind: &str, family: Family| {
-        addresses
-            .into_iter()
-            .flatten()
-            .filter(|a| a.type_ == kind)
+        node.into_iter()
+            .flat_map(|node| node.addresses.iter())
+            .filter(|a| &*a.type_ == kind)
             .filter_map(|a| a.address.parse::<std::net::IpAddr>().ok())
             .find(|ip| Family::of(*ip) == family)
     };
-    let spec = node.and_then(|node| node.spec.as_ref());
-    let pod_cidrs = spec
-        .and_then(|spec| spec.pod_cidrs.clone())
-        .filter(|cidrs| !cidrs.is_empty())
-        .or_else(|| spec.and_then(|spec| spec.pod_cidr.clone()).map(|c| vec![c]))
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|text| crate::cidr::Cidr::parse_strict(text).ok())
-        .map(|cidr| cidr.network())
-        .collect();
+    let pod_cidrs = match node {
+        Some(node) if !node.pod_cidrs.is_empty() => node.pod_cidrs.iter().collect(),
+        Some(node) => node.pod_cidr.iter().collect(),
+        None => Vec::new(),
+    };
     NodeView {
         node_name: identity.node_name.clone(),
-        zone,
+        zone: node
+            .and_then(|node| node.zone.as_deref())
+            .map(str::to_owned),
         node_ips: Family::ALL
             .into_iter()
             .filter_map(|family| {
                 first_of("InternalIP", family).or_else(|| first_of("ExternalIP", family))
             })
             .collect(),
-        pod_cidrs,
+        pod_cidrs: pod_cidrs
+            .into_iter()
+            .filter_map(|text| crate::cidr::Cidr::parse_strict(text).ok())
+            .map(|cidr| cidr.network())
+            .collect(),
     }
 }
 
-/// This node's Node object, when the source holds one.
-pub fn this_node<'a>(objects: &'a Objects, identity: &ProxyIdentity) -> Option<&'a Node> {
+/// This node's Node, when the source holds one.
+pub fn this_node<'a>(objects: &'a Objects, identity: &ProxyIdentity) -> Option<&'a NodeInfo> {
     objects.nodes.get(&identity.node_name).map(AsRef::as_ref)
 }
 
@@ -106,12 +101,11 @@ pub fn this_node<'a>(objects: &'a Objects, identity: &ProxyIdentity) -> Option<&
 /// kube-proxy's `SyncNode` (pkg/proxy/healthcheck, since 1.28) calls a node ineligible when
 /// its Node has a `deletionTimestamp` or carries the [`TO_BE_DELETED_TAINT`] taint (any
 /// effect, any value).
-pub fn node_ineligible_because(node: &Node) -> Option<&'static str> {
-    if node.metadata.deletion_timestamp.is_some() {
+pub fn node_ineligible_because(node: &NodeInfo) -> Option<&'static str> {
+    if node.deleting {
         return Some("the Node is being deleted (deletionTimestamp)");
     }
-    let taints = node.spec.as_ref().and_then(|spec| spec.taints.as_ref());
-    if taints.is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)) {
+    if node.to_be_deleted {
         return Some("the Node is tainted ToBeDeletedByClusterAutoscaler");
     }
     None
@@ -119,16 +113,11 @@ pub fn node_ineligible_because(node: &Node) -> Option<&'static str> {
 
 /// kube-proxy's watch selector: `!service.kubernetes.io/service-proxy-name` (or `=NAME` when
 /// the proxy has a name), `!service.kubernetes.io/headless`.
-pub fn is_ours(service: &Service, identity: &ProxyIdentity) -> bool {
-    let labels = service.metadata.labels.as_ref();
-    let label = |name: &str| labels.and_then(|l| l.get(name));
-    if label(HEADLESS_LABEL).is_some() {
+pub fn is_ours(service: &ServiceInfo, identity: &ProxyIdentity) -> bool {
+    if service.headless_label {
         return false;
     }
-    match (
-        &identity.service_proxy_name,
-        label(SERVICE_PROXY_NAME_LABEL),
-    ) {
+    match (&identity.service_proxy_name, service.proxy_name.as_deref()) {
         (None, None) => true,
         (Some(ours), Some(theirs)) => ours == theirs,
         _ => false,

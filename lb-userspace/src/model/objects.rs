@@ -3,9 +3,7 @@
 //! path turns objects into state.
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use k8s_openapi::api::core::v1::{Node, Service};
-
-use super::Slice;
+use super::{NodeInfo, ServiceInfo, Slice};
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,11 +53,12 @@ impl fmt::Display for ObjectRef {
 /// it and as tests and the fuzzer build it.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    /// Services as the model keeps them ([`ServiceInfo`]).
+    pub services: BTreeMap<ObjectKey, Arc<ServiceInfo>>,
     /// EndpointSlices as the model keeps them ([`Slice`]).
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<Slice>>,
-    /// Nodes by name; the model only looks at this node's.
-    pub nodes: BTreeMap<String, Arc<Node>>,
+    /// Nodes by name ([`NodeInfo`]); the model only looks at this node's.
+    pub nodes: BTreeMap<String, Arc<NodeInfo>>,
 }
 
 /// Each changed object of one kind: `Some` applied (created or changed), `None` deleted.
@@ -69,10 +68,10 @@ pub type Changed<K, V> = BTreeMap<K, Option<Arc<V>>>;
 /// to date by, in time proportional to what changed.
 #[derive(Clone, Debug, Default)]
 pub struct ObjectChanges {
-    pub services: Changed<ObjectKey, Service>,
+    pub services: Changed<ObjectKey, ServiceInfo>,
     pub endpoint_slices: Changed<ObjectKey, Slice>,
     /// Nodes by name.
-    pub nodes: Changed<String, Node>,
+    pub nodes: Changed<String, NodeInfo>,
 }
 
 impl ObjectChanges {

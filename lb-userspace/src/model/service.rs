@@ -13,8 +13,6 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-
 use crate::cidr::Cidr;
 
 use super::{
@@ -25,6 +23,7 @@ use super::{
         Protocol, Scope, ServicePortName, SetKey, SourceRanges,
     },
     endpoints::{self, NodeView, PortEndpoints, SliceIndex},
+    service_info::{PortInfo, ServiceInfo, SpecInfo},
 };
 
 /// What one Service contributes to the desired state.
@@ -54,7 +53,7 @@ struct Addresses {
 /// services; problems in `diagnostics`).
 pub fn contribution(
     key: &ObjectKey,
-    service: &Service,
+    service: &ServiceInfo,
     slices: &SliceIndex<'_>,
     node: &NodeView,
 ) -> Contribution {
@@ -69,27 +68,27 @@ pub fn contribution(
     if kind == "ExternalName" || is_headless(spec) {
         return out;
     }
-    let Some(addresses) = addresses(service, spec, kind, &mut report) else {
+    let Some(addresses) = addresses(spec, kind, &mut report) else {
         out.diagnostics = report.done();
         return out;
     };
-    let (affinity, affinity_problem) = affinity_timeout(service);
+    let (affinity, affinity_problem) = affinity_timeout(spec);
     if let Some(message) = affinity_problem {
         report.warn(message);
     }
     let ranges = source_ranges(spec, &addresses, node, &mut report);
-    let all_ready = spec.publish_not_ready_addresses.unwrap_or(false);
-    let internal = policy(spec.internal_traffic_policy.as_deref());
+    let all_ready = spec.publish_not_ready_addresses;
+    let internal = policy(spec.internal_local);
     // kube-proxy applies externalTrafficPolicy only to NodePort and LoadBalancer services.
     let external = if addresses.node_ports {
-        policy(spec.external_traffic_policy.as_deref())
+        policy(spec.external_local)
     } else {
         Endpoints::All
     };
     let mut endpoint_diagnostics = Vec::new();
     let mut local_ready = 0usize;
     let mut port_names = BTreeSet::new();
-    for port in spec.ports.iter().flatten() {
+    for port in &spec.ports {
         let (protocol, number) = match port_of(port) {
             Ok(found) => found,
             Err((severity, message)) => {
@@ -98,7 +97,7 @@ pub fn contribution(
             }
         };
         // A backend set is named by the port's name: two ports of one name would share one.
-        if !port_names.insert(port.name.clone().unwrap_or_default()) {
+        if !port_names.insert(port.name.as_deref().unwrap_or_default()) {
             report.warn(format!(
                 "port {}: another port of this Service has the same name (the API server \
                  rejects that); skipped",
@@ -109,7 +108,7 @@ pub fn contribution(
         let name = ServicePortName {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
-            port: port.name.clone().unwrap_or_default(),
+            port: port.name.as_deref().unwrap_or_default().to_owned(),
         };
         let node_port = if addresses.node_ports {
             match port.node_port.map(u16::try_from) {
@@ -244,17 +243,14 @@ pub fn contribution(
 /// the family's LoadBalancer IPs themselves are allowed sources too. NodePorts and
 /// externalIPs are never filtered. Entries that are not CIDRs are reported and ignored.
 fn source_ranges(
-    spec: &ServiceSpec,
+    spec: &SpecInfo,
     addresses: &Addresses,
     node: &NodeView,
     report: &mut Reporter,
 ) -> BTreeMap<Family, SourceRanges> {
     let mut found = BTreeMap::new();
-    let Some(texts) = spec.load_balancer_source_ranges.as_ref() else {
-        return found;
-    };
     let mut ranges = BTreeSet::new();
-    for text in texts {
+    for text in &spec.load_balancer_source_ranges {
         let text = text.trim();
         match Cidr::parse_strict(text) {
             Ok(cidr) => {
@@ -358,18 +354,20 @@ fn is_local(endpoint: &endpoints::Endpoint, node: &NodeView) -> bool {
     endpoint.node_name.as_deref() == Some(node.node_name.as_str())
 }
 
-fn policy(text: Option<&str>) -> Endpoints {
-    match text {
-        Some("Local") => Endpoints::Local,
-        _ => Endpoints::All,
+/// `Local` (as the API server spells it) or anything else, which is `Cluster`.
+fn policy(local: bool) -> Endpoints {
+    if local {
+        Endpoints::Local
+    } else {
+        Endpoints::All
     }
 }
 
 /// A Service is headless when its clusterIP (or any of clusterIPs) is `None`.
-fn is_headless(spec: &ServiceSpec) -> bool {
+fn is_headless(spec: &SpecInfo) -> bool {
     spec.cluster_ip
         .iter()
-        .chain(spec.cluster_ips.iter().flatten())
+        .chain(spec.cluster_ips.iter())
         .any(|ip| ip.eq_ignore_ascii_case("None"))
 }
 
@@ -377,12 +375,7 @@ fn is_headless(spec: &ServiceSpec) -> bool {
 /// whole). A family is served only when the Service has a ClusterIP of it (kube-proxy's
 /// proxier of a family skips a Service without one): an externalIP or LoadBalancer IP of
 /// another family is reported and left out.
-fn addresses(
-    service: &Service,
-    spec: &ServiceSpec,
-    kind: &str,
-    report: &mut Reporter,
-) -> Option<Addresses> {
+fn addresses(spec: &SpecInfo, kind: &str, report: &mut Reporter) -> Option<Addresses> {
     let cluster_ip_texts = cluster_ips(spec);
     if cluster_ip_texts.is_empty() {
         // The API server always allocates one; a manifest may lack it.
@@ -409,21 +402,16 @@ fn addresses(
             ));
         }
     };
-    for text in spec.external_ips.iter().flatten() {
+    for text in &spec.external_ips {
         if let Some(ip) = service_address(text, "externalIP", report) {
             add(ip, FrontendKind::ExternalIp, "externalIP", report);
         }
     }
     if kind == "LoadBalancer" {
-        let ingress = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for entry in ingress.into_iter().flatten() {
+        for entry in &spec.ingress {
             // ipMode Proxy: the load balancer proxies to the nodes itself; its address must
             // not be short-circuited (kube-proxy leaves it alone too).
-            if entry.ip_mode.as_deref() == Some("Proxy") {
+            if entry.proxied {
                 continue;
             }
             if let Some(text) = &entry.ip
@@ -460,11 +448,11 @@ fn addresses(
 /// `RequireDualStack` Service with one family's ClusterIP is served in that family and
 /// reported. IPv4 first.
 fn cluster_ips_by_family(
-    spec: &ServiceSpec,
-    texts: &[String],
+    spec: &SpecInfo,
+    texts: &[&str],
     report: &mut Reporter,
 ) -> Vec<(Family, IpAddr)> {
-    let declared: Vec<&String> = spec.ip_families.iter().flatten().collect();
+    let declared = &spec.ip_families;
     let mut found: Vec<(Family, IpAddr)> = Vec::new();
     let has = |found: &[(Family, IpAddr)], family| found.iter().any(|(f, _)| *f == family);
     if declared.is_empty() {
@@ -521,7 +509,7 @@ fn cluster_ips_by_family(
             ));
         }
     }
-    if spec.ip_family_policy.as_deref() == Some("RequireDualStack")
+    if spec.require_dual_stack
         && let [(family, _)] = found.as_slice()
     {
         report.warn(format!(
@@ -561,15 +549,15 @@ fn service_address(text: &str, what: &str, report: &mut Reporter) -> Option<IpAd
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` for objects written before dual-stack.
-fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
-    match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.clone(),
-        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+fn cluster_ips(spec: &SpecInfo) -> Vec<&str> {
+    match (&spec.cluster_ips, spec.cluster_ip.as_deref()) {
+        (ips, _) if !ips.is_empty() => ips.iter().map(AsRef::as_ref).collect(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip],
         _ => Vec::new(),
     }
 }
 
-fn label(port: &ServicePort) -> &str {
+fn label(port: &PortInfo) -> &str {
     port.name
         .as_deref()
         .filter(|n| !n.is_empty())
@@ -577,7 +565,7 @@ fn label(port: &ServicePort) -> &str {
 }
 
 /// The protocol and port number of a service port, or why it is skipped.
-fn port_of(port: &ServicePort) -> Result<(Protocol, u16), (Severity, String)> {
+fn port_of(port: &PortInfo) -> Result<(Protocol, u16), (Severity, String)> {
     let label = label(port);
     let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => Protocol::Tcp,
@@ -603,19 +591,11 @@ fn port_of(port: &ServicePort) -> Result<(Protocol, u16), (Severity, String)> {
 
 /// `Some(timeout)` for `sessionAffinity: ClientIP`; an out-of-range timeout falls back to the
 /// default and is reported.
-fn affinity_timeout(service: &Service) -> (Option<u32>, Option<String>) {
-    let Some(spec) = &service.spec else {
-        return (None, None);
-    };
-    if spec.session_affinity.as_deref() != Some("ClientIP") {
+fn affinity_timeout(spec: &SpecInfo) -> (Option<u32>, Option<String>) {
+    if !spec.client_ip_affinity {
         return (None, None);
     }
-    let configured = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
-    match configured {
+    match spec.affinity_timeout_seconds {
         None => (Some(DEFAULT_AFFINITY_TIMEOUT_SECS), None),
         Some(secs) if secs > 0 && secs as u32 <= MAX_AFFINITY_TIMEOUT_SECS => {
             (Some(secs as u32), None)

@@ -240,7 +240,7 @@ pub(crate) fn objects(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Obj
     for s in services {
         objects
             .services
-            .insert(ObjectKey::of(&s.metadata), Arc::new(s));
+            .insert(ObjectKey::of(&s.metadata), Arc::new(s.into()));
     }
     for s in slices {
         objects
@@ -1646,10 +1646,11 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
 fn with_node_zone(mut objects: Objects, zone: Option<&str>) -> Objects {
     objects
         .nodes
-        .insert(NODE.into(), Arc::new(node(NODE, zone)));
-    objects
-        .nodes
-        .insert("node-b".into(), Arc::new(node("node-b", Some("zone-b"))));
+        .insert(NODE.into(), Arc::new(node(NODE, zone).into()));
+    objects.nodes.insert(
+        "node-b".into(),
+        Arc::new(node("node-b", Some("zone-b")).into()),
+    );
     objects
 }
 
@@ -2767,7 +2768,7 @@ fn slices_before_their_service_then_the_service() {
     assert_eq!(diagnostics, vec![]);
     objects_now
         .services
-        .insert(ObjectKey::new("default", "web"), Arc::new(web()));
+        .insert(ObjectKey::new("default", "web"), Arc::new(web().into()));
     let (state, _) = build_default(&objects_now);
     assert_eq!(
         backends_of(&state, tcp("10.96.0.10", 80)),
@@ -2798,7 +2799,7 @@ fn service_type_external_name_to_cluster_ip_and_back() {
     assert_eq!(state, DesiredState::default());
 
     // The API server allocates a ClusterIP when the type changes.
-    let mut updated = Service::clone(&current.services[&key]);
+    let mut updated = external();
     {
         let spec = spec(&mut updated);
         spec.type_ = Some("ClusterIP".into());
@@ -2806,7 +2807,9 @@ fn service_type_external_name_to_cluster_ip_and_back() {
         spec.cluster_ip = Some("10.96.0.10".into());
         spec.cluster_ips = Some(vec!["10.96.0.10".into()]);
     }
-    current.services.insert(key.clone(), Arc::new(updated));
+    current
+        .services
+        .insert(key.clone(), Arc::new(updated.into()));
     steps.push((current.clone(), objects(vec![web()], slices.clone())));
     let (state, _) = build_default(&current);
     assert_eq!(
@@ -2814,7 +2817,7 @@ fn service_type_external_name_to_cluster_ip_and_back() {
         backends(&[("10.244.1.1", 8080)])
     );
 
-    current.services.insert(key, Arc::new(external()));
+    current.services.insert(key, Arc::new(external().into()));
     steps.push((current.clone(), objects(vec![external()], slices.clone())));
     let (state, _) = build_default(&current);
     assert_eq!(state, DesiredState::default());
@@ -2829,7 +2832,7 @@ fn cluster_ip_change_moves_the_frontend() {
     let first = current.clone();
     current
         .services
-        .insert(ObjectKey::new("default", "web"), Arc::new(moved()));
+        .insert(ObjectKey::new("default", "web"), Arc::new(moved().into()));
     let (state, _) = build_default(&current);
     assert_eq!(
         state.frontends.keys().copied().collect::<Vec<_>>(),
@@ -2873,7 +2876,7 @@ fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
     // Dual-stack, before its IPv6 slice exists: the IPv6 frontends refuse.
     current
         .services
-        .insert(ObjectKey::new("default", "web"), Arc::new(dual()));
+        .insert(ObjectKey::new("default", "web"), Arc::new(dual().into()));
     steps.push((
         current.clone(),
         objects(vec![dual()], vec![v4_slice.clone()]),
@@ -2911,16 +2914,18 @@ fn a_service_becoming_dual_stack_then_ipv6_only_converges() {
     });
     current
         .nodes
-        .insert(NODE.into(), Arc::new(this_node.clone()));
+        .insert(NODE.into(), Arc::new(this_node.clone().into()));
     let mut fresh = objects(vec![dual()], vec![v4_slice.clone(), local.clone()]);
-    fresh.nodes.insert(NODE.into(), Arc::new(this_node.clone()));
+    fresh
+        .nodes
+        .insert(NODE.into(), Arc::new(this_node.clone().into()));
     steps.push((current.clone(), fresh));
     // IPv6 only, Local policy: the IPv4 frontends and set go.
     current
         .services
-        .insert(ObjectKey::new("default", "web"), Arc::new(v6_only()));
+        .insert(ObjectKey::new("default", "web"), Arc::new(v6_only().into()));
     let mut fresh = objects(vec![v6_only()], vec![v4_slice.clone(), local]);
-    fresh.nodes.insert(NODE.into(), Arc::new(this_node));
+    fresh.nodes.insert(NODE.into(), Arc::new(this_node.into()));
     steps.push((current.clone(), fresh));
     let (state, _) = build_default(&current);
     assert!(
@@ -2960,7 +2965,9 @@ fn ports_added_and_removed() {
     let mut current = objects(vec![web()], slices_one());
     let mut steps = vec![(current.clone(), objects(vec![web()], slices_one()))];
     // Port added to the service before the controller updates the slice: no endpoints yet.
-    current.services.insert(key.clone(), Arc::new(two_ports()));
+    current
+        .services
+        .insert(key.clone(), Arc::new(two_ports().into()));
     steps.push((current.clone(), objects(vec![two_ports()], slices_one())));
     let (state, _) = build_default(&current);
     assert_eq!(backends_of(&state, tcp("10.96.0.10", 443)), BTreeSet::new());
@@ -2973,7 +2980,9 @@ fn ports_added_and_removed() {
         backends(&[("10.244.1.1", 8443)])
     );
     // Port 80 removed.
-    current.services.insert(key.clone(), Arc::new(https_only()));
+    current
+        .services
+        .insert(key.clone(), Arc::new(https_only().into()));
     steps.push((current.clone(), objects(vec![https_only()], slices_two())));
     let (state, _) = build_default(&current);
     assert_eq!(
@@ -3013,7 +3022,9 @@ fn ranged(ranges: &[&str]) -> (DesiredState, Vec<Diagnostic>) {
         ]),
         ..Default::default()
     });
-    objects.nodes.insert(NODE.into(), Arc::new(this_node));
+    objects
+        .nodes
+        .insert(NODE.into(), Arc::new(this_node.into()));
     build_default(&objects)
 }
 
@@ -3156,7 +3167,9 @@ fn ranged_dual(ranges: &[&str]) -> (DesiredState, Vec<Diagnostic>) {
         ]),
         ..Default::default()
     });
-    objects.nodes.insert(NODE.into(), Arc::new(this_node));
+    objects
+        .nodes
+        .insert(NODE.into(), Arc::new(this_node.into()));
     build_default(&objects)
 }
 
@@ -3239,40 +3252,42 @@ fn node_eligibility_follows_deletion_timestamp_and_the_autoscaler_taint() {
         n
     };
 
-    assert_eq!(super::node_ineligible_because(&node(NODE, None)), None);
+    let ineligible_because = |node: &Node| super::node_ineligible_because(&node.into());
+    assert_eq!(ineligible_because(&node(NODE, None)), None);
     let other = with_taints(vec![taint(
         "node.kubernetes.io/unschedulable",
         "NoSchedule",
     )]);
-    assert_eq!(super::node_ineligible_because(&other), None);
+    assert_eq!(ineligible_because(&other), None);
     for effect in ["NoSchedule", "PreferNoSchedule", "NoExecute"] {
         let tainted = with_taints(vec![
             taint("node.kubernetes.io/unschedulable", "NoSchedule"),
             taint(super::TO_BE_DELETED_TAINT, effect),
         ]);
         assert!(
-            super::node_ineligible_because(&tainted).is_some_and(|why| why.contains("tainted")),
+            ineligible_because(&tainted).is_some_and(|why| why.contains("tainted")),
             "{effect}"
         );
     }
     let mut deleting = node(NODE, None);
     deleting.metadata.deletion_timestamp = Some(Time("2025-01-01T00:00:00Z".parse().unwrap()));
-    assert!(super::node_ineligible_because(&deleting).is_some_and(|why| why.contains("deleted")));
+    assert!(ineligible_because(&deleting).is_some_and(|why| why.contains("deleted")));
     let mut no_spec = node(NODE, None);
     no_spec.spec = None;
-    assert_eq!(super::node_ineligible_because(&no_spec), None);
+    assert_eq!(ineligible_because(&no_spec), None);
 
     let mut all = Objects::default();
     all.nodes
-        .insert("node-b".into(), Arc::new(deleting.clone()));
+        .insert("node-b".into(), Arc::new(deleting.clone().into()));
     assert!(
         super::this_node(&all, &identity()).is_none(),
         "another node's Node"
     );
-    all.nodes.insert(NODE.into(), Arc::new(node(NODE, None)));
+    all.nodes
+        .insert(NODE.into(), Arc::new(node(NODE, None).into()));
     assert_eq!(
-        super::this_node(&all, &identity()).and_then(|n| n.metadata.name.as_deref()),
-        Some(NODE)
+        super::this_node(&all, &identity()),
+        Some(&node(NODE, None).into())
     );
 }
 

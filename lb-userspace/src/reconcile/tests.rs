@@ -2206,7 +2206,7 @@ fn apply(objects: &mut Objects, event: &Event) {
             spec.publish_not_ready_addresses = Some(*publish_not_ready);
             objects
                 .services
-                .insert(ObjectKey::of(&svc.metadata), Arc::new(svc));
+                .insert(ObjectKey::of(&svc.metadata), Arc::new(svc.into()));
         }
         Event::DeleteService(which) => {
             objects
@@ -2271,9 +2271,10 @@ fn apply(objects: &mut Objects, event: &Event) {
         }
         Event::PutNode(zone) => {
             let this = crate::model::tests::NODE;
-            objects
-                .nodes
-                .insert(this.into(), Arc::new(node(this, zone.map(|z| ZONES[z]))));
+            objects.nodes.insert(
+                this.into(),
+                Arc::new(node(this, zone.map(|z| ZONES[z])).into()),
+            );
         }
         Event::DeleteNode => {
             objects.nodes.remove(crate::model::tests::NODE);

@@ -55,7 +55,8 @@ use tokio::sync::watch;
 
 use super::{Delta, DeltaSender};
 use crate::model::{
-    HEADLESS_LABEL, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL, Slice,
+    HEADLESS_LABEL, NodeInfo, ObjectChanges, ObjectKey, ProxyIdentity, SERVICE_PROXY_NAME_LABEL,
+    ServiceInfo, Slice,
 };
 
 mod published;
@@ -296,9 +297,10 @@ pub async fn watch(
         by_labels.clone(),
         Watched::Services,
         |changes, key, object| {
+            let service = object.map(|service| Arc::new(ServiceInfo::from(&*service)));
             changes
                 .services
-                .insert(ObjectKey::new(key.0, key.1), object);
+                .insert(ObjectKey::new(key.0, key.1), service);
         },
     );
     let slices = watch_kind(
@@ -317,7 +319,8 @@ pub async fn watch(
         this_node,
         Watched::Nodes,
         |changes, key, object| {
-            changes.nodes.insert(key.1, object);
+            let node = object.map(|node| Arc::new(NodeInfo::from(&*node)));
+            changes.nodes.insert(key.1, node);
         },
     );
     let mut updates = futures::stream::select_all([services, slices, nodes]);

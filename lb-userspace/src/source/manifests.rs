@@ -30,14 +30,15 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Service},
+    core::v1::Endpoints,
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{Delta, Known};
 use crate::model::{
-    Changed, Family, ObjectChanges, ObjectKey, ObjectRef, Slice, endpoints::SERVICE_NAME_LABEL,
+    Changed, Family, NodeInfo, ObjectChanges, ObjectKey, ObjectRef, ServiceInfo, Slice,
+    endpoints::SERVICE_NAME_LABEL,
 };
 use served::{Definitions, KindChanges, namespaced};
 
@@ -104,10 +105,10 @@ struct Defined {
 /// What one read changed, kind by kind.
 #[derive(Default)]
 struct ReadChanges {
-    services: KindChanges<ObjectKey, Service>,
+    services: KindChanges<ObjectKey, ServiceInfo>,
     endpoint_slices: KindChanges<ObjectKey, Slice>,
     endpoints: KindChanges<ObjectKey, Endpoints>,
-    nodes: KindChanges<String, Node>,
+    nodes: KindChanges<String, NodeInfo>,
 }
 
 /// Which listings and reads fail on purpose, with what error (tests inject failures that
@@ -141,10 +142,10 @@ enum Unread {
 pub struct ManifestCache {
     max_file_bytes: u64,
     files: BTreeMap<PathBuf, FileEntry>,
-    services: Definitions<ObjectKey, Service>,
+    services: Definitions<ObjectKey, ServiceInfo>,
     endpoint_slices: Definitions<ObjectKey, Slice>,
     endpoints: Definitions<ObjectKey, Endpoints>,
-    nodes: Definitions<String, Node>,
+    nodes: Definitions<String, NodeInfo>,
     /// The slices mirrored from each v1 Endpoints object (they win over a file's slice of
     /// the same name).
     mirrors: BTreeMap<ObjectKey, BTreeMap<ObjectKey, Arc<Slice>>>,
@@ -406,7 +407,7 @@ impl ManifestCache {
         let selectorless = self
             .services
             .served(owner)
-            .is_none_or(|(_, s)| s.spec.as_ref().is_none_or(|spec| spec.selector.is_none()));
+            .is_none_or(|(_, s)| s.spec.as_ref().is_none_or(|spec| !spec.has_selector));
         let wanted = self
             .endpoints
             .served(owner)

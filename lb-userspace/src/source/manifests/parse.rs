@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize as _;
 use serde_json::value::RawValue;
 
-use crate::model::{ObjectKey, ObjectRef, Objects, Slice};
+use crate::model::{NodeInfo, ObjectKey, ObjectRef, Objects, ServiceInfo, Slice};
 
 /// How deeply `kind: List` documents may nest inside each other (kubectl never nests them;
 /// the limit keeps a crafted file from exhausting the stack).
@@ -109,7 +109,8 @@ impl FileObjects {
             }
             (Some("v1"), Some("Service")) => {
                 self.add(file, "Service", &name, document, |r, key, s: Service| {
-                    r.objects.services.insert(key, Arc::new(s)).is_some()
+                    let service = Arc::new(ServiceInfo::from(&s));
+                    r.objects.services.insert(key, service).is_some()
                 })
             }
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => self.add(
@@ -131,7 +132,8 @@ impl FileObjects {
             ),
             (Some("v1"), Some("Node")) => {
                 self.add(file, "Node", &name, document, |r, key, n: Node| {
-                    r.objects.nodes.insert(key.name, Arc::new(n)).is_some()
+                    let node = Arc::new(NodeInfo::from(&n));
+                    r.objects.nodes.insert(key.name, node).is_some()
                 })
             }
             (None, _) | (_, None) => self.problems.push(format!(
