@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use lb_common::{
     Backend4, Ct4Key, Ct4Value, Frag4Key, FragPorts, Frontend4Key, FrontendValue, MAGLEV_SIZE,
     Rev4Value, backend_states, ct_flags, ct_state, flow_hash, frontend_flags, frontend_kinds,
-    reasons as r, scopes, snat_ports, tcp_flags,
+    reasons as r, reply_hint_slot, scopes, snat_ports, tcp_flags,
 };
 
 use super::wire::*;
@@ -66,7 +66,15 @@ pub struct Flow {
 pub struct Model {
     pub cfg: Config,
     pub flows: BTreeMap<Ct4Key, Flow>,
+    /// The reverse entries the programs go by (each with the flow owning it): a pending reply
+    /// hint's, else the reverse map's.
     pub revs: BTreeMap<Ct4Key, (Rev4Value, Ct4Key)>,
+    /// The reply tuple of each pending hint, by slot (`reply_hint_slot`); its entry is in
+    /// `revs`.
+    pub hint_slots: BTreeMap<u32, Ct4Key>,
+    /// The reverse map's own entry of a tuple whose pending hint stands over it: the reverse
+    /// entry again when the hint is forgotten before a reply takes it.
+    pub beneath: BTreeMap<Ct4Key, (Rev4Value, Ct4Key)>,
     pub frags: HashMap<Frag4Key, FragPorts>,
     /// (client address, service id) → backend id.
     pub affinity: BTreeMap<(u32, u32), u32>,
@@ -394,6 +402,8 @@ impl Model {
         self.cfg = cfg;
         self.flows.clear();
         self.revs.clear();
+        self.hint_slots.clear();
+        self.beneath.clear();
         self.frags.clear();
         self.affinity.clear();
     }
@@ -466,22 +476,99 @@ impl Model {
     fn remove_flow(&mut self, key: &Ct4Key) {
         if let Some(flow) = self.flows.remove(key) {
             for rk in flow.revs {
-                self.touched_rev.push(rk);
-                if self.revs.get(&rk).is_some_and(|(_, owner)| owner == key) {
-                    self.revs.remove(&rk);
-                }
+                self.remove_owned(rk, key);
             }
         }
     }
 
+    /// Whether a pending hint holds the reverse entry of `key`.
+    fn hinted(&self, key: &Ct4Key) -> bool {
+        self.hint_slots.get(&reply_hint_slot(key)) == Some(key)
+    }
+
+    /// The reverse map's own entry of `key` (XDP and the SNAT port search read the map, not
+    /// the hints).
+    fn map_entry(&self, key: &Ct4Key) -> Option<(Rev4Value, Ct4Key)> {
+        if self.hinted(key) {
+            self.beneath.get(key).copied()
+        } else {
+            self.revs.get(key).copied()
+        }
+    }
+
+    /// A flow that is over gives back the entries of `rk` that name it: its hint (the entry
+    /// beneath, if any, is the reverse entry again) and the reverse map's.
+    fn remove_owned(&mut self, rk: Ct4Key, owner: &Ct4Key) {
+        self.touched_rev.push(rk);
+        if !self.hinted(&rk) {
+            if self.revs.get(&rk).is_some_and(|(_, o)| o == owner) {
+                self.revs.remove(&rk);
+            }
+            return;
+        }
+        if self.beneath.get(&rk).is_some_and(|(_, o)| o == owner) {
+            self.beneath.remove(&rk);
+        }
+        if self.revs.get(&rk).is_some_and(|(_, o)| o == owner) {
+            self.hint_slots.remove(&reply_hint_slot(&rk));
+            match self.beneath.remove(&rk) {
+                Some(entry) => self.revs.insert(rk, entry),
+                None => self.revs.remove(&rk),
+            };
+        }
+    }
+
+    /// Forgets every entry of `key`, hint and reverse map's, whoever owns them.
     fn forget_rev(&mut self, key: &Ct4Key) {
         self.touched_rev.push(*key);
+        if self.hinted(key) {
+            self.hint_slots.remove(&reply_hint_slot(key));
+        }
+        self.beneath.remove(key);
         self.revs.remove(key);
     }
 
+    /// A new flow's reply entry, as a hint (docs/nodeport.md): the pending hint of another
+    /// tuple in its slot moves into the reverse map first; the reverse map's entry of the same
+    /// tuple stays beneath the hint. The owner's `Flow` records the key when it is made.
+    fn record_hint(&mut self, key: Ct4Key, value: Rev4Value, owner: Ct4Key) {
+        self.touched_rev.push(key);
+        match self.hint_slots.insert(reply_hint_slot(&key), key) {
+            Some(old) if old == key => {}
+            Some(old) => {
+                // Now the map's own entry (its value unchanged).
+                self.beneath.remove(&old);
+                self.keep_beneath(key);
+            }
+            None => self.keep_beneath(key),
+        }
+        self.revs.insert(key, (value, owner));
+    }
+
+    /// `key` is about to get a hint: what the reverse map holds of it stays beneath.
+    fn keep_beneath(&mut self, key: Ct4Key) {
+        if let Some(entry) = self.revs.get(&key).copied() {
+            self.beneath.insert(key, entry);
+        }
+    }
+
+    /// tc egress looks a reply tuple up: a pending hint of it is taken into the reverse map.
+    fn take_hint(&mut self, key: &Ct4Key) {
+        if self.hinted(key) {
+            self.hint_slots.remove(&reply_hint_slot(key));
+            self.beneath.remove(key);
+        }
+    }
+
+    /// An entry written into the reverse map (SNAT claims and tc egress's entries): beneath a
+    /// pending hint of the same tuple, if there is one.
     fn add_rev(&mut self, key: Ct4Key, value: Rev4Value, owner: Ct4Key) {
         self.touched_rev.push(key);
-        self.revs.insert(key, (value, owner));
+        if self.hinted(&key) {
+            self.beneath.insert(key, (value, owner));
+        } else {
+            self.revs.insert(key, (value, owner));
+        }
         if let Some(flow) = self.flows.get_mut(&owner) {
             flow.revs.push(key);
         }
@@ -593,7 +680,7 @@ impl Model {
                 Some(fe) if fe.kind == frontend_kinds::NODE_PORT => fe,
                 _ => {
                     // A node address, no NodePort: a remote backend's reply to an SNAT flow?
-                    if let Some((rev, owner)) = self.revs.get(&key).copied()
+                    if let Some((rev, owner)) = self.map_entry(&key)
                         && snat_ports::contains(u16::from_be(dport))
                         && rev.flags & ct_flags::SNAT != 0
                     {
@@ -685,8 +772,23 @@ impl Model {
             service_id: fe.service_id,
             ..Default::default()
         };
+        // The replies' reverse entry, as a hint, before the SNAT port (XDP's order).
+        let reply_to_client = Ct4Key::new(backend.addr, saddr, backend.port, sport, proto);
+        let rev = Rev4Value {
+            client_addr: saddr,
+            frontend_addr: daddr,
+            client_port: sport,
+            frontend_port: dport,
+            flags: 0,
+            proto,
+            pad: 0,
+        };
+        self.record_hint(reply_to_client, rev, key);
         if snat {
             let Some(nat_addr) = self.cfg.snat_addr else {
+                // The refused flow's reply entry goes: its hint, and what the reverse map
+                // held of the tuple.
+                self.forget_rev(&reply_to_client);
                 return Ok((r::XDP_DROPPED_NO_SNAT_ADDRESS, false));
             };
             let chosen = k
@@ -697,7 +799,7 @@ impl Model {
                 return Err(format!("SNAT port {port} outside the SNAT range"));
             }
             let reply = Ct4Key::new(backend.addr, nat_addr, backend.port, chosen.nat_port, proto);
-            if let Some((_, owner)) = self.revs.get(&reply).copied() {
+            if let Some((_, owner)) = self.map_entry(&reply) {
                 // A port held by a flow that is over (closed: an RST or FINs both ways) is
                 // taken over, the old flow's entries removed; a live flow's never.
                 let closed = self
@@ -717,18 +819,13 @@ impl Model {
             ct.nat_port = chosen.nat_port;
         }
         ct.flags = ct_state::next_flags(ct.flags, tcp, false);
-        self.flows.insert(key, Flow { ct, revs: vec![] });
-        let reply_to_client = Ct4Key::new(backend.addr, saddr, backend.port, sport, proto);
-        let rev = Rev4Value {
-            client_addr: saddr,
-            frontend_addr: daddr,
-            client_port: sport,
-            frontend_port: dport,
-            flags: 0,
-            proto,
-            pad: 0,
-        };
-        self.add_rev(reply_to_client, rev, key);
+        self.flows.insert(
+            key,
+            Flow {
+                ct,
+                revs: vec![reply_to_client],
+            },
+        );
         if snat {
             self.add_rev(
                 Ct4Key::new(backend.addr, ct.nat_addr, backend.port, ct.nat_port, proto),
@@ -863,6 +960,7 @@ impl Model {
     ) -> (u32, bool) {
         let key = Ct4Key::new(saddr, daddr, sport, dport, proto);
         self.touched_rev.push(key);
+        self.take_hint(&key);
         let Some((rev, owner)) = self.revs.get(&key).copied() else {
             return (r::TC_NOT_A_FLOW, false);
         };
@@ -900,6 +998,7 @@ impl Model {
     /// An ICMP error about a client's translated packet (client → backend): it leaves quoting
     /// what the client sent (to the frontend), and a pod's error comes from the frontend.
     fn tc_icmp(&mut self, f: &mut [u8], saddr: u32, inner: usize, q: Ct4Key) -> (u32, bool) {
+        self.take_hint(&q.reversed());
         let Some((rev, _owner)) = self.revs.get(&q.reversed()).copied() else {
             return (r::TC_ICMP_NOT_TRACKED, false);
         };
