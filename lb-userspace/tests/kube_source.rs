@@ -354,7 +354,7 @@ async fn watch_events_add_replace_and_remove() {
     let names: Vec<_> = desired
         .frontends
         .values()
-        .map(|s| s.name.name.clone())
+        .map(|s| s.name.name.to_string())
         .collect();
     assert_eq!(names, ["web", "api"], "the model serves both");
 

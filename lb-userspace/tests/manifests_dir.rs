@@ -68,9 +68,9 @@ fn examples_read_as_three_services_with_fixed_cluster_ips() {
             .get(&frontend)
             .unwrap_or_else(|| panic!("no service at {frontend}: {state:#?}"));
         assert_eq!(service.kind, FrontendKind::ClusterIP);
-        assert_eq!(service.name.namespace, "default");
-        assert_eq!(service.name.name, name);
-        assert_eq!(service.name.port, "default", "{name}: port name");
+        assert_eq!(&*service.name.namespace, "default");
+        assert_eq!(&*service.name.name, name);
+        assert_eq!(&*service.name.port, "default", "{name}: port name");
         assert!(
             state.backends_of(&frontend).is_empty(),
             "{name}: no endpoints yet"
@@ -96,7 +96,7 @@ fn examples_node_port_is_the_only_external_frontend() {
         "{state:#?}"
     );
     let desired = &state.frontends[&frontends[0]];
-    assert_eq!(desired.name.name, "hostnames-nodeport");
+    assert_eq!(&*desired.name.name, "hostnames-nodeport");
     assert!(
         !desired.local_only,
         "externalTrafficPolicy defaults to Cluster"

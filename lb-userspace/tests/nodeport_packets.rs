@@ -259,8 +259,8 @@ impl State {
         for (frontend, svc) in &self.frontends {
             let name = ServicePortName {
                 namespace: "default".into(),
-                name: svc.name.clone(),
-                port: String::new(),
+                name: svc.name.as_str().into(),
+                port: "".into(),
             };
             let endpoints = if svc.local_only {
                 Endpoints::Local

@@ -144,7 +144,7 @@ fn many_services_of(services: u32, node_ports: u32) -> model::DesiredState {
         let service = |kind| DesiredService {
             name: ServicePortName {
                 namespace: "bench".into(),
-                name: format!("svc-{n}"),
+                name: format!("svc-{n}").into(),
                 port: "http".into(),
             },
             family: Family::V4,

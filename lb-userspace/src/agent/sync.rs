@@ -262,9 +262,9 @@ impl SyncPass {
             labels.insert(
                 id,
                 ServiceLabels {
-                    namespace: key.name.namespace.clone(),
-                    name: key.name.name.clone(),
-                    port: key.name.port.clone(),
+                    namespace: key.name.namespace.to_string(),
+                    name: key.name.name.to_string(),
+                    port: key.name.port.to_string(),
                     endpoints: key.endpoints.to_string(),
                     family: key.family.to_string(),
                 },

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -275,12 +276,15 @@ impl fmt::Display for Backend {
     }
 }
 
-/// `namespace/name:port-name`, kube-proxy's ServicePortName.
+/// `namespace/name:port-name`, kube-proxy's ServicePortName. Every frontend, backend set and
+/// table naming a port holds a copy: the strings are shared (one allocation per Service and
+/// port, a copy is three reference counts).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
-    pub port: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    /// Empty for an unnamed port.
+    pub port: Arc<str>,
 }
 
 impl fmt::Display for ServicePortName {

@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use crate::cidr::Cidr;
@@ -88,6 +89,8 @@ pub fn contribution(
     let mut endpoint_diagnostics = Vec::new();
     let mut local_ready = 0usize;
     let mut port_names = BTreeSet::new();
+    let namespace: Arc<str> = Arc::from(key.namespace.as_str());
+    let service_name: Arc<str> = Arc::from(key.name.as_str());
     for port in &spec.ports {
         let (protocol, number) = match port_of(port) {
             Ok(found) => found,
@@ -106,9 +109,9 @@ pub fn contribution(
             continue;
         }
         let name = ServicePortName {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            port: port.name.as_deref().unwrap_or_default().to_owned(),
+            namespace: Arc::clone(&namespace),
+            name: Arc::clone(&service_name),
+            port: Arc::from(port.name.as_deref().unwrap_or_default()),
         };
         let node_port = if addresses.node_ports {
             match port.node_port.map(u16::try_from) {

@@ -953,7 +953,7 @@ fn service_proxy_name_label_selects_the_proxy() {
         state
             .frontends
             .values()
-            .map(|s| s.name.name.clone())
+            .map(|s| s.name.name.to_string())
             .collect()
     };
     // Unnamed proxy: only unlabelled services.
@@ -2249,7 +2249,7 @@ fn two_services_on_one_frontend_one_wins_with_a_warning() {
         vec![tcp("10.96.0.10", 80), fe("10.96.0.10", 80, Protocol::Udp)]
     );
     let winner = &state.frontends[&tcp("10.96.0.10", 80)].name;
-    let loser = if winner.name == "alpha" {
+    let loser = if &*winner.name == "alpha" {
         "beta"
     } else {
         "alpha"

@@ -261,8 +261,8 @@ impl Gen {
             };
             let name = ServicePortName {
                 namespace: "fuzz".into(),
-                name: format!("svc{n}"),
-                port: String::new(),
+                name: format!("svc{n}").into(),
+                port: "".into(),
             };
             let mut kinds = Vec::new();
             if self.rng.u8(..10) < 8 {
