@@ -53,28 +53,78 @@ impl Reconciler {
     /// Counts `members` as kept by one more set, with what it says of each.
     pub(super) fn keep(&mut self, members: &BTreeMap<Backend, Opinion>) {
         for (backend, opinion) in members {
-            let keepers = self.keepers.entry(*backend).or_default();
-            keepers.sets += 1;
-            keepers.terminating += usize::from(opinion.terminating);
-            keepers.remote += usize::from(!opinion.local);
+            self.keep_one(backend, *opinion);
         }
     }
 
     /// Counts `members` as kept by one set fewer.
     pub(super) fn release(&mut self, members: &BTreeMap<Backend, Opinion>) {
         for (backend, opinion) in members {
-            let Some(keepers) = self.keepers.get_mut(backend) else {
-                continue;
-            };
-            keepers.sets = keepers.sets.saturating_sub(1);
-            keepers.terminating = keepers
-                .terminating
-                .saturating_sub(usize::from(opinion.terminating));
-            keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
-            if keepers.sets == 0 {
-                self.keepers.remove(backend);
-                self.maybe_unused.insert(*backend);
+            self.release_one(backend, *opinion);
+        }
+    }
+
+    /// One set's members change from `from` to `to`: the same as releasing `from` and keeping
+    /// `to`, touching only the backends whose opinion differs (one merge walk; a set written
+    /// for the first time, or again unchanged, costs no lookup of a backend it keeps as before).
+    pub(super) fn rekeep(
+        &mut self,
+        from: &BTreeMap<Backend, Opinion>,
+        to: &BTreeMap<Backend, Opinion>,
+    ) {
+        let (mut old, mut new) = (from.iter().peekable(), to.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => return,
+                (Some(&(backend, opinion)), None) => {
+                    self.release_one(backend, *opinion);
+                    old.next();
+                }
+                (None, Some(&(backend, opinion))) => {
+                    self.keep_one(backend, *opinion);
+                    new.next();
+                }
+                (Some(&(a, was)), Some(&(b, now))) => match a.cmp(b) {
+                    std::cmp::Ordering::Less => {
+                        self.release_one(a, *was);
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        self.keep_one(b, *now);
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if was != now {
+                            self.release_one(a, *was);
+                            self.keep_one(b, *now);
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
             }
+        }
+    }
+
+    fn keep_one(&mut self, backend: &Backend, opinion: Opinion) {
+        let keepers = self.keepers.entry(*backend).or_default();
+        keepers.sets += 1;
+        keepers.terminating += usize::from(opinion.terminating);
+        keepers.remote += usize::from(!opinion.local);
+    }
+
+    fn release_one(&mut self, backend: &Backend, opinion: Opinion) {
+        let Some(keepers) = self.keepers.get_mut(backend) else {
+            return;
+        };
+        keepers.sets = keepers.sets.saturating_sub(1);
+        keepers.terminating = keepers
+            .terminating
+            .saturating_sub(usize::from(opinion.terminating));
+        keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
+        if keepers.sets == 0 {
+            self.keepers.remove(backend);
+            self.maybe_unused.insert(*backend);
         }
     }
 

@@ -660,8 +660,7 @@ impl Reconciler {
             .unwrap_or_default();
         let mut during = before.clone();
         during.extend(members.iter().map(|(b, o)| (*b, *o)));
-        self.release(&before);
-        self.keep(&during);
+        self.rekeep(&before, &during);
         // Backends first: new ones get ids, changed values are rewritten in place.
         let mut created = Vec::new();
         let mut result = self.write_backends(during.keys(), &mut created, maps, report);
@@ -679,14 +678,12 @@ impl Reconciler {
         }
         if let Err(error) = result {
             // What was programmed keeps serving, and the set keeps what it kept.
-            self.release(&during);
-            self.keep(&before);
+            self.rekeep(&during, &before);
             self.undo_backends(&created, maps, report);
             self.rewrite_backends(during.keys(), maps, report);
             return Err(error);
         }
-        self.release(&during);
-        self.keep(&members);
+        self.rekeep(&during, &members);
         let gone: Vec<Backend> = before
             .keys()
             .filter(|b| !members.contains_key(*b))

@@ -2928,3 +2928,43 @@ fn a_large_change_batches_and_a_small_one_writes_entry_by_entry() {
         "{report:?}"
     );
 }
+
+proptest! {
+    /// One set's members changing from `from` to `to` counts its keepers as releasing `from`
+    /// and keeping `to` does, whatever else keeps the same backends.
+    #[test]
+    fn rekeep_counts_as_release_then_keep(
+        other in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
+        from in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
+        to in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
+    ) {
+        let members = |m: &BTreeMap<u8, (bool, bool)>| -> BTreeMap<Backend, super::backends::Opinion> {
+            m.iter()
+                .map(|(b, (terminating, local))| {
+                    (
+                        backend(*b, 8080),
+                        super::backends::Opinion {
+                            terminating: *terminating,
+                            local: *local,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let (other, from, to) = (members(&other), members(&from), members(&to));
+        let mut walked = Reconciler::default();
+        walked.keep(&other);
+        walked.keep(&from);
+        let mut counted = Reconciler::default();
+        counted.keep(&other);
+        counted.keep(&from);
+        walked.rekeep(&from, &to);
+        counted.release(&from);
+        counted.keep(&to);
+        prop_assert_eq!(&walked.keepers, &counted.keepers);
+        // A backend no set keeps any more is among those the sync's cleanup looks at.
+        for backend in from.keys().filter(|b| !walked.keepers.contains_key(*b)) {
+            prop_assert!(walked.maybe_unused.contains(backend), "{backend}");
+        }
+    }
+}
