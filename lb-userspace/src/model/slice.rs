@@ -46,8 +46,11 @@ pub struct SliceEndpoint {
     pub terminating: Option<bool>,
     /// Shared by every endpoint of the slice on the same node.
     pub node_name: Option<Arc<str>>,
-    pub zone_hints: BTreeSet<Box<str>>,
-    pub node_hints: BTreeSet<Box<str>>,
+    /// `hints.forZones`, sorted, without repeats (a boxed slice: no allocation when empty,
+    /// as nearly always).
+    pub zone_hints: Box<[Box<str>]>,
+    /// `hints.forNodes`, likewise.
+    pub node_hints: Box<[Box<str>]>,
 }
 
 impl From<&EndpointSlice> for Slice {
@@ -118,10 +121,11 @@ impl From<EndpointSlice> for Slice {
     }
 }
 
-fn names<T>(hints: Option<&Vec<T>>, name: impl Fn(&T) -> &String) -> BTreeSet<Box<str>> {
-    hints
+fn names<T>(hints: Option<&Vec<T>>, name: impl Fn(&T) -> &String) -> Box<[Box<str>]> {
+    let names: BTreeSet<&str> = hints
         .into_iter()
         .flatten()
-        .map(|hint| Box::from(name(hint).as_str()))
-        .collect()
+        .map(|h| name(h).as_str())
+        .collect();
+    names.into_iter().map(Box::from).collect()
 }

@@ -35,11 +35,12 @@ impl Opinion {
 /// every set, so its value merges what they say (see [`Reconciler::backend_value`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Keepers {
-    pub(super) sets: usize,
+    /// (u32: one of these per backend, and no backend is in 4 billion sets.)
+    pub(super) sets: u32,
     /// Sets saying it is terminating.
-    pub(super) terminating: usize,
+    pub(super) terminating: u32,
     /// Sets saying it is on another node.
-    pub(super) remote: usize,
+    pub(super) remote: u32,
 }
 
 /// A programmed backend.
@@ -109,8 +110,8 @@ impl Reconciler {
     fn keep_one(&mut self, backend: &Backend, opinion: Opinion) {
         let keepers = self.keepers.entry(*backend).or_default();
         keepers.sets += 1;
-        keepers.terminating += usize::from(opinion.terminating);
-        keepers.remote += usize::from(!opinion.local);
+        keepers.terminating += u32::from(opinion.terminating);
+        keepers.remote += u32::from(!opinion.local);
     }
 
     fn release_one(&mut self, backend: &Backend, opinion: Opinion) {
@@ -120,8 +121,8 @@ impl Reconciler {
         keepers.sets = keepers.sets.saturating_sub(1);
         keepers.terminating = keepers
             .terminating
-            .saturating_sub(usize::from(opinion.terminating));
-        keepers.remote = keepers.remote.saturating_sub(usize::from(!opinion.local));
+            .saturating_sub(u32::from(opinion.terminating));
+        keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
         if keepers.sets == 0 {
             self.keepers.remove(backend);
             self.maybe_unused.insert(*backend);

@@ -153,6 +153,8 @@ pub struct ManifestCache {
     mirrored: BTreeMap<ObjectKey, ObjectKey>,
     /// The problems last published; `None` before the first read.
     published_problems: Option<Vec<String>>,
+    /// The directories the last read listed (the watcher watches each).
+    directories: Vec<PathBuf>,
     fault: Box<Fault>,
 }
 
@@ -177,6 +179,7 @@ impl ManifestCache {
             mirrors: BTreeMap::new(),
             mirrored: BTreeMap::new(),
             published_problems: None,
+            directories: Vec::new(),
             fault: Box::new(no_fault),
         }
     }
@@ -190,11 +193,19 @@ impl ManifestCache {
         self
     }
 
+    /// The directories the last read listed.
+    pub fn directories(&self) -> &[PathBuf] {
+        &self.directories
+    }
+
     /// What changed in `dir` since the last call, or `None` when neither its objects nor its
     /// problems did (the first call always gives a delta, if an empty one).
     pub fn read(&mut self, dir: &Path) -> Option<Delta> {
         let noticed = Instant::now();
         let walk = walk::walk(dir, &*self.fault);
+        if !self.directories.iter().eq(walk.listed.keys()) {
+            self.directories = walk.listed.keys().cloned().collect();
+        }
         let mut failures = walk.problems.clone();
         let mut changes = ReadChanges::default();
         let mut previous = std::mem::take(&mut self.files);
