@@ -13,7 +13,7 @@ use crate::{
     api::{self, AgentState, metrics::ServiceLabels, service_health::ServiceHealthServers},
     dataplane::{BpfServiceMaps, names::NamesMap, stats::ServiceStatsMap},
     model::{Diagnostic, Frontend, Model, ObjectKey, ObjectRef, ProxyIdentity, SetKey, Severity},
-    reconcile::{Reconciler, SyncReport},
+    reconcile::{Reconciler, RemovedBackend, SyncReport},
     source::Delta,
 };
 
@@ -101,7 +101,7 @@ impl SyncPass {
 
     /// One pass; returns the backends it removed from the maps (their sockets may be
     /// terminated).
-    pub fn run(&mut self, delta: &Delta, state: &AgentState) -> Vec<crate::model::Backend> {
+    pub fn run(&mut self, delta: &Delta, state: &AgentState) -> Vec<RemovedBackend> {
         let started = Instant::now();
         let mut changes = self.model.apply(&delta.objects);
         for (object, origin) in &delta.origins {

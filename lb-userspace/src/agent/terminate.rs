@@ -38,7 +38,10 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::{model::Backend, reconcile::FamilyAddr};
+use crate::{
+    model::Backend,
+    reconcile::{FamilyAddr, RemovedBackend},
+};
 
 /// What one run destroyed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -93,14 +96,22 @@ impl SocketTerminator {
         }
     }
 
-    /// Starts a run for `removed` in a thread of its own; returns at once.
-    pub fn spawn(&self, removed: Vec<Backend>) {
+    /// Starts a run for the sockets of `removed` in a thread of its own; returns at once.
+    /// Without `--terminate-tcp` only backends that served UDP frontends are looked for: no
+    /// other can have a connected UDP socket through a service (as kube-proxy clears conntrack
+    /// entries only for UDP services), so an endpoint change of a TCP service costs no run.
+    pub fn spawn(&self, removed: Vec<RemovedBackend>) {
+        let removed: BTreeSet<Backend> = removed
+            .into_iter()
+            .filter(|r| self.tcp || r.udp)
+            .map(|r| r.backend)
+            .collect();
         if removed.is_empty() {
             return;
         }
         let this = self.clone();
         std::thread::spawn(move || {
-            let done = this.run(&removed.into_iter().collect());
+            let done = this.run(&removed);
             if done.udp + done.tcp > 0 {
                 tracing::info!(
                     udp = done.udp,

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use lb_common::{backend_flags, backend_states};
 
-use super::{BackendEntry, MapError, Reconciler, ServiceMaps, SyncReport, family_map_names};
+use super::{
+    BackendEntry, MapError, Reconciler, RemovedBackend, ServiceMaps, SyncReport, family_map_names,
+};
 use crate::model::{Backend, BackendSet};
 
 /// What one set says of a backend it keeps.
@@ -12,21 +14,29 @@ use crate::model::{Backend, BackendSet};
 pub(super) struct Opinion {
     pub(super) terminating: bool,
     pub(super) local: bool,
+    /// The set serves UDP frontends: connected UDP sockets may have reached the backend
+    /// through it (destroyed when the backend goes, as kube-proxy clears the UDP conntrack
+    /// entries of removed endpoints).
+    pub(super) udp: bool,
 }
 
 impl Opinion {
-    pub(super) fn of(backend: &Backend, set: &BackendSet) -> Self {
+    /// What `set`, serving UDP frontends or not, says of `backend`.
+    pub(super) fn of(backend: &Backend, set: &BackendSet, udp: bool) -> Self {
         Self {
             terminating: set.is_terminating(backend),
             local: set.local.contains(backend),
+            udp,
         }
     }
 
-    /// What the value an earlier agent wrote says.
+    /// What the value an earlier agent wrote says (the protocol of its sets is not in the
+    /// maps: taken for UDP, so that no socket is spared).
     pub(super) fn pinned(value: &BackendEntry) -> Self {
         Self {
             terminating: value.state != backend_states::ACTIVE,
             local: value.flags & backend_flags::LOCAL != 0,
+            udp: true,
         }
     }
 }
@@ -41,6 +51,9 @@ pub(super) struct Keepers {
     pub(super) terminating: u32,
     /// Sets saying it is on another node.
     pub(super) remote: u32,
+    /// A set serving UDP frontends kept it since it was last unkept (it stays said while
+    /// other sets keep it: UDP sockets that reached it earlier are still connected to it).
+    pub(super) udp_seen: bool,
 }
 
 /// A programmed backend.
@@ -112,6 +125,7 @@ impl Reconciler {
         keepers.sets += 1;
         keepers.terminating += u32::from(opinion.terminating);
         keepers.remote += u32::from(!opinion.local);
+        keepers.udp_seen |= opinion.udp;
     }
 
     fn release_one(&mut self, backend: &Backend, opinion: Opinion) {
@@ -124,6 +138,9 @@ impl Reconciler {
             .saturating_sub(u32::from(opinion.terminating));
         keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
         if keepers.sets == 0 {
+            if keepers.udp_seen {
+                self.udp_unused.insert(*backend);
+            }
             self.keepers.remove(backend);
             self.maybe_unused.insert(*backend);
         }
@@ -242,6 +259,7 @@ impl Reconciler {
         if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
             return; // adopted slots may still name them
         }
+        let udp_unused = std::mem::take(&mut self.udp_unused);
         for backend in std::mem::take(&mut self.maybe_unused) {
             if self.keepers.contains_key(&backend) {
                 continue;
@@ -255,11 +273,17 @@ impl Reconciler {
                 Ok(()) => {
                     self.backends.remove(&backend);
                     self.backend_ids.release(id);
-                    report.backends_removed.push(backend);
+                    report.backends_removed.push(RemovedBackend {
+                        backend,
+                        udp: udp_unused.contains(&backend),
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(%backend, id, %error, "could not remove a backend");
                     self.maybe_unused.insert(backend);
+                    if udp_unused.contains(&backend) {
+                        self.udp_unused.insert(backend);
+                    }
                 }
             }
         }

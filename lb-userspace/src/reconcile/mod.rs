@@ -47,8 +47,8 @@ use source_ranges::ProgrammedRanges;
 use tables::{FamilyMap, SetTable};
 
 use crate::model::{
-    Backend, BackendSet, DesiredService, DesiredState, Family, Frontend, FrontendKind, Scope,
-    SetKey,
+    Backend, BackendSet, DesiredService, DesiredState, Family, Frontend, FrontendKind, Protocol,
+    Scope, SetKey,
 };
 
 /// What the reconciler wrote for one backend set.
@@ -77,6 +77,14 @@ struct AdoptedSet {
     frontends: Vec<Frontend>,
 }
 
+/// A backend the sync removed from the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovedBackend {
+    pub backend: Backend,
+    /// A set serving UDP frontends kept it: connected UDP sockets may name it.
+    pub udp: bool,
+}
+
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -94,7 +102,7 @@ pub struct SyncReport {
     pub sets_removed: Vec<(SetKey, u32)>,
     /// Backends no set keeps any more, removed from the backends map (their sockets may be
     /// terminated).
-    pub backends_removed: Vec<Backend>,
+    pub backends_removed: Vec<RemovedBackend>,
     /// Sets with more ready backends than one set may have (`MAX_BACKENDS_PER_SERVICE`), with
     /// how many they have: only the first that many are used.
     pub truncated: Vec<(SetKey, usize)>,
@@ -131,6 +139,8 @@ pub struct Reconciler {
     pinned: BTreeMap<Backend, Opinion>,
     /// Backends a set stopped keeping since the last cleanup (only these can be unused).
     maybe_unused: BTreeSet<Backend>,
+    /// Of `maybe_unused`, those a set serving UDP frontends kept.
+    udp_unused: BTreeSet<Backend>,
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
@@ -417,10 +427,11 @@ impl Reconciler {
         let sets_removed = batched.sets_removed.into_iter();
         let sets_removed = sets_removed.filter(|(_, id)| !live.contains(id));
         report.sets_removed.extend(sets_removed);
-        let mut gone: BTreeSet<Backend> = report.backends_removed.iter().copied().collect();
-        for backend in batched.backends_removed {
-            if !fresh.backends.contains_key(&backend) && gone.insert(backend) {
-                report.backends_removed.push(backend);
+        let mut gone: BTreeSet<Backend> =
+            report.backends_removed.iter().map(|r| r.backend).collect();
+        for removed in batched.backends_removed {
+            if !fresh.backends.contains_key(&removed.backend) && gone.insert(removed.backend) {
+                report.backends_removed.push(removed);
             }
         }
         *self = fresh;
@@ -643,10 +654,12 @@ impl Reconciler {
                 .push((set_key.clone(), wanted.backends.len()));
         }
         let picks: Vec<Backend> = wanted.backends.iter().take(limit).copied().collect();
+        // Every frontend of a set is one Service port's, so of one protocol.
+        let udp = users.iter().any(|(f, _)| f.protocol == Protocol::Udp);
         let members: BTreeMap<Backend, Opinion> = picks
             .iter()
             .chain(&wanted.draining)
-            .map(|b| (*b, Opinion::of(b, wanted)))
+            .map(|b| (*b, Opinion::of(b, wanted, udp)))
             .collect();
         let current = match self.sets.get(set_key) {
             Some(set) => Some(set.clone()),

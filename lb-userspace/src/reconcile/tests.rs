@@ -2934,18 +2934,20 @@ proptest! {
     /// and keeping `to` does, whatever else keeps the same backends.
     #[test]
     fn rekeep_counts_as_release_then_keep(
-        other in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
-        from in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
-        to in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>()), 0..8),
+        other in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>(), any::<bool>()), 0..8),
+        from in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>(), any::<bool>()), 0..8),
+        to in proptest::collection::btree_map(0u8..12, (any::<bool>(), any::<bool>(), any::<bool>()), 0..8),
     ) {
-        let members = |m: &BTreeMap<u8, (bool, bool)>| -> BTreeMap<Backend, super::backends::Opinion> {
+        type Members = BTreeMap<Backend, super::backends::Opinion>;
+        let members = |m: &BTreeMap<u8, (bool, bool, bool)>| -> Members {
             m.iter()
-                .map(|(b, (terminating, local))| {
+                .map(|(b, (terminating, local, udp))| {
                     (
                         backend(*b, 8080),
                         super::backends::Opinion {
                             terminating: *terminating,
                             local: *local,
+                            udp: *udp,
                         },
                     )
                 })
@@ -2967,4 +2969,45 @@ proptest! {
             prop_assert!(walked.maybe_unused.contains(backend), "{backend}");
         }
     }
+}
+
+/// A removed backend says whether a set serving UDP frontends kept it (its connected UDP
+/// sockets are destroyed; a TCP-only backend's are not looked for without `--terminate-tcp`),
+/// also when its UDP set let it go in an earlier sync than its TCP one (a DNS pod's
+/// `53/UDP` and `53/TCP`).
+#[test]
+fn removed_backends_say_whether_a_udp_set_kept_them() {
+    let mut reconciler = Reconciler::default();
+    let mut maps = CheckedMaps::default();
+    let (pod, tcp_only) = (backend(1, 53), backend(2, 8080));
+    let dns_tcp = frontend("10.96.0.10", 53, Protocol::Tcp);
+    let all = state(vec![
+        (dns(), desired_service("dns", &[pod], None)),
+        (dns_tcp, desired_service("dns-tcp", &[pod], None)),
+        (web(), desired_service("web", &[tcp_only], None)),
+    ]);
+    sync(&mut reconciler, &all, &mut maps);
+    // The UDP set lets the pod go first: the TCP one still keeps it.
+    let tcp_left = state(vec![
+        (dns_tcp, desired_service("dns-tcp", &[pod], None)),
+        (web(), desired_service("web", &[tcp_only], None)),
+    ]);
+    let report = sync(&mut reconciler, &tcp_left, &mut maps);
+    assert!(report.backends_removed.is_empty(), "{report:?}");
+    let report = sync(&mut reconciler, &DesiredState::default(), &mut maps);
+    let mut removed = report.backends_removed.clone();
+    removed.sort_by_key(|r| r.backend);
+    assert_eq!(
+        removed,
+        [
+            super::RemovedBackend {
+                backend: pod,
+                udp: true
+            },
+            super::RemovedBackend {
+                backend: tcp_only,
+                udp: false
+            },
+        ]
+    );
 }
