@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{backend_flags, backend_states};
 
-use super::{
-    BackendEntry, MapError, Reconciler, RemovedBackend, ServiceMaps, SyncReport, family_map_names,
-};
+use super::{BackendEntry, MapError, Reconciler, ServiceMaps, SyncReport, family_map_names};
 use crate::model::{Backend, BackendSet};
 
 /// What one set says of a backend it keeps.
@@ -54,6 +52,14 @@ pub(super) struct Keepers {
     /// A set serving UDP frontends kept it since it was last unkept (it stays said while
     /// other sets keep it: UDP sockets that reached it earlier are still connected to it).
     pub(super) udp_seen: bool,
+}
+
+/// A backend the sync removed from the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovedBackend {
+    pub backend: Backend,
+    /// A set serving UDP frontends kept it: connected UDP sockets may name it.
+    pub udp: bool,
 }
 
 /// A programmed backend.
@@ -138,11 +144,8 @@ impl Reconciler {
             .saturating_sub(u32::from(opinion.terminating));
         keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
         if keepers.sets == 0 {
-            if keepers.udp_seen {
-                self.udp_unused.insert(*backend);
-            }
+            *self.maybe_unused.entry(*backend).or_default() |= keepers.udp_seen;
             self.keepers.remove(backend);
-            self.maybe_unused.insert(*backend);
         }
     }
 
@@ -259,8 +262,7 @@ impl Reconciler {
         if !self.adopted.is_empty() || !self.adopted_frontends.is_empty() {
             return; // adopted slots may still name them
         }
-        let udp_unused = std::mem::take(&mut self.udp_unused);
-        for backend in std::mem::take(&mut self.maybe_unused) {
+        for (backend, udp) in std::mem::take(&mut self.maybe_unused) {
             if self.keepers.contains_key(&backend) {
                 continue;
             }
@@ -273,17 +275,13 @@ impl Reconciler {
                 Ok(()) => {
                     self.backends.remove(&backend);
                     self.backend_ids.release(id);
-                    report.backends_removed.push(RemovedBackend {
-                        backend,
-                        udp: udp_unused.contains(&backend),
-                    });
+                    report
+                        .backends_removed
+                        .push(RemovedBackend { backend, udp });
                 }
                 Err(error) => {
                     tracing::warn!(%backend, id, %error, "could not remove a backend");
-                    self.maybe_unused.insert(backend);
-                    if udp_unused.contains(&backend) {
-                        self.udp_unused.insert(backend);
-                    }
+                    self.maybe_unused.insert(backend, udp);
                 }
             }
         }

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{FrontendValue, SlotKey, SlotValue, frontend_flags};
 
+pub use backends::RemovedBackend;
 use backends::{Keepers, Opinion, ProgrammedBackend};
 pub use batch::BATCH_FROM;
 use batch::{BatchFrom, Batched};
@@ -75,14 +76,6 @@ struct AdoptedSet {
     maglev: bool,
     /// The frontends naming it.
     frontends: Vec<Frontend>,
-}
-
-/// A backend the sync removed from the maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RemovedBackend {
-    pub backend: Backend,
-    /// A set serving UDP frontends kept it: connected UDP sockets may name it.
-    pub udp: bool,
 }
 
 /// What one sync did.
@@ -137,10 +130,10 @@ pub struct Reconciler {
     /// What the values an earlier agent wrote say: one more keeper of each backend until the
     /// first sync is done, as which sets keep it (and what they say) is only known then.
     pinned: BTreeMap<Backend, Opinion>,
-    /// Backends a set stopped keeping since the last cleanup (only these can be unused).
-    maybe_unused: BTreeSet<Backend>,
-    /// Of `maybe_unused`, those a set serving UDP frontends kept.
-    udp_unused: BTreeSet<Backend>,
+    /// Backends a set stopped keeping since the last cleanup (only these can be unused), with
+    /// whether a set serving UDP frontends kept them (their UDP sockets are looked for when
+    /// they go).
+    maybe_unused: BTreeMap<Backend, bool>,
     /// Sets pinned by an earlier agent, by service id, until a desired set takes them.
     adopted: BTreeMap<u32, AdoptedSet>,
     /// Frontends pinned by an earlier agent that no sync has looked at yet.
@@ -184,7 +177,8 @@ impl Reconciler {
             ..Default::default()
         };
         for (id, value) in &contents.backends {
-            reconciler.maybe_unused.insert(value.backend);
+            // An earlier agent's: which protocols led to it is not in the maps.
+            reconciler.maybe_unused.insert(value.backend, true);
             reconciler.backends.insert(
                 value.backend,
                 ProgrammedBackend {

@@ -2966,7 +2966,7 @@ proptest! {
         prop_assert_eq!(&walked.keepers, &counted.keepers);
         // A backend no set keeps any more is among those the sync's cleanup looks at.
         for backend in from.keys().filter(|b| !walked.keepers.contains_key(*b)) {
-            prop_assert!(walked.maybe_unused.contains(backend), "{backend}");
+            prop_assert!(walked.maybe_unused.contains_key(backend), "{backend}");
         }
     }
 }
