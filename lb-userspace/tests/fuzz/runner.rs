@@ -271,36 +271,46 @@ impl Runner {
                 problems.push(format!("LB4_CT_V2 {}: unexpected entry {v:?}", tuple(k)));
             }
         }
-        let mut kernel_rev: BTreeMap<Ct4Key, Rev4Value> = rev_map(&mut self.dataplane)
+        // The reverse map's own entries and the pending hints apart: a hint stands over the
+        // map's entry of the same tuple, which is the reverse entry again if the hint goes.
+        let kernel_map: BTreeMap<Ct4Key, Rev4Value> = rev_map(&mut self.dataplane)
             .iter()
             .filter_map(Result::ok)
             .collect();
-        // A hint no reply took yet is its flow's reverse entry (tc egress looks at it first).
-        for hint in
+        let kernel_hints: BTreeMap<Ct4Key, Rev4Value> =
             hints::all::<lb_common::Addr4>(&Map::Array(self.open(map_names::REPLY_HINTS_V4)))
-        {
-            if hints::pending(&hint) {
-                kernel_rev.insert(hint.key, hint.rev);
-            }
-        }
-        let model_rev: BTreeMap<Ct4Key, Rev4Value> =
-            model.revs.iter().map(|(k, (v, _))| (*k, *v)).collect();
-        if kernel_rev != model_rev {
-            for (k, v) in &model_rev {
-                if kernel_rev.get(k) != Some(v) {
+                .into_iter()
+                .filter(hints::pending)
+                .map(|hint| (hint.key, hint.rev))
+                .collect();
+        let model_hints: BTreeMap<Ct4Key, Rev4Value> = model
+            .hint_slots
+            .values()
+            .map(|k| (*k, model.revs[k].0))
+            .collect();
+        let model_map: BTreeMap<Ct4Key, Rev4Value> = model
+            .revs
+            .iter()
+            .filter(|(k, _)| !model_hints.contains_key(*k))
+            .chain(&model.beneath)
+            .map(|(k, (v, _))| (*k, *v))
+            .collect();
+        for (what, kernel, wanted) in [
+            ("LB4_FLOWREV_V2", &kernel_map, &model_map),
+            ("LB4_RHINT_V1 (pending)", &kernel_hints, &model_hints),
+        ] {
+            for (k, v) in wanted {
+                if kernel.get(k) != Some(v) {
                     problems.push(format!(
-                        "LB4_FLOWREV_V2 {}: expected {v:?}, got {:?}",
+                        "{what} {}: expected {v:?}, got {:?}",
                         tuple(k),
-                        kernel_rev.get(k)
+                        kernel.get(k)
                     ));
                 }
             }
-            for (k, v) in &kernel_rev {
-                if !model_rev.contains_key(k) {
-                    problems.push(format!(
-                        "LB4_FLOWREV_V2 {}: unexpected entry {v:?}",
-                        tuple(k)
-                    ));
+            for (k, v) in kernel {
+                if !wanted.contains_key(k) {
+                    problems.push(format!("{what} {}: unexpected entry {v:?}", tuple(k)));
                 }
             }
         }

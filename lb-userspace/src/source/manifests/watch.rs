@@ -127,17 +127,26 @@ async fn next_change(watcher: &mut Option<Watcher>) -> std::io::Result<()> {
         let Some(event) = w.events.next().await else {
             return Err(std::io::Error::other("the inotify stream ended"));
         };
-        let event = event?;
-        if event.mask.contains(EventMask::IGNORED) {
-            w.dirs.remove(&event.wd);
-        }
-        let dir = w.dirs.get(&event.wd).map(PathBuf::as_path);
-        if ends_a_change(event.mask, event.name.as_deref(), dir) {
+        if w.ends_a_change(&event?) {
             break;
         }
     }
-    while let Some(Some(_)) = w.events.next().now_or_never() {}
+    while let Some(Some(event)) = w.events.next().now_or_never() {
+        w.ends_a_change(&event?);
+    }
     Ok(())
+}
+
+impl Watcher {
+    /// Whether `event` ends a change; a watch the kernel dropped (its directory gone) is
+    /// forgotten.
+    fn ends_a_change(&mut self, event: &inotify::Event<std::ffi::OsString>) -> bool {
+        if event.mask.contains(EventMask::IGNORED) {
+            self.dirs.remove(&event.wd);
+        }
+        let dir = self.dirs.get(&event.wd).map(PathBuf::as_path);
+        ends_a_change(event.mask, event.name.as_deref(), dir)
+    }
 }
 
 /// Whether an event ends a change to what the directory holds: a file closed after writing
