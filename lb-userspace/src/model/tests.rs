@@ -3368,3 +3368,19 @@ fn a_delta_recomputes_only_the_services_it_changes() {
     assert_eq!(model.desired().frontends.len(), 199);
     assert_eq!(model.backends_total(), 199);
 }
+
+proptest::proptest! {
+    /// Backends sort as `(IpAddr, port)` does (slot order, and so what a restarted agent
+    /// finds already written, does not depend on how the comparison is made).
+    #[test]
+    fn backends_sort_by_address_then_port(
+        a in proptest::prelude::any::<(std::net::IpAddr, u16)>(),
+        b in proptest::prelude::any::<(std::net::IpAddr, u16)>(),
+        same_address in proptest::prelude::any::<bool>(),
+    ) {
+        let b = if same_address { (a.0, b.1) } else { b };
+        let (x, y) = (Backend { ip: a.0, port: a.1 }, Backend { ip: b.0, port: b.1 });
+        proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+        proptest::prop_assert_eq!(x.partial_cmp(&y), Some(a.cmp(&b)));
+    }
+}

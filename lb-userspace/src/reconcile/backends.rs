@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 
 use lb_common::{backend_flags, backend_states};
 
-use super::{BackendEntry, MapError, Reconciler, ServiceMaps, SyncReport, family_map_names};
-use crate::model::{Backend, BackendSet};
+use super::{
+    BackendEntry, MapError, Reconciler, ServiceMaps, SyncReport, family_map_names,
+    tables::FamilyCount,
+};
+use crate::model::{Backend, BackendSet, Family};
 
 /// What one set says of a backend it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,11 +65,111 @@ pub struct RemovedBackend {
     pub udp: bool,
 }
 
-/// A programmed backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct ProgrammedBackend {
+/// What the reconciler knows of one backend: the sets keeping it, and what it wrote for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct BackendRecord {
+    pub(super) keepers: Keepers,
+    /// Its id and the value last written under it, once it is in the maps.
+    pub(super) written: Option<Written>,
+}
+
+/// A backend's id and the state and flags last written in its map value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Written {
     pub(super) id: u32,
-    pub(super) value: BackendEntry,
+    pub(super) state: u8,
+    pub(super) flags: u8,
+}
+
+impl Written {
+    fn of(id: u32, value: &BackendEntry) -> Self {
+        Self {
+            id,
+            state: value.state,
+            flags: value.flags,
+        }
+    }
+
+    fn says(&self, value: &BackendEntry) -> bool {
+        self.state == value.state && self.flags == value.flags
+    }
+}
+
+/// Every backend a set keeps or the maps hold, one record each (a write looks a backend up
+/// once for its keepers and its id), with the backends map's entries counted by family.
+#[derive(Debug, Default)]
+pub(super) struct BackendTable {
+    records: BTreeMap<Backend, BackendRecord>,
+    written: FamilyCount,
+}
+
+impl BackendTable {
+    /// The id of `backend` in the maps.
+    pub(super) fn id(&self, backend: &Backend) -> Option<u32> {
+        Some(self.records.get(backend)?.written?.id)
+    }
+
+    /// Whether a set keeps `backend`.
+    pub(super) fn is_kept(&self, backend: &Backend) -> bool {
+        self.records
+            .get(backend)
+            .is_some_and(|record| record.keepers.sets > 0)
+    }
+
+    /// The backends in the maps (sorted).
+    #[cfg(test)]
+    pub(super) fn written(&self) -> impl Iterator<Item = &Backend> + '_ {
+        let records = self.records.iter();
+        records.filter_map(|(backend, record)| record.written.map(|_| backend))
+    }
+
+    /// Entries of the backends map of `family`.
+    pub(super) fn count(&self, family: Family) -> usize {
+        self.written.get(family)
+    }
+
+    /// The keepers of every kept backend.
+    #[cfg(test)]
+    pub(super) fn keepers(&self) -> BTreeMap<Backend, Keepers> {
+        let records = self.records.iter();
+        let kept = records.filter(|(_, record)| record.keepers.sets > 0);
+        kept.map(|(backend, record)| (*backend, record.keepers))
+            .collect()
+    }
+
+    /// Records what an earlier agent wrote for `backend` under `id`.
+    pub(super) fn adopt(&mut self, id: u32, value: &BackendEntry) {
+        let record = self.records.entry(value.backend).or_default();
+        if record.written.is_none() {
+            self.written.add(value.backend.family());
+        }
+        record.written = Some(Written::of(id, value));
+    }
+
+    fn record(&mut self, backend: &Backend) -> &mut BackendRecord {
+        self.records.entry(*backend).or_default()
+    }
+
+    /// Records that `backend` is written as `value` under `id`.
+    fn write(&mut self, backend: &Backend, id: u32, value: &BackendEntry) {
+        let record = self.record(backend);
+        let new = record.written.is_none();
+        record.written = Some(Written::of(id, value));
+        if new {
+            self.written.add(backend.family());
+        }
+    }
+
+    /// Records that `backend` is out of the maps; its id, if it was in them.
+    fn unwrite(&mut self, backend: &Backend) -> Option<u32> {
+        let record = self.records.get_mut(backend)?;
+        let id = record.written.take()?.id;
+        self.written.sub(backend.family());
+        if record.keepers.sets == 0 {
+            self.records.remove(backend);
+        }
+        Some(id)
+    }
 }
 
 impl Reconciler {
@@ -127,7 +230,7 @@ impl Reconciler {
     }
 
     fn keep_one(&mut self, backend: &Backend, opinion: Opinion) {
-        let keepers = self.keepers.entry(*backend).or_default();
+        let keepers = &mut self.backends.record(backend).keepers;
         keepers.sets += 1;
         keepers.terminating += u32::from(opinion.terminating);
         keepers.remote += u32::from(!opinion.local);
@@ -135,26 +238,32 @@ impl Reconciler {
     }
 
     fn release_one(&mut self, backend: &Backend, opinion: Opinion) {
-        let Some(keepers) = self.keepers.get_mut(backend) else {
+        let Some(record) = self.backends.records.get_mut(backend) else {
             return;
         };
-        keepers.sets = keepers.sets.saturating_sub(1);
+        let keepers = &mut record.keepers;
+        if keepers.sets == 0 {
+            return;
+        }
+        keepers.sets -= 1;
         keepers.terminating = keepers
             .terminating
             .saturating_sub(u32::from(opinion.terminating));
         keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
         if keepers.sets == 0 {
             *self.maybe_unused.entry(*backend).or_default() |= keepers.udp_seen;
-            self.keepers.remove(backend);
+            record.keepers = Keepers::default();
+            if record.written.is_none() {
+                self.backends.records.remove(backend);
+            }
         }
     }
 
-    /// The map value of `backend`: terminating when any set keeping it says so (affinity must
-    /// not stick to it there), local only when every set keeping it says so (a remote backend
-    /// taken for a local one would get outside traffic without SNAT). Deterministic whatever
-    /// order the sets were written in.
-    pub(super) fn backend_value(&self, backend: &Backend) -> BackendEntry {
-        let keepers = self.keepers.get(backend).copied().unwrap_or_default();
+    /// The map value of `backend` kept by `keepers`: terminating when any set keeping it says
+    /// so (affinity must not stick to it there), local only when every set keeping it says so
+    /// (a remote backend taken for a local one would get outside traffic without SNAT).
+    /// Deterministic whatever order the sets were written in.
+    pub(super) fn backend_value(backend: &Backend, keepers: &Keepers) -> BackendEntry {
         BackendEntry {
             backend: *backend,
             state: if keepers.terminating > 0 {
@@ -180,13 +289,14 @@ impl Reconciler {
         report: &mut SyncReport,
     ) -> Result<(), MapError> {
         for backend in backends {
-            let value = self.backend_value(backend);
-            match self.backends.get_mut(backend) {
-                Some(programmed) => {
-                    if programmed.value != value {
+            let record = self.backends.record(backend);
+            let value = Self::backend_value(backend, &record.keepers);
+            match record.written {
+                Some(written) => {
+                    if !written.says(&value) {
                         report.map_writes += 1;
-                        maps.put_backend(programmed.id, value)?;
-                        programmed.value = value;
+                        maps.put_backend(written.id, value)?;
+                        record.written = Some(Written::of(written.id, &value));
                     }
                 }
                 None => {
@@ -203,8 +313,7 @@ impl Reconciler {
                         return Err(error);
                     }
                     created.push(*backend);
-                    self.backends
-                        .insert(*backend, ProgrammedBackend { id, value });
+                    self.backends.write(backend, id, &value);
                 }
             }
         }
@@ -220,18 +329,20 @@ impl Reconciler {
         report: &mut SyncReport,
     ) {
         for backend in backends {
-            if !self.keepers.contains_key(backend) {
+            let Some(record) = self.backends.records.get_mut(backend) else {
+                continue;
+            };
+            let Some(written) = record.written.filter(|_| record.keepers.sets > 0) else {
+                continue;
+            };
+            let value = Self::backend_value(backend, &record.keepers);
+            if written.says(&value) {
                 continue;
             }
-            let value = self.backend_value(backend);
-            if let Some(programmed) = self.backends.get_mut(backend)
-                && programmed.value != value
-            {
-                report.map_writes += 1;
-                match maps.put_backend(programmed.id, value) {
-                    Ok(()) => programmed.value = value,
-                    Err(error) => tracing::warn!(%backend, %error, "could not rewrite a backend"),
-                }
+            report.map_writes += 1;
+            match maps.put_backend(written.id, value) {
+                Ok(()) => record.written = Some(Written::of(written.id, &value)),
+                Err(error) => tracing::warn!(%backend, %error, "could not rewrite a backend"),
             }
         }
     }
@@ -245,10 +356,10 @@ impl Reconciler {
     ) {
         for backend in created {
             self.maybe_unused.remove(backend);
-            if let Some(programmed) = self.backends.remove(backend) {
+            if let Some(id) = self.backends.unwrite(backend) {
                 report.map_writes += 1;
-                let _ = maps.remove_backend(programmed.id, backend.family());
-                self.backend_ids.release(programmed.id);
+                let _ = maps.remove_backend(id, backend.family());
+                self.backend_ids.release(id);
             }
         }
     }
@@ -263,17 +374,16 @@ impl Reconciler {
             return; // adopted slots may still name them
         }
         for (backend, udp) in std::mem::take(&mut self.maybe_unused) {
-            if self.keepers.contains_key(&backend) {
+            if self.backends.is_kept(&backend) {
                 continue;
             }
-            let Some(programmed) = self.backends.get(&backend) else {
+            let Some(id) = self.backends.id(&backend) else {
                 continue;
             };
-            let id = programmed.id;
             report.map_writes += 1;
             match maps.remove_backend(id, backend.family()) {
                 Ok(()) => {
-                    self.backends.remove(&backend);
+                    self.backends.unwrite(&backend);
                     self.backend_ids.release(id);
                     report
                         .backends_removed

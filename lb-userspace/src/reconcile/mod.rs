@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lb_common::{FrontendValue, SlotKey, SlotValue, frontend_flags};
 
 pub use backends::RemovedBackend;
-use backends::{Keepers, Opinion, ProgrammedBackend};
+use backends::{BackendTable, Opinion};
 pub use batch::BATCH_FROM;
 use batch::{BatchFrom, Batched};
 use ids::IdSpace;
@@ -124,9 +124,8 @@ pub struct Reconciler {
     sets: SetTable,
     /// The frontends naming each programmed set.
     users: BTreeMap<SetKey, BTreeSet<Frontend>>,
-    backends: FamilyMap<Backend, ProgrammedBackend>,
-    /// The sets keeping each backend (a backend no set keeps is not here).
-    keepers: BTreeMap<Backend, Keepers>,
+    /// Every backend a set keeps (with the sets keeping it) or the maps hold (with its id).
+    backends: BackendTable,
     /// What the values an earlier agent wrote say: one more keeper of each backend until the
     /// first sync is done, as which sets keep it (and what they say) is only known then.
     pinned: BTreeMap<Backend, Opinion>,
@@ -179,13 +178,7 @@ impl Reconciler {
         for (id, value) in &contents.backends {
             // An earlier agent's: which protocols led to it is not in the maps.
             reconciler.maybe_unused.insert(value.backend, true);
-            reconciler.backends.insert(
-                value.backend,
-                ProgrammedBackend {
-                    id: *id,
-                    value: *value,
-                },
-            );
+            reconciler.backends.adopt(*id, value);
             reconciler
                 .pinned
                 .insert(value.backend, Opinion::pinned(value));
@@ -424,7 +417,7 @@ impl Reconciler {
         let mut gone: BTreeSet<Backend> =
             report.backends_removed.iter().map(|r| r.backend).collect();
         for removed in batched.backends_removed {
-            if !fresh.backends.contains_key(&removed.backend) && gone.insert(removed.backend) {
+            if fresh.backends.id(&removed.backend).is_none() && gone.insert(removed.backend) {
                 report.backends_removed.push(removed);
             }
         }
@@ -672,7 +665,7 @@ impl Reconciler {
         let mut created = Vec::new();
         let mut result = self.write_backends(during.keys(), &mut created, maps, report);
         if result.is_ok() {
-            let ids: Vec<u32> = picks.iter().map(|b| self.backends[b].id).collect();
+            let ids: Vec<u32> = picks.iter().filter_map(|b| self.backends.id(b)).collect();
             // A frontend leaving the set in this sync still names it until its own write: the
             // table stays until then (see `trim_tables`).
             let maglev = maglev || self.reached_from_outside(set_key);

@@ -84,10 +84,6 @@ impl<K: Ord + OfFamily, V> FamilyMap<K, V> {
         self.entries.get_mut(key)
     }
 
-    pub(super) fn contains_key(&self, key: &K) -> bool {
-        self.entries.contains_key(key)
-    }
-
     pub(super) fn keys(&self) -> btree_map::Keys<'_, K, V> {
         self.entries.keys()
     }

@@ -354,7 +354,7 @@ fn recounted_entries(reconciler: &Reconciler) -> [(&'static str, usize); 8] {
             .count()
     };
     let backends = |family| {
-        let programmed = reconciler.backends.keys();
+        let programmed = reconciler.backends.written();
         programmed.filter(|b| b.family() == family).count()
     };
     let sets = reconciler.sets.values();
@@ -2963,9 +2963,9 @@ proptest! {
         walked.rekeep(&from, &to);
         counted.release(&from);
         counted.keep(&to);
-        prop_assert_eq!(&walked.keepers, &counted.keepers);
+        prop_assert_eq!(walked.backends.keepers(), counted.backends.keepers());
         // A backend no set keeps any more is among those the sync's cleanup looks at.
-        for backend in from.keys().filter(|b| !walked.keepers.contains_key(*b)) {
+        for backend in from.keys().filter(|b| !walked.backends.is_kept(b)) {
             prop_assert!(walked.maybe_unused.contains_key(backend), "{backend}");
         }
     }
