@@ -666,6 +666,7 @@ impl Reconciler {
         let mut result = self.write_backends(during.keys(), &mut created, maps, report);
         if result.is_ok() {
             let ids: Vec<u32> = picks.iter().filter_map(|b| self.backends.id(b)).collect();
+            debug_assert_eq!(ids.len(), picks.len(), "every pick of {set_key} is written");
             // A frontend leaving the set in this sync still names it until its own write: the
             // table stays until then (see `trim_tables`).
             let maglev = maglev || self.reached_from_outside(set_key);
