@@ -3383,4 +3383,23 @@ proptest::proptest! {
         proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
         proptest::prop_assert_eq!(x.partial_cmp(&y), Some(a.cmp(&b)));
     }
+
+    /// Port names sort as their (namespace, name, port) strings do, whether two of them share
+    /// their strings or hold copies.
+    #[test]
+    fn port_names_sort_by_their_strings(
+        a in ("[ab]{0,2}", "[ab]{0,2}", "[ab]{0,2}"),
+        b in ("[ab]{0,2}", "[ab]{0,2}", "[ab]{0,2}"),
+        share in proptest::prelude::any::<bool>(),
+    ) {
+        let name = |(namespace, name, port): &(String, String, String)| super::ServicePortName {
+            namespace: namespace.as_str().into(),
+            name: name.as_str().into(),
+            port: port.as_str().into(),
+        };
+        let x = name(&a);
+        let y = if share && a == b { x.clone() } else { name(&b) };
+        proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+        proptest::prop_assert_eq!(x == y, a == b);
+    }
 }

@@ -137,21 +137,13 @@ impl BackendTable {
             .collect()
     }
 
-    /// Records what an earlier agent wrote for `backend` under `id`.
-    pub(super) fn adopt(&mut self, id: u32, value: &BackendEntry) {
-        let record = self.records.entry(value.backend).or_default();
-        if record.written.is_none() {
-            self.written.add(value.backend.family());
-        }
-        record.written = Some(Written::of(id, value));
-    }
-
     fn record(&mut self, backend: &Backend) -> &mut BackendRecord {
         self.records.entry(*backend).or_default()
     }
 
-    /// Records that `backend` is written as `value` under `id`.
-    fn write(&mut self, backend: &Backend, id: u32, value: &BackendEntry) {
+    /// Records that `backend` is written as `value` under `id` (by this agent, or by an
+    /// earlier one whose maps are adopted).
+    pub(super) fn write(&mut self, backend: &Backend, id: u32, value: &BackendEntry) {
         let record = self.record(backend);
         let new = record.written.is_none();
         record.written = Some(Written::of(id, value));
@@ -160,15 +152,55 @@ impl BackendTable {
         }
     }
 
+    /// Counts `backend` as kept by one more set, saying `opinion`.
+    fn keep(&mut self, backend: &Backend, opinion: Opinion) {
+        let keepers = &mut self.record(backend).keepers;
+        keepers.sets += 1;
+        keepers.terminating += u32::from(opinion.terminating);
+        keepers.remote += u32::from(!opinion.local);
+        keepers.udp_seen |= opinion.udp;
+    }
+
+    /// Counts `backend` as kept by one set fewer (that said `opinion`). When that was the last
+    /// one: whether a set serving UDP frontends kept it since it was last unkept.
+    fn release(&mut self, backend: &Backend, opinion: Opinion) -> Option<bool> {
+        let record = self.records.get_mut(backend)?;
+        let keepers = &mut record.keepers;
+        if keepers.sets == 0 {
+            return None;
+        }
+        keepers.sets -= 1;
+        keepers.terminating = keepers
+            .terminating
+            .saturating_sub(u32::from(opinion.terminating));
+        keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
+        if keepers.sets > 0 {
+            return None;
+        }
+        let udp_seen = keepers.udp_seen;
+        record.keepers = Keepers::default();
+        self.forget_if_unused(backend);
+        Some(udp_seen)
+    }
+
     /// Records that `backend` is out of the maps; its id, if it was in them.
     fn unwrite(&mut self, backend: &Backend) -> Option<u32> {
         let record = self.records.get_mut(backend)?;
         let id = record.written.take()?.id;
         self.written.sub(backend.family());
-        if record.keepers.sets == 0 {
+        self.forget_if_unused(backend);
+        Some(id)
+    }
+
+    /// Drops the record of `backend` when no set keeps it and the maps do not hold it.
+    fn forget_if_unused(&mut self, backend: &Backend) {
+        if self
+            .records
+            .get(backend)
+            .is_some_and(|record| record.keepers.sets == 0 && record.written.is_none())
+        {
             self.records.remove(backend);
         }
-        Some(id)
     }
 }
 
@@ -230,32 +262,12 @@ impl Reconciler {
     }
 
     fn keep_one(&mut self, backend: &Backend, opinion: Opinion) {
-        let keepers = &mut self.backends.record(backend).keepers;
-        keepers.sets += 1;
-        keepers.terminating += u32::from(opinion.terminating);
-        keepers.remote += u32::from(!opinion.local);
-        keepers.udp_seen |= opinion.udp;
+        self.backends.keep(backend, opinion);
     }
 
     fn release_one(&mut self, backend: &Backend, opinion: Opinion) {
-        let Some(record) = self.backends.records.get_mut(backend) else {
-            return;
-        };
-        let keepers = &mut record.keepers;
-        if keepers.sets == 0 {
-            return;
-        }
-        keepers.sets -= 1;
-        keepers.terminating = keepers
-            .terminating
-            .saturating_sub(u32::from(opinion.terminating));
-        keepers.remote = keepers.remote.saturating_sub(u32::from(!opinion.local));
-        if keepers.sets == 0 {
-            *self.maybe_unused.entry(*backend).or_default() |= keepers.udp_seen;
-            record.keepers = Keepers::default();
-            if record.written.is_none() {
-                self.backends.records.remove(backend);
-            }
+        if let Some(udp_seen) = self.backends.release(backend, opinion) {
+            *self.maybe_unused.entry(*backend).or_default() |= udp_seen;
         }
     }
 

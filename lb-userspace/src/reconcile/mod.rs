@@ -178,7 +178,7 @@ impl Reconciler {
         for (id, value) in &contents.backends {
             // An earlier agent's: which protocols led to it is not in the maps.
             reconciler.maybe_unused.insert(value.backend, true);
-            reconciler.backends.adopt(*id, value);
+            reconciler.backends.write(&value.backend, *id, value);
             reconciler
                 .pinned
                 .insert(value.backend, Opinion::pinned(value));
@@ -665,8 +665,8 @@ impl Reconciler {
         let mut created = Vec::new();
         let mut result = self.write_backends(during.keys(), &mut created, maps, report);
         if result.is_ok() {
-            let ids: Vec<u32> = picks.iter().filter_map(|b| self.backends.id(b)).collect();
-            debug_assert_eq!(ids.len(), picks.len(), "every pick of {set_key} is written");
+            let written = |b: &Backend| self.backends.id(b).expect("a written backend");
+            let ids: Vec<u32> = picks.iter().map(written).collect();
             // A frontend leaving the set in this sync still names it until its own write: the
             // table stays until then (see `trim_tables`).
             let maglev = maglev || self.reached_from_outside(set_key);
